@@ -1,0 +1,1 @@
+"""Ray: placement, rendezvous, the coordinator and scheduler, clients, batch jobs, the CLI."""

@@ -1,0 +1,1 @@
+"""Model presets (models/*.json) and `ray up` cluster configurations (clusters/*.yaml)."""

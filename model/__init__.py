@@ -1,0 +1,1 @@
+"""Single-device gpt-oss: config, exact layer math, MXFP4, checkpoints, tokenizer, generation."""

@@ -1,0 +1,98 @@
+"""Per-sequence key/value storage for incremental decoding on one device.
+
+A `SequenceKV` holds one sequence's keys and values for every layer, contiguous and grown
+by doubling. It is the single-device baseline; the shards' paged cache (fixed-size blocks,
+block tables, sliding-window eviction) builds on the same attention math.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class SequenceKV:
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        first_position: int = 0,
+        capacity: int = 64,
+    ) -> None:
+        self.first_position = first_position
+        self.length = 0  # tokens whose keys are committed, in every layer
+        self._shape = (num_kv_heads, head_dim)
+        self._dtype = dtype
+        self._device = torch.device(device)
+        self._k = [self._empty(capacity) for _ in range(num_layers)]
+        self._v = [self._empty(capacity) for _ in range(num_layers)]
+
+    def _empty(self, rows: int) -> torch.Tensor:
+        return torch.empty(rows, *self._shape, dtype=self._dtype, device=self._device)
+
+    @property
+    def next_position(self) -> int:
+        return self.first_position + self.length
+
+    def store(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Writes the new tokens' k, v [n, kv_heads, head_dim] after the committed ones and
+        returns every key and value of the sequence, [length + n, kv_heads, head_dim].
+        The new rows count once `commit(n)` is called after the last layer."""
+        end = self.length + k.shape[0]
+        if end > self._k[layer].shape[0]:
+            grown = max(end, 2 * self._k[layer].shape[0])
+            for store in (self._k, self._v):
+                bigger = self._empty(grown)
+                bigger[: self.length] = store[layer][: self.length]
+                store[layer] = bigger
+        self._k[layer][self.length : end] = k
+        self._v[layer][self.length : end] = v
+        return self._k[layer][:end], self._v[layer][:end]
+
+    def commit(self, n: int) -> None:
+        self.length += n
+
+
+@dataclass
+class SequenceBatch:
+    """Several sequences' new tokens, concatenated in this order in the token tensor."""
+
+    caches: list[SequenceKV]
+    lengths: list[int]  # new tokens of each sequence
+
+    def __post_init__(self) -> None:
+        if len(self.caches) != len(self.lengths):
+            raise ValueError("one length per cache")
+        if any(n < 1 for n in self.lengths):
+            raise ValueError(f"every sequence needs at least one new token, got {self.lengths}")
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.lengths)
+
+    def positions(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Absolute position of every new token, [T]."""
+        parts = [
+            torch.arange(c.next_position, c.next_position + n, device=device)
+            for c, n in zip(self.caches, self.lengths, strict=True)
+        ]
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long, device=device)
+
+    def last_rows(self) -> list[int]:
+        """Row of each sequence's last new token in the token tensor."""
+        rows, end = [], 0
+        for n in self.lengths:
+            end += n
+            rows.append(end - 1)
+        return rows
+
+    def commit(self) -> None:
+        for cache, n in zip(self.caches, self.lengths, strict=True):
+            cache.commit(n)

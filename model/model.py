@@ -1,0 +1,303 @@
+"""The gpt-oss transformer on one device: exact math, MXFP4 experts, an expert slice.
+
+Tokens of several sequences travel as one flat batch x [T, H]; attention looks each
+sequence up in its own KV cache. Parameter names follow the original checkpoint layout
+(`block.N.attn.qkv.weight`, ...), except the expert tensors (`block.N.mlp.experts.*`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model import mxfp4
+from model.config import ModelConfig
+from model.kv_cache import SequenceBatch
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(dim, dtype=torch.float32), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.float()
+        t = t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (t * self.scale).to(x.dtype)
+
+
+class RotaryEmbedding:
+    """RoPE with YaRN, computed in float32 exactly as the reference does, so the angles (and
+    the logits at long positions) match it to the last bit."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        d_half = config.head_dim // 2
+        base, factor = config.rope_theta, config.rope_scaling_factor
+        context = config.initial_context_length
+        freq = base ** (
+            torch.arange(0, config.head_dim, 2, dtype=torch.float32, device="cpu") / config.head_dim
+        )
+        # The correction range is NOT rounded to integers (SPEC, gotcha 1).
+        low = d_half * math.log(context / (config.rope_ntk_beta * 2 * math.pi)) / math.log(base)
+        high = d_half * math.log(context / (config.rope_ntk_alpha * 2 * math.pi)) / math.log(base)
+        ramp = (torch.arange(d_half, dtype=torch.float32, device="cpu") - low) / (high - low)
+        extrapolate = 1 - ramp.clamp(0, 1)
+        interpolation, extrapolation = 1.0 / (factor * freq), 1.0 / freq
+        self.inv_freq = interpolation * (1 - extrapolate) + extrapolation * extrapolate  # [d/2]
+        self.concentration = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+        self._on: dict[torch.device, torch.Tensor] = {}
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] -> cos, sin [T, d/2] in float32, both scaled by the concentration."""
+        device = positions.device
+        if device not in self._on:
+            self._on[device] = self.inv_freq.to(device)
+        angles = positions.float()[:, None] * self._on[device][None, :]
+        return angles.cos() * self.concentration, angles.sin() * self.concentration
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, d]; half-split rotation (x1 = first half, x2 = second half)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+def attention_with_sinks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sinks: torch.Tensor,
+    *,
+    q_offset: int,
+    window: int | None,
+) -> torch.Tensor:
+    """One sequence: q [n, Hq, d] at cache rows q_offset.., k and v [L, Hkv, d] -> [n, Hq, d].
+
+    Each head's sink is an extra logit with no value: it only enlarges the softmax
+    denominator (it gets neither 1/sqrt(d) nor RoPE). With a window, query i sees keys
+    i-window+1..i. Computed in float32.
+    """
+    n, hq, d = q.shape
+    length, hkv, _ = k.shape
+    group = hq // hkv
+    qg = q.float().view(n, hkv, group, d)
+    scores = torch.einsum("nkgd,lkd->kgnl", qg, k.float()) / math.sqrt(d)  # [Hkv, g, n, L]
+    q_pos = torch.arange(q_offset, q_offset + n, device=q.device)[:, None]
+    k_pos = torch.arange(length, device=q.device)[None, :]
+    visible = k_pos <= q_pos
+    if window is not None:
+        visible &= k_pos > q_pos - window
+    scores = scores.masked_fill(~visible, float("-inf"))
+    sink = sinks.float().view(hkv, group, 1, 1).expand(hkv, group, n, 1)
+    probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]
+    out = torch.einsum("kgnl,lkd->nkgd", probs, v.float())
+    return out.reshape(n, hq, d).to(q.dtype)
+
+
+class AttentionBlock(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.window = config.sliding_window if config.is_sliding(layer) else None
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.qkv = nn.Linear(config.hidden_size, config.qkv_dim, dtype=dtype)
+        self.sinks = nn.Parameter(
+            torch.zeros(config.num_attention_heads, dtype=torch.float32), requires_grad=False
+        )
+        self.out = nn.Linear(config.q_dim, config.hidden_size, dtype=dtype)
+
+    def forward(
+        self, x: torch.Tensor, batch: SequenceBatch, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        qkv = self.qkv(self.norm(x))
+        q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q = qkv[:, :q_dim].view(t, self.num_heads, self.head_dim)
+        k = qkv[:, q_dim : q_dim + kv_dim].view(t, self.num_kv_heads, self.head_dim)
+        v = qkv[:, q_dim + kv_dim :].view(t, self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+        out = torch.empty_like(q)
+        start = 0
+        for cache, n in zip(batch.caches, batch.lengths, strict=True):
+            rows = slice(start, start + n)
+            k_all, v_all = cache.store(self.layer, k[rows], v[rows])
+            out[rows] = attention_with_sinks(
+                q[rows], k_all, v_all, self.sinks, q_offset=cache.length, window=self.window
+            )
+            start += n
+        return x + self.out(out.reshape(t, -1))
+
+
+class Router(nn.Module):
+    """Top-k gate: the k largest logits (descending), softmax over those k only."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.top_k = config.experts_per_token
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, dtype=dtype)
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h [T, H] -> expert ids [T, k] (long), routing weights [T, k] (float32)."""
+        top = torch.topk(self.gate(h), self.top_k, dim=-1, sorted=True)
+        return top.indices, torch.softmax(top.values.float(), dim=-1)
+
+
+def swiglu(u: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """u [m, 2I] with gate and linear interleaved (even = gate) -> [m, I]."""
+    gate, linear = u[..., 0::2], u[..., 1::2]
+    gate = gate.clamp(max=limit)  # from above only
+    linear = linear.clamp(-limit, limit)
+    return gate * torch.sigmoid(alpha * gate) * (linear + 1)
+
+
+class ExpertSlice(nn.Module):
+    """Experts [lo, hi) of one MoE layer, kept in MXFP4 (blocks and scales, uint8)."""
+
+    def __init__(self, config: ModelConfig, lo: int, hi: int) -> None:
+        super().__init__()
+        if not 0 <= lo <= hi <= config.num_experts:
+            raise ValueError(f"expert range [{lo}, {hi}) is not within [0, {config.num_experts})")
+        self.lo, self.hi = lo, hi
+        self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
+        n, h, i = hi - lo, config.hidden_size, config.intermediate_size
+        g1, g2 = h // mxfp4.BLOCK, i // mxfp4.BLOCK
+        u8, b16 = torch.uint8, torch.bfloat16
+        self.mlp1_blocks = nn.Buffer(torch.zeros(n, 2 * i, g1, mxfp4.BYTES_PER_BLOCK, dtype=u8))
+        self.mlp1_scales = nn.Buffer(torch.zeros(n, 2 * i, g1, dtype=u8))
+        self.mlp1_bias = nn.Buffer(torch.zeros(n, 2 * i, dtype=b16))
+        self.mlp2_blocks = nn.Buffer(torch.zeros(n, h, g2, mxfp4.BYTES_PER_BLOCK, dtype=u8))
+        self.mlp2_scales = nn.Buffer(torch.zeros(n, h, g2, dtype=u8))
+        self.mlp2_bias = nn.Buffer(torch.zeros(n, h, dtype=b16))
+
+    def run_expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """x [m, H] -> expert(x) [m, H], for a global expert id in [lo, hi). One expert's
+        weights are dequantized at a time, in x's dtype; the rest stay 4-bit."""
+        e = expert - self.lo
+        w1 = mxfp4.dequantize(self.mlp1_blocks[e], self.mlp1_scales[e], x.dtype)  # [2I, H]
+        a = swiglu(F.linear(x, w1, self.mlp1_bias[e].to(x.dtype)), self.alpha, self.limit)
+        w2 = mxfp4.dequantize(self.mlp2_blocks[e], self.mlp2_scales[e], x.dtype)  # [H, I]
+        return F.linear(a, w2, self.mlp2_bias[e].to(x.dtype))
+
+    def run_grouped(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Rows x [m, H], each for global expert experts[m] (all in this slice) -> [m, H]."""
+        out = torch.empty_like(x)
+        for expert in torch.unique(experts).tolist():
+            rows = (experts == expert).nonzero(as_tuple=True)[0]
+            out[rows] = self.run_expert(expert, x[rows])
+        return out
+
+    def forward(
+        self, h: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """h [T, H], expert_ids and weights [T, k] -> weighted contributions [T, k, H] in
+        float32: slot (t, j) holds weights[t, j] * expert(h[t]) when its expert is in this
+        slice, zero otherwise. Slices of one layer fill disjoint slots."""
+        t, k = expert_ids.shape
+        out = torch.zeros(t, k, h.shape[1], dtype=torch.float32, device=h.device)
+        local = (expert_ids >= self.lo) & (expert_ids < self.hi)
+        tok, slot = local.nonzero(as_tuple=True)
+        if tok.numel():
+            y = self.run_grouped(h[tok], expert_ids[tok, slot])
+            out[tok, slot] = y.float() * weights[tok, slot, None]
+        return out
+
+
+def combine(contributions: torch.Tensor) -> torch.Tensor:
+    """[T, k, H] float32 -> [T, H] float32, summing the k slots in a fixed order (slot 0
+    first), so that the result does not depend on which device computed which slot."""
+    total = contributions[:, 0].clone()
+    for j in range(1, contributions.shape[1]):
+        total += contributions[:, j]
+    return total
+
+
+class MLPBlock(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, experts: tuple[int, int]) -> None:
+        super().__init__()
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.router = Router(config, dtype)
+        self.experts = ExpertSlice(config, *experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """With every expert local: x + MoE(x). A shard's partial sum is `partial`."""
+        return (x.float() + combine(self.partial(x))).to(x.dtype)
+
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        """The weighted contributions [T, k, H] of this block's expert slice."""
+        h = self.norm(x)
+        expert_ids, weights = self.router(h)
+        return self.experts(h, expert_ids, weights)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(
+        self, config: ModelConfig, layer: int, dtype: torch.dtype, experts: tuple[int, int]
+    ) -> None:
+        super().__init__()
+        self.attn = AttentionBlock(config, layer, dtype)
+        self.mlp = MLPBlock(config, dtype, experts)
+
+    def forward(
+        self, x: torch.Tensor, batch: SequenceBatch, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        return self.mlp(self.attn(x, batch, cos, sin))
+
+
+class Transformer(nn.Module):
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        dtype: torch.dtype = torch.bfloat16,
+        experts: tuple[int, int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.dtype = dtype
+        self.expert_range = experts if experts is not None else (0, config.num_experts)
+        self.embedding = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
+        self.block = nn.ModuleList(
+            TransformerBlock(config, i, dtype, self.expert_range)
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.unembedding = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
+        self.rope = RotaryEmbedding(config)
+        self.requires_grad_(False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embedding.weight.device
+
+    @torch.inference_mode()
+    def forward(
+        self, tokens: torch.Tensor, batch: SequenceBatch, *, all_logits: bool = False
+    ) -> torch.Tensor:
+        """tokens [T] (the sequences' new tokens, concatenated) -> float32 logits of each
+        sequence's last token [S, V], or of every token [T, V] with all_logits. Appends the
+        tokens to their sequences' caches."""
+        if self.expert_range != (0, self.config.num_experts):
+            lo, hi = self.expert_range
+            raise RuntimeError(
+                f"this model holds experts [{lo}, {hi}) only; the others live on other shards, "
+                "so it cannot run a whole forward pass by itself"
+            )
+        if tokens.shape[0] != batch.num_tokens:
+            raise ValueError(f"{tokens.shape[0]} tokens for a batch of {batch.num_tokens}")
+        cos, sin = self.rope.cos_sin(batch.positions(tokens.device))
+        x = self.embedding(tokens)
+        for block in self.block:
+            x = block(x, batch, cos, sin)
+        batch.commit()
+        if not all_logits:
+            x = x[batch.last_rows()]
+        return self.unembedding(self.norm(x)).float()
