@@ -1,0 +1,39 @@
+"""Shared fixtures: offline oracles, a private cache directory, the gpu marker."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from importlib import resources
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # openai-harmony reads the vocabulary from here instead of downloading it.
+    folder = Path(config.cache.mkdir("tiktoken-vocab"))
+    target = folder / "o200k_base.tiktoken"
+    if not target.is_file():
+        with resources.as_file(
+            resources.files("model").joinpath("data", "o200k_base.tiktoken")
+        ) as src:
+            shutil.copyfile(src, target)
+    os.environ["TIKTOKEN_ENCODINGS_BASE"] = str(folder)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (torch.cuda.is_available() is false)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    os.environ["GPTOSS_RAY_CACHE"] = str(tmp_path_factory.mktemp("gptoss-cache"))
