@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 LayerType = Literal["sliding_attention", "full_attention"]
 
@@ -125,7 +125,9 @@ class ModelConfig(BaseModel):
             if "num_local_experts" in raw or raw.get("model_type") == "gpt_oss":
                 return cls(**_from_hf(raw))
             return cls(**{k: v for k, v in raw.items() if k in cls.model_fields})
-        except (ValidationError, KeyError, TypeError) as exc:
+        except KeyError as exc:
+            raise ConfigError(f"{source}: missing field {exc}") from exc
+        except (ValueError, TypeError) as exc:  # pydantic's ValidationError is a ValueError
             raise ConfigError(f"{source}: not a valid gpt-oss configuration: {exc}") from exc
 
     @classmethod

@@ -1,0 +1,53 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cluster.cli import main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "cluster.cli", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.parametrize("layout", ["hf", "original"])
+def test_checkpoint_tiny_then_generate_json(tmp_path, layout, capsys):
+    out = tmp_path / layout
+    assert main(["checkpoint", "tiny", str(out), "--layout", layout, "--seed", "5"]) == 0
+    assert (out / "config.json").is_file()
+    capsys.readouterr()
+    args = ["generate", "--model", str(out), "--prompt-ids", "5,6,7", "--prompt-ids", "9",
+            "--max-tokens", "6", "--temperature", "0", "--dtype", "float32", "--json"]  # fmt: skip
+    assert main(args) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["index"] for r in lines] == [0, 1]
+    assert all(len(r["token_ids"]) == 6 and r["finish_reason"] == "length" for r in lines)
+    assert lines[0]["usage"] == {"prompt_tokens": 3, "completion_tokens": 6}
+    # same model, other layout or process: same greedy tokens
+    assert main(args) == 0
+    assert [json.loads(x) for x in capsys.readouterr().out.splitlines()] == lines
+
+
+def test_layouts_generate_the_same_tokens(tmp_path, capsys):
+    for layout in ("hf", "original"):
+        main(["checkpoint", "tiny", str(tmp_path / layout), "--layout", layout])
+    capsys.readouterr()
+    outs = []
+    for layout in ("hf", "original"):
+        main(["generate", "--model", str(tmp_path / layout), "--prompt-ids", "1,2,3", "--json"])
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and outs[0]
+
+
+def test_errors_are_one_clear_line(tmp_path):
+    r = run_cli("generate", "--model", str(tmp_path), "--prompt-ids", "1")
+    assert r.returncode == 2 and "no config.json" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("generate", "--model", "gpt-oss-tiny", "--prompt-ids", "1,x")
+    assert r.returncode == 2 and "comma-separated integers" in r.stderr
+    r = run_cli("generate", "--model", "gpt-oss-tiny", "--prompt-ids", "1", "--top-p", "0")
+    assert r.returncode == 2 and "top_p=0.0" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("checkpoint", "tiny", str(tmp_path / "big"), "--preset", "gpt-oss-20b")
+    assert r.returncode == 2 and "real gpt-oss weights" in r.stderr
