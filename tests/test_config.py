@@ -29,7 +29,9 @@ SHARED = dict(
 )
 
 
-@pytest.mark.parametrize(("name", "layers", "experts"), [("gpt-oss-20b", 24, 32), ("gpt-oss-120b", 36, 128)])
+@pytest.mark.parametrize(
+    ("name", "layers", "experts"), [("gpt-oss-20b", 24, 32), ("gpt-oss-120b", 36, 128)]
+)
 def test_real_presets_have_the_published_values(name, layers, experts):
     c = ModelConfig.preset(name)
     assert c.num_hidden_layers == layers and c.num_experts == experts
@@ -68,7 +70,10 @@ HUB_20B = {  # config.json of openai/gpt-oss-20b (rope_scaling + rope_theta styl
     "num_local_experts": 32,
     "output_router_logits": False,
     "pad_token_id": 199999,
-    "quantization_config": {"modules_to_not_convert": ["model.embed_tokens"], "quant_method": "mxfp4"},
+    "quantization_config": {
+        "modules_to_not_convert": ["model.embed_tokens"],
+        "quant_method": "mxfp4",
+    },
     "rms_norm_eps": 1e-05,
     "rope_scaling": {
         "beta_fast": 32.0,
@@ -163,7 +168,9 @@ def test_bad_configs_name_the_problem(tmp_path):
     with pytest.raises(ConfigError, match="experts_per_token"):
         ModelConfig.from_dict({**ORIGINAL_120B, "experts_per_token": 200})
     with pytest.raises(ConfigError, match="truncate"):
-        ModelConfig.from_dict({**HUB_20B, "rope_scaling": {**HUB_20B["rope_scaling"], "truncate": True}})
+        ModelConfig.from_dict(
+            {**HUB_20B, "rope_scaling": {**HUB_20B["rope_scaling"], "truncate": True}}
+        )
     with pytest.raises(ConfigError, match="num_hidden_layers"):
         ModelConfig.from_dict({k: v for k, v in ORIGINAL_120B.items() if k != "num_hidden_layers"})
     with pytest.raises(ConfigError, match="layer_types"):

@@ -39,7 +39,9 @@ def test_stops_at_a_stop_token_and_includes_it(model):
 
 
 def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(model):
-    params = [SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=s) for s in (1, 2, 3, 4)]
+    params = [
+        SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=s) for s in (1, 2, 3, 4)
+    ]
     a = generate(model, PROMPTS, params)
     b = generate(model, PROMPTS, params)
     assert [c.token_ids for c in a] == [c.token_ids for c in b]

@@ -1,3 +1,5 @@
+import functools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -7,9 +9,15 @@ from model import tokenizer
 from model.tokenizer import TokenizerError
 
 
-@pytest.fixture(scope="module")
-def harmony():
+@functools.cache
+def harmony_encoding():
+    # Loading parses the whole vocabulary: once per session, not once per example.
     return load_harmony_encoding(HarmonyEncodingName.HARMONY_GPT_OSS)
+
+
+@pytest.fixture
+def harmony():
+    return harmony_encoding()
 
 
 SAMPLES = [
@@ -35,8 +43,7 @@ def test_encode_matches_openai_harmony(harmony, text):
 @settings(max_examples=150, deadline=None)
 @given(st.text(max_size=80))
 def test_encode_matches_on_any_text(text):
-    harmony = load_harmony_encoding(HarmonyEncodingName.HARMONY_GPT_OSS)
-    assert tokenizer.encode(text) == harmony.encode(text, disallowed_special=())
+    assert tokenizer.encode(text) == harmony_encoding().encode(text, disallowed_special=())
 
 
 def test_special_tokens_at_their_ids(harmony):
@@ -68,7 +75,7 @@ def test_corrupt_vocabulary_is_refused(monkeypatch):
     monkeypatch.setattr(tokenizer, "VOCAB_SHA256", "0" * 64)
     tokenizer.get_encoding.cache_clear()
     try:
-        with pytest.raises(TokenizerError, match="sha256 446a9538.*the file is corrupt"):
+        with pytest.raises(TokenizerError, match=r"sha256 446a9538.*the file is corrupt"):
             tokenizer.get_encoding()
     finally:
         monkeypatch.undo()
