@@ -58,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default="gpt-oss-tiny")
     demo.add_argument("--max-tokens", type=int, default=24)
     demo.add_argument("--dtype", choices=DTYPES, default="float32")
+
+    from cluster.cli_harmony import add_commands
+
+    add_commands(sub)
     return parser
 
 
@@ -68,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from model.checkpoint import CheckpointError
     from model.config import ConfigError
     from model.generate import RequestError
+    from model.harmony import HarmonyError
     from model.tokenizer import TokenizerError
 
     try:
@@ -77,7 +82,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _generate(args)
         if args.command == "demo":
             return _demo(args)
-    except (CheckpointError, ConfigError, RequestError, TokenizerError) as exc:
+        if args.command == "harmony":
+            from cluster import cli_harmony
+
+            return cli_harmony.run(args)
+    except (
+        CheckpointError,
+        ConfigError,
+        RequestError,
+        TokenizerError,
+        HarmonyError,
+        FileNotFoundError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except ValidationError as exc:

@@ -1,0 +1,271 @@
+"""The OpenAI chat dialect <-> harmony. Batch jobs and the HTTP API speak this.
+
+In: `messages` with system/developer/user/assistant/tool roles, `tool_calls`,
+`reasoning_content`, `tools`, `reasoning_effort`. As OpenAI advises for gpt-oss, the
+chat's system and developer messages become the harmony developer instructions; the
+harmony system message carries identity, date, reasoning effort and channels.
+Out: the parsed completion as one assistant message: `reasoning_content` (the analysis
+channel), `content` (final, and commentary preambles), `tool_calls` with ids."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from model.harmony.messages import (
+    Author,
+    DeveloperContent,
+    HarmonyError,
+    Message,
+    ReasoningEffort,
+    Role,
+    SystemContent,
+    TextContent,
+    ToolDescription,
+)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class TextPart(_Model):
+    type: Literal["text"]
+    text: str
+
+
+class FunctionDef(_Model):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(_Model):
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class FunctionCall(_Model):
+    name: str = Field(min_length=1)
+    arguments: str = ""
+
+
+class ToolCall(_Model):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(_Model):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None  # another spelling seen in clients
+
+    @property
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatRequest(BaseModel):
+    """An OpenAI chat-completions request (the fields that matter to gpt-oss; sampling
+    fields are validated here and used by the engine)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["auto", "none"] | None = None
+    reasoning_effort: Literal["low", "medium", "high"] | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0)
+    seed: int | None = Field(default=None, ge=0)
+    stream: bool = False
+    response_format: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _supported(self) -> ChatRequest:
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            raise ValueError(
+                f"response_format {self.response_format.get('type')!r} is not supported "
+                "(only 'text')"
+            )
+        return self
+
+    @classmethod
+    def parse(cls, data: Any) -> ChatRequest:
+        """Validate, with errors that name the field (`messages[2].role: ...`)."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise HarmonyError(describe_validation_error(exc)) from None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+
+def to_harmony(
+    request: ChatRequest | dict[str, Any],
+    *,
+    conversation_start_date: str | None = None,
+    model_identity: str | None = SystemContent().model_identity,
+    knowledge_cutoff: str | None = "2024-06",
+) -> list[Message]:
+    """A chat request -> the harmony messages to render for completion."""
+    if not isinstance(request, ChatRequest):
+        request = ChatRequest.parse(request)
+    effort = ReasoningEffort.parse(request.reasoning_effort or "medium")
+    out = [
+        Message(
+            author=Author(role=Role.SYSTEM),
+            content=[
+                SystemContent(
+                    model_identity=model_identity,
+                    reasoning_effort=effort,
+                    conversation_start_date=conversation_start_date,
+                    knowledge_cutoff=knowledge_cutoff,
+                )
+            ],
+        )
+    ]
+    instructions = [m.text for m in request.messages if m.role in ("system", "developer")]
+    tools = [] if request.tool_choice == "none" else (request.tools or [])
+    if instructions or tools:
+        dev = DeveloperContent(instructions="\n\n".join(instructions) if instructions else None)
+        if tools:
+            described = []
+            for i, t in enumerate(tools):
+                try:
+                    described.append(
+                        ToolDescription(
+                            name=t.function.name,
+                            description=t.function.description or "",
+                            parameters=t.function.parameters,
+                        )
+                    )
+                except ValidationError as exc:
+                    raise HarmonyError(describe_validation_error(exc, f"tools[{i}]")) from None
+            dev = dev.with_function_tools(described)
+        out.append(Message(author=Author(role=Role.DEVELOPER), content=[dev]))
+
+    call_names: dict[str, str] = {}  # tool_call_id -> function name
+    for i, m in enumerate(request.messages):
+        if m.role == "user":
+            out.append(Message.from_role_and_content(Role.USER, m.text))
+        elif m.role == "assistant":
+            out += _assistant_turn(m, call_names)
+        elif m.role == "tool":
+            name = call_names.get(m.tool_call_id or "") or m.name
+            if not name:
+                raise HarmonyError(
+                    f"messages[{i}]: a tool message needs a tool_call_id of an earlier "
+                    f"assistant tool call or a name (tool_call_id={m.tool_call_id!r})"
+                )
+            out.append(
+                Message(
+                    author=Author(role=Role.TOOL, name=f"functions.{name}"),
+                    content=[TextContent(text=m.text)],
+                    channel="commentary",
+                    recipient="assistant",
+                )
+            )
+    return out
+
+
+def _assistant_turn(m: ChatMessage, call_names: dict[str, str]) -> list[Message]:
+    out = []
+    reasoning = m.reasoning_content if m.reasoning_content is not None else m.reasoning
+    if reasoning:
+        out.append(_assistant(reasoning, "analysis"))
+    if m.text:
+        # Text beside tool calls is a preamble, which lives on the commentary channel.
+        out.append(_assistant(m.text, "commentary" if m.tool_calls else "final"))
+    for call in m.tool_calls or []:
+        call_names[call.id] = call.function.name
+        out.append(
+            Message(
+                author=Author(role=Role.ASSISTANT),
+                content=[TextContent(text=call.function.arguments)],
+                channel="commentary",
+                recipient=f"functions.{call.function.name}",
+                content_type="<|constrain|>json",
+            )
+        )
+    return out
+
+
+def _assistant(text: str, channel: str) -> Message:
+    return Message(
+        author=Author(role=Role.ASSISTANT), content=[TextContent(text=text)], channel=channel
+    )
+
+
+def new_call_id() -> str:
+    return "call_" + secrets.token_hex(12)
+
+
+def from_harmony(
+    messages: list[Message], *, call_id: Callable[[], str] = new_call_id
+) -> AssistantMessage:
+    """Parsed completion messages -> one OpenAI assistant message. Any assistant message
+    with a recipient is a tool call: `functions.NAME` -> NAME; a recipient without the
+    prefix (models sometimes forget it) or a built-in tool keeps its name as is."""
+    reasoning, content, calls = [], [], []
+    for m in messages:
+        if m.author.role != Role.ASSISTANT:
+            continue
+        name = _function_name(m.recipient)
+        if name is not None:
+            calls.append(ToolCall(id=call_id(), function=FunctionCall(name=name, arguments=m.text)))
+        elif m.channel == "analysis":
+            reasoning.append(m.text)
+        else:  # final, a commentary preamble, or (malformed) no channel
+            content.append(m.text)
+    return AssistantMessage(
+        content="".join(content) if content else None,
+        reasoning_content="".join(reasoning) if reasoning else None,
+        tool_calls=calls or None,
+    )
+
+
+def _function_name(recipient: str | None) -> str | None:
+    if recipient is None or recipient in ("all", "assistant", "user"):
+        return None
+    if recipient.startswith("functions."):
+        return recipient[len("functions.") :]
+    return recipient
+
+
+def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:
+    problems = []
+    for err in exc.errors():
+        loc = [p for p in err["loc"] if not (isinstance(p, str) and p in _UNION_TAGS)]
+        path = prefix
+        for p in loc:
+            path += f"[{p}]" if isinstance(p, int) else (f".{p}" if path else str(p))
+        value = err.get("input")
+        shown = f" (got {value!r})" if not isinstance(value, dict | list) else ""
+        problems.append(f"{path or 'request'}: {err['msg'].removeprefix('Value error, ')}{shown}")
+    return "; ".join(problems)
+
+
+_UNION_TAGS = {"str", "list[TextPart]", "function-after[_supported(), ChatRequest]"}
