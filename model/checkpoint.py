@@ -285,10 +285,18 @@ def load_model(
     progress: bool | None = None,
 ) -> Transformer:
     """A checkpoint directory, or the name of a small preset (its random built-in model)."""
+    return Checkpoint(resolve_model(spec)).load(
+        dtype=dtype, device=device, experts=experts, progress=progress
+    )
+
+
+def resolve_model(spec: str | Path) -> Path:
+    """A checkpoint directory as given, or a small preset's built-in checkpoint (written
+    once, then cached)."""
     path = Path(spec)
     if not path.exists() and "/" not in str(spec):
         path = builtin_checkpoint(str(spec))
-    return Checkpoint(path).load(dtype=dtype, device=device, experts=experts, progress=progress)
+    return path
 
 
 # -- writing ---------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ block tables, sliding-window eviction) builds on the same attention math.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -41,10 +42,11 @@ class SequenceKV:
 
     def store(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Writes the new tokens' k, v [n, kv_heads, head_dim] after the committed ones and
-        returns every key and value of the sequence, [length + n, kv_heads, head_dim].
-        The new rows count once `commit(n)` is called after the last layer."""
+        returns every key and value of the sequence, [length + n, kv_heads, head_dim], and
+        the row of the first new token in them. The new rows count once `commit(n)` is
+        called after the last layer."""
         end = self.length + k.shape[0]
         if end > self._k[layer].shape[0]:
             grown = max(end, 2 * self._k[layer].shape[0])
@@ -54,17 +56,30 @@ class SequenceKV:
                 store[layer] = bigger
         self._k[layer][self.length : end] = k
         self._v[layer][self.length : end] = v
-        return self._k[layer][:end], self._v[layer][:end]
+        return self._k[layer][:end], self._v[layer][:end], self.length
 
     def commit(self, n: int) -> None:
         self.length += n
+
+
+class SequenceCache(Protocol):
+    """What attention needs of a sequence's cache (contiguous here, paged on shards)."""
+
+    @property
+    def next_position(self) -> int: ...
+
+    def store(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, int]: ...
+
+    def commit(self, n: int) -> None: ...
 
 
 @dataclass
 class SequenceBatch:
     """Several sequences' new tokens, concatenated in this order in the token tensor."""
 
-    caches: list[SequenceKV]
+    caches: list[SequenceCache]
     lengths: list[int]  # new tokens of each sequence
 
     def __post_init__(self) -> None:

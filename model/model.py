@@ -129,9 +129,9 @@ class AttentionBlock(nn.Module):
         start = 0
         for cache, n in zip(batch.caches, batch.lengths, strict=True):
             rows = slice(start, start + n)
-            k_all, v_all = cache.store(self.layer, k[rows], v[rows])
+            k_all, v_all, offset = cache.store(self.layer, k[rows], v[rows])
             out[rows] = attention_with_sinks(
-                q[rows], k_all, v_all, self.sinks, q_offset=cache.length, window=self.window
+                q[rows], k_all, v_all, self.sinks, q_offset=offset, window=self.window
             )
             start += n
         return x + self.out(out.reshape(t, -1))

@@ -1,7 +1,9 @@
 """Sampling parameters (validated at the edge) and the per-sequence sampler.
 
-Each sequence draws from its own seeded generator, so its tokens do not depend on which
-other sequences share its batch, or on how many shards serve it.
+The draw for a sequence's n-th token comes from a generator seeded with (seed, n) alone:
+no state carries from one step to the next, so a sequence's tokens do not depend on which
+other sequences share its batch, on how many shards serve it, or on a preemption that
+recomputes it elsewhere.
 """
 
 from __future__ import annotations
@@ -31,18 +33,31 @@ class SamplingParams(BaseModel):
         return frozenset(self.stop_token_ids if self.stop_token_ids is not None else model_stop_ids)
 
 
+_MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads (seed, n) over the seed space
+
+
+def step_seed(seed: int, n: int) -> int:
+    return (seed * _MIX + (n + 1) * 0xBF58476D1CE4E5B9) % (1 << 63)
+
+
 class Sampler:
     """Draws one sequence's tokens under its parameters."""
 
-    def __init__(self, params: SamplingParams) -> None:
+    def __init__(self, params: SamplingParams, seed: int | None = None) -> None:
         self.params = params
-        self.generator: torch.Generator | None = None
-        if params.temperature > 0:
-            seed = params.seed if params.seed is not None else secrets.randbits(63)
-            self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed if seed is not None else params.seed
+        if self.seed is None:
+            self.seed = secrets.randbits(63)
+        self.drawn = 0  # tokens drawn so far: the step index of the next draw
 
     def __call__(self, logits: torch.Tensor) -> int:
         """logits [V] (float32, any device) -> the next token id."""
+        token = self.draw(logits, self.drawn)
+        self.drawn += 1
+        return token
+
+    def draw(self, logits: torch.Tensor, n: int) -> int:
+        """The n-th token (0-based) of the sequence, from its logits."""
         p = self.params
         if p.temperature == 0:
             return int(torch.argmax(logits))
@@ -57,4 +72,5 @@ class Sampler:
             drop = (torch.cumsum(probs, dim=-1) - probs) >= p.top_p
             logits = logits.index_fill(0, order[drop], float("-inf"))
         probs = torch.softmax(logits, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        generator = torch.Generator().manual_seed(step_seed(self.seed, n))
+        return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,2 +1,1 @@
-"""Expert routing across shards: the top-k gate, dispatch plans, the all-to-all transport and
-the fixed-order combine. Imports `model/` only."""
+"""Expert routing across shards: the dispatch plan, the all-to-all transport, combine."""

@@ -1,0 +1,195 @@
+"""The shard's paged KV cache: fixed-size blocks in one pool per layer, a block table per
+sequence.
+
+Full-attention layers and sliding-window layers draw from separate pools, because they
+hold different things: a full layer keeps every block of the sequence, a sliding layer
+only the blocks that the window can still see, and gives the rest back as the window
+moves. A block id means the same slot in every layer of its kind.
+
+`blocks_held` is the accounting that the coordinator mirrors to plan steps that fit:
+given a sequence's committed length and the tokens of its next chunk, how many blocks of
+each kind it holds after the step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from model.config import ModelConfig
+
+
+class KVCacheError(RuntimeError):
+    """The plan asked for more blocks than are free: a coordinator accounting bug."""
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def first_visible_block(length: int, window: int, block_size: int) -> int:
+    """The first block a sliding layer still needs when the next query is at `length`:
+    that query sees keys length-window+1 .. length."""
+    return max(0, length - window + 1) // block_size
+
+
+def blocks_held(length: int, new: int, block_size: int, window: int | None) -> tuple[int, int]:
+    """(full blocks, sliding blocks) a sequence holds while its chunk of `new` tokens
+    at positions length.. runs (and after it)."""
+    end = length + new
+    full = cdiv(end, block_size)
+    if window is None or end == 0:
+        return full, 0
+    return full, (end - 1) // block_size - first_visible_block(length, window, block_size) + 1
+
+
+@dataclass
+class KVLayout:
+    block_size: int
+    full_blocks: int  # pool size of the full-attention layers
+    sliding_blocks: int  # pool size of the sliding-window layers
+
+    @classmethod
+    def from_budget(
+        cls,
+        config: ModelConfig,
+        budget_bytes: int,
+        *,
+        dtype: torch.dtype,
+        block_size: int = 16,
+        max_seqs: int = 64,
+        max_chunk: int = 256,
+    ) -> KVLayout:
+        """Split a memory budget: the sliding pool gets what max_seqs sequences can use at
+        most (the window plus a chunk), the full pool the rest."""
+        per_token = 2 * config.num_key_value_heads * config.head_dim * dtype.itemsize
+        n_sliding = sum(config.is_sliding(i) for i in range(config.num_hidden_layers))
+        n_full = config.num_hidden_layers - n_sliding
+        sliding_per_seq = cdiv(config.sliding_window + max_chunk, block_size) + 1
+        sliding = max_seqs * sliding_per_seq if n_sliding else 0
+        sliding_bytes = sliding * block_size * per_token * n_sliding
+        sliding_bytes = min(sliding_bytes, budget_bytes // 2)
+        sliding = sliding_bytes // (block_size * per_token * max(n_sliding, 1)) if n_sliding else 0
+        full = (budget_bytes - sliding_bytes) // (block_size * per_token * max(n_full, 1))
+        if full < 1 or (n_sliding and sliding < sliding_per_seq):
+            raise ValueError(
+                f"a KV budget of {budget_bytes} bytes cannot hold even one sequence "
+                f"({block_size}-token blocks, {per_token} bytes per token per layer)"
+            )
+        return cls(block_size, int(full), int(sliding))
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def take(self, n: int, what: str) -> list[int]:
+        if n > len(self._free):
+            raise KVCacheError(f"{what}: {n} blocks asked, {len(self._free)} free")
+        taken = self._free[len(self._free) - n :]
+        del self._free[len(self._free) - n :]
+        return taken[::-1]
+
+    def give(self, blocks: list[int]) -> None:
+        self._free.extend(reversed(blocks))
+
+
+@dataclass
+class BlockTable:
+    length: int = 0  # committed tokens
+    full: list[int] = field(default_factory=list)  # physical block of logical block i
+    sliding: dict[int, int] = field(default_factory=dict)  # logical block -> physical
+
+
+class PagedKVCache:
+    def __init__(
+        self, config: ModelConfig, layout: KVLayout, *, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        self.config = config
+        self.layout = layout
+        self.block_size = layout.block_size
+        self.window = config.sliding_window
+        self.full_pool = BlockPool(layout.full_blocks)
+        self.sliding_pool = BlockPool(layout.sliding_blocks)
+        shape = (layout.block_size, config.num_key_value_heads, config.head_dim)
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        for layer in range(config.num_hidden_layers):
+            n = layout.sliding_blocks if config.is_sliding(layer) else layout.full_blocks
+            self.k.append(torch.zeros((n, *shape), dtype=dtype, device=device))
+            self.v.append(torch.zeros((n, *shape), dtype=dtype, device=device))
+        self.tables: dict[str, BlockTable] = {}
+
+    @property
+    def has_sliding(self) -> bool:
+        return any(self.config.is_sliding(i) for i in range(self.config.num_hidden_layers))
+
+    def free_blocks(self) -> tuple[int, int]:
+        return self.full_pool.num_free, self.sliding_pool.num_free
+
+    def release(self, seq_id: str) -> None:
+        table = self.tables.pop(seq_id, None)
+        if table is not None:
+            self.full_pool.give(table.full)
+            self.sliding_pool.give(list(table.sliding.values()))
+
+    def prepare(self, seq_id: str, new: int) -> PagedSequence:
+        """Makes room for `new` tokens of a sequence (creating it if new): first gives back
+        the sliding blocks its window has left, then takes the blocks the chunk needs."""
+        table = self.tables.setdefault(seq_id, BlockTable())
+        bs, end = self.block_size, table.length + new
+        need_full = cdiv(end, bs) - len(table.full)
+        if need_full > 0:
+            table.full += self.full_pool.take(need_full, f"sequence {seq_id} (full layers)")
+        if self.has_sliding:
+            first = first_visible_block(table.length, self.window, bs)
+            gone = [b for b in table.sliding if b < first]
+            self.sliding_pool.give([table.sliding.pop(b) for b in gone])
+            missing = [b for b in range(first, (end - 1) // bs + 1) if b not in table.sliding]
+            got = self.sliding_pool.take(len(missing), f"sequence {seq_id} (sliding layers)")
+            table.sliding.update(zip(missing, got, strict=True))
+        return PagedSequence(self, table)
+
+
+class PagedSequence:
+    """One sequence's view of the paged cache, as attention sees it (`SequenceCache`)."""
+
+    def __init__(self, cache: PagedKVCache, table: BlockTable) -> None:
+        self.cache = cache
+        self.table = table
+
+    @property
+    def next_position(self) -> int:
+        return self.table.length
+
+    def store(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        cache, table, bs = self.cache, self.table, self.cache.block_size
+        length, n = table.length, k.shape[0]
+        sliding = cache.config.is_sliding(layer)
+        if sliding:
+            first = first_visible_block(length, cache.window, bs)
+            blocks = [table.sliding[b] for b in range(first, (length + n - 1) // bs + 1)]
+            start = first * bs
+        else:
+            blocks, start = table.full[: cdiv(length + n, bs)], 0
+        index = torch.tensor(blocks, dtype=torch.long, device=k.device)
+        # write the new rows into their blocks
+        pos = torch.arange(length, length + n, device=k.device) - start
+        kb, vb = cache.k[layer], cache.v[layer]
+        kb[index[pos // bs], pos % bs] = k
+        vb[index[pos // bs], pos % bs] = v
+        # gather the visible range, contiguous: rows start .. length+n-1
+        rows = length + n - start
+        k_all = kb[index].reshape(-1, *k.shape[1:])[:rows]
+        v_all = vb[index].reshape(-1, *v.shape[1:])[:rows]
+        return k_all, v_all, length - start
+
+    def commit(self, n: int) -> None:
+        self.table.length += n

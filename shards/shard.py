@@ -1,0 +1,117 @@
+"""The per-device worker: the replicated non-expert weights, its slice of every layer's
+experts (MXFP4), the paged KV cache of the sequences homed here, and one forward step
+for its local batch. Every shard runs every step, even with nothing local, because the
+experts' all-to-all is collective."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from model.checkpoint import Checkpoint, load_model, resolve_model
+from model.kv_cache import SequenceBatch
+from model.sampling import Sampler, SamplingParams
+from router.moe import StepTimer, expert_parallel_mlp
+from router.plan import expert_ranges, owner_table
+from router.transport import Transport
+from shards.kv_cache import KVLayout, PagedKVCache
+
+
+@dataclass
+class SeqWork:
+    """One sequence's part of a step on its home shard."""
+
+    seq_id: str
+    tokens: list[int]  # the next chunk, at positions start..
+    start: int  # tokens already in this shard's cache for the sequence
+    sample: bool  # the chunk ends at the sequence's last known token: draw the next one
+    draw_index: int = 0  # which token of the completion the draw is (seeds the sampler)
+    params: SamplingParams | None = None  # with sample
+    seed: int = 0
+
+
+@dataclass
+class StepPlan:
+    work: list[SeqWork] = field(default_factory=list)
+    release: list[str] = field(default_factory=list)  # finished or preempted sequences
+
+
+@dataclass
+class StepResult:
+    tokens: dict[str, int]  # seq_id -> sampled token
+    free_blocks: tuple[int, int]
+    seconds: dict[str, float]
+
+
+class Shard:
+    def __init__(
+        self,
+        model: str | Path,
+        *,
+        rank: int,
+        world_size: int,
+        transport: Transport,
+        dtype: torch.dtype = torch.bfloat16,
+        device: str | torch.device = "cpu",
+        kv_layout: KVLayout | None = None,
+        kv_budget_bytes: int = 256 * 2**20,
+        block_size: int = 16,
+    ) -> None:
+        self.rank, self.world_size = rank, world_size
+        self.device = torch.device(device)
+        self.transport = transport
+        model = resolve_model(model)
+        ranges = expert_ranges(Checkpoint(model).config.num_experts, world_size)
+        self.experts = ranges[rank]
+        self.owners = owner_table(ranges)
+        self.model = load_model(model, dtype=dtype, device=self.device, experts=self.experts)
+        self.config = self.model.config
+        layout = kv_layout or KVLayout.from_budget(
+            self.config, kv_budget_bytes, dtype=dtype, block_size=block_size
+        )
+        self.kv = PagedKVCache(self.config, layout, dtype=dtype, device=self.device)
+
+    def free_blocks(self) -> tuple[int, int]:
+        return self.kv.free_blocks()
+
+    @torch.inference_mode()
+    def step(self, plan: StepPlan) -> StepResult:
+        timer = StepTimer()
+        for seq_id in plan.release:
+            self.kv.release(seq_id)
+        work = [w for w in plan.work if w.tokens]
+        for w in work:
+            table = self.kv.tables.get(w.seq_id)
+            have = table.length if table else 0
+            if have != w.start:
+                raise RuntimeError(
+                    f"shard {self.rank}: sequence {w.seq_id} has {have} cached tokens, "
+                    f"the plan says {w.start}"
+                )
+        caches = [self.kv.prepare(w.seq_id, len(w.tokens)) for w in work]
+        batch = SequenceBatch(caches, [len(w.tokens) for w in work])
+        tokens = torch.tensor(
+            [t for w in work for t in w.tokens], dtype=torch.long, device=self.device
+        )
+        model = self.model
+        cos, sin = model.rope.cos_sin(batch.positions(self.device))
+        x = model.embedding(tokens)
+        timer.lap("coordinator")
+        for block in model.block:
+            if work:
+                x = block.attn(x, batch, cos, sin)
+            timer.lap("attention")
+            x = expert_parallel_mlp(block.mlp, x, self.owners, self.transport, timer)
+        batch.commit()
+        out: dict[str, int] = {}
+        rows = [r for r, w in zip(batch.last_rows(), work, strict=True) if w.sample]
+        if rows:
+            logits = model.unembedding(model.norm(x[rows])).float()
+            sampled = [w for w in work if w.sample]
+            for row, w in enumerate(sampled):
+                assert w.params is not None
+                out[w.seq_id] = Sampler(w.params, seed=w.seed).draw(logits[row], w.draw_index)
+        timer.lap("sampling")
+        return StepResult(out, self.kv.free_blocks(), dict(timer.seconds))
