@@ -78,17 +78,12 @@ class ChatMessage(_Model):
         return "".join(part.text for part in self.content)
 
 
-class ChatRequest(BaseModel):
-    """An OpenAI chat-completions request (the fields that matter to gpt-oss; sampling
-    fields are validated here and used by the engine)."""
+class SamplingFields(BaseModel):
+    """The sampling fields of a chat request (validated here, used by the engine)."""
 
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    messages: list[ChatMessage] = Field(min_length=1)
-    tools: list[ChatTool] | None = None
-    tool_choice: Literal["auto", "none"] | None = None
-    reasoning_effort: Literal["low", "medium", "high"] | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
@@ -96,6 +91,23 @@ class ChatRequest(BaseModel):
     top_k: int | None = Field(default=None, ge=0)
     seed: int | None = Field(default=None, ge=0)
     stream: bool = False
+
+    @classmethod
+    def parse(cls, data: Any):
+        """Validate, with errors that name the field (`messages[2].role: ...`)."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise HarmonyError(describe_validation_error(exc)) from None
+
+
+class ChatRequest(SamplingFields):
+    """An OpenAI chat-completions request (the fields that matter to gpt-oss)."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["auto", "none"] | None = None
+    reasoning_effort: Literal["low", "medium", "high"] | None = None
     response_format: dict[str, Any] | None = None
 
     @model_validator(mode="after")
@@ -107,13 +119,11 @@ class ChatRequest(BaseModel):
             )
         return self
 
-    @classmethod
-    def parse(cls, data: Any) -> ChatRequest:
-        """Validate, with errors that name the field (`messages[2].role: ...`)."""
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            raise HarmonyError(describe_validation_error(exc)) from None
+
+class HarmonyRequest(SamplingFields):
+    """A harmony conversation (openai-harmony's JSON) to complete, with sampling fields."""
+
+    conversation: dict[str, Any]
 
 
 class AssistantMessage(BaseModel):

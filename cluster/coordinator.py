@@ -1,0 +1,201 @@
+"""The coordinator, a named Ray actor: it places the shard actors (one placement-group
+bundle each, packed onto as few nodes as fit), joins them into a process group, and runs
+the engine loop in a background thread while requests come and go."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import threading
+import traceback
+from typing import Any
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.engine_core import EngineCore, RequestOutput
+from model import harmony
+from model.checkpoint import Checkpoint, resolve_model
+from model.harmony.openai_chat import ChatRequest, HarmonyRequest, from_harmony, to_harmony
+from model.sampling import SamplingParams
+from shards.kv_cache import KVLayout
+from shards.shard import StepPlan, StepResult
+from shards.worker import ShardWorker
+
+
+class EngineDown(RuntimeError):
+    """The engine loop stopped (a shard failed); requests in flight cannot finish."""
+
+
+class Coordinator:
+    def __init__(
+        self,
+        model: str,
+        shards: int,
+        *,
+        device: str = "cpu",
+        dtype: str = "bfloat16",
+        kv_budget_bytes: int = 256 * 2**20,
+        block_size: int = 16,
+        token_budget: int = 256,
+        max_seqs: int = 64,
+        cpus_per_shard: float = 1,
+    ) -> None:
+        path = resolve_model(model)  # writes a preset's built-in checkpoint once, here
+        self.model_path = str(path)
+        self.config = Checkpoint(path).config
+        self.shards = shards
+        import torch
+
+        self.layout = KVLayout.from_budget(
+            self.config, kv_budget_bytes, dtype=getattr(torch, dtype), block_size=block_size,
+            max_seqs=max_seqs, max_chunk=token_budget,
+        )  # fmt: skip
+        bundle = {"CPU": cpus_per_shard} | ({"GPU": 1} if device == "cuda" else {})
+        self.pg = placement_group([bundle] * shards, strategy="PACK")
+        ray.get(self.pg.ready(), timeout=300)
+        remote = ray.remote(ShardWorker)
+        self.workers = [
+            remote.options(
+                num_cpus=cpus_per_shard,
+                num_gpus=1 if device == "cuda" else 0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, r),
+            ).remote(r, shards, device)
+            for r in range(shards)
+        ]
+        if shards > 1:
+            host, port = ray.get(self.workers[0].address.remote())
+            ray.get([w.init_process_group.remote(host, port) for w in self.workers])
+        self.expert_ranges = ray.get(
+            [w.load.remote(self.model_path, dtype, self.layout) for w in self.workers]
+        )
+        self.core = EngineCore(
+            self.config, shards, self.layout, self._run_step, token_budget=token_budget,
+            max_seqs=max_seqs,
+        )  # fmt: skip
+        self.error: str | None = None
+        self._stop = threading.Event()
+        self._loop = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._loop.start()
+
+    def _run_step(self, plans: list[StepPlan]) -> list[StepResult]:
+        return ray.get([w.step.remote(p) for w, p in zip(self.workers, plans, strict=True)])
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if self.core.wait_for_work(timeout=0.05):
+                    self.core.step()
+        except Exception:
+            self.error = traceback.format_exc()
+            with self.core._lock:
+                self.core._lock.notify_all()
+
+    def _alive(self) -> None:
+        if self.error is not None:
+            raise EngineDown(f"the engine loop stopped:\n{self.error}")
+
+    # -- API ---------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        return {
+            "model": self.model_path,
+            "shards": self.shards,
+            "expert_ranges": self.expert_ranges,
+            "kv_layout": vars(self.layout),
+            "nodes": len({ray.get_runtime_context().get_node_id()}),
+        }
+
+    def submit(
+        self, prompt: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> str:
+        self._alive()
+        return self.core.submit(prompt, params, request_id)
+
+    def wait(
+        self, request_id: str, after: int | None = None, timeout: float | None = None
+    ) -> RequestOutput:
+        out = self.core.wait(request_id, after=after, timeout=timeout)
+        if not out.finished:
+            self._alive()
+        return out
+
+    def forget(self, request_id: str) -> None:
+        self.core.forget(request_id)
+
+    def stats(self) -> dict[str, Any]:
+        with self.core._lock:
+            s = self.core.stats
+            return {
+                "steps": s.steps,
+                "generated_tokens": s.generated_tokens,
+                "prefill_tokens": s.prefill_tokens,
+                "preemptions": s.preemptions,
+                "seconds": dict(s.seconds),
+            }
+
+    def submit_chat(
+        self, request: dict[str, Any] | ChatRequest, request_id: str | None = None
+    ) -> tuple[str, int]:
+        """A chat request (see `chat_prompt`) -> request id and prompt length."""
+        self._alive()
+        prompt, params = chat_prompt(request, self.config.max_context_length)
+        return self.core.submit(prompt, params, request_id), len(prompt)
+
+    def wait_chat(self, request_id: str, timeout: float | None = None) -> dict[str, Any]:
+        out = self.wait(request_id, timeout=timeout)
+        return chat_response(out)
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._loop.join(timeout=10)
+        with contextlib.suppress(Exception):  # a dead shard cannot say goodbye
+            ray.get([w.shutdown.remote() for w in self.workers], timeout=30)
+        for w in self.workers:
+            ray.kill(w)
+        remove_placement_group(self.pg)
+
+
+def chat_prompt(request: Any, context: int) -> tuple[list[int], SamplingParams]:
+    """Render a chat request for completion and read its sampling fields. The request is
+    an OpenAI chat request, or {"conversation": <openai-harmony JSON>, ...sampling}."""
+    if isinstance(request, dict) and "conversation" in request:
+        fields = HarmonyRequest.parse(request)
+        messages = harmony.Conversation.from_dict(fields.conversation).messages
+    else:
+        fields = request if isinstance(request, ChatRequest) else ChatRequest.parse(request)
+        messages = to_harmony(fields, conversation_start_date=datetime.date.today().isoformat())
+    prompt = harmony.render_for_completion(messages)
+    r = fields
+    max_tokens = r.max_completion_tokens or r.max_tokens or max(1, min(4096, context - len(prompt)))
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if r.temperature is None else r.temperature,
+        top_p=1.0 if r.top_p is None else r.top_p,
+        top_k=r.top_k or 0,
+        seed=r.seed,
+    )
+    return prompt, params
+
+
+def chat_response(out: RequestOutput) -> dict[str, Any]:
+    """Finished tokens -> an OpenAI-style choice: message, finish_reason, usage, and the
+    parsed harmony messages."""
+    parser = harmony.StreamParser("assistant", strict=False)
+    for token in out.token_ids:
+        parser.process(token)
+    messages = parser.process_eos().messages
+    message = from_harmony(messages)
+    finish = "tool_calls" if message.tool_calls else out.finish_reason
+    return {
+        "request_id": out.request_id,
+        "message": message.model_dump(exclude_none=True),
+        "finish_reason": finish,
+        "harmony": [m.to_dict() for m in messages],
+        "problems": parser.problems,
+        "usage": {
+            "prompt_tokens": out.prompt_tokens,
+            "completion_tokens": len(out.token_ids),
+            "total_tokens": out.prompt_tokens + len(out.token_ids),
+        },
+    }

@@ -1,0 +1,221 @@
+"""The Python API: start an engine on a Ray cluster (or a local Ray instance), generate,
+stream, chat, shut down.
+
+    engine = Engine.start(model="gpt-oss-tiny", shards=2)
+    outs = engine.generate([[5, 6, 7], [8, 9]], SamplingParams(max_tokens=16, temperature=0))
+    for delta in engine.stream([5, 6, 7], SamplingParams(max_tokens=16)):
+        ...
+    replies = engine.chat([{"messages": [{"role": "user", "content": "Hi"}]}])
+    engine.shutdown()
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import ray
+
+from cluster.coordinator import Coordinator
+from cluster.engine_core import RequestOutput
+from model import harmony
+from model.generate import RequestError
+from model.sampling import SamplingParams
+
+
+class Engine:
+    def __init__(self, coordinator: ray.actor.ActorHandle, *, owns_ray: bool) -> None:
+        self.coordinator = coordinator
+        self._owns_ray = owns_ray
+
+    @classmethod
+    def start(
+        cls,
+        model: str = "gpt-oss-tiny",
+        shards: int = 2,
+        *,
+        device: str = "cpu",
+        dtype: str = "bfloat16",
+        address: str | None = None,
+        name: str | None = None,
+        kv_budget_mb: float = 256,
+        block_size: int = 16,
+        token_budget: int = 256,
+        max_seqs: int = 64,
+    ) -> Engine:
+        """Starts the coordinator and its shards. `address="auto"` joins a running Ray
+        cluster (`ray up`, `ray start`); without it a local Ray instance is started."""
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device {device!r}: expected cpu or cuda")
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype {dtype!r}: expected float32 or bfloat16")
+        if shards < 1:
+            raise ValueError(f"shards={shards}: at least one")
+        owns_ray = False
+        if not ray.is_initialized():
+            if address is None:
+                ray.init(
+                    num_cpus=max(os.cpu_count() or 1, shards + 1),
+                    object_store_memory=256 * 2**20,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    configure_logging=False,
+                )
+                owns_ray = True
+            else:
+                ray.init(address=address, log_to_driver=False)
+        remote = ray.remote(Coordinator).options(
+            name=name or f"gptoss-ray-coordinator-{uuid.uuid4().hex[:8]}",
+            max_concurrency=64,
+            num_cpus=0,
+        )
+        coordinator = remote.remote(
+            model, shards, device=device, dtype=dtype,
+            kv_budget_bytes=int(kv_budget_mb * 2**20), block_size=block_size,
+            token_budget=token_budget, max_seqs=max_seqs,
+        )  # fmt: skip
+        try:
+            ray.get(coordinator.info.remote())
+        except ray.exceptions.RayActorError as exc:
+            raise RuntimeError(f"the engine failed to start: {exc}") from None
+        return cls(coordinator, owns_ray=owns_ray)
+
+    def info(self) -> dict[str, Any]:
+        return ray.get(self.coordinator.info.remote())
+
+    def stats(self) -> dict[str, Any]:
+        return ray.get(self.coordinator.stats.remote())
+
+    # -- token ids ---------------------------------------------------------------------
+    def submit(self, prompt: Sequence[int], params: SamplingParams | None = None) -> str:
+        return _unwrap(
+            lambda: ray.get(
+                self.coordinator.submit.remote(list(prompt), params or SamplingParams())
+            )
+        )
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput | RequestError]:
+        """Runs every prompt; results in input order. A bad request comes back as its
+        RequestError in its place and the others still run."""
+        params = params or SamplingParams()
+        plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(plist)} parameter sets for {len(prompts)} prompts")
+        ids: list[str | RequestError] = []
+        for prompt, p in zip(prompts, plist, strict=True):
+            try:
+                ids.append(self.submit(prompt, p))
+            except RequestError as exc:
+                ids.append(exc)
+        waits = {
+            i: self.coordinator.wait.remote(rid)
+            for i, rid in enumerate(ids)
+            if isinstance(rid, str)
+        }
+        results: list[RequestOutput | RequestError] = []
+        for i, rid in enumerate(ids):
+            results.append(
+                rid if isinstance(rid, RequestError) else _unwrap(lambda w=waits[i]: ray.get(w))
+            )
+        for rid in ids:
+            if isinstance(rid, str):
+                self.coordinator.forget.remote(rid)
+        return results
+
+    def stream(
+        self, prompt: Sequence[int], params: SamplingParams | None = None
+    ) -> Iterator[list[int]]:
+        """Yields the new token ids as they are sampled, until the request finishes."""
+        rid = self.submit(prompt, params)
+        seen = 0
+        while True:
+            out: RequestOutput = _unwrap(
+                lambda seen=seen: ray.get(self.coordinator.wait.remote(rid, seen, 30.0))
+            )
+            if len(out.token_ids) > seen:
+                yield out.token_ids[seen:]
+                seen = len(out.token_ids)
+            if out.finished:
+                self.coordinator.forget.remote(rid)
+                return
+
+    # -- chat (harmony) ----------------------------------------------------------------
+    def chat(self, requests: Sequence[dict[str, Any]]) -> list[dict[str, Any] | Exception]:
+        """OpenAI chat requests (or {"conversation": harmony JSON, ...}) -> replies in
+        input order: message (content, reasoning_content, tool_calls), finish_reason,
+        usage. A bad request comes back as its error in its place."""
+        submitted: list[str | Exception] = []
+        for request in requests:
+            try:
+                rid, _ = _unwrap(lambda r=request: ray.get(self.coordinator.submit_chat.remote(r)))
+                submitted.append(rid)
+            except (RequestError, harmony.HarmonyError, ValueError) as exc:
+                submitted.append(exc)
+        pending = {
+            i: self.coordinator.wait_chat.remote(rid)
+            for i, rid in enumerate(submitted)
+            if isinstance(rid, str)
+        }
+        out: list[dict[str, Any] | Exception] = []
+        for i, rid in enumerate(submitted):
+            out.append(
+                rid if isinstance(rid, Exception) else _unwrap(lambda w=pending[i]: ray.get(w))
+            )
+            if isinstance(rid, str):
+                self.coordinator.forget.remote(rid)
+        return out
+
+    def chat_stream(self, request: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Yields {"channel", "recipient", "delta"} as the reply is sampled, then a last
+        event with the whole reply ({"done": True, ...})."""
+        rid, _ = _unwrap(lambda: ray.get(self.coordinator.submit_chat.remote(request)))
+        parser = harmony.StreamParser("assistant", strict=False)
+        seen = 0
+        while True:
+            out: RequestOutput = _unwrap(
+                lambda seen=seen: ray.get(self.coordinator.wait.remote(rid, seen, 30.0))
+            )
+            for token in out.token_ids[seen:]:
+                parser.process(token)
+                if parser.last_content_delta and parser.state == harmony.StreamState.CONTENT:
+                    yield {
+                        "channel": parser.current_channel,
+                        "recipient": parser.current_recipient,
+                        "delta": parser.last_content_delta,
+                    }
+            seen = len(out.token_ids)
+            if out.finished:
+                reply = ray.get(self.coordinator.wait_chat.remote(rid))
+                self.coordinator.forget.remote(rid)
+                yield {"done": True, **reply}
+                return
+
+    def shutdown(self) -> None:
+        try:
+            ray.get(self.coordinator.shutdown.remote(), timeout=60)
+        finally:
+            ray.kill(self.coordinator)
+            if self._owns_ray:
+                ray.shutdown()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+def _unwrap(call):
+    """Ray wraps an actor's exception; give back the original (RequestError, ...)."""
+    try:
+        return call()
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.as_instanceof_cause()
+        original = getattr(exc, "cause", None)
+        raise (original if isinstance(original, Exception) else cause) from None

@@ -1,0 +1,195 @@
+"""The engine loop without Ray: requests in, steps on the shards, tokens out.
+
+`EngineCore` validates and queues requests, asks the scheduler for each step's plans,
+runs them on every shard at once through `run_step` (in-process for one shard; Ray
+actors in `cluster.coordinator`), and records tokens, finish reasons and timings. It is
+thread-safe: one thread steps, others submit and wait."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from cluster.scheduler import Scheduler, Status
+from cluster.scheduler import Sequence as Seq
+from model.config import ModelConfig
+from model.generate import RequestError
+from model.sampling import SamplingParams
+from shards.kv_cache import KVLayout
+from shards.shard import StepPlan, StepResult
+
+RunStep = Callable[[list[StepPlan]], list[StepResult]]
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_tokens: int
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    preemptions: int = 0
+    error: str | None = None
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    generated_tokens: int = 0
+    prefill_tokens: int = 0
+    preemptions: int = 0
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+
+class EngineCore:
+    def __init__(
+        self,
+        config: ModelConfig,
+        world_size: int,
+        layout: KVLayout,
+        run_step: RunStep,
+        *,
+        token_budget: int = 256,
+        max_seqs: int = 64,
+    ) -> None:
+        self.config = config
+        self.world_size = world_size
+        self.run_step = run_step
+        self.scheduler = Scheduler(
+            world_size, layout, config.sliding_window, token_budget=token_budget,
+            max_seqs=max_seqs,
+        )  # fmt: skip
+        self.requests: dict[str, Seq] = {}
+        self.stats = EngineStats()
+        self._arrivals = 0
+        self._lock = threading.Condition()
+
+    # -- requests ----------------------------------------------------------------------
+    def submit(
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+    ) -> str:
+        """Queues a request; a bad one raises RequestError and nothing else changes."""
+        prompt = list(prompt)
+        self._check(prompt, params, request_id)
+        request_id = request_id or uuid.uuid4().hex
+        seq = Seq(
+            seq_id=request_id,
+            prompt=prompt,
+            params=params,
+            seed=params.seed if params.seed is not None else secrets.randbits(63),
+            stop_ids=params.stop_ids(self.config.eos_token_ids),
+            arrival=self._arrivals,
+        )
+        with self._lock:
+            if request_id in self.requests:
+                raise RequestError(f"request id {request_id!r} is already in use")
+            self._arrivals += 1
+            self.requests[request_id] = seq
+            self.scheduler.add(seq)
+            self._lock.notify_all()
+        return request_id
+
+    def _check(self, prompt: list[int], params: SamplingParams, request_id: str | None) -> None:
+        where = f"request {request_id}" if request_id else "request"
+        if not prompt:
+            raise RequestError(f"{where}: the prompt is empty")
+        vocab = self.config.vocab_size
+        for pos, token in enumerate(prompt):
+            if not isinstance(token, int) or not 0 <= token < vocab:
+                raise RequestError(
+                    f"{where}: token id {token!r} at position {pos} is outside 0..{vocab - 1}"
+                )
+        if len(prompt) + params.max_tokens > self.config.max_context_length:
+            raise RequestError(
+                f"{where}: {len(prompt)} prompt tokens + max_tokens {params.max_tokens} exceed "
+                f"the context length {self.config.max_context_length}"
+            )
+        problem = self.scheduler.capacity_error(len(prompt), params.max_tokens)
+        if problem:
+            raise RequestError(f"{where}: {problem}")
+
+    def output(self, request_id: str) -> RequestOutput:
+        with self._lock:
+            seq = self._get(request_id)
+            return self._output(seq)
+
+    def _get(self, request_id: str) -> Seq:
+        try:
+            return self.requests[request_id]
+        except KeyError:
+            raise RequestError(f"unknown request id {request_id!r}") from None
+
+    def _output(self, seq: Seq) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.seq_id,
+            prompt_tokens=len(seq.prompt),
+            token_ids=list(seq.output),
+            finished=seq.status == Status.FINISHED,
+            finish_reason=seq.finish_reason,
+            preemptions=seq.preemptions,
+        )
+
+    def wait(
+        self, request_id: str, *, after: int = -1, timeout: float | None = None
+    ) -> RequestOutput:
+        """Blocks until the request has more than `after` tokens or is finished."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            seq = self._get(request_id)
+            while seq.status != Status.FINISHED and (after is None or len(seq.output) <= after):
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                self._lock.wait(left)
+            return self._output(seq)
+
+    def forget(self, request_id: str) -> None:
+        with self._lock:
+            seq = self.requests.get(request_id)
+            if seq is not None and seq.status == Status.FINISHED:
+                del self.requests[request_id]
+
+    # -- stepping ----------------------------------------------------------------------
+    def has_work(self) -> bool:
+        with self._lock:
+            return self.scheduler.has_work()
+
+    def wait_for_work(self, timeout: float) -> bool:
+        with self._lock:
+            if not self.scheduler.has_work():
+                self._lock.wait(timeout)
+            return self.scheduler.has_work()
+
+    def step(self) -> None:
+        t0 = time.perf_counter()
+        with self._lock:
+            plans = self.scheduler.schedule()
+        t1 = time.perf_counter()
+        results = self.run_step(plans)
+        t2 = time.perf_counter()
+        with self._lock:
+            self.scheduler.update(plans, [r.tokens for r in results])
+            stats = self.stats
+            stats.steps += 1
+            stats.generated_tokens += sum(len(r.tokens) for r in results)
+            stats.prefill_tokens += sum(len(w.tokens) for p in plans for w in p.work)
+            stats.preemptions = self.scheduler.preempted
+            # the slowest shard sets the pace; its split tells where the time went
+            slowest = max(results, key=lambda r: sum(r.seconds.values()))
+            for phase, sec in slowest.seconds.items():
+                stats.seconds[phase] += sec
+            stats.seconds["coordinator"] += (t1 - t0) + (time.perf_counter() - t2)
+            stats.seconds["step"] += time.perf_counter() - t0
+            self._lock.notify_all()
+
+    def run_until_done(self) -> None:
+        while self.has_work():
+            self.step()

@@ -1,0 +1,200 @@
+"""Continuous batching: which sequences run on which shard at each engine step.
+
+Requests join and leave at every step. Each shard's batch holds its running sequences'
+decodes and prefill chunks under a per-step token budget; a new sequence is homed on the
+shard with the most free KV blocks. The scheduler mirrors every shard's block pools
+(`shards.kv_cache.blocks_held`), so it only plans steps that fit: when blocks run out,
+new requests wait, and if a running sequence cannot grow, the newest running sequence of
+that shard is preempted (its blocks freed) and later recomputed from its tokens."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from model.sampling import SamplingParams
+from shards.kv_cache import KVLayout, blocks_held
+from shards.shard import SeqWork, StepPlan
+
+
+class Status(StrEnum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    seq_id: str
+    prompt: list[int]
+    params: SamplingParams
+    seed: int
+    stop_ids: frozenset[int]
+    arrival: int
+    output: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    home: int | None = None
+    computed: int = 0  # tokens in the home shard's cache
+    held: tuple[int, int] = (0, 0)  # (full, sliding) blocks on the home shard
+    preemptions: int = 0
+
+    @property
+    def known(self) -> list[int]:
+        return self.prompt + self.output
+
+
+@dataclass
+class ShardState:
+    free_full: int
+    free_sliding: int
+    running: list[Sequence] = field(default_factory=list)  # in admission order
+    release: list[str] = field(default_factory=list)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        world_size: int,
+        layout: KVLayout,
+        window: int | None,
+        *,
+        token_budget: int = 256,
+        max_seqs: int = 64,
+    ) -> None:
+        self.layout = layout
+        self.window = window
+        self.token_budget = token_budget
+        self.max_seqs = max_seqs
+        self.shards = [
+            ShardState(layout.full_blocks, layout.sliding_blocks) for _ in range(world_size)
+        ]
+        self.waiting: deque[Sequence] = deque()
+        self.preempted = 0
+
+    def _held(self, length: int, new: int) -> tuple[int, int]:
+        return blocks_held(length, new, self.layout.block_size, self.window)
+
+    def capacity_error(self, prompt_len: int, max_tokens: int) -> str | None:
+        """Why a request can never fit on one shard, or None."""
+        full = self._held(0, prompt_len + max_tokens)[0]
+        sliding_chunk = self._held(0, min(prompt_len + max_tokens, self.token_budget))[1]
+        if full > self.layout.full_blocks or sliding_chunk > self.layout.sliding_blocks:
+            return (
+                f"prompt of {prompt_len} tokens + max_tokens {max_tokens} needs {full} KV "
+                f"blocks of {self.layout.block_size} tokens; a shard has "
+                f"{self.layout.full_blocks}"
+            )
+        return None
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or any(s.running or s.release for s in self.shards)
+
+    # -- planning ----------------------------------------------------------------------
+    def schedule(self) -> list[StepPlan]:
+        plans = [StepPlan(release=s.release) for s in self.shards]
+        budgets = [self.token_budget] * len(self.shards)
+        for rank, shard in enumerate(self.shards):
+            shard.release = []
+            i = 0
+            while i < len(shard.running):
+                seq = shard.running[i]
+                n = min(len(seq.known) - seq.computed, budgets[rank])
+                if n <= 0:
+                    i += 1
+                    continue
+                if not self._reserve(shard, seq, n):
+                    victim = shard.running[-1]
+                    self._preempt(rank, victim, plans[rank])
+                    continue  # retry seq (or move on if it was the victim)
+                plans[rank].work.append(self._work(seq, n))
+                budgets[rank] -= n
+                i += 1
+        # admit waiting sequences, oldest first, to the shard with the most free KV
+        while self.waiting:
+            seq = self.waiting[0]
+            candidates = [
+                r for r, s in enumerate(self.shards)
+                if budgets[r] > 0 and len(s.running) < self.max_seqs
+            ]  # fmt: skip
+            if not candidates:
+                break
+            rank = max(candidates, key=lambda r: (self.shards[r].free_full, -r))
+            shard = self.shards[rank]
+            n = min(len(seq.known), budgets[rank])
+            if not self._reserve(shard, seq, n):
+                break  # blocks ran out: it waits for running sequences to finish
+            self.waiting.popleft()
+            seq.status, seq.home, seq.computed = Status.RUNNING, rank, 0
+            shard.running.append(seq)
+            plans[rank].work.append(self._work(seq, n))
+            budgets[rank] -= n
+        return plans
+
+    def _reserve(self, shard: ShardState, seq: Sequence, n: int) -> bool:
+        held = self._held(seq.computed, n)
+        need_full, need_sliding = held[0] - seq.held[0], held[1] - seq.held[1]
+        if need_full > shard.free_full or need_sliding > shard.free_sliding:
+            return False
+        shard.free_full -= need_full
+        shard.free_sliding -= need_sliding
+        seq.held = held
+        return True
+
+    def _work(self, seq: Sequence, n: int) -> SeqWork:
+        known = seq.known
+        sample = seq.computed + n == len(known)
+        return SeqWork(
+            seq_id=seq.seq_id,
+            tokens=known[seq.computed : seq.computed + n],
+            start=seq.computed,
+            sample=sample,
+            draw_index=len(seq.output),
+            params=seq.params if sample else None,
+            seed=seq.seed,
+        )
+
+    def _free(self, shard: ShardState, seq: Sequence) -> None:
+        shard.free_full += seq.held[0]
+        shard.free_sliding += seq.held[1]
+        seq.held = (0, 0)
+        shard.running.remove(seq)
+
+    def _preempt(self, rank: int, seq: Sequence, plan: StepPlan) -> None:
+        shard = self.shards[rank]
+        plan.work = [w for w in plan.work if w.seq_id != seq.seq_id]
+        self._free(shard, seq)
+        plan.release.append(seq.seq_id)
+        seq.status, seq.home, seq.computed = Status.WAITING, None, 0
+        seq.preemptions += 1
+        self.preempted += 1
+        self.waiting.appendleft(seq)
+
+    # -- results -----------------------------------------------------------------------
+    def update(self, plans: list[StepPlan], sampled: list[dict[str, int]]) -> list[Sequence]:
+        """Applies a step's results; returns the sequences that got a token."""
+        advanced = []
+        for rank, (plan, tokens) in enumerate(zip(plans, sampled, strict=True)):
+            shard = self.shards[rank]
+            by_id = {s.seq_id: s for s in shard.running}
+            for w in plan.work:
+                seq = by_id[w.seq_id]
+                seq.computed += len(w.tokens)
+                if w.seq_id not in tokens:
+                    continue
+                token = tokens[w.seq_id]
+                seq.output.append(token)
+                advanced.append(seq)
+                if token in seq.stop_ids:
+                    seq.finish_reason = "stop"
+                elif len(seq.output) >= seq.params.max_tokens:
+                    seq.finish_reason = "length"
+                if seq.finish_reason is not None:
+                    seq.status = Status.FINISHED
+                    self._free(shard, seq)
+                    shard.release.append(seq.seq_id)
+        return advanced
