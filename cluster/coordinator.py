@@ -41,6 +41,7 @@ class Coordinator:
         token_budget: int = 256,
         max_seqs: int = 64,
         cpus_per_shard: float = 1,
+        placement_timeout: float = 120,
     ) -> None:
         path = resolve_model(model)  # writes a preset's built-in checkpoint once, here
         self.model_path = str(path)
@@ -54,7 +55,14 @@ class Coordinator:
         )  # fmt: skip
         bundle = {"CPU": cpus_per_shard} | ({"GPU": 1} if device == "cuda" else {})
         self.pg = placement_group([bundle] * shards, strategy="PACK")
-        ray.get(self.pg.ready(), timeout=300)
+        try:
+            ray.get(self.pg.ready(), timeout=placement_timeout)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(self.pg)
+            raise RuntimeError(
+                f"could not place {shards} shards of {bundle} within {placement_timeout:.0f} s; "
+                f"the cluster has {ray.available_resources()} available"
+            ) from None
         remote = ray.remote(ShardWorker)
         self.workers = [
             remote.options(

@@ -1,0 +1,31 @@
+"""Shared inputs for the engine tests: prompts of different lengths (several longer than
+the tiny model's 32-token sliding window) and the single-process baseline."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from model.checkpoint import load_model
+from model.generate import generate
+from model.sampling import SamplingParams
+
+LENGTHS = (5, 40, 70, 3, 100, 17, 33, 64, 1, 50)
+GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+
+
+def prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 201088, (n,), generator=g).tolist() for n in LENGTHS]
+
+
+@functools.cache
+def baseline_model():
+    return load_model("gpt-oss-tiny", dtype=torch.float32)
+
+
+@functools.cache
+def baseline(params: SamplingParams = GREEDY) -> tuple[tuple[int, ...], ...]:
+    out = generate(baseline_model(), prompts(), params)
+    return tuple(tuple(c.token_ids) for c in out)

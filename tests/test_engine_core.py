@@ -1,0 +1,100 @@
+"""The engine loop on one in-process shard (no Ray): continuous batching, chunked
+prefill, paged KV with preemption, bad requests failing alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cluster.engine_core import EngineCore
+from model.generate import RequestError
+from model.sampling import SamplingParams
+from router.transport import LocalTransport
+from shards.kv_cache import KVLayout, blocks_held
+from shards.shard import Shard
+from tests.engine_cases import GREEDY, baseline, baseline_model, prompts
+
+
+def make_core(layout: KVLayout, token_budget: int = 48) -> tuple[EngineCore, Shard]:
+    shard = Shard(
+        "gpt-oss-tiny", rank=0, world_size=1, transport=LocalTransport(),
+        dtype=torch.float32, kv_layout=layout,
+    )  # fmt: skip
+    core = EngineCore(
+        shard.config, 1, layout, lambda plans: [shard.step(plans[0])], token_budget=token_budget
+    )
+    return core, shard
+
+
+def test_matches_the_single_process_baseline_with_chunked_prefill():
+    core, shard = make_core(KVLayout(16, 256, 256), token_budget=48)
+    ids = [core.submit(p, GREEDY) for p in prompts()]
+    core.run_until_done()
+    assert tuple(tuple(core.output(i).token_ids) for i in ids) == baseline()
+    assert shard.free_blocks() == (256, 256)  # every block came back
+    assert core.stats.steps > max(len(p) for p in prompts()) // 48  # prefill was chunked
+
+
+def test_requests_arriving_while_others_decode():
+    core, _ = make_core(KVLayout(16, 256, 256))
+    ps = prompts()
+    first = [core.submit(p, GREEDY) for p in ps[:4]]
+    for _ in range(5):
+        core.step()
+    assert all(core.output(i).token_ids for i in first[:1])  # decoding is under way
+    later = [core.submit(p, GREEDY) for p in ps[4:]]
+    core.run_until_done()
+    assert tuple(tuple(core.output(i).token_ids) for i in first + later) == baseline()
+
+
+def test_running_out_of_kv_blocks_preempts_and_still_completes_correctly():
+    layout = KVLayout(16, 10, 16)  # 160 tokens of full-attention KV for 10 prompts
+    core, shard = make_core(layout, token_budget=32)
+    ids = [core.submit(p, GREEDY) for p in prompts()]
+    core.run_until_done()
+    assert tuple(tuple(core.output(i).token_ids) for i in ids) == baseline()
+    assert core.stats.preemptions > 0
+    assert shard.free_blocks() == (10, 16)
+
+
+def test_seeded_sampling_is_reproducible_and_matches_the_baseline():
+    params = SamplingParams(max_tokens=8, temperature=0.9, top_p=0.95, seed=7, ignore_eos=True)
+    runs = []
+    for budget in (16, 64):  # different batching, same tokens
+        core, _ = make_core(KVLayout(16, 256, 256), token_budget=budget)
+        ids = [core.submit(p, params) for p in prompts()]
+        core.run_until_done()
+        runs.append(tuple(tuple(core.output(i).token_ids) for i in ids))
+    assert runs[0] == runs[1] == baseline(params)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "params", "message"),
+    [
+        ([], GREEDY, "the prompt is empty"),
+        ([5, 300000], GREEDY, "token id 300000 at position 1 is outside 0..201087"),
+        ([5] * 10, SamplingParams(max_tokens=131072, temperature=0), "exceed the context length"),
+        ([5] * 150, GREEDY, "needs 10 KV blocks of 16 tokens; a shard has 8"),
+    ],
+)
+def test_a_bad_request_fails_alone(prompt, params, message):
+    core, _ = make_core(KVLayout(16, 8, 16), token_budget=32)
+    good = core.submit(prompts()[0], GREEDY)
+    with pytest.raises(RequestError, match=message):
+        core.submit(prompt, params)
+    core.run_until_done()
+    assert tuple(core.output(good).token_ids) == baseline()[0]
+
+
+def test_invalid_sampling_parameters_are_named():
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+
+
+def test_sliding_layers_keep_only_the_window():
+    window, bs = baseline_model().config.sliding_window, 16
+    assert blocks_held(0, 100, bs, window) == (7, 7)  # a prefill chunk needs all its rows
+    assert blocks_held(100, 1, bs, window) == (7, 3)  # decoding: the window only
+    assert blocks_held(1000, 1, bs, window) == (63, 3)
