@@ -43,7 +43,18 @@ def _parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate from token ids, in one process")
     gen.add_argument("--model", required=True, help="checkpoint directory or small preset name")
-    gen.add_argument("--prompt-ids", type=_prompt_ids, action="append", required=True)
+    gen.add_argument("--prompt-ids", type=_prompt_ids, action="append", default=[])
+    gen.add_argument(
+        "--messages",
+        metavar="FILE.json",
+        help='chat input instead of ids: an OpenAI chat request ({"messages": [...], '
+        '"tools": ...}), a list of chat messages, or a list of requests',
+    )
+    gen.add_argument(
+        "--shards", type=int, default=None,
+        help="serve on N expert-parallel Ray shards (default: one process, no Ray)",
+    )  # fmt: skip
+    gen.add_argument("--address", default=None, help="Ray cluster to join ('auto'); default local")
     gen.add_argument("--max-tokens", type=int, default=16)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -51,13 +62,16 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--ignore-eos", action="store_true", help="do not stop at <|return|>/<|call|>")
     gen.add_argument("--dtype", choices=DTYPES, default="bfloat16")
-    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
 
     demo = sub.add_parser("demo", help="generate a few completions with the built-in model")
     demo.add_argument("--model", default="gpt-oss-tiny")
-    demo.add_argument("--max-tokens", type=int, default=24)
+    demo.add_argument("--shards", type=int, default=2)
+    demo.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    demo.add_argument("--max-tokens", type=int, default=32)
     demo.add_argument("--dtype", choices=DTYPES, default="float32")
+    demo.add_argument("--address", default=None, help="Ray cluster to join ('auto'); default local")
 
     from cluster.cli_harmony import add_commands
 
@@ -125,10 +139,12 @@ def _dtype(name: str):
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from model.checkpoint import load_model
-    from model.generate import generate
     from model.sampling import SamplingParams
 
+    if bool(args.prompt_ids) == bool(args.messages):
+        raise _usage("generate: give --prompt-ids (one or more) or --messages FILE.json")
+    if args.shards is not None and args.shards < 1:
+        raise _usage(f"--shards {args.shards}: at least 1")
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -137,58 +153,179 @@ def _generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         ignore_eos=args.ignore_eos,
     )
-    model = load_model(args.model, dtype=_dtype(args.dtype), device=args.device)
-    completions = generate(model, args.prompt_ids, params)
-    for i, (prompt, c) in enumerate(zip(args.prompt_ids, completions, strict=True)):
+    if args.messages:
+        return _generate_chat(args, params)
+    if args.shards is None:
+        from model.checkpoint import load_model
+        from model.generate import generate
+
+        model = load_model(args.model, dtype=_dtype(args.dtype), device=args.device)
+        results = generate(model, args.prompt_ids, params)
+        rows = [(c.token_ids, c.finish_reason, c.prompt_tokens) for c in results]
+    else:
+        with _engine(args) as engine:
+            outs = engine.generate(args.prompt_ids, params)
+        rows = []
+        for out in outs:
+            if isinstance(out, Exception):
+                raise out  # a bad prompt: the CLI reports it like the single-process path
+            rows.append((out.token_ids, out.finish_reason, out.prompt_tokens))
+    for i, (prompt, (ids, reason, n_prompt)) in enumerate(zip(args.prompt_ids, rows, strict=True)):
         if args.json:
             record = {
                 "index": i,
-                "token_ids": c.token_ids,
-                "finish_reason": c.finish_reason,
-                "usage": {"prompt_tokens": c.prompt_tokens, "completion_tokens": len(c.token_ids)},
+                "token_ids": ids,
+                "finish_reason": reason,
+                "usage": {"prompt_tokens": n_prompt, "completion_tokens": len(ids)},
             }
             print(json.dumps(record), flush=True)
         else:
-            print(f"[{i}] {prompt} -> {c.token_ids} ({c.finish_reason})", flush=True)
+            print(f"[{i}] {prompt} -> {ids} ({reason})", flush=True)
     return 0
 
 
-DEMO_PROMPTS = [
-    "The capital of France is",
-    "Mixture-of-experts models route every token to",
-    "def fibonacci(n):",
-    "Ray actors exchange rows through an all-to-all, so",
+def _usage(message: str) -> Exception:
+    from model.generate import RequestError
+
+    return RequestError(message)
+
+
+def _engine(args: argparse.Namespace):
+    from cluster.engine import Engine
+
+    return Engine.start(
+        args.model, shards=args.shards or 1, device=args.device, dtype=args.dtype,
+        address=args.address,
+    )  # fmt: skip
+
+
+def _chat_requests(path: str) -> list[dict]:
+    from model.generate import RequestError
+
+    try:
+        data = json.loads(open(path, encoding="utf-8").read())  # noqa: SIM115
+    except OSError as exc:
+        raise RequestError(f"--messages {path}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise RequestError(f"--messages {path}: not valid JSON: {exc}") from None
+    if isinstance(data, dict):
+        return [data]
+    if isinstance(data, list) and all(isinstance(m, dict) and "role" in m for m in data):
+        return [{"messages": data}]
+    if isinstance(data, list) and all(isinstance(r, dict) for r in data):
+        return data
+    raise RequestError(
+        f"--messages {path}: expected a chat request, a list of messages or a list of requests"
+    )
+
+
+def _generate_chat(args: argparse.Namespace, params) -> int:
+    from cluster.coordinator import chat_prompt, chat_response
+    from cluster.engine_core import RequestOutput
+    from model.harmony import stop_token_ids
+
+    requests = _chat_requests(args.messages)
+    sampling = {
+        "max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
+        "top_k": args.top_k, "seed": args.seed,
+    }  # fmt: skip
+    requests = [sampling | r for r in requests]  # a request's own fields win
+    if args.shards is None:
+        from model.checkpoint import load_model
+        from model.generate import generate
+
+        model = load_model(args.model, dtype=_dtype(args.dtype), device=args.device)
+        replies = []
+        for i, request in enumerate(requests):
+            try:  # a bad request becomes its error record; the others still run
+                prompt, p = chat_prompt(request, model.config.max_context_length)
+                if args.ignore_eos:
+                    p = p.model_copy(update={"ignore_eos": True})
+                (c,) = generate(model, [prompt], p)
+            except ValueError as exc:  # HarmonyError, RequestError, pydantic errors
+                replies.append(exc)
+                continue
+            out = RequestOutput(str(i), len(prompt), c.token_ids, True, c.finish_reason)
+            replies.append(chat_response(out))
+    else:
+        with _engine(args) as engine:
+            replies = engine.chat(requests)
+    assert set(stop_token_ids()) == {200002, 200012}
+    for i, reply in enumerate(replies):
+        if isinstance(reply, Exception):
+            print(
+                json.dumps({"index": i, "error": str(reply)})
+                if args.json
+                else f"[{i}] error: {reply}"
+            )
+            continue
+        if args.json:
+            print(json.dumps({"index": i, **reply}, ensure_ascii=False), flush=True)
+        else:
+            msg = reply["message"]
+            print(f"[{i}] ({reply['finish_reason']}) {json.dumps(msg, ensure_ascii=False)}")
+    return 0
+
+
+DEMO_CONVERSATIONS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [
+        {"role": "system", "content": "You are a terse assistant."},
+        {"role": "user", "content": "Explain mixture-of-experts routing in one sentence."},
+    ],
+    [{"role": "user", "content": "Write a haiku about Ray actors."}],
+    [{"role": "user", "content": "What is 17 * 23?"}],
 ]
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from model.checkpoint import load_model
-    from model.generate import generate
-    from model.sampling import SamplingParams
-    from model.tokenizer import decode, encode
+    from model.tokenizer import decode
 
     print(
-        f"gptoss-ray demo: model {args.model!r}. The built-in model has RANDOM weights, so its\n"
-        "text is gibberish; it exercises the exact gpt-oss math end to end. For real output,\n"
-        "pass --model DIR with a gpt-oss-20b or gpt-oss-120b checkpoint folder.\n"
-        "(Single process for now; expert-parallel Ray shards are the engine's next step.)\n"
+        f"gptoss-ray demo: model {args.model!r} on {args.shards} expert-parallel "
+        f"{args.device.upper()} shard(s) (Ray, all-to-all over "
+        f"{'NCCL' if args.device == 'cuda' else 'gloo'}).\n"
+        "The built-in model has RANDOM weights, so its replies are gibberish; it runs the exact\n"
+        "gpt-oss math and the harmony chat format end to end. For real replies pass\n"
+        "--model DIR (a gpt-oss-20b or gpt-oss-120b checkpoint folder, e.g. a local copy of\n"
+        "openai/gpt-oss-20b) and --device cuda.\n",
+        flush=True,
     )
+    requests = [
+        {"messages": m, "max_tokens": args.max_tokens, "temperature": 0} for m in DEMO_CONVERSATIONS
+    ]
     t0 = time.perf_counter()
-    model = load_model(args.model, dtype=_dtype(args.dtype))
-    loaded = time.perf_counter() - t0
-    prompts = [encode(p) for p in DEMO_PROMPTS]
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
-    t1 = time.perf_counter()
-    completions = generate(model, prompts, params)
-    elapsed = time.perf_counter() - t1
-    for text, c in zip(DEMO_PROMPTS, completions, strict=True):
+    with _engine(args) as engine:
+        info = engine.info()
+        started = time.perf_counter() - t0
         print(
-            f"> {text}\n  {decode(c.token_ids)!r}\n  ({len(c.token_ids)} tokens, {c.finish_reason})"
+            f"started in {started:.1f} s; experts per shard: {info['expert_ranges']}\n", flush=True
         )
-    total = sum(len(c.token_ids) for c in completions)
+        t1 = time.perf_counter()
+        replies = engine.chat(requests)
+        elapsed = time.perf_counter() - t1
+        stats = engine.stats()
+    total = 0
+    for conv, reply in zip(DEMO_CONVERSATIONS, replies, strict=True):
+        print(f"> {conv[-1]['content']}")
+        if isinstance(reply, Exception):
+            print(f"  error: {reply}\n")
+            continue
+        total += reply["usage"]["completion_tokens"]
+        msg = reply["message"]
+        for m in reply["harmony"]:
+            print(f"  [{m.get('channel') or 'no channel'}] {m['content'][0]['text']!r}")
+        if not reply["harmony"]:
+            raw = decode(reply["token_ids"])
+            print(f"  (no harmony message parsed; the raw completion: {raw[:70]!r}...)")
+        print(
+            f"  reply: content={msg.get('content')!r} finish={reply['finish_reason']} "
+            f"tokens={reply['usage']['completion_tokens']}\n"
+        )
     print(
-        f"\n{len(prompts)} prompts, {total} tokens in {elapsed:.2f} s "
-        f"({total / elapsed:.1f} tokens/s, batch of {len(prompts)}); model loaded in {loaded:.2f} s"
+        f"{len(requests)} conversations, {total} tokens in {elapsed:.2f} s "
+        f"({total / elapsed:.1f} tokens/s), {stats['steps']} engine steps, "
+        f"{args.shards} shard(s); engine shut down."
     )
     return 0
 

@@ -200,6 +200,7 @@ def chat_response(out: RequestOutput) -> dict[str, Any]:
         "message": message.model_dump(exclude_none=True),
         "finish_reason": finish,
         "harmony": [m.to_dict() for m in messages],
+        "token_ids": list(out.token_ids),
         "problems": parser.problems,
         "usage": {
             "prompt_tokens": out.prompt_tokens,

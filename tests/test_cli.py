@@ -51,3 +51,33 @@ def test_errors_are_one_clear_line(tmp_path):
     assert r.returncode == 2 and "top_p=0.0" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("checkpoint", "tiny", str(tmp_path / "big"), "--preset", "gpt-oss-20b")
     assert r.returncode == 2 and "real gpt-oss weights" in r.stderr
+
+
+def test_generate_on_ray_shards_prints_the_same_json_as_one_process(tmp_path):
+    base = ["generate", "--model", "gpt-oss-tiny", "--prompt-ids", "5,6,7", "--prompt-ids",
+            "9,10", "--max-tokens", "5", "--temperature", "0", "--dtype", "float32", "--json"]  # fmt: skip
+    single = run_cli(*base)
+    sharded = run_cli(*base, "--shards", "2")
+    assert single.returncode == 0 and sharded.returncode == 0, sharded.stderr[-2000:]
+    assert single.stdout == sharded.stdout and len(single.stdout.splitlines()) == 2
+
+
+def test_generate_from_chat_messages(tmp_path):
+    path = tmp_path / "chat.json"
+    path.write_text(json.dumps([{"role": "user", "content": "Hi"}]))
+    r = run_cli("generate", "--model", "gpt-oss-tiny", "--messages", str(path),
+                "--max-tokens", "4", "--json")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    (record,) = [json.loads(line) for line in r.stdout.splitlines()]
+    assert record["usage"]["completion_tokens"] == 4 == len(record["token_ids"])
+    assert record["message"]["role"] == "assistant"
+    path.write_text('{"messages": [{"role": "bot", "content": "x"}]}')
+    r = run_cli("generate", "--model", "gpt-oss-tiny", "--messages", str(path), "--json")
+    assert "messages[0].role" in json.loads(r.stdout)["error"]
+
+
+def test_demo_runs_on_two_ray_shards_and_says_the_weights_are_random():
+    r = run_cli("demo", "--max-tokens", "4")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "RANDOM weights" in r.stdout and "--model DIR" in r.stdout
+    assert "4 conversations, 16 tokens" in r.stdout and "engine shut down" in r.stdout
