@@ -113,5 +113,5 @@ class Shard:
             for row, w in enumerate(sampled):
                 assert w.params is not None
                 out[w.seq_id] = Sampler(w.params, seed=w.seed).draw(logits[row], w.draw_index)
-        timer.lap("sampling")
+        timer.lap("head")  # final norm, unembedding, sampling
         return StepResult(out, self.kv.free_blocks(), dict(timer.seconds))
