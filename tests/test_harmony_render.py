@@ -133,3 +133,13 @@ def test_float_defaults_print_as_serde_json_does(value):
 def test_stop_tokens():
     assert h.stop_token_ids() == [200002, 200012]
     assert set(h.stop_token_ids()) == set(oracle().stop_tokens_for_assistant_actions())
+
+
+@pytest.mark.parametrize("text", ["\r", "a\r", "a\r\nb", "x\n", "\n\n", "a\u2028b", "a\x0bb\x1c"])
+def test_multi_line_descriptions_split_as_openai_harmony_splits_them(text):
+    conv = {"messages": [{"role": "developer", "name": None, "content": [{
+        "type": "developer_content", "tools": {"browser": {"name": "browser", "description": text,
+        "tools": [{"name": "A", "description": text}]}, "notes": {"name": "notes",
+        "description": text, "tools": []}}}]}]}  # fmt: skip
+    theirs, ours = both(conv)
+    assert h.render_conversation(ours.messages) == oracle().render_conversation(theirs)

@@ -179,9 +179,11 @@ def _tools_text(namespaces: dict[str, ToolNamespaceConfig]) -> str:
 
 
 def _lines(text: str) -> list[str]:
-    # Lines split at "\n" only (one trailing "\r" dropped), no empty last line: unlike
-    # str.splitlines, which also splits at \v, \f, \x1c.. and U+2028.
+    # Rust's str::lines: split at "\n", drop the "\r" of a "\r\n", no empty last line; a
+    # bare "\r" stays (unlike str.splitlines, which also splits at \r, \v, \f, U+2028..).
     parts = text.split("\n")
-    if parts and parts[-1] == "":
-        parts.pop()
-    return [p.removesuffix("\r") for p in parts]
+    last = parts.pop()
+    lines = [p.removesuffix("\r") for p in parts]
+    if last:
+        lines.append(last)
+    return lines
