@@ -95,14 +95,14 @@ class Coordinator:
             while not self._stop.is_set():
                 if self.core.wait_for_work(timeout=0.05):
                     self.core.step()
-        except Exception:
-            self.error = traceback.format_exc()
-            with self.core._lock:
-                self.core._lock.notify_all()
+        except Exception as exc:
+            traceback.print_exc()  # the whole story goes to the actor's log
+            self.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            self.core.fail(self.error)
 
     def _alive(self) -> None:
         if self.error is not None:
-            raise EngineDown(f"the engine loop stopped:\n{self.error}")
+            raise EngineDown(f"the engine loop stopped: {self.error}")
 
     # -- API ---------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:

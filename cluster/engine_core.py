@@ -67,6 +67,7 @@ class EngineCore:
         self.requests: dict[str, Seq] = {}
         self.stats = EngineStats()
         self._arrivals = 0
+        self.failure: str | None = None  # set when a step failed: nothing can finish now
         self._lock = threading.Condition()
 
     # -- requests ----------------------------------------------------------------------
@@ -78,6 +79,8 @@ class EngineCore:
     ) -> str:
         """Queues a request; a bad one raises RequestError and nothing else changes."""
         prompt = list(prompt)
+        if self.failure is not None:
+            raise RuntimeError(f"the engine stopped after a failure: {self.failure}")
         self._check(prompt, params, request_id)
         request_id = request_id or uuid.uuid4().hex
         seq = Seq(
@@ -144,12 +147,22 @@ class EngineCore:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             seq = self._get(request_id)
-            while seq.status != Status.FINISHED and (after is None or len(seq.output) <= after):
+            while (
+                seq.status != Status.FINISHED
+                and (after is None or len(seq.output) <= after)
+                and self.failure is None
+            ):
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     break
                 self._lock.wait(left)
             return self._output(seq)
+
+    def fail(self, reason: str) -> None:
+        """A step failed (a shard died): wake every waiter; new requests are refused."""
+        with self._lock:
+            self.failure = reason
+            self._lock.notify_all()
 
     def forget(self, request_id: str) -> None:
         with self._lock:
