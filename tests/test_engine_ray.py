@@ -68,9 +68,17 @@ def test_chat_returns_a_parsed_reply_with_usage(engine):
         "max_tokens": 6,
         "temperature": 0,
     }
-    bad = {"messages": [{"role": "wizard", "content": "x"}]}
-    reply, error = engine.chat([request, bad])
+    bad = [
+        {"messages": [{"role": "wizard", "content": "x"}]},
+        {**request, "max_tokens": -1},
+        {**request, "top_p": 0},
+        {**request, "max_tokens": 131072},  # prompt + max_tokens beyond the context
+    ]
+    reply, *errors = engine.chat([request, *bad])
     assert reply["usage"]["completion_tokens"] == 6
     assert reply["finish_reason"] == "length"  # random weights: it never says <|return|>
     assert reply["message"]["role"] == "assistant"
-    assert "messages[0].role" in str(error)
+    assert "messages[0].role" in str(errors[0])
+    assert "max_tokens: Input should be greater than or equal to 1" in str(errors[1])
+    assert "top_p: Input should be greater than 0" in str(errors[2])
+    assert "exceed the context length 131072" in str(errors[3])

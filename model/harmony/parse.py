@@ -45,6 +45,16 @@ class Header:
     content_type: str | None = None
     problem: str | None = None  # lenient mode: what was repaired
 
+    def message(self, text: str) -> Message:
+        return Message(
+            author=self.author,
+            content=[TextContent(text=text)],
+            channel=self.channel,
+            recipient=self.recipient,
+            content_type=self.content_type,
+            malformed=self.problem,
+        )
+
 
 class StreamParser:
     """Feed completion ids with `process`; `process_eos` when generation ended.
@@ -194,16 +204,7 @@ class StreamParser:
         header = self._header
         assert header is not None
         text = self._text + self._pending.decode("utf-8", errors="replace")
-        self.messages.append(
-            Message(
-                author=header.author,
-                content=[TextContent(text=text)],
-                channel=header.channel,
-                recipient=header.recipient,
-                content_type=header.content_type,
-                malformed=header.problem,
-            )
-        )
+        self.messages.append(header.message(text))
         self._text, self._pending = "", b""
         self.last_content_delta = None
         self._reset_header(StreamState.EXPECT_START, None)
@@ -216,16 +217,7 @@ class StreamParser:
                 self._header_string(), self.next_role, strict=False, metadata_only=True
             )
             header.problem = _join(_join(self._header_note, header.problem), "no <|message|>")
-            self.messages.append(
-                Message(
-                    author=header.author,
-                    content=[TextContent(text=rest)],
-                    channel=header.channel,
-                    recipient=header.recipient,
-                    content_type=header.content_type,
-                    malformed=header.problem,
-                )
-            )
+            self.messages.append(header.message(rest))
         self._reset_header(StreamState.EXPECT_START, None)
 
     def _header_string(self) -> str:
