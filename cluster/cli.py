@@ -73,9 +73,26 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--dtype", choices=DTYPES, default="float32")
     demo.add_argument("--address", default=None, help="Ray cluster to join ('auto'); default local")
 
+    serve = sub.add_parser(
+        "serve", help="start the engine as a named, detached Ray actor (for clients and jobs)"
+    )
+    serve.add_argument("--model", default="gpt-oss-tiny")
+    serve.add_argument("--shards", type=int, default=2)
+    serve.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    serve.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    serve.add_argument("--address", default=None, help="Ray cluster ('auto'); default: local")
+    serve.add_argument("--name", default="gptoss-ray")
+    serve.add_argument("--kv-budget-mb", type=float, default=256)
+    stop = sub.add_parser("stop", help="shut down a served engine")
+    stop.add_argument("--name", default="gptoss-ray")
+    stop.add_argument("--address", default="auto")
+
     from cluster.cli_harmony import add_commands
 
     add_commands(sub)
+    from cluster.cli_batch import add_commands as add_batch_commands
+
+    add_batch_commands(sub)
     return parser
 
 
@@ -83,6 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from pydantic import ValidationError
 
+    from cluster.batch import BatchInputError
+    from cluster.client import EngineNotFound
     from model.checkpoint import CheckpointError
     from model.config import ConfigError
     from model.generate import RequestError
@@ -100,6 +119,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             from cluster import cli_harmony
 
             return cli_harmony.run(args)
+        if args.command == "batch":
+            from cluster import cli_batch
+
+            return cli_batch.run(args)
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "stop":
+            from cluster.serve import stop
+
+            stopped = stop(args.name, args.address)
+            print(
+                f"stopped engine {args.name!r}" if stopped else f"no engine {args.name!r} running"
+            )
+            return 0 if stopped else 1
     except (
         CheckpointError,
         ConfigError,
@@ -107,6 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         TokenizerError,
         HarmonyError,
         FileNotFoundError,
+        BatchInputError,
+        EngineNotFound,
+        KeyError,
     ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -184,6 +220,23 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from cluster.serve import serve
+
+    t0 = time.perf_counter()
+    info = serve(
+        args.model, args.shards, name=args.name, address=args.address, device=args.device,
+        dtype=args.dtype, kv_budget_bytes=int(args.kv_budget_mb * 2**20),
+    )  # fmt: skip
+    print(
+        f"engine {args.name!r} ready in {time.perf_counter() - t0:.1f} s: {info['model']} on "
+        f"{info['shards']} {args.device} shard(s), experts {info['expert_ranges']}. "
+        f"Submit with `gptoss-ray batch submit FILE --output OUT`; stop with "
+        f"`gptoss-ray stop --name {args.name}`."
+    )
+    return 0
+
+
 def _usage(message: str) -> Exception:
     from model.generate import RequestError
 
@@ -238,7 +291,7 @@ def _generate_chat(args: argparse.Namespace, params) -> int:
         replies = []
         for i, request in enumerate(requests):
             try:  # a bad request becomes its error record; the others still run
-                prompt, p = chat_prompt(request, model.config.max_context_length)
+                prompt, p, stops = chat_prompt(request, model.config.max_context_length)
                 if args.ignore_eos:
                     p = p.model_copy(update={"ignore_eos": True})
                 (c,) = generate(model, [prompt], p)
@@ -246,7 +299,7 @@ def _generate_chat(args: argparse.Namespace, params) -> int:
                 replies.append(exc)
                 continue
             out = RequestOutput(str(i), len(prompt), c.token_ids, True, c.finish_reason)
-            replies.append(chat_response(out))
+            replies.append(chat_response(out, stops))
     else:
         with _engine(args) as engine:
             replies = engine.chat(requests)

@@ -83,6 +83,7 @@ class Coordinator:
             max_seqs=max_seqs,
         )  # fmt: skip
         self.error: str | None = None
+        self._stop_strings: dict[str, list[str]] = {}
         self._stop = threading.Event()
         self._loop = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._loop.start()
@@ -130,6 +131,10 @@ class Coordinator:
 
     def forget(self, request_id: str) -> None:
         self.core.forget(request_id)
+        self._stop_strings.pop(request_id, None)
+
+    def cancel(self, request_id: str) -> None:
+        self.core.cancel(request_id)
 
     def stats(self) -> dict[str, Any]:
         with self.core._lock:
@@ -147,12 +152,15 @@ class Coordinator:
     ) -> tuple[str, int]:
         """A chat request (see `chat_prompt`) -> request id and prompt length."""
         self._alive()
-        prompt, params = chat_prompt(request, self.config.max_context_length)
-        return self.core.submit(prompt, params, request_id), len(prompt)
+        prompt, params, stops = chat_prompt(request, self.config.max_context_length)
+        rid = self.core.submit(prompt, params, request_id)
+        if stops:
+            self._stop_strings[rid] = stops
+        return rid, len(prompt)
 
     def wait_chat(self, request_id: str, timeout: float | None = None) -> dict[str, Any]:
         out = self.wait(request_id, timeout=timeout)
-        return chat_response(out)
+        return chat_response(out, self._stop_strings.get(request_id, []))
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -164,7 +172,7 @@ class Coordinator:
         remove_placement_group(self.pg)
 
 
-def chat_prompt(request: Any, context: int) -> tuple[list[int], SamplingParams]:
+def chat_prompt(request: Any, context: int) -> tuple[list[int], SamplingParams, list[str]]:
     """Render a chat request for completion and read its sampling fields. The request is
     an OpenAI chat request, or {"conversation": <openai-harmony JSON>, ...sampling}."""
     if isinstance(request, dict) and "conversation" in request:
@@ -183,18 +191,25 @@ def chat_prompt(request: Any, context: int) -> tuple[list[int], SamplingParams]:
         top_k=r.top_k or 0,
         seed=r.seed,
     )
-    return prompt, params
+    stops = [r.stop] if isinstance(r.stop, str) else list(r.stop or [])
+    return prompt, params, stops
 
 
-def chat_response(out: RequestOutput) -> dict[str, Any]:
+def chat_response(out: RequestOutput, stop: list[str] | None = None) -> dict[str, Any]:
     """Finished tokens -> an OpenAI-style choice: message, finish_reason, usage, and the
-    parsed harmony messages."""
+    parsed harmony messages. `stop` strings cut the answer text (applied to the parsed
+    content once the request finished; the engine does not stop early for them)."""
     parser = harmony.StreamParser("assistant", strict=False)
     for token in out.token_ids:
         parser.process(token)
     messages = parser.process_eos().messages
     message = from_harmony(messages)
     finish = "tool_calls" if message.tool_calls else out.finish_reason
+    cuts = [message.content.find(s) for s in stop or [] if s and message.content]
+    cuts = [c for c in cuts if c >= 0]
+    if cuts:
+        message.content = message.content[: min(cuts)]
+        finish = "stop"
     return {
         "request_id": out.request_id,
         "message": message.model_dump(exclude_none=True),

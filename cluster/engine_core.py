@@ -164,6 +164,14 @@ class EngineCore:
             self.failure = reason
             self._lock.notify_all()
 
+    def cancel(self, request_id: str) -> None:
+        """Stops a request: it finishes now with finish_reason "cancelled"."""
+        with self._lock:
+            seq = self.requests.get(request_id)
+            if seq is not None and seq.status != Status.FINISHED:
+                self.scheduler.cancel(seq)
+                self._lock.notify_all()
+
     def forget(self, request_id: str) -> None:
         with self._lock:
             seq = self.requests.get(request_id)

@@ -174,6 +174,15 @@ class Scheduler:
         self.preempted += 1
         self.waiting.appendleft(seq)
 
+    def cancel(self, seq: Sequence) -> None:
+        if seq.status == Status.WAITING:
+            self.waiting.remove(seq)
+        elif seq.status == Status.RUNNING and seq.home is not None:
+            shard = self.shards[seq.home]
+            self._free(shard, seq)
+            shard.release.append(seq.seq_id)
+        seq.status, seq.finish_reason = Status.FINISHED, "cancelled"
+
     # -- results -----------------------------------------------------------------------
     def update(self, plans: list[StepPlan], sampled: list[dict[str, int]]) -> list[Sequence]:
         """Applies a step's results; returns the sequences that got a token."""

@@ -90,6 +90,7 @@ class SamplingFields(BaseModel):
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0)
     seed: int | None = Field(default=None, ge=0)
+    stop: str | list[str] | None = Field(default=None, max_length=4)
     stream: bool = False
 
     @classmethod

@@ -1,0 +1,142 @@
+"""Batch jobs through a served engine on 2 CPU shards: results equal the engine's,
+bad lines become error records, a killed coordinator loses nothing, two clients share
+the engine."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cluster.client import Client
+from cluster.coordinator import chat_prompt, chat_response
+from cluster.engine_core import RequestOutput
+from cluster.serve import serve
+from model.generate import generate
+from tests.engine_cases import baseline_model
+
+ENGINE = "test-batch-engine"
+
+
+@pytest.fixture(scope="module")
+def engine(ray_session):
+    serve("gpt-oss-tiny", 2, name=ENGINE, dtype="float32")
+    yield ray_session.get_actor(ENGINE, namespace="gptoss-ray")
+    from cluster.serve import stop
+
+    stop(ENGINE)
+
+
+def request_line(i: int, **body) -> dict:
+    body = {"messages": [{"role": "user", "content": f"Question number {i % 17}?"}],
+            "max_tokens": 4, "temperature": 0, **body}  # fmt: skip
+    return {"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions",
+            "body": body}  # fmt: skip
+
+
+def write_jsonl(path, items) -> None:
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in items))
+
+
+def expected_message(body: dict) -> dict:
+    """What the single-process engine gives for this body (greedy)."""
+    prompt, params, stops = chat_prompt(body, 131072)
+    (c,) = generate(baseline_model(), [prompt], params)
+    reply = chat_response(
+        RequestOutput("x", len(prompt), c.token_ids, True, c.finish_reason), stops
+    )
+    return reply["message"]
+
+
+def test_a_job_of_200_lines_with_bad_ones(engine, tmp_path):
+    items: list = [request_line(i) for i in range(200)]
+    bad = {
+        7: "{oops",  # not JSON
+        20: {"method": "POST", "url": "/v1/chat/completions", "body": {}},  # no custom_id
+        33: {**request_line(5)},  # duplicate custom_id
+        48: {**request_line(1000), "url": "/v1/embeddings"},  # unknown url
+        61: request_line(1001, max_tokens=-1),  # negative max tokens
+        75: request_line(1002, max_tokens=131072),  # over the context length
+        90: request_line(1003, messages=[{"role": "wizard", "content": "x"}]),
+    }
+    for at, item in sorted(bad.items()):
+        items.insert(at, item)
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(src, items)
+    job = Client(name=ENGINE).submit(src, out)
+    info = job.wait()
+    assert info["status"] == "completed", info
+    records = list(job.results())
+    assert len(records) == len(items) == 207
+    ok = {r["custom_id"]: r for r in records if r["error"] is None}
+    failed = [r for r in records if r["error"] is not None]
+    assert set(ok) == {f"req-{i}" for i in range(200)}
+    codes = collections.Counter(r["error"]["code"] for r in failed)
+    assert codes == {"invalid_json": 1, "missing_custom_id": 1, "duplicate_custom_id": 1,
+                     "invalid_url": 1, "invalid_request": 3}  # fmt: skip
+    messages = " | ".join(r["error"]["message"] for r in failed)
+    assert "max_tokens: Input should be greater than or equal to 1" in messages
+    assert "exceed the context length" in messages and "messages[0].role" in messages
+    assert len((tmp_path / "out.errors.jsonl").read_text().splitlines()) == 7
+    # contents equal the engine's for the same request (17 distinct bodies)
+    for i in range(17):
+        body = ok[f"req-{i}"]["response"]["body"]
+        assert body["object"] == "chat.completion"
+        assert body["usage"]["completion_tokens"] == 4
+        assert body["choices"][0]["message"] == expected_message(request_line(i)["body"])
+        assert ok[f"req-{i + 17}"]["response"]["body"]["choices"] == body["choices"]
+
+
+def test_killing_the_coordinator_mid_job_loses_nothing(engine, ray_session, tmp_path):
+    import ray
+
+    name = "test-batch-killed"
+    serve("gpt-oss-tiny", 2, name=name, dtype="float32")
+    items = [request_line(i, max_tokens=6) for i in range(80)]
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(src, items)
+    client = Client(name=name)
+    job = client.submit(src, out, max_in_flight=4)
+    while job.status()["done"] < 12:
+        time.sleep(0.05)
+    ray.kill(ray.get_actor(name, namespace="gptoss-ray"))  # the coordinator process dies
+    info = job.wait(timeout=60)
+    assert info["status"] == "failed" and info["done"] < 80, info
+    written = len(out.read_text().splitlines())
+    assert written >= 12
+    serve("gpt-oss-tiny", 2, name=name, dtype="float32")  # start it again
+    again = Client(name=name).submit(src, out)
+    info = again.wait(timeout=300)
+    assert info["status"] == "completed" and info["skipped"] == written
+    ids = [r["custom_id"] for r in again.results()]
+    assert sorted(ids) == sorted(f"req-{i}" for i in range(80))  # each exactly once
+    from cluster.serve import stop
+
+    stop(name)
+
+
+def test_two_clients_at_once(engine, ray_session, tmp_path):
+    address = ray_session.get_runtime_context().gcs_address
+    procs = []
+    for k in range(2):
+        src, out = tmp_path / f"in{k}.jsonl", tmp_path / f"out{k}.jsonl"
+        write_jsonl(src, [request_line(i + 100 * k) for i in range(30)])
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "cluster.cli", "batch", "submit", str(src), "--output",
+             str(out), "--wait", "--address", address, "--name", ENGINE],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
+        ))  # fmt: skip
+    for k, p in enumerate(procs):
+        stdout, stderr = p.communicate(timeout=300)
+        assert p.returncode == 0, stderr[-2000:]
+        assert "completed, 30 done, 0 failed" in stdout
+        records = [json.loads(x) for x in (tmp_path / f"out{k}.jsonl").read_text().splitlines()]
+        assert sorted(r["custom_id"] for r in records) == sorted(
+            f"req-{i + 100 * k}" for i in range(30)
+        )
+    assert len(Client(name=ENGINE).jobs()) >= 3
