@@ -140,3 +140,15 @@ def test_two_clients_at_once(engine, ray_session, tmp_path):
             f"req-{i + 100 * k}" for i in range(30)
         )
     assert len(Client(name=ENGINE).jobs()) >= 3
+
+
+def test_cancel_stops_a_job_and_keeps_what_finished(engine, tmp_path):
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(src, [request_line(i, max_tokens=8) for i in range(60)])
+    job = Client(name=ENGINE).submit(src, out, max_in_flight=2)
+    while job.status()["done"] < 4:
+        time.sleep(0.05)
+    job.cancel()
+    info = job.wait(timeout=60)
+    assert info["status"] == "cancelled" and 4 <= info["done"] < 60
+    assert len(list(job.results())) == info["done"]
