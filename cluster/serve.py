@@ -66,12 +66,12 @@ def serve(
 
 def stop(name: str = "gptoss-ray", address: str | None = "auto") -> bool:
     """Shuts the engine down; False when there was none."""
-    if not ray.is_initialized():
-        try:
-            ray.init(address=address, namespace=NAMESPACE, log_to_driver=False,
-                     configure_logging=False)  # fmt: skip
-        except ConnectionError:
-            return False
+    from cluster.client import EngineNotFound, connect
+
+    try:
+        connect(address)
+    except EngineNotFound:
+        return False
     try:
         coordinator = ray.get_actor(name, namespace=NAMESPACE)
     except ValueError:
