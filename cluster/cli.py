@@ -83,6 +83,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--address", default=None, help="Ray cluster ('auto'); default: local")
     serve.add_argument("--name", default="gptoss-ray")
     serve.add_argument("--kv-budget-mb", type=float, default=256)
+    serve.add_argument("--http", action="store_true", help="serve the OpenAI-compatible API")
+    serve.add_argument("--host", default="127.0.0.1", help="HTTP address (default loopback)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY")
     stop = sub.add_parser("stop", help="shut down a served engine")
     stop.add_argument("--name", default="gptoss-ray")
     stop.add_argument("--address", default="auto")
@@ -228,6 +232,14 @@ def _serve(args: argparse.Namespace) -> int:
         args.model, args.shards, name=args.name, address=args.address, device=args.device,
         dtype=args.dtype, kv_budget_bytes=int(args.kv_budget_mb * 2**20),
     )  # fmt: skip
+    if args.http:
+        import ray
+
+        from cluster.jobs import NAMESPACE
+
+        coordinator = ray.get_actor(args.name, namespace=NAMESPACE)
+        url = ray.get(coordinator.start_http.remote(args.host, args.port, args.api_key))
+        print(f"OpenAI-compatible API at {url}" + (" (API key required)" if args.api_key else ""))
     print(
         f"engine {args.name!r} ready in {time.perf_counter() - t0:.1f} s: {info['model']} on "
         f"{info['shards']} {args.device} shard(s), experts {info['expert_ranges']}. "

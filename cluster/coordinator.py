@@ -28,7 +28,114 @@ class EngineDown(RuntimeError):
     """The engine loop stopped (a shard failed); requests in flight cannot finish."""
 
 
-class Coordinator:
+class ChatEngine:
+    """The engine's API without Ray: the loop thread stepping an `EngineCore`, token and
+    chat requests, the HTTP server. `Coordinator` puts it on Ray shards; tests can drive
+    it with any `run_step`."""
+
+    def __init__(self, model_path: str, config, layout: KVLayout, core: EngineCore) -> None:
+        self.model_path = model_path
+        self.config = config
+        self.layout = layout
+        self.core = core
+        self.shards = core.world_size
+        self.error: str | None = None
+        self.http = None
+        self._stop_strings: dict[str, list[str]] = {}
+        self._stop = threading.Event()
+        self._loop = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._loop.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if self.core.wait_for_work(timeout=0.05):
+                    self.core.step()
+        except Exception as exc:
+            traceback.print_exc()  # the whole story goes to the actor's log
+            self.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            self.core.fail(self.error)
+
+    def _alive(self) -> None:
+        if self.error is not None:
+            raise EngineDown(f"the engine loop stopped: {self.error}")
+
+    # -- API ---------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        return {
+            "model": self.model_path,
+            "shards": self.shards,
+            "kv_layout": vars(self.layout),
+            "healthy": self.error is None,
+        }
+
+    def submit(
+        self, prompt: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> str:
+        self._alive()
+        return self.core.submit(prompt, params, request_id)
+
+    def wait(
+        self, request_id: str, after: int | None = None, timeout: float | None = None
+    ) -> RequestOutput:
+        out = self.core.wait(request_id, after=after, timeout=timeout)
+        if not out.finished:
+            self._alive()
+        return out
+
+    def forget(self, request_id: str) -> None:
+        self.core.forget(request_id)
+        self._stop_strings.pop(request_id, None)
+
+    def cancel(self, request_id: str) -> None:
+        self.core.cancel(request_id)
+
+    def stats(self) -> dict[str, Any]:
+        with self.core._lock:
+            s = self.core.stats
+            return {
+                "steps": s.steps,
+                "generated_tokens": s.generated_tokens,
+                "prefill_tokens": s.prefill_tokens,
+                "preemptions": s.preemptions,
+                "requests": s.requests,
+                "seconds": dict(s.seconds),
+            }
+
+    def submit_chat(
+        self, request: dict[str, Any] | ChatRequest, request_id: str | None = None
+    ) -> tuple[str, int]:
+        """A chat request (see `chat_prompt`) -> request id and prompt length."""
+        self._alive()
+        prompt, params, stops = chat_prompt(request, self.config.max_context_length)
+        rid = self.core.submit(prompt, params, request_id)
+        if stops:
+            self._stop_strings[rid] = stops
+        return rid, len(prompt)
+
+    def wait_chat(self, request_id: str, timeout: float | None = None) -> dict[str, Any]:
+        out = self.wait(request_id, timeout=timeout)
+        return chat_response(out, self._stop_strings.get(request_id, []))
+
+    def start_http(
+        self, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None
+    ) -> str:
+        """Serves the OpenAI-compatible API from here; returns its base URL."""
+        from cluster.http_api import ApiServer
+
+        if self.http is None:
+            self.http = ApiServer(self, host, port, api_key)
+        node = ray.util.get_node_ip_address() if host in ("0.0.0.0", "::") else self.http.host
+        return f"http://{node}:{self.http.port}/v1"
+
+    def shutdown(self) -> None:
+        if self.http is not None:
+            self.http.stop()
+        self._stop.set()
+        self._loop.join(timeout=10)
+
+
+class Coordinator(ChatEngine):
     def __init__(
         self,
         model: str,
@@ -78,93 +185,20 @@ class Coordinator:
         self.expert_ranges = ray.get(
             [w.load.remote(self.model_path, dtype, self.layout) for w in self.workers]
         )
-        self.core = EngineCore(
+        core = EngineCore(
             self.config, shards, self.layout, self._run_step, token_budget=token_budget,
             max_seqs=max_seqs,
         )  # fmt: skip
-        self.error: str | None = None
-        self._stop_strings: dict[str, list[str]] = {}
-        self._stop = threading.Event()
-        self._loop = threading.Thread(target=self._run, name="engine-loop", daemon=True)
-        self._loop.start()
+        super().__init__(self.model_path, self.config, self.layout, core)
 
     def _run_step(self, plans: list[StepPlan]) -> list[StepResult]:
         return ray.get([w.step.remote(p) for w, p in zip(self.workers, plans, strict=True)])
 
-    def _run(self) -> None:
-        try:
-            while not self._stop.is_set():
-                if self.core.wait_for_work(timeout=0.05):
-                    self.core.step()
-        except Exception as exc:
-            traceback.print_exc()  # the whole story goes to the actor's log
-            self.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            self.core.fail(self.error)
-
-    def _alive(self) -> None:
-        if self.error is not None:
-            raise EngineDown(f"the engine loop stopped: {self.error}")
-
-    # -- API ---------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
-        return {
-            "model": self.model_path,
-            "shards": self.shards,
-            "expert_ranges": self.expert_ranges,
-            "kv_layout": vars(self.layout),
-            "nodes": len({ray.get_runtime_context().get_node_id()}),
-        }
-
-    def submit(
-        self, prompt: list[int], params: SamplingParams, request_id: str | None = None
-    ) -> str:
-        self._alive()
-        return self.core.submit(prompt, params, request_id)
-
-    def wait(
-        self, request_id: str, after: int | None = None, timeout: float | None = None
-    ) -> RequestOutput:
-        out = self.core.wait(request_id, after=after, timeout=timeout)
-        if not out.finished:
-            self._alive()
-        return out
-
-    def forget(self, request_id: str) -> None:
-        self.core.forget(request_id)
-        self._stop_strings.pop(request_id, None)
-
-    def cancel(self, request_id: str) -> None:
-        self.core.cancel(request_id)
-
-    def stats(self) -> dict[str, Any]:
-        with self.core._lock:
-            s = self.core.stats
-            return {
-                "steps": s.steps,
-                "generated_tokens": s.generated_tokens,
-                "prefill_tokens": s.prefill_tokens,
-                "preemptions": s.preemptions,
-                "seconds": dict(s.seconds),
-            }
-
-    def submit_chat(
-        self, request: dict[str, Any] | ChatRequest, request_id: str | None = None
-    ) -> tuple[str, int]:
-        """A chat request (see `chat_prompt`) -> request id and prompt length."""
-        self._alive()
-        prompt, params, stops = chat_prompt(request, self.config.max_context_length)
-        rid = self.core.submit(prompt, params, request_id)
-        if stops:
-            self._stop_strings[rid] = stops
-        return rid, len(prompt)
-
-    def wait_chat(self, request_id: str, timeout: float | None = None) -> dict[str, Any]:
-        out = self.wait(request_id, timeout=timeout)
-        return chat_response(out, self._stop_strings.get(request_id, []))
+        return {**super().info(), "expert_ranges": self.expert_ranges}
 
     def shutdown(self) -> None:
-        self._stop.set()
-        self._loop.join(timeout=10)
+        super().shutdown()
         with contextlib.suppress(Exception):  # a dead shard cannot say goodbye
             ray.get([w.shutdown.remote() for w in self.workers], timeout=30)
         for w in self.workers:

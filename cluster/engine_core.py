@@ -43,7 +43,10 @@ class EngineStats:
     generated_tokens: int = 0
     prefill_tokens: int = 0
     preemptions: int = 0
+    requests: int = 0
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    expert_load: list[list[int]] = field(default_factory=list)  # [layer][expert] rows routed
+    free_blocks: list[tuple[int, int]] = field(default_factory=list)  # per shard
 
 
 class EngineCore:
@@ -95,6 +98,7 @@ class EngineCore:
             if request_id in self.requests:
                 raise RequestError(f"request id {request_id!r} is already in use")
             self._arrivals += 1
+            self.stats.requests += 1
             self.requests[request_id] = seq
             self.scheduler.add(seq)
             self._lock.notify_all()
@@ -203,6 +207,13 @@ class EngineCore:
             stats.generated_tokens += sum(len(r.tokens) for r in results)
             stats.prefill_tokens += sum(len(w.tokens) for p in plans for w in p.work)
             stats.preemptions = self.scheduler.preempted
+            stats.free_blocks = [r.free_blocks for r in results]
+            for r in results:
+                if not stats.expert_load:
+                    stats.expert_load = [[0] * len(row) for row in r.expert_load]
+                for total, row in zip(stats.expert_load, r.expert_load, strict=True):
+                    for e, n in enumerate(row):
+                        total[e] += n
             # the slowest shard sets the pace; its split tells where the time went
             slowest = max(results, key=lambda r: sum(r.seconds.values()))
             for phase, sec in slowest.seconds.items():

@@ -191,7 +191,9 @@ class Scheduler:
             shard = self.shards[rank]
             by_id = {s.seq_id: s for s in shard.running}
             for w in plan.work:
-                seq = by_id[w.seq_id]
+                seq = by_id.get(w.seq_id)
+                if seq is None:  # cancelled while the step ran; its blocks are released
+                    continue
                 seq.computed += len(w.tokens)
                 if w.seq_id not in tokens:
                     continue

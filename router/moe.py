@@ -62,14 +62,18 @@ def expert_parallel_mlp(
     owners: torch.Tensor,
     transport: Transport,
     timer: StepTimer | None = None,
+    load: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [T, H] (T may be 0: every shard takes part in the exchange) -> x + MoE(x)."""
+    """x [T, H] (T may be 0: every shard takes part in the exchange) -> x + MoE(x).
+    `load` [E], if given, counts the rows each local expert received."""
     h = block.norm(x)
     expert_ids, weights = block.router(h)
     plan = DispatchPlan.build(expert_ids, owners, transport.world_size)
     if timer:
         timer.lap("gate")
     rows, experts, recv_counts = dispatch(h, plan, transport)
+    if load is not None and experts.numel():
+        load += torch.bincount(experts.cpu(), minlength=load.shape[0])
     if timer:
         timer.lap("dispatch")
     y = block.experts.run_grouped(rows, experts) if rows.shape[0] else rows

@@ -43,6 +43,7 @@ class StepResult:
     tokens: dict[str, int]  # seq_id -> sampled token
     free_blocks: tuple[int, int]
     seconds: dict[str, float]
+    expert_load: list[list[int]] = field(default_factory=list)  # [layer][expert] rows here
 
 
 class Shard:
@@ -99,11 +100,12 @@ class Shard:
         cos, sin = model.rope.cos_sin(batch.positions(self.device))
         x = model.embedding(tokens)
         timer.lap("coordinator")
-        for block in model.block:
+        load = torch.zeros(len(model.block), self.config.num_experts, dtype=torch.long)
+        for layer, block in enumerate(model.block):
             if work:
                 x = block.attn(x, batch, cos, sin)
             timer.lap("attention")
-            x = expert_parallel_mlp(block.mlp, x, self.owners, self.transport, timer)
+            x = expert_parallel_mlp(block.mlp, x, self.owners, self.transport, timer, load[layer])
         batch.commit()
         out: dict[str, int] = {}
         rows = [r for r, w in zip(batch.last_rows(), work, strict=True) if w.sample]
@@ -114,4 +116,4 @@ class Shard:
                 assert w.params is not None
                 out[w.seq_id] = Sampler(w.params, seed=w.seed).draw(logits[row], w.draw_index)
         timer.lap("head")  # final norm, unembedding, sampling
-        return StepResult(out, self.kv.free_blocks(), dict(timer.seconds))
+        return StepResult(out, self.kv.free_blocks(), dict(timer.seconds), load.tolist())

@@ -1,0 +1,487 @@
+"""The OpenAI-compatible HTTP API, served from inside the coordinator actor.
+
+/v1/chat/completions (stream: server-sent events), /v1/responses (stream: typed events),
+/v1/models, /health, /metrics (Prometheus text). Loopback unless told otherwise; with an
+API key every request needs `Authorization: Bearer KEY`. Errors have OpenAI's shape:
+{"error": {"message", "type", "param", "code"}}. A client that goes away mid-stream has
+its sequence cancelled at once."""
+
+from __future__ import annotations
+
+import json
+import select
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cluster.responses_api import (
+    function_call_item,
+    message_item,
+    reasoning_item,
+    response_object,
+    responses_to_chat,
+)
+from model import harmony
+from model.generate import RequestError
+
+if TYPE_CHECKING:
+    from cluster.coordinator import Coordinator
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, code: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+    def body(self) -> dict[str, Any]:
+        kind = {401: "authentication_error", 404: "not_found_error"}.get(
+            self.status, "invalid_request_error" if self.status < 500 else "server_error"
+        )
+        return {"error": {"message": self.message, "type": kind, "param": self.param,
+                          "code": self.code}}  # fmt: skip
+
+
+class ClientGone(Exception):
+    pass
+
+
+class ReplyStream:
+    """Completion ids -> typed deltas, as they come: ("reasoning", text), ("content",
+    text), ("call", index, call_id, name) when a tool call starts, ("args", index, text),
+    ("end", kind) when a message ends."""
+
+    def __init__(self) -> None:
+        self.parser = harmony.StreamParser("assistant", strict=False)
+        self.kind: str | None = None
+        self.calls = 0
+        self._seen_messages = 0
+
+    def feed(self, token: int) -> list[tuple]:
+        p = self.parser
+        before = len(p.messages)
+        p.process(token)
+        events: list[tuple] = []
+        if len(p.messages) > before and self.kind is not None:
+            events.append(("end", self.kind))
+            self.kind = None
+        if p.state == harmony.StreamState.CONTENT:
+            if self.kind is None:
+                self.kind = self._classify()
+                if self.kind == "call":
+                    name = p.current_recipient.removeprefix("functions.")  # type: ignore[union-attr]
+                    events.append(("call", self.calls, "call_" + uuid.uuid4().hex[:24], name))
+                    self.calls += 1
+            delta = p.last_content_delta
+            if delta:
+                if self.kind == "call":
+                    events.append(("args", self.calls - 1, delta))
+                else:
+                    events.append((self.kind, delta))
+        return events
+
+    def finish(self) -> list[tuple]:
+        self.parser.process_eos()
+        if self.kind is not None:
+            kind, self.kind = self.kind, None
+            return [("end", kind)]
+        return []
+
+    def _classify(self) -> str:
+        p = self.parser
+        if p.current_recipient not in (None, "all", "assistant", "user"):
+            return "call"
+        return "reasoning" if p.current_channel == "analysis" else "content"
+
+
+class ApiServer:
+    def __init__(self, coordinator: Coordinator, host: str, port: int, api_key: str | None) -> None:
+        self.coordinator = coordinator
+        self.api_key = api_key
+        self.model_id = Path(coordinator.model_path).name.removesuffix("-seed0")
+        self.started = int(time.time())
+        self.http_requests = 0
+        self.http_errors = 0
+        handler = type("Handler", (_Handler,), {"api": self})
+        self.httpd = ThreadingHTTPServer((host, port), handler)
+        self.httpd.daemon_threads = True
+        self.host, self.port = self.httpd.server_address[:2]
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def check_model(self, model: Any) -> None:
+        if model is None:
+            return
+        if model not in (self.model_id, self.coordinator.model_path):
+            raise ApiError(404, f"the model {model!r} does not exist; this server has "
+                                f"{self.model_id!r}", "model_not_found", "model")  # fmt: skip
+
+    # -- metrics -------------------------------------------------------------------------
+    def metrics(self) -> str:
+        core = self.coordinator.core
+        with core._lock:
+            s = core.stats
+            waiting = len(core.scheduler.waiting)
+            running = sum(len(sh.running) for sh in core.scheduler.shards)
+            load = [list(row) for row in s.expert_load]
+            free = list(s.free_blocks)
+            seconds = dict(s.seconds)
+            steps, requests = s.steps, s.requests
+            generated, prefill, preempted = s.generated_tokens, s.prefill_tokens, s.preemptions
+        layout = self.coordinator.layout
+        lines = [
+            "# TYPE gptoss_requests_total counter", f"gptoss_requests_total {requests}",
+            "# TYPE gptoss_http_requests_total counter",
+            f"gptoss_http_requests_total {self.http_requests}",
+            "# TYPE gptoss_http_errors_total counter", f"gptoss_http_errors_total {self.http_errors}",
+            "# TYPE gptoss_generated_tokens_total counter",
+            f"gptoss_generated_tokens_total {generated}",
+            "# TYPE gptoss_prefill_tokens_total counter", f"gptoss_prefill_tokens_total {prefill}",
+            "# TYPE gptoss_preemptions_total counter", f"gptoss_preemptions_total {preempted}",
+            "# TYPE gptoss_queue_depth gauge", f"gptoss_queue_depth {waiting}",
+            "# TYPE gptoss_running_sequences gauge", f"gptoss_running_sequences {running}",
+            "# TYPE gptoss_steps_total counter", f"gptoss_steps_total {steps}",
+            "# TYPE gptoss_step_seconds_total counter",
+            f"gptoss_step_seconds_total {seconds.get('step', 0.0):.6f}",
+            "# TYPE gptoss_phase_seconds_total counter",
+        ]  # fmt: skip
+        for phase, sec in sorted(seconds.items()):
+            if phase != "step":
+                lines.append(f'gptoss_phase_seconds_total{{phase="{phase}"}} {sec:.6f}')
+        lines.append("# TYPE gptoss_kv_blocks_used_ratio gauge")
+        for shard, (full, sliding) in enumerate(free):
+            for kind, n_free, total in (("full", full, layout.full_blocks),
+                                        ("sliding", sliding, layout.sliding_blocks)):  # fmt: skip
+                used = 1 - n_free / total if total else 0.0
+                lines.append(
+                    f'gptoss_kv_blocks_used_ratio{{shard="{shard}",kind="{kind}"}} {used:.4f}'
+                )
+        lines.append("# TYPE gptoss_expert_tokens_total counter")
+        for layer, row in enumerate(load):
+            for expert, n in enumerate(row):
+                lines.append(f'gptoss_expert_tokens_total{{layer="{layer}",expert="{expert}"}} {n}')
+        return "\n".join(lines) + "\n"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    api: ApiServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet: the actor log is no access log
+        pass
+
+    # -- plumbing ------------------------------------------------------------------------
+    def _send_json(self, status: int, body: Any) -> None:
+        data = json.dumps(body, ensure_ascii=False).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _send_error(self, err: ApiError) -> None:
+        self.api.http_errors += 1
+        self._send_json(err.status, err.body())
+
+    def _authorized(self) -> bool:
+        if self.api.api_key is None:
+            return True
+        return self.headers.get("Authorization", "") == f"Bearer {self.api.api_key}"
+
+    def _read_json(self) -> Any:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        try:
+            return json.loads(raw or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ApiError(
+                400, f"the request body is not valid JSON: {exc}", "invalid_json"
+            ) from None
+
+    def _dispatch(self, method: str) -> None:
+        self.api.http_requests += 1
+        try:
+            if not self._authorized():
+                raise ApiError(401, "missing or wrong API key (Authorization: Bearer KEY)",
+                               "invalid_api_key")  # fmt: skip
+            path = self.path.split("?")[0].rstrip("/")
+            route = ROUTES.get((method, path))
+            if route is None:
+                known = {p for (_, p) in ROUTES}
+                if path in known:
+                    raise ApiError(405, f"{method} is not allowed on {path}", "method_not_allowed")
+                raise ApiError(404, f"no route {path}", "not_found")
+            route(self)
+        except ApiError as err:
+            self._send_error(err)
+        except (BrokenPipeError, ConnectionResetError, ClientGone):
+            pass
+        except Exception as exc:  # never a traceback to the client, never a dead server
+            self._send_error(ApiError(500, f"{type(exc).__name__}: {exc}", "internal_error"))
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    # -- endpoints (route_*: BaseHTTPRequestHandler owns names like `responses`) ----------
+    def route_health(self) -> None:
+        error = self.api.coordinator.error
+        if error:
+            raise ApiError(503, f"unhealthy: {error}", "engine_down")
+        self._send_json(200, {"status": "ok"})
+
+    def route_models(self) -> None:
+        self._send_json(200, {"object": "list", "data": [{
+            "id": self.api.model_id, "object": "model", "created": self.api.started,
+            "owned_by": "gptoss-ray"}]})  # fmt: skip
+
+    def route_metrics(self) -> None:
+        data = self.api.metrics().encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _submit(self, chat: dict[str, Any]) -> tuple[str, int]:
+        if not isinstance(chat, dict):
+            raise ApiError(400, "the request body is a JSON object", "invalid_request")
+        self.api.check_model(chat.get("model"))
+        try:
+            return self.api.coordinator.submit_chat(chat)
+        except (harmony.HarmonyError, RequestError, ValueError) as exc:
+            message = str(exc)
+            code = "context_length_exceeded" if "context length" in message else "invalid_request"
+            raise ApiError(400, message, code) from None
+        except RuntimeError as exc:
+            raise ApiError(503, str(exc), "engine_down") from None
+
+    def route_chat_completions(self) -> None:
+        body = self._read_json()
+        rid, _ = self._submit(body)
+        if body.get("stream"):
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            self._stream_chat(rid, include_usage)
+            return
+        reply = self._wait_reply(rid)
+        self._send_json(200, {
+            "id": f"chatcmpl-{rid[:24]}", "object": "chat.completion",
+            "created": int(time.time()), "model": self.api.model_id,
+            "choices": [{"index": 0, "message": reply["message"],
+                         "finish_reason": reply["finish_reason"]}],
+            "usage": reply["usage"],
+        })  # fmt: skip
+
+    def route_responses(self) -> None:
+        body = self._read_json()
+        try:
+            chat = responses_to_chat(body)
+        except harmony.HarmonyError as exc:
+            raise ApiError(400, str(exc), "invalid_request") from None
+        rid, _ = self._submit(chat)
+        if body.get("stream"):
+            self._stream_responses(rid)
+            return
+        reply = self._wait_reply(rid)
+        self._send_json(200, response_object(reply, self.api.model_id,
+                                             response_id=f"resp_{rid}"))  # fmt: skip
+
+    # -- waiting and streaming -------------------------------------------------------------
+    def _client_gone(self) -> bool:
+        readable, _, _ = select.select([self.connection], [], [], 0)
+        if not readable:
+            return False
+        try:
+            import socket
+
+            return self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
+    def _tokens(self, rid: str):
+        """Yields new token ids as they come; cancels the request if the client leaves."""
+        coordinator = self.api.coordinator
+        seen = 0
+        try:
+            while True:
+                out = coordinator.core.wait(rid, after=seen, timeout=0.5)
+                if len(out.token_ids) > seen:
+                    yield out.token_ids[seen:]
+                    seen = len(out.token_ids)
+                if out.finished:
+                    return
+                if coordinator.error:
+                    raise ApiError(503, f"the engine stopped: {coordinator.error}", "engine_down")
+                if self._client_gone():
+                    raise ClientGone
+        except (ClientGone, BrokenPipeError, ConnectionResetError, GeneratorExit):
+            coordinator.cancel(rid)
+            raise
+
+    def _wait_reply(self, rid: str) -> dict[str, Any]:
+        try:
+            for _ in self._tokens(rid):
+                pass
+            return self.api.coordinator.wait_chat(rid)
+        finally:
+            self.api.coordinator.forget(rid)
+
+    def _start_events(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+
+    def _event(self, data: Any, event: str | None = None) -> None:
+        text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+        prefix = f"event: {event}\n" if event else ""
+        self.wfile.write(f"{prefix}data: {text}\n\n".encode())
+        self.wfile.flush()
+
+    def _stream_chat(self, rid: str, include_usage: bool) -> None:
+        base = {"id": f"chatcmpl-{rid[:24]}", "object": "chat.completion.chunk",
+                "created": int(time.time()), "model": self.api.model_id}  # fmt: skip
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> None:
+            self._event(
+                {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            )
+
+        self._start_events()
+        chunk({"role": "assistant", "content": ""})
+        stream = ReplyStream()
+        try:
+            for new in self._tokens(rid):
+                for token in new:
+                    for ev in stream.feed(token):
+                        self._chat_delta(ev, chunk)
+            for ev in stream.finish():
+                self._chat_delta(ev, chunk)
+            reply = self.api.coordinator.wait_chat(rid)
+            chunk({}, reply["finish_reason"])
+            if include_usage:
+                self._event({**base, "choices": [], "usage": reply["usage"]})
+            self._event("[DONE]")
+        finally:
+            self.api.coordinator.forget(rid)
+
+    @staticmethod
+    def _chat_delta(ev: tuple, chunk) -> None:
+        kind = ev[0]
+        if kind == "reasoning":
+            chunk({"reasoning_content": ev[1]})
+        elif kind == "content":
+            chunk({"content": ev[1]})
+        elif kind == "call":
+            _, index, call_id, name = ev
+            chunk({"tool_calls": [{"index": index, "id": call_id, "type": "function",
+                                   "function": {"name": name, "arguments": ""}}]})  # fmt: skip
+        elif kind == "args":
+            chunk({"tool_calls": [{"index": ev[1], "function": {"arguments": ev[2]}}]})
+
+    def _stream_responses(self, rid: str) -> None:
+        response_id = f"resp_{rid}"
+        seq = iter(range(1 << 62))
+        model = self.api.model_id
+
+        def send(kind: str, **fields: Any) -> None:
+            self._event({"type": kind, "sequence_number": next(seq), **fields}, event=kind)
+
+        shell = {"id": response_id, "object": "response", "created_at": int(time.time()),
+                 "status": "in_progress", "model": model, "output": [],
+                 "parallel_tool_calls": True, "tool_choice": "auto", "tools": []}  # fmt: skip
+        self._start_events()
+        send("response.created", response=shell)
+        stream = ReplyStream()
+        items: list[dict[str, Any]] = []
+        texts: list[str] = []
+
+        def open_item(item: dict[str, Any]) -> None:
+            items.append(item)
+            texts.append("")
+            send("response.output_item.added", output_index=len(items) - 1, item=item)
+            if item["type"] in ("message", "reasoning"):
+                part_type = "output_text" if item["type"] == "message" else "reasoning_text"
+                send("response.content_part.added", item_id=item["id"],
+                     output_index=len(items) - 1, content_index=0,
+                     part={"type": part_type, "text": ""})  # fmt: skip
+
+        def handle(ev: tuple) -> None:
+            kind = ev[0]
+            if kind in ("reasoning", "content"):
+                if not items or items[-1].get("_open") != kind:
+                    item = (reasoning_item("") if kind == "reasoning"
+                            else message_item("", status="in_progress"))  # fmt: skip
+                    item["_open"] = kind
+                    open_item(item)
+                texts[-1] += ev[1]
+                name = ("response.reasoning_text.delta" if kind == "reasoning"
+                        else "response.output_text.delta")  # fmt: skip
+                send(name, item_id=items[-1]["id"], output_index=len(items) - 1,
+                     content_index=0, delta=ev[1])  # fmt: skip
+            elif kind == "call":
+                item = function_call_item(ev[2], ev[3], "", status="in_progress")
+                item["_open"] = "call"
+                open_item(item)
+            elif kind == "args":
+                texts[-1] += ev[2]
+                send("response.function_call_arguments.delta", item_id=items[-1]["id"],
+                     output_index=len(items) - 1, delta=ev[2])  # fmt: skip
+            elif kind == "end" and items and items[-1].get("_open"):
+                close_item()
+
+        def close_item() -> None:
+            item, text, index = items[-1], texts[-1], len(items) - 1
+            kind = item.pop("_open")
+            if kind == "call":
+                item.update(arguments=text, status="completed")
+                send("response.function_call_arguments.done", item_id=item["id"],
+                     output_index=index, arguments=text)  # fmt: skip
+            else:
+                part_type = "output_text" if kind == "content" else "reasoning_text"
+                done = ("response.output_text.done" if kind == "content"
+                        else "response.reasoning_text.done")  # fmt: skip
+                send(done, item_id=item["id"], output_index=index, content_index=0, text=text)
+                part = {"type": part_type, "text": text}
+                if kind == "content":
+                    part["annotations"] = []
+                    item["status"] = "completed"
+                item["content"] = [part]
+                send("response.content_part.done", item_id=item["id"], output_index=index,
+                     content_index=0, part=part)  # fmt: skip
+            send("response.output_item.done", output_index=index, item=item)
+
+        try:
+            for new in self._tokens(rid):
+                for token in new:
+                    for ev in stream.feed(token):
+                        handle(ev)
+            for ev in stream.finish():
+                handle(ev)
+            if items and items[-1].get("_open"):
+                close_item()
+            reply = self.api.coordinator.wait_chat(rid)
+            final = response_object(reply, model, response_id=response_id)
+            final["output"] = items
+            send("response.completed", response=final)
+        finally:
+            self.api.coordinator.forget(rid)
+
+
+ROUTES = {
+    ("GET", "/health"): _Handler.route_health,
+    ("GET", "/v1/models"): _Handler.route_models,
+    ("GET", "/metrics"): _Handler.route_metrics,
+    ("POST", "/v1/chat/completions"): _Handler.route_chat_completions,
+    ("POST", "/v1/responses"): _Handler.route_responses,
+}

@@ -1,0 +1,153 @@
+"""The OpenAI Responses API dialect, mapped onto chat requests (and so onto harmony).
+
+In: `input` (a string, or items: messages with input_text parts, function_call,
+function_call_output, reasoning), `instructions`, `tools` (function tools, flat
+format), `reasoning.effort`, `max_output_tokens`, sampling fields.
+Out: a `response` object with reasoning, message and function_call output items."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from model.harmony import HarmonyError
+
+
+def responses_to_chat(body: dict[str, Any]) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise HarmonyError("the request body is a JSON object")
+    messages: list[dict[str, Any]] = []
+    if body.get("instructions") is not None:
+        messages.append({"role": "developer", "content": str(body["instructions"])})
+    items = body.get("input")
+    if isinstance(items, str):
+        items = [{"role": "user", "content": items}]
+    if not isinstance(items, list) or not items:
+        raise HarmonyError("input: a string or a non-empty list of items")
+    reasoning: str | None = None
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise HarmonyError(f"input[{i}]: an item is a JSON object")
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            text = _text(item.get("content"), f"input[{i}].content")
+            if role == "assistant":
+                messages.append({"role": "assistant", "content": text,
+                                 "reasoning_content": reasoning})  # fmt: skip
+                reasoning = None
+            else:
+                messages.append({"role": role, "content": text})
+        elif kind == "reasoning":
+            parts = item.get("content") or item.get("summary") or []
+            reasoning = "".join(p.get("text", "") for p in parts if isinstance(p, dict))
+        elif kind == "function_call":
+            call = {"id": item.get("call_id") or item.get("id"), "type": "function",
+                    "function": {"name": item.get("name"), "arguments": item.get("arguments", "")}}  # fmt: skip
+            last = messages[-1] if messages else None
+            if last and last["role"] == "assistant" and "tool_calls" in last:
+                last["tool_calls"].append(call)
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call],
+                                 "reasoning_content": reasoning})  # fmt: skip
+                reasoning = None
+        elif kind == "function_call_output":
+            output = item.get("output")
+            messages.append({"role": "tool", "tool_call_id": item.get("call_id"),
+                             "content": output if isinstance(output, str) else str(output)})  # fmt: skip
+        else:
+            raise HarmonyError(f"input[{i}].type: {kind!r} is not supported")
+    chat: dict[str, Any] = {"messages": messages}
+    tools = body.get("tools")
+    if tools:
+        if not isinstance(tools, list):
+            raise HarmonyError("tools: a list")
+        chat["tools"] = []
+        for i, tool in enumerate(tools):
+            if not isinstance(tool, dict) or tool.get("type") != "function":
+                raise HarmonyError(f"tools[{i}]: only function tools are supported")
+            fn = {k: tool[k] for k in ("name", "description", "parameters") if k in tool}
+            chat["tools"].append({"type": "function", "function": fn})
+    effort = (body.get("reasoning") or {}).get("effort")
+    if effort is not None:
+        chat["reasoning_effort"] = effort
+    if body.get("max_output_tokens") is not None:
+        chat["max_tokens"] = body["max_output_tokens"]
+    for key in ("temperature", "top_p", "seed", "model"):
+        if body.get(key) is not None:
+            chat[key] = body[key]
+    if body.get("tool_choice") in ("auto", "none"):
+        chat["tool_choice"] = body["tool_choice"]
+    return chat
+
+
+def _text(content: Any, where: str) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        out = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") not in (
+                "input_text", "output_text", "text"
+            ):  # fmt: skip
+                raise HarmonyError(f"{where}[{j}]: only text parts are supported")
+            out.append(part.get("text", ""))
+        return "".join(out)
+    raise HarmonyError(f"{where}: a string or a list of text parts")
+
+
+def response_object(
+    reply: dict[str, Any], model: str, *, response_id: str | None = None
+) -> dict[str, Any]:
+    """A finished chat reply -> a Responses API `response`."""
+    message = reply["message"]
+    output: list[dict[str, Any]] = []
+    if message.get("reasoning_content"):
+        output.append(reasoning_item(message["reasoning_content"]))
+    if message.get("content"):
+        output.append(message_item(message["content"]))
+    for call in message.get("tool_calls") or []:
+        output.append(function_call_item(call["id"], call["function"]["name"],
+                                         call["function"]["arguments"]))  # fmt: skip
+    usage = reply["usage"]
+    incomplete = reply["finish_reason"] == "length"
+    return {
+        "id": response_id or f"resp_{uuid.uuid4().hex}",
+        "object": "response",
+        "created_at": int(time.time()),
+        "status": "incomplete" if incomplete else "completed",
+        "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+        "model": model,
+        "output": output,
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+        "usage": {
+            "input_tokens": usage["prompt_tokens"],
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": usage["completion_tokens"],
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": usage["total_tokens"],
+        },
+    }
+
+
+def reasoning_item(text: str, item_id: str | None = None) -> dict[str, Any]:
+    return {"type": "reasoning", "id": item_id or f"rs_{uuid.uuid4().hex}", "summary": [],
+            "content": [{"type": "reasoning_text", "text": text}]}  # fmt: skip
+
+
+def message_item(
+    text: str, item_id: str | None = None, status: str = "completed"
+) -> dict[str, Any]:
+    return {"type": "message", "id": item_id or f"msg_{uuid.uuid4().hex}", "role": "assistant",
+            "status": status,
+            "content": [{"type": "output_text", "text": text, "annotations": []}]}  # fmt: skip
+
+
+def function_call_item(
+    call_id: str, name: str, arguments: str, item_id: str | None = None, status: str = "completed"
+) -> dict[str, Any]:
+    return {"type": "function_call", "id": item_id or f"fc_{uuid.uuid4().hex}",
+            "call_id": call_id, "name": name, "arguments": arguments, "status": status}  # fmt: skip

@@ -1,0 +1,67 @@
+"""A `ChatEngine` whose shards are replaced by a script that speaks well-formed harmony,
+so that the HTTP layer's reasoning, content and tool-call paths can be driven with
+realistic replies (the built-in model's random weights never write a harmony header)."""
+
+from __future__ import annotations
+
+import time
+
+from cluster.coordinator import ChatEngine
+from cluster.engine_core import EngineCore
+from model import tokenizer as tok
+from model.config import ModelConfig
+from shards.kv_cache import KVLayout
+from shards.shard import StepPlan, StepResult
+
+REPLIES = {
+    "answer": "<|channel|>analysis<|message|>Thinking about it.<|end|><|start|>assistant"
+    "<|channel|>final<|message|>Hello there, friend!<|return|>",
+    "call": "<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant"
+    '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"loc": "SF"}'
+    "<|call|>",
+    "after_call": "<|channel|>analysis<|message|>It said 20.<|end|><|start|>assistant"
+    "<|channel|>final<|message|>It is 20C in SF.<|return|>",
+    "slow": "<|channel|>final<|message|>" + "la " * 400 + "<|return|>",
+}
+
+
+def choose(prompt: str) -> str:
+    if "to=assistant" in prompt:  # a tool result is in the conversation
+        return "after_call"
+    if "get_weather" in prompt:
+        return "call"
+    return "slow" if "slowly" in prompt else "answer"
+
+
+class ScriptedShards:
+    def __init__(self) -> None:
+        self.prompts: dict[str, list[int]] = {}
+        self.scripts: dict[str, list[int]] = {}
+        self.cancelled_seen: set[str] = set()
+
+    def __call__(self, plans: list[StepPlan]) -> list[StepResult]:
+        (plan,) = plans
+        out: dict[str, int] = {}
+        slow = False
+        for w in plan.work:
+            self.prompts.setdefault(w.seq_id, []).extend(w.tokens)
+            if w.sample:
+                if w.seq_id not in self.scripts:
+                    kind = choose(tok.decode(self.prompts[w.seq_id]))
+                    self.scripts[w.seq_id] = tok.encode(REPLIES[kind], allow_special=True)
+                script = self.scripts[w.seq_id]
+                slow |= len(script) > 200
+                out[w.seq_id] = script[min(w.draw_index, len(script) - 1)]
+        for seq_id in plan.release:
+            self.cancelled_seen.add(seq_id)
+        if slow:
+            time.sleep(0.02)
+        return [StepResult(out, (1000, 1000), {"step": 0.0})]
+
+
+def scripted_engine() -> tuple[ChatEngine, ScriptedShards]:
+    config = ModelConfig.preset("gpt-oss-tiny")
+    layout = KVLayout(16, 1000, 1000)
+    shards = ScriptedShards()
+    core = EngineCore(config, 1, layout, shards, token_budget=4096)
+    return ChatEngine("/models/gpt-oss-tiny", config, layout, core), shards

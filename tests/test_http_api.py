@@ -1,0 +1,219 @@
+"""The OpenAI-compatible HTTP API, driven with the official `openai` client against an
+engine whose shards speak scripted harmony (reasoning, answers, tool calls)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+
+from tests.scripted_engine import scripted_engine
+
+KEY = "test-key"
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather",
+        "parameters": {"type": "object", "properties": {"loc": {"type": "string"}},
+                       "required": ["loc"]},
+    },
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def server():
+    engine, shards = scripted_engine()
+    url = engine.start_http("127.0.0.1", 0, KEY)
+    yield url, engine, shards
+    engine.shutdown()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server[0], api_key=KEY, max_retries=0)
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list()] == ["gpt-oss-tiny"]
+    req = urllib.request.Request(server[0].removesuffix("/v1") + "/health",
+                                 headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
+    assert json.loads(urllib.request.urlopen(req).read()) == {"status": "ok"}
+
+
+def test_chat_returns_reasoning_separately_from_content(client):
+    r = client.chat.completions.create(model="gpt-oss-tiny", messages=user("Hi"),
+                                       reasoning_effort="low")  # fmt: skip
+    msg = r.choices[0].message
+    assert msg.content == "Hello there, friend!"
+    assert msg.model_extra["reasoning_content"] == "Thinking about it."
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens > 0 and r.usage.prompt_tokens > 50
+
+
+def test_streaming_chat_adds_up_to_the_whole_reply(client):
+    chunks = list(client.chat.completions.create(
+        model="gpt-oss-tiny", messages=user("Hi"), stream=True,
+        stream_options={"include_usage": True}))  # fmt: skip
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    reasoning = "".join(
+        (c.choices[0].delta.model_extra or {}).get("reasoning_content") or ""
+        for c in chunks if c.choices
+    )  # fmt: skip
+    assert content == "Hello there, friend!" and reasoning == "Thinking about it."
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) > 2  # token by token
+    assert chunks[-1].usage.completion_tokens > 0
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+
+
+def test_tool_call_round_trip(client):
+    messages = user("What is the weather in SF?")
+    r = client.chat.completions.create(model="gpt-oss-tiny", messages=messages,
+                                       tools=[WEATHER_TOOL])  # fmt: skip
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"loc": "SF"}
+    messages += [
+        choice.message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temp_c": 20}'},
+    ]
+    r2 = client.chat.completions.create(model="gpt-oss-tiny", messages=messages,
+                                        tools=[WEATHER_TOOL])  # fmt: skip
+    assert r2.choices[0].message.content == "It is 20C in SF."
+    # streamed, the call arrives as a tool_calls delta with its arguments in pieces
+    chunks = list(client.chat.completions.create(
+        model="gpt-oss-tiny", messages=user("weather?"), tools=[WEATHER_TOOL], stream=True))  # fmt: skip
+    deltas = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
+    assert deltas[0].function.name == "get_weather" and deltas[0].id
+    assert json.loads("".join(d.function.arguments or "" for d in deltas)) == {"loc": "SF"}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_responses_api(client):
+    r = client.responses.create(model="gpt-oss-tiny", input="Hi", reasoning={"effort": "high"})
+    kinds = [item.type for item in r.output]
+    assert kinds == ["reasoning", "message"]
+    assert r.output_text == "Hello there, friend!"
+    assert r.status == "completed" and r.usage.output_tokens > 0
+    r = client.responses.create(
+        model="gpt-oss-tiny", input="weather?",
+        tools=[{"type": "function", **WEATHER_TOOL["function"]}],
+    )  # fmt: skip
+    call = next(item for item in r.output if item.type == "function_call")
+    assert call.name == "get_weather" and json.loads(call.arguments) == {"loc": "SF"}
+    follow = client.responses.create(
+        model="gpt-oss-tiny",
+        input=[{"role": "user", "content": "weather?"},
+               {"type": "function_call", "call_id": call.call_id, "name": call.name,
+                "arguments": call.arguments},
+               {"type": "function_call_output", "call_id": call.call_id, "output": "20C"}],
+        tools=[{"type": "function", **WEATHER_TOOL["function"]}],
+    )  # fmt: skip
+    assert follow.output_text == "It is 20C in SF."
+
+
+def test_responses_streaming_events(client):
+    events = list(client.responses.create(model="gpt-oss-tiny", input="Hi", stream=True))
+    types = [e.type for e in events]
+    assert types[0] == "response.created" and types[-1] == "response.completed"
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == "Hello there, friend!"
+    assert "response.reasoning_text.delta" in types
+    assert events[-1].response.output[-1].content[0].text == text
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "code"),
+    [
+        ({"model": "gpt-5"}, 404, "model_not_found"),
+        ({"top_p": 0}, 400, "invalid_request"),
+        ({"max_tokens": -3}, 400, "invalid_request"),
+        ({"max_tokens": 131072}, 400, "context_length_exceeded"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "invalid_request"),
+    ],
+)
+def test_bad_requests_get_openai_style_errors(client, kwargs, status, code):
+    args = {"model": "gpt-oss-tiny", "messages": user("Hi"), **kwargs}
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(**args)
+    assert info.value.status_code == status
+    assert info.value.body["code"] == code and info.value.body["message"]
+
+
+def raw(url: str, body: bytes | None, key: str | None = KEY) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(url, data=body, headers=headers)
+    try:
+        with urllib.request.urlopen(req) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_invalid_json_wrong_key_and_unknown_route(server):
+    url = server[0]
+    status, body = raw(url + "/chat/completions", b"{not json")
+    assert status == 400 and body["error"]["code"] == "invalid_json"
+    status, body = raw(url + "/models", None, key="wrong")
+    assert status == 401 and body["error"]["type"] == "authentication_error"
+    status, body = raw(url + "/embeddings", b"{}")
+    assert status == 404
+
+
+def test_metrics(server, client):
+    client.chat.completions.create(model="gpt-oss-tiny", messages=user("Hi"))
+    req = urllib.request.Request(server[0].removesuffix("/v1") + "/metrics",
+                                 headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
+    text = urllib.request.urlopen(req).read().decode()
+    for name in ("gptoss_requests_total", "gptoss_generated_tokens_total", "gptoss_queue_depth",
+                 "gptoss_step_seconds_total", "gptoss_kv_blocks_used_ratio"):  # fmt: skip
+        assert f"\n{name}" in "\n" + text or f"{name}{{" in text, name
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_sequence(server):
+    url, engine, shards = server
+    host, port = url.removeprefix("http://").removesuffix("/v1").split(":")
+    body = json.dumps({"model": "gpt-oss-tiny", "messages": user("count slowly"),
+                       "stream": True, "max_tokens": 1000}).encode()  # fmt: skip
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    received = b""
+    while b"data:" not in received:  # streaming has begun
+        received += sock.recv(4096)
+    sock.close()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        with engine.core._lock:
+            running = sum(len(s.running) for s in engine.core.scheduler.shards)
+        if running == 0:
+            break
+        time.sleep(0.05)
+    assert running == 0
+    assert engine.core.stats.generated_tokens < 400  # it stopped long before the end
+    assert engine.error is None
+    assert len(shards.cancelled_seen) >= 1
+    # its KV is released, and the engine serves on
+    with engine.core._lock:
+        assert not engine.core.scheduler.waiting
+    r = openai.OpenAI(base_url=url, api_key=KEY).chat.completions.create(
+        model="gpt-oss-tiny", messages=user("Hi")
+    )
+    assert r.choices[0].message.content == "Hello there, friend!"
