@@ -96,6 +96,11 @@ class ReplyStream:
         return "reasoning" if p.current_channel == "analysis" else "content"
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024  # the default backlog of 5 resets bursts of new clients
+
+
 class ApiServer:
     def __init__(self, coordinator: Coordinator, host: str, port: int, api_key: str | None) -> None:
         self.coordinator = coordinator
@@ -105,8 +110,7 @@ class ApiServer:
         self.http_requests = 0
         self.http_errors = 0
         handler = type("Handler", (_Handler,), {"api": self})
-        self.httpd = ThreadingHTTPServer((host, port), handler)
-        self.httpd.daemon_threads = True
+        self.httpd = _Server((host, port), handler)
         self.host, self.port = self.httpd.server_address[:2]
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self._thread.start()

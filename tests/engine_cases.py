@@ -29,3 +29,14 @@ def baseline_model():
 def baseline(params: SamplingParams = GREEDY) -> tuple[tuple[int, ...], ...]:
     out = generate(baseline_model(), prompts(), params)
     return tuple(tuple(c.token_ids) for c in out)
+
+
+def expected_reply(body: dict) -> dict:
+    """What the single-process baseline replies to a chat request (greedy)."""
+    from cluster.coordinator import chat_prompt, chat_response
+    from cluster.engine_core import RequestOutput
+
+    prompt, params, stops = chat_prompt(body, 131072)
+    (c,) = generate(baseline_model(), [prompt], params)
+    out = RequestOutput("baseline", len(prompt), c.token_ids, True, c.finish_reason)
+    return chat_response(out, stops)

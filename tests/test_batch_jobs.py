@@ -14,11 +14,8 @@ import time
 import pytest
 
 from cluster.client import Client
-from cluster.coordinator import chat_prompt, chat_response
-from cluster.engine_core import RequestOutput
 from cluster.serve import serve
-from model.generate import generate
-from tests.engine_cases import baseline_model
+from tests.engine_cases import expected_reply
 
 ENGINE = "test-batch-engine"
 
@@ -41,16 +38,6 @@ def request_line(i: int, **body) -> dict:
 
 def write_jsonl(path, items) -> None:
     path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in items))
-
-
-def expected_message(body: dict) -> dict:
-    """What the single-process engine gives for this body (greedy)."""
-    prompt, params, stops = chat_prompt(body, 131072)
-    (c,) = generate(baseline_model(), [prompt], params)
-    reply = chat_response(
-        RequestOutput("x", len(prompt), c.token_ids, True, c.finish_reason), stops
-    )
-    return reply["message"]
 
 
 def test_a_job_of_200_lines_with_bad_ones(engine, tmp_path):
@@ -88,7 +75,7 @@ def test_a_job_of_200_lines_with_bad_ones(engine, tmp_path):
         body = ok[f"req-{i}"]["response"]["body"]
         assert body["object"] == "chat.completion"
         assert body["usage"]["completion_tokens"] == 4
-        assert body["choices"][0]["message"] == expected_message(request_line(i)["body"])
+        assert body["choices"][0]["message"] == expected_reply(request_line(i)["body"])["message"]
         assert ok[f"req-{i + 17}"]["response"]["body"]["choices"] == body["choices"]
 
 

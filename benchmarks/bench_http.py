@@ -1,0 +1,153 @@
+"""Load on the OpenAI-compatible HTTP API: N concurrent streaming clients.
+
+    python benchmarks/bench_http.py --clients 64 --requests 2 --shards 2
+
+Starts the engine (local Ray, CPU shards unless --device cuda) with its HTTP server, then
+N client threads each send --requests streaming chat completions back to back. Prints
+requests/s, tokens/s and the latency percentiles (whole request, and time to the first
+streamed chunk after the role chunk), with the machine; saves JSON and a PNG (latency
+CDF) under benchmarks/out/."""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.bench_engine import machine
+
+
+def stream_once(host: str, port: int, body: dict) -> tuple[float, float, int]:
+    """-> (seconds to the first chunk after the role chunk, total seconds, tokens)."""
+    t0 = time.perf_counter()
+    conn = http.client.HTTPConnection(host, port, timeout=600)
+    conn.request("POST", "/v1/chat/completions", json.dumps(body),
+                 {"Content-Type": "application/json"})  # fmt: skip
+    resp = conn.getresponse()
+    if resp.status != 200:
+        raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:200]!r}")
+    first = None
+    tokens = 0
+    chunks = 0
+    for raw in resp:
+        line = raw.decode().strip()
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        chunks += 1
+        if chunks == 2 and first is None:
+            first = time.perf_counter() - t0
+        event = json.loads(line[6:])
+        if event.get("usage"):
+            tokens = event["usage"]["completion_tokens"]
+    conn.close()
+    total = time.perf_counter() - t0
+    return first if first is not None else total, total, tokens
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="gpt-oss-tiny")
+    parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=2, help="per client")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "out"))
+    args = parser.parse_args()
+
+    import ray
+
+    from cluster.engine import Engine
+
+    engine = Engine.start(args.model, shards=args.shards, device=args.device, dtype=args.dtype)
+    try:
+        url = ray.get(engine.coordinator.start_http.remote("127.0.0.1", 0, None))
+        host, port = url.removeprefix("http://").removesuffix("/v1").split(":")
+        body = {"model": args.model, "max_tokens": args.max_tokens, "temperature": 0,
+                "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+        stream_once(host, int(port), {**body, "messages": [{"role": "user", "content": "hi"}]})
+        results: list[tuple[float, float, int]] = []
+        lock = threading.Lock()
+
+        def client(k: int) -> None:
+            for r in range(args.requests):
+                msg = [{"role": "user", "content": f"Client {k} asks question {r}."}]
+                out = stream_once(host, int(port), {**body, "messages": msg})
+                with lock:
+                    results.append(out)
+
+        print(f"{args.clients} clients x {args.requests} streaming requests ...", file=sys.stderr)
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(args.clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+    finally:
+        engine.shutdown()
+
+    firsts = [r[0] for r in results]
+    totals = [r[1] for r in results]
+    tokens = sum(r[2] for r in results)
+    summary = {
+        "requests": len(results),
+        "wall_s": wall,
+        "requests_per_s": len(results) / wall,
+        "tokens_per_s": tokens / wall,
+        "latency_s": {f"p{int(q * 100)}": percentile(totals, q) for q in (0.5, 0.9, 0.99)},
+        "first_chunk_s": {f"p{int(q * 100)}": percentile(firsts, q) for q in (0.5, 0.9, 0.99)},
+        "latency_median_s": statistics.median(totals),
+    }
+    m = machine()
+    print(f"machine: {m['platform']}, {m['cpus']} CPUs, torch {m['torch']}"
+          + (f", {m['gpu']}" if "gpu" in m else ""))  # fmt: skip
+    print(f"model {args.model} ({args.dtype}, {args.device}), {args.shards} shards, "
+          f"{args.clients} concurrent streaming clients x {args.requests} requests, "
+          f"{args.max_tokens} tokens each")  # fmt: skip
+    print(f"{summary['requests_per_s']:.2f} requests/s, {summary['tokens_per_s']:.1f} tokens/s")
+    lat, first = summary["latency_s"], summary["first_chunk_s"]
+    print(f"latency s: p50 {lat['p50']:.2f}  p90 {lat['p90']:.2f}  p99 {lat['p99']:.2f}")
+    print(f"first chunk s: p50 {first['p50']:.2f}  p90 {first['p90']:.2f}  p99 {first['p99']:.2f}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    data = {"machine": m, "args": vars(args), "summary": summary,
+            "raw": [{"first_chunk_s": f, "latency_s": t, "tokens": n} for f, t, n in results]}  # fmt: skip
+    (out / f"http-{stamp}.json").write_text(json.dumps(data, indent=2))
+    print(f"saved {out / f'http-{stamp}.json'}")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[bench]'): no PNG", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, values in (("whole request", totals), ("first chunk", firsts)):
+        ordered = sorted(values)
+        ax.plot(ordered, [(i + 1) / len(ordered) for i in range(len(ordered))], label=label)
+    ax.set(xlabel="seconds", ylabel="fraction of requests",
+           title=f"{args.clients} streaming clients, {args.shards} shards")  # fmt: skip
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / f"http-{stamp}.png", dpi=110)
+    print(f"saved {out / f'http-{stamp}.png'}")
+
+
+if __name__ == "__main__":
+    main()
