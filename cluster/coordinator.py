@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import os
 import threading
+import time
 import traceback
 from typing import Any
 
@@ -14,7 +16,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.engine_core import EngineCore, RequestOutput
+from cluster.engine_core import EngineCore, RequestOutput, ShardsRestarted
 from model import harmony
 from model.checkpoint import Checkpoint, resolve_model
 from model.harmony.openai_chat import ChatRequest, HarmonyRequest, from_harmony, to_harmony
@@ -98,6 +100,7 @@ class ChatEngine:
                 "generated_tokens": s.generated_tokens,
                 "prefill_tokens": s.prefill_tokens,
                 "preemptions": s.preemptions,
+                "recoveries": s.recoveries,
                 "requests": s.requests,
                 "seconds": dict(s.seconds),
             }
@@ -148,7 +151,9 @@ class Coordinator(ChatEngine):
         token_budget: int = 256,
         max_seqs: int = 64,
         cpus_per_shard: float = 1,
+        gpus_per_shard: float | None = None,
         placement_timeout: float = 120,
+        recovery_timeout: float = 120,
     ) -> None:
         path = resolve_model(model)  # writes a preset's built-in checkpoint once, here
         self.model_path = str(path)
@@ -160,7 +165,8 @@ class Coordinator(ChatEngine):
             self.config, kv_budget_bytes, dtype=getattr(torch, dtype), block_size=block_size,
             max_seqs=max_seqs, max_chunk=token_budget,
         )  # fmt: skip
-        bundle = {"CPU": cpus_per_shard} | ({"GPU": 1} if device == "cuda" else {})
+        gpus = gpus_per_shard if gpus_per_shard is not None else (1 if device == "cuda" else 0)
+        bundle = {"CPU": cpus_per_shard} | ({"GPU": gpus} if gpus else {})
         self.pg = placement_group([bundle] * shards, strategy="PACK")
         try:
             ray.get(self.pg.ready(), timeout=placement_timeout)
@@ -170,18 +176,19 @@ class Coordinator(ChatEngine):
                 f"could not place {shards} shards of {bundle} within {placement_timeout:.0f} s; "
                 f"the cluster has {ray.available_resources()} available"
             ) from None
-        remote = ray.remote(ShardWorker)
-        self.workers = [
-            remote.options(
-                num_cpus=cpus_per_shard,
-                num_gpus=1 if device == "cuda" else 0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, r),
-            ).remote(r, shards, device)
-            for r in range(shards)
-        ]
-        if shards > 1:
-            host, port = ray.get(self.workers[0].address.remote())
-            ray.get([w.init_process_group.remote(host, port) for w in self.workers])
+        self._device, self._dtype = device, dtype
+        self._shard_options = {
+            "num_cpus": cpus_per_shard,
+            "num_gpus": gpus_per_shard if gpus_per_shard is not None else (1 if device == "cuda" else 0),
+            # NCCL/gloo interface settings (NCCL_SOCKET_IFNAME, ...) reach every shard
+            "runtime_env": {"env_vars": {
+                k: v for k, v in os.environ.items()
+                if k.startswith(("NCCL_", "GLOO_", "TP_SOCKET_IFNAME"))
+            }},
+        }  # fmt: skip
+        self.recovery_timeout = recovery_timeout
+        self.workers = [self._spawn(r) for r in range(shards)]
+        self._form_group(self.workers)
         self.expert_ranges = ray.get(
             [w.load.remote(self.model_path, dtype, self.layout) for w in self.workers]
         )
@@ -189,10 +196,79 @@ class Coordinator(ChatEngine):
             self.config, shards, self.layout, self._run_step, token_budget=token_budget,
             max_seqs=max_seqs,
         )  # fmt: skip
+        self.recoveries: list[dict[str, Any]] = []
         super().__init__(self.model_path, self.config, self.layout, core)
 
+    def _spawn(self, rank: int):
+        """A shard actor in its placement-group bundle (rescheduled by Ray onto another
+        node if its node is gone)."""
+        return (
+            ray.remote(ShardWorker)
+            .options(
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, rank),
+                **self._shard_options,
+            )
+            .remote(rank, self.shards, self._device)
+        )
+
+    def _form_group(self, workers: list) -> None:
+        if len(workers) > 1:
+            host, port = ray.get(workers[0].address.remote())
+            ray.get([w.init_process_group.remote(host, port) for w in workers])
+
     def _run_step(self, plans: list[StepPlan]) -> list[StepResult]:
-        return ray.get([w.step.remote(p) for w, p in zip(self.workers, plans, strict=True)])
+        refs = [w.step.remote(p) for w, p in zip(self.workers, plans, strict=True)]
+        try:
+            return ray.get(refs)
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+            ray.wait(refs, num_returns=len(refs), timeout=30)  # let the survivors fail too
+            self._recover(exc)
+            raise ShardsRestarted from exc
+
+    def _recover(self, cause: Exception) -> None:
+        """Replaces lost shards (same or another node), re-forms the process group, and
+        reloads the replacements' weights; the survivors keep theirs but drop their KV.
+        Raises when no replacement can be placed within recovery_timeout."""
+        deadline = time.monotonic() + self.recovery_timeout
+        lost = []
+        for rank, w in enumerate(self.workers):
+            try:
+                ray.get(w.ping.remote(), timeout=10)
+            except Exception:
+                lost.append(rank)
+        print(f"coordinator: shard(s) {lost} lost ({type(cause).__name__}); recovering",
+              flush=True)  # fmt: skip
+        for rank in lost:
+            with contextlib.suppress(Exception):
+                ray.kill(self.workers[rank])
+            self.workers[rank] = self._spawn(rank)
+        for rank in lost:
+            try:
+                ray.get(
+                    self.workers[rank].ping.remote(), timeout=max(1, deadline - time.monotonic())
+                )
+            except ray.exceptions.GetTimeoutError:
+                raise RuntimeError(
+                    f"shard {rank} was lost and no replacement could be placed within "
+                    f"{self.recovery_timeout:.0f} s (cluster resources available: "
+                    f"{ray.available_resources()}); the engine is unhealthy"
+                ) from None
+        self._form_group(self.workers)
+        ray.get(
+            [self.workers[r].load.remote(self.model_path, self._dtype, self.layout) for r in lost]
+        )
+        ray.get([w.reset_kv.remote() for w in self.workers])
+        self.recoveries.append({"time": time.time(), "lost": lost, "cause": type(cause).__name__})
+
+    def status(self) -> dict[str, Any]:
+        """Per shard: node, device, experts, memory, KV use; plus queue, load, jobs."""
+        shards = ray.get([w.describe.remote() for w in self.workers], timeout=30)
+        with self.core._lock:
+            waiting = len(self.core.scheduler.waiting)
+            running = [len(s.running) for s in self.core.scheduler.shards]
+            load = [list(row) for row in self.core.stats.expert_load]
+        return {**self.info(), "shards_detail": shards, "waiting": waiting, "running": running,
+                "expert_load": load, "stats": self.stats(), "recoveries": self.recoveries}  # fmt: skip
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "expert_ranges": self.expert_ranges}

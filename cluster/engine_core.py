@@ -26,6 +26,11 @@ from shards.shard import StepPlan, StepResult
 RunStep = Callable[[list[StepPlan]], list[StepResult]]
 
 
+class ShardsRestarted(Exception):
+    """Raised by `run_step` when a shard was lost and the shard set rebuilt: the step's
+    results are void and every KV cache is empty; the sequences are recomputed."""
+
+
 @dataclass
 class RequestOutput:
     request_id: str
@@ -43,6 +48,7 @@ class EngineStats:
     generated_tokens: int = 0
     prefill_tokens: int = 0
     preemptions: int = 0
+    recoveries: int = 0
     requests: int = 0
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     expert_load: list[list[int]] = field(default_factory=list)  # [layer][expert] rows routed
@@ -198,7 +204,16 @@ class EngineCore:
         with self._lock:
             plans = self.scheduler.schedule()
         t1 = time.perf_counter()
-        results = self.run_step(plans)
+        try:
+            results = self.run_step(plans)
+        except ShardsRestarted:
+            with self._lock:
+                # Recompute from prompt + emitted tokens: same greedy output, nothing
+                # emitted twice (the failed step's tokens were never recorded).
+                self.scheduler.requeue_all()
+                self.stats.recoveries += 1
+                self._lock.notify_all()
+            return
         t2 = time.perf_counter()
         with self._lock:
             self.scheduler.update(plans, [r.tokens for r in results])

@@ -174,6 +174,21 @@ class Scheduler:
         self.preempted += 1
         self.waiting.appendleft(seq)
 
+    def requeue_all(self) -> None:
+        """Every shard lost its KV: running sequences wait again (oldest first) and will
+        be recomputed from their known tokens; the block pools are whole again."""
+        running = sorted(
+            (seq for shard in self.shards for seq in shard.running), key=lambda s: s.arrival
+        )
+        for shard in self.shards:
+            shard.running.clear()
+            shard.release.clear()
+            shard.free_full = self.layout.full_blocks
+            shard.free_sliding = self.layout.sliding_blocks
+        for seq in running:
+            seq.status, seq.home, seq.computed, seq.held = Status.WAITING, None, 0, (0, 0)
+        self.waiting.extendleft(reversed(running))
+
     def cancel(self, seq: Sequence) -> None:
         if seq.status == Status.WAITING:
             self.waiting.remove(seq)

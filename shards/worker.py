@@ -3,6 +3,7 @@ that joins the process group, loads its `Shard` and runs steps."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 
@@ -38,14 +39,49 @@ class ShardWorker:
             s.bind((host, 0))
             return host, s.getsockname()[1]
 
-    def init_process_group(self, host: str, port: int) -> None:
+    def init_process_group(self, host: str, port: int, timeout_s: float = 120) -> None:
+        """Joins (or, after a lost shard, re-joins) the shards' process group."""
+        import datetime
+
         import torch.distributed as dist
 
+        if dist.is_initialized():
+            with contextlib.suppress(Exception):  # the old group lost a member
+                dist.destroy_process_group()
         backend = "nccl" if self.device.startswith("cuda") else "gloo"
         dist.init_process_group(
             backend, init_method=f"tcp://{host}:{port}", rank=self.rank,
-            world_size=self.world_size,
+            world_size=self.world_size, timeout=datetime.timedelta(seconds=timeout_s),
         )  # fmt: skip
+
+    def ping(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def reset_kv(self) -> None:
+        """Drops every sequence's cache (after a lost shard, all are recomputed)."""
+        if self.shard is not None:
+            for seq_id in list(self.shard.kv.tables):
+                self.shard.kv.release(seq_id)
+
+    def describe(self) -> dict:
+        import ray
+
+        shard = self.shard
+        out = {"rank": self.rank, "node": ray.get_runtime_context().get_node_id(),
+               "node_ip": ray.util.get_node_ip_address(), "device": self.device, "pid": os.getpid()}  # fmt: skip
+        if shard is not None:
+            full, sliding = shard.kv.free_blocks()
+            layout = shard.kv.layout
+            out |= {"experts": list(shard.experts), "sequences": len(shard.kv.tables),
+                    "kv_free_blocks": {"full": full, "sliding": sliding},
+                    "kv_total_blocks": {"full": layout.full_blocks, "sliding": layout.sliding_blocks},
+                    "weight_bytes": sum(t.numel() * t.element_size()
+                                        for t in shard.model.state_dict().values())}  # fmt: skip
+            if self.device.startswith("cuda"):
+                out["cuda_memory_allocated"] = torch.cuda.memory_allocated()
+        return out
 
     def load(self, model: str, dtype: str, layout: KVLayout) -> tuple[int, int]:
         transport = DistributedTransport() if self.world_size > 1 else LocalTransport()
