@@ -44,9 +44,14 @@ class Engine:
         block_size: int = 16,
         token_budget: int = 256,
         max_seqs: int = 64,
+        coordinator_node: str | None = None,
+        **options: Any,
     ) -> Engine:
         """Starts the coordinator and its shards. `address="auto"` joins a running Ray
-        cluster (`ray up`, `ray start`); without it a local Ray instance is started."""
+        cluster (`ray up`, `ray start`); without it a local Ray instance is started.
+        The coordinator runs on this process's node unless `coordinator_node` (a Ray node
+        id) says otherwise. `options` go to the coordinator (cpus_per_shard,
+        gpus_per_shard, placement_timeout, recovery_timeout)."""
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device {device!r}: expected cpu or cuda")
         if dtype not in ("float32", "bfloat16"):
@@ -70,11 +75,12 @@ class Engine:
             name=name or f"gptoss-ray-coordinator-{uuid.uuid4().hex[:8]}",
             max_concurrency=64,
             num_cpus=0,
+            scheduling_strategy=here(coordinator_node),
         )
         coordinator = remote.remote(
             model, shards, device=device, dtype=dtype,
             kv_budget_bytes=int(kv_budget_mb * 2**20), block_size=block_size,
-            token_budget=token_budget, max_seqs=max_seqs,
+            token_budget=token_budget, max_seqs=max_seqs, **options,
         )  # fmt: skip
         try:
             ray.get(coordinator.info.remote())
@@ -209,6 +215,15 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+def here(node_id: str | None = None):
+    """Keeps the coordinator on the caller's node (the head, usually): it must not die
+    with a worker node, and its loopback HTTP server must be where the user is."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node_id = node_id or ray.get_runtime_context().get_node_id()
+    return NodeAffinitySchedulingStrategy(node_id, soft=False)
 
 
 def _unwrap(call):

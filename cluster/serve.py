@@ -11,6 +11,7 @@ from typing import Any
 import ray
 
 from cluster.coordinator import Coordinator
+from cluster.engine import here
 from cluster.jobs import NAMESPACE
 
 
@@ -55,8 +56,9 @@ def serve(
     except ValueError:
         pass
     actor = ray.remote(Coordinator).options(
-        name=name, namespace=NAMESPACE, lifetime="detached", max_concurrency=256, num_cpus=0
-    )
+        name=name, namespace=NAMESPACE, lifetime="detached", max_concurrency=256, num_cpus=0,
+        scheduling_strategy=here(),
+    )  # fmt: skip
     coordinator = actor.remote(model, shards, **options)
     try:
         return ray.get(coordinator.info.remote())

@@ -1,0 +1,109 @@
+"""Multi-node scenarios on one machine with `ray.cluster_utils.Cluster` (fake nodes that
+declare GPUs; the shards run on CPU, pinned to those fake GPUs). Run as a script, one
+scenario per process (a test process already has its own Ray), printing a JSON result:
+
+    python -m tests.multinode_scenarios span|remove|no_spare
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+
+import ray
+from ray.cluster_utils import Cluster
+
+from cluster.coordinator import EngineDown
+from cluster.engine import Engine
+from tests.engine_cases import GREEDY, baseline, prompts
+
+OPTIONS = {"dtype": "float32", "gpus_per_shard": 1, "token_budget": 32}
+
+
+def shard_nodes(engine: Engine) -> list[str]:
+    status = ray.get(engine.coordinator.status.remote())
+    return [s["node"] for s in status["shards_detail"]]
+
+
+def span() -> dict:
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    for _ in range(2):
+        cluster.add_node(num_cpus=3, num_gpus=2)
+    ray.init(address=cluster.address, log_to_driver=False)
+    engine = Engine.start("gpt-oss-tiny", shards=4, coordinator_node=cluster.head_node.node_id,
+                          **OPTIONS)  # fmt: skip
+    try:
+        nodes = shard_nodes(engine)
+        outs = engine.generate(prompts(), GREEDY)
+        same = tuple(tuple(o.token_ids) for o in outs) == baseline()
+    finally:
+        engine.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
+    return {"nodes": nodes, "same_tokens": same}
+
+
+def remove() -> dict:
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    workers = [cluster.add_node(num_cpus=3, num_gpus=2) for _ in range(2)]
+    ray.init(address=cluster.address, log_to_driver=False)
+    engine = Engine.start("gpt-oss-tiny", shards=2, coordinator_node=cluster.head_node.node_id,
+                          **OPTIONS)  # fmt: skip
+    try:
+        before = shard_nodes(engine)
+        victim = next(n for n in workers if n.node_id == before[0])
+
+        def remove_node() -> None:
+            while engine.stats()["steps"] < 3:
+                time.sleep(0.01)
+            cluster.remove_node(victim)
+
+        thread = threading.Thread(target=remove_node, daemon=True)
+        thread.start()
+        outs = engine.generate(prompts(), GREEDY)
+        thread.join(timeout=60)
+        after = shard_nodes(engine)
+        same = tuple(tuple(o.token_ids) for o in outs) == baseline()
+        recoveries = engine.stats()["recoveries"]
+    finally:
+        engine.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
+    return {"before": before, "after": after, "victim": victim.node_id, "same_tokens": same,
+            "recoveries": recoveries}  # fmt: skip
+
+
+def no_spare() -> dict:
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    node = cluster.add_node(num_cpus=3, num_gpus=2)
+    ray.init(address=cluster.address, log_to_driver=False)
+    engine = Engine.start("gpt-oss-tiny", shards=2, recovery_timeout=8,
+                          coordinator_node=cluster.head_node.node_id, **OPTIONS)  # fmt: skip
+    start = time.monotonic()
+    error = None
+    try:
+
+        def remove_node() -> None:
+            while engine.stats()["steps"] < 2:
+                time.sleep(0.01)
+            cluster.remove_node(node)
+
+        threading.Thread(target=remove_node, daemon=True).start()
+        try:
+            engine.generate(prompts(), GREEDY)
+        except EngineDown as exc:
+            error = str(exc)
+        seconds = time.monotonic() - start
+        health = ray.get(engine.coordinator.info.remote())["healthy"]
+    finally:
+        ray.kill(engine.coordinator)
+        ray.shutdown()
+        cluster.shutdown()
+    return {"error": error, "seconds": seconds, "healthy": health}
+
+
+if __name__ == "__main__":
+    result = {"span": span, "remove": remove, "no_spare": no_spare}[sys.argv[1]]()
+    print("RESULT " + json.dumps(result))
