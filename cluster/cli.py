@@ -87,6 +87,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="HTTP address (default loopback)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY")
+    status = sub.add_parser("status", help="a served engine's shards, load, queue and jobs")
+    status.add_argument("--name", default="gptoss-ray")
+    status.add_argument("--address", default="auto")
+    status.add_argument("--json", action="store_true")
     stop = sub.add_parser("stop", help="shut down a served engine")
     stop.add_argument("--name", default="gptoss-ray")
     stop.add_argument("--address", default="auto")
@@ -129,6 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cli_batch.run(args)
         if args.command == "serve":
             return _serve(args)
+        if args.command == "status":
+            return _status(args)
         if args.command == "stop":
             from cluster.serve import stop
 
@@ -246,6 +252,44 @@ def _serve(args: argparse.Namespace) -> int:
         f"Submit with `gptoss-ray batch submit FILE --output OUT`; stop with "
         f"`gptoss-ray stop --name {args.name}`."
     )
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    import ray
+
+    from cluster.client import Client
+
+    client = Client(address=args.address, name=args.name)
+    status = ray.get(client.coordinator.status.remote(), timeout=60)
+    jobs = [job.status() for job in client.jobs()]
+    if args.json:
+        print(json.dumps({**status, "jobs": jobs}, default=str))
+        return 0
+    health = "healthy" if status["healthy"] else "UNHEALTHY"
+    print(f"engine {args.name!r}: {status['model']}, {status['shards']} shard(s), {health}; "
+          f"{status['waiting']} waiting, {sum(status['running'])} running, "
+          f"{len(status['recoveries'])} recoveries")  # fmt: skip
+    load = status["expert_load"]
+    per_expert = [sum(col) for col in zip(*load, strict=True)] if load else []
+    for s in status["shards_detail"]:
+        lo, hi = s.get("experts", (0, 0))
+        kv_free, kv_total = s.get("kv_free_blocks", {}), s.get("kv_total_blocks", {})
+        used = {k: kv_total[k] - kv_free[k] for k in kv_total}
+        routed = sum(per_expert[lo:hi]) if per_expert else 0
+        print(f"  shard {s['rank']}: node {s['node'][:12]} ({s['node_ip']}), {s['device']}, "
+              f"experts [{lo}, {hi}), weights {s.get('weight_bytes', 0) / 2**20:.1f} MiB, "
+              f"KV used {used.get('full', 0)}/{kv_total.get('full', 0)} full + "
+              f"{used.get('sliding', 0)}/{kv_total.get('sliding', 0)} sliding blocks, "
+              f"{s.get('sequences', 0)} sequences, {routed} expert rows routed")  # fmt: skip
+    if per_expert:
+        mean = sum(per_expert) / len(per_expert)
+        print(f"  expert load (rows per expert, all layers): min {min(per_expert)}, "
+              f"mean {mean:.1f}, max {max(per_expert)}")  # fmt: skip
+    for job in jobs:
+        from cluster.client import progress_line
+
+        print(f"  job {job['job_id']}: {progress_line(job)}")
     return 0
 
 

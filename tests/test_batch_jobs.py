@@ -139,3 +139,18 @@ def test_cancel_stops_a_job_and_keeps_what_finished(engine, tmp_path):
     info = job.wait(timeout=60)
     assert info["status"] == "cancelled" and 4 <= info["done"] < 60
     assert len(list(job.results())) == info["done"]
+
+
+def test_status_command_shows_shards_load_and_jobs(engine, ray_session):
+    address = ray_session.get_runtime_context().gcs_address
+    r = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "status", "--json", "--address", address,
+         "--name", ENGINE],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    status = json.loads(r.stdout)
+    assert [s["experts"] for s in status["shards_detail"]] == [[0, 8], [8, 16]]
+    assert all(s["kv_total_blocks"]["full"] > 0 for s in status["shards_detail"])
+    assert sum(map(sum, status["expert_load"])) > 0  # jobs above routed tokens
+    assert status["jobs"] and status["healthy"]
