@@ -104,6 +104,24 @@ def no_spare() -> dict:
     return {"error": error, "seconds": seconds, "healthy": health}
 
 
+def autoscaler() -> dict:
+    """On a running fake multi-node cluster (`RAY_FAKE_CLUSTER=1 ray start --head
+    --autoscaling-config=...`) whose autoscaler brought up GPU nodes."""
+    ray.init(address="auto", log_to_driver=False)
+    head = next(n["NodeID"] for n in ray.nodes()
+                if n["Alive"] and "node:__internal_head__" in n["Resources"])  # fmt: skip
+    engine = Engine.start("gpt-oss-tiny", shards=4, coordinator_node=head, **OPTIONS)
+    try:
+        nodes = shard_nodes(engine)
+        outs = engine.generate(prompts(), GREEDY)
+        same = tuple(tuple(o.token_ids) for o in outs) == baseline()
+    finally:
+        engine.shutdown()
+        ray.shutdown()
+    return {"nodes": nodes, "same_tokens": same}
+
+
 if __name__ == "__main__":
-    result = {"span": span, "remove": remove, "no_spare": no_spare}[sys.argv[1]]()
+    scenarios = {"span": span, "remove": remove, "no_spare": no_spare, "autoscaler": autoscaler}
+    result = scenarios[sys.argv[1]]()
     print("RESULT " + json.dumps(result))
