@@ -1,6 +1,7 @@
 """The coordinator, a named Ray actor: it places the shard actors (one placement-group
-bundle each, packed onto as few nodes as fit), joins them into a process group, and runs
-the engine loop in a background thread while requests come and go."""
+bundle each, packed onto as few nodes as fit), joins them into a process group, runs the
+engine loop in a background thread while requests come and go, and replaces shards that
+are lost."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from shards.worker import ShardWorker
 
 
 class EngineDown(RuntimeError):
-    """The engine loop stopped (a shard failed); requests in flight cannot finish."""
+    """The engine loop stopped (a lost shard could not be replaced); requests in flight
+    cannot finish."""
 
 
 class ChatEngine:
