@@ -37,7 +37,7 @@ class ScriptedShards:
     def __init__(self) -> None:
         self.prompts: dict[str, list[int]] = {}
         self.scripts: dict[str, list[int]] = {}
-        self.cancelled_seen: set[str] = set()
+        self.released: set[str] = set()
 
     def __call__(self, plans: list[StepPlan]) -> list[StepResult]:
         (plan,) = plans
@@ -53,7 +53,7 @@ class ScriptedShards:
                 slow |= len(script) > 200
                 out[w.seq_id] = script[min(w.draw_index, len(script) - 1)]
         for seq_id in plan.release:
-            self.cancelled_seen.add(seq_id)
+            self.released.add(seq_id)
         if slow:
             time.sleep(0.02)
         return [StepResult(out, (1000, 1000), {"step": 0.0})]
