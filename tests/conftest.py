@@ -22,6 +22,10 @@ def pytest_configure(config: pytest.Config) -> None:
             shutil.copyfile(src, target)
     os.environ["TIKTOKEN_ENCODINGS_BASE"] = str(folder)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not torch.cuda.is_available():
+        # Triton kernels run in its interpreter on CPU tensors; it must be set before
+        # any kernel module is imported (triton.jit reads it when decorating).
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
