@@ -122,6 +122,10 @@ class ChatEngine:
         out = self.wait(request_id, timeout=timeout)
         return chat_response(out, self._stop_strings.get(request_id, []))
 
+    def expert_load(self) -> list[list[int]]:
+        """[layer][expert] rows routed to each expert; shards that do not report: []."""
+        return []
+
     def start_http(
         self, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None
     ) -> str:
@@ -262,15 +266,21 @@ class Coordinator(ChatEngine):
         ray.get([w.reset_kv.remote() for w in self.workers])
         self.recoveries.append({"time": time.time(), "lost": lost, "cause": type(cause).__name__})
 
+    def expert_load(self) -> list[list[int]]:
+        # each shard counts the rows its own experts received: the sum is the whole load
+        per_shard = ray.get([w.expert_load.remote() for w in self.workers], timeout=30)
+        return [[sum(col) for col in zip(*rows, strict=True)]
+                for rows in zip(*per_shard, strict=True)]  # fmt: skip
+
     def status(self) -> dict[str, Any]:
         """Per shard: node, device, experts, memory, KV use; plus queue, load, jobs."""
         shards = ray.get([w.describe.remote() for w in self.workers], timeout=30)
         with self.core._lock:
             waiting = len(self.core.scheduler.waiting)
             running = [len(s.running) for s in self.core.scheduler.shards]
-            load = [list(row) for row in self.core.stats.expert_load]
         return {**self.info(), "shards_detail": shards, "waiting": waiting, "running": running,
-                "expert_load": load, "stats": self.stats(), "recoveries": self.recoveries}  # fmt: skip
+                "expert_load": self.expert_load(), "stats": self.stats(),
+                "recoveries": self.recoveries}  # fmt: skip
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "expert_ranges": self.expert_ranges}

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from cluster.scheduler import Scheduler, Status
 from cluster.scheduler import Sequence as Seq
 from model.config import ModelConfig
-from model.generate import RequestError
+from model.generate import RequestError, check_prompt
 from model.sampling import SamplingParams
 from shards.kv_cache import KVLayout
 from shards.shard import StepPlan, StepResult
@@ -51,7 +51,6 @@ class EngineStats:
     recoveries: int = 0
     requests: int = 0
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
-    expert_load: list[list[int]] = field(default_factory=list)  # [layer][expert] rows routed
     free_blocks: list[tuple[int, int]] = field(default_factory=list)  # per shard
 
 
@@ -112,19 +111,7 @@ class EngineCore:
 
     def _check(self, prompt: list[int], params: SamplingParams, request_id: str | None) -> None:
         where = f"request {request_id}" if request_id else "request"
-        if not prompt:
-            raise RequestError(f"{where}: the prompt is empty")
-        vocab = self.config.vocab_size
-        for pos, token in enumerate(prompt):
-            if not isinstance(token, int) or not 0 <= token < vocab:
-                raise RequestError(
-                    f"{where}: token id {token!r} at position {pos} is outside 0..{vocab - 1}"
-                )
-        if len(prompt) + params.max_tokens > self.config.max_context_length:
-            raise RequestError(
-                f"{where}: {len(prompt)} prompt tokens + max_tokens {params.max_tokens} exceed "
-                f"the context length {self.config.max_context_length}"
-            )
+        check_prompt(prompt, params.max_tokens, self.config, f"{where}: the prompt")
         problem = self.scheduler.capacity_error(len(prompt), params.max_tokens)
         if problem:
             raise RequestError(f"{where}: {problem}")
@@ -223,12 +210,6 @@ class EngineCore:
             stats.prefill_tokens += sum(len(w.tokens) for p in plans for w in p.work)
             stats.preemptions = self.scheduler.preempted
             stats.free_blocks = [r.free_blocks for r in results]
-            for r in results:
-                if not stats.expert_load:
-                    stats.expert_load = [[0] * len(row) for row in r.expert_load]
-                for total, row in zip(stats.expert_load, r.expert_load, strict=True):
-                    for e, n in enumerate(row):
-                        total[e] += n
             # the slowest shard sets the pace; its split tells where the time went
             slowest = max(results, key=lambda r: sum(r.seconds.values()))
             for phase, sec in slowest.seconds.items():

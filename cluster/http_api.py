@@ -133,12 +133,12 @@ class ApiServer:
             s = core.stats
             waiting = len(core.scheduler.waiting)
             running = sum(len(sh.running) for sh in core.scheduler.shards)
-            load = [list(row) for row in s.expert_load]
             free = list(s.free_blocks)
             seconds = dict(s.seconds)
             steps, requests = s.steps, s.requests
             generated, prefill, preempted = s.generated_tokens, s.prefill_tokens, s.preemptions
         layout = self.coordinator.layout
+        load = self.coordinator.expert_load()
         lines = [
             "# TYPE gptoss_requests_total counter", f"gptoss_requests_total {requests}",
             "# TYPE gptoss_http_requests_total counter",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 import traceback
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -99,11 +100,11 @@ class BatchJob:
     def _run_lines(self) -> None:
         coordinator = ray.get_actor(self.coordinator_name, namespace=NAMESPACE)
         model = Path(ray.get(coordinator.info.remote())["model"]).name
-        todo = [line for line in self.lines if not self.writer.is_done(line)]
+        todo = deque(line for line in self.lines if not self.writer.is_done(line))
         in_flight: dict[ray.ObjectRef, tuple[BatchLine, str]] = {}
         while (todo or in_flight) and not self._cancel.is_set():
             while todo and len(in_flight) < self.max_in_flight:
-                line = todo.pop(0)
+                line = todo.popleft()
                 if line.error is not None:
                     self._record(error_record(line.custom_id, line.error))
                     continue

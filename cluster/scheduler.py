@@ -41,8 +41,17 @@ class Sequence:
     preemptions: int = 0
 
     @property
-    def known(self) -> list[int]:
-        return self.prompt + self.output
+    def length(self) -> int:
+        """Known tokens: the prompt and what was generated so far."""
+        return len(self.prompt) + len(self.output)
+
+    def tokens(self, start: int, n: int) -> list[int]:
+        """Known tokens start..start+n, without joining the two lists (a decode step
+        needs one token, not a copy of the whole sequence)."""
+        p = len(self.prompt)
+        if start >= p:
+            return self.output[start - p : start - p + n]
+        return self.prompt[start : start + n] + self.output[: max(0, start + n - p)]
 
 
 @dataclass
@@ -103,7 +112,7 @@ class Scheduler:
             i = 0
             while i < len(shard.running):
                 seq = shard.running[i]
-                n = min(len(seq.known) - seq.computed, budgets[rank])
+                n = min(seq.length - seq.computed, budgets[rank])
                 if n <= 0:
                     i += 1
                     continue
@@ -125,7 +134,7 @@ class Scheduler:
                 break
             rank = max(candidates, key=lambda r: (self.shards[r].free_full, -r))
             shard = self.shards[rank]
-            n = min(len(seq.known), budgets[rank])
+            n = min(seq.length, budgets[rank])
             if not self._reserve(shard, seq, n):
                 break  # blocks ran out: it waits for running sequences to finish
             self.waiting.popleft()
@@ -146,11 +155,10 @@ class Scheduler:
         return True
 
     def _work(self, seq: Sequence, n: int) -> SeqWork:
-        known = seq.known
-        sample = seq.computed + n == len(known)
+        sample = seq.computed + n == seq.length
         return SeqWork(
             seq_id=seq.seq_id,
-            tokens=known[seq.computed : seq.computed + n],
+            tokens=seq.tokens(seq.computed, n),
             start=seq.computed,
             sample=sample,
             draw_index=len(seq.output),

@@ -19,23 +19,22 @@ def ensure_cluster(address: str | None, num_cpus: int) -> None:
     """Connect to `address` ('auto': the cluster this machine belongs to). Without one, a
     local head node is started with `ray start --head`, so that the engine outlives this
     process (stop it with `ray stop`)."""
-    if ray.is_initialized():
+    from cluster.client import EngineNotFound, connect
+
+    if address is not None:
+        connect(address)
         return
-    if address is None:
-        try:
-            ray.init(address="auto", namespace=NAMESPACE, log_to_driver=False,
-                     configure_logging=False)  # fmt: skip
-            return
-        except ConnectionError:
-            print("starting a local Ray head node (stop it with `ray stop`)", file=sys.stderr)
-            subprocess.run(
-                [sys.executable, "-m", "ray.scripts.scripts", "start", "--head",
-                 f"--num-cpus={num_cpus}", "--include-dashboard=false",
-                 "--disable-usage-stats", f"--object-store-memory={256 * 2**20}"],
-                check=True, capture_output=True,
-            )  # fmt: skip
-            address = "auto"
-    ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
+    try:
+        connect("auto")
+    except EngineNotFound:
+        print("starting a local Ray head node (stop it with `ray stop`)", file=sys.stderr)
+        subprocess.run(
+            [sys.executable, "-m", "ray.scripts.scripts", "start", "--head",
+             f"--num-cpus={num_cpus}", "--include-dashboard=false",
+             "--disable-usage-stats", f"--object-store-memory={256 * 2**20}"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        connect("auto")
 
 
 def serve(

@@ -8,6 +8,7 @@ from typing import Literal
 
 import torch
 
+from model.config import ModelConfig
 from model.kv_cache import SequenceBatch, SequenceKV
 from model.model import Transformer
 from model.sampling import Sampler, SamplingParams
@@ -24,21 +25,21 @@ class Completion:
     prompt_tokens: int
 
 
-def check_prompt(
-    prompt: Sequence[int], params: SamplingParams, model: Transformer, index: int
-) -> None:
-    config = model.config
+def check_prompt(prompt: Sequence[int], max_tokens: int, config: ModelConfig, where: str) -> None:
+    """Rejects an empty prompt, an id outside the vocabulary, or a prompt plus max_tokens
+    beyond the context; the message starts with `where` ("prompt 3", "request X: the
+    prompt")."""
     if len(prompt) == 0:
-        raise RequestError(f"prompt {index} is empty")
+        raise RequestError(f"{where} is empty")
     for pos, token in enumerate(prompt):
         if not isinstance(token, int) or not 0 <= token < config.vocab_size:
             raise RequestError(
-                f"prompt {index}: token id {token!r} at position {pos} is outside "
+                f"{where}: token id {token!r} at position {pos} is outside "
                 f"0..{config.vocab_size - 1}"
             )
-    if len(prompt) + params.max_tokens > config.max_context_length:
+    if len(prompt) + max_tokens > config.max_context_length:
         raise RequestError(
-            f"prompt {index}: {len(prompt)} prompt tokens + max_tokens {params.max_tokens} "
+            f"{where}: {len(prompt)} prompt tokens + max_tokens {max_tokens} "
             f"exceed the context length {config.max_context_length}"
         )
 
@@ -55,7 +56,7 @@ def generate(
     if len(params) != len(prompts):
         raise RequestError(f"{len(params)} sampling parameter sets for {len(prompts)} prompts")
     for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
-        check_prompt(prompt, p, model, i)
+        check_prompt(prompt, p.max_tokens, model.config, f"prompt {i}")
 
     config, device = model.config, model.device
     caches = [

@@ -65,7 +65,7 @@ def expert_parallel_mlp(
     load: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [T, H] (T may be 0: every shard takes part in the exchange) -> x + MoE(x).
-    `load` [E], if given, counts the rows each local expert received."""
+    `load` [E] (on the rows' device), if given, counts the rows each local expert received."""
     h = block.norm(x)
     expert_ids, weights = block.router(h)
     plan = DispatchPlan.build(expert_ids, owners, transport.world_size)
@@ -73,7 +73,7 @@ def expert_parallel_mlp(
         timer.lap("gate")
     rows, experts, recv_counts = dispatch(h, plan, transport)
     if load is not None and experts.numel():
-        load += torch.bincount(experts.cpu(), minlength=load.shape[0])
+        load += torch.bincount(experts, minlength=load.shape[0])
     if timer:
         timer.lap("dispatch")
     y = block.experts.run_grouped(rows, experts) if rows.shape[0] else rows

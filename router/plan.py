@@ -44,7 +44,7 @@ class DispatchPlan:
         """expert_ids [T, k] -> the plan."""
         t, k = expert_ids.shape
         flat = expert_ids.reshape(-1)
-        dest = owners.to(flat.device)[flat]
+        dest = owners[flat]  # owners lives on the rows' device
         order = torch.sort(dest, stable=True).indices
         counts = torch.bincount(dest, minlength=world_size).tolist()
         pairs = torch.arange(t * k, device=flat.device)[order]

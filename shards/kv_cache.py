@@ -162,30 +162,40 @@ class PagedSequence:
     def __init__(self, cache: PagedKVCache, table: BlockTable) -> None:
         self.cache = cache
         self.table = table
+        # per layer kind (sliding or not): block index, write slots, first row; the same
+        # for every layer of the kind in this step, so built once
+        self._plan: dict[bool, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = {}
 
     @property
     def next_position(self) -> int:
         return self.table.length
 
+    def _layout(self, sliding: bool, n: int, device: torch.device):
+        if sliding not in self._plan:
+            cache, table, bs = self.cache, self.table, self.cache.block_size
+            length = table.length
+            if sliding:
+                first = first_visible_block(length, cache.window, bs)
+                blocks = [table.sliding[b] for b in range(first, (length + n - 1) // bs + 1)]
+                start = first * bs
+            else:
+                blocks, start = table.full[: cdiv(length + n, bs)], 0
+            index = torch.tensor(blocks, dtype=torch.long, device=device)
+            pos = torch.arange(length, length + n, device=device) - start
+            self._plan[sliding] = (index, index[pos // bs], pos % bs, start)
+        return self._plan[sliding]
+
     def store(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        cache, table, bs = self.cache, self.table, self.cache.block_size
-        length, n = table.length, k.shape[0]
-        sliding = cache.config.is_sliding(layer)
-        if sliding:
-            first = first_visible_block(length, cache.window, bs)
-            blocks = [table.sliding[b] for b in range(first, (length + n - 1) // bs + 1)]
-            start = first * bs
-        else:
-            blocks, start = table.full[: cdiv(length + n, bs)], 0
-        index = torch.tensor(blocks, dtype=torch.long, device=k.device)
-        # write the new rows into their blocks
-        pos = torch.arange(length, length + n, device=k.device) - start
+        cache, length, n = self.cache, self.table.length, k.shape[0]
+        index, write_block, write_slot, start = self._layout(
+            cache.config.is_sliding(layer), n, k.device
+        )
         kb, vb = cache.k[layer], cache.v[layer]
-        kb[index[pos // bs], pos % bs] = k
-        vb[index[pos // bs], pos % bs] = v
-        # gather the visible range, contiguous: rows start .. length+n-1
+        kb[write_block, write_slot] = k
+        vb[write_block, write_slot] = v
+        # the visible range, contiguous: rows start .. length+n-1
         rows = length + n - start
         k_all = kb[index].reshape(-1, *k.shape[1:])[:rows]
         v_all = vb[index].reshape(-1, *v.shape[1:])[:rows]
@@ -193,3 +203,4 @@ class PagedSequence:
 
     def commit(self, n: int) -> None:
         self.table.length += n
+        self._plan.clear()

@@ -43,7 +43,6 @@ class StepResult:
     tokens: dict[str, int]  # seq_id -> sampled token
     free_blocks: tuple[int, int]
     seconds: dict[str, float]
-    expert_load: list[list[int]] = field(default_factory=list)  # [layer][expert] rows here
 
 
 class Shard:
@@ -66,13 +65,19 @@ class Shard:
         model = resolve_model(model)
         ranges = expert_ranges(Checkpoint(model).config.num_experts, world_size)
         self.experts = ranges[rank]
-        self.owners = owner_table(ranges)
+        self.owners = owner_table(ranges).to(self.device)
         self.model = load_model(model, dtype=dtype, device=self.device, experts=self.experts)
         self.config = self.model.config
         layout = kv_layout or KVLayout.from_budget(
             self.config, kv_budget_bytes, dtype=dtype, block_size=block_size
         )
         self.kv = PagedKVCache(self.config, layout, dtype=dtype, device=self.device)
+        # rows each local expert has received, per layer, since the shard started; kept
+        # on the device so that counting costs no synchronisation in the step
+        self.expert_load = torch.zeros(
+            self.config.num_hidden_layers, self.config.num_experts, dtype=torch.long,
+            device=self.device,
+        )  # fmt: skip
 
     def free_blocks(self) -> tuple[int, int]:
         return self.kv.free_blocks()
@@ -100,12 +105,13 @@ class Shard:
         cos, sin = model.rope.cos_sin(batch.positions(self.device))
         x = model.embedding(tokens)
         timer.lap("coordinator")
-        load = torch.zeros(len(model.block), self.config.num_experts, dtype=torch.long)
         for layer, block in enumerate(model.block):
             if work:
                 x = block.attn(x, batch, cos, sin)
             timer.lap("attention")
-            x = expert_parallel_mlp(block.mlp, x, self.owners, self.transport, timer, load[layer])
+            x = expert_parallel_mlp(
+                block.mlp, x, self.owners, self.transport, timer, self.expert_load[layer]
+            )
         batch.commit()
         out: dict[str, int] = {}
         rows = [r for r, w in zip(batch.last_rows(), work, strict=True) if w.sample]
@@ -116,4 +122,4 @@ class Shard:
                 assert w.params is not None
                 out[w.seq_id] = Sampler(w.params, seed=w.seed).draw(logits[row], w.draw_index)
         timer.lap("head")  # final norm, unembedding, sampling
-        return StepResult(out, self.kv.free_blocks(), dict(timer.seconds), load.tolist())
+        return StepResult(out, self.kv.free_blocks(), dict(timer.seconds))

@@ -59,6 +59,10 @@ class ShardWorker:
 
         return ray.get_runtime_context().get_node_id()
 
+    def expert_load(self) -> list[list[int]]:
+        """[layer][expert]: rows this shard's experts received since it started."""
+        return self.shard.expert_load.tolist() if self.shard is not None else []
+
     def reset_kv(self) -> None:
         """Drops every sequence's cache (after a lost shard, all are recomputed)."""
         if self.shard is not None:

@@ -27,22 +27,31 @@ def shard_nodes(engine: Engine) -> list[str]:
     return [s["node"] for s in status["shards_detail"]]
 
 
+def spread_and_compare(coordinator_node: str) -> dict:
+    """A 4-shard engine: where its shards landed, and whether its greedy tokens equal
+    the single-process baseline."""
+    engine = Engine.start("gpt-oss-tiny", shards=4, coordinator_node=coordinator_node, **OPTIONS)
+    try:
+        nodes = shard_nodes(engine)
+        outs = engine.generate(prompts(), GREEDY)
+        return {
+            "nodes": nodes,
+            "same_tokens": tuple(tuple(o.token_ids) for o in outs) == baseline(),
+        }
+    finally:
+        engine.shutdown()
+
+
 def span() -> dict:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     for _ in range(2):
         cluster.add_node(num_cpus=3, num_gpus=2)
     ray.init(address=cluster.address, log_to_driver=False)
-    engine = Engine.start("gpt-oss-tiny", shards=4, coordinator_node=cluster.head_node.node_id,
-                          **OPTIONS)  # fmt: skip
     try:
-        nodes = shard_nodes(engine)
-        outs = engine.generate(prompts(), GREEDY)
-        same = tuple(tuple(o.token_ids) for o in outs) == baseline()
+        return spread_and_compare(cluster.head_node.node_id)
     finally:
-        engine.shutdown()
         ray.shutdown()
         cluster.shutdown()
-    return {"nodes": nodes, "same_tokens": same}
 
 
 def remove() -> dict:
@@ -110,15 +119,10 @@ def autoscaler() -> dict:
     ray.init(address="auto", log_to_driver=False)
     head = next(n["NodeID"] for n in ray.nodes()
                 if n["Alive"] and "node:__internal_head__" in n["Resources"])  # fmt: skip
-    engine = Engine.start("gpt-oss-tiny", shards=4, coordinator_node=head, **OPTIONS)
     try:
-        nodes = shard_nodes(engine)
-        outs = engine.generate(prompts(), GREEDY)
-        same = tuple(tuple(o.token_ids) for o in outs) == baseline()
+        return spread_and_compare(head)
     finally:
-        engine.shutdown()
         ray.shutdown()
-    return {"nodes": nodes, "same_tokens": same}
 
 
 if __name__ == "__main__":
