@@ -160,6 +160,7 @@ class Coordinator(ChatEngine):
         gpus_per_shard: float | None = None,
         placement_timeout: float = 120,
         recovery_timeout: float = 120,
+        kernels: bool | None = None,
     ) -> None:
         path = resolve_model(model)  # writes a preset's built-in checkpoint once, here
         self.model_path = str(path)
@@ -182,7 +183,7 @@ class Coordinator(ChatEngine):
                 f"could not place {shards} shards of {bundle} within {placement_timeout:.0f} s; "
                 f"the cluster has {ray.available_resources()} available"
             ) from None
-        self._device, self._dtype = device, dtype
+        self._device, self._dtype, self._kernels = device, dtype, kernels
         self._shard_options = {
             "num_cpus": cpus_per_shard,
             "num_gpus": gpus_per_shard if gpus_per_shard is not None else (1 if device == "cuda" else 0),
@@ -196,7 +197,7 @@ class Coordinator(ChatEngine):
         self.workers = [self._spawn(r) for r in range(shards)]
         self._form_group(self.workers)
         self.expert_ranges = ray.get(
-            [w.load.remote(self.model_path, dtype, self.layout) for w in self.workers]
+            [w.load.remote(self.model_path, dtype, self.layout, kernels) for w in self.workers]
         )
         core = EngineCore(
             self.config, shards, self.layout, self._run_step, token_budget=token_budget,
@@ -261,7 +262,12 @@ class Coordinator(ChatEngine):
                 ) from None
         self._form_group(self.workers)
         ray.get(
-            [self.workers[r].load.remote(self.model_path, self._dtype, self.layout) for r in lost]
+            [
+                self.workers[r].load.remote(
+                    self.model_path, self._dtype, self.layout, self._kernels
+                )
+                for r in lost
+            ]
         )
         ray.get([w.reset_kv.remote() for w in self.workers])
         self.recoveries.append({"time": time.time(), "lost": lost, "cause": type(cause).__name__})

@@ -51,7 +51,8 @@ class Engine:
         cluster (`ray up`, `ray start`); without it a local Ray instance is started.
         The coordinator runs on this process's node unless `coordinator_node` (a Ray node
         id) says otherwise. `options` go to the coordinator (cpus_per_shard,
-        gpus_per_shard, placement_timeout, recovery_timeout)."""
+        gpus_per_shard, placement_timeout, recovery_timeout, kernels: Triton
+        kernels on or off, default on for cuda)."""
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device {device!r}: expected cpu or cuda")
         if dtype not in ("float32", "bfloat16"):

@@ -7,7 +7,7 @@ block tables, sliding-window eviction) builds on the same attention math.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -76,11 +76,56 @@ class SequenceCache(Protocol):
 
 
 @dataclass
+class AttentionTables:
+    """Where a batch's keys live in a paged pool, for one kind of layer (full or sliding),
+    as the attention kernel reads them. Sequence s's table row lists the physical blocks
+    that hold its keys from absolute position kv_start[s] on, block by block."""
+
+    block_table: torch.Tensor  # [S, max blocks] int32, padded with 0
+    kv_start: torch.Tensor  # [S] int32
+    positions: list[int]  # absolute position of each sequence's first new token
+    lengths: list[int]  # new tokens of each sequence
+    _tiles: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict, repr=False)
+
+    def tiles(self, block_m: int) -> tuple[torch.Tensor, ...]:
+        """Query tiles of at most block_m tokens of one sequence: (sequence, first row in
+        the token tensor, first position, tokens), each [tiles] int32 on the device."""
+        if block_m not in self._tiles:
+            seq, row, pos, count = [], [], [], []
+            start = 0
+            for s, (p, n) in enumerate(zip(self.positions, self.lengths, strict=True)):
+                for j in range(0, n, block_m):
+                    seq.append(s)
+                    row.append(start + j)
+                    pos.append(p + j)
+                    count.append(min(block_m, n - j))
+                start += n
+            device = self.block_table.device
+            self._tiles[block_m] = tuple(
+                torch.tensor(a, dtype=torch.int32, device=device) for a in (seq, row, pos, count)
+            )
+        return self._tiles[block_m]
+
+
+class PagedBatch(Protocol):
+    """A batch whose caches share paged pools, so that attention can run as one kernel
+    for every sequence: write the new keys and values in one scatter, then read them in
+    place through the block tables."""
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None: ...
+
+    def pools(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def tables(self, sliding: bool) -> AttentionTables: ...
+
+
+@dataclass
 class SequenceBatch:
     """Several sequences' new tokens, concatenated in this order in the token tensor."""
 
     caches: list[SequenceCache]
     lengths: list[int]  # new tokens of each sequence
+    paged: PagedBatch | None = None  # set when the caches are one paged pool
 
     def __post_init__(self) -> None:
         if len(self.caches) != len(self.lengths):

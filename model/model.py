@@ -107,6 +107,7 @@ class AttentionBlock(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.window = config.sliding_window if config.is_sliding(layer) else None
+        self.use_kernels = False  # the Triton path (Transformer.use_kernels)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.qkv = nn.Linear(config.hidden_size, config.qkv_dim, dtype=dtype)
         self.sinks = nn.Parameter(
@@ -124,6 +125,14 @@ class AttentionBlock(nn.Module):
         k = qkv[:, q_dim : q_dim + kv_dim].view(t, self.num_kv_heads, self.head_dim)
         v = qkv[:, q_dim + kv_dim :].view(t, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.use_kernels and batch.paged is not None:
+            from model.kernels.attention import paged_attention
+
+            batch.paged.write(self.layer, k, v)
+            k_pool, v_pool = batch.paged.pools(self.layer)
+            tables = batch.paged.tables(self.window is not None)
+            out = paged_attention(q, k_pool, v_pool, self.sinks, tables, window=self.window)
+            return x + self.out(out.reshape(t, -1))
 
         out = torch.empty_like(q)
         start = 0
@@ -168,6 +177,7 @@ class ExpertSlice(nn.Module):
             raise ValueError(f"expert range [{lo}, {hi}) is not within [0, {config.num_experts})")
         self.lo, self.hi = lo, hi
         self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
+        self.use_kernels = False  # the Triton path (Transformer.use_kernels)
         n, h, i = hi - lo, config.hidden_size, config.intermediate_size
         g1, g2 = h // mxfp4.BLOCK, i // mxfp4.BLOCK
         u8, b16 = torch.uint8, torch.bfloat16
@@ -189,6 +199,15 @@ class ExpertSlice(nn.Module):
 
     def run_grouped(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Rows x [m, H], each for global expert experts[m] (all in this slice) -> [m, H]."""
+        if self.use_kernels:
+            from model.kernels.mxfp4_matmul import moe_mxfp4
+
+            return moe_mxfp4(
+                x, experts - self.lo,
+                (self.mlp1_blocks, self.mlp1_scales, self.mlp1_bias),
+                (self.mlp2_blocks, self.mlp2_scales, self.mlp2_bias),
+                alpha=self.alpha, limit=self.limit,
+            )  # fmt: skip
         out = torch.empty_like(x)
         for expert in torch.unique(experts).tolist():
             rows = (experts == expert).nonzero(as_tuple=True)[0]
@@ -277,6 +296,14 @@ class Transformer(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.embedding.weight.device
+
+    def use_kernels(self, enabled: bool) -> Transformer:
+        """Runs the experts (and, over a paged cache, attention) through the Triton
+        kernels instead of the torch reference path."""
+        for module in self.modules():
+            if isinstance(module, AttentionBlock | ExpertSlice):
+                module.use_kernels = enabled
+        return self
 
     @torch.inference_mode()
     def forward(

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model.config import ModelConfig
+from model.kv_cache import AttentionTables
 
 
 class KVCacheError(RuntimeError):
@@ -170,16 +171,20 @@ class PagedSequence:
     def next_position(self) -> int:
         return self.table.length
 
+    def blocks(self, sliding: bool, n: int) -> tuple[list[int], int]:
+        """The physical blocks that the next n tokens' queries can see, in order, and the
+        absolute position of the first block's first slot."""
+        cache, table, bs = self.cache, self.table, self.cache.block_size
+        length = table.length
+        if sliding:
+            first = first_visible_block(length, cache.window, bs)
+            return [table.sliding[b] for b in range(first, (length + n - 1) // bs + 1)], first * bs
+        return table.full[: cdiv(length + n, bs)], 0
+
     def _layout(self, sliding: bool, n: int, device: torch.device):
         if sliding not in self._plan:
-            cache, table, bs = self.cache, self.table, self.cache.block_size
-            length = table.length
-            if sliding:
-                first = first_visible_block(length, cache.window, bs)
-                blocks = [table.sliding[b] for b in range(first, (length + n - 1) // bs + 1)]
-                start = first * bs
-            else:
-                blocks, start = table.full[: cdiv(length + n, bs)], 0
+            length, bs = self.table.length, self.cache.block_size
+            blocks, start = self.blocks(sliding, n)
             index = torch.tensor(blocks, dtype=torch.long, device=device)
             pos = torch.arange(length, length + n, device=device) - start
             self._plan[sliding] = (index, index[pos // bs], pos % bs, start)
@@ -204,3 +209,49 @@ class PagedSequence:
     def commit(self, n: int) -> None:
         self.table.length += n
         self._plan.clear()
+
+
+class PagedBatchView:
+    """A step's sequences on one paged cache, for the attention kernel (`PagedBatch`):
+    block tables and write slots of every sequence, built once per layer kind."""
+
+    def __init__(self, seqs: list[PagedSequence], lengths: list[int]) -> None:
+        self.seqs, self.lengths = seqs, lengths
+        self._built: dict[bool, tuple[AttentionTables, torch.Tensor, torch.Tensor]] = {}
+
+    def _build(self, sliding: bool) -> tuple[AttentionTables, torch.Tensor, torch.Tensor]:
+        if sliding not in self._built:
+            cache = self.seqs[0].cache
+            device = cache.k[0].device
+            per_seq = [s.blocks(sliding, n) for s, n in zip(self.seqs, self.lengths, strict=True)]
+            width = max(len(b) for b, _ in per_seq)
+            table = torch.tensor(
+                [b + [0] * (width - len(b)) for b, _ in per_seq], dtype=torch.int32
+            ).to(device)
+            starts = [start for _, start in per_seq]
+            positions = [s.table.length for s in self.seqs]
+            kv_start = torch.tensor(starts, dtype=torch.int32).to(device)
+            # each new token's block and slot, gathered on the device
+            counts = torch.tensor(self.lengths).to(device)
+            seq = torch.repeat_interleave(torch.arange(len(self.seqs), device=device), counts)
+            first_row = torch.cumsum(counts, 0) - counts
+            offset = torch.arange(seq.shape[0], device=device) - first_row[seq]
+            pos = torch.tensor(positions).to(device)[seq] + offset - kv_start[seq]
+            bs = cache.block_size
+            write_block = table[seq, pos // bs].long()
+            tables = AttentionTables(table, kv_start, positions, self.lengths)
+            self._built[sliding] = (tables, write_block, pos % bs)
+        return self._built[sliding]
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        cache = self.seqs[0].cache
+        _, block, slot = self._build(cache.config.is_sliding(layer))
+        cache.k[layer][block, slot] = k
+        cache.v[layer][block, slot] = v
+
+    def pools(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cache = self.seqs[0].cache
+        return cache.k[layer], cache.v[layer]
+
+    def tables(self, sliding: bool) -> AttentionTables:
+        return self._build(sliding)[0]

@@ -16,7 +16,7 @@ from model.sampling import Sampler, SamplingParams
 from router.moe import StepTimer, expert_parallel_mlp
 from router.plan import expert_ranges, owner_table
 from router.transport import Transport
-from shards.kv_cache import KVLayout, PagedKVCache
+from shards.kv_cache import KVLayout, PagedBatchView, PagedKVCache
 
 
 @dataclass
@@ -58,7 +58,10 @@ class Shard:
         kv_layout: KVLayout | None = None,
         kv_budget_bytes: int = 256 * 2**20,
         block_size: int = 16,
+        kernels: bool | None = None,
     ) -> None:
+        """kernels: run experts and attention through the Triton kernels (default: on a
+        GPU), or the torch reference path."""
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
         self.transport = transport
@@ -68,6 +71,7 @@ class Shard:
         self.owners = owner_table(ranges).to(self.device)
         self.model = load_model(model, dtype=dtype, device=self.device, experts=self.experts)
         self.config = self.model.config
+        self.model.use_kernels(self.device.type == "cuda" if kernels is None else kernels)
         layout = kv_layout or KVLayout.from_budget(
             self.config, kv_budget_bytes, dtype=dtype, block_size=block_size
         )
@@ -97,7 +101,8 @@ class Shard:
                     f"the plan says {w.start}"
                 )
         caches = [self.kv.prepare(w.seq_id, len(w.tokens)) for w in work]
-        batch = SequenceBatch(caches, [len(w.tokens) for w in work])
+        lengths = [len(w.tokens) for w in work]
+        batch = SequenceBatch(caches, lengths, PagedBatchView(caches, lengths) if work else None)
         tokens = torch.tensor(
             [t for w in work for t in w.tokens], dtype=torch.long, device=self.device
         )

@@ -87,11 +87,13 @@ class ShardWorker:
                 out["cuda_memory_allocated"] = torch.cuda.memory_allocated()
         return out
 
-    def load(self, model: str, dtype: str, layout: KVLayout) -> tuple[int, int]:
+    def load(
+        self, model: str, dtype: str, layout: KVLayout, kernels: bool | None = None
+    ) -> tuple[int, int]:
         transport = DistributedTransport() if self.world_size > 1 else LocalTransport()
         self.shard = Shard(
             model, rank=self.rank, world_size=self.world_size, transport=transport,
-            dtype=getattr(torch, dtype), device=self.device, kv_layout=layout,
+            dtype=getattr(torch, dtype), device=self.device, kv_layout=layout, kernels=kernels,
         )  # fmt: skip
         return self.shard.experts
 

@@ -15,10 +15,12 @@ from shards.shard import Shard
 from tests.engine_cases import GREEDY, baseline, baseline_model, prompts
 
 
-def make_core(layout: KVLayout, token_budget: int = 48) -> tuple[EngineCore, Shard]:
+def make_core(
+    layout: KVLayout, token_budget: int = 48, kernels: bool = False
+) -> tuple[EngineCore, Shard]:
     shard = Shard(
         "gpt-oss-tiny", rank=0, world_size=1, transport=LocalTransport(),
-        dtype=torch.float32, kv_layout=layout,
+        dtype=torch.float32, kv_layout=layout, kernels=kernels,
     )  # fmt: skip
     core = EngineCore(
         shard.config, 1, layout, lambda plans: [shard.step(plans[0])], token_budget=token_budget
@@ -33,6 +35,33 @@ def test_matches_the_single_process_baseline_with_chunked_prefill():
     assert tuple(tuple(core.output(i).token_ids) for i in ids) == baseline()
     assert shard.free_blocks() == (256, 256)  # every block came back
     assert core.stats.steps > max(len(p) for p in prompts()) // 48  # prefill was chunked
+
+
+def test_the_triton_kernels_give_the_same_tokens(monkeypatch):
+    """The whole step through the MoE and paged attention kernels (the interpreter on CPU,
+    float32): continuous batching with chunked prefill still matches the baseline."""
+    import model.kernels.attention as attention
+    import model.kernels.mxfp4_matmul as mxfp4_matmul
+
+    launches = {"moe": 0, "attention": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            launches[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(mxfp4_matmul, "moe_mxfp4", counted("moe", mxfp4_matmul.moe_mxfp4))
+    monkeypatch.setattr(
+        attention, "paged_attention", counted("attention", attention.paged_attention)
+    )
+    core, shard = make_core(KVLayout(16, 256, 256), token_budget=24, kernels=True)
+    ids = [core.submit(p, GREEDY) for p in prompts()[:2]]  # 5 and 40 tokens (a window of 32)
+    core.run_until_done()
+    assert tuple(tuple(core.output(i).token_ids) for i in ids) == baseline()[:2]
+    layers = shard.config.num_hidden_layers
+    assert launches["moe"] == launches["attention"] >= layers * GREEDY.max_tokens
 
 
 def test_requests_arriving_while_others_decode():

@@ -1,5 +1,5 @@
-"""Triton MXFP4 expert kernels against the torch reference path (under
-TRITON_INTERPRET=1 on CPU; on CUDA where present)."""
+"""Triton kernels (MXFP4 experts, paged sink attention) against the torch reference
+path: under TRITON_INTERPRET=1 on CPU, on CUDA where present."""
 
 from __future__ import annotations
 
@@ -7,9 +7,16 @@ import pytest
 import torch
 
 from model import mxfp4
-from model.kernels.mxfp4_matmul import mxfp4_linear
-from model.model import ExpertSlice, swiglu
+from model.kernels.attention import paged_attention
+from model.kernels.mxfp4_matmul import ExpertTiles, moe_mxfp4, mxfp4_linear
+from model.kv_cache import SequenceBatch
+from model.model import AttentionBlock, ExpertSlice, RotaryEmbedding, swiglu
+from shards.kv_cache import KVLayout, PagedBatchView, PagedKVCache
 from tests.tiny import tiny_config
+
+# the interpreter evaluates sigmoid(x) as 1 / (1 + exp(-x)) in numpy: exp overflows to
+# inf for very negative gates and the result is the right 0
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 
 
 def weight(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -44,16 +51,22 @@ def test_fused_swiglu_matches_the_reference():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
 
 
-def test_a_whole_expert_matches_the_torch_expert():
-    config = tiny_config()
-    experts = ExpertSlice(config, 0, config.num_experts)
-    g = torch.Generator().manual_seed(4)
+def random_experts(config, lo: int, hi: int, seed: int) -> ExpertSlice:
+    experts = ExpertSlice(config, lo, hi)
+    g = torch.Generator().manual_seed(seed)
     for name, buf in experts.named_buffers():
         if buf.dtype == torch.uint8:
             hi = 256 if "blocks" in name else 130
             buf.copy_(torch.randint(0 if "blocks" in name else 115, hi, buf.shape, generator=g))
         else:
             buf.copy_(torch.randn(buf.shape, generator=g))
+    return experts
+
+
+def test_a_whole_expert_matches_the_torch_expert():
+    config = tiny_config()
+    experts = random_experts(config, 0, config.num_experts, seed=4)
+    g = torch.Generator().manual_seed(5)
     x = torch.randn(6, config.hidden_size, generator=g)
     ref = experts.run_expert(2, x)
     a = mxfp4_linear(x, experts.mlp1_blocks[2], experts.mlp1_scales[2],
@@ -62,6 +75,114 @@ def test_a_whole_expert_matches_the_torch_expert():
         a, experts.mlp2_blocks[2], experts.mlp2_scales[2], experts.mlp2_bias[2].float()
     )
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-3)
+
+
+def test_expert_tiles_cover_every_row_once():
+    experts = torch.tensor([3, 0, 3, 3, 1, 3, 0, 3, 3])  # expert 2 has no rows
+    tiles = ExpertTiles(experts, 4, block_m=2)
+    assert tiles.num_tiles == 5 + 4
+    sorted_experts = experts[tiles.order.long()]
+    assert sorted_experts.tolist() == sorted(experts.tolist())
+    assert tiles.expert_end.tolist() == [2, 3, 3, 9]
+    covered = []
+    for e, row in zip(tiles.tile_expert.tolist(), tiles.tile_row.tolist(), strict=True):
+        if e >= 0:
+            end = tiles.expert_end[e].item()
+            covered += [(e, r) for r in range(row, min(row + 2, end))]
+    assert covered == [(sorted_experts[r].item(), r) for r in range(9)]
+
+
+@pytest.mark.parametrize(("lo", "hi", "rows"), [(0, 8, 1), (0, 8, 40), (3, 7, 23)])
+def test_grouped_experts_match_the_torch_slice(lo, hi, rows):
+    """Uneven groups: some experts get none, some more than a tile; rows in any order."""
+    config = tiny_config()
+    experts = random_experts(config, lo, hi, seed=rows)
+    g = torch.Generator().manual_seed(rows + 1)
+    x = 2 * torch.randn(rows, config.hidden_size, generator=g)
+    skew = torch.tensor([0.5] + [0.5 / (hi - lo - 1)] * (hi - lo - 1))
+    ids = lo + torch.multinomial(skew, rows, replacement=True, generator=g)
+    ref = experts.run_grouped(x, ids)
+    out = moe_mxfp4(
+        x, ids - lo,
+        (experts.mlp1_blocks, experts.mlp1_scales, experts.mlp1_bias),
+        (experts.mlp2_blocks, experts.mlp2_scales, experts.mlp2_bias),
+        alpha=config.swiglu_alpha, limit=config.swiglu_limit,
+    )  # fmt: skip
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-3)
+    experts.use_kernels = True
+    torch.testing.assert_close(experts.run_grouped(x, ids), out, rtol=0, atol=0)
+
+
+def attention_steps(
+    config, chunks, *, seed: int, use_kernels: bool, dtype=torch.float32, device="cpu",
+    block_size: int = 4,
+) -> list[torch.Tensor]:  # fmt: skip
+    """Runs every layer's attention over a paged cache for a series of steps, each a list
+    of (sequence, new tokens); returns each step's outputs of every layer."""
+    torch.manual_seed(seed)
+    blocks = [AttentionBlock(config, i, dtype) for i in range(config.num_hidden_layers)]
+    for b in blocks:
+        for p in b.parameters():
+            p.data.normal_(0, 0.5)
+        b.to(device).use_kernels = use_kernels
+    rope = RotaryEmbedding(config)
+    cache = PagedKVCache(config, KVLayout(block_size, 64, 64), dtype=dtype, device=device)
+    g = torch.Generator().manual_seed(seed + 1)
+    outs = []
+    for step in chunks:
+        seqs = [cache.prepare(name, n) for name, n in step]
+        lengths = [n for _, n in step]
+        batch = SequenceBatch(seqs, lengths, PagedBatchView(seqs, lengths))
+        cos, sin = rope.cos_sin(batch.positions(device))
+        x = torch.randn(batch.num_tokens, config.hidden_size, generator=g).to(device, dtype)
+        outs.append(torch.stack([b(x, batch, cos, sin) for b in blocks]))
+        batch.commit()
+    return outs
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        dict(),  # GQA, group 2
+        dict(num_attention_heads=8, num_key_value_heads=1, head_dim=8),  # MQA, d < 16
+        dict(num_attention_heads=3, num_key_value_heads=3, sliding_window=5),  # MHA
+    ],
+)
+def test_paged_attention_matches_the_torch_path(shape):
+    """Prefill chunks, chunked prefill with context, decodes mixed in one batch, windows
+    that start mid-block, across several 4-token blocks."""
+    config = tiny_config(num_hidden_layers=2, **shape)
+    steps = [
+        [("a", 7), ("b", 1)],
+        [("a", 1), ("b", 13), ("c", 3)],
+        [("a", 1), ("b", 1), ("c", 9)],
+        [("a", 1), ("b", 1), ("c", 1)],
+    ]
+    ref = attention_steps(config, steps, seed=7, use_kernels=False)
+    out = attention_steps(config, steps, seed=7, use_kernels=True)
+    for r, o in zip(ref, out, strict=True):
+        torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-4)
+
+
+def test_paged_attention_sinks_take_their_share():
+    """With a huge sink the attention output vanishes; with a very negative one it is the
+    plain softmax average."""
+    config = tiny_config(num_hidden_layers=1)
+    cache = PagedKVCache(config, KVLayout(4, 8, 8), dtype=torch.float32, device="cpu")
+    seq = cache.prepare("s", 6)
+    view = PagedBatchView([seq], [6])
+    g = torch.Generator().manual_seed(3)
+    k, v = torch.randn(2, 6, 2, 16, generator=g)
+    q = torch.randn(6, 4, 16, generator=g)
+    view.write(0, k, v)
+    tables = view.tables(False)
+    big = paged_attention(q, *view.pools(0), torch.full((4,), 1e4), tables, window=None)
+    assert big.abs().max() < 1e-6
+    plain = paged_attention(q, *view.pools(0), torch.full((4,), -1e4), tables, window=None)
+    scores = torch.einsum("qhd,khd->hqk", q, k.repeat_interleave(2, 1)) / 4
+    scores = scores.masked_fill(torch.ones(6, 6).triu(1).bool(), float("-inf"))
+    want = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v.repeat_interleave(2, 1))
+    torch.testing.assert_close(plain, want, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_shapes_are_named():
@@ -78,3 +199,32 @@ def test_on_cuda_bf16_inputs():
     out = mxfp4_linear(x.cuda(), blocks.cuda(), scales.cuda(), bias.cuda(), block_m=64,
                        block_n=64, block_k=64)  # fmt: skip
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-3, atol=1e-2)
+
+
+@pytest.mark.gpu
+def test_on_cuda_grouped_experts_bf16_in_gpt_oss_shapes():
+    config = tiny_config(hidden_size=2880, intermediate_size=2880, num_experts=32)
+    experts = random_experts(config, 0, 32, seed=8).cuda()
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(256, 2880, generator=g).to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 32, (256,), generator=g).cuda()
+    ref = experts.run_grouped(x.float(), ids)  # torch path in float32
+    experts.use_kernels = True
+    out = experts.run_grouped(x, ids)
+    rel = (out.float() - ref).norm() / ref.norm()
+    assert rel < 1e-2, rel
+
+
+@pytest.mark.gpu
+def test_on_cuda_paged_attention_bf16_in_gpt_oss_shapes():
+    config = tiny_config(
+        num_hidden_layers=2, hidden_size=256, head_dim=64, num_attention_heads=64,
+        num_key_value_heads=8, sliding_window=128,
+    )  # fmt: skip
+    steps = [[("a", 300), ("b", 1)], [("a", 1), ("b", 200), ("c", 5)], [("a", 1), ("b", 1)]]
+    kw = dict(seed=10, dtype=torch.bfloat16, device="cuda", block_size=16)
+    ref = attention_steps(config, steps, use_kernels=False, **kw)
+    out = attention_steps(config, steps, use_kernels=True, **kw)
+    for r, o in zip(ref, out, strict=True):
+        rel = (o.float() - r.float()).norm() / r.float().norm()
+        assert rel < 1e-2, rel
