@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_engine import machine
+from benchmarks.common import machine
 
 
 def stream_once(host: str, port: int, body: dict) -> tuple[float, float, int]:

@@ -94,6 +94,10 @@ def _parser() -> argparse.ArgumentParser:
     stop = sub.add_parser("stop", help="shut down a served engine")
     stop.add_argument("--name", default="gptoss-ray")
     stop.add_argument("--address", default="auto")
+    sub.add_parser(
+        "bench", add_help=False,
+        help="benchmarks: sweep, scaling, model, fullsize (gptoss-ray bench --help)",
+    )  # fmt: skip
 
     from cluster.cli_harmony import add_commands
 
@@ -105,6 +109,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        # the benchmarks are their own layer above this one (they drive the engine)
+        from benchmarks.cli import main as bench_main
+
+        return bench_main(argv[1:])
     args = _parser().parse_args(argv)
     from pydantic import ValidationError
 

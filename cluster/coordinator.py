@@ -161,6 +161,7 @@ class Coordinator(ChatEngine):
         placement_timeout: float = 120,
         recovery_timeout: float = 120,
         kernels: bool | None = None,
+        threads_per_shard: int | None = None,
     ) -> None:
         path = resolve_model(model)  # writes a preset's built-in checkpoint once, here
         self.model_path = str(path)
@@ -184,6 +185,7 @@ class Coordinator(ChatEngine):
                 f"the cluster has {ray.available_resources()} available"
             ) from None
         self._device, self._dtype, self._kernels = device, dtype, kernels
+        self._threads = threads_per_shard
         self._shard_options = {
             "num_cpus": cpus_per_shard,
             "num_gpus": gpus_per_shard if gpus_per_shard is not None else (1 if device == "cuda" else 0),
@@ -215,7 +217,7 @@ class Coordinator(ChatEngine):
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, rank),
                 **self._shard_options,
             )
-            .remote(rank, self.shards, self._device)
+            .remote(rank, self.shards, self._device, self._threads)
         )
 
     def _form_group(self, workers: list) -> None:

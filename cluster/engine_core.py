@@ -40,6 +40,8 @@ class RequestOutput:
     finish_reason: str | None
     preemptions: int = 0
     error: str | None = None
+    time_to_first_token: float | None = None  # seconds from submission
+    inter_token_latency: float | None = None  # mean seconds between later tokens
 
 
 @dataclass
@@ -98,6 +100,7 @@ class EngineCore:
             seed=params.seed if params.seed is not None else secrets.randbits(63),
             stop_ids=params.stop_ids(self.config.eos_token_ids),
             arrival=self._arrivals,
+            submitted_at=time.monotonic(),
         )
         with self._lock:
             if request_id in self.requests:
@@ -128,6 +131,11 @@ class EngineCore:
             raise RequestError(f"unknown request id {request_id!r}") from None
 
     def _output(self, seq: Seq) -> RequestOutput:
+        ttft = itl = None
+        if seq.first_token_at is not None:
+            ttft = seq.first_token_at - seq.submitted_at
+            if seq.finished_at is not None and len(seq.output) > 1:
+                itl = (seq.finished_at - seq.first_token_at) / (len(seq.output) - 1)
         return RequestOutput(
             request_id=seq.seq_id,
             prompt_tokens=len(seq.prompt),
@@ -135,6 +143,8 @@ class EngineCore:
             finished=seq.status == Status.FINISHED,
             finish_reason=seq.finish_reason,
             preemptions=seq.preemptions,
+            time_to_first_token=ttft,
+            inter_token_latency=itl,
         )
 
     def wait(
@@ -204,6 +214,16 @@ class EngineCore:
         t2 = time.perf_counter()
         with self._lock:
             self.scheduler.update(plans, [r.tokens for r in results])
+            now = time.monotonic()
+            for r in results:
+                for seq_id in r.tokens:
+                    seq = self.requests.get(seq_id)
+                    if seq is None:
+                        continue
+                    if seq.first_token_at is None:
+                        seq.first_token_at = now
+                    if seq.status == Status.FINISHED and seq.finished_at is None:
+                        seq.finished_at = now
             stats = self.stats
             stats.steps += 1
             stats.generated_tokens += sum(len(r.tokens) for r in results)
@@ -214,7 +234,10 @@ class EngineCore:
             slowest = max(results, key=lambda r: sum(r.seconds.values()))
             for phase, sec in slowest.seconds.items():
                 stats.seconds[phase] += sec
+            # the coordinator's own share: scheduling and bookkeeping here, and the
+            # round trip to the shards beyond the slowest shard's step
             stats.seconds["coordinator"] += (t1 - t0) + (time.perf_counter() - t2)
+            stats.seconds["rpc"] += max(0.0, (t2 - t1) - sum(slowest.seconds.values()))
             stats.seconds["step"] += time.perf_counter() - t0
             self._lock.notify_all()
 

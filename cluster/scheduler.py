@@ -39,6 +39,10 @@ class Sequence:
     computed: int = 0  # tokens in the home shard's cache
     held: tuple[int, int] = (0, 0)  # (full, sliding) blocks on the home shard
     preemptions: int = 0
+    # time.monotonic() in the coordinator: queued, first token sampled, finished
+    submitted_at: float = 0.0
+    first_token_at: float | None = None
+    finished_at: float | None = None
 
     @property
     def length(self) -> int:

@@ -11,6 +11,7 @@ Internal names are the model's parameter names (model/model.py).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -23,6 +24,7 @@ from typing import Literal
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from model import mxfp4
 from model.config import ConfigError, ModelConfig
@@ -394,6 +396,38 @@ def random_tensors(config: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor
             t = normal(spec.shape, spec.shape[1] ** -0.5)
         out[spec.name] = t.to(torch.bfloat16)
     return out
+
+
+@torch.no_grad()
+def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Fills a model in place, on its own device, with random weights of the same scales
+    as `random_tensors` (random E2M1 codes under scales that give each expert weight the
+    std of cols^-0.5): full-size models for benchmarks, without a checkpoint or a copy."""
+    device = next(iter(model.buffers())).device
+    g = torch.Generator(device=device).manual_seed(seed)
+    code_rms = 2.93  # root mean square of the 16 E2M1 values
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        leaf = name.rsplit(".", 1)[1]
+        if leaf.endswith("_blocks"):
+            t.copy_(torch.randint(0, 256, t.shape, generator=g, device=t.device))
+        elif leaf.endswith("_scales"):
+            cols = t.shape[-1] * mxfp4.BLOCK
+            exponent = round(math.log2(cols**-0.5 / code_rms)) + 127
+            t.copy_(torch.randint(exponent - 1, exponent + 1, t.shape, generator=g,
+                                  device=t.device))  # fmt: skip
+        elif leaf == "scale":
+            t.normal_(1.0, 0.1, generator=g)
+        elif leaf == "sinks":
+            t.normal_(0.0, 1.0, generator=g)
+        elif leaf == "bias" or leaf.endswith("_bias"):
+            t.normal_(0.0, 0.1, generator=g)
+        elif name.endswith("embedding.weight") and not name.endswith("unembedding.weight"):
+            t.normal_(0.0, 1.0, generator=g)
+        elif name.endswith("unembedding.weight"):
+            t.normal_(0.0, 3.0 * t.shape[1] ** -0.5, generator=g)
+        else:  # [out, in] projections
+            t.normal_(0.0, t.shape[-1] ** -0.5, generator=g)
+    return model
 
 
 def write_random_checkpoint(

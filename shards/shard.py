@@ -12,6 +12,7 @@ import torch
 
 from model.checkpoint import Checkpoint, load_model, resolve_model
 from model.kv_cache import SequenceBatch
+from model.model import Transformer
 from model.sampling import Sampler, SamplingParams
 from router.moe import StepTimer, expert_parallel_mlp
 from router.plan import expert_ranges, owner_table
@@ -48,7 +49,7 @@ class StepResult:
 class Shard:
     def __init__(
         self,
-        model: str | Path,
+        model: str | Path | Transformer,
         *,
         rank: int,
         world_size: int,
@@ -65,11 +66,20 @@ class Shard:
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
         self.transport = transport
-        model = resolve_model(model)
-        ranges = expert_ranges(Checkpoint(model).config.num_experts, world_size)
+        if isinstance(model, Transformer):  # built in memory (random full-size benchmarks)
+            ranges = expert_ranges(model.config.num_experts, world_size)
+            if model.expert_range != ranges[rank]:
+                raise ValueError(
+                    f"shard {rank} of {world_size} needs experts {ranges[rank]}, the model "
+                    f"holds {model.expert_range}"
+                )
+            self.model = model
+        else:
+            model = resolve_model(model)
+            ranges = expert_ranges(Checkpoint(model).config.num_experts, world_size)
+            self.model = load_model(model, dtype=dtype, device=self.device, experts=ranges[rank])
         self.experts = ranges[rank]
         self.owners = owner_table(ranges).to(self.device)
-        self.model = load_model(model, dtype=dtype, device=self.device, experts=self.experts)
         self.config = self.model.config
         self.model.use_kernels(self.device.type == "cuda" if kernels is None else kernels)
         layout = kv_layout or KVLayout.from_budget(
@@ -109,7 +119,7 @@ class Shard:
         model = self.model
         cos, sin = model.rope.cos_sin(batch.positions(self.device))
         x = model.embedding(tokens)
-        timer.lap("coordinator")
+        timer.lap("prepare")  # block tables, token tensor, embedding
         for layer, block in enumerate(model.block):
             if work:
                 x = block.attn(x, batch, cos, sin)

@@ -15,7 +15,9 @@ from shards.shard import Shard, StepPlan, StepResult
 
 
 class ShardWorker:
-    def __init__(self, rank: int, world_size: int, device: str = "cpu") -> None:
+    def __init__(
+        self, rank: int, world_size: int, device: str = "cpu", threads: int | None = None
+    ) -> None:
         self.rank, self.world_size = rank, world_size
         if device == "cuda":
             # Ray sets CUDA_VISIBLE_DEVICES to the GPU of this actor's bundle
@@ -24,7 +26,7 @@ class ShardWorker:
         else:
             self.device = "cpu"
             cores = os.cpu_count() or 1
-            torch.set_num_threads(max(1, cores // world_size))
+            torch.set_num_threads(threads or max(1, cores // world_size))
         self.shard: Shard | None = None
 
     def address(self) -> tuple[str, int]:

@@ -1,0 +1,271 @@
+"""`gptoss-ray bench`: throughput and latency sweeps, shard scaling against replicas, the
+calibrated scaling model, and full-size random-weight runs. Each prints its table with
+the machine, and saves JSON and a PNG under --out."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import DEFAULT_OUT, describe, machine, save
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _shapes(text: str) -> list[tuple[int, int]]:
+    """'128x64,512x128' -> [(128, 64), (512, 128)] (prompt x output tokens)."""
+    out = []
+    for part in text.split(","):
+        try:
+            p, o = part.lower().split("x")
+            out.append((int(p), int(o)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{part!r}: expected PROMPTxOUTPUT, like 128x64"
+            ) from None
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from benchmarks.scaling_model import Links
+
+    parser = argparse.ArgumentParser(prog="gptoss-ray bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="folder for JSON and PNG")
+    sub = parser.add_subparsers(dest="what", required=True)
+
+    def engine_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", default="gpt-oss-tiny")
+        p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+        p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+        p.add_argument("--repeats", type=int, default=3)
+        p.add_argument("--kv-budget-mb", type=float, default=512)
+
+    sweep = sub.add_parser("sweep", help="throughput, TTFT and ITL against batch size")
+    engine_args(sweep)
+    sweep.add_argument("--shards", type=int, default=2)
+    sweep.add_argument("--batches", type=_ints, default=[1, 4, 16, 64, 256])
+    sweep.add_argument("--shapes", type=_shapes, default=[(128, 32), (512, 32)],
+                       help="prompt x output tokens, comma-separated (default 128x32,512x32)")  # fmt: skip
+
+    scaling = sub.add_parser("scaling", help="1..8 expert-parallel shards vs replicas")
+    engine_args(scaling)
+    scaling.add_argument("--shards", type=_ints, default=[1, 2, 4, 8])
+    scaling.add_argument("--batch", type=int, default=32)
+    scaling.add_argument("--prompt-len", type=int, default=64)
+    scaling.add_argument("--output-len", type=int, default=32)
+    scaling.add_argument("--no-replicas", action="store_true")
+
+    model = sub.add_parser("model", help="calibrate on this device, predict 1..64 GPUs")
+    model.add_argument("--calibrate-on", default="gpt-oss-20b",
+                       help="layer shapes to time (default gpt-oss-20b; both models share them)")  # fmt: skip
+    model.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
+    model.add_argument("--batches", type=_ints, default=[1, 8, 32, 64])
+    model.add_argument("--contexts", type=_ints, default=[128, 1024])
+    model.add_argument("--repeats", type=int, default=5)
+    model.add_argument("--context", type=int, default=2048, help="context of the prediction")
+    model.add_argument("--gpus", type=_ints, default=[1, 2, 4, 8, 16, 32, 64])
+    model.add_argument("--gpu-memory-gb", type=float, default=80.0)
+    model.add_argument("--calibration", help="reuse a saved calibration (JSON) instead")
+    model.add_argument("--expert-load", help="JSON {model: [load per expert]} (measured routing)")
+    for f in fields(Links):
+        model.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+
+    full = sub.add_parser("fullsize", help="random full-size model on one GPU vs transformers")
+    full.add_argument(
+        "--model", default="gpt-oss-20b", choices=("gpt-oss-20b", "gpt-oss-120b", "gpt-oss-tiny")
+    )
+    full.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
+    full.add_argument("--batches", type=_ints, default=[1, 64, 256])
+    full.add_argument("--prompt-len", type=int, default=128)
+    full.add_argument("--output-len", type=int, default=64)
+    full.add_argument("--no-peer", action="store_true", help="skip transformers")
+    full.add_argument("--kernels", choices=("auto", "on", "off"), default="auto")
+    return parser
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    data: dict[str, Any] = {"machine": machine(), "args": vars(args)}
+    print(f"machine: {describe(data['machine'])}")
+    if args.what == "sweep":
+        from benchmarks.engine_runs import sweep
+
+        data["results"] = sweep(
+            args.model, shards=args.shards, device=args.device, dtype=args.dtype,
+            batches=args.batches, shapes=args.shapes, repeats=args.repeats,
+            kv_budget_mb=args.kv_budget_mb,
+        )  # fmt: skip
+        _print_sweep(data)
+        save("sweep", data, args.out, _plot_sweep)
+    elif args.what == "scaling":
+        from benchmarks.engine_runs import scaling
+
+        data["results"] = scaling(
+            args.model, shard_counts=args.shards, device=args.device, dtype=args.dtype,
+            batch=args.batch, prompt_len=args.prompt_len, output_len=args.output_len,
+            repeats=args.repeats, kv_budget_mb=args.kv_budget_mb, replicas=not args.no_replicas,
+        )  # fmt: skip
+        _print_scaling(data)
+        save("scaling", data, args.out, _plot_scaling)
+    elif args.what == "model":
+        data |= _model(args)
+        _print_model(data)
+        from benchmarks.scaling_model import plot
+
+        save("scaling-model", data, args.out, plot)
+    else:
+        from benchmarks.fullsize import fullsize
+
+        kernels = {"auto": None, "on": True, "off": False}[args.kernels]
+        data["results"] = fullsize(
+            args.model, device=args.device, batches=args.batches, prompt_len=args.prompt_len,
+            output_len=args.output_len, peer=not args.no_peer, kernels=kernels,
+        )  # fmt: skip
+        _print_fullsize(data)
+        save("fullsize", data, args.out, None)
+    return 0
+
+
+def _model(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from benchmarks.scaling_model import Calibration, Links, calibrate, scaling_table
+
+    if args.calibration:
+        raw = json.loads(Path(args.calibration).read_text())
+        cal = Calibration(**raw.get("calibration", raw))
+    else:
+        print(f"calibrating on {args.device} with {args.calibrate_on} layer shapes")
+        cal = calibrate(
+            args.calibrate_on, device=args.device, dtype=torch.bfloat16,
+            batches=tuple(args.batches), contexts=tuple(args.contexts), repeats=args.repeats,
+        )  # fmt: skip
+    links = Links(**{f.name: getattr(args, f.name) for f in fields(Links)})
+    loads = json.loads(Path(args.expert_load).read_text()) if args.expert_load else None
+    return scaling_table(cal, gpu_counts=tuple(args.gpus), context=args.context, links=links,
+                         gpu_memory_gb=args.gpu_memory_gb, loads=loads)  # fmt: skip
+
+
+def _fmt(x: float | None, spec: str = ".0f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _print_sweep(data: dict) -> None:
+    a = data["args"]
+    print(f"{a['model']} on {a['shards']} shard(s), {a['device']} {a['dtype']}, "
+          f"median of {a['repeats']}")  # fmt: skip
+    print(f"{'batch':>5} {'prompt+out':>10} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} "
+          f"{'ITL p50':>8} {'ITL p99':>8} {'step ms':>8} {'overhead':>8}")  # fmt: skip
+    for r in data["results"]:
+        print(f"{r['batch']:>5} {r['prompt_len']:>5}+{r['output_len']:<4} "
+              f"{r['tokens_per_s']:>8.1f} {r['ttft_p50_ms']:>7.0f}ms {r['ttft_p99_ms']:>7.0f}ms "
+              f"{r['itl_p50_ms']:>6.1f}ms {r['itl_p99_ms']:>6.1f}ms {r['step_ms']:>8.2f} "
+              f"{r['overhead_pct']:>7.1f}%")  # fmt: skip
+
+
+def _plot_sweep(data: dict, plt) -> None:
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    shapes = dict.fromkeys((r["prompt_len"], r["output_len"]) for r in data["results"])
+    for p, o in shapes:
+        rows = [r for r in data["results"] if (r["prompt_len"], r["output_len"]) == (p, o)]
+        x = [r["batch"] for r in rows]
+        axes[0].plot(x, [r["tokens_per_s"] for r in rows], "o-", label=f"{p}+{o}")
+        axes[1].plot(x, [r["ttft_p50_ms"] for r in rows], "o-", label=f"{p}+{o} p50")
+        axes[2].plot(x, [r["itl_p50_ms"] for r in rows], "o-", label=f"{p}+{o} p50")
+    for ax, what in zip(axes, ("output tokens/s", "time to first token (ms)",
+                               "inter-token latency (ms)"), strict=True):  # fmt: skip
+        ax.set(xscale="log", xlabel="batch (concurrent requests)", ylabel=what)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{data['args']['model']}, {data['args']['shards']} shard(s) on "
+                 f"{describe(data['machine'])}", fontsize=9)  # fmt: skip
+    fig.tight_layout()
+
+
+def _print_scaling(data: dict) -> None:
+    a = data["args"]
+    print(f"{a['model']}, batch {a['batch']} x ({a['prompt_len']}+{a['output_len']}) tokens, "
+          f"{a['device']} {a['dtype']}, median of {a['repeats']}")  # fmt: skip
+    print(f"{'shards':>6} {'EP tok/s':>9} {'replicas tok/s':>15} {'EP/replicas':>11} "
+          f"{'EP ITL':>8} {'dispatch+combine':>17} {'experts':>8}")  # fmt: skip
+    for r in data["results"]:
+        ep, rep = r["expert_parallel"], r.get("replicas")
+        ratio = ep["tokens_per_s"] / rep["tokens_per_s"] if rep else None
+        a2a = ep["split_ms"]["dispatch"] + ep["split_ms"]["combine"]
+        print(f"{r['shards']:>6} {ep['tokens_per_s']:>9.1f} "
+              f"{_fmt(rep and rep['tokens_per_s'], '.1f'):>15} {_fmt(ratio, '.2f'):>11} "
+              f"{ep['itl_p50_ms']:>6.1f}ms {a2a:>15.2f}ms {ep['split_ms']['experts']:>6.2f}ms")  # fmt: skip
+
+
+def _plot_scaling(data: dict, plt) -> None:
+    from benchmarks.engine_runs import OVERHEAD, PHASES
+
+    rows = data["results"]
+    x = [r["shards"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+    ax1.plot(x, [r["expert_parallel"]["tokens_per_s"] for r in rows], "o-", label="expert-parallel")
+    if all("replicas" in r for r in rows):
+        ax1.plot(x, [r["replicas"]["tokens_per_s"] for r in rows], "x--", label="replicas")
+    ax1.set(xlabel="shards / replicas", ylabel="output tokens/s (median)", xticks=x)
+    ax1.legend()
+    bottom = [0.0] * len(rows)
+    for phase in (*PHASES, *OVERHEAD):
+        values = [r["expert_parallel"]["split_ms"][phase] for r in rows]
+        ax2.bar([str(v) for v in x], values, bottom=bottom, label=phase)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    ax2.set(xlabel="shards", ylabel="ms per step (median)", title="expert-parallel step split")
+    ax2.legend(fontsize=7)
+    fig.suptitle(f"{data['args']['model']} on {describe(data['machine'])}", fontsize=9)
+    fig.tight_layout()
+
+
+def _print_model(data: dict) -> None:
+    cal = data["calibration"]
+    print(f"calibrated on {cal['device']} ({cal['dtype']}, kernels "
+          f"{'on' if cal['kernels'] else 'off'}); context {data['context']}; links "
+          f"{data['links']}")  # fmt: skip
+    print(f"{'model':>13} {'GPUs':>4} {'batch/GPU':>9} {'EP tok/s':>10} {'replicas':>10} "
+          f"{'EP/rep':>6} {'a2a ms/layer':>12}")  # fmt: skip
+    for r in data["predictions"]:
+        ep, rep = r["expert_parallel_tokens_per_s"], r["replicas_tokens_per_s"]
+        ratio = ep / rep if ep and rep else None
+        batch = str(r["batch_per_gpu"])
+        if r["batch_label"] == "max":
+            batch = f"max {r['batch_per_gpu']}/{r['replica_batch_per_gpu']}"
+        print(f"{r['model']:>13} {r['gpus']:>4} {batch:>9} {_fmt(ep):>10} {_fmt(rep):>10} "
+              f"{_fmt(ratio, '.2f'):>6} {r['all_to_all_ms_per_layer']:>12.3f}")  # fmt: skip
+
+
+def _print_fullsize(data: dict) -> None:
+    r = data["results"]
+    print(f"{r['model']} (random weights) on {r['device']}, kernels "
+          f"{'on' if r['kernels'] else 'off'}, prompt {r['prompt_len']}, output "
+          f"{r['output_len']}; copy bandwidth {r['copy_bandwidth_gb_s']:.0f} GB/s, batch-1 "
+          f"limit {r['bandwidth_limit_tokens_per_s']:.0f} tok/s")  # fmt: skip
+    peer = {p["batch"]: p for p in r["transformers"]} if isinstance(r["transformers"], list) else {}
+    print(f"{'batch':>5} {'ours tok/s':>10} {'decode tok/s':>12} {'transformers':>12} {'ratio':>6}")
+    for o in r["ours"]:
+        p = peer.get(o["batch"])
+        ratio = o["tokens_per_s"] / p["tokens_per_s"] if p else None
+        print(f"{o['batch']:>5} {o['tokens_per_s']:>10.1f} {o['decode_tokens_per_s']:>12.1f} "
+              f"{_fmt(p and p['tokens_per_s'], '.1f'):>12} {_fmt(ratio, '.2f'):>6}")  # fmt: skip
+    if "share_of_bandwidth_limit" in r["ours"][0]:
+        print(f"batch-1 decode at {100 * r['ours'][0]['share_of_bandwidth_limit']:.0f}% of the "
+              "memory-bandwidth limit")  # fmt: skip
+    if isinstance(r["transformers"], str):
+        print(r["transformers"])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,80 @@
+"""What every benchmark shares: the machine it ran on, medians and percentiles, and
+saving results as JSON (and a PNG when matplotlib is installed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+DEFAULT_OUT = Path("benchmarks") / "out"
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30)
+    return info
+
+
+def describe(m: dict[str, Any]) -> str:
+    where = f"{m['gpu']}" if "gpu" in m else f"{m['cpus']} CPUs, no GPU"
+    return f"{where}; {m['platform']}; torch {m['torch']}"
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100)."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def save(
+    name: str, data: dict[str, Any], out: str | Path, plot: Callable[[dict, Any], None] | None
+) -> list[Path]:
+    """Writes out/<name>-<time>.json and, with matplotlib, the PNG that `plot(data, plt)`
+    draws. Returns the paths written."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = folder / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    paths = [stem.with_suffix(".json")]
+    paths[0].write_text(json.dumps(data, indent=2))
+    if plot is not None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            progress("matplotlib is not installed (pip install -e '.[bench]'): no PNG")
+        else:
+            plot(data, plt)
+            plt.gcf().savefig(stem.with_suffix(".png"), dpi=110)
+            plt.close("all")
+            paths.append(stem.with_suffix(".png"))
+    for p in paths:
+        print(f"saved {p}")
+    return paths

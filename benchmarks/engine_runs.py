@@ -1,0 +1,217 @@
+"""Benchmarks of the running engine (Ray, the coordinator, its shards).
+
+sweep: throughput, time to first token and inter-token latency against the batch size
+and the prompt/output lengths, with the coordinator's share of each step.
+
+scaling: the same batch on 1, 2, 4, 8 expert-parallel shards, and beside each the
+baseline a user would otherwise pick: that many independent one-shard replicas, each
+serving its share of the batch (no all-to-all). On CPU every shard (and every replica)
+gets an equal share of the cores.
+
+The all-to-all is a barrier: a shard's dispatch and combine time includes waiting for
+the slowest shard to reach the exchange."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+from benchmarks.common import median, percentile, progress
+
+PHASES = ("prepare", "attention", "gate", "dispatch", "experts", "combine", "head")
+OVERHEAD = ("coordinator", "rpc")  # scheduling and bookkeeping; Ray round trip
+
+
+def random_prompts(n: int, length: int, seed: int, vocab: int = 200000) -> list[list[int]]:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (length,), generator=g).tolist() for _ in range(n)]
+
+
+def ensure_ray(min_cpus: int) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=max(os.cpu_count() or 1, min_cpus),
+            object_store_memory=256 * 2**20,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+
+
+def _split(before: dict, after: dict) -> dict[str, float]:
+    """Milliseconds per step of each phase between two stats snapshots."""
+    steps = max(1, after["steps"] - before["steps"])
+    return {
+        p: (after["seconds"].get(p, 0.0) - before["seconds"].get(p, 0.0)) / steps * 1e3
+        for p in (*PHASES, *OVERHEAD, "step")
+    }
+
+
+def timed_generate(engine, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
+    from model.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    before = engine.stats()
+    t0 = time.perf_counter()
+    outs = engine.generate(prompts, params)
+    wall = time.perf_counter() - t0
+    after = engine.stats()
+    bad = [o for o in outs if not hasattr(o, "token_ids")]
+    if bad:
+        raise RuntimeError(f"a benchmark request failed: {bad[0]}")
+    split = _split(before, after)
+    return {
+        "wall_s": wall,
+        "tokens": sum(len(o.token_ids) for o in outs),
+        "ttft_s": [o.time_to_first_token for o in outs],
+        "itl_s": [o.inter_token_latency for o in outs if o.inter_token_latency is not None],
+        "steps": after["steps"] - before["steps"],
+        "split_ms": split,
+    }
+
+
+def sweep(
+    model: str,
+    *,
+    shards: int,
+    device: str,
+    dtype: str,
+    batches: list[int],
+    shapes: list[tuple[int, int]],
+    repeats: int,
+    kv_budget_mb: float,
+) -> list[dict[str, Any]]:
+    from cluster.engine import Engine
+
+    ensure_ray(shards + 1)
+    engine = Engine.start(
+        model, shards=shards, device=device, dtype=dtype, kv_budget_mb=kv_budget_mb,
+        max_seqs=max(batches), token_budget=max(256, max(batches)),
+    )  # fmt: skip
+    rows = []
+    try:
+        timed_generate(engine, random_prompts(2, 8, seed=99), 4)  # warm-up
+        for prompt_len, output_len in shapes:
+            for batch in batches:
+                runs = [
+                    timed_generate(engine, random_prompts(batch, prompt_len, seed=r), output_len)
+                    for r in range(repeats)
+                ]
+                row = summarize(runs) | {
+                    "batch": batch, "prompt_len": prompt_len, "output_len": output_len,
+                }  # fmt: skip
+                progress(
+                    f"   batch {batch:>3}, {prompt_len}+{output_len} tokens: "
+                    f"{row['tokens_per_s']:.1f} tok/s, TTFT p50 {row['ttft_p50_ms']:.0f} ms, "
+                    f"ITL p50 {row['itl_p50_ms']:.1f} ms, overhead {row['overhead_pct']:.1f}%"
+                )
+                rows.append(row)
+    finally:
+        engine.shutdown()
+    return rows
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    ttft = [t for r in runs for t in r["ttft_s"]]
+    itl = [t for r in runs for t in r["itl_s"]]
+    split = {p: median([r["split_ms"][p] for r in runs]) for p in runs[0]["split_ms"]}
+    overhead = [100 * sum(r["split_ms"][p] for p in OVERHEAD) / r["split_ms"]["step"] for r in runs]
+    return {
+        "tokens_per_s": median([r["tokens"] / r["wall_s"] for r in runs]),
+        "ttft_p50_ms": percentile(ttft, 50) * 1e3,
+        "ttft_p99_ms": percentile(ttft, 99) * 1e3,
+        "itl_p50_ms": percentile(itl, 50) * 1e3,
+        "itl_p99_ms": percentile(itl, 99) * 1e3,
+        "step_ms": split["step"],
+        "overhead_pct": median(overhead),
+        "split_ms": split,
+        "repeats": len(runs),
+    }
+
+
+def scaling(
+    model: str,
+    *,
+    shard_counts: list[int],
+    device: str,
+    dtype: str,
+    batch: int,
+    prompt_len: int,
+    output_len: int,
+    repeats: int,
+    kv_budget_mb: float,
+    replicas: bool = True,
+) -> list[dict[str, Any]]:
+    from cluster.engine import Engine
+
+    cores = os.cpu_count() or 1
+    ensure_ray(2 * max(shard_counts) + 1)
+    rows = []
+    for n in shard_counts:
+        threads = max(1, cores // n) if device == "cpu" else None
+        common = dict(device=device, dtype=dtype, kv_budget_mb=kv_budget_mb,
+                      max_seqs=max(batch, 1), token_budget=max(256, batch),
+                      threads_per_shard=threads)  # fmt: skip
+        progress(f"-- {n} expert-parallel shard(s)")
+        engine = Engine.start(model, shards=n, **common)
+        try:
+            timed_generate(engine, random_prompts(2, 8, seed=99), 4)
+            runs = [
+                timed_generate(engine, random_prompts(batch, prompt_len, seed=r), output_len)
+                for r in range(repeats)
+            ]
+        finally:
+            engine.shutdown()
+        row = {"shards": n, "expert_parallel": summarize(runs)}
+        progress(f"   {row['expert_parallel']['tokens_per_s']:.1f} tok/s")
+        if replicas:
+            progress(f"-- {n} independent replica(s) of one shard")
+            row["replicas"] = _replicas(model, n, batch, prompt_len, output_len, repeats, common)
+            progress(f"   {row['replicas']['tokens_per_s']:.1f} tok/s")
+        rows.append(row)
+    return rows
+
+
+def _replicas(model, n, batch, prompt_len, output_len, repeats, common) -> dict[str, Any]:
+    from cluster.engine import Engine
+
+    engines = [Engine.start(model, shards=1, **common) for _ in range(n)]
+    try:
+        for e in engines:
+            timed_generate(e, random_prompts(2, 8, seed=99), 4)
+        walls, tokens, ttft, itl = [], [], [], []
+        for r in range(repeats):
+            prompts = random_prompts(batch, prompt_len, seed=r)
+            shares = [prompts[i::n] for i in range(n)]
+            results: list[dict | None] = [None] * n
+
+            def run(i: int, shares=shares, results=results) -> None:
+                if shares[i]:
+                    results[i] = timed_generate(engines[i], shares[i], output_len)
+
+            t0 = time.perf_counter()
+            threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            walls.append(time.perf_counter() - t0)
+            done = [x for x in results if x is not None]
+            tokens.append(sum(x["tokens"] for x in done))
+            ttft += [t for x in done for t in x["ttft_s"]]
+            itl += [t for x in done for t in x["itl_s"]]
+    finally:
+        for e in engines:
+            e.shutdown()
+    return {
+        "tokens_per_s": median([t / w for t, w in zip(tokens, walls, strict=True)]),
+        "ttft_p50_ms": percentile(ttft, 50) * 1e3,
+        "itl_p50_ms": percentile(itl, 50) * 1e3,
+        "repeats": repeats,
+    }

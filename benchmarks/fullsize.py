@@ -1,0 +1,195 @@
+"""Full-size decode without downloads: random weights in the exact shapes of gpt-oss-20b
+or gpt-oss-120b, built in place on the device, served by one shard (the engine loop in
+this process, no Ray), side by side with transformers on the same weights.
+
+Reports, with the machine:
+  copy bandwidth    a large device-to-device copy (bytes read + written over time)
+  batch-1 decode    tokens/s of one sequence (median inter-token latency), and its
+                    share of the memory-bandwidth limit: the bytes one decode step must
+                    read (dense weights, the unembedding, 4 experts per layer, the KV
+                    cache) over the copy bandwidth
+  batch 64, 256     output tokens/s of that many sequences decoding together
+  transformers      the same figures for GptOssForCausalLM (eager attention, experts
+                    dequantized to bf16), where it fits in memory."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from benchmarks.common import progress
+
+
+def build(config_name: str, device: str, *, kernels: bool | None = None, seed: int = 0):
+    from model.checkpoint import randomize_
+    from model.config import ModelConfig
+    from model.model import Transformer
+
+    config = ModelConfig.preset(config_name)
+    with torch.device(device):
+        model = Transformer(config, dtype=torch.bfloat16)
+    randomize_(model, seed)
+    return model.use_kernels(model.device.type == "cuda" if kernels is None else kernels)
+
+
+def copy_bandwidth(device: str, nbytes: int = 2**30, repeats: int = 20) -> float:
+    """Bytes per second of a device-to-device copy (read + write)."""
+    src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats + 2):
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * nbytes / statistics.median(times[2:])
+
+
+def _sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def decode_bytes(config, context: int) -> int:
+    """Bytes that one batch-1 decode step must read at a given context."""
+    from model.checkpoint import tensor_specs
+
+    total = 0
+    for spec in tensor_specs(config):
+        n = math.prod(spec.shape)
+        if spec.name == "embedding.weight":
+            n = spec.shape[1]  # one row
+        if spec.expert:
+            n = n // config.num_experts * config.experts_per_token
+        total += n if spec.packed else 2 * n
+    per_token = 2 * config.num_key_value_heads * config.head_dim * 2
+    for layer in range(config.num_hidden_layers):
+        seen = min(context, config.sliding_window) if config.is_sliding(layer) else context
+        total += seen * per_token
+    return total
+
+
+def run_ours(model, batch: int, prompt_len: int, output_len: int) -> dict[str, Any]:
+    from cluster.engine_core import EngineCore
+    from model.sampling import SamplingParams
+    from router.transport import LocalTransport
+    from shards.kv_cache import KVLayout
+    from shards.shard import Shard
+
+    config = model.config
+    bs = 16
+    # exactly what the batch needs: every token in full layers, window + chunk in sliding
+    full = batch * -(-(prompt_len + output_len) // bs)
+    sliding = batch * (-(-(config.sliding_window + prompt_len) // bs) + 2)
+    layout = KVLayout(bs, full + batch, sliding + batch)
+    shard = Shard(model, rank=0, world_size=1, transport=LocalTransport(),
+                  device=model.device, kv_layout=layout,
+                  kernels=model.block[0].attn.use_kernels)  # fmt: skip
+    core = EngineCore(config, 1, layout, lambda plans: [shard.step(plans[0])],
+                      token_budget=max(256, batch), max_seqs=batch)  # fmt: skip
+    g = torch.Generator().manual_seed(batch)
+    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
+    warm = core.submit(torch.randint(0, 200000, (16,), generator=g).tolist(),
+                       params.model_copy(update={"max_tokens": 4}))  # fmt: skip
+    core.run_until_done()
+    core.forget(warm)
+    ids = [
+        core.submit(torch.randint(0, 200000, (prompt_len,), generator=g).tolist(), params)
+        for _ in range(batch)
+    ]
+    t0 = time.perf_counter()
+    core.run_until_done()
+    _sync(str(model.device))
+    wall = time.perf_counter() - t0
+    outs = [core.output(i) for i in ids]
+    itl = statistics.median(o.inter_token_latency for o in outs)
+    return {
+        "batch": batch,
+        "tokens_per_s": sum(len(o.token_ids) for o in outs) / wall,
+        "decode_tokens_per_s": batch / itl,
+        "itl_ms": itl * 1e3,
+        "ttft_ms": statistics.median(o.time_to_first_token for o in outs) * 1e3,
+    }
+
+
+@torch.inference_mode()
+def run_peer(peer, batch: int, prompt_len: int, output_len: int) -> dict[str, Any]:
+    """transformers' generate: decode time per step from two runs (output_len and 1 new
+    token), so that the prefill drops out."""
+    device = next(peer.parameters()).device
+    g = torch.Generator().manual_seed(batch)
+    ids = torch.randint(0, 200000, (batch, prompt_len), generator=g).to(device)
+
+    def timed(new: int) -> float:
+        _sync(str(device))
+        t0 = time.perf_counter()
+        peer.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                      pad_token_id=0)  # fmt: skip
+        _sync(str(device))
+        return time.perf_counter() - t0
+
+    timed(2)  # warm-up
+    whole = timed(output_len)
+    step = (whole - timed(1)) / (output_len - 1)
+    return {
+        "batch": batch,
+        "tokens_per_s": batch * output_len / whole,
+        "decode_tokens_per_s": batch / step,
+        "itl_ms": step * 1e3,
+    }
+
+
+def fullsize(
+    config_name: str,
+    *,
+    device: str,
+    batches: list[int],
+    prompt_len: int,
+    output_len: int,
+    peer: bool,
+    kernels: bool | None = None,
+) -> dict[str, Any]:
+    progress(f"-- building {config_name} with random weights on {device}")
+    model = build(config_name, device, kernels=kernels)
+    bandwidth = copy_bandwidth(device)
+    limit = bandwidth / decode_bytes(model.config, prompt_len + output_len // 2)
+    progress(f"   copy bandwidth {bandwidth / 1e9:.0f} GB/s; batch-1 limit {limit:.0f} tok/s")
+    ours = []
+    for b in batches:
+        r = run_ours(model, b, prompt_len, output_len)
+        if b == 1:
+            r["share_of_bandwidth_limit"] = r["decode_tokens_per_s"] / limit
+        ours.append(r)
+        progress(f"   ours, batch {b}: {r['tokens_per_s']:.1f} tok/s, "
+                 f"decode {r['decode_tokens_per_s']:.1f} tok/s")  # fmt: skip
+    theirs: list[dict[str, Any]] | str = []
+    if peer:
+        try:
+            from benchmarks.hf_peer import to_transformers
+
+            hf = to_transformers(model)
+            for b in batches:
+                r = run_peer(hf, b, prompt_len, output_len)
+                theirs.append(r)
+                progress(f"   transformers, batch {b}: {r['tokens_per_s']:.1f} tok/s")
+            del hf
+        except torch.OutOfMemoryError as exc:
+            theirs = f"transformers did not fit: {str(exc).splitlines()[0]}"
+            progress(f"   {theirs}")
+    return {
+        "model": config_name,
+        "device": device,
+        "kernels": model.block[0].attn.use_kernels,
+        "prompt_len": prompt_len,
+        "output_len": output_len,
+        "copy_bandwidth_gb_s": bandwidth / 1e9,
+        "decode_bytes_batch1": decode_bytes(model.config, prompt_len + output_len // 2),
+        "bandwidth_limit_tokens_per_s": limit,
+        "ours": ours,
+        "transformers": theirs,
+    }

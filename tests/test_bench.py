@@ -1,0 +1,157 @@
+"""The benchmark programs: the scaling model's arithmetic, calibration, the transformers
+peer's weight mapping, and `gptoss-ray bench` end to end on the built-in model (figures
+are not checked: benchmarks print them, tests only check that they are produced)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks.scaling_model import Calibration, Links, Routing, _fit, calibrate, predict
+from model.config import ModelConfig
+from router.plan import expert_ranges, owner_table
+
+CAL = Calibration(
+    device="synthetic", dtype="bfloat16", kernels=True,
+    dense=[1e-4, 2e-6, 1e-9], experts=[2e-5, 4e-6, 2e-8], head=[1e-4, 1e-6],
+)  # fmt: skip
+BIG = ModelConfig.preset("gpt-oss-120b")
+SMALL = ModelConfig.preset("gpt-oss-20b")
+
+
+def at(config, gpus, batch, links=None, **kw):
+    return predict(CAL, config, gpus=gpus, batch_per_gpu=batch, context=1024,
+                   links=links or Links(), **kw)  # fmt: skip
+
+
+def test_fit_recovers_known_costs_and_never_goes_negative():
+    xs = [[1.0, b, b * c] for b in (1, 8, 64) for c in (128, 1024)]
+    ys = [3e-4 + 2e-6 * x[1] + 5e-9 * x[2] for x in xs]
+    assert _fit(xs, ys) == pytest.approx([3e-4, 2e-6, 5e-9], rel=1e-6)
+    decreasing = [1.0 - 0.01 * x[1] for x in xs]  # a negative slope is not a cost
+    assert all(c >= 0 for c in _fit(xs, decreasing))
+
+
+def test_one_gpu_expert_parallel_is_a_replica():
+    p = at(SMALL, 1, 64)
+    assert p["expert_parallel_tokens_per_s"] == p["replicas_tokens_per_s"]
+    assert p["all_to_all_ms_per_layer"] == 0
+
+
+def test_routing_volumes_follow_the_shard_ownership():
+    for experts, shards in ((32, 4), (128, 8), (32, 3)):
+        owner = torch.arange(experts) * shards // experts
+        ranges = expert_ranges(experts, shards)
+        # the model's owners are the engine's contiguous ranges, up to which shard
+        # gets the remainder
+        sizes = torch.bincount(owner, minlength=shards).tolist()
+        assert sorted(sizes) == sorted(hi - lo for lo, hi in ranges)
+        assert owner_table(ranges).shape == (experts,)
+    rows, touched, remote = Routing(128, 4, samples=32).busiest(512, 8)
+    assert remote == pytest.approx(7 / 8, abs=0.02)  # uniform: 1 - 1/N leave home
+    assert 512 * 4 / 8 <= rows < 512 * 4 / 8 * 1.3  # the busiest shard is a little over
+    assert touched <= 16
+    hot = [100.0] + [1.0] * 127  # one hot expert: its shard is the busiest by far
+    rows_hot, _, _ = Routing(128, 4, load=hot, samples=8).busiest(512, 8)
+    assert rows_hot > rows * 1.5
+
+
+def test_links_and_memory_decide_where_expert_parallelism_wins():
+    slow = Links(nvlink_latency_us=500)
+    fast, lagging = at(BIG, 8, 1), at(BIG, 8, 1, slow)
+    assert lagging["expert_parallel_tokens_per_s"] < fast["expert_parallel_tokens_per_s"]
+    assert lagging["replicas_tokens_per_s"] == fast["replicas_tokens_per_s"]
+    # 120b fills most of an 80 GB GPU: 256 sequences fit only with the experts spread
+    assert at(BIG, 1, 256)["replicas_tokens_per_s"] is None
+    assert at(BIG, 8, 256)["replicas_tokens_per_s"] is None
+    assert at(BIG, 8, 256)["expert_parallel_tokens_per_s"] is not None
+    assert (
+        at(BIG, 8, 1)["max_batch_per_gpu"]["expert_parallel"]
+        > 5 * (at(BIG, 8, 1)["max_batch_per_gpu"]["replicas"])
+    )
+    # more GPUs than experts: expert-parallel groups of 32 are replicated
+    p64 = at(SMALL, 64, 16)
+    assert p64["expert_parallel_groups"] == 2
+    assert p64["expert_parallel_tokens_per_s"] == pytest.approx(
+        2 * at(SMALL, 32, 16)["expert_parallel_tokens_per_s"]
+    )
+
+
+def test_calibration_on_the_built_in_model():
+    cal = calibrate("gpt-oss-tiny", batches=(1, 4), contexts=(8, 40), repeats=1)
+    assert cal.device == "cpu" and not cal.kernels
+    assert all(c >= 0 for c in cal.dense + cal.experts + cal.head)
+    assert len(cal.points["dense [1, b, b*c] -> s"]) == 2 * 2 * 2  # layers x b x c
+    assert cal.dense_s(4, 40) > 0 and cal.experts_s(4, 16) > 0
+
+
+def test_the_transformers_peer_holds_the_same_weights(tmp_path):
+    from benchmarks.hf_peer import to_transformers
+    from model.checkpoint import Checkpoint, write_random_checkpoint
+    from model.kv_cache import SequenceBatch, SequenceKV
+    from tests.tiny import ORACLE_CONFIGS
+
+    config = ORACLE_CONFIGS["gqa-3layers-8experts"]
+    write_random_checkpoint(config, tmp_path, seed=3)
+    ours = Checkpoint(tmp_path).load(dtype=torch.float32)
+    peer = to_transformers(ours, torch.float32)
+    ids = torch.randint(0, config.vocab_size, (30,), generator=torch.Generator().manual_seed(0))
+    cache = SequenceKV(config.num_hidden_layers, config.num_key_value_heads, config.head_dim,
+                       dtype=torch.float32)  # fmt: skip
+    mine = ours(ids, SequenceBatch([cache], [30]), all_logits=True)
+    with torch.no_grad():
+        theirs = peer(ids[None]).logits[0].float()
+    torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_decode_bytes_counts_four_experts_and_the_cache():
+    from benchmarks.fullsize import decode_bytes
+
+    d = decode_bytes(SMALL, 0)
+    # gpt-oss-20b: ~1.2 GB of attention, 1.16 GB unembedding, 4 of 32 experts per layer
+    assert 3.3e9 < d < 4.0e9
+    per_token = 2 * 8 * 64 * 2
+    assert decode_bytes(SMALL, 1000) - d == per_token * (12 * 1000 + 12 * 128)
+
+
+def test_bench_fullsize_on_the_built_in_model(tmp_path, capsys):
+    from benchmarks.cli import main
+
+    main(["--out", str(tmp_path), "fullsize", "--model", "gpt-oss-tiny", "--device", "cpu",
+          "--batches", "1,3", "--prompt-len", "8", "--output-len", "4"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "memory-bandwidth limit" in out
+    (saved,) = tmp_path.glob("fullsize-*.json")
+    data = json.loads(saved.read_text())["results"]
+    assert [r["batch"] for r in data["ours"]] == [1, 3]
+    assert [r["batch"] for r in data["transformers"]] == [1, 3]
+    assert all(r["tokens_per_s"] > 0 for r in data["ours"] + data["transformers"])
+
+
+def test_bench_sweep_and_scaling_through_the_engine(ray_session, tmp_path, capsys):
+    from benchmarks.cli import main
+
+    main(["--out", str(tmp_path), "sweep", "--shards", "1", "--batches", "1,3",
+          "--shapes", "8x4", "--repeats", "1", "--kv-budget-mb", "32"])  # fmt: skip
+    (saved,) = tmp_path.glob("sweep-*.json")
+    rows = json.loads(saved.read_text())["results"]
+    assert [r["batch"] for r in rows] == [1, 3]
+    assert all(r["ttft_p50_ms"] > 0 and r["itl_p50_ms"] > 0 for r in rows)
+    assert all(0 <= r["overhead_pct"] < 100 for r in rows)
+    main(["--out", str(tmp_path), "scaling", "--shards", "1,2", "--batch", "2",
+          "--prompt-len", "8", "--output-len", "4", "--repeats", "1", "--kv-budget-mb", "32"])  # fmt: skip
+    (saved,) = tmp_path.glob("scaling-*.json")
+    rows = json.loads(saved.read_text())["results"]
+    assert [r["shards"] for r in rows] == [1, 2]
+    assert all(r["replicas"]["tokens_per_s"] > 0 for r in rows)
+    assert "EP/replicas" in capsys.readouterr().out
+
+
+def test_bad_bench_arguments_are_named(capsys):
+    from benchmarks.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["sweep", "--shapes", "128by64"])
+    assert "'128by64': expected PROMPTxOUTPUT" in capsys.readouterr().err
