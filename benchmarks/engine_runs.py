@@ -117,21 +117,27 @@ def sweep(
     return rows
 
 
-def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+def latency(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median tokens/s over runs; TTFT and ITL percentiles over all their requests."""
     ttft = [t for r in runs for t in r["ttft_s"]]
     itl = [t for r in runs for t in r["itl_s"]]
-    split = {p: median([r["split_ms"][p] for r in runs]) for p in runs[0]["split_ms"]}
-    overhead = [100 * sum(r["split_ms"][p] for p in OVERHEAD) / r["split_ms"]["step"] for r in runs]
     return {
         "tokens_per_s": median([r["tokens"] / r["wall_s"] for r in runs]),
         "ttft_p50_ms": percentile(ttft, 50) * 1e3,
         "ttft_p99_ms": percentile(ttft, 99) * 1e3,
         "itl_p50_ms": percentile(itl, 50) * 1e3,
         "itl_p99_ms": percentile(itl, 99) * 1e3,
+        "repeats": len(runs),
+    }
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    split = {p: median([r["split_ms"][p] for r in runs]) for p in runs[0]["split_ms"]}
+    overhead = [100 * sum(r["split_ms"][p] for p in OVERHEAD) / r["split_ms"]["step"] for r in runs]
+    return latency(runs) | {
         "step_ms": split["step"],
         "overhead_pct": median(overhead),
         "split_ms": split,
-        "repeats": len(runs),
     }
 
 
@@ -185,7 +191,7 @@ def _replicas(model, n, batch, prompt_len, output_len, repeats, common) -> dict[
     try:
         for e in engines:
             timed_generate(e, random_prompts(2, 8, seed=99), 4)
-        walls, tokens, ttft, itl = [], [], [], []
+        runs = []  # each: the replicas' requests together, timed from the first start
         for r in range(repeats):
             prompts = random_prompts(batch, prompt_len, seed=r)
             shares = [prompts[i::n] for i in range(n)]
@@ -201,17 +207,15 @@ def _replicas(model, n, batch, prompt_len, output_len, repeats, common) -> dict[
                 t.start()
             for t in threads:
                 t.join()
-            walls.append(time.perf_counter() - t0)
+            wall = time.perf_counter() - t0
             done = [x for x in results if x is not None]
-            tokens.append(sum(x["tokens"] for x in done))
-            ttft += [t for x in done for t in x["ttft_s"]]
-            itl += [t for x in done for t in x["itl_s"]]
+            runs.append({
+                "wall_s": wall,
+                "tokens": sum(x["tokens"] for x in done),
+                "ttft_s": [t for x in done for t in x["ttft_s"]],
+                "itl_s": [t for x in done for t in x["itl_s"]],
+            })  # fmt: skip
     finally:
         for e in engines:
             e.shutdown()
-    return {
-        "tokens_per_s": median([t / w for t, w in zip(tokens, walls, strict=True)]),
-        "ttft_p50_ms": percentile(ttft, 50) * 1e3,
-        "itl_p50_ms": percentile(itl, 50) * 1e3,
-        "repeats": repeats,
-    }
+    return latency(runs)

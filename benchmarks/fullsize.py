@@ -14,7 +14,6 @@ Reports, with the machine:
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from typing import Any
@@ -56,22 +55,17 @@ def _sync(device: str) -> None:
 
 
 def decode_bytes(config, context: int) -> int:
-    """Bytes that one batch-1 decode step must read at a given context."""
-    from model.checkpoint import tensor_specs
+    """Bytes that one batch-1 decode step must read at a given context: the dense weights
+    (one row of the embedding), top-k of the experts, the keys and values it attends to."""
+    from benchmarks.scaling_model import kv_bytes_per_sequence, model_bytes
 
-    total = 0
-    for spec in tensor_specs(config):
-        n = math.prod(spec.shape)
-        if spec.name == "embedding.weight":
-            n = spec.shape[1]  # one row
-        if spec.expert:
-            n = n // config.num_experts * config.experts_per_token
-        total += n if spec.packed else 2 * n
-    per_token = 2 * config.num_key_value_heads * config.head_dim * 2
-    for layer in range(config.num_hidden_layers):
-        seen = min(context, config.sliding_window) if config.is_sliding(layer) else context
-        total += seen * per_token
-    return total
+    dense, experts = model_bytes(config)
+    embedding = config.vocab_size * config.hidden_size * 2
+    return (
+        dense - embedding + 2 * config.hidden_size
+        + experts * config.experts_per_token // config.num_experts
+        + kv_bytes_per_sequence(config, context, window_slack=0)
+    )  # fmt: skip
 
 
 def run_ours(model, batch: int, prompt_len: int, output_len: int) -> dict[str, Any]:

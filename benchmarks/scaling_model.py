@@ -214,11 +214,14 @@ def model_bytes(config) -> tuple[int, int]:
     return dense, experts
 
 
-def kv_bytes_per_sequence(config, context: int) -> int:
+def kv_bytes_per_sequence(config, context: int, window_slack: int = 16) -> int:
+    """bf16 keys and values of one sequence at `context` over all layers; a sliding layer
+    holds its window plus `window_slack` (the partly used block at the window's start)."""
     per_token = 2 * config.num_key_value_heads * config.head_dim * 2  # k and v, bf16
     total = 0
     for layer in range(config.num_hidden_layers):
-        kept = min(context, config.sliding_window + 16) if config.is_sliding(layer) else context
+        sliding = config.is_sliding(layer)
+        kept = min(context, config.sliding_window + window_slack) if sliding else context
         total += kept * per_token
     return total
 

@@ -214,16 +214,6 @@ class EngineCore:
         t2 = time.perf_counter()
         with self._lock:
             self.scheduler.update(plans, [r.tokens for r in results])
-            now = time.monotonic()
-            for r in results:
-                for seq_id in r.tokens:
-                    seq = self.requests.get(seq_id)
-                    if seq is None:
-                        continue
-                    if seq.first_token_at is None:
-                        seq.first_token_at = now
-                    if seq.status == Status.FINISHED and seq.finished_at is None:
-                        seq.finished_at = now
             stats = self.stats
             stats.steps += 1
             stats.generated_tokens += sum(len(r.tokens) for r in results)

@@ -9,6 +9,7 @@ that shard is preempted (its blocks freed) and later recomputed from its tokens.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -214,6 +215,7 @@ class Scheduler:
     def update(self, plans: list[StepPlan], sampled: list[dict[str, int]]) -> list[Sequence]:
         """Applies a step's results; returns the sequences that got a token."""
         advanced = []
+        now = time.monotonic()
         for rank, (plan, tokens) in enumerate(zip(plans, sampled, strict=True)):
             shard = self.shards[rank]
             by_id = {s.seq_id: s for s in shard.running}
@@ -227,12 +229,15 @@ class Scheduler:
                 token = tokens[w.seq_id]
                 seq.output.append(token)
                 advanced.append(seq)
+                if seq.first_token_at is None:
+                    seq.first_token_at = now
                 if token in seq.stop_ids:
                     seq.finish_reason = "stop"
                 elif len(seq.output) >= seq.params.max_tokens:
                     seq.finish_reason = "length"
                 if seq.finish_reason is not None:
                     seq.status = Status.FINISHED
+                    seq.finished_at = now
                     self._free(shard, seq)
                     shard.release.append(seq.seq_id)
         return advanced

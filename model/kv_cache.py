@@ -100,10 +100,8 @@ class AttentionTables:
                     pos.append(p + j)
                     count.append(min(block_m, n - j))
                 start += n
-            device = self.block_table.device
-            self._tiles[block_m] = tuple(
-                torch.tensor(a, dtype=torch.int32, device=device) for a in (seq, row, pos, count)
-            )
+            packed = torch.tensor([seq, row, pos, count], dtype=torch.int32)
+            self._tiles[block_m] = tuple(packed.to(self.block_table.device))  # one copy
         return self._tiles[block_m]
 
 

@@ -132,17 +132,16 @@ class AttentionBlock(nn.Module):
             k_pool, v_pool = batch.paged.pools(self.layer)
             tables = batch.paged.tables(self.window is not None)
             out = paged_attention(q, k_pool, v_pool, self.sinks, tables, window=self.window)
-            return x + self.out(out.reshape(t, -1))
-
-        out = torch.empty_like(q)
-        start = 0
-        for cache, n in zip(batch.caches, batch.lengths, strict=True):
-            rows = slice(start, start + n)
-            k_all, v_all, offset = cache.store(self.layer, k[rows], v[rows])
-            out[rows] = attention_with_sinks(
-                q[rows], k_all, v_all, self.sinks, q_offset=offset, window=self.window
-            )
-            start += n
+        else:
+            out = torch.empty_like(q)
+            start = 0
+            for cache, n in zip(batch.caches, batch.lengths, strict=True):
+                rows = slice(start, start + n)
+                k_all, v_all, offset = cache.store(self.layer, k[rows], v[rows])
+                out[rows] = attention_with_sinks(
+                    q[rows], k_all, v_all, self.sinks, q_offset=offset, window=self.window
+                )
+                start += n
         return x + self.out(out.reshape(t, -1))
 
 

@@ -228,15 +228,16 @@ class PagedBatchView:
             table = torch.tensor(
                 [b + [0] * (width - len(b)) for b, _ in per_seq], dtype=torch.int32
             ).to(device)
-            starts = [start for _, start in per_seq]
             positions = [s.table.length for s in self.seqs]
-            kv_start = torch.tensor(starts, dtype=torch.int32).to(device)
+            starts, first, counts = torch.tensor(
+                [[start for _, start in per_seq], positions, self.lengths]
+            ).to(device)  # one copy
+            kv_start = starts.to(torch.int32)
             # each new token's block and slot, gathered on the device
-            counts = torch.tensor(self.lengths).to(device)
             seq = torch.repeat_interleave(torch.arange(len(self.seqs), device=device), counts)
             first_row = torch.cumsum(counts, 0) - counts
             offset = torch.arange(seq.shape[0], device=device) - first_row[seq]
-            pos = torch.tensor(positions).to(device)[seq] + offset - kv_start[seq]
+            pos = first[seq] + offset - starts[seq]
             bs = cache.block_size
             write_block = table[seq, pos // bs].long()
             tables = AttentionTables(table, kv_start, positions, self.lengths)
