@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     full.add_argument("--output-len", type=int, default=64)
     full.add_argument("--no-peer", action="store_true", help="skip transformers")
     full.add_argument("--kernels", choices=("auto", "on", "off"), default="auto")
+    full.add_argument(
+        "--graphs", choices=("auto", "on", "off"), default="auto",
+        help="decode steps from CUDA graphs (auto: on a GPU with the kernels)",
+    )  # fmt: skip
     return parser
 
 
@@ -128,10 +132,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         from benchmarks.fullsize import fullsize
 
-        kernels = {"auto": None, "on": True, "off": False}[args.kernels]
+        switch = {"auto": None, "on": True, "off": False}
         data["results"] = fullsize(
             args.model, device=args.device, batches=args.batches, prompt_len=args.prompt_len,
-            output_len=args.output_len, peer=not args.no_peer, kernels=kernels,
+            output_len=args.output_len, peer=not args.no_peer, kernels=switch[args.kernels],
+            graphs=switch[args.graphs],
         )  # fmt: skip
         _print_fullsize(data)
         save("fullsize", data, args.out, None)
@@ -254,15 +259,16 @@ def _print_fullsize(data: dict) -> None:
           f"{r['output_len']}; copy bandwidth {r['copy_bandwidth_gb_s']:.0f} GB/s, batch-1 "
           f"limit {r['bandwidth_limit_tokens_per_s']:.0f} tok/s")  # fmt: skip
     peer = {p["batch"]: p for p in r["transformers"]} if isinstance(r["transformers"], list) else {}
-    print(f"{'batch':>5} {'ours tok/s':>10} {'decode tok/s':>12} {'transformers':>12} {'ratio':>6}")
+    print(f"{'batch':>5} {'graphs':>6} {'ours tok/s':>10} {'decode tok/s':>12} "
+          f"{'of limit':>8} {'transformers':>12} {'ratio':>6}")  # fmt: skip
     for o in r["ours"]:
         p = peer.get(o["batch"])
         ratio = o["tokens_per_s"] / p["tokens_per_s"] if p else None
-        print(f"{o['batch']:>5} {o['tokens_per_s']:>10.1f} {o['decode_tokens_per_s']:>12.1f} "
+        share = o.get("share_of_bandwidth_limit")
+        share = f"{100 * share:.0f}%" if share is not None else "-"
+        print(f"{o['batch']:>5} {'on' if o['decode_graphs'] else 'off':>6} "
+              f"{o['tokens_per_s']:>10.1f} {o['decode_tokens_per_s']:>12.1f} {share:>8} "
               f"{_fmt(p and p['tokens_per_s'], '.1f'):>12} {_fmt(ratio, '.2f'):>6}")  # fmt: skip
-    if "share_of_bandwidth_limit" in r["ours"][0]:
-        print(f"batch-1 decode at {100 * r['ours'][0]['share_of_bandwidth_limit']:.0f}% of the "
-              "memory-bandwidth limit")  # fmt: skip
     if isinstance(r["transformers"], str):
         print(r["transformers"])
 

@@ -20,7 +20,9 @@ from typing import Any
 
 from benchmarks.common import median, percentile, progress
 
-PHASES = ("prepare", "attention", "gate", "dispatch", "experts", "combine", "head")
+PHASES = (
+    "prepare", "attention", "gate", "dispatch", "experts", "combine", "decode graph", "head"
+)  # fmt: skip
 OVERHEAD = ("coordinator", "rpc")  # scheduling and bookkeeping; Ray round trip
 
 

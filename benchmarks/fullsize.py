@@ -35,8 +35,11 @@ def build(config_name: str, device: str, *, kernels: bool | None = None, seed: i
     return model.use_kernels(model.device.type == "cuda" if kernels is None else kernels)
 
 
-def copy_bandwidth(device: str, nbytes: int = 2**30, repeats: int = 20) -> float:
-    """Bytes per second of a device-to-device copy (read + write)."""
+def copy_bandwidth(device: str, nbytes: int | None = None, repeats: int = 20) -> float:
+    """Bytes per second of a device-to-device copy (read + write): 1 GiB on a GPU (far
+    past its caches), 256 MiB on a CPU."""
+    if nbytes is None:
+        nbytes = 2**30 if torch.device(device).type == "cuda" else 2**28
     src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     times = []
@@ -68,7 +71,9 @@ def decode_bytes(config, context: int) -> int:
     )  # fmt: skip
 
 
-def run_ours(model, batch: int, prompt_len: int, output_len: int) -> dict[str, Any]:
+def run_ours(
+    model, batch: int, prompt_len: int, output_len: int, graphs: bool | None = None
+) -> dict[str, Any]:
     from cluster.engine_core import EngineCore
     from model.sampling import SamplingParams
     from router.transport import LocalTransport
@@ -83,7 +88,7 @@ def run_ours(model, batch: int, prompt_len: int, output_len: int) -> dict[str, A
     layout = KVLayout(bs, full + batch, sliding + batch)
     shard = Shard(model, rank=0, world_size=1, transport=LocalTransport(),
                   device=model.device, kv_layout=layout,
-                  kernels=model.block[0].attn.use_kernels)  # fmt: skip
+                  kernels=model.block[0].attn.use_kernels, decode_graphs=graphs)  # fmt: skip
     core = EngineCore(config, 1, layout, lambda plans: [shard.step(plans[0])],
                       token_budget=max(256, batch), max_seqs=batch)  # fmt: skip
     g = torch.Generator().manual_seed(batch)
@@ -104,6 +109,7 @@ def run_ours(model, batch: int, prompt_len: int, output_len: int) -> dict[str, A
     itl = statistics.median(o.inter_token_latency for o in outs)
     return {
         "batch": batch,
+        "decode_graphs": shard.graphs is not None,
         "tokens_per_s": sum(len(o.token_ids) for o in outs) / wall,
         "decode_tokens_per_s": batch / itl,
         "itl_ms": itl * 1e3,
@@ -147,20 +153,28 @@ def fullsize(
     output_len: int,
     peer: bool,
     kernels: bool | None = None,
+    graphs: bool | None = None,
 ) -> dict[str, Any]:
+    """graphs: decode steps from CUDA graphs (default: where the kernels run on a GPU);
+    with graphs, batch 1 also runs without them, to show what they save."""
     progress(f"-- building {config_name} with random weights on {device}")
     model = build(config_name, device, kernels=kernels)
     bandwidth = copy_bandwidth(device)
     limit = bandwidth / decode_bytes(model.config, prompt_len + output_len // 2)
     progress(f"   copy bandwidth {bandwidth / 1e9:.0f} GB/s; batch-1 limit {limit:.0f} tok/s")
     ours = []
-    for b in batches:
-        r = run_ours(model, b, prompt_len, output_len)
+    kernels_on = model.block[0].attn.use_kernels
+    graphs = model.device.type == "cuda" and kernels_on if graphs is None else graphs
+    runs = [(b, graphs) for b in batches]
+    if graphs and 1 in batches:
+        runs.insert(batches.index(1) + 1, (1, False))
+    for b, g in runs:
+        r = run_ours(model, b, prompt_len, output_len, g)
         if b == 1:
             r["share_of_bandwidth_limit"] = r["decode_tokens_per_s"] / limit
         ours.append(r)
-        progress(f"   ours, batch {b}: {r['tokens_per_s']:.1f} tok/s, "
-                 f"decode {r['decode_tokens_per_s']:.1f} tok/s")  # fmt: skip
+        progress(f"   ours, batch {b}, graphs {'on' if r['decode_graphs'] else 'off'}: "
+                 f"{r['tokens_per_s']:.1f} tok/s, decode {r['decode_tokens_per_s']:.1f} tok/s")  # fmt: skip
     theirs: list[dict[str, Any]] | str = []
     if peer:
         try:
@@ -178,7 +192,7 @@ def fullsize(
     return {
         "model": config_name,
         "device": device,
-        "kernels": model.block[0].attn.use_kernels,
+        "kernels": kernels_on,
         "prompt_len": prompt_len,
         "output_len": output_len,
         "copy_bandwidth_gb_s": bandwidth / 1e9,

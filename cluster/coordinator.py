@@ -161,6 +161,7 @@ class Coordinator(ChatEngine):
         placement_timeout: float = 120,
         recovery_timeout: float = 120,
         kernels: bool | None = None,
+        decode_graphs: bool | None = None,
         threads_per_shard: int | None = None,
     ) -> None:
         path = resolve_model(model)  # writes a preset's built-in checkpoint once, here
@@ -184,7 +185,8 @@ class Coordinator(ChatEngine):
                 f"could not place {shards} shards of {bundle} within {placement_timeout:.0f} s; "
                 f"the cluster has {ray.available_resources()} available"
             ) from None
-        self._device, self._dtype, self._kernels = device, dtype, kernels
+        self._device, self._dtype = device, dtype
+        self._load_options = {"kernels": kernels, "decode_graphs": decode_graphs}
         self._threads = threads_per_shard
         self._shard_options = {
             "num_cpus": cpus_per_shard,
@@ -199,7 +201,10 @@ class Coordinator(ChatEngine):
         self.workers = [self._spawn(r) for r in range(shards)]
         self._form_group(self.workers)
         self.expert_ranges = ray.get(
-            [w.load.remote(self.model_path, dtype, self.layout, kernels) for w in self.workers]
+            [
+                w.load.remote(self.model_path, dtype, self.layout, **self._load_options)
+                for w in self.workers
+            ]
         )
         core = EngineCore(
             self.config, shards, self.layout, self._run_step, token_budget=token_budget,
@@ -266,7 +271,7 @@ class Coordinator(ChatEngine):
         ray.get(
             [
                 self.workers[r].load.remote(
-                    self.model_path, self._dtype, self.layout, self._kernels
+                    self.model_path, self._dtype, self.layout, **self._load_options
                 )
                 for r in lost
             ]

@@ -52,8 +52,9 @@ class Engine:
         The coordinator runs on this process's node unless `coordinator_node` (a Ray node
         id) says otherwise. `options` go to the coordinator (cpus_per_shard,
         gpus_per_shard, placement_timeout, recovery_timeout, kernels: Triton
-        kernels on or off, default on for cuda; threads_per_shard: torch threads of a CPU
-        shard, default the node's cores over the shard count)."""
+        kernels on or off, default on for cuda; decode_graphs: decode steps replayed from
+        CUDA graphs, default on for cuda with the kernels and one shard; threads_per_shard:
+        torch threads of a CPU shard, default the node's cores over the shard count)."""
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device {device!r}: expected cpu or cuda")
         if dtype not in ("float32", "bfloat16"):

@@ -85,11 +85,16 @@ class AttentionTables:
     kv_start: torch.Tensor  # [S] int32
     positions: list[int]  # absolute position of each sequence's first new token
     lengths: list[int]  # new tokens of each sequence
+    # a static decode batch: one tile per sequence whatever block_m, the positions
+    # living on the device (updated in place between graph replays; `positions` unused)
+    decode_tiles: tuple[torch.Tensor, ...] | None = None
     _tiles: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict, repr=False)
 
     def tiles(self, block_m: int) -> tuple[torch.Tensor, ...]:
         """Query tiles of at most block_m tokens of one sequence: (sequence, first row in
         the token tensor, first position, tokens), each [tiles] int32 on the device."""
+        if self.decode_tiles is not None:
+            return self.decode_tiles
         if block_m not in self._tiles:
             seq, row, pos, count = [], [], [], []
             start = 0

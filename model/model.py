@@ -15,7 +15,7 @@ from torch import nn
 
 from model import mxfp4
 from model.config import ModelConfig
-from model.kv_cache import SequenceBatch
+from model.kv_cache import PagedBatch, SequenceBatch
 
 
 class RMSNorm(nn.Module):
@@ -116,21 +116,28 @@ class AttentionBlock(nn.Module):
         self.out = nn.Linear(config.q_dim, config.hidden_size, dtype=dtype)
 
     def forward(
-        self, x: torch.Tensor, batch: SequenceBatch, cos: torch.Tensor, sin: torch.Tensor
+        self,
+        x: torch.Tensor,
+        batch: SequenceBatch | PagedBatch,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
     ) -> torch.Tensor:
+        """x [T, H] -> x + attention. A bare `PagedBatch` (a static decode batch, its
+        tables on the device) runs the kernel path only."""
         t = x.shape[0]
+        paged = batch.paged if isinstance(batch, SequenceBatch) else batch
         qkv = self.qkv(self.norm(x))
         q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q = qkv[:, :q_dim].view(t, self.num_heads, self.head_dim)
         k = qkv[:, q_dim : q_dim + kv_dim].view(t, self.num_kv_heads, self.head_dim)
         v = qkv[:, q_dim + kv_dim :].view(t, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if self.use_kernels and batch.paged is not None:
+        if self.use_kernels and paged is not None:
             from model.kernels.attention import paged_attention
 
-            batch.paged.write(self.layer, k, v)
-            k_pool, v_pool = batch.paged.pools(self.layer)
-            tables = batch.paged.tables(self.window is not None)
+            paged.write(self.layer, k, v)
+            k_pool, v_pool = paged.pools(self.layer)
+            tables = paged.tables(self.window is not None)
             out = paged_attention(q, k_pool, v_pool, self.sinks, tables, window=self.window)
         else:
             out = torch.empty_like(q)
@@ -175,6 +182,7 @@ class ExpertSlice(nn.Module):
         if not 0 <= lo <= hi <= config.num_experts:
             raise ValueError(f"expert range [{lo}, {hi}) is not within [0, {config.num_experts})")
         self.lo, self.hi = lo, hi
+        self.num_experts = config.num_experts
         self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
         self.use_kernels = False  # the Triton path (Transformer.use_kernels)
         n, h, i = hi - lo, config.hidden_size, config.intermediate_size
@@ -220,6 +228,12 @@ class ExpertSlice(nn.Module):
         float32: slot (t, j) holds weights[t, j] * expert(h[t]) when its expert is in this
         slice, zero otherwise. Slices of one layer fill disjoint slots."""
         t, k = expert_ids.shape
+        if (self.lo, self.hi) == (0, self.num_experts):
+            # every pair is local: the same rows in the same order as below, without the
+            # data-dependent shapes (no host sync, so a decode step can be graph-captured)
+            rows = h[:, None, :].expand(t, k, h.shape[1]).reshape(t * k, h.shape[1])
+            y = self.run_grouped(rows, expert_ids.reshape(-1)).view(t, k, -1)
+            return y.float() * weights[..., None]
         out = torch.zeros(t, k, h.shape[1], dtype=torch.float32, device=h.device)
         local = (expert_ids >= self.lo) & (expert_ids < self.hi)
         tok, slot = local.nonzero(as_tuple=True)
@@ -227,6 +241,15 @@ class ExpertSlice(nn.Module):
             y = self.run_grouped(h[tok], expert_ids[tok, slot])
             out[tok, slot] = y.float() * weights[tok, slot, None]
         return out
+
+
+def count_rows(
+    load: torch.Tensor, experts: torch.Tensor, counted: torch.Tensor | None = None
+) -> None:
+    """load[e] += rows for expert e (or the rows' `counted` weights, 0 or 1), in place on
+    the device: bincount would size its output from the data and so wait for it."""
+    ones = counted if counted is not None else torch.ones_like(experts, dtype=load.dtype)
+    load.index_add_(0, experts, ones)
 
 
 def combine(contributions: torch.Tensor) -> torch.Tensor:

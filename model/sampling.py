@@ -74,3 +74,25 @@ class Sampler:
         probs = torch.softmax(logits, dim=-1)
         generator = torch.Generator().manual_seed(step_seed(self.seed, n))
         return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def sample_rows(logits: torch.Tensor, draws: list[tuple[SamplingParams, int, int]]) -> list[int]:
+    """logits [S, V] (any device) and each row's (params, seed, n) -> the S tokens, each
+    exactly what `Sampler(params, seed).draw(row, n)` gives. Greedy rows take one argmax
+    over the batch, the others one copy to the host: two waits for the device per step
+    instead of one per row."""
+    if logits.shape[0] != len(draws):
+        raise ValueError(f"{logits.shape[0]} rows of logits for {len(draws)} draws")
+    greedy = [i for i, (p, _, _) in enumerate(draws) if p.temperature == 0]
+    rest = [i for i, (p, _, _) in enumerate(draws) if p.temperature != 0]
+    tokens = [0] * len(draws)
+    if greedy:
+        picked = logits if len(greedy) == len(draws) else logits[greedy]
+        for i, t in zip(greedy, torch.argmax(picked, dim=-1).tolist(), strict=True):
+            tokens[i] = t
+    if rest:
+        host = logits[rest].float().cpu()
+        for row, i in enumerate(rest):
+            params, seed, n = draws[i]
+            tokens[i] = Sampler(params, seed=seed).draw(host[row], n)
+    return tokens

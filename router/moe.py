@@ -11,7 +11,7 @@ from collections import defaultdict
 
 import torch
 
-from model.model import MLPBlock, combine
+from model.model import MLPBlock, combine, count_rows
 from router.plan import DispatchPlan
 from router.transport import Transport
 
@@ -72,8 +72,8 @@ def expert_parallel_mlp(
     if timer:
         timer.lap("gate")
     rows, experts, recv_counts = dispatch(h, plan, transport)
-    if load is not None and experts.numel():
-        load += torch.bincount(experts, minlength=load.shape[0])
+    if load is not None:
+        count_rows(load, experts)
     if timer:
         timer.lap("dispatch")
     y = block.experts.run_grouped(rows, experts) if rows.shape[0] else rows

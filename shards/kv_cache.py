@@ -120,8 +120,11 @@ class PagedKVCache:
         shape = (layout.block_size, config.num_key_value_heads, config.head_dim)
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
+        # one block past the pool's end that no sequence owns: the padding rows of a
+        # static decode batch write and read there
+        self.scratch_block = {False: layout.full_blocks, True: layout.sliding_blocks}
         for layer in range(config.num_hidden_layers):
-            n = layout.sliding_blocks if config.is_sliding(layer) else layout.full_blocks
+            n = self.scratch_block[config.is_sliding(layer)] + 1
             self.k.append(torch.zeros((n, *shape), dtype=dtype, device=device))
             self.v.append(torch.zeros((n, *shape), dtype=dtype, device=device))
         self.tables: dict[str, BlockTable] = {}

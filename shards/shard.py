@@ -13,11 +13,12 @@ import torch
 from model.checkpoint import Checkpoint, load_model, resolve_model
 from model.kv_cache import SequenceBatch
 from model.model import Transformer
-from model.sampling import Sampler, SamplingParams
+from model.sampling import SamplingParams, sample_rows
 from router.moe import StepTimer, expert_parallel_mlp
 from router.plan import expert_ranges, owner_table
 from router.transport import Transport
-from shards.kv_cache import KVLayout, PagedBatchView, PagedKVCache
+from shards.decode_graphs import DecodeGraphs
+from shards.kv_cache import KVLayout, PagedBatchView, PagedKVCache, PagedSequence
 
 
 @dataclass
@@ -60,9 +61,12 @@ class Shard:
         kv_budget_bytes: int = 256 * 2**20,
         block_size: int = 16,
         kernels: bool | None = None,
+        decode_graphs: bool | None = None,
     ) -> None:
         """kernels: run experts and attention through the Triton kernels (default: on a
-        GPU), or the torch reference path."""
+        GPU), or the torch reference path. decode_graphs: replay decode steps from CUDA
+        graphs (default: on a GPU with the kernels and one shard; on a CPU, True runs
+        the same static decode step eagerly)."""
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
         self.transport = transport
@@ -81,7 +85,8 @@ class Shard:
         self.experts = ranges[rank]
         self.owners = owner_table(ranges).to(self.device)
         self.config = self.model.config
-        self.model.use_kernels(self.device.type == "cuda" if kernels is None else kernels)
+        kernels = self.device.type == "cuda" if kernels is None else kernels
+        self.model.use_kernels(kernels)
         layout = kv_layout or KVLayout.from_budget(
             self.config, kv_budget_bytes, dtype=dtype, block_size=block_size
         )
@@ -92,6 +97,14 @@ class Shard:
             self.config.num_hidden_layers, self.config.num_experts, dtype=torch.long,
             device=self.device,
         )  # fmt: skip
+        if decode_graphs is None:
+            decode_graphs = self.device.type == "cuda" and kernels and world_size == 1
+        if decode_graphs and world_size > 1:
+            raise ValueError(
+                f"decode graphs need one shard ({world_size} given): the all-to-all between "
+                "shards has routing-dependent sizes and is not captured"
+            )
+        self.graphs = DecodeGraphs(self.model, self.kv, self.expert_load) if decode_graphs else None
 
     def free_blocks(self) -> tuple[int, int]:
         return self.kv.free_blocks()
@@ -111,6 +124,30 @@ class Shard:
                     f"the plan says {w.start}"
                 )
         caches = [self.kv.prepare(w.seq_id, len(w.tokens)) for w in work]
+        sampled = [i for i, w in enumerate(work) if w.sample]
+        decode = all(len(w.tokens) == 1 for w in work)
+        if self.graphs is not None and decode and self.graphs.fits(caches):
+            logits = self.graphs.run(caches, [w.tokens[0] for w in work])
+            if len(sampled) < len(work):
+                logits = logits[sampled]
+            if logits.is_cuda:  # the replay's time goes to its own phase, not the head's
+                torch.cuda.current_stream().synchronize()
+            for cache in caches:
+                cache.commit(1)
+            timer.lap("decode graph")  # buffers, replay
+        else:
+            logits = self._forward(work, caches, sampled, timer)
+        draws = [(work[i].params, work[i].seed, work[i].draw_index) for i in sampled]
+        tokens = sample_rows(logits, draws) if sampled else []
+        out = {work[i].seq_id: token for i, token in zip(sampled, tokens, strict=True)}
+        timer.lap("head")  # final norm, unembedding, sampling
+        return StepResult(out, self.kv.free_blocks(), dict(timer.seconds))
+
+    def _forward(
+        self, work: list[SeqWork], caches: list[PagedSequence], sampled: list[int], timer: StepTimer
+    ) -> torch.Tensor:
+        """The step through the layers, any mix of prefill chunks and decodes, with the
+        experts' all-to-all -> logits of the sampled sequences' last tokens [len(sampled), V]."""
         lengths = [len(w.tokens) for w in work]
         batch = SequenceBatch(caches, lengths, PagedBatchView(caches, lengths) if work else None)
         tokens = torch.tensor(
@@ -128,13 +165,5 @@ class Shard:
                 block.mlp, x, self.owners, self.transport, timer, self.expert_load[layer]
             )
         batch.commit()
-        out: dict[str, int] = {}
-        rows = [r for r, w in zip(batch.last_rows(), work, strict=True) if w.sample]
-        if rows:
-            logits = model.unembedding(model.norm(x[rows])).float()
-            sampled = [w for w in work if w.sample]
-            for row, w in enumerate(sampled):
-                assert w.params is not None
-                out[w.seq_id] = Sampler(w.params, seed=w.seed).draw(logits[row], w.draw_index)
-        timer.lap("head")  # final norm, unembedding, sampling
-        return StepResult(out, self.kv.free_blocks(), dict(timer.seconds))
+        last = batch.last_rows()
+        return model.unembedding(model.norm(x[[last[i] for i in sampled]])).float()

@@ -90,12 +90,18 @@ class ShardWorker:
         return out
 
     def load(
-        self, model: str, dtype: str, layout: KVLayout, kernels: bool | None = None
+        self,
+        model: str,
+        dtype: str,
+        layout: KVLayout,
+        kernels: bool | None = None,
+        decode_graphs: bool | None = None,
     ) -> tuple[int, int]:
         transport = DistributedTransport() if self.world_size > 1 else LocalTransport()
         self.shard = Shard(
             model, rank=self.rank, world_size=self.world_size, transport=transport,
             dtype=getattr(torch, dtype), device=self.device, kv_layout=layout, kernels=kernels,
+            decode_graphs=decode_graphs,
         )  # fmt: skip
         return self.shard.experts
 

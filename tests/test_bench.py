@@ -120,13 +120,17 @@ def test_bench_fullsize_on_the_built_in_model(tmp_path, capsys):
     from benchmarks.cli import main
 
     main(["--out", str(tmp_path), "fullsize", "--model", "gpt-oss-tiny", "--device", "cpu",
-          "--batches", "1,3", "--prompt-len", "8", "--output-len", "4"])  # fmt: skip
+          "--batches", "1,2", "--prompt-len", "8", "--output-len", "3", "--kernels", "on",
+          "--graphs", "on"])  # fmt: skip
     out = capsys.readouterr().out
-    assert "memory-bandwidth limit" in out
+    assert "batch-1 limit" in out and "of limit" in out
     (saved,) = tmp_path.glob("fullsize-*.json")
     data = json.loads(saved.read_text())["results"]
-    assert [r["batch"] for r in data["ours"]] == [1, 3]
-    assert [r["batch"] for r in data["transformers"]] == [1, 3]
+    # batch 1 runs again without the static decode step, beside the one with it
+    assert [(r["batch"], r["decode_graphs"]) for r in data["ours"]] == [
+        (1, True), (1, False), (2, True)
+    ]  # fmt: skip
+    assert [r["batch"] for r in data["transformers"]] == [1, 2]
     assert all(r["tokens_per_s"] > 0 for r in data["ours"] + data["transformers"])
 
 

@@ -108,7 +108,9 @@ class ExpertTiles:
         rows = local_experts.shape[0]
         self.block_m = block_m
         self.order = torch.argsort(local_experts, stable=True).to(torch.int32)  # sorted -> row
-        counts = torch.bincount(local_experts, minlength=num_experts)
+        # bincount would size its output from the data, and so wait for the device
+        counts = torch.zeros(num_experts, dtype=torch.long, device=local_experts.device)
+        counts.index_add_(0, local_experts, torch.ones_like(local_experts, dtype=torch.long))
         self.expert_end = torch.cumsum(counts, 0).to(torch.int32)  # [E], in sorted rows
         starts = self.expert_end - counts
         tiles = (counts + block_m - 1) // block_m

@@ -1,0 +1,198 @@
+"""Decode steps of a one-shard model replayed from CUDA graphs, one graph per batch bucket.
+
+In a decode step every sequence brings one token, so for a given number of sequences the
+step has the same shapes every time: its dozen launches per layer can be recorded once
+and replayed, which removes the launch overhead that otherwise bounds small batches. A
+replay reads only static buffers, refilled before it by three host-to-device copies: the
+tokens and their positions, and per layer kind (full or sliding) where each sequence's
+keys start, the slot its new key goes to, and its block table. S sequences run in the
+smallest bucket B >= S; the B - S padding rows write to and read from the cache's scratch
+block, which no sequence owns, so they touch no sequence's keys.
+
+Only one shard: between shards the all-to-all's sizes depend on the routing. On a CPU
+(tests) the same static step runs eagerly: exactly what a graph would record."""
+
+from __future__ import annotations
+
+import bisect
+
+import torch
+
+from model.kv_cache import AttentionTables
+from model.model import Transformer, combine, count_rows
+from shards.kv_cache import PagedKVCache, PagedSequence, cdiv
+
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+
+# rows of DecodeBuffers.meta: token, position, 1 for a sequence (0 for padding), then for
+# full and for sliding layers the first position of the table's first block, and the new
+# key's block and slot
+TOKEN, POSITION, REAL = 0, 1, 2
+KV_START, WRITE_BLOCK, WRITE_SLOT = 3, 4, 5  # + 3 for sliding layers
+META_ROWS = 9
+
+
+def _row(field: int, sliding: bool) -> int:
+    return field + (3 if sliding else 0)
+
+
+class DecodeBuffers:
+    """The static inputs of a decode step for up to `rows` sequences, on the device."""
+
+    def __init__(self, cache: PagedKVCache, rows: int) -> None:
+        config, bs = cache.config, cache.block_size
+        device = cache.k[0].device
+        self.cache, self.rows = cache, rows
+        self.meta = torch.zeros(META_ROWS, rows, dtype=torch.long, device=device)
+        width = {
+            False: min(cache.layout.full_blocks, cdiv(config.max_context_length, bs)),
+            True: min(max(cache.layout.sliding_blocks, 1), cdiv(cache.window, bs) + 1),
+        }
+        self.block_tables = {
+            s: torch.zeros(rows, width[s], dtype=torch.int32, device=device) for s in (False, True)
+        }
+        # the longest sequence a replay can hold: a longer one decodes eagerly
+        self.max_length = self.block_tables[False].shape[1] * bs
+        self.ones = torch.ones(rows, dtype=torch.int32, device=device)
+        self.arange = torch.arange(rows, dtype=torch.int32, device=device)
+
+    def fill(self, seqs: list[PagedSequence], tokens: list[int], rows: int) -> None:
+        """Writes the step of these sequences (one new token each, their blocks already
+        prepared) into the first `rows` rows; the rows past the sequences are padding."""
+        cache, bs = self.cache, self.cache.block_size
+        meta = [[0] * rows for _ in range(META_ROWS)]
+        tables: dict[bool, list[list[int]]] = {}
+        for sliding in (False, True) if cache.has_sliding else (False,):
+            scratch = cache.scratch_block[sliding]
+            table = [[scratch] for _ in range(rows)]
+            for i, seq in enumerate(seqs):
+                blocks, start = seq.blocks(sliding, 1)
+                offset = seq.next_position - start
+                table[i] = blocks
+                meta[_row(KV_START, sliding)][i] = start
+                meta[_row(WRITE_BLOCK, sliding)][i] = blocks[offset // bs]
+                meta[_row(WRITE_SLOT, sliding)][i] = offset % bs
+            for i in range(len(seqs), rows):
+                meta[_row(WRITE_BLOCK, sliding)][i] = scratch
+            tables[sliding] = table
+        for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
+            meta[TOKEN][i], meta[POSITION][i], meta[REAL][i] = token, seq.next_position, 1
+        self.meta[:, :rows].copy_(torch.tensor(meta), non_blocking=True)
+        for sliding, table in tables.items():
+            width = max(len(t) for t in table)
+            host = torch.tensor([t + [0] * (width - len(t)) for t in table], dtype=torch.int32)
+            self.block_tables[sliding][:rows, :width].copy_(host, non_blocking=True)
+
+    def batch(self, rows: int) -> StaticDecodeBatch:
+        return StaticDecodeBatch(self, rows)
+
+
+class StaticDecodeBatch:
+    """The first `rows` rows of the buffers as a `PagedBatch` for the attention kernel:
+    every tensor a view of the buffers, so a graph that reads them sees each refill."""
+
+    def __init__(self, buffers: DecodeBuffers, rows: int) -> None:
+        self.cache = buffers.cache
+        meta = buffers.meta[:, :rows]
+        self.tokens, self.positions, self.real = meta[TOKEN], meta[POSITION], meta[REAL]
+        self._write = {
+            s: (meta[_row(WRITE_BLOCK, s)], meta[_row(WRITE_SLOT, s)]) for s in (False, True)
+        }
+        tiles = (buffers.arange[:rows], buffers.arange[:rows], self.positions, buffers.ones[:rows])
+        self._tables = {
+            s: AttentionTables(
+                buffers.block_tables[s][:rows], meta[_row(KV_START, s)], [], [1] * rows, tiles
+            )
+            for s in (False, True)
+        }
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        block, slot = self._write[self.cache.config.is_sliding(layer)]
+        self.cache.k[layer][block, slot] = k
+        self.cache.v[layer][block, slot] = v
+
+    def pools(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.k[layer], self.cache.v[layer]
+
+    def tables(self, sliding: bool) -> AttentionTables:
+        return self._tables[sliding]
+
+
+def decode_forward(
+    model: Transformer, batch: StaticDecodeBatch, load: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One decode step over a static batch -> float32 logits [rows, V]. Free of host
+    synchronisation and of data-dependent shapes, so that it can be captured. `load`
+    [layers, E] counts the rows routed to each expert."""
+    x = model.embedding(batch.tokens)
+    cos, sin = model.rope.cos_sin(batch.positions)
+    k = model.config.experts_per_token
+    counted = batch.real[:, None].expand(-1, k).reshape(-1)  # padding rows count 0
+    for layer, block in enumerate(model.block):
+        x = block.attn(x, batch, cos, sin)
+        mlp = block.mlp  # MLPBlock.forward, with the routing counted
+        h = mlp.norm(x)
+        expert_ids, weights = mlp.router(h)
+        if load is not None:
+            count_rows(load[layer], expert_ids.reshape(-1), counted)
+        x = (x.float() + combine(mlp.experts(h, expert_ids, weights))).to(x.dtype)
+    return model.unembedding(model.norm(x)).float()
+
+
+class DecodeGraphs:
+    """Runs decode steps of one shard's model from a graph per bucket, captured the first
+    time a bucket is used (on a CPU: the same static step, eagerly)."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        cache: PagedKVCache,
+        load: torch.Tensor | None = None,
+        buckets: tuple[int, ...] = BUCKETS,
+    ) -> None:
+        if model.expert_range != (0, model.config.num_experts):
+            raise ValueError("decode graphs need every expert on one shard")
+        if not model.block[0].attn.use_kernels:
+            raise ValueError("decode graphs need the Triton kernels (paged attention)")
+        self.model, self.cache, self.load = model, cache, load
+        self.buckets = tuple(sorted(buckets))
+        self.buffers = DecodeBuffers(cache, self.buckets[-1])
+        self.capture = cache.k[0].is_cuda
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.capture else None
+
+    def fits(self, seqs: list[PagedSequence]) -> bool:
+        """Whether a decode step of these sequences can run from a graph."""
+        longest = max((s.next_position for s in seqs), default=0)
+        return 0 < len(seqs) <= self.buckets[-1] and longest < self.buffers.max_length
+
+    def bucket(self, sequences: int) -> int:
+        return self.buckets[bisect.bisect_left(self.buckets, sequences)]
+
+    def run(self, seqs: list[PagedSequence], tokens: list[int]) -> torch.Tensor:
+        """One new token for each sequence (blocks prepared) -> logits [S, V]. The keys are
+        written; committing them is the caller's."""
+        rows = self.bucket(len(seqs))
+        self.buffers.fill(seqs, tokens, rows)
+        batch = self.buffers.batch(rows)
+        if not self.capture:
+            return decode_forward(self.model, batch, self.load)[: len(seqs)]
+        if rows not in self.graphs:
+            self.graphs[rows] = self._capture(batch)
+        graph, logits = self.graphs[rows]
+        graph.replay()
+        return logits[: len(seqs)]
+
+    def _capture(self, batch: StaticDecodeBatch) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        # A warm-up on a side stream compiles the kernels and sets up cuBLAS (neither may
+        # happen during capture). It writes the same keys the replay then writes again,
+        # and counts no expert load, so that the step is counted once.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            decode_forward(self.model, batch)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = decode_forward(self.model, batch, self.load)
+        return graph, logits

@@ -1,0 +1,131 @@
+"""The static decode step that CUDA graphs record: on CPU it runs eagerly (kernels under
+the interpreter) and must give the baseline's tokens; on CUDA it is captured and must
+give the eager step's tokens. Also the sync-free pieces it is built from."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cluster.engine_core import EngineCore
+from model.model import count_rows
+from model.sampling import Sampler, SamplingParams, sample_rows
+from router.transport import LocalTransport
+from shards.decode_graphs import DecodeGraphs
+from shards.kv_cache import KVLayout, PagedKVCache
+from shards.shard import Shard
+from tests.engine_cases import GREEDY, baseline, baseline_model, prompts
+from tests.test_kernels import random_experts
+from tests.tiny import tiny_config
+
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+
+
+def make_core(device: str, dtype: torch.dtype, graphs: bool, token_budget: int = 128):
+    layout = KVLayout(16, 64, 64)
+    shard = Shard(
+        "gpt-oss-tiny", rank=0, world_size=1, transport=LocalTransport(), dtype=dtype,
+        device=device, kv_layout=layout, kernels=True, decode_graphs=graphs,
+    )  # fmt: skip
+    core = EngineCore(
+        shard.config, 1, layout, lambda plans: [shard.step(plans[0])], token_budget=token_budget
+    )
+    return core, shard
+
+
+def test_static_decode_gives_the_baseline_tokens(monkeypatch):
+    """Three sequences (a padded bucket of 4) decoding across block boundaries and past
+    the 32-token window; one finishes early, so later steps run in a smaller bucket."""
+    core, shard = make_core("cpu", torch.float32, graphs=True)
+    buckets = []
+    run = shard.graphs.run
+    monkeypatch.setattr(
+        shard.graphs, "run", lambda seqs, tokens: buckets.append(len(seqs)) or run(seqs, tokens)
+    )
+    chosen = [0, 1, 6]  # 5, 40 and 33 prompt tokens
+    short = GREEDY.model_copy(update={"max_tokens": 4})
+    ids = [core.submit(prompts()[i], short if i == 6 else GREEDY) for i in chosen]
+    core.run_until_done()
+    want = baseline()
+    assert tuple(core.output(ids[0]).token_ids) == want[0]
+    assert tuple(core.output(ids[1]).token_ids) == want[1]
+    assert tuple(core.output(ids[2]).token_ids) == want[6][:4]
+    assert 3 in buckets and 2 in buckets  # the early finish shrank the batch
+    assert shard.free_blocks() == (64, 64)
+    assert int(shard.expert_load.sum()) == (
+        (5 + 40 + 33 + 9 + 9 + 3) * shard.config.num_hidden_layers
+        * shard.config.experts_per_token
+    )  # fmt: skip  # each token's routing counted once (prefill + decodes)
+
+
+def test_buckets_and_what_fits():
+    model = baseline_model()
+    model.use_kernels(True)
+    try:
+        cache = PagedKVCache(model.config, KVLayout(16, 8, 8), dtype=torch.float32,
+                             device=torch.device("cpu"))  # fmt: skip
+        graphs = DecodeGraphs(model, cache, buckets=(1, 2, 4, 8))
+        assert [graphs.bucket(n) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
+        seqs = [cache.prepare(str(i), 1) for i in range(8)]
+        assert graphs.fits(seqs) and not graphs.fits([]) and not graphs.fits(seqs + seqs[:1])
+        assert graphs.buffers.max_length == 8 * 16  # the full pool's 8 blocks
+        # one block past each pool's end is the padding rows' scratch
+        assert cache.k[0].shape[0] == 9 and cache.scratch_block == {False: 8, True: 8}
+    finally:
+        model.use_kernels(False)
+
+
+def test_decode_graphs_are_refused_where_they_cannot_work():
+    with pytest.raises(ValueError, match="need the Triton kernels"):
+        Shard("gpt-oss-tiny", rank=0, world_size=1, transport=LocalTransport(),
+              dtype=torch.float32, kernels=False, decode_graphs=True)  # fmt: skip
+    with pytest.raises(ValueError, match="need one shard"):
+        Shard("gpt-oss-tiny", rank=0, world_size=2, transport=LocalTransport(),
+              dtype=torch.float32, kernels=True, decode_graphs=True)  # fmt: skip
+
+
+def test_the_all_local_expert_path_is_the_general_path_bit_for_bit():
+    config = tiny_config()
+    experts = random_experts(config, 0, config.num_experts, seed=5)
+    g = torch.Generator().manual_seed(6)
+    h = torch.randn(7, config.hidden_size, generator=g)
+    ids = torch.stack([torch.randperm(config.num_experts, generator=g)[:4] for _ in range(7)])
+    weights = torch.softmax(torch.randn(7, 4, generator=g), -1)
+    fast = experts(h, ids, weights)
+    experts.num_experts += 1  # no longer "every expert here": the nonzero path
+    torch.testing.assert_close(experts(h, ids, weights), fast, rtol=0, atol=0)
+
+
+def test_count_rows_is_bincount():
+    experts = torch.tensor([3, 1, 3, 0, 3, 7])
+    load = torch.zeros(8, dtype=torch.long)
+    count_rows(load, experts)
+    count_rows(load, experts[:2])
+    assert load.tolist() == (torch.bincount(experts, minlength=8) + torch.bincount(
+        experts[:2], minlength=8)).tolist()  # fmt: skip
+
+
+def test_batched_sampling_draws_what_each_sampler_draws():
+    logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(1))
+    greedy = SamplingParams(temperature=0)
+    hot = SamplingParams(temperature=0.8, top_p=0.9, top_k=50)
+    draws = [(greedy, 1, 0), (hot, 11, 3), (hot, 12, 0), (greedy, 2, 5), (hot, 11, 4)]
+    want = [Sampler(p, seed=s).draw(logits[i], n) for i, (p, s, n) in enumerate(draws)]
+    assert sample_rows(logits, draws) == want
+    assert sample_rows(logits[:2], [draws[0], draws[3]]) == [want[0], int(logits[1].argmax())]
+    with pytest.raises(ValueError, match="3 rows of logits for 2 draws"):
+        sample_rows(logits[:3], draws[:2])
+
+
+@pytest.mark.gpu
+def test_captured_graphs_give_the_eager_tokens():
+    """bf16 on CUDA: the replayed step and the eager kernel step pick the same tokens."""
+    runs = []
+    for graphs in (False, True):
+        core, shard = make_core("cuda", torch.bfloat16, graphs=graphs, token_budget=512)
+        ids = [core.submit(p, GREEDY) for p in prompts()]
+        core.run_until_done()
+        runs.append([core.output(i).token_ids for i in ids])
+        if graphs:
+            assert len(shard.graphs.graphs) >= 2  # buckets captured as the batch shrank
+    assert runs[0] == runs[1]
