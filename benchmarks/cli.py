@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -90,6 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--graphs", choices=("auto", "on", "off"), default="auto",
         help="decode steps from CUDA graphs (auto: on a GPU with the kernels)",
     )  # fmt: skip
+    kern = sub.add_parser("kernels", help="the Triton kernels alone against the memory floor")
+    kern.add_argument(
+        "--model", default="gpt-oss-20b", choices=("gpt-oss-20b", "gpt-oss-120b", "gpt-oss-tiny")
+    )
+    kern.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
+    kern.add_argument("--tokens", type=_ints, default=[1, 4, 16, 64, 256],
+                      help="tokens per MoE call (4 expert rows each)")  # fmt: skip
+    kern.add_argument("--batches", type=_ints, default=[1, 64], help="decoding sequences")
+    kern.add_argument("--contexts", type=_ints, default=[1024, 8192], help="tokens of context")
+    kern.add_argument("--variants", type=_ints, default=None,
+                      help="which MoE block-size variants (indices; default all)")  # fmt: skip
     return parser
 
 
@@ -101,6 +113,10 @@ def _has_cuda() -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "device", None) == "cpu":
+        # Triton kernels on CPU tensors run only in its interpreter, which must be on
+        # before a kernel is defined (the kernel modules are imported lazily, below)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     data: dict[str, Any] = {"machine": machine(), "args": vars(args)}
     print(f"machine: {describe(data['machine'])}")
     if args.what == "sweep":
@@ -129,6 +145,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         from benchmarks.scaling_model import plot
 
         save("scaling-model", data, args.out, plot)
+    elif args.what == "kernels":
+        from benchmarks.kernels import kernels
+
+        data["results"] = kernels(
+            args.model, device=args.device, tokens=args.tokens, contexts=args.contexts,
+            batches=args.batches, variants=args.variants,
+        )  # fmt: skip
+        _print_kernels(data)
+        save("kernels", data, args.out, _plot_kernels)
     else:
         from benchmarks.fullsize import fullsize
 
@@ -271,6 +296,41 @@ def _print_fullsize(data: dict) -> None:
               f"{_fmt(p and p['tokens_per_s'], '.1f'):>12} {_fmt(ratio, '.2f'):>6}")  # fmt: skip
     if isinstance(r["transformers"], str):
         print(r["transformers"])
+
+
+def _print_kernels(data: dict) -> None:
+    r = data["results"]
+    print(f"{r['model']} shapes on {r['device']}; copy bandwidth "
+          f"{r['copy_bandwidth_gb_s']:.0f} GB/s; medians")  # fmt: skip
+    print(
+        f"{'MoE tokens':>10} {'variant':<26} {'us':>9} {'GB/s':>7} {'of floor':>8} {'rel err':>8}"
+    )
+    for m in r["moe"]:
+        print(f"{m['tokens']:>10} {m['variant']:<26} {m['us']:>9.1f} {m['gb_s']:>7.0f} "
+              f"{100 * m['of_floor']:>7.1f}% {m['rel_error']:>8.1e}")  # fmt: skip
+    print(f"{'attention':>10} {'sequences x context':<26} {'us':>9} {'GB/s':>7} {'of floor':>8}")
+    for a in r["attention"]:
+        shape = f"{a['sequences']} x {a['context']} ({a['layer']})"
+        print(f"{'':>10} {shape:<26} {a['us']:>9.1f} {a['gb_s']:>7.0f} "
+              f"{100 * a['of_floor']:>7.1f}% {a['rel_error']:>8.1e}")  # fmt: skip
+
+
+def _plot_kernels(data: dict, plt) -> None:
+    r = data["results"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+    for variant in dict.fromkeys(m["variant"] for m in r["moe"]):
+        rows = [m for m in r["moe"] if m["variant"] == variant]
+        ax1.plot([m["tokens"] for m in rows], [100 * m["of_floor"] for m in rows], "o-",
+                 label=variant)  # fmt: skip
+    ax1.set(xscale="log", xlabel="tokens per MoE call", ylabel="% of the memory floor",
+            title="grouped MXFP4 experts (median)")  # fmt: skip
+    ax1.legend(fontsize=7)
+    labels = [f"{a['sequences']}x{a['context']}\n{a['layer']}" for a in r["attention"]]
+    ax2.bar(labels, [100 * a["of_floor"] for a in r["attention"]])
+    ax2.set(ylabel="% of the memory floor", title="paged sink attention, decode (median)")
+    ax2.tick_params(axis="x", labelsize=7)
+    fig.suptitle(f"{r['model']} shapes on {describe(data['machine'])}", fontsize=9)
+    fig.tight_layout()
 
 
 if __name__ == "__main__":

@@ -407,7 +407,7 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
     g = torch.Generator(device=device).manual_seed(seed)
     code_rms = 2.93  # root mean square of the 16 E2M1 values
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        leaf = name.rsplit(".", 1)[1]
+        leaf = name.rsplit(".", 1)[-1]
         if leaf.endswith("_blocks"):
             t.copy_(torch.randint(0, 256, t.shape, generator=g, device=t.device))
         elif leaf.endswith("_scales"):

@@ -134,6 +134,28 @@ def test_bench_fullsize_on_the_built_in_model(tmp_path, capsys):
     assert all(r["tokens_per_s"] > 0 for r in data["ours"] + data["transformers"])
 
 
+def test_bench_kernels_on_the_built_in_model(tmp_path, capsys):
+    from benchmarks.cli import main
+
+    main(["--out", str(tmp_path), "kernels", "--model", "gpt-oss-tiny", "--device", "cpu",
+          "--tokens", "1,3", "--variants", "0,4", "--batches", "2", "--contexts", "40"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "of floor" in out and "m16 n64 k64" in out and "torch" in out
+    (saved,) = tmp_path.glob("kernels-*.json")
+    data = json.loads(saved.read_text())["results"]
+    assert [(m["tokens"], m["variant"]) for m in data["moe"]] == [
+        (t, v) for t in (1, 3) for v in ("m16 n64 k64", "m32 n64 k64", "torch")
+    ]  # fmt: skip
+    # every variant computes the float32 reference, up to the bf16 rounding of its
+    # intermediate and output
+    assert all(m["rel_error"] < 2e-2 for m in data["moe"])
+    assert [(a["context"], a["layer"]) for a in data["attention"]] == [
+        (40, "full"), (40, "window 32")
+    ]  # fmt: skip
+    assert all(a["rel_error"] < 1e-2 and a["us"] > 0 for a in data["attention"])
+    assert list(tmp_path.glob("kernels-*.png"))
+
+
 def test_bench_sweep_and_scaling_through_the_engine(ray_session, tmp_path, capsys):
     from benchmarks.cli import main
 

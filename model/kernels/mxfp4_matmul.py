@@ -127,7 +127,9 @@ class ExpertTiles:
         self.tile_expert = torch.where(valid, expert, -1).to(torch.int32)
 
 
-def _launch(x, blocks, scales, bias, out, tiles, *, gather, scatter, swiglu, block_n, block_k):
+def _launch(
+    x, blocks, scales, bias, out, tiles, *, gather, scatter, swiglu, block_n, block_k, **launch
+):
     n, k = blocks.shape[1], blocks.shape[2] * 32
     alpha, limit = swiglu if swiglu else (0.0, 0.0)
     bf16_dot = x.dtype == torch.bfloat16 and x.is_cuda and not interpreted()
@@ -137,7 +139,7 @@ def _launch(x, blocks, scales, bias, out, tiles, *, gather, scatter, swiglu, blo
         tiles.tile_expert, tiles.tile_row, tiles.expert_end,
         n, k, x.stride(0), out.stride(0), alpha, limit,
         GATHER=gather, SCATTER=scatter, SWIGLU=swiglu is not None, BF16_DOT=bf16_dot,
-        BLOCK_M=tiles.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_M=tiles.block_m, BLOCK_N=block_n, BLOCK_K=block_k, **launch,
     )  # fmt: skip
 
 
@@ -161,9 +163,11 @@ def moe_mxfp4(
     block_m: int = 16,
     block_n: int = 64,
     block_k: int = 64,
+    **launch: int,
 ) -> torch.Tensor:
     """Rows x [R, H], each for expert local_experts[R] of the given stacks
-    (blocks, scales, bias) -> expert(x) [R, H] in x's dtype, rows in x's order."""
+    (blocks, scales, bias) -> expert(x) [R, H] in x's dtype, rows in x's order. `launch`
+    (num_warps, num_stages) goes to both launches (`gptoss-ray bench kernels` tries them)."""
     rows, num_experts = x.shape[0], mlp1[0].shape[0]
     inter = mlp1[0].shape[1] // 2
     _check(x.shape[1], mlp1[0], mlp1[1], "mlp1")
@@ -173,9 +177,9 @@ def moe_mxfp4(
     a = torch.empty(rows, inter, dtype=x.dtype, device=x.device)  # sorted by expert
     out = torch.empty(rows, mlp2[0].shape[1], dtype=x.dtype, device=x.device)
     _launch(x, *mlp1, a, tiles, gather=True, scatter=False, swiglu=(alpha, limit),
-            block_n=block_n, block_k=block_k)  # fmt: skip
+            block_n=block_n, block_k=block_k, **launch)  # fmt: skip
     _launch(a, *mlp2, out, tiles, gather=False, scatter=True, swiglu=None,
-            block_n=block_n, block_k=block_k)  # fmt: skip
+            block_n=block_n, block_k=block_k, **launch)  # fmt: skip
     return out
 
 
