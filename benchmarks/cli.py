@@ -285,7 +285,7 @@ def _print_fullsize(data: dict) -> None:
           f"limit {r['bandwidth_limit_tokens_per_s']:.0f} tok/s")  # fmt: skip
     peer = {p["batch"]: p for p in r["transformers"]} if isinstance(r["transformers"], list) else {}
     print(f"{'batch':>5} {'graphs':>6} {'ours tok/s':>10} {'decode tok/s':>12} "
-          f"{'of limit':>8} {'transformers':>12} {'ratio':>6}")  # fmt: skip
+          f"{'of limit':>8} {'coord.':>6} {'transformers':>12} {'ratio':>6}")  # fmt: skip
     for o in r["ours"]:
         p = peer.get(o["batch"])
         ratio = o["tokens_per_s"] / p["tokens_per_s"] if p else None
@@ -293,6 +293,7 @@ def _print_fullsize(data: dict) -> None:
         share = f"{100 * share:.0f}%" if share is not None else "-"
         print(f"{o['batch']:>5} {'on' if o['decode_graphs'] else 'off':>6} "
               f"{o['tokens_per_s']:>10.1f} {o['decode_tokens_per_s']:>12.1f} {share:>8} "
+              f"{o['coordinator_pct']:>5.1f}% "
               f"{_fmt(p and p['tokens_per_s'], '.1f'):>12} {_fmt(ratio, '.2f'):>6}")  # fmt: skip
     if isinstance(r["transformers"], str):
         print(r["transformers"])

@@ -54,7 +54,8 @@ class Engine:
         gpus_per_shard, placement_timeout, recovery_timeout, kernels: Triton
         kernels on or off, default on for cuda; decode_graphs: decode steps replayed from
         CUDA graphs, default on for cuda with the kernels and one shard; threads_per_shard:
-        torch threads of a CPU shard, default the node's cores over the shard count)."""
+        torch threads of a CPU shard, default the node's cores over the shard count;
+        compiled_steps: steps through a Ray compiled graph, default on for cuda)."""
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device {device!r}: expected cpu or cuda")
         if dtype not in ("float32", "bfloat16"):

@@ -13,9 +13,13 @@ from tests.engine_cases import GREEDY, baseline, prompts
 SEEDED = SamplingParams(max_tokens=8, temperature=0.8, top_k=50, seed=11, ignore_eos=True)
 
 
-@pytest.fixture(scope="module", params=[1, 2, 3, 4])
+# (shards, steps through a Ray compiled graph or plain actor calls): both ways of
+# driving the shards, each with an even and an odd shard count
+@pytest.fixture(scope="module", params=[(1, False), (2, True), (3, True), (4, False)])
 def engine(request, ray_session):
-    eng = Engine.start("gpt-oss-tiny", shards=request.param, dtype="float32", token_budget=64)
+    shards, compiled = request.param
+    eng = Engine.start("gpt-oss-tiny", shards=shards, dtype="float32", token_budget=64,
+                       compiled_steps=compiled)  # fmt: skip
     yield eng
     eng.shutdown()
 

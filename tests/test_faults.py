@@ -17,7 +17,8 @@ NAME = "test-faults"
 
 def test_random_shard_kills_during_a_batch(ray_session, tmp_path):
     ray = ray_session
-    serve("gpt-oss-tiny", 3, name=NAME, dtype="float32", token_budget=16)
+    # through the compiled step graph: torn down with the lost shard, rebuilt after
+    serve("gpt-oss-tiny", 3, name=NAME, dtype="float32", token_budget=16, compiled_steps=True)
     coordinator = ray.get_actor(NAME, namespace="gptoss-ray")
     try:
         items = [
