@@ -14,6 +14,7 @@ Only one shard: between shards the all-to-all's sizes depend on the routing. On 
 
 from __future__ import annotations
 
+import array
 import bisect
 
 import torch
@@ -79,12 +80,28 @@ class DecodeBuffers:
             meta[TOKEN][i], meta[POSITION][i], meta[REAL][i] = token, seq.next_position, 1
         self.meta[:, :rows].copy_(torch.tensor(meta), non_blocking=True)
         for sliding, table in tables.items():
-            width = max(len(t) for t in table)
-            host = torch.tensor([t + [0] * (width - len(t)) for t in table], dtype=torch.int32)
-            self.block_tables[sliding][:rows, :width].copy_(host, non_blocking=True)
+            self.block_tables[sliding][:rows, : _width(table)].copy_(_padded(table))
 
     def batch(self, rows: int) -> StaticDecodeBatch:
         return StaticDecodeBatch(self, rows)
+
+
+def _width(table: list[list[int]]) -> int:
+    return max(len(t) for t in table)
+
+
+def _padded(table: list[list[int]]) -> torch.Tensor:
+    """Ragged rows -> [rows, width] int32, zero-padded: one flat array placed through a
+    mask (torch.tensor of the nested list is 4x slower at 256 rows of a long context)."""
+    counts = torch.tensor([len(t) for t in table])
+    flat = array.array("i")
+    for row in table:
+        flat.fromlist(row)
+    out = torch.zeros(len(table), _width(table), dtype=torch.int32)
+    out[torch.arange(out.shape[1])[None, :] < counts[:, None]] = torch.frombuffer(
+        flat, dtype=torch.int32
+    )
+    return out
 
 
 class StaticDecodeBatch:
