@@ -4,6 +4,7 @@ are not checked: benchmarks print them, tests only check that they are produced)
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -153,7 +154,8 @@ def test_bench_kernels_on_the_built_in_model(tmp_path, capsys):
         (40, "full"), (40, "window 32")
     ]  # fmt: skip
     assert all(a["rel_error"] < 1e-2 and a["us"] > 0 for a in data["attention"])
-    assert list(tmp_path.glob("kernels-*.png"))
+    if importlib.util.find_spec("matplotlib"):  # the bench extra: a PNG beside the JSON
+        assert list(tmp_path.glob("kernels-*.png"))
 
 
 def test_bench_sweep_and_scaling_through_the_engine(ray_session, tmp_path, capsys):
