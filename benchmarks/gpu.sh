@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# What a session with a lent GPU runs, in stages that each fit one 10-minute device call.
-# On the device machine, from the repo root, after the wheels install line (README,
-# "Speed"):   bash benchmarks/gpu.sh STAGE
+# What to measure on a GPU machine, in stages that each fit in ten minutes. From the repo
+# root, with the project installed (`pip install -e ".[test,bench]"`) or its packages and
+# the repo on PYTHONPATH:   bash benchmarks/gpu.sh STAGE
 #   check   the GPU tests (kernels vs torch in bf16, captured decode graphs), then the
 #           kernels alone in gpt-oss-20b shapes against the memory floor
 #   20b     full-size gpt-oss-20b (random weights): batch 1 (with and without graphs),
