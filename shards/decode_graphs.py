@@ -156,6 +156,11 @@ def decode_forward(
     return model.unembedding(model.norm(x)).float()
 
 
+class GraphCaptureError(RuntimeError):
+    """A decode step could not be captured (nothing was committed: the step can run
+    eagerly instead)."""
+
+
 class DecodeGraphs:
     """Runs decode steps of one shard's model from a graph per bucket, captured the first
     time a bucket is used (on a CPU: the same static step, eagerly)."""
@@ -195,7 +200,10 @@ class DecodeGraphs:
         if not self.capture:
             return decode_forward(self.model, batch, self.load)[: len(seqs)]
         if rows not in self.graphs:
-            self.graphs[rows] = self._capture(batch)
+            try:
+                self.graphs[rows] = self._capture(batch)
+            except Exception as exc:
+                raise GraphCaptureError(f"capturing the decode step of bucket {rows}") from exc
         graph, logits = self.graphs[rows]
         graph.replay()
         return logits[: len(seqs)]

@@ -17,7 +17,7 @@ from model.sampling import SamplingParams, sample_rows
 from router.moe import StepTimer, expert_parallel_mlp
 from router.plan import expert_ranges, owner_table
 from router.transport import Transport
-from shards.decode_graphs import DecodeGraphs
+from shards.decode_graphs import DecodeGraphs, GraphCaptureError
 from shards.kv_cache import KVLayout, PagedBatchView, PagedKVCache, PagedSequence
 
 
@@ -126,8 +126,16 @@ class Shard:
         caches = [self.kv.prepare(w.seq_id, len(w.tokens)) for w in work]
         sampled = [i for i, w in enumerate(work) if w.sample]
         decode = all(len(w.tokens) == 1 for w in work)
+        logits = None
         if self.graphs is not None and decode and self.graphs.fits(caches):
-            logits = self.graphs.run(caches, [w.tokens[0] for w in work])
+            try:
+                logits = self.graphs.run(caches, [w.tokens[0] for w in work])
+            except GraphCaptureError as exc:
+                # keys the warm-up wrote are the ones the eager step writes again
+                print(f"shard {self.rank}: {exc} failed ({exc.__cause__!r}); decoding "
+                      "without CUDA graphs from now on", flush=True)  # fmt: skip
+                self.graphs = None
+        if logits is not None:
             if len(sampled) < len(work):
                 logits = logits[sampled]
             if logits.is_cuda:  # the replay's time goes to its own phase, not the head's

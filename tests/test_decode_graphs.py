@@ -59,6 +59,26 @@ def test_static_decode_gives_the_baseline_tokens(monkeypatch):
     )  # fmt: skip  # each token's routing counted once (prefill + decodes)
 
 
+def test_a_failed_capture_falls_back_to_eager_steps(monkeypatch, capsys):
+    """Where a capture fails (as it might on a GPU stack we have not met), the shard
+    says so once and decodes eagerly: the same tokens, nothing written twice."""
+    core, shard = make_core("cpu", torch.float32, graphs=True)
+    graphs = shard.graphs
+    graphs.capture = True  # take the capture branch on CPU
+
+    def broken(batch):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphs, "_capture", broken)
+    ids = [core.submit(prompts()[i], GREEDY.model_copy(update={"max_tokens": 3})) for i in (0, 3)]
+    core.run_until_done()
+    assert [tuple(core.output(i).token_ids) for i in ids] == [baseline()[0][:3], baseline()[3][:3]]
+    assert shard.graphs is None
+    out = capsys.readouterr().out
+    assert out.count("capturing the decode step of bucket 2 failed") == 1
+    assert "not permitted when stream is capturing" in out
+
+
 def test_buckets_and_what_fits():
     model = baseline_model()
     model.use_kernels(True)
