@@ -13,8 +13,6 @@ float32 torch reference (relative error of the whole output)."""
 from __future__ import annotations
 
 import itertools
-import statistics
-import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -40,13 +38,9 @@ def bench(fn: Callable[[], Any], device: torch.device) -> float:
         import triton.testing
 
         return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
-    fn()
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    from benchmarks.scaling_model import median_time
+
+    return median_time(fn, 3, device)
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -87,7 +87,7 @@ def _fit(xs: list[list[float]], ys: list[float]) -> list[float]:
         del active[worst]
 
 
-def _time(fn, repeats: int, device: torch.device) -> float:
+def median_time(fn, repeats: int, device: torch.device) -> float:
     """Median seconds of fn() over repeats, after one warm-up call."""
     fn()
     times = []
@@ -157,7 +157,7 @@ def calibrate(
                     block.mlp.router(block.mlp.norm(y))
 
                 dense_x.append([1.0, b, b * c_eff])
-                dense_y.append(_time(run, repeats, dev))
+                dense_y.append(median_time(run, repeats, dev))
             progress(f"   dense: {b} sequences at context {c} ({tokens} tokens cached)")
             del cache, seqs, batch
 
@@ -171,7 +171,9 @@ def calibrate(
             x = torch.randn(rows, h, generator=g, device=dev).to(dtype)
             touched = int(torch.unique(ids).numel())
             exp_x.append([1.0, touched, rows])
-            exp_y.append(_time(lambda x=x, ids=ids: experts.run_grouped(x, ids), repeats, dev))
+            exp_y.append(
+                median_time(lambda x=x, ids=ids: experts.run_grouped(x, ids), repeats, dev)
+            )
         progress(f"   experts: {b * k} rows")
 
     norm = RMSNorm(h, config.rms_norm_eps).to(dev)
@@ -181,7 +183,7 @@ def calibrate(
     for b in batches:
         x = torch.randn(b, h, generator=g, device=dev).to(dtype)
         head_x.append([1.0, b])
-        head_y.append(_time(lambda x=x: unembed(norm(x)).float().argmax(-1), repeats, dev))
+        head_y.append(median_time(lambda x=x: unembed(norm(x)).float().argmax(-1), repeats, dev))
 
     return Calibration(
         device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",

@@ -268,14 +268,21 @@ class MLPBlock(nn.Module):
         self.router = Router(config, dtype)
         self.experts = ExpertSlice(config, *experts)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, load: torch.Tensor | None = None, counted: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """With every expert local: x + MoE(x). A shard's partial sum is `partial`."""
-        return (x.float() + combine(self.partial(x))).to(x.dtype)
+        return (x.float() + combine(self.partial(x, load, counted))).to(x.dtype)
 
-    def partial(self, x: torch.Tensor) -> torch.Tensor:
-        """The weighted contributions [T, k, H] of this block's expert slice."""
+    def partial(
+        self, x: torch.Tensor, load: torch.Tensor | None = None, counted: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The weighted contributions [T, k, H] of this block's expert slice. `load` [E],
+        if given, counts the rows routed to each expert (`counted` [T*k]: 0 or 1 each)."""
         h = self.norm(x)
         expert_ids, weights = self.router(h)
+        if load is not None:
+            count_rows(load, expert_ids.reshape(-1), counted)
         return self.experts(h, expert_ids, weights)
 
 

@@ -20,7 +20,7 @@ import bisect
 import torch
 
 from model.kv_cache import AttentionTables
-from model.model import Transformer, combine, count_rows
+from model.model import Transformer
 from shards.kv_cache import PagedKVCache, PagedSequence, cdiv
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
@@ -147,12 +147,7 @@ def decode_forward(
     counted = batch.real[:, None].expand(-1, k).reshape(-1)  # padding rows count 0
     for layer, block in enumerate(model.block):
         x = block.attn(x, batch, cos, sin)
-        mlp = block.mlp  # MLPBlock.forward, with the routing counted
-        h = mlp.norm(x)
-        expert_ids, weights = mlp.router(h)
-        if load is not None:
-            count_rows(load[layer], expert_ids.reshape(-1), counted)
-        x = (x.float() + combine(mlp.experts(h, expert_ids, weights))).to(x.dtype)
+        x = block.mlp(x, None if load is None else load[layer], counted)
     return model.unembedding(model.norm(x)).float()
 
 

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from model.model import count_rows
+
 
 def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
@@ -108,9 +110,8 @@ class ExpertTiles:
         rows = local_experts.shape[0]
         self.block_m = block_m
         self.order = torch.argsort(local_experts, stable=True).to(torch.int32)  # sorted -> row
-        # bincount would size its output from the data, and so wait for the device
         counts = torch.zeros(num_experts, dtype=torch.long, device=local_experts.device)
-        counts.index_add_(0, local_experts, torch.ones_like(local_experts, dtype=torch.long))
+        count_rows(counts, local_experts)
         self.expert_end = torch.cumsum(counts, 0).to(torch.int32)  # [E], in sorted rows
         starts = self.expert_end - counts
         tiles = (counts + block_m - 1) // block_m
