@@ -91,6 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--graphs", choices=("auto", "on", "off"), default="auto",
         help="decode steps from CUDA graphs (auto: on a GPU with the kernels)",
     )  # fmt: skip
+    static = sub.add_parser(
+        "sass", help="the kernels compiled for a GPU, here: resources, issue cost per byte"
+    )
+    static.add_argument(
+        "--model", default="gpt-oss-20b", choices=("gpt-oss-20b", "gpt-oss-120b", "gpt-oss-tiny")
+    )
+    static.add_argument("--arch", type=int, choices=(80, 90), default=90, help="sm_80 or sm_90")
+    static.add_argument("--tokens", type=_ints, default=[1, 64], help="tokens per MoE call")
+    static.add_argument("--contexts", type=_ints, default=[1024, 8192], help="decode contexts")
     kern = sub.add_parser("kernels", help="the Triton kernels alone against the memory floor")
     kern.add_argument(
         "--model", default="gpt-oss-20b", choices=("gpt-oss-20b", "gpt-oss-120b", "gpt-oss-tiny")
@@ -113,7 +122,11 @@ def _has_cuda() -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "device", None) == "cpu":
+    if args.what == "sass":
+        # compiled, never run: the interpreter would replace the kernels (cleared before the
+        # kernel modules are imported, below)
+        os.environ.pop("TRITON_INTERPRET", None)
+    elif getattr(args, "device", None) == "cpu":
         # Triton kernels on CPU tensors run only in its interpreter, which must be on
         # before a kernel is defined (the kernel modules are imported lazily, below)
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -145,6 +158,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from benchmarks.scaling_model import plot
 
         save("scaling-model", data, args.out, plot)
+    elif args.what == "sass":
+        from benchmarks.sass import sass
+
+        data["results"] = sass(args.model, arch=args.arch, tokens=args.tokens,
+                               contexts=args.contexts)  # fmt: skip
+        _print_sass(data)
+        save("sass", data, args.out, _plot_sass)
     elif args.what == "kernels":
         from benchmarks.kernels import kernels
 
@@ -331,6 +351,32 @@ def _plot_kernels(data: dict, plt) -> None:
     ax2.set(ylabel="% of the memory floor", title="paged sink attention, decode (median)")
     ax2.tick_params(axis="x", labelsize=7)
     fig.suptitle(f"{r['model']} shapes on {describe(data['machine'])}", fontsize=9)
+    fig.tight_layout()
+
+
+def _print_sass(data: dict) -> None:
+    r = data["results"]
+    print(f"{r['model']} shapes compiled for sm_{r['arch']} (static: the main loop's "
+          f"instructions, not a timing); bandwidth {r['bandwidth_gb_s']:.0f} GB/s")  # fmt: skip
+    print(f"{'launch':<30} {'tokens':>6} {'warps':>5} {'regs':>4} {'spill':>5} {'smem':>6} "
+          f"{'loop':>5} {'B/loop':>6} {'instr/B':>7} {'bound GB/s':>10} {'of HBM':>6}")  # fmt: skip
+    for x in r["launches"]:
+        print(f"{x['launch']:<30} {x['tokens']:>6} {x['warps']:>5} {x['registers']:>4} "
+              f"{x['spill_bytes']:>5} {x['shared_bytes']:>6} {x['loop_instructions']:>5} "
+              f"{x['loop_bytes']:>6} {x['warp_instructions_per_byte']:>7.3f} "
+              f"{x['issue_bound_gb_s']:>10.0f} {100 * x['of_bandwidth']:>5.0f}%")  # fmt: skip
+
+
+def _plot_sass(data: dict, plt) -> None:
+    r = data["results"]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    labels = [f"{x['launch']}\n{x['tokens']} tok" for x in r["launches"]]
+    ax.bar(labels, [100 * min(x["of_bandwidth"], 3.0) for x in r["launches"]])
+    ax.axhline(100, color="k", lw=0.8)
+    ax.set(ylabel="issue-bound / HBM bandwidth (%)",
+           title=f"main loops compiled for sm_{r['arch']}: above 100% issue is not the limit")  # fmt: skip
+    ax.tick_params(axis="x", labelsize=6, rotation=60)
+    fig.suptitle(f"{r['model']} shapes, compiled on {describe(data['machine'])}", fontsize=9)
     fig.tight_layout()
 
 

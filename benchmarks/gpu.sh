@@ -3,7 +3,8 @@
 # root, with the project installed (`pip install -e ".[test,bench]"`) or its packages and
 # the repo on PYTHONPATH:   bash benchmarks/gpu.sh STAGE
 #   check   the GPU tests (kernels vs torch in bf16, captured decode graphs), then the
-#           kernels alone in gpt-oss-20b shapes against the memory floor
+#           kernels alone in gpt-oss-20b shapes against the memory floor, beside their
+#           static issue bound (bench sass)
 #   20b     full-size gpt-oss-20b (random weights): batch 1 (with and without graphs),
 #           64 and 256, beside transformers on the same weights
 #   120b    full-size gpt-oss-120b on the one GPU: batch 1 and 64 (transformers does not fit)
@@ -23,6 +24,7 @@ case "$stage" in
   check)
     python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py \
       tests/test_decode_graphs.py 2>&1 | tee -a "$log"
+    bench sass --tokens 1,4,64
     bench kernels --model gpt-oss-20b ;;
   20b) bench fullsize --model gpt-oss-20b --batches 1,64,256 ;;
   120b) bench fullsize --model gpt-oss-120b --batches 1,64 --no-peer ;;

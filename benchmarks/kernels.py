@@ -21,14 +21,19 @@ import torch
 
 from benchmarks.common import progress
 
-# the first is the kernel's default; launch options go straight to Triton
+# the first is the default (the kernel chosen from the shapes); then each kernel forced;
+# launch options go straight to Triton. `gptoss-ray bench sass` tells, without a GPU, what
+# each costs in instructions per byte.
 VARIANTS: list[dict[str, int]] = [
-    {"block_m": 16, "block_n": 64, "block_k": 64},
-    {"block_m": 16, "block_n": 32, "block_k": 128},
-    {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 4},
-    {"block_m": 16, "block_n": 128, "block_k": 64, "num_warps": 8},
-    {"block_m": 32, "block_n": 64, "block_k": 64},
-    {"block_m": 64, "block_n": 128, "block_k": 64, "num_warps": 8, "num_stages": 3},
+    {},
+    {"one_row": True, "block_n": 64, "num_warps": 2},
+    {"one_row": True, "block_n": 128, "num_warps": 4},
+    {"one_row": True, "block_n": 32, "num_warps": 1},
+    {"one_row": False, "block_m": 16, "block_n": 64},
+    {"one_row": False, "block_m": 16, "block_n": 128},
+    {"one_row": False, "block_m": 16, "block_n": 128, "num_stages": 4},
+    {"one_row": False, "block_m": 32, "block_n": 128},
+    {"one_row": False, "block_m": 64, "block_n": 128, "num_warps": 8},
 ]
 
 
@@ -101,8 +106,12 @@ def _torch_call(slices, x, experts):
 
 
 def _name(variant: dict[str, int]) -> str:
-    short = {"block_m": "m", "block_n": "n", "block_k": "k", "num_warps": "w", "num_stages": "s"}
-    return " ".join(f"{short[key]}{value}" for key, value in variant.items())
+    if not variant:
+        return "default"
+    short = {"block_m": "m", "block_n": "n", "num_warps": "w", "num_stages": "s"}
+    kernel = "rows" if variant.get("one_row") else "tiles"
+    rest = " ".join(f"{short[key]}{value}" for key, value in variant.items() if key in short)
+    return f"{kernel} {rest}"
 
 
 def attention(config, batches: list[int], contexts: list[int], device, bandwidth):

@@ -25,29 +25,36 @@ def weight(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch
     return blocks, scales, torch.randn(n, generator=g)
 
 
+@pytest.mark.parametrize("one_row", [False, True], ids=["tiles", "one-row"])
 @pytest.mark.parametrize(("m", "n", "k"), [(1, 32, 32), (5, 64, 96), (17, 48, 64)])
-def test_linear_matches_dequantize_then_matmul(m, n, k):
+def test_linear_matches_dequantize_then_matmul(m, n, k, one_row):
     blocks, scales, bias = weight(n, k, seed=m + n + k)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(1))
     ref = x @ mxfp4.dequantize(blocks, scales, torch.float32).T + bias
-    out = mxfp4_linear(x, blocks, scales, bias)
+    out = mxfp4_linear(x, blocks, scales, bias, one_row=one_row)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
 
 
-def test_every_byte_value_decodes_exactly():
+@pytest.mark.parametrize("one_row", [False, True], ids=["tiles", "one-row"])
+def test_every_byte_and_scale_value_decodes_exactly(one_row):
+    """Each output column is one weight row: every E2M1 pair under scales from the
+    subnormal 2^-127 (0) and 2^-126 (1) through the largest finite (252) to NaN (255)."""
     blocks = torch.arange(256, dtype=torch.uint8).reshape(1, 16, 16).repeat(32, 1, 1)
     scales = torch.full((32, 16), 127, dtype=torch.uint8)
-    scales[:, 3], scales[:, 5] = 130, 120
+    scales[:, 3], scales[:, 5], scales[:, 7], scales[:, 9] = 130, 120, 0, 1
+    scales[:, 11], scales[:, 13], scales[2, 15] = 252, 60, 255
     x = torch.eye(16 * 32)[:16]  # picks columns: the output is the weights themselves
     ref = x @ mxfp4.dequantize(blocks, scales, torch.float32).T
-    assert torch.equal(mxfp4_linear(x, blocks, scales, torch.zeros(32)), ref)
+    out = mxfp4_linear(x, blocks, scales, torch.zeros(32), one_row=one_row)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True)
 
 
-def test_fused_swiglu_matches_the_reference():
+@pytest.mark.parametrize("one_row", [False, True], ids=["tiles", "one-row"])
+def test_fused_swiglu_matches_the_reference(one_row):
     blocks, scales, bias = weight(64, 64, seed=3)
     x = 3 * torch.randn(9, 64, generator=torch.Generator().manual_seed(2))  # reach the clamp
     ref = swiglu(x @ mxfp4.dequantize(blocks, scales, torch.float32).T + bias, 1.702, 7.0)
-    out = mxfp4_linear(x, blocks, scales, bias, swiglu=(1.702, 7.0))
+    out = mxfp4_linear(x, blocks, scales, bias, swiglu=(1.702, 7.0), one_row=one_row)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
 
 
@@ -92,8 +99,11 @@ def test_expert_tiles_cover_every_row_once():
     assert covered == [(sorted_experts[r].item(), r) for r in range(9)]
 
 
-@pytest.mark.parametrize(("lo", "hi", "rows"), [(0, 8, 1), (0, 8, 40), (3, 7, 23)])
-def test_grouped_experts_match_the_torch_slice(lo, hi, rows):
+@pytest.mark.parametrize(
+    ("lo", "hi", "rows", "one_row"),
+    [(0, 8, 1, None), (0, 8, 4, None), (0, 8, 40, None), (3, 7, 23, None), (3, 7, 23, True)],
+)
+def test_grouped_experts_match_the_torch_slice(lo, hi, rows, one_row):
     """Uneven groups: some experts get none, some more than a tile; rows in any order."""
     config = tiny_config()
     experts = random_experts(config, lo, hi, seed=rows)
@@ -106,9 +116,11 @@ def test_grouped_experts_match_the_torch_slice(lo, hi, rows):
         x, ids - lo,
         (experts.mlp1_blocks, experts.mlp1_scales, experts.mlp1_bias),
         (experts.mlp2_blocks, experts.mlp2_scales, experts.mlp2_bias),
-        alpha=config.swiglu_alpha, limit=config.swiglu_limit,
+        alpha=config.swiglu_alpha, limit=config.swiglu_limit, one_row=one_row,
     )  # fmt: skip
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-3)
+    if one_row:
+        return
     experts.use_kernels = True
     torch.testing.assert_close(experts.run_grouped(x, ids), out, rtol=0, atol=0)
 
@@ -192,22 +204,27 @@ def test_bad_shapes_are_named():
 
 
 @pytest.mark.gpu
-def test_on_cuda_bf16_inputs():
+@pytest.mark.parametrize("one_row", [False, True], ids=["tiles", "one-row"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_on_cuda(dtype, one_row):
+    """bf16 rounds nothing here (x is bf16, products exact): both dtypes agree with the
+    float32 reference to float32 rounding; float32 checks the dot is not TF32."""
     blocks, scales, bias = weight(256, 512, seed=6)
-    x = torch.randn(64, 512, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    x = torch.randn(64, 512, generator=torch.Generator().manual_seed(7)).to(dtype)
     ref = x.float() @ mxfp4.dequantize(blocks, scales, torch.float32).T + bias
-    out = mxfp4_linear(x.cuda(), blocks.cuda(), scales.cuda(), bias.cuda(), block_m=64,
-                       block_n=64, block_k=64)  # fmt: skip
-    torch.testing.assert_close(out.cpu(), ref, rtol=1e-3, atol=1e-2)
+    out = mxfp4_linear(x.cuda(), blocks.cuda(), scales.cuda(), bias.cuda(), one_row=one_row,
+                       block_m=64, block_n=64)  # fmt: skip
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.gpu
-def test_on_cuda_grouped_experts_bf16_in_gpt_oss_shapes():
+@pytest.mark.parametrize("rows", [4, 256])  # the single-row kernel, the tile kernel
+def test_on_cuda_grouped_experts_bf16_in_gpt_oss_shapes(rows):
     config = tiny_config(hidden_size=2880, intermediate_size=2880, num_experts=32)
     experts = random_experts(config, 0, 32, seed=8).cuda()
     g = torch.Generator().manual_seed(9)
-    x = torch.randn(256, 2880, generator=g).to("cuda", torch.bfloat16)
-    ids = torch.randint(0, 32, (256,), generator=g).cuda()
+    x = torch.randn(rows, 2880, generator=g).to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 32, (rows,), generator=g).cuda()
     ref = experts.run_grouped(x.float(), ids)  # torch path in float32
     experts.use_kernels = True
     out = experts.run_grouped(x, ids)

@@ -13,9 +13,18 @@ A program owns one tile and BLOCK_N output columns, so each expert's weights are
 once per tile row. Rows are gathered from x and scattered to the output through index
 arrays, which saves the sorted copies.
 
-Dot precision: bf16 operands with a float32 accumulator on a GPU when x is bf16 (the
-torch path computes in bf16 too); float32 otherwise, and always under TRITON_INTERPRET=1,
-whose bf16 dot is wrong."""
+Decoding the weights costs instructions per byte read, and at small batches that, not
+memory, bounds the speed (`gptoss-ray bench sass` counts them). So a code becomes its
+float from bits alone (two shifts and a logic op, landing at 2^-126 times its value) and
+each MX block's scale multiplies the block's partial sum, not its 32 weights. Two kernels:
+- tiles of BLOCK_M rows through tensor-core dots, the weights brought to 2^0 by one
+  multiply and to bf16 (float32 under the interpreter, whose bf16 dot is wrong);
+- single rows (decode, where an expert sees about one row) without a dot: each thread
+  holds one output column's MX block and sums it alone; x comes in pre-scaled by 2^64 so
+  that products with the 2^-126 weights stay normal floats, and no multiply is spent on
+  the weights at all.
+Both are exact where the torch path is (a product of an E2M1 value and a bf16 has at
+most 10 significant bits); sums are in float32, in another order."""
 
 from __future__ import annotations
 
@@ -33,23 +42,37 @@ def interpreted() -> bool:
 
 
 @triton.jit
-def _fp4_value(code):
-    """E2M1 code (0..15, as int32) -> float32: 0, .5, 1, 1.5, 2, 3, 4, 6 and negatives."""
-    mag = code & 7
-    exponent = (mag >> 1).to(tl.float32)
-    mantissa = (mag & 1).to(tl.float32)
-    normal = tl.exp2(exponent - 1.0) * (1.0 + 0.5 * mantissa)
-    value = tl.where(mag < 2, mag.to(tl.float32) * 0.5, normal)
-    return tl.where(code >= 8, -value, value)
+def _e2m1_pair_times_2_pow_126(packed):
+    """Bytes of two E2M1 codes (uint8; low nibble = even k) -> their float32 values
+    x 2^-126, from bits alone: each code's sign to bit 31 and its 3 magnitude bits to the
+    bottom of the float's exponent and top of its mantissa, where 0 and 0.5 land on the
+    subnormals 0 and 2^-127 and 1 .. 6 on the normals 2^-126 .. 6 x 2^-126. The odd code
+    comes from the sign-extended byte, whose sign already fills bits 25 up. A few integer
+    instructions per code; a multiply by 2^126 is exact (Triton's float32 multiply keeps
+    subnormals)."""
+    mask = -2118123520  # 0x81C00000: bits 31 and 22..24
+    byte = packed.to(tl.int32)
+    signed = packed.to(tl.int8, bitcast=True).to(tl.int32)
+    even = ((byte << 22) | (byte << 28)) & mask
+    odd = (signed << 18) & mask
+    return even.to(tl.float32, bitcast=True), odd.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _e8m0_value(scale):
+    """E8M0 scale bytes (int32) -> 2^(s - 127) in float32; 255 is NaN."""
+    value = (scale << 23).to(tl.float32, bitcast=True)
+    value = tl.where(scale == 0, 5.877471754111438e-39, value)  # 2^-127, a subnormal
+    return tl.where(scale == 255, float("nan"), value)
 
 
 @triton.jit
 def _moe_mxfp4_kernel(
     x_ptr, x_index_ptr, blocks_ptr, scales_ptr, bias_ptr, out_ptr, out_index_ptr,
     tile_expert_ptr, tile_row_ptr, expert_end_ptr,
-    N, K, stride_xm, stride_om, alpha, limit,
+    N, K, stride_xm, stride_om, stride_be, stride_bn, stride_se, stride_sn, alpha, limit,
     GATHER: tl.constexpr, SCATTER: tl.constexpr, SWIGLU: tl.constexpr, BF16_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -66,25 +89,25 @@ def _moe_mxfp4_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     e = expert.to(tl.int64)
-    w_blocks = blocks_ptr + e * N * (K // 2)
-    w_scales = scales_ptr + e * N * (K // 32)
+    w_blocks = blocks_ptr + e * stride_be + offs_n[:, None] * stride_bn
+    w_scales = scales_ptr + e * stride_se + offs_n * stride_sn
+    # one MX block (32 k, 16 bytes) per step: its scale is one number per output column,
+    # applied to the step's partial product instead of to every weight
+    j = tl.arange(0, 16)
+    x_tile = x_ptr + x_rows[:, None].to(tl.int64) * stride_xm + tl.arange(0, 32)[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        x = tl.load(x_ptr + x_rows[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
-                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
-        w_ok = n_ok[:, None] & k_ok[None, :]
-        packed = tl.load(w_blocks + offs_n[:, None] * (K // 2) + offs_k[None, :] // 2,
-                         mask=w_ok, other=0).to(tl.int32)  # fmt: skip
-        code = tl.where(offs_k[None, :] % 2 == 0, packed & 15, packed >> 4)
-        scale = tl.load(w_scales + offs_n[:, None] * (K // 32) + offs_k[None, :] // 32,
-                        mask=w_ok, other=127).to(tl.float32)  # fmt: skip
-        w = _fp4_value(code) * tl.exp2(scale - 127.0)  # [BLOCK_N, BLOCK_K]
+    for g in range(0, K // 32):
+        # [BLOCK_N, 16] bytes, each two k: even low, odd high
+        packed = tl.load(w_blocks + (16 * g + j)[None, :], mask=n_ok[:, None], other=0)
+        scale = _e8m0_value(tl.load(w_scales + g, mask=n_ok, other=127).to(tl.int32))
+        w = tl.join(*_e2m1_pair_times_2_pow_126(packed))
+        w = tl.reshape(w, (BLOCK_N, 32)) * 8.507059173023462e37  # [BLOCK_N, 32] x 2^126
+        xg = tl.load(x_tile + 32 * g, mask=m_ok[:, None], other=0.0)  # [BLOCK_M, 32]
         if BF16_DOT:
-            acc += tl.dot(x.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)))
+            part = tl.dot(xg.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)))
         else:
-            acc += tl.dot(x.to(tl.float32), tl.trans(w))
+            part = tl.dot(xg.to(tl.float32), tl.trans(w), input_precision="ieee")
+        acc += part * scale[None, :]
     acc += tl.load(bias_ptr + e * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     out_rows = offs_m.to(tl.int64)
     if SCATTER:
@@ -100,6 +123,65 @@ def _moe_mxfp4_kernel(
     else:
         tl.store(out_ptr + out_rows[:, None] * stride_om + offs_n[None, :], acc,
                  mask=m_ok[:, None] & n_ok[None, :])  # fmt: skip
+
+
+X_SCALE = 2.0**64  # the row kernel's inputs: far from overflow, products far from 2^-126
+_TO_TRUE = 2.0**126 / X_SCALE  # acc (x 2^64 x weights x 2^-126) -> true sums
+
+
+@triton.jit
+def _moe_mxfp4_row_kernel(
+    x_ptr, x_index_ptr, blocks_ptr, scales_ptr, bias_ptr, out_ptr, out_index_ptr,
+    tile_expert_ptr, tile_row_ptr, expert_end_ptr,
+    N, K, stride_xm, stride_om, stride_be, stride_bn, stride_se, stride_sn, alpha, limit,
+    to_true, out_scale,
+    GATHER: tl.constexpr, SCATTER: tl.constexpr, SWIGLU: tl.constexpr,
+    ROUND_BF16: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr,
+):  # fmt: skip
+    """One row (x pre-scaled, float32) x BLOCK_N columns; writes out_scale x the result,
+    rounded through bf16 first with ROUND_BF16 (as the torch path rounds it). UNROLL MX
+    blocks (a divisor of K/32) per step: a thread has that many loads in flight, which at
+    decode's few programs is what keeps the memory busy."""
+    tile = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(tile_expert_ptr + tile)
+    if expert < 0:
+        return
+    row = tl.load(tile_row_ptr + tile)  # tiles of one row: a real tile has a real row
+    x_row = row
+    if GATHER:
+        x_row = tl.load(x_index_ptr + row)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    e = expert.to(tl.int64)
+    w_blocks = blocks_ptr + e * stride_be + offs_n[:, None] * stride_bn + tl.arange(0, 16)[None, :]
+    w_scales = scales_ptr + e * stride_se + offs_n * stride_sn
+    x_block = x_ptr + x_row.to(tl.int64) * stride_xm + tl.arange(0, 32)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for g0 in range(0, K // 32, UNROLL):
+        for i in tl.static_range(UNROLL):
+            g = g0 + i
+            packed = tl.load(w_blocks + 16 * g, mask=n_ok[:, None], other=0)
+            scale = _e8m0_value(tl.load(w_scales + g, mask=n_ok, other=127).to(tl.int32))
+            w_even, w_odd = _e2m1_pair_times_2_pow_126(packed)  # [BLOCK_N, 16] each
+            x_even, x_odd = tl.split(tl.reshape(tl.load(x_block + 32 * g), (16, 2)))
+            part = tl.sum(w_even * x_even[None, :] + w_odd * x_odd[None, :], axis=1)
+            acc += part * scale
+    acc = acc * to_true + tl.load(bias_ptr + e * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    out_row = row.to(tl.int64)
+    if SCATTER:
+        out_row = tl.load(out_index_ptr + row).to(tl.int64)
+    if SWIGLU:
+        gate, linear = tl.split(tl.reshape(acc, (BLOCK_N // 2, 2)))
+        gate = tl.minimum(gate, limit)
+        linear = tl.minimum(tl.maximum(linear, -limit), limit)
+        out = gate * tl.sigmoid(alpha * gate) * (linear + 1.0)
+        if ROUND_BF16:
+            out = out.to(tl.bfloat16).to(tl.float32)
+        offs_h = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        tl.store(out_ptr + out_row * stride_om + offs_h, out * out_scale, mask=offs_h < N // 2)
+    else:
+        tl.store(out_ptr + out_row * stride_om + offs_n, acc * out_scale, mask=n_ok)
 
 
 class ExpertTiles:
@@ -128,9 +210,7 @@ class ExpertTiles:
         self.tile_expert = torch.where(valid, expert, -1).to(torch.int32)
 
 
-def _launch(
-    x, blocks, scales, bias, out, tiles, *, gather, scatter, swiglu, block_n, block_k, **launch
-):
+def _launch(x, blocks, scales, bias, out, tiles, *, gather, scatter, swiglu, block_n, **launch):
     n, k = blocks.shape[1], blocks.shape[2] * 32
     alpha, limit = swiglu if swiglu else (0.0, 0.0)
     bf16_dot = x.dtype == torch.bfloat16 and x.is_cuda and not interpreted()
@@ -138,9 +218,28 @@ def _launch(
     _moe_mxfp4_kernel[grid](
         x, tiles.order, blocks, scales, bias, out, tiles.order,
         tiles.tile_expert, tiles.tile_row, tiles.expert_end,
-        n, k, x.stride(0), out.stride(0), alpha, limit,
+        n, k, x.stride(0), out.stride(0), blocks.stride(0), blocks.stride(1), scales.stride(0),
+        scales.stride(1), alpha, limit,
         GATHER=gather, SCATTER=scatter, SWIGLU=swiglu is not None, BF16_DOT=bf16_dot,
-        BLOCK_M=tiles.block_m, BLOCK_N=block_n, BLOCK_K=block_k, **launch,
+        BLOCK_M=tiles.block_m, BLOCK_N=block_n, **launch,
+    )  # fmt: skip
+
+
+def _launch_rows(
+    x, blocks, scales, bias, out, tiles, *, gather, scatter, swiglu, out_scale, round_bf16,
+    block_n, **launch,
+):  # fmt: skip
+    n, groups = blocks.shape[1], blocks.shape[2]
+    alpha, limit = swiglu if swiglu else (0.0, 0.0)
+    unroll = max(d for d in range(1, 9) if groups % d == 0)
+    grid = (tiles.num_tiles, triton.cdiv(n, block_n))
+    _moe_mxfp4_row_kernel[grid](
+        x, tiles.order, blocks, scales, bias, out, tiles.order,
+        tiles.tile_expert, tiles.tile_row, tiles.expert_end,
+        n, groups * 32, x.stride(0), out.stride(0), blocks.stride(0), blocks.stride(1),
+        scales.stride(0), scales.stride(1), alpha, limit, _TO_TRUE, out_scale,
+        GATHER=gather, SCATTER=scatter, SWIGLU=swiglu is not None, ROUND_BF16=round_bf16,
+        BLOCK_N=block_n, UNROLL=unroll, **launch,
     )  # fmt: skip
 
 
@@ -151,6 +250,9 @@ def _check(k: int, blocks: torch.Tensor, scales: torch.Tensor, what: str) -> Non
             f"{what}: MXFP4 weight {tuple(blocks.shape)} / scales {tuple(scales.shape)} "
             f"for K={k} (expected [E, N, K/32, 16] and [E, N, K/32])"
         )
+    # the kernel walks rows with their strides but reads an MX block's 16 bytes in a row
+    if blocks.stride()[2:] != (16, 1) or scales.stride(2) != 1:
+        raise ValueError(f"{what}: MXFP4 blocks and scales must be contiguous within a row")
 
 
 def moe_mxfp4(
@@ -161,26 +263,44 @@ def moe_mxfp4(
     *,
     alpha: float,
     limit: float,
+    one_row: bool | None = None,
     block_m: int = 16,
-    block_n: int = 64,
-    block_k: int = 64,
+    block_n: int | None = None,
     **launch: int,
 ) -> torch.Tensor:
     """Rows x [R, H], each for expert local_experts[R] of the given stacks
-    (blocks, scales, bias) -> expert(x) [R, H] in x's dtype, rows in x's order. `launch`
-    (num_warps, num_stages) goes to both launches (`gptoss-ray bench kernels` tries them)."""
+    (blocks, scales, bias) -> expert(x) [R, H] in x's dtype, rows in x's order.
+
+    one_row: the single-row kernel (default: when there are at most half as many rows as
+    experts, so that an expert rarely has two; decided from shapes, as graph capture
+    needs). block_m: rows per tile of the other. `launch` (num_warps, num_stages) goes to
+    both launches (`gptoss-ray bench kernels` tries them)."""
     rows, num_experts = x.shape[0], mlp1[0].shape[0]
     inter = mlp1[0].shape[1] // 2
     _check(x.shape[1], mlp1[0], mlp1[1], "mlp1")
     _check(inter, mlp2[0], mlp2[1], "mlp2")
+    out = torch.empty(rows, mlp2[0].shape[1], dtype=x.dtype, device=x.device)
+    if one_row is None:
+        one_row = 2 * rows <= num_experts
+    if one_row:
+        tiles = ExpertTiles(local_experts, num_experts, 1)
+        # sorted by expert, pre-scaled for mlp2, rounded to x's dtype as the torch path does
+        a = torch.empty(rows, inter, dtype=torch.float32, device=x.device)
+        # two warps of 64 columns: decode's few rows still make a few programs per SM
+        common = {"tiles": tiles, "block_n": block_n or 64, "num_warps": 2, **launch}
+        _launch_rows(x.float() * X_SCALE, *mlp1, a, gather=True, scatter=False,
+                     swiglu=(alpha, limit), out_scale=X_SCALE,
+                     round_bf16=x.dtype == torch.bfloat16, **common)  # fmt: skip
+        _launch_rows(a, *mlp2, out, gather=False, scatter=True, swiglu=None, out_scale=1.0,
+                     round_bf16=False, **common)  # fmt: skip
+        return out
     x = x.contiguous()
     tiles = ExpertTiles(local_experts, num_experts, block_m)
     a = torch.empty(rows, inter, dtype=x.dtype, device=x.device)  # sorted by expert
-    out = torch.empty(rows, mlp2[0].shape[1], dtype=x.dtype, device=x.device)
     _launch(x, *mlp1, a, tiles, gather=True, scatter=False, swiglu=(alpha, limit),
-            block_n=block_n, block_k=block_k, **launch)  # fmt: skip
+            block_n=block_n or 128, **launch)  # fmt: skip
     _launch(a, *mlp2, out, tiles, gather=False, scatter=True, swiglu=None,
-            block_n=block_n, block_k=block_k, **launch)  # fmt: skip
+            block_n=block_n or 128, **launch)  # fmt: skip
     return out
 
 
@@ -191,20 +311,26 @@ def mxfp4_linear(
     bias: torch.Tensor,
     *,
     swiglu: tuple[float, float] | None = None,
+    one_row: bool = False,
     block_m: int = 16,
     block_n: int = 32,
-    block_k: int = 32,
 ) -> torch.Tensor:
-    """One weight: x [M, K] -> [M, N] float32 (or [M, N/2] with swiglu=(alpha, limit))."""
+    """One weight: x [M, K] -> [M, N] float32 (or [M, N/2] with swiglu=(alpha, limit)),
+    through the tile kernel or (one_row) the single-row one."""
     m, k = x.shape
     n = blocks.shape[0]
     _check(k, blocks[None], scales[None], "weight")
-    if block_k % 32 or (swiglu and block_n % 2):
-        raise ValueError(f"block_k={block_k} must be a multiple of 32, block_n even")
-    x = x.contiguous()
+    if swiglu and block_n % 2:
+        raise ValueError(f"block_n={block_n} must be even with swiglu")
     out = torch.empty(m, n // 2 if swiglu else n, dtype=torch.float32, device=x.device)
-    tiles = ExpertTiles(torch.zeros(m, dtype=torch.long, device=x.device), 1, block_m)
-    _launch(x, blocks[None].contiguous(), scales[None].contiguous(), bias[None].contiguous(),
-            out, tiles, gather=False, scatter=False, swiglu=swiglu, block_n=block_n,
-            block_k=block_k)  # fmt: skip
+    tiles = ExpertTiles(
+        torch.zeros(m, dtype=torch.long, device=x.device), 1, 1 if one_row else block_m
+    )
+    weight = (blocks[None].contiguous(), scales[None].contiguous(), bias[None].contiguous())
+    if one_row:
+        _launch_rows(x.float() * X_SCALE, *weight, out, tiles, gather=False, scatter=False,
+                     swiglu=swiglu, out_scale=1.0, round_bf16=False, block_n=block_n)  # fmt: skip
+    else:
+        _launch(x.contiguous(), *weight, out, tiles, gather=False, scatter=False, swiglu=swiglu,
+                block_n=block_n)  # fmt: skip
     return out
