@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-# Hopper (H100 SXM): SMs, boost clock, HBM3 bandwidth (the datasheet's, for the bound)
+# sm_90: H100 SXM, sm_80: A100 80 GB SXM: SMs, boost clock, HBM bandwidth (datasheets)
 GPU_FIGURES = {90: (132, 1.98e9, 3.35e12), 80: (108, 1.41e9, 2.04e12)}
 WARP_ISSUE_PER_CYCLE = 4  # one warp-instruction per cycle from each of an SM's 4 schedulers
 
@@ -189,7 +189,7 @@ def attention_launch(
 
 
 def issue_bound(warp_instructions_per_byte: float, arch: int) -> float:
-    """Bytes/s an H100-class GPU (`GPU_FIGURES`) could feed this loop at full issue rate."""
+    """Bytes/s the GPU of `GPU_FIGURES[arch]` could feed this loop at its full issue rate."""
     sms, clock, _ = GPU_FIGURES[arch]
     return sms * WARP_ISSUE_PER_CYCLE * clock / warp_instructions_per_byte
 

@@ -97,11 +97,19 @@ def test_expert_tiles_cover_every_row_once():
             end = tiles.expert_end[e].item()
             covered += [(e, r) for r in range(row, min(row + 2, end))]
     assert covered == [(sorted_experts[r].item(), r) for r in range(9)]
+    assert ExpertTiles(experts, 4, block_m=1).num_tiles == 9  # a tile per row, no spares
 
 
 @pytest.mark.parametrize(
     ("lo", "hi", "rows", "one_row"),
-    [(0, 8, 1, None), (0, 8, 4, None), (0, 8, 40, None), (3, 7, 23, None), (3, 7, 23, True)],
+    [
+        (0, 8, 0, None),
+        (0, 8, 1, None),
+        (0, 8, 4, None),
+        (0, 8, 40, None),
+        (3, 7, 23, None),
+        (3, 7, 23, True),
+    ],
 )
 def test_grouped_experts_match_the_torch_slice(lo, hi, rows, one_row):
     """Uneven groups: some experts get none, some more than a tile; rows in any order."""
@@ -110,7 +118,7 @@ def test_grouped_experts_match_the_torch_slice(lo, hi, rows, one_row):
     g = torch.Generator().manual_seed(rows + 1)
     x = 2 * torch.randn(rows, config.hidden_size, generator=g)
     skew = torch.tensor([0.5] + [0.5 / (hi - lo - 1)] * (hi - lo - 1))
-    ids = lo + torch.multinomial(skew, rows, replacement=True, generator=g)
+    ids = lo + torch.multinomial(skew, max(rows, 1), replacement=True, generator=g)[:rows]
     ref = experts.run_grouped(x, ids)
     out = moe_mxfp4(
         x, ids - lo,

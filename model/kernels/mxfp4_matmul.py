@@ -198,8 +198,9 @@ class ExpertTiles:
         starts = self.expert_end - counts
         tiles = (counts + block_m - 1) // block_m
         tile_end = torch.cumsum(tiles, 0)
-        # each expert wastes at most one partly filled tile
-        self.num_tiles = triton.cdiv(rows, block_m) + num_experts
+        # each expert wastes at most one partly filled tile, and a tile has a row at least
+        # (single-row tiles: exactly one per row; no spare programs for 128 idle experts)
+        self.num_tiles = min(rows, triton.cdiv(rows, block_m) + num_experts)
         t = torch.arange(self.num_tiles, device=local_experts.device)
         expert = torch.searchsorted(tile_end, t, right=True)
         valid = expert < num_experts
@@ -280,6 +281,8 @@ def moe_mxfp4(
     _check(x.shape[1], mlp1[0], mlp1[1], "mlp1")
     _check(inter, mlp2[0], mlp2[1], "mlp2")
     out = torch.empty(rows, mlp2[0].shape[1], dtype=x.dtype, device=x.device)
+    if rows == 0:  # a shard none of whose experts was picked
+        return out
     if one_row is None:
         one_row = 2 * rows <= num_experts
     if one_row:
