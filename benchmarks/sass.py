@@ -70,16 +70,23 @@ def compile_for(launch: Launch, arch: int):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
 
     kernel = launch.kernel
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
-    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    bound, specialization, options = binder(*launch.args, **launch.kwargs)
-    options, signature, constexprs, attrs = kernel._pack_args(
-        backend, launch.kwargs, bound, specialization, options
-    )
+    try:  # the JIT's own binding and specialisation: internals, as of Triton 3.9
+        from triton.runtime.jit import create_function_from_signature
+
+        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+        bound, specialization, options = binder(*launch.args, **launch.kwargs)
+        options, signature, constexprs, attrs = kernel._pack_args(
+            backend, launch.kwargs, bound, specialization, options
+        )
+    except (ImportError, AttributeError, TypeError, ValueError) as e:
+        raise RuntimeError(
+            f"bench sass binds arguments through Triton's JIT internals (written for 3.9), "
+            f"which differ in Triton {triton.__version__}: {e}"
+        ) from e
     source = ASTSource(kernel, signature, constexprs, attrs)
     return triton.compile(source, target=target, options=options.__dict__)
 
