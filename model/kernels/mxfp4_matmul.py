@@ -211,37 +211,29 @@ class ExpertTiles:
         self.tile_expert = torch.where(valid, expert, -1).to(torch.int32)
 
 
-def _launch(x, blocks, scales, bias, out, tiles, *, gather, scatter, swiglu, block_n, **launch):
-    n, k = blocks.shape[1], blocks.shape[2] * 32
-    alpha, limit = swiglu if swiglu else (0.0, 0.0)
-    bf16_dot = x.dtype == torch.bfloat16 and x.is_cuda and not interpreted()
-    grid = (tiles.num_tiles, triton.cdiv(n, block_n))
-    _moe_mxfp4_kernel[grid](
-        x, tiles.order, blocks, scales, bias, out, tiles.order,
-        tiles.tile_expert, tiles.tile_row, tiles.expert_end,
-        n, k, x.stride(0), out.stride(0), blocks.stride(0), blocks.stride(1), scales.stride(0),
-        scales.stride(1), alpha, limit,
-        GATHER=gather, SCATTER=scatter, SWIGLU=swiglu is not None, BF16_DOT=bf16_dot,
-        BLOCK_M=tiles.block_m, BLOCK_N=block_n, **launch,
-    )  # fmt: skip
-
-
-def _launch_rows(
-    x, blocks, scales, bias, out, tiles, *, gather, scatter, swiglu, out_scale, round_bf16,
-    block_n, **launch,
+def _launch(
+    x, blocks, scales, bias, out, tiles, *, gather, scatter, swiglu, block_n, one_row=False,
+    out_scale=1.0, round_bf16=False, **launch,
 ):  # fmt: skip
+    """Either kernel over `tiles`; out_scale and round_bf16 are the single-row kernel's."""
     n, groups = blocks.shape[1], blocks.shape[2]
     alpha, limit = swiglu if swiglu else (0.0, 0.0)
-    unroll = max(d for d in range(1, 9) if groups % d == 0)
     grid = (tiles.num_tiles, triton.cdiv(n, block_n))
-    _moe_mxfp4_row_kernel[grid](
+    args = (
         x, tiles.order, blocks, scales, bias, out, tiles.order,
         tiles.tile_expert, tiles.tile_row, tiles.expert_end,
         n, groups * 32, x.stride(0), out.stride(0), blocks.stride(0), blocks.stride(1),
-        scales.stride(0), scales.stride(1), alpha, limit, _TO_TRUE, out_scale,
-        GATHER=gather, SCATTER=scatter, SWIGLU=swiglu is not None, ROUND_BF16=round_bf16,
-        BLOCK_N=block_n, UNROLL=unroll, **launch,
+        scales.stride(0), scales.stride(1), alpha, limit,
     )  # fmt: skip
+    flags = {"GATHER": gather, "SCATTER": scatter, "SWIGLU": swiglu is not None}
+    if one_row:
+        unroll = max(d for d in range(1, 9) if groups % d == 0)
+        _moe_mxfp4_row_kernel[grid](*args, _TO_TRUE, out_scale, **flags, ROUND_BF16=round_bf16,
+                                    BLOCK_N=block_n, UNROLL=unroll, **launch)  # fmt: skip
+    else:
+        bf16_dot = x.dtype == torch.bfloat16 and x.is_cuda and not interpreted()
+        _moe_mxfp4_kernel[grid](*args, **flags, BF16_DOT=bf16_dot, BLOCK_M=tiles.block_m,
+                                BLOCK_N=block_n, **launch)  # fmt: skip
 
 
 def _check(k: int, blocks: torch.Tensor, scales: torch.Tensor, what: str) -> None:
@@ -290,12 +282,12 @@ def moe_mxfp4(
         # sorted by expert, pre-scaled for mlp2, rounded to x's dtype as the torch path does
         a = torch.empty(rows, inter, dtype=torch.float32, device=x.device)
         # two warps of 64 columns: decode's few rows still make a few programs per SM
-        common = {"tiles": tiles, "block_n": block_n or 64, "num_warps": 2, **launch}
-        _launch_rows(x.float() * X_SCALE, *mlp1, a, gather=True, scatter=False,
+        common = {"tiles": tiles, "block_n": block_n or 64, "num_warps": 2, "one_row": True,
+                  **launch}  # fmt: skip
+        _launch(x.float() * X_SCALE, *mlp1, a, gather=True, scatter=False,
                      swiglu=(alpha, limit), out_scale=X_SCALE,
                      round_bf16=x.dtype == torch.bfloat16, **common)  # fmt: skip
-        _launch_rows(a, *mlp2, out, gather=False, scatter=True, swiglu=None, out_scale=1.0,
-                     round_bf16=False, **common)  # fmt: skip
+        _launch(a, *mlp2, out, gather=False, scatter=True, swiglu=None, **common)
         return out
     x = x.contiguous()
     tiles = ExpertTiles(local_experts, num_experts, block_m)
@@ -330,10 +322,7 @@ def mxfp4_linear(
         torch.zeros(m, dtype=torch.long, device=x.device), 1, 1 if one_row else block_m
     )
     weight = (blocks[None].contiguous(), scales[None].contiguous(), bias[None].contiguous())
-    if one_row:
-        _launch_rows(x.float() * X_SCALE, *weight, out, tiles, gather=False, scatter=False,
-                     swiglu=swiglu, out_scale=1.0, round_bf16=False, block_n=block_n)  # fmt: skip
-    else:
-        _launch(x.contiguous(), *weight, out, tiles, gather=False, scatter=False, swiglu=swiglu,
-                block_n=block_n)  # fmt: skip
+    x = x.float() * X_SCALE if one_row else x.contiguous()  # the row kernel's input scale
+    _launch(x, *weight, out, tiles, gather=False, scatter=False, swiglu=swiglu, block_n=block_n,
+            one_row=one_row)  # fmt: skip
     return out
