@@ -29,11 +29,13 @@ VARIANTS: list[dict[str, int]] = [
     {"one_row": True, "block_n": 64, "num_warps": 2},
     {"one_row": True, "block_n": 128, "num_warps": 4},
     {"one_row": True, "block_n": 32, "num_warps": 1},
-    {"one_row": False, "block_m": 16, "block_n": 64},
-    {"one_row": False, "block_m": 16, "block_n": 128},
-    {"one_row": False, "block_m": 16, "block_n": 128, "num_stages": 4},
-    {"one_row": False, "block_m": 32, "block_n": 128},
-    {"one_row": False, "block_m": 64, "block_n": 128, "num_warps": 8},
+    {"one_row": False, "block_m": 16, "block_n": 128, "num_warps": 2},
+    {"one_row": False, "block_m": 16, "block_n": 128, "num_warps": 4},
+    {"one_row": False, "block_m": 16, "block_n": 256, "num_warps": 4},
+    {"one_row": False, "block_m": 16, "block_n": 128, "num_warps": 2, "num_stages": 4},
+    {"one_row": False, "block_m": 32, "block_n": 128, "num_warps": 2},
+    {"one_row": False, "block_m": 32, "block_n": 128, "num_warps": 4},
+    {"one_row": False, "block_m": 64, "block_n": 128, "num_warps": 4},
 ]
 
 

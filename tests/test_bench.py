@@ -144,11 +144,11 @@ def test_bench_kernels_on_the_built_in_model(tmp_path, capsys):
     main(["--out", str(tmp_path), "kernels", "--model", "gpt-oss-tiny", "--device", "cpu",
           "--tokens", "1,3", "--variants", "0,1,4", "--batches", "2", "--contexts", "40"])  # fmt: skip
     out = capsys.readouterr().out
-    assert "of floor" in out and "tiles m16 n64" in out and "torch" in out
+    assert "of floor" in out and "tiles m16 n128 w2" in out and "torch" in out
     (saved,) = tmp_path.glob("kernels-*.json")
     data = json.loads(saved.read_text())["results"]
     assert [(m["tokens"], m["variant"]) for m in data["moe"]] == [
-        (t, v) for t in (1, 3) for v in ("default", "rows n64 w2", "tiles m16 n64", "torch")
+        (t, v) for t in (1, 3) for v in ("default", "rows n64 w2", "tiles m16 n128 w2", "torch")
     ]  # fmt: skip
     # every variant computes the float32 reference, up to the bf16 rounding of its
     # intermediate and output
@@ -191,7 +191,8 @@ def test_bad_bench_arguments_are_named(capsys):
 def test_bench_sass_compiles_every_launch_for_hopper_here(tmp_path):
     """No GPU needed: Triton's own backend and ptxas compile the launches a decode step
     makes in gpt-oss-20b shapes. Nothing spills, and the main loops stay within their
-    instruction budgets per byte (what bounds the single-row kernel's share of HBM)."""
+    instruction budgets per byte (what bounds the MoE kernels' share of HBM: both were
+    at 0.34, 92% of an H100's, when this was written)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run(
         [sys.executable, "-m", "benchmarks.cli", "--out", str(tmp_path), "sass",
@@ -212,7 +213,7 @@ def test_bench_sass_compiles_every_launch_for_hopper_here(tmp_path):
         ("attention prefill window 1024", 128),
     }
     assert all(r["spill_bytes"] == 0 and r["loop_instructions"] > 0 for r in rows.values())
-    budget = {"one row": 0.45, "tiles": 0.7, "attention decode": 0.3}
+    budget = {"one row": 0.4, "tiles": 0.4, "attention decode": 0.3}
     for (name, _), r in rows.items():
         for key, limit in budget.items():
             if key in name:

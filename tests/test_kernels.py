@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from model import mxfp4
 from model.kernels.attention import paged_attention
-from model.kernels.mxfp4_matmul import ExpertTiles, moe_mxfp4, mxfp4_linear
+from model.kernels.mxfp4_matmul import ExpertTiles, _e2m1_bf16_bits, moe_mxfp4, mxfp4_linear
 from model.kv_cache import SequenceBatch
 from model.model import AttentionBlock, ExpertSlice, RotaryEmbedding, swiglu
 from shards.kv_cache import KVLayout, PagedBatchView, PagedKVCache
@@ -43,10 +45,32 @@ def test_every_byte_and_scale_value_decodes_exactly(one_row):
     scales = torch.full((32, 16), 127, dtype=torch.uint8)
     scales[:, 3], scales[:, 5], scales[:, 7], scales[:, 9] = 130, 120, 0, 1
     scales[:, 11], scales[:, 13], scales[2, 15] = 252, 60, 255
-    x = torch.eye(16 * 32)[:16]  # picks columns: the output is the weights themselves
-    ref = x @ mxfp4.dequantize(blocks, scales, torch.float32).T
+    x = torch.eye(16 * 32)  # row k picks weight column k: the output is W^T itself
+    want = mxfp4.dequantize(blocks, scales, torch.float32).T  # (x @ W^T would flush on CPU)
+    assert want[7 * 32 + 2, 0] == 2.0**-128  # a subnormal 0.5 x 2^-127 is checked
+    want[:, 2] = float("nan")  # as in x @ W^T, a NaN weight spoils its whole column
     out = mxfp4_linear(x, blocks, scales, torch.zeros(32), one_row=one_row)
-    torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(out, want, rtol=0, atol=0, equal_nan=True)
+
+
+@triton.jit
+def _decode_bf16_kernel(packed_ptr, out_ptr):
+    i = tl.arange(0, 16)
+    w = _e2m1_bf16_bits(tl.load(packed_ptr + 16 * i[:, None] + i[None, :]))  # [16, 32]
+    tl.store(out_ptr + 32 * i[:, None] + tl.arange(0, 32)[None, :], w)
+
+
+def test_the_gpus_bf16_weight_bits_are_exact():
+    """The GPU's tile kernel feeds its dot from _e2m1_bf16_bits (then one bf16 multiply):
+    the interpreter cannot run that dot, nor multiply a bf16 subnormal (it flushes), but
+    it can run the decode. Every byte, as the bf16 bits of its two values x 2^-126 (the
+    E8M0 scale 1), the code 0.5 as the subnormal 2^-127."""
+    packed = torch.arange(256, dtype=torch.uint8).reshape(16, 16)
+    out = torch.empty(16, 32, dtype=torch.int16)
+    _decode_bf16_kernel[(1,)](packed, out)
+    want = mxfp4.dequantize(packed[:, None], torch.ones(16, 1, dtype=torch.uint8), torch.float32)
+    assert want[0, 2] == 2.0**-127
+    assert torch.equal(out, (want.view(torch.int32) >> 16).to(torch.int16))  # bf16 = top half
 
 
 @pytest.mark.parametrize("one_row", [False, True], ids=["tiles", "one-row"])
@@ -109,6 +133,7 @@ def test_expert_tiles_cover_every_row_once():
         (0, 8, 40, None),
         (3, 7, 23, None),
         (3, 7, 23, True),
+        (5, 7, 70, None),  # 35 rows an expert on average: tiles of 32
     ],
 )
 def test_grouped_experts_match_the_torch_slice(lo, hi, rows, one_row):
@@ -212,16 +237,22 @@ def test_bad_shapes_are_named():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("one_row", [False, True], ids=["tiles", "one-row"])
+@pytest.mark.parametrize(
+    ("one_row", "block_m", "block_n"),
+    [(False, 16, 128), (False, 64, 64), (True, 1, 64)],
+    ids=["tiles-mma", "tiles-wgmma", "one-row"],
+)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_on_cuda(dtype, one_row):
+def test_on_cuda(dtype, one_row, block_m, block_n):
     """bf16 rounds nothing here (x is bf16, products exact): both dtypes agree with the
-    float32 reference to float32 rounding; float32 checks the dot is not TF32."""
+    float32 reference to float32 rounding; float32 checks the dot is not TF32. Tiles of 64
+    rows take Hopper's wgmma path, of 16 the mma one; both get the subnormal 2^-127 that
+    stands for 0.5 x 2^-126 straight from the decode."""
     blocks, scales, bias = weight(256, 512, seed=6)
     x = torch.randn(64, 512, generator=torch.Generator().manual_seed(7)).to(dtype)
     ref = x.float() @ mxfp4.dequantize(blocks, scales, torch.float32).T + bias
     out = mxfp4_linear(x.cuda(), blocks.cuda(), scales.cuda(), bias.cuda(), one_row=one_row,
-                       block_m=64, block_n=64)  # fmt: skip
+                       block_m=block_m, block_n=block_n)  # fmt: skip
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-4)
 
 

@@ -14,15 +14,19 @@ once per tile row. Rows are gathered from x and scattered to the output through 
 arrays, which saves the sorted copies.
 
 Decoding the weights costs instructions per byte read, and at small batches that, not
-memory, bounds the speed (`gptoss-ray bench sass` counts them). So a code becomes its
-float from bits alone (two shifts and a logic op, landing at 2^-126 times its value) and
-each MX block's scale multiplies the block's partial sum, not its 32 weights. Two kernels:
-- tiles of BLOCK_M rows through tensor-core dots, the weights brought to 2^0 by one
-  multiply and to bf16 (float32 under the interpreter, whose bf16 dot is wrong);
+memory, bounds the speed (`gptoss-ray bench sass` counts them). So a byte of two codes
+becomes the bf16 bits of both from bits alone (a multiply spreads its nibbles, a second
+puts each nibble's magnitude at the bottom of the exponent and its sign at the top, a
+mask cleans up: 2^-126 times each value, with 0.5 on the subnormal 2^-127), and each MX
+block's scale multiplies the block's partial sum, not its 32 weights. Inputs enter
+x 2^64, so that products with the small weights stay normal floats. Two kernels:
+- tiles of BLOCK_M rows through tensor-core dots, the weights brought to 2^-64 by one
+  bf16x2 multiply per byte, so that the dot sees normal numbers and yields true
+  products (float32 under the interpreter, whose bf16 dot is wrong);
 - single rows (decode, where an expert sees about one row) without a dot: each thread
-  holds one output column's MX block and sums it alone; x comes in pre-scaled by 2^64 so
-  that products with the 2^-126 weights stay normal floats, and no multiply is spent on
-  the weights at all.
+  holds one output column's MX block and sums it alone, in float32 against the 2^-126
+  weights as decoded, x pre-scaled by the caller; each partial sum is brought back by
+  2^62 before its scale multiplies it.
 Both are exact where the torch path is (a product of an E2M1 value and a bf16 has at
 most 10 significant bits); sums are in float32, in another order."""
 
@@ -36,26 +40,48 @@ import triton.language as tl
 
 from model.model import count_rows
 
+X_SCALE = 2.0**64  # inputs: far from overflow, products far from 2^-126
+_TO_TRUE = 2.0**126 / X_SCALE  # x 2^64 times weights x 2^-126 -> true products
+
 
 def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _e2m1_pair_times_2_pow_126(packed):
-    """Bytes of two E2M1 codes (uint8; low nibble = even k) -> their float32 values
-    x 2^-126, from bits alone: each code's sign to bit 31 and its 3 magnitude bits to the
-    bottom of the float's exponent and top of its mantissa, where 0 and 0.5 land on the
-    subnormals 0 and 2^-127 and 1 .. 6 on the normals 2^-126 .. 6 x 2^-126. The odd code
-    comes from the sign-extended byte, whose sign already fills bits 25 up. A few integer
-    instructions per code; a multiply by 2^126 is exact (Triton's float32 multiply keeps
-    subnormals)."""
-    mask = -2118123520  # 0x81C00000: bits 31 and 22..24
-    byte = packed.to(tl.int32)
-    signed = packed.to(tl.int8, bitcast=True).to(tl.int32)
-    even = ((byte << 22) | (byte << 28)) & mask
-    odd = (signed << 18) & mask
-    return even.to(tl.float32, bitcast=True), odd.to(tl.float32, bitcast=True)
+def _e2m1_bits(packed):
+    """Bytes of two E2M1 codes (uint8; low nibble = even k) -> int32s holding the bf16
+    bits of both values x 2^-126, the even code's in the low half. A nibble's magnitude
+    lands on the bottom 2 bits of the exponent and the top of the mantissa, its sign on
+    bit 15: 1 .. 6 become 2^-126 .. 6 x 2^-126 and 0.5 the subnormal 2^-127."""
+    spread = (packed.to(tl.uint32) * 0x1001) & 0xF000F  # nibbles at bits 0..3 and 16..19
+    # x 0x1040 copies each nibble 6 and 12 bits up without carries: magnitude from the
+    # first copy, sign from the second
+    return ((spread * 0x1040) & 0x81C081C0).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _e2m1_bf16_bits(packed):
+    """[R, 16] bytes -> [R, 32] int16: the bf16 bits of the weights x 2^-126, k in order."""
+    bits = _e2m1_bits(packed)
+    return tl.reshape(tl.join(bits.to(tl.int16), (bits >> 16).to(tl.int16)), (packed.shape[0], 32))
+
+
+@triton.jit
+def _e2m1_bf16(packed):
+    """[R, 16] bytes -> [R, 32] bf16 weights x 2^-64: times 2^62 in one bf16x2 multiply
+    per byte, which keeps the subnormal input (PTX's bf16 multiply does not flush; the
+    interpreter's does, so it runs the float32 path), so that the tensor cores see normal
+    numbers only."""
+    w = _e2m1_bf16_bits(packed).to(tl.bfloat16, bitcast=True)  # after the reshape: wgmma
+    return (w.to(tl.float32) * 4.611686018427388e18).to(tl.bfloat16)
+
+
+@triton.jit
+def _e2m1_float32(packed):
+    """[R, 16] bytes -> ([R, 16] even k, [R, 16] odd k) float32 weights x 2^-126."""
+    bits = _e2m1_bits(packed)
+    return (bits << 16).to(tl.float32, bitcast=True), (bits & -65536).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -72,7 +98,7 @@ def _moe_mxfp4_kernel(
     tile_expert_ptr, tile_row_ptr, expert_end_ptr,
     N, K, stride_xm, stride_om, stride_be, stride_bn, stride_se, stride_sn, alpha, limit,
     GATHER: tl.constexpr, SCATTER: tl.constexpr, SWIGLU: tl.constexpr, BF16_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    X_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -100,13 +126,13 @@ def _moe_mxfp4_kernel(
         # [BLOCK_N, 16] bytes, each two k: even low, odd high
         packed = tl.load(w_blocks + (16 * g + j)[None, :], mask=n_ok[:, None], other=0)
         scale = _e8m0_value(tl.load(w_scales + g, mask=n_ok, other=127).to(tl.int32))
-        w = tl.join(*_e2m1_pair_times_2_pow_126(packed))
-        w = tl.reshape(w, (BLOCK_N, 32)) * 8.507059173023462e37  # [BLOCK_N, 32] x 2^126
-        xg = tl.load(x_tile + 32 * g, mask=m_ok[:, None], other=0.0)  # [BLOCK_M, 32]
+        # x 2^64 against weights x 2^-64: true products, every operand a normal number
+        xg = tl.load(x_tile + 32 * g, mask=m_ok[:, None], other=0.0).to(tl.float32) * X_SCALE
         if BF16_DOT:
-            part = tl.dot(xg.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)))
+            part = tl.dot(xg.to(tl.bfloat16), tl.trans(_e2m1_bf16(packed)))
         else:
-            part = tl.dot(xg.to(tl.float32), tl.trans(w), input_precision="ieee")
+            w = tl.reshape(tl.join(*_e2m1_float32(packed)), (BLOCK_N, 32)) * 4.611686018427388e18
+            part = tl.dot(xg, tl.trans(w), input_precision="ieee")
         acc += part * scale[None, :]
     acc += tl.load(bias_ptr + e * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     out_rows = offs_m.to(tl.int64)
@@ -123,10 +149,6 @@ def _moe_mxfp4_kernel(
     else:
         tl.store(out_ptr + out_rows[:, None] * stride_om + offs_n[None, :], acc,
                  mask=m_ok[:, None] & n_ok[None, :])  # fmt: skip
-
-
-X_SCALE = 2.0**64  # the row kernel's inputs: far from overflow, products far from 2^-126
-_TO_TRUE = 2.0**126 / X_SCALE  # acc (x 2^64 x weights x 2^-126) -> true sums
 
 
 @triton.jit
@@ -163,11 +185,11 @@ def _moe_mxfp4_row_kernel(
             g = g0 + i
             packed = tl.load(w_blocks + 16 * g, mask=n_ok[:, None], other=0)
             scale = _e8m0_value(tl.load(w_scales + g, mask=n_ok, other=127).to(tl.int32))
-            w_even, w_odd = _e2m1_pair_times_2_pow_126(packed)  # [BLOCK_N, 16] each
+            w_even, w_odd = _e2m1_float32(packed)  # [BLOCK_N, 16] each
             x_even, x_odd = tl.split(tl.reshape(tl.load(x_block + 32 * g), (16, 2)))
             part = tl.sum(w_even * x_even[None, :] + w_odd * x_odd[None, :], axis=1)
-            acc += part * scale
-    acc = acc * to_true + tl.load(bias_ptr + e * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            acc += (part * to_true) * scale  # the true partial sum, then its scale
+    acc = acc + tl.load(bias_ptr + e * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     out_row = row.to(tl.int64)
     if SCATTER:
         out_row = tl.load(out_index_ptr + row).to(tl.int64)
@@ -232,8 +254,8 @@ def _launch(
                                     BLOCK_N=block_n, UNROLL=unroll, **launch)  # fmt: skip
     else:
         bf16_dot = x.dtype == torch.bfloat16 and x.is_cuda and not interpreted()
-        _moe_mxfp4_kernel[grid](*args, **flags, BF16_DOT=bf16_dot, BLOCK_M=tiles.block_m,
-                                BLOCK_N=block_n, **launch)  # fmt: skip
+        _moe_mxfp4_kernel[grid](*args, **flags, BF16_DOT=bf16_dot, X_SCALE=X_SCALE,
+                                BLOCK_M=tiles.block_m, BLOCK_N=block_n, **launch)  # fmt: skip
 
 
 def _check(k: int, blocks: torch.Tensor, scales: torch.Tensor, what: str) -> None:
@@ -257,7 +279,7 @@ def moe_mxfp4(
     alpha: float,
     limit: float,
     one_row: bool | None = None,
-    block_m: int = 16,
+    block_m: int | None = None,
     block_n: int | None = None,
     **launch: int,
 ) -> torch.Tensor:
@@ -266,8 +288,9 @@ def moe_mxfp4(
 
     one_row: the single-row kernel (default: when there are at most half as many rows as
     experts, so that an expert rarely has two; decided from shapes, as graph capture
-    needs). block_m: rows per tile of the other. `launch` (num_warps, num_stages) goes to
-    both launches (`gptoss-ray bench kernels` tries them)."""
+    needs). block_m: rows per tile of the other (default 16, or 32 once experts average
+    24 rows: each tile decodes its expert's weights anew). `launch` (num_warps,
+    num_stages) goes to both launches (`gptoss-ray bench kernels` tries them)."""
     rows, num_experts = x.shape[0], mlp1[0].shape[0]
     inter = mlp1[0].shape[1] // 2
     _check(x.shape[1], mlp1[0], mlp1[1], "mlp1")
@@ -290,12 +313,15 @@ def moe_mxfp4(
         _launch(a, *mlp2, out, gather=False, scatter=True, swiglu=None, **common)
         return out
     x = x.contiguous()
+    if block_m is None:
+        block_m = 32 if rows >= 24 * num_experts else 16
     tiles = ExpertTiles(local_experts, num_experts, block_m)
     a = torch.empty(rows, inter, dtype=x.dtype, device=x.device)  # sorted by expert
-    _launch(x, *mlp1, a, tiles, gather=True, scatter=False, swiglu=(alpha, limit),
-            block_n=block_n or 128, **launch)  # fmt: skip
-    _launch(a, *mlp2, out, tiles, gather=False, scatter=True, swiglu=None,
-            block_n=block_n or 128, **launch)  # fmt: skip
+    # two warps of 128 columns: 32 bytes per thread per step spread the step's fixed cost
+    # (the x fragment, the loop) thin: 0.34 instructions per byte against 0.39 at 4 warps
+    common = {"tiles": tiles, "block_n": block_n or 128, "num_warps": 2, **launch}
+    _launch(x, *mlp1, a, gather=True, scatter=False, swiglu=(alpha, limit), **common)
+    _launch(a, *mlp2, out, gather=False, scatter=True, swiglu=None, **common)
     return out
 
 
