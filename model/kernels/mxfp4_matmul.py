@@ -73,7 +73,8 @@ def _e2m1_bf16(packed):
     per byte, which keeps the subnormal input (PTX's bf16 multiply does not flush; the
     interpreter's does, so it runs the float32 path), so that the tensor cores see normal
     numbers only."""
-    w = _e2m1_bf16_bits(packed).to(tl.bfloat16, bitcast=True)  # after the reshape: wgmma
+    # bitcast after the reshape: before it, Triton 3.9 fails to lay out Hopper's wgmma operand
+    w = _e2m1_bf16_bits(packed).to(tl.bfloat16, bitcast=True)
     return (w.to(tl.float32) * 4.611686018427388e18).to(tl.bfloat16)
 
 
