@@ -25,6 +25,12 @@ def machine() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
     }
+    try:  # the kernels' machine code depends on it (bench sass: 3.6 and 3.9 differ)
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30)
@@ -33,7 +39,8 @@ def machine() -> dict[str, Any]:
 
 def describe(m: dict[str, Any]) -> str:
     where = f"{m['gpu']}" if "gpu" in m else f"{m['cpus']} CPUs, no GPU"
-    return f"{where}; {m['platform']}; torch {m['torch']}"
+    triton = f", triton {m['triton']}" if "triton" in m else ""
+    return f"{where}; {m['platform']}; torch {m['torch']}{triton}"
 
 
 def median(values: Sequence[float]) -> float:

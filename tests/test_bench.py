@@ -192,7 +192,7 @@ def test_bench_sass_compiles_every_launch_for_hopper_here(tmp_path):
     """No GPU needed: Triton's own backend and ptxas compile the launches a decode step
     makes in gpt-oss-20b shapes. Nothing spills, and the main loops stay within their
     instruction budgets per byte (what bounds the MoE kernels' share of HBM: both were
-    at 0.34, 92% of an H100's, when this was written)."""
+    at 0.33, 93-95% of an H100's, under Triton 3.6 and 3.9, when this was written)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run(
         [sys.executable, "-m", "benchmarks.cli", "--out", str(tmp_path), "sass",
@@ -213,7 +213,7 @@ def test_bench_sass_compiles_every_launch_for_hopper_here(tmp_path):
         ("attention prefill window 1024", 128),
     }
     assert all(r["spill_bytes"] == 0 and r["loop_instructions"] > 0 for r in rows.values())
-    budget = {"one row": 0.4, "tiles": 0.4, "attention decode": 0.3}
+    budget = {"one row": 0.36, "tiles": 0.36, "attention decode": 0.3}
     for (name, _), r in rows.items():
         for key, limit in budget.items():
             if key in name:

@@ -10,7 +10,13 @@ import triton.language as tl
 
 from model import mxfp4
 from model.kernels.attention import paged_attention
-from model.kernels.mxfp4_matmul import ExpertTiles, _e2m1_bf16_bits, moe_mxfp4, mxfp4_linear
+from model.kernels.mxfp4_matmul import (
+    ExpertTiles,
+    _e2m1_bf16_bits,
+    _e8m0_value,
+    moe_mxfp4,
+    mxfp4_linear,
+)
 from model.kv_cache import SequenceBatch
 from model.model import AttentionBlock, ExpertSlice, RotaryEmbedding, swiglu
 from shards.kv_cache import KVLayout, PagedBatchView, PagedKVCache
@@ -71,6 +77,24 @@ def test_the_gpus_bf16_weight_bits_are_exact():
     want = mxfp4.dequantize(packed[:, None], torch.ones(16, 1, dtype=torch.uint8), torch.float32)
     assert want[0, 2] == 2.0**-127
     assert torch.equal(out, (want.view(torch.int32) >> 16).to(torch.int16))  # bf16 = top half
+
+
+@triton.jit
+def _decode_scale_kernel(scale_ptr, out_ptr):
+    i = tl.arange(0, 256)
+    tl.store(out_ptr + i, _e8m0_value(tl.load(scale_ptr + i).to(tl.int32)))
+
+
+def test_every_scale_byte_decodes_exactly():
+    """Both kernels decode a scale in integer instructions: every byte, bit for bit, from
+    the subnormal 2^-127 (0) to the NaN (255)."""
+    scales = torch.arange(256, dtype=torch.uint8)
+    out = torch.empty(256)
+    _decode_scale_kernel[(1,)](scales, out)
+    ones = torch.full((256, 1, 16), 0x22, dtype=torch.uint8)  # both codes of 0x22 are 1.0
+    want = mxfp4.dequantize(ones, scales[:, None], torch.float32)  # [256, 32]
+    assert want[0, 0] == 2.0**-127 and want[255].isnan().all()
+    torch.testing.assert_close(out, want[:, 0], rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("one_row", [False, True], ids=["tiles", "one-row"])
