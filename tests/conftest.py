@@ -26,7 +26,24 @@ def pytest_configure(config: pytest.Config) -> None:
         # Triton kernels run in its interpreter on CPU tensors; it must be set before
         # any kernel module is imported (triton.jit reads it when decorating).
         os.environ.setdefault("TRITON_INTERPRET", "1")
+        _check_the_interpreter_runs()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def _check_the_interpreter_runs() -> None:
+    """Triton 3.6's interpreter (torch 2.11 pins it) takes a loop bound with int() of a
+    one-element array, which numpy 2.4 refuses: every kernel test would fail deep inside
+    Triton. Say so once, with the fix."""
+    import numpy
+    import triton
+    from packaging.version import Version
+
+    old_triton = Version(triton.__version__).release < (3, 7)
+    if old_triton and Version(numpy.__version__).release >= (2, 4):
+        raise pytest.UsageError(
+            f"Triton {triton.__version__}'s interpreter (the kernel tests on CPU) fails with "
+            f"numpy {numpy.__version__}: install numpy<2.4, or Triton 3.7 or later"
+        )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
