@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from importlib import resources
 from pathlib import Path
 
@@ -12,8 +13,14 @@ import torch
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # openai-harmony reads the vocabulary from here instead of downloading it.
-    folder = Path(config.cache.mkdir("tiktoken-vocab"))
+    # openai-harmony reads the vocabulary from here instead of downloading it. The cache
+    # plugin may be off (`-p no:cacheprovider`, as benchmarks/gpu.sh runs it).
+    cache = getattr(config, "cache", None)
+    if cache is not None:
+        folder = Path(cache.mkdir("tiktoken-vocab"))
+    else:
+        folder = Path(tempfile.mkdtemp(prefix="gptoss-tiktoken-"))
+        config.add_cleanup(lambda: shutil.rmtree(folder, ignore_errors=True))
     target = folder / "o200k_base.tiktoken"
     if not target.is_file():
         with resources.as_file(
