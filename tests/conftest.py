@@ -13,20 +13,12 @@ import torch
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # openai-harmony reads the vocabulary from here instead of downloading it. The cache
-    # plugin may be off (`-p no:cacheprovider`, as benchmarks/gpu.sh runs it).
-    cache = getattr(config, "cache", None)
-    if cache is not None:
-        folder = Path(cache.mkdir("tiktoken-vocab"))
-    else:
-        folder = Path(tempfile.mkdtemp(prefix="gptoss-tiktoken-"))
-        config.add_cleanup(lambda: shutil.rmtree(folder, ignore_errors=True))
-    target = folder / "o200k_base.tiktoken"
-    if not target.is_file():
-        with resources.as_file(
-            resources.files("model").joinpath("data", "o200k_base.tiktoken")
-        ) as src:
-            shutil.copyfile(src, target)
+    # openai-harmony reads the vocabulary from here instead of downloading it. Not pytest's
+    # cache folder: benchmarks/gpu.sh runs without that plugin (`-p no:cacheprovider`).
+    folder = Path(tempfile.mkdtemp(prefix="gptoss-tiktoken-"))
+    config.add_cleanup(lambda: shutil.rmtree(folder, ignore_errors=True))
+    with resources.as_file(resources.files("model").joinpath("data", "o200k_base.tiktoken")) as src:
+        shutil.copyfile(src, folder / "o200k_base.tiktoken")
     os.environ["TIKTOKEN_ENCODINGS_BASE"] = str(folder)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not torch.cuda.is_available():
