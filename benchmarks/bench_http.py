@@ -19,9 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import machine
+from gptoss_ray.benchmarks.common import machine
 
 
 def stream_once(host: str, port: int, body: dict) -> tuple[float, float, int]:
@@ -70,7 +68,7 @@ def main() -> None:
 
     import ray
 
-    from cluster.engine import Engine
+    from gptoss_ray.cluster.engine import Engine
 
     engine = Engine.start(args.model, shards=args.shards, device=args.device, dtype=args.dtype)
     try:

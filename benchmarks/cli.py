@@ -12,7 +12,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import DEFAULT_OUT, describe, machine, save
+from gptoss_ray.benchmarks.common import DEFAULT_OUT, describe, machine, save
 
 
 def _ints(text: str) -> list[int]:
@@ -34,7 +34,7 @@ def _shapes(text: str) -> list[tuple[int, int]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from benchmarks.scaling_model import Links
+    from gptoss_ray.benchmarks.scaling_model import Links
 
     parser = argparse.ArgumentParser(prog="gptoss-ray bench", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="folder for JSON and PNG")
@@ -133,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     data: dict[str, Any] = {"machine": machine(), "args": vars(args)}
     print(f"machine: {describe(data['machine'])}")
     if args.what == "sweep":
-        from benchmarks.engine_runs import sweep
+        from gptoss_ray.benchmarks.engine_runs import sweep
 
         data["results"] = sweep(
             args.model, shards=args.shards, device=args.device, dtype=args.dtype,
@@ -143,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_sweep(data)
         save("sweep", data, args.out, _plot_sweep)
     elif args.what == "scaling":
-        from benchmarks.engine_runs import scaling
+        from gptoss_ray.benchmarks.engine_runs import scaling
 
         data["results"] = scaling(
             args.model, shard_counts=args.shards, device=args.device, dtype=args.dtype,
@@ -155,18 +155,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.what == "model":
         data |= _model(args)
         _print_model(data)
-        from benchmarks.scaling_model import plot
+        from gptoss_ray.benchmarks.scaling_model import plot
 
         save("scaling-model", data, args.out, plot)
     elif args.what == "sass":
-        from benchmarks.sass import sass
+        from gptoss_ray.benchmarks.sass import sass
 
         data["results"] = sass(args.model, arch=args.arch, tokens=args.tokens,
                                contexts=args.contexts)  # fmt: skip
         _print_sass(data)
         save("sass", data, args.out, _plot_sass)
     elif args.what == "kernels":
-        from benchmarks.kernels import kernels
+        from gptoss_ray.benchmarks.kernels import kernels
 
         data["results"] = kernels(
             args.model, device=args.device, tokens=args.tokens, contexts=args.contexts,
@@ -175,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_kernels(data)
         save("kernels", data, args.out, _plot_kernels)
     else:
-        from benchmarks.fullsize import fullsize
+        from gptoss_ray.benchmarks.fullsize import fullsize
 
         switch = {"auto": None, "on": True, "off": False}
         data["results"] = fullsize(
@@ -191,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _model(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from benchmarks.scaling_model import Calibration, Links, calibrate, scaling_table
+    from gptoss_ray.benchmarks.scaling_model import Calibration, Links, calibrate, scaling_table
 
     if args.calibration:
         raw = json.loads(Path(args.calibration).read_text())
@@ -259,7 +259,7 @@ def _print_scaling(data: dict) -> None:
 
 
 def _plot_scaling(data: dict, plt) -> None:
-    from benchmarks.engine_runs import OVERHEAD, PHASES
+    from gptoss_ray.benchmarks.engine_runs import OVERHEAD, PHASES
 
     rows = data["results"]
     x = [r["shards"] for r in rows]

@@ -18,7 +18,7 @@ import threading
 import time
 from typing import Any
 
-from benchmarks.common import median, percentile, progress
+from gptoss_ray.benchmarks.common import median, percentile, progress
 
 PHASES = (
     "prepare", "attention", "gate", "dispatch", "experts", "combine", "decode graph", "head"
@@ -34,16 +34,10 @@ def random_prompts(n: int, length: int, seed: int, vocab: int = 200000) -> list[
 
 
 def ensure_ray(min_cpus: int) -> None:
-    import ray
+    """One Ray instance for every engine of the run (each engine would start its own)."""
+    from gptoss_ray.cluster.ray_instance import init_for_engine
 
-    if not ray.is_initialized():
-        ray.init(
-            num_cpus=max(os.cpu_count() or 1, min_cpus),
-            object_store_memory=256 * 2**20,
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-        )
+    init_for_engine(None, min_cpus)
 
 
 def _split(before: dict, after: dict) -> dict[str, float]:
@@ -56,7 +50,7 @@ def _split(before: dict, after: dict) -> dict[str, float]:
 
 
 def timed_generate(engine, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
-    from model.sampling import SamplingParams
+    from gptoss_ray.model.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     before = engine.stats()
@@ -89,7 +83,7 @@ def sweep(
     repeats: int,
     kv_budget_mb: float,
 ) -> list[dict[str, Any]]:
-    from cluster.engine import Engine
+    from gptoss_ray.cluster.engine import Engine
 
     ensure_ray(shards + 1)
     engine = Engine.start(
@@ -156,7 +150,7 @@ def scaling(
     kv_budget_mb: float,
     replicas: bool = True,
 ) -> list[dict[str, Any]]:
-    from cluster.engine import Engine
+    from gptoss_ray.cluster.engine import Engine
 
     cores = os.cpu_count() or 1
     ensure_ray(2 * max(shard_counts) + 1)
@@ -187,7 +181,7 @@ def scaling(
 
 
 def _replicas(model, n, batch, prompt_len, output_len, repeats, common) -> dict[str, Any]:
-    from cluster.engine import Engine
+    from gptoss_ray.cluster.engine import Engine
 
     engines = [Engine.start(model, shards=1, **common) for _ in range(n)]
     try:

@@ -20,13 +20,13 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import progress
+from gptoss_ray.benchmarks.common import progress
 
 
 def build(config_name: str, device: str, *, kernels: bool | None = None, seed: int = 0):
-    from model.checkpoint import randomize_
-    from model.config import ModelConfig
-    from model.model import Transformer
+    from gptoss_ray.model.checkpoint import randomize_
+    from gptoss_ray.model.config import ModelConfig
+    from gptoss_ray.model.model import Transformer
 
     config = ModelConfig.preset(config_name)
     with torch.device(device):
@@ -60,7 +60,7 @@ def _sync(device: str) -> None:
 def decode_bytes(config, context: int) -> int:
     """Bytes that one batch-1 decode step must read at a given context: the dense weights
     (one row of the embedding), top-k of the experts, the keys and values it attends to."""
-    from benchmarks.scaling_model import kv_bytes_per_sequence, model_bytes
+    from gptoss_ray.benchmarks.scaling_model import kv_bytes_per_sequence, model_bytes
 
     dense, experts = model_bytes(config)
     embedding = config.vocab_size * config.hidden_size * 2
@@ -74,11 +74,11 @@ def decode_bytes(config, context: int) -> int:
 def run_ours(
     model, batch: int, prompt_len: int, output_len: int, graphs: bool | None = None
 ) -> dict[str, Any]:
-    from cluster.engine_core import EngineCore
-    from model.sampling import SamplingParams
-    from router.transport import LocalTransport
-    from shards.kv_cache import KVLayout
-    from shards.shard import Shard
+    from gptoss_ray.cluster.engine_core import EngineCore
+    from gptoss_ray.model.sampling import SamplingParams
+    from gptoss_ray.router.transport import LocalTransport
+    from gptoss_ray.shards.kv_cache import KVLayout
+    from gptoss_ray.shards.shard import Shard
 
     config = model.config
     bs = 16
@@ -182,7 +182,7 @@ def fullsize(
     theirs: list[dict[str, Any]] | str = []
     if peer:
         try:
-            from benchmarks.hf_peer import to_transformers
+            from gptoss_ray.benchmarks.hf_peer import to_transformers
 
             hf = to_transformers(model)
             for b in batches:

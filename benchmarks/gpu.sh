@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # What to measure on a GPU machine, in stages that each fit in ten minutes. From the repo
-# root, with the project installed (`pip install -e ".[test,bench]"`) or its packages and
-# the repo on PYTHONPATH:   bash benchmarks/gpu.sh STAGE
+# root, with the project installed (`pip install -e ".[test,bench]"`), or with only its
+# dependencies on PYTHONPATH (the lent GPU: wheels.sh's .whl installed to /tmp/site), in
+# which case the package `gptoss_ray` is laid out first in a temporary folder, its
+# subpackages linked to this checkout's folders (no build, no network):
+#   bash benchmarks/gpu.sh STAGE
 #   check   the GPU tests (kernels vs torch in bf16, captured decode graphs), then the
 #           kernels alone in gpt-oss-20b shapes against the memory floor, beside their
 #           static issue bound (bench sass)
@@ -18,7 +21,20 @@ out=${OUT:-benchmarks/out}
 mkdir -p "$out"
 log="$out/$stage.log"
 export PYTHONUNBUFFERED=1
-bench() { python3 -m benchmarks.cli --out "$out" "$@" 2>&1 | tee -a "$log"; }
+# link:begin (tests/test_install.py runs this block)
+if ! python3 -c "import gptoss_ray.cluster" 2>/dev/null; then
+  site=$(mktemp -d) && mkdir "$site/gptoss_ray" || exit 1
+  # pyproject's package-dir says which folder is which subpackage, as in the wheel
+  python3 - "$site/gptoss_ray" <<'PY' || exit 1
+import os, sys, tomllib
+dirs = tomllib.load(open("pyproject.toml", "rb"))["tool"]["setuptools"]["package-dir"]
+for name, folder in dirs.items():
+    os.symlink(os.path.abspath(folder), os.path.join(sys.argv[1], name.split(".")[-1]))
+PY
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+# link:end
+bench() { python3 -m gptoss_ray.benchmarks.cli --out "$out" "$@" 2>&1 | tee -a "$log"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$log"
 case "$stage" in
   check)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from model import mxfp4
-from model.model import Transformer
+from gptoss_ray.model import mxfp4
+from gptoss_ray.model.model import Transformer
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import progress
+from gptoss_ray.benchmarks.common import progress
 
 # the first is the default (the kernel chosen from the shapes); then each kernel forced;
 # launch options go straight to Triton. `gptoss-ray bench sass` tells, without a GPU, what
@@ -45,7 +45,7 @@ def bench(fn: Callable[[], Any], device: torch.device) -> float:
         import triton.testing
 
         return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
-    from benchmarks.scaling_model import median_time
+    from gptoss_ray.benchmarks.scaling_model import median_time
 
     return median_time(fn, 3, device)
 
@@ -61,8 +61,8 @@ def expert_bytes(config) -> int:
 
 
 def moe(config, tokens: list[int], variants: list[dict[str, int]], device, bandwidth, layers):
-    from model.checkpoint import randomize_
-    from model.model import ExpertSlice
+    from gptoss_ray.model.checkpoint import randomize_
+    from gptoss_ray.model.model import ExpertSlice
 
     e, k, h = config.num_experts, config.experts_per_token, config.hidden_size
     with torch.device(device):
@@ -94,7 +94,7 @@ def moe(config, tokens: list[int], variants: list[dict[str, int]], device, bandw
 
 
 def _moe_call(slices, x, experts, variant):
-    from model.kernels.mxfp4_matmul import moe_mxfp4
+    from gptoss_ray.model.kernels.mxfp4_matmul import moe_mxfp4
 
     s = next(slices)  # the next layer's weights: not in the cache
     return moe_mxfp4(
@@ -117,9 +117,9 @@ def _name(variant: dict[str, int]) -> str:
 
 
 def attention(config, batches: list[int], contexts: list[int], device, bandwidth):
-    from model.kernels.attention import paged_attention
-    from model.kv_cache import AttentionTables
-    from model.model import attention_with_sinks
+    from gptoss_ray.model.kernels.attention import paged_attention
+    from gptoss_ray.model.kv_cache import AttentionTables
+    from gptoss_ray.model.model import attention_with_sinks
 
     hq, hkv, d, bs = config.num_attention_heads, config.num_key_value_heads, config.head_dim, 16
     g = torch.Generator().manual_seed(1)
@@ -173,8 +173,8 @@ def kernels(
     variants: list[int] | None = None,
     layers: int | None = None,
 ) -> dict[str, Any]:
-    from benchmarks.fullsize import copy_bandwidth
-    from model.config import ModelConfig
+    from gptoss_ray.benchmarks.fullsize import copy_bandwidth
+    from gptoss_ray.model.config import ModelConfig
 
     config = ModelConfig.preset(config_name)
     dev = torch.device(device)

@@ -133,7 +133,7 @@ def main_loop(sass: str) -> tuple[int, collections.Counter]:
 def moe_launches(config, tokens: int, variant: dict[str, Any]) -> list[Launch]:
     """Both matmuls of one MoE call for `tokens` tokens (4 expert rows each), with every
     expert of the model local (torch.empty: the stacks are never touched)."""
-    from model.kernels import mxfp4_matmul as mm
+    from gptoss_ray.model.kernels import mxfp4_matmul as mm
 
     h, inter, e = config.hidden_size, config.intermediate_size, config.num_experts
     mlp1 = (torch.empty(e, 2 * inter, h // 32, 16, dtype=torch.uint8),
@@ -165,8 +165,8 @@ def attention_launch(
     config, sequences: int, context: int, new_tokens: int, sliding: bool
 ) -> Launch:
     """The paged attention launch for `sequences` sequences adding `new_tokens` each."""
-    from model.kernels import attention
-    from model.kv_cache import AttentionTables
+    from gptoss_ray.model.kernels import attention
+    from gptoss_ray.model.kv_cache import AttentionTables
 
     hq, hkv, d, bs = config.num_attention_heads, config.num_key_value_heads, config.head_dim, 16
     per_seq = -(-context // bs)
@@ -206,8 +206,8 @@ def sass(config_name: str, *, arch: int, tokens: list[int], contexts: list[int])
     compiled for sm_<arch>: resources and the main loop's issue cost per byte."""
     import tempfile
 
-    from benchmarks.common import progress
-    from model.config import ModelConfig
+    from gptoss_ray.benchmarks.common import progress
+    from gptoss_ray.model.config import ModelConfig
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: the kernels must be compiled, not interpreted")

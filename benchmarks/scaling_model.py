@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import progress
+from gptoss_ray.benchmarks.common import progress
 
 
 @dataclass
@@ -115,11 +115,11 @@ def calibrate(
 ) -> Calibration:
     """Times one sliding and one full layer, their experts and the head, with random
     weights in the shapes of `config_name`, on `device`."""
-    from model.checkpoint import randomize_
-    from model.config import ModelConfig
-    from model.kv_cache import SequenceBatch
-    from model.model import RMSNorm, RotaryEmbedding, TransformerBlock
-    from shards.kv_cache import KVLayout, PagedBatchView, PagedKVCache
+    from gptoss_ray.model.checkpoint import randomize_
+    from gptoss_ray.model.config import ModelConfig
+    from gptoss_ray.model.kv_cache import SequenceBatch
+    from gptoss_ray.model.model import RMSNorm, RotaryEmbedding, TransformerBlock
+    from gptoss_ray.shards.kv_cache import KVLayout, PagedBatchView, PagedKVCache
 
     config = ModelConfig.preset(config_name)
     dev = torch.device(device)
@@ -203,7 +203,7 @@ def calibrate(
 def model_bytes(config) -> tuple[int, int]:
     """(bytes of everything but the experts, bytes of all experts) as served: bf16
     dense weights, MXFP4 expert weights and bf16 expert biases."""
-    from model.checkpoint import tensor_specs
+    from gptoss_ray.model.checkpoint import tensor_specs
 
     dense = experts = 0
     for spec in tensor_specs(config):
@@ -365,7 +365,7 @@ def scaling_table(
 ) -> dict[str, Any]:
     """Predictions for every model, GPU count and batch per GPU ("max": each side at the
     largest batch per GPU that its memory holds, at most 1024)."""
-    from model.config import ModelConfig
+    from gptoss_ray.model.config import ModelConfig
 
     links = links or Links()
     rows = []

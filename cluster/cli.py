@@ -94,15 +94,19 @@ def _parser() -> argparse.ArgumentParser:
     stop = sub.add_parser("stop", help="shut down a served engine")
     stop.add_argument("--name", default="gptoss-ray")
     stop.add_argument("--address", default="auto")
+    stop.add_argument(
+        "--ray", action="store_true",
+        help="also end the local Ray instance that `gptoss-ray serve` started",
+    )  # fmt: skip
     sub.add_parser(
         "bench", add_help=False,
         help="benchmarks: sweep, scaling, model, fullsize (gptoss-ray bench --help)",
     )  # fmt: skip
 
-    from cluster.cli_harmony import add_commands
+    from gptoss_ray.cluster.cli_harmony import add_commands
 
     add_commands(sub)
-    from cluster.cli_batch import add_commands as add_batch_commands
+    from gptoss_ray.cluster.cli_batch import add_commands as add_batch_commands
 
     add_batch_commands(sub)
     return parser
@@ -112,19 +116,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
         # the benchmarks are their own layer above this one (they drive the engine)
-        from benchmarks.cli import main as bench_main
+        from gptoss_ray.benchmarks.cli import main as bench_main
 
         return bench_main(argv[1:])
     args = _parser().parse_args(argv)
     from pydantic import ValidationError
 
-    from cluster.batch import BatchInputError
-    from cluster.client import EngineNotFound
-    from model.checkpoint import CheckpointError
-    from model.config import ConfigError
-    from model.generate import RequestError
-    from model.harmony import HarmonyError
-    from model.tokenizer import TokenizerError
+    from gptoss_ray.cluster.batch import BatchInputError
+    from gptoss_ray.cluster.ray_instance import EngineNotFound
+    from gptoss_ray.model.checkpoint import CheckpointError
+    from gptoss_ray.model.config import ConfigError
+    from gptoss_ray.model.generate import RequestError
+    from gptoss_ray.model.harmony import HarmonyError
+    from gptoss_ray.model.tokenizer import TokenizerError
 
     try:
         if args.command == "checkpoint":
@@ -134,11 +138,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             return _demo(args)
         if args.command == "harmony":
-            from cluster import cli_harmony
+            from gptoss_ray.cluster import cli_harmony
 
             return cli_harmony.run(args)
         if args.command == "batch":
-            from cluster import cli_batch
+            from gptoss_ray.cluster import cli_batch
 
             return cli_batch.run(args)
         if args.command == "serve":
@@ -146,13 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "status":
             return _status(args)
         if args.command == "stop":
-            from cluster.serve import stop
-
-            stopped = stop(args.name, args.address)
-            print(
-                f"stopped engine {args.name!r}" if stopped else f"no engine {args.name!r} running"
-            )
-            return 0 if stopped else 1
+            return _stop(args)
     except (
         CheckpointError,
         ConfigError,
@@ -176,8 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _checkpoint_tiny(args: argparse.Namespace) -> int:
-    from model.checkpoint import write_random_checkpoint
-    from model.config import ModelConfig
+    from gptoss_ray.model.checkpoint import write_random_checkpoint
+    from gptoss_ray.model.config import ModelConfig
 
     config = ModelConfig.preset(args.preset)
     shard = int(args.shard_mb * 2**20) if args.shard_mb else None
@@ -195,7 +193,7 @@ def _dtype(name: str):
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from model.sampling import SamplingParams
+    from gptoss_ray.model.sampling import SamplingParams
 
     if bool(args.prompt_ids) == bool(args.messages):
         raise _usage("generate: give --prompt-ids (one or more) or --messages FILE.json")
@@ -212,8 +210,8 @@ def _generate(args: argparse.Namespace) -> int:
     if args.messages:
         return _generate_chat(args, params)
     if args.shards is None:
-        from model.checkpoint import load_model
-        from model.generate import generate
+        from gptoss_ray.model.checkpoint import load_model
+        from gptoss_ray.model.generate import generate
 
         model = load_model(args.model, dtype=_dtype(args.dtype), device=args.device)
         results = generate(model, args.prompt_ids, params)
@@ -241,7 +239,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from cluster.serve import serve
+    from gptoss_ray.cluster.serve import serve
 
     t0 = time.perf_counter()
     info = serve(
@@ -251,7 +249,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.http:
         import ray
 
-        from cluster.jobs import NAMESPACE
+        from gptoss_ray.cluster.ray_instance import NAMESPACE
 
         coordinator = ray.get_actor(args.name, namespace=NAMESPACE)
         url = ray.get(coordinator.start_http.remote(args.host, args.port, args.api_key))
@@ -265,10 +263,38 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stop(args: argparse.Namespace) -> int:
+    import ray
+
+    from gptoss_ray.cluster.ray_instance import running_head, stop_head
+    from gptoss_ray.cluster.serve import stop
+
+    stopped = stop(args.name, args.address)
+    print(f"stopped engine {args.name!r}" if stopped else f"no engine {args.name!r} running")
+    joined = ray.get_runtime_context().gcs_address if ray.is_initialized() else None
+    ray.shutdown()
+    head = running_head()
+    if args.ray and head is not None:
+        stop_head()
+        print(
+            f"stopped the local Ray instance at {head['address']} that `gptoss-ray serve` started"
+        )
+        return 0
+    if args.ray:
+        print("no local Ray instance that `gptoss-ray serve` started is running")
+    if head is not None:
+        print(f"the local Ray instance at {head['address']} that `gptoss-ray serve` started "
+              "keeps running; `gptoss-ray stop --ray` ends it")  # fmt: skip
+    elif joined is not None:
+        print(f"the Ray instance at {joined} keeps running (not started by `gptoss-ray serve`; "
+              "`ray stop` ends it, with every other Ray instance on this machine)")  # fmt: skip
+    return 0 if stopped else 1
+
+
 def _status(args: argparse.Namespace) -> int:
     import ray
 
-    from cluster.client import Client
+    from gptoss_ray.cluster.client import Client
 
     client = Client(address=args.address, name=args.name)
     status = ray.get(client.coordinator.status.remote(), timeout=60)
@@ -297,20 +323,20 @@ def _status(args: argparse.Namespace) -> int:
         print(f"  expert load (rows per expert, all layers): min {min(per_expert)}, "
               f"mean {mean:.1f}, max {max(per_expert)}")  # fmt: skip
     for job in jobs:
-        from cluster.client import progress_line
+        from gptoss_ray.cluster.client import progress_line
 
         print(f"  job {job['job_id']}: {progress_line(job)}")
     return 0
 
 
 def _usage(message: str) -> Exception:
-    from model.generate import RequestError
+    from gptoss_ray.model.generate import RequestError
 
     return RequestError(message)
 
 
 def _engine(args: argparse.Namespace):
-    from cluster.engine import Engine
+    from gptoss_ray.cluster.engine import Engine
 
     return Engine.start(
         args.model, shards=args.shards or 1, device=args.device, dtype=args.dtype,
@@ -319,7 +345,7 @@ def _engine(args: argparse.Namespace):
 
 
 def _chat_requests(path: str) -> list[dict]:
-    from model.generate import RequestError
+    from gptoss_ray.model.generate import RequestError
 
     try:
         data = json.loads(open(path, encoding="utf-8").read())  # noqa: SIM115
@@ -339,8 +365,8 @@ def _chat_requests(path: str) -> list[dict]:
 
 
 def _generate_chat(args: argparse.Namespace, params) -> int:
-    from cluster.coordinator import chat_prompt, chat_response
-    from cluster.engine_core import RequestOutput
+    from gptoss_ray.cluster.coordinator import chat_prompt, chat_response
+    from gptoss_ray.cluster.engine_core import RequestOutput
 
     requests = _chat_requests(args.messages)
     sampling = {
@@ -349,8 +375,8 @@ def _generate_chat(args: argparse.Namespace, params) -> int:
     }  # fmt: skip
     requests = [sampling | r for r in requests]  # a request's own fields win
     if args.shards is None:
-        from model.checkpoint import load_model
-        from model.generate import generate
+        from gptoss_ray.model.checkpoint import load_model
+        from gptoss_ray.model.generate import generate
 
         model = load_model(args.model, dtype=_dtype(args.dtype), device=args.device)
         replies = []
@@ -396,7 +422,7 @@ DEMO_CONVERSATIONS = [
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from model.tokenizer import decode
+    from gptoss_ray.model.tokenizer import decode
 
     print(
         f"gptoss-ray demo: model {args.model!r} on {args.shards} expert-parallel "

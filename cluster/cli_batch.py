@@ -28,7 +28,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cluster.client import Client, progress_line, read_results
+    from gptoss_ray.cluster.client import Client, progress_line, read_results
 
     client = Client(address=args.address, name=args.name)
     if args.batch_command == "submit":

@@ -50,9 +50,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from model import harmony
-    from model import tokenizer as tok
-    from model.harmony.openai_chat import ChatRequest, to_harmony
+    from gptoss_ray.model import harmony
+    from gptoss_ray.model import tokenizer as tok
+    from gptoss_ray.model.harmony.openai_chat import ChatRequest, to_harmony
 
     if args.harmony_command == "render":
         raw = sys.stdin.read() if args.file == "-" else _read(args.file)

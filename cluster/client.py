@@ -21,25 +21,11 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from cluster.batch import BatchInputError, check_writable, read_input
-from cluster.jobs import JOB_PREFIX, NAMESPACE, BatchJob
+from gptoss_ray.cluster.batch import BatchInputError, check_writable, read_input
+from gptoss_ray.cluster.jobs import JOB_PREFIX, BatchJob
+from gptoss_ray.cluster.ray_instance import NAMESPACE, EngineNotFound, connect
 
 DEFAULT_ENGINE = "gptoss-ray"
-
-
-class EngineNotFound(RuntimeError):
-    pass
-
-
-def connect(address: str | None = "auto") -> None:
-    if not ray.is_initialized():
-        try:
-            ray.init(address=address, namespace=NAMESPACE, log_to_driver=False,
-                     configure_logging=False)  # fmt: skip
-        except ConnectionError as exc:
-            raise EngineNotFound(
-                f"no Ray cluster at {address!r} ({exc}); start one with `gptoss-ray serve`"
-            ) from None
 
 
 class Job:

@@ -17,14 +17,19 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.engine_core import EngineCore, RequestOutput, ShardsRestarted
-from model import harmony
-from model.checkpoint import Checkpoint, resolve_model
-from model.harmony.openai_chat import ChatRequest, HarmonyRequest, from_harmony, to_harmony
-from model.sampling import SamplingParams
-from shards.kv_cache import KVLayout
-from shards.shard import StepPlan, StepResult
-from shards.worker import ShardWorker
+from gptoss_ray.cluster.engine_core import EngineCore, RequestOutput, ShardsRestarted
+from gptoss_ray.model import harmony
+from gptoss_ray.model.checkpoint import Checkpoint, resolve_model
+from gptoss_ray.model.harmony.openai_chat import (
+    ChatRequest,
+    HarmonyRequest,
+    from_harmony,
+    to_harmony,
+)
+from gptoss_ray.model.sampling import SamplingParams
+from gptoss_ray.shards.kv_cache import KVLayout
+from gptoss_ray.shards.shard import StepPlan, StepResult
+from gptoss_ray.shards.worker import ShardWorker
 
 
 class EngineDown(RuntimeError):
@@ -130,7 +135,7 @@ class ChatEngine:
         self, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None
     ) -> str:
         """Serves the OpenAI-compatible API from here; returns its base URL."""
-        from cluster.http_api import ApiServer
+        from gptoss_ray.cluster.http_api import ApiServer
 
         if self.http is None:
             self.http = ApiServer(self, host, port, api_key)

@@ -11,18 +11,18 @@ stream, chat, shut down.
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import ray
 
-from cluster.coordinator import Coordinator
-from cluster.engine_core import RequestOutput
-from model import harmony
-from model.generate import RequestError
-from model.sampling import SamplingParams
+from gptoss_ray.cluster.coordinator import Coordinator
+from gptoss_ray.cluster.engine_core import RequestOutput
+from gptoss_ray.cluster.ray_instance import init_for_engine
+from gptoss_ray.model import harmony
+from gptoss_ray.model.generate import RequestError
+from gptoss_ray.model.sampling import SamplingParams
 
 
 class Engine:
@@ -48,7 +48,9 @@ class Engine:
         **options: Any,
     ) -> Engine:
         """Starts the coordinator and its shards. `address="auto"` joins a running Ray
-        cluster (`ray up`, `ray start`); without it a local Ray instance is started.
+        cluster (`ray up`, `ray start`), as does RAY_ADDRESS; without either, a private
+        local Ray instance is started for this engine and ended with it, whether or not
+        another runs on this machine (cluster/ray_instance.py says why).
         The coordinator runs on this process's node unless `coordinator_node` (a Ray node
         id) says otherwise. `options` go to the coordinator (cpus_per_shard,
         gpus_per_shard, placement_timeout, recovery_timeout, kernels: Triton
@@ -62,19 +64,7 @@ class Engine:
             raise ValueError(f"dtype {dtype!r}: expected float32 or bfloat16")
         if shards < 1:
             raise ValueError(f"shards={shards}: at least one")
-        owns_ray = False
-        if not ray.is_initialized():
-            if address is None:
-                ray.init(
-                    num_cpus=max(os.cpu_count() or 1, shards + 1),
-                    object_store_memory=256 * 2**20,
-                    include_dashboard=False,
-                    log_to_driver=False,
-                    configure_logging=False,
-                )
-                owns_ray = True
-            else:
-                ray.init(address=address, log_to_driver=False)
+        owns_ray = init_for_engine(address, shards + 1)
         remote = ray.remote(Coordinator).options(
             name=name or f"gptoss-ray-coordinator-{uuid.uuid4().hex[:8]}",
             max_concurrency=64,

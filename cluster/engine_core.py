@@ -15,13 +15,13 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from cluster.scheduler import Scheduler, Status
-from cluster.scheduler import Sequence as Seq
-from model.config import ModelConfig
-from model.generate import RequestError, check_prompt
-from model.sampling import SamplingParams
-from shards.kv_cache import KVLayout
-from shards.shard import StepPlan, StepResult
+from gptoss_ray.cluster.scheduler import Scheduler, Status
+from gptoss_ray.cluster.scheduler import Sequence as Seq
+from gptoss_ray.model.config import ModelConfig
+from gptoss_ray.model.generate import RequestError, check_prompt
+from gptoss_ray.model.sampling import SamplingParams
+from gptoss_ray.shards.kv_cache import KVLayout
+from gptoss_ray.shards.shard import StepPlan, StepResult
 
 RunStep = Callable[[list[StepPlan]], list[StepResult]]
 

@@ -17,18 +17,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cluster.responses_api import (
+from gptoss_ray.cluster.responses_api import (
     function_call_item,
     message_item,
     reasoning_item,
     response_object,
     responses_to_chat,
 )
-from model import harmony
-from model.generate import RequestError
+from gptoss_ray.model import harmony
+from gptoss_ray.model.generate import RequestError
 
 if TYPE_CHECKING:
-    from cluster.coordinator import Coordinator
+    from gptoss_ray.cluster.coordinator import Coordinator
 
 
 class ApiError(Exception):

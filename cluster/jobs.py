@@ -17,9 +17,15 @@ from typing import Any
 
 import ray
 
-from cluster.batch import BatchLine, OutputWriter, error_record, read_input, success_record
+from gptoss_ray.cluster.batch import (
+    BatchLine,
+    OutputWriter,
+    error_record,
+    read_input,
+    success_record,
+)
+from gptoss_ray.cluster.ray_instance import NAMESPACE
 
-NAMESPACE = "gptoss-ray"
 JOB_PREFIX = "gptoss-ray-job-"
 
 

@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Any
 
-from model.harmony import HarmonyError
+from gptoss_ray.model.harmony import HarmonyError
 
 
 def responses_to_chat(body: dict[str, Any]) -> dict[str, Any]:

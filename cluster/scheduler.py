@@ -14,9 +14,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from model.sampling import SamplingParams
-from shards.kv_cache import KVLayout, blocks_held
-from shards.shard import SeqWork, StepPlan
+from gptoss_ray.model.sampling import SamplingParams
+from gptoss_ray.shards.kv_cache import KVLayout, blocks_held
+from gptoss_ray.shards.shard import SeqWork, StepPlan
 
 
 class Status(StrEnum):

@@ -4,37 +4,13 @@ for clients and batch jobs to share."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from typing import Any
 
 import ray
 
-from cluster.coordinator import Coordinator
-from cluster.engine import here
-from cluster.jobs import NAMESPACE
-
-
-def ensure_cluster(address: str | None, num_cpus: int) -> None:
-    """Connect to `address` ('auto': the cluster this machine belongs to). Without one, a
-    local head node is started with `ray start --head`, so that the engine outlives this
-    process (stop it with `ray stop`)."""
-    from cluster.client import EngineNotFound, connect
-
-    if address is not None:
-        connect(address)
-        return
-    try:
-        connect("auto")
-    except EngineNotFound:
-        print("starting a local Ray head node (stop it with `ray stop`)", file=sys.stderr)
-        subprocess.run(
-            [sys.executable, "-m", "ray.scripts.scripts", "start", "--head",
-             f"--num-cpus={num_cpus}", "--include-dashboard=false",
-             "--disable-usage-stats", f"--object-store-memory={256 * 2**20}"],
-            check=True, capture_output=True,
-        )  # fmt: skip
-        connect("auto")
+from gptoss_ray.cluster.coordinator import Coordinator
+from gptoss_ray.cluster.engine import here
+from gptoss_ray.cluster.ray_instance import NAMESPACE, EngineNotFound, connect, ensure_cluster
 
 
 def serve(
@@ -67,8 +43,6 @@ def serve(
 
 def stop(name: str = "gptoss-ray", address: str | None = "auto") -> bool:
     """Shuts the engine down; False when there was none."""
-    from cluster.client import EngineNotFound, connect
-
     try:
         connect(address)
     except EngineNotFound:

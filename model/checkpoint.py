@@ -26,10 +26,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from model import mxfp4
-from model.config import ConfigError, ModelConfig
-from model.model import Transformer
-from model.progress import Progress
+from gptoss_ray.model import mxfp4
+from gptoss_ray.model.config import ConfigError, ModelConfig
+from gptoss_ray.model.model import Transformer
+from gptoss_ray.model.progress import Progress
 
 Layout = Literal["hf", "original"]
 

@@ -148,7 +148,7 @@ class ModelConfig(BaseModel):
         names = preset_names()
         if name not in names:
             raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(names)}")
-        text = resources.files("configs").joinpath("models", f"{name}.json").read_text()
+        text = resources.files("gptoss_ray.configs").joinpath("models", f"{name}.json").read_text()
         return cls.from_dict(json.loads(text), source=f"preset {name}")
 
     # -- writing -------------------------------------------------------------------------
@@ -212,7 +212,7 @@ class ModelConfig(BaseModel):
 
 
 def preset_names() -> list[str]:
-    folder = resources.files("configs").joinpath("models")
+    folder = resources.files("gptoss_ray.configs").joinpath("models")
     return sorted(
         p.name.removesuffix(".json") for p in folder.iterdir() if p.name.endswith(".json")
     )

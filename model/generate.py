@@ -8,10 +8,10 @@ from typing import Literal
 
 import torch
 
-from model.config import ModelConfig
-from model.kv_cache import SequenceBatch, SequenceKV
-from model.model import Transformer
-from model.sampling import Sampler, SamplingParams
+from gptoss_ray.model.config import ModelConfig
+from gptoss_ray.model.kv_cache import SequenceBatch, SequenceKV
+from gptoss_ray.model.model import Transformer
+from gptoss_ray.model.sampling import Sampler, SamplingParams
 
 
 class RequestError(ValueError):

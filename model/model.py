@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import mxfp4
-from model.config import ModelConfig
-from model.kv_cache import PagedBatch, SequenceBatch
+from gptoss_ray.model import mxfp4
+from gptoss_ray.model.config import ModelConfig
+from gptoss_ray.model.kv_cache import PagedBatch, SequenceBatch
 
 
 class RMSNorm(nn.Module):
@@ -133,7 +133,7 @@ class AttentionBlock(nn.Module):
         v = qkv[:, q_dim + kv_dim :].view(t, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if self.use_kernels and paged is not None:
-            from model.kernels.attention import paged_attention
+            from gptoss_ray.model.kernels.attention import paged_attention
 
             paged.write(self.layer, k, v)
             k_pool, v_pool = paged.pools(self.layer)
@@ -207,7 +207,7 @@ class ExpertSlice(nn.Module):
     def run_grouped(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Rows x [m, H], each for global expert experts[m] (all in this slice) -> [m, H]."""
         if self.use_kernels:
-            from model.kernels.mxfp4_matmul import moe_mxfp4
+            from gptoss_ray.model.kernels.mxfp4_matmul import moe_mxfp4
 
             return moe_mxfp4(
                 x, experts - self.lo,
@@ -312,7 +312,12 @@ class Transformer(nn.Module):
         self.config = config
         self.dtype = dtype
         self.expert_range = experts if experts is not None else (0, config.num_experts)
-        self.embedding = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
+        # weights come from a checkpoint or randomize_, never from init; and an Embedding's
+        # own init (normal_) on the meta device imports torch's reference ops: 2 s a process
+        self.embedding = nn.Embedding(
+            config.vocab_size, config.hidden_size,
+            _weight=torch.empty(config.vocab_size, config.hidden_size, dtype=dtype),
+        )  # fmt: skip
         self.block = nn.ModuleList(
             TransformerBlock(config, i, dtype, self.expert_range)
             for i in range(config.num_hidden_layers)

@@ -69,7 +69,7 @@ def special_tokens() -> dict[str, int]:
 
 
 def _load_ranks() -> dict[bytes, int]:
-    ref = resources.files("model").joinpath("data", VOCAB_FILE)
+    ref = resources.files("gptoss_ray.model").joinpath("data", VOCAB_FILE)
     try:
         data = ref.read_bytes()
     except FileNotFoundError as exc:

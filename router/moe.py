@@ -11,9 +11,9 @@ from collections import defaultdict
 
 import torch
 
-from model.model import MLPBlock, combine, count_rows
-from router.plan import DispatchPlan
-from router.transport import Transport
+from gptoss_ray.model.model import MLPBlock, combine, count_rows
+from gptoss_ray.router.plan import DispatchPlan
+from gptoss_ray.router.transport import Transport
 
 
 class StepTimer:

@@ -19,9 +19,9 @@ import bisect
 
 import torch
 
-from model.kv_cache import AttentionTables
-from model.model import Transformer
-from shards.kv_cache import PagedKVCache, PagedSequence, cdiv
+from gptoss_ray.model.kv_cache import AttentionTables
+from gptoss_ray.model.model import Transformer
+from gptoss_ray.shards.kv_cache import PagedKVCache, PagedSequence, cdiv
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.config import ModelConfig
-from model.kv_cache import AttentionTables
+from gptoss_ray.model.config import ModelConfig
+from gptoss_ray.model.kv_cache import AttentionTables
 
 
 class KVCacheError(RuntimeError):

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import torch
 
-from model.checkpoint import Checkpoint, load_model, resolve_model
-from model.kv_cache import SequenceBatch
-from model.model import Transformer
-from model.sampling import SamplingParams, sample_rows
-from router.moe import StepTimer, expert_parallel_mlp
-from router.plan import expert_ranges, owner_table
-from router.transport import Transport
-from shards.decode_graphs import DecodeGraphs, GraphCaptureError
-from shards.kv_cache import KVLayout, PagedBatchView, PagedKVCache, PagedSequence
+from gptoss_ray.model.checkpoint import Checkpoint, load_model, resolve_model
+from gptoss_ray.model.kv_cache import SequenceBatch
+from gptoss_ray.model.model import Transformer
+from gptoss_ray.model.sampling import SamplingParams, sample_rows
+from gptoss_ray.router.moe import StepTimer, expert_parallel_mlp
+from gptoss_ray.router.plan import expert_ranges, owner_table
+from gptoss_ray.router.transport import Transport
+from gptoss_ray.shards.decode_graphs import DecodeGraphs, GraphCaptureError
+from gptoss_ray.shards.kv_cache import KVLayout, PagedBatchView, PagedKVCache, PagedSequence
 
 
 @dataclass

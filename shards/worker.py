@@ -9,9 +9,9 @@ import socket
 
 import torch
 
-from router.transport import DistributedTransport, LocalTransport
-from shards.kv_cache import KVLayout
-from shards.shard import Shard, StepPlan, StepResult
+from gptoss_ray.router.transport import DistributedTransport, LocalTransport
+from gptoss_ray.shards.kv_cache import KVLayout
+from gptoss_ray.shards.shard import Shard, StepPlan, StepResult
 
 
 class ShardWorker:

@@ -17,7 +17,9 @@ def pytest_configure(config: pytest.Config) -> None:
     # cache folder: benchmarks/gpu.sh runs without that plugin (`-p no:cacheprovider`).
     folder = Path(tempfile.mkdtemp(prefix="gptoss-tiktoken-"))
     config.add_cleanup(lambda: shutil.rmtree(folder, ignore_errors=True))
-    with resources.as_file(resources.files("model").joinpath("data", "o200k_base.tiktoken")) as src:
+    with resources.as_file(
+        resources.files("gptoss_ray.model").joinpath("data", "o200k_base.tiktoken")
+    ) as src:
         shutil.copyfile(src, folder / "o200k_base.tiktoken")
     os.environ["TIKTOKEN_ENCODINGS_BASE"] = str(folder)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -64,13 +66,9 @@ def ray_session():
     """One local Ray instance for the whole session (starting Ray takes seconds)."""
     import ray
 
+    from gptoss_ray.cluster.ray_instance import start_private
+
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    ray.init(
-        num_cpus=5,
-        object_store_memory=200 * 2**20,
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-    )
+    start_private(num_cpus=5)  # private: whatever Ray runs on this machine (or ran)
     yield ray
     ray.shutdown()

@@ -7,9 +7,9 @@ import functools
 
 import torch
 
-from model.checkpoint import load_model
-from model.generate import generate
-from model.sampling import SamplingParams
+from gptoss_ray.model.checkpoint import load_model
+from gptoss_ray.model.generate import generate
+from gptoss_ray.model.sampling import SamplingParams
 
 LENGTHS = (5, 40, 70, 3, 100, 17, 33, 64, 1, 50)
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
@@ -33,8 +33,8 @@ def baseline(params: SamplingParams = GREEDY) -> tuple[tuple[int, ...], ...]:
 
 def expected_reply(body: dict) -> dict:
     """What the single-process baseline replies to a chat request (greedy)."""
-    from cluster.coordinator import chat_prompt, chat_response
-    from cluster.engine_core import RequestOutput
+    from gptoss_ray.cluster.coordinator import chat_prompt, chat_response
+    from gptoss_ray.cluster.engine_core import RequestOutput
 
     prompt, params, stops = chat_prompt(body, 131072)
     (c,) = generate(baseline_model(), [prompt], params)

@@ -15,8 +15,8 @@ import time
 import ray
 from ray.cluster_utils import Cluster
 
-from cluster.coordinator import EngineDown
-from cluster.engine import Engine
+from gptoss_ray.cluster.coordinator import EngineDown
+from gptoss_ray.cluster.engine import Engine
 from tests.engine_cases import GREEDY, baseline, prompts
 
 OPTIONS = {"dtype": "float32", "gpus_per_shard": 1, "token_budget": 32}

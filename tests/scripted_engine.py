@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import time
 
-from cluster.coordinator import ChatEngine
-from cluster.engine_core import EngineCore
-from model import tokenizer as tok
-from model.config import ModelConfig
-from shards.kv_cache import KVLayout
-from shards.shard import StepPlan, StepResult
+from gptoss_ray.cluster.coordinator import ChatEngine
+from gptoss_ray.cluster.engine_core import EngineCore
+from gptoss_ray.model import tokenizer as tok
+from gptoss_ray.model.config import ModelConfig
+from gptoss_ray.shards.kv_cache import KVLayout
+from gptoss_ray.shards.shard import StepPlan, StepResult
 
 REPLIES = {
     "answer": "<|channel|>analysis<|message|>Thinking about it.<|end|><|start|>assistant"

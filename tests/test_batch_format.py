@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from cluster.batch import (
+from gptoss_ray.cluster.batch import (
     BatchInputError,
     OutputWriter,
     check_writable,

@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from cluster.client import Client
-from cluster.serve import serve
+from gptoss_ray.cluster.client import Client
+from gptoss_ray.cluster.serve import serve
 from tests.engine_cases import expected_reply
 
 ENGINE = "test-batch-engine"
@@ -24,7 +24,7 @@ ENGINE = "test-batch-engine"
 def engine(ray_session):
     serve("gpt-oss-tiny", 2, name=ENGINE, dtype="float32")
     yield ray_session.get_actor(ENGINE, namespace="gptoss-ray")
-    from cluster.serve import stop
+    from gptoss_ray.cluster.serve import stop
 
     stop(ENGINE)
 
@@ -102,7 +102,7 @@ def test_killing_the_coordinator_mid_job_loses_nothing(engine, ray_session, tmp_
     assert info["status"] == "completed" and info["skipped"] == written
     ids = [r["custom_id"] for r in again.results()]
     assert sorted(ids) == sorted(f"req-{i}" for i in range(80))  # each exactly once
-    from cluster.serve import stop
+    from gptoss_ray.cluster.serve import stop
 
     stop(name)
 
@@ -114,7 +114,7 @@ def test_two_clients_at_once(engine, ray_session, tmp_path):
         src, out = tmp_path / f"in{k}.jsonl", tmp_path / f"out{k}.jsonl"
         write_jsonl(src, [request_line(i + 100 * k) for i in range(30)])
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "cluster.cli", "batch", "submit", str(src), "--output",
+            [sys.executable, "-m", "gptoss_ray.cluster.cli", "batch", "submit", str(src), "--output",
              str(out), "--wait", "--address", address, "--name", ENGINE],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
         ))  # fmt: skip
@@ -144,7 +144,7 @@ def test_cancel_stops_a_job_and_keeps_what_finished(engine, tmp_path):
 def test_status_command_shows_shards_load_and_jobs(engine, ray_session):
     address = ray_session.get_runtime_context().gcs_address
     r = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "status", "--json", "--address", address,
+        [sys.executable, "-m", "gptoss_ray.cluster.cli", "status", "--json", "--address", address,
          "--name", ENGINE],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip

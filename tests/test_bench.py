@@ -14,9 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.scaling_model import Calibration, Links, Routing, _fit, calibrate, predict
-from model.config import ModelConfig
-from router.plan import expert_ranges, owner_table
+from gptoss_ray.benchmarks.scaling_model import (
+    Calibration,
+    Links,
+    Routing,
+    _fit,
+    calibrate,
+    predict,
+)
+from gptoss_ray.model.config import ModelConfig
+from gptoss_ray.router.plan import expert_ranges, owner_table
 
 CAL = Calibration(
     device="synthetic", dtype="bfloat16", kernels=True,
@@ -93,9 +100,9 @@ def test_calibration_on_the_built_in_model():
 
 
 def test_the_transformers_peer_holds_the_same_weights(tmp_path):
-    from benchmarks.hf_peer import to_transformers
-    from model.checkpoint import Checkpoint, write_random_checkpoint
-    from model.kv_cache import SequenceBatch, SequenceKV
+    from gptoss_ray.benchmarks.hf_peer import to_transformers
+    from gptoss_ray.model.checkpoint import Checkpoint, write_random_checkpoint
+    from gptoss_ray.model.kv_cache import SequenceBatch, SequenceKV
     from tests.tiny import ORACLE_CONFIGS
 
     config = ORACLE_CONFIGS["gqa-3layers-8experts"]
@@ -112,7 +119,7 @@ def test_the_transformers_peer_holds_the_same_weights(tmp_path):
 
 
 def test_decode_bytes_counts_four_experts_and_the_cache():
-    from benchmarks.fullsize import decode_bytes
+    from gptoss_ray.benchmarks.fullsize import decode_bytes
 
     d = decode_bytes(SMALL, 0)
     # gpt-oss-20b: ~1.2 GB of attention, 1.16 GB unembedding, 4 of 32 experts per layer
@@ -122,7 +129,7 @@ def test_decode_bytes_counts_four_experts_and_the_cache():
 
 
 def test_bench_fullsize_on_the_built_in_model(tmp_path, capsys):
-    from benchmarks.cli import main
+    from gptoss_ray.benchmarks.cli import main
 
     main(["--out", str(tmp_path), "fullsize", "--model", "gpt-oss-tiny", "--device", "cpu",
           "--batches", "1,2", "--prompt-len", "8", "--output-len", "3", "--kernels", "on",
@@ -140,7 +147,7 @@ def test_bench_fullsize_on_the_built_in_model(tmp_path, capsys):
 
 
 def test_bench_kernels_on_the_built_in_model(tmp_path, capsys):
-    from benchmarks.cli import main
+    from gptoss_ray.benchmarks.cli import main
 
     main(["--out", str(tmp_path), "kernels", "--model", "gpt-oss-tiny", "--device", "cpu",
           "--tokens", "1,3", "--variants", "0,1,4", "--batches", "2", "--contexts", "40"])  # fmt: skip
@@ -163,7 +170,7 @@ def test_bench_kernels_on_the_built_in_model(tmp_path, capsys):
 
 
 def test_bench_sweep_and_scaling_through_the_engine(ray_session, tmp_path, capsys):
-    from benchmarks.cli import main
+    from gptoss_ray.benchmarks.cli import main
 
     main(["--out", str(tmp_path), "sweep", "--shards", "1", "--batches", "1,3",
           "--shapes", "8x4", "--repeats", "1", "--kv-budget-mb", "32"])  # fmt: skip
@@ -182,7 +189,7 @@ def test_bench_sweep_and_scaling_through_the_engine(ray_session, tmp_path, capsy
 
 
 def test_bad_bench_arguments_are_named(capsys):
-    from benchmarks.cli import main
+    from gptoss_ray.benchmarks.cli import main
 
     with pytest.raises(SystemExit):
         main(["sweep", "--shapes", "128by64"])
@@ -196,7 +203,7 @@ def test_bench_sass_compiles_every_launch_for_hopper_here(tmp_path):
     at 0.33, 93-95% of an H100's, under Triton 3.6 and 3.9, when this was written)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run(
-        [sys.executable, "-m", "benchmarks.cli", "--out", str(tmp_path), "sass",
+        [sys.executable, "-m", "gptoss_ray.benchmarks.cli", "--out", str(tmp_path), "sass",
          "--tokens", "1,64", "--contexts", "1024"],
         check=True, env=env, capture_output=True, text=True,
     )  # fmt: skip

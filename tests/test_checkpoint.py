@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.checkpoint import (
+from gptoss_ray.model.checkpoint import (
     Checkpoint,
     CheckpointError,
     load_model,
@@ -16,7 +16,7 @@ from model.checkpoint import (
     save_checkpoint,
     tensor_specs,
 )
-from model.model import combine
+from gptoss_ray.model.model import combine
 from tests.tiny import tiny_config
 
 CONFIG = tiny_config()
@@ -120,7 +120,7 @@ class SpyFile:
 
 
 def test_expert_range_reads_only_that_slice(hf_dir, monkeypatch):
-    import model.checkpoint as ckpt
+    import gptoss_ray.model.checkpoint as ckpt
 
     full = state(Checkpoint(hf_dir).load(dtype=torch.float32))
     reads: list[tuple[str, object]] = []

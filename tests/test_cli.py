@@ -4,12 +4,15 @@ import sys
 
 import pytest
 
-from cluster.cli import main
+from gptoss_ray.cluster.cli import main
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "cluster.cli", *args], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "gptoss_ray.cluster.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 

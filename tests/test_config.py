@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import GptOssConfig
 
-from model.config import ConfigError, ModelConfig, preset_names
-from model.model import RotaryEmbedding
+from gptoss_ray.model.config import ConfigError, ModelConfig, preset_names
+from gptoss_ray.model.model import RotaryEmbedding
 
 SHARED = dict(
     hidden_size=2880,

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cluster.engine_core import EngineCore
-from model.generate import RequestError
-from model.sampling import SamplingParams
-from router.transport import LocalTransport
-from shards.kv_cache import KVLayout, blocks_held
-from shards.shard import Shard
+from gptoss_ray.cluster.engine_core import EngineCore
+from gptoss_ray.model.generate import RequestError
+from gptoss_ray.model.sampling import SamplingParams
+from gptoss_ray.router.transport import LocalTransport
+from gptoss_ray.shards.kv_cache import KVLayout, blocks_held
+from gptoss_ray.shards.shard import Shard
 from tests.engine_cases import GREEDY, baseline, baseline_model, prompts
 
 
@@ -40,8 +40,8 @@ def test_matches_the_single_process_baseline_with_chunked_prefill():
 def test_the_triton_kernels_give_the_same_tokens(monkeypatch):
     """The whole step through the MoE and paged attention kernels (the interpreter on CPU,
     float32): continuous batching with chunked prefill still matches the baseline."""
-    import model.kernels.attention as attention
-    import model.kernels.mxfp4_matmul as mxfp4_matmul
+    import gptoss_ray.model.kernels.attention as attention
+    import gptoss_ray.model.kernels.mxfp4_matmul as mxfp4_matmul
 
     launches = {"moe": 0, "attention": 0}
 

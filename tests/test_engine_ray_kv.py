@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from cluster.engine import Engine
+from gptoss_ray.cluster.engine import Engine
 from tests.engine_cases import GREEDY, baseline, prompts
 
 

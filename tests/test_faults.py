@@ -8,8 +8,8 @@ import random
 import threading
 import time
 
-from cluster.client import Client
-from cluster.serve import serve, stop
+from gptoss_ray.cluster.client import Client
+from gptoss_ray.cluster.serve import serve, stop
 from tests.engine_cases import expected_reply
 
 NAME = "test-faults"
@@ -67,7 +67,7 @@ def test_random_shard_kills_during_a_batch(ray_session, tmp_path):
 def test_greedy_tokens_survive_shard_kills(ray_session):
     """Token for token: the random-weight model's replies carry no parsed text, so the
     batch test above compares messages; this one compares the sampled ids themselves."""
-    from cluster.engine import Engine
+    from gptoss_ray.cluster.engine import Engine
     from tests.engine_cases import GREEDY, baseline, prompts
 
     ray = ray_session

@@ -2,9 +2,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from model.checkpoint import Checkpoint, write_random_checkpoint
-from model.generate import RequestError, generate
-from model.sampling import Sampler, SamplingParams
+from gptoss_ray.model.checkpoint import Checkpoint, write_random_checkpoint
+from gptoss_ray.model.generate import RequestError, generate
+from gptoss_ray.model.sampling import Sampler, SamplingParams
 from tests.tiny import tiny_config
 
 CONFIG = tiny_config(vocab_size=320)

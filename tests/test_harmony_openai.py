@@ -11,9 +11,9 @@ import sys
 import openai_harmony as oh
 import pytest
 
-from model import harmony as h
-from model import tokenizer as tok
-from model.harmony.openai_chat import ChatRequest, from_harmony, to_harmony
+from gptoss_ray.model import harmony as h
+from gptoss_ray.model import tokenizer as tok
+from gptoss_ray.model.harmony.openai_chat import ChatRequest, from_harmony, to_harmony
 
 WEATHER = {
     "type": "function",
@@ -192,7 +192,7 @@ def test_json_round_trips_through_openai_harmony():
 
 def cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "harmony", *args],
+        [sys.executable, "-m", "gptoss_ray.cluster.cli", "harmony", *args],
         input=stdin, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
 

@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from model import harmony as h
-from model import tokenizer as tok
-from model.harmony.messages import HarmonyError
+from gptoss_ray.model import harmony as h
+from gptoss_ray.model import tokenizer as tok
+from gptoss_ray.model.harmony.messages import HarmonyError
 from tests import harmony_strategies as hs
 
 

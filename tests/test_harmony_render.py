@@ -9,9 +9,9 @@ import openai_harmony as oh
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from model import harmony as h
-from model import tokenizer as tok
-from model.harmony.messages import HarmonyError
+from gptoss_ray.model import harmony as h
+from gptoss_ray.model import tokenizer as tok
+from gptoss_ray.model.harmony.messages import HarmonyError
 from tests import harmony_strategies as hs
 
 

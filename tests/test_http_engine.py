@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from cluster.serve import serve, stop
+from gptoss_ray.cluster.serve import serve, stop
 from tests.engine_cases import expected_reply
 
 NAME = "test-http-engine"

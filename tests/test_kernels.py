@@ -8,18 +8,18 @@ import torch
 import triton
 import triton.language as tl
 
-from model import mxfp4
-from model.kernels.attention import paged_attention
-from model.kernels.mxfp4_matmul import (
+from gptoss_ray.model import mxfp4
+from gptoss_ray.model.kernels.attention import paged_attention
+from gptoss_ray.model.kernels.mxfp4_matmul import (
     ExpertTiles,
     _e2m1_bf16_bits,
     _e8m0_value,
     moe_mxfp4,
     mxfp4_linear,
 )
-from model.kv_cache import SequenceBatch
-from model.model import AttentionBlock, ExpertSlice, RotaryEmbedding, swiglu
-from shards.kv_cache import KVLayout, PagedBatchView, PagedKVCache
+from gptoss_ray.model.kv_cache import SequenceBatch
+from gptoss_ray.model.model import AttentionBlock, ExpertSlice, RotaryEmbedding, swiglu
+from gptoss_ray.shards.kv_cache import KVLayout, PagedBatchView, PagedKVCache
 from tests.tiny import tiny_config
 
 # the interpreter evaluates sigmoid(x) as 1 / (1 + exp(-x)) in numpy: exp overflows to

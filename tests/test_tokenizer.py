@@ -5,8 +5,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from openai_harmony import HarmonyEncodingName, load_harmony_encoding
 
-from model import tokenizer
-from model.tokenizer import TokenizerError
+from gptoss_ray.model import tokenizer
+from gptoss_ray.model.tokenizer import TokenizerError
 
 
 @functools.cache

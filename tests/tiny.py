@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from model.config import ModelConfig
+from gptoss_ray.model.config import ModelConfig
 
 
 def tiny_config(**overrides) -> ModelConfig:

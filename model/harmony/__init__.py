@@ -2,7 +2,7 @@
 completions (strict or lenient, whole or streamed), and the OpenAI chat dialect.
 Token-identical to openai-harmony, which the tests use as the oracle."""
 
-from model.harmony.messages import (
+from gptoss_ray.model.harmony.messages import (
     Author,
     ChannelConfig,
     Conversation,
@@ -16,8 +16,8 @@ from model.harmony.messages import (
     ToolDescription,
     ToolNamespaceConfig,
 )
-from model.harmony.parse import StreamParser, StreamState, parse_completion
-from model.harmony.render import (
+from gptoss_ray.model.harmony.parse import StreamParser, StreamState, parse_completion
+from gptoss_ray.model.harmony.render import (
     render_conversation,
     render_for_completion,
     render_for_training,

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from model.harmony.schema import SchemaError, check_schema
+from gptoss_ray.model.harmony.schema import SchemaError, check_schema
 
 
 class HarmonyError(ValueError):

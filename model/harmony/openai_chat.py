@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from model.harmony.messages import (
+from gptoss_ray.model.harmony.messages import (
     Author,
     DeveloperContent,
     HarmonyError,

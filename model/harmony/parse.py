@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from model import tokenizer as tok
-from model.harmony.messages import Author, HarmonyError, Message, Role, TextContent
+from gptoss_ray.model import tokenizer as tok
+from gptoss_ray.model.harmony.messages import Author, HarmonyError, Message, Role, TextContent
 
 CHANNEL_TEXT = "<|channel|>"
 CONSTRAIN_TEXT = "<|constrain|>"

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from model import tokenizer as tok
-from model.harmony.messages import (
+from gptoss_ray.model import tokenizer as tok
+from gptoss_ray.model.harmony.messages import (
     DeveloperContent,
     HarmonyError,
     Message,
@@ -18,7 +18,7 @@ from model.harmony.messages import (
     TextContent,
     ToolNamespaceConfig,
 )
-from model.harmony.schema import to_typescript
+from gptoss_ray.model.harmony.schema import to_typescript
 
 CONSTRAIN_TEXT = "<|constrain|>"
 STOP_TOKEN_IDS = (tok.RETURN, tok.CALL)  # sampling stops here; <|end|> is not a stop

@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from model.kernels.mxfp4_matmul import interpreted
-from model.kv_cache import AttentionTables
+from gptoss_ray.model.kernels.mxfp4_matmul import interpreted
+from gptoss_ray.model.kv_cache import AttentionTables
 
 
 @triton.jit
