@@ -72,7 +72,7 @@ def connect(address: str | None = "auto") -> None:
         _init(address)
     except ConnectionError as exc:
         hint = ""
-        if address not in (None, "auto") and not os.environ.get("RAY_AUTH_MODE"):
+        if address != "auto" and not os.environ.get("RAY_AUTH_MODE"):
             hint = (
                 "; Ray sends its token only to an instance it finds itself: with an "
                 "explicit address, set RAY_AUTH_MODE=token (Ray's default for new clusters)"
