@@ -29,9 +29,13 @@ SUBPACKAGES = ("model", "model/harmony", "model/kernels", "router", "shards", "c
 
 
 def test_the_wheel_installs_one_package_and_its_metadata(tmp_path):
+    # built from a copy: setuptools writes build/ and *.egg-info beside the sources
+    src = tmp_path / "src"
+    skip = (".git", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".whl", "out")
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(*skip))
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-index", "--no-build-isolation",
-         "-q", "-w", str(tmp_path), str(ROOT)],
+         "-q", "-w", str(tmp_path), str(src)],
         check=True, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     (wheel,) = tmp_path.glob("gptoss_ray-*.whl")
