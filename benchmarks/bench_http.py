@@ -26,8 +26,9 @@ def stream_once(host: str, port: int, body: dict) -> tuple[float, float, int]:
     """-> (seconds to the first chunk after the role chunk, total seconds, tokens)."""
     t0 = time.perf_counter()
     conn = http.client.HTTPConnection(host, port, timeout=600)
-    conn.request("POST", "/v1/chat/completions", json.dumps(body),
-                 {"Content-Type": "application/json"})  # fmt: skip
+    conn.request(
+        "POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"}
+    )
     resp = conn.getresponse()
     if resp.status != 200:
         raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:200]!r}")
@@ -74,8 +75,13 @@ def main() -> None:
     try:
         url = ray.get(engine.coordinator.start_http.remote("127.0.0.1", 0, None))
         host, port = url.removeprefix("http://").removesuffix("/v1").split(":")
-        body = {"model": args.model, "max_tokens": args.max_tokens, "temperature": 0,
-                "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+        body = {
+            "model": args.model,
+            "max_tokens": args.max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         stream_once(host, int(port), {**body, "messages": [{"role": "user", "content": "hi"}]})
         results: list[tuple[float, float, int]] = []
         lock = threading.Lock()
@@ -111,11 +117,15 @@ def main() -> None:
         "latency_median_s": statistics.median(totals),
     }
     m = machine()
-    print(f"machine: {m['platform']}, {m['cpus']} CPUs, torch {m['torch']}"
-          + (f", {m['gpu']}" if "gpu" in m else ""))  # fmt: skip
-    print(f"model {args.model} ({args.dtype}, {args.device}), {args.shards} shards, "
-          f"{args.clients} concurrent streaming clients x {args.requests} requests, "
-          f"{args.max_tokens} tokens each")  # fmt: skip
+    print(
+        f"machine: {m['platform']}, {m['cpus']} CPUs, torch {m['torch']}"
+        + (f", {m['gpu']}" if "gpu" in m else "")
+    )
+    print(
+        f"model {args.model} ({args.dtype}, {args.device}), {args.shards} shards, "
+        f"{args.clients} concurrent streaming clients x {args.requests} requests, "
+        f"{args.max_tokens} tokens each"
+    )
     print(f"{summary['requests_per_s']:.2f} requests/s, {summary['tokens_per_s']:.1f} tokens/s")
     lat, first = summary["latency_s"], summary["first_chunk_s"]
     print(f"latency s: p50 {lat['p50']:.2f}  p90 {lat['p90']:.2f}  p99 {lat['p99']:.2f}")
@@ -123,8 +133,12 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    data = {"machine": m, "args": vars(args), "summary": summary,
-            "raw": [{"first_chunk_s": f, "latency_s": t, "tokens": n} for f, t, n in results]}  # fmt: skip
+    data = {
+        "machine": m,
+        "args": vars(args),
+        "summary": summary,
+        "raw": [{"first_chunk_s": f, "latency_s": t, "tokens": n} for f, t, n in results],
+    }
     (out / f"http-{stamp}.json").write_text(json.dumps(data, indent=2))
     print(f"saved {out / f'http-{stamp}.json'}")
     try:
@@ -139,8 +153,11 @@ def main() -> None:
     for label, values in (("whole request", totals), ("first chunk", firsts)):
         ordered = sorted(values)
         ax.plot(ordered, [(i + 1) / len(ordered) for i in range(len(ordered))], label=label)
-    ax.set(xlabel="seconds", ylabel="fraction of requests",
-           title=f"{args.clients} streaming clients, {args.shards} shards")  # fmt: skip
+    ax.set(
+        xlabel="seconds",
+        ylabel="fraction of requests",
+        title=f"{args.clients} streaming clients, {args.shards} shards",
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / f"http-{stamp}.png", dpi=110)

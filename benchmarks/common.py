@@ -10,10 +10,23 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 DEFAULT_OUT = Path("benchmarks") / "out"
+
+
+@dataclass
+class Links:
+    """The links of a cluster that the scaling model assumes (`bench model` options)."""
+
+    gpus_per_node: int = 8
+    nvlink_gb_s: float = 450.0  # per GPU and direction (H100 SXM: 900 GB/s both ways)
+    ib_gb_s: float = 50.0  # per GPU (one 400 Gb/s NIC per GPU)
+    nvlink_latency_us: float = 10.0  # per all-to-all, launch included
+    ib_latency_us: float = 25.0
+    step_overhead_ms: float = 0.3  # coordinator and launch per step
 
 
 def machine() -> dict[str, Any]:
@@ -85,3 +98,7 @@ def save(
     for p in paths:
         print(f"saved {p}")
     return paths
+
+
+def fmt(x: float | None, spec: str = ".0f") -> str:
+    return "-" if x is None else format(x, spec)

@@ -13,16 +13,15 @@ the slowest shard to reach the exchange."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import threading
 import time
 from typing import Any
 
-from gptoss_ray.benchmarks.common import median, percentile, progress
+from gptoss_ray.benchmarks.common import describe, fmt, median, percentile, progress, save
 
-PHASES = (
-    "prepare", "attention", "gate", "dispatch", "experts", "combine", "decode graph", "head"
-)  # fmt: skip
+PHASES = ("prepare", "attention", "gate", "dispatch", "experts", "combine", "decode graph", "head")
 OVERHEAD = ("coordinator", "rpc")  # scheduling and bookkeeping; Ray round trip
 
 
@@ -87,9 +86,14 @@ def sweep(
 
     ensure_ray(shards + 1)
     engine = Engine.start(
-        model, shards=shards, device=device, dtype=dtype, kv_budget_mb=kv_budget_mb,
-        max_seqs=max(batches), token_budget=max(256, max(batches)),
-    )  # fmt: skip
+        model,
+        shards=shards,
+        device=device,
+        dtype=dtype,
+        kv_budget_mb=kv_budget_mb,
+        max_seqs=max(batches),
+        token_budget=max(256, max(batches)),
+    )
     rows = []
     try:
         timed_generate(engine, random_prompts(2, 8, seed=99), 4)  # warm-up
@@ -100,8 +104,10 @@ def sweep(
                     for r in range(repeats)
                 ]
                 row = summarize(runs) | {
-                    "batch": batch, "prompt_len": prompt_len, "output_len": output_len,
-                }  # fmt: skip
+                    "batch": batch,
+                    "prompt_len": prompt_len,
+                    "output_len": output_len,
+                }
                 progress(
                     f"   batch {batch:>3}, {prompt_len}+{output_len} tokens: "
                     f"{row['tokens_per_s']:.1f} tok/s, TTFT p50 {row['ttft_p50_ms']:.0f} ms, "
@@ -157,9 +163,14 @@ def scaling(
     rows = []
     for n in shard_counts:
         threads = max(1, cores // n) if device == "cpu" else None
-        common = dict(device=device, dtype=dtype, kv_budget_mb=kv_budget_mb,
-                      max_seqs=max(batch, 1), token_budget=max(256, batch),
-                      threads_per_shard=threads)  # fmt: skip
+        common = dict(
+            device=device,
+            dtype=dtype,
+            kv_budget_mb=kv_budget_mb,
+            max_seqs=max(batch, 1),
+            token_budget=max(256, batch),
+            threads_per_shard=threads,
+        )
         progress(f"-- {n} expert-parallel shard(s)")
         engine = Engine.start(model, shards=n, **common)
         try:
@@ -205,13 +216,131 @@ def _replicas(model, n, batch, prompt_len, output_len, repeats, common) -> dict[
                 t.join()
             wall = time.perf_counter() - t0
             done = [x for x in results if x is not None]
-            runs.append({
-                "wall_s": wall,
-                "tokens": sum(x["tokens"] for x in done),
-                "ttft_s": [t for x in done for t in x["ttft_s"]],
-                "itl_s": [t for x in done for t in x["itl_s"]],
-            })  # fmt: skip
+            runs.append(
+                {
+                    "wall_s": wall,
+                    "tokens": sum(x["tokens"] for x in done),
+                    "ttft_s": [t for x in done for t in x["ttft_s"]],
+                    "itl_s": [t for x in done for t in x["itl_s"]],
+                }
+            )
     finally:
         for e in engines:
             e.shutdown()
     return latency(runs)
+
+
+def run_sweep(args: argparse.Namespace, data: dict[str, Any]) -> None:
+    data["results"] = sweep(
+        args.model,
+        shards=args.shards,
+        device=args.device,
+        dtype=args.dtype,
+        batches=args.batches,
+        shapes=args.shapes,
+        repeats=args.repeats,
+        kv_budget_mb=args.kv_budget_mb,
+    )
+    print_sweep(data)
+    save("sweep", data, args.out, plot_sweep)
+
+
+def run_scaling(args: argparse.Namespace, data: dict[str, Any]) -> None:
+    data["results"] = scaling(
+        args.model,
+        shard_counts=args.shards,
+        device=args.device,
+        dtype=args.dtype,
+        batch=args.batch,
+        prompt_len=args.prompt_len,
+        output_len=args.output_len,
+        repeats=args.repeats,
+        kv_budget_mb=args.kv_budget_mb,
+        replicas=not args.no_replicas,
+    )
+    print_scaling(data)
+    save("scaling", data, args.out, plot_scaling)
+
+
+def print_sweep(data: dict) -> None:
+    a = data["args"]
+    print(
+        f"{a['model']} on {a['shards']} shard(s), {a['device']} {a['dtype']}, "
+        f"median of {a['repeats']}"
+    )
+    print(
+        f"{'batch':>5} {'prompt+out':>10} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} "
+        f"{'ITL p50':>8} {'ITL p99':>8} {'step ms':>8} {'overhead':>8}"
+    )
+    for r in data["results"]:
+        print(
+            f"{r['batch']:>5} {r['prompt_len']:>5}+{r['output_len']:<4} "
+            f"{r['tokens_per_s']:>8.1f} {r['ttft_p50_ms']:>7.0f}ms {r['ttft_p99_ms']:>7.0f}ms "
+            f"{r['itl_p50_ms']:>6.1f}ms {r['itl_p99_ms']:>6.1f}ms {r['step_ms']:>8.2f} "
+            f"{r['overhead_pct']:>7.1f}%"
+        )
+
+
+def plot_sweep(data: dict, plt) -> None:
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    shapes = dict.fromkeys((r["prompt_len"], r["output_len"]) for r in data["results"])
+    for p, o in shapes:
+        rows = [r for r in data["results"] if (r["prompt_len"], r["output_len"]) == (p, o)]
+        x = [r["batch"] for r in rows]
+        axes[0].plot(x, [r["tokens_per_s"] for r in rows], "o-", label=f"{p}+{o}")
+        axes[1].plot(x, [r["ttft_p50_ms"] for r in rows], "o-", label=f"{p}+{o} p50")
+        axes[2].plot(x, [r["itl_p50_ms"] for r in rows], "o-", label=f"{p}+{o} p50")
+    for ax, what in zip(
+        axes,
+        ("output tokens/s", "time to first token (ms)", "inter-token latency (ms)"),
+        strict=True,
+    ):
+        ax.set(xscale="log", xlabel="batch (concurrent requests)", ylabel=what)
+        ax.legend(fontsize=8)
+    fig.suptitle(
+        f"{data['args']['model']}, {data['args']['shards']} shard(s) on "
+        f"{describe(data['machine'])}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+
+
+def print_scaling(data: dict) -> None:
+    a = data["args"]
+    print(
+        f"{a['model']}, batch {a['batch']} x ({a['prompt_len']}+{a['output_len']}) tokens, "
+        f"{a['device']} {a['dtype']}, median of {a['repeats']}"
+    )
+    print(
+        f"{'shards':>6} {'EP tok/s':>9} {'replicas tok/s':>15} {'EP/replicas':>11} "
+        f"{'EP ITL':>8} {'dispatch+combine':>17} {'experts':>8}"
+    )
+    for r in data["results"]:
+        ep, rep = r["expert_parallel"], r.get("replicas")
+        ratio = ep["tokens_per_s"] / rep["tokens_per_s"] if rep else None
+        a2a = ep["split_ms"]["dispatch"] + ep["split_ms"]["combine"]
+        print(
+            f"{r['shards']:>6} {ep['tokens_per_s']:>9.1f} "
+            f"{fmt(rep and rep['tokens_per_s'], '.1f'):>15} {fmt(ratio, '.2f'):>11} "
+            f"{ep['itl_p50_ms']:>6.1f}ms {a2a:>15.2f}ms {ep['split_ms']['experts']:>6.2f}ms"
+        )
+
+
+def plot_scaling(data: dict, plt) -> None:
+    rows = data["results"]
+    x = [r["shards"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+    ax1.plot(x, [r["expert_parallel"]["tokens_per_s"] for r in rows], "o-", label="expert-parallel")
+    if all("replicas" in r for r in rows):
+        ax1.plot(x, [r["replicas"]["tokens_per_s"] for r in rows], "x--", label="replicas")
+    ax1.set(xlabel="shards / replicas", ylabel="output tokens/s (median)", xticks=x)
+    ax1.legend()
+    bottom = [0.0] * len(rows)
+    for phase in (*PHASES, *OVERHEAD):
+        values = [r["expert_parallel"]["split_ms"][phase] for r in rows]
+        ax2.bar([str(v) for v in x], values, bottom=bottom, label=phase)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    ax2.set(xlabel="shards", ylabel="ms per step (median)", title="expert-parallel step split")
+    ax2.legend(fontsize=7)
+    fig.suptitle(f"{data['args']['model']} on {describe(data['machine'])}", fontsize=9)
+    fig.tight_layout()

@@ -14,13 +14,14 @@ Reports, with the machine:
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from typing import Any
 
 import torch
 
-from gptoss_ray.benchmarks.common import progress
+from gptoss_ray.benchmarks.common import fmt, progress, save
 
 
 def build(config_name: str, device: str, *, kernels: bool | None = None, seed: int = 0):
@@ -65,10 +66,12 @@ def decode_bytes(config, context: int) -> int:
     dense, experts = model_bytes(config)
     embedding = config.vocab_size * config.hidden_size * 2
     return (
-        dense - embedding + 2 * config.hidden_size
+        dense
+        - embedding
+        + 2 * config.hidden_size
         + experts * config.experts_per_token // config.num_experts
         + kv_bytes_per_sequence(config, context, window_slack=0)
-    )  # fmt: skip
+    )
 
 
 def run_ours(
@@ -86,15 +89,30 @@ def run_ours(
     full = batch * -(-(prompt_len + output_len) // bs)
     sliding = batch * (-(-(config.sliding_window + prompt_len) // bs) + 2)
     layout = KVLayout(bs, full + batch, sliding + batch)
-    shard = Shard(model, rank=0, world_size=1, transport=LocalTransport(),
-                  device=model.device, kv_layout=layout,
-                  kernels=model.block[0].attn.use_kernels, decode_graphs=graphs)  # fmt: skip
-    core = EngineCore(config, 1, layout, lambda plans: [shard.step(plans[0])],
-                      token_budget=max(256, batch), max_seqs=batch)  # fmt: skip
+    shard = Shard(
+        model,
+        rank=0,
+        world_size=1,
+        transport=LocalTransport(),
+        device=model.device,
+        kv_layout=layout,
+        kernels=model.block[0].attn.use_kernels,
+        decode_graphs=graphs,
+    )
+    core = EngineCore(
+        config,
+        1,
+        layout,
+        lambda plans: [shard.step(plans[0])],
+        token_budget=max(256, batch),
+        max_seqs=batch,
+    )
     g = torch.Generator().manual_seed(batch)
     params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
-    warm = core.submit(torch.randint(0, 200000, (16,), generator=g).tolist(),
-                       params.model_copy(update={"max_tokens": 4}))  # fmt: skip
+    warm = core.submit(
+        torch.randint(0, 200000, (16,), generator=g).tolist(),
+        params.model_copy(update={"max_tokens": 4}),
+    )
     core.run_until_done()
     core.forget(warm)
     ids = [
@@ -133,8 +151,7 @@ def run_peer(peer, batch: int, prompt_len: int, output_len: int) -> dict[str, An
     def timed(new: int) -> float:
         _sync(str(device))
         t0 = time.perf_counter()
-        peer.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                      pad_token_id=0)  # fmt: skip
+        peer.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
         _sync(str(device))
         return time.perf_counter() - t0
 
@@ -177,8 +194,10 @@ def fullsize(
             if r["decode_graphs"] and g is not False:
                 runs.insert(0, (1, False))  # beside it, what the graphs save
         ours.append(r)
-        progress(f"   ours, batch {b}, graphs {'on' if r['decode_graphs'] else 'off'}: "
-                 f"{r['tokens_per_s']:.1f} tok/s, decode {r['decode_tokens_per_s']:.1f} tok/s")  # fmt: skip
+        progress(
+            f"   ours, batch {b}, graphs {'on' if r['decode_graphs'] else 'off'}: "
+            f"{r['tokens_per_s']:.1f} tok/s, decode {r['decode_tokens_per_s']:.1f} tok/s"
+        )
     theirs: list[dict[str, Any]] | str = []
     if peer:
         try:
@@ -205,3 +224,47 @@ def fullsize(
         "ours": ours,
         "transformers": theirs,
     }
+
+
+def run(args: argparse.Namespace, data: dict[str, Any]) -> None:
+    switch = {"auto": None, "on": True, "off": False}
+    data["results"] = fullsize(
+        args.model,
+        device=args.device,
+        batches=args.batches,
+        prompt_len=args.prompt_len,
+        output_len=args.output_len,
+        peer=not args.no_peer,
+        kernels=switch[args.kernels],
+        graphs=switch[args.graphs],
+    )
+    print_table(data)
+    save("fullsize", data, args.out, None)
+
+
+def print_table(data: dict) -> None:
+    r = data["results"]
+    print(
+        f"{r['model']} (random weights) on {r['device']}, kernels "
+        f"{'on' if r['kernels'] else 'off'}, prompt {r['prompt_len']}, output "
+        f"{r['output_len']}; copy bandwidth {r['copy_bandwidth_gb_s']:.0f} GB/s, batch-1 "
+        f"limit {r['bandwidth_limit_tokens_per_s']:.0f} tok/s"
+    )
+    peer = {p["batch"]: p for p in r["transformers"]} if isinstance(r["transformers"], list) else {}
+    print(
+        f"{'batch':>5} {'graphs':>6} {'ours tok/s':>10} {'decode tok/s':>12} "
+        f"{'of limit':>8} {'coord.':>6} {'transformers':>12} {'ratio':>6}"
+    )
+    for o in r["ours"]:
+        p = peer.get(o["batch"])
+        ratio = o["tokens_per_s"] / p["tokens_per_s"] if p else None
+        share = o.get("share_of_bandwidth_limit")
+        share = f"{100 * share:.0f}%" if share is not None else "-"
+        print(
+            f"{o['batch']:>5} {'on' if o['decode_graphs'] else 'off':>6} "
+            f"{o['tokens_per_s']:>10.1f} {o['decode_tokens_per_s']:>12.1f} {share:>8} "
+            f"{o['coordinator_pct']:>5.1f}% "
+            f"{fmt(p and p['tokens_per_s'], '.1f'):>12} {fmt(ratio, '.2f'):>6}"
+        )
+    if isinstance(r["transformers"], str):
+        print(r["transformers"])

@@ -37,18 +37,21 @@ def to_transformers(model: Transformer, dtype: torch.dtype = torch.bfloat16):
         w, b = a.qkv.weight, a.qkv.bias
         state |= {
             f"{p}.input_layernorm.weight": a.norm.scale,
-            f"{p}.self_attn.q_proj.weight": w[:q], f"{p}.self_attn.q_proj.bias": b[:q],
+            f"{p}.self_attn.q_proj.weight": w[:q],
+            f"{p}.self_attn.q_proj.bias": b[:q],
             f"{p}.self_attn.k_proj.weight": w[q : q + kv],
             f"{p}.self_attn.k_proj.bias": b[q : q + kv],
-            f"{p}.self_attn.v_proj.weight": w[q + kv :], f"{p}.self_attn.v_proj.bias": b[q + kv :],
-            f"{p}.self_attn.o_proj.weight": a.out.weight, f"{p}.self_attn.o_proj.bias": a.out.bias,
+            f"{p}.self_attn.v_proj.weight": w[q + kv :],
+            f"{p}.self_attn.v_proj.bias": b[q + kv :],
+            f"{p}.self_attn.o_proj.weight": a.out.weight,
+            f"{p}.self_attn.o_proj.bias": a.out.bias,
             f"{p}.self_attn.sinks": a.sinks,
             f"{p}.post_attention_layernorm.weight": m.norm.scale,
             f"{p}.mlp.router.weight": m.router.gate.weight,
             f"{p}.mlp.router.bias": m.router.gate.bias,
             f"{p}.mlp.experts.gate_up_proj_bias": m.experts.mlp1_bias,
             f"{p}.mlp.experts.down_proj_bias": m.experts.mlp2_bias,
-        }  # fmt: skip
+        }
         experts = peer.model.layers[i].mlp.experts
         for e in range(c.num_experts):  # one expert at a time: no full-size float copy
             ex = m.experts

@@ -12,6 +12,7 @@ float32 torch reference (relative error of the whole output)."""
 
 from __future__ import annotations
 
+import argparse
 import itertools
 from collections.abc import Callable
 from functools import partial
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 
-from gptoss_ray.benchmarks.common import progress
+from gptoss_ray.benchmarks.common import describe, progress, save
 
 # the first is the default (the kernel chosen from the shapes); then each kernel forced;
 # launch options go straight to Triton. `gptoss-ray bench sass` tells, without a GPU, what
@@ -83,13 +84,23 @@ def moe(config, tokens: list[int], variants: list[dict[str, int]], device, bandw
         for name, fn in named:
             err = rel_error(fn(), ref)
             sec = bench(fn, device)
-            rows.append({
-                "tokens": t, "pairs": t * k, "experts_touched": touched, "variant": name,
-                "us": sec * 1e6, "bytes": moved, "gb_s": moved / sec / 1e9,
-                "of_floor": floor / sec, "rel_error": err,
-            })  # fmt: skip
-            progress(f"   moe, {t:>3} tokens, {name:<24} {sec * 1e6:9.1f} us  "
-                     f"{100 * floor / sec:5.1f}% of floor  err {err:.1e}")  # fmt: skip
+            rows.append(
+                {
+                    "tokens": t,
+                    "pairs": t * k,
+                    "experts_touched": touched,
+                    "variant": name,
+                    "us": sec * 1e6,
+                    "bytes": moved,
+                    "gb_s": moved / sec / 1e9,
+                    "of_floor": floor / sec,
+                    "rel_error": err,
+                }
+            )
+            progress(
+                f"   moe, {t:>3} tokens, {name:<24} {sec * 1e6:9.1f} us  "
+                f"{100 * floor / sec:5.1f}% of floor  err {err:.1e}"
+            )
     return rows
 
 
@@ -98,9 +109,14 @@ def _moe_call(slices, x, experts, variant):
 
     s = next(slices)  # the next layer's weights: not in the cache
     return moe_mxfp4(
-        x, experts, (s.mlp1_blocks, s.mlp1_scales, s.mlp1_bias),
-        (s.mlp2_blocks, s.mlp2_scales, s.mlp2_bias), alpha=s.alpha, limit=s.limit, **variant,
-    )  # fmt: skip
+        x,
+        experts,
+        (s.mlp1_blocks, s.mlp1_scales, s.mlp1_bias),
+        (s.mlp2_blocks, s.mlp2_scales, s.mlp2_bias),
+        alpha=s.alpha,
+        limit=s.limit,
+        **variant,
+    )
 
 
 def _torch_call(slices, x, experts):
@@ -133,33 +149,49 @@ def attention(config, batches: list[int], contexts: list[int], device, bandwidth
         sinks = torch.randn(hq, generator=g).to(device)
         table = torch.randperm(blocks, generator=g).view(s, per_seq).to(torch.int32)
         tables = AttentionTables(
-            table.to(device), torch.zeros(s, dtype=torch.int32, device=device),
-            [length - 1] * s, [1] * s,
-        )  # fmt: skip
+            table.to(device),
+            torch.zeros(s, dtype=torch.int32, device=device),
+            [length - 1] * s,
+            [1] * s,
+        )
         for window in (None, config.sliding_window):
             seen = length if window is None else min(length, window)
             moved = s * seen * hkv * d * 2 * 2 + 2 * q.numel() * 2
             floor = moved / bandwidth
 
             call = partial(paged_attention, q, k_pool, v_pool, sinks, tables, window=window)
-            ref = torch.cat([
-                attention_with_sinks(
-                    q[i : i + 1].float(), k_pool[table[i].long()].reshape(-1, hkv, d)[:length],
-                    v_pool[table[i].long()].reshape(-1, hkv, d)[:length], sinks,
-                    q_offset=length - 1, window=window,
-                ).float()
-                for i in range(s)
-            ])  # fmt: skip
+            ref = torch.cat(
+                [
+                    attention_with_sinks(
+                        q[i : i + 1].float(),
+                        k_pool[table[i].long()].reshape(-1, hkv, d)[:length],
+                        v_pool[table[i].long()].reshape(-1, hkv, d)[:length],
+                        sinks,
+                        q_offset=length - 1,
+                        window=window,
+                    ).float()
+                    for i in range(s)
+                ]
+            )
             err = rel_error(call(), ref)
             sec = bench(call, device)
             kind = "full" if window is None else f"window {window}"
-            rows.append({
-                "sequences": s, "context": length, "layer": kind, "us": sec * 1e6,
-                "bytes": moved, "gb_s": moved / sec / 1e9, "of_floor": floor / sec,
-                "rel_error": err,
-            })  # fmt: skip
-            progress(f"   attention, {s:>3} x {length:>5} ({kind:<10}) {sec * 1e6:9.1f} us  "
-                     f"{100 * floor / sec:5.1f}% of floor  err {err:.1e}")  # fmt: skip
+            rows.append(
+                {
+                    "sequences": s,
+                    "context": length,
+                    "layer": kind,
+                    "us": sec * 1e6,
+                    "bytes": moved,
+                    "gb_s": moved / sec / 1e9,
+                    "of_floor": floor / sec,
+                    "rel_error": err,
+                }
+            )
+            progress(
+                f"   attention, {s:>3} x {length:>5} ({kind:<10}) {sec * 1e6:9.1f} us  "
+                f"{100 * floor / sec:5.1f}% of floor  err {err:.1e}"
+            )
     return rows
 
 
@@ -181,8 +213,9 @@ def kernels(
     chosen = [VARIANTS[i] for i in variants] if variants is not None else VARIANTS
     layers = layers or (4 if dev.type == "cuda" else 1)
     bandwidth = copy_bandwidth(device)
-    progress(f"-- kernels in {config_name} shapes on {device}; copy bandwidth "
-             f"{bandwidth / 1e9:.0f} GB/s")  # fmt: skip
+    progress(
+        f"-- kernels in {config_name} shapes on {device}; copy bandwidth {bandwidth / 1e9:.0f} GB/s"
+    )
     return {
         "model": config_name,
         "device": device,
@@ -190,3 +223,62 @@ def kernels(
         "moe": moe(config, tokens, chosen, dev, bandwidth, layers),
         "attention": attention(config, batches, contexts, dev, bandwidth),
     }
+
+
+def run(args: argparse.Namespace, data: dict[str, Any]) -> None:
+    data["results"] = kernels(
+        args.model,
+        device=args.device,
+        tokens=args.tokens,
+        contexts=args.contexts,
+        batches=args.batches,
+        variants=args.variants,
+    )
+    print_table(data)
+    save("kernels", data, args.out, plot)
+
+
+def print_table(data: dict) -> None:
+    r = data["results"]
+    print(
+        f"{r['model']} shapes on {r['device']}; copy bandwidth "
+        f"{r['copy_bandwidth_gb_s']:.0f} GB/s; medians"
+    )
+    print(
+        f"{'MoE tokens':>10} {'variant':<26} {'us':>9} {'GB/s':>7} {'of floor':>8} {'rel err':>8}"
+    )
+    for m in r["moe"]:
+        print(
+            f"{m['tokens']:>10} {m['variant']:<26} {m['us']:>9.1f} {m['gb_s']:>7.0f} "
+            f"{100 * m['of_floor']:>7.1f}% {m['rel_error']:>8.1e}"
+        )
+    print(f"{'attention':>10} {'sequences x context':<26} {'us':>9} {'GB/s':>7} {'of floor':>8}")
+    for a in r["attention"]:
+        shape = f"{a['sequences']} x {a['context']} ({a['layer']})"
+        print(
+            f"{'':>10} {shape:<26} {a['us']:>9.1f} {a['gb_s']:>7.0f} "
+            f"{100 * a['of_floor']:>7.1f}% {a['rel_error']:>8.1e}"
+        )
+
+
+def plot(data: dict, plt) -> None:
+    r = data["results"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+    for variant in dict.fromkeys(m["variant"] for m in r["moe"]):
+        rows = [m for m in r["moe"] if m["variant"] == variant]
+        ax1.plot(
+            [m["tokens"] for m in rows], [100 * m["of_floor"] for m in rows], "o-", label=variant
+        )
+    ax1.set(
+        xscale="log",
+        xlabel="tokens per MoE call",
+        ylabel="% of the memory floor",
+        title="grouped MXFP4 experts (median)",
+    )
+    ax1.legend(fontsize=7)
+    labels = [f"{a['sequences']}x{a['context']}\n{a['layer']}" for a in r["attention"]]
+    ax2.bar(labels, [100 * a["of_floor"] for a in r["attention"]])
+    ax2.set(ylabel="% of the memory floor", title="paged sink attention, decode (median)")
+    ax2.tick_params(axis="x", labelsize=7)
+    fig.suptitle(f"{r['model']} shapes on {describe(data['machine'])}", fontsize=9)
+    fig.tight_layout()

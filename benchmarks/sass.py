@@ -13,6 +13,7 @@ shows which way a change moves the kernel, the GPU run says where it lands."""
 
 from __future__ import annotations
 
+import argparse
 import collections
 import os
 import re
@@ -24,6 +25,8 @@ from functools import partial
 from typing import Any
 
 import torch
+
+from gptoss_ray.benchmarks.common import describe, progress, save
 
 # sm_90: H100 SXM, sm_80: A100 80 GB SXM: SMs, boost clock, HBM bandwidth (datasheets)
 GPU_FIGURES = {90: (132, 1.98e9, 3.35e12), 80: (108, 1.41e9, 2.04e12)}
@@ -136,12 +139,16 @@ def moe_launches(config, tokens: int, variant: dict[str, Any]) -> list[Launch]:
     from gptoss_ray.model.kernels import mxfp4_matmul as mm
 
     h, inter, e = config.hidden_size, config.intermediate_size, config.num_experts
-    mlp1 = (torch.empty(e, 2 * inter, h // 32, 16, dtype=torch.uint8),
-            torch.empty(e, 2 * inter, h // 32, dtype=torch.uint8),
-            torch.empty(e, 2 * inter, dtype=torch.bfloat16))  # fmt: skip
-    mlp2 = (torch.empty(e, h, inter // 32, 16, dtype=torch.uint8),
-            torch.empty(e, h, inter // 32, dtype=torch.uint8),
-            torch.empty(e, h, dtype=torch.bfloat16))  # fmt: skip
+    mlp1 = (
+        torch.empty(e, 2 * inter, h // 32, 16, dtype=torch.uint8),
+        torch.empty(e, 2 * inter, h // 32, dtype=torch.uint8),
+        torch.empty(e, 2 * inter, dtype=torch.bfloat16),
+    )
+    mlp2 = (
+        torch.empty(e, h, inter // 32, 16, dtype=torch.uint8),
+        torch.empty(e, h, inter // 32, dtype=torch.uint8),
+        torch.empty(e, h, dtype=torch.bfloat16),
+    )
     rows = tokens * config.experts_per_token
     x = torch.zeros(rows, h, dtype=torch.bfloat16)
     experts = torch.arange(rows) % e
@@ -175,8 +182,9 @@ def attention_launch(
     tables = AttentionTables(
         torch.zeros(sequences, per_seq, dtype=torch.int32),
         torch.zeros(sequences, dtype=torch.int32),
-        [context - new_tokens] * sequences, [new_tokens] * sequences,
-    )  # fmt: skip
+        [context - new_tokens] * sequences,
+        [new_tokens] * sequences,
+    )
     kernel = attention._paged_attention_kernel
     with recording(kernel) as calls:
         attention.paged_attention(
@@ -191,8 +199,14 @@ def attention_launch(
     kwargs = {**kwargs, "BF16_DOT": True}
     name = f"attention {'prefill' if new_tokens > 1 else 'decode'}"  # one key block per trip
     kind = "window" if sliding else "full"
-    return Launch(f"{name} {kind} {context}", sequences * new_tokens, kernel, args, kwargs,
-                  2 * bs * kwargs["BLOCK_D"] * 2)  # fmt: skip
+    return Launch(
+        f"{name} {kind} {context}",
+        sequences * new_tokens,
+        kernel,
+        args,
+        kwargs,
+        2 * bs * kwargs["BLOCK_D"] * 2,
+    )
 
 
 def issue_bound(warp_instructions_per_byte: float, arch: int) -> float:
@@ -206,7 +220,6 @@ def sass(config_name: str, *, arch: int, tokens: list[int], contexts: list[int])
     compiled for sm_<arch>: resources and the main loop's issue cost per byte."""
     import tempfile
 
-    from gptoss_ray.benchmarks.common import progress
     from gptoss_ray.model.config import ModelConfig
 
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -227,17 +240,64 @@ def sass(config_name: str, *, arch: int, tokens: list[int], contexts: list[int])
             warps = compiled.metadata.num_warps
             per_byte = loop * warps / launch.loop_bytes
             row = {
-                "launch": launch.name, "tokens": launch.tokens, "warps": warps,
-                "stages": compiled.metadata.num_stages, "registers": usage.get("reg", 0),
+                "launch": launch.name,
+                "tokens": launch.tokens,
+                "warps": warps,
+                "stages": compiled.metadata.num_stages,
+                "registers": usage.get("reg", 0),
                 "spill_bytes": usage.get("local", 0) + usage.get("stack", 0),
-                "shared_bytes": compiled.metadata.shared, "loop_instructions": loop,
-                "loop_bytes": launch.loop_bytes, "warp_instructions_per_byte": per_byte,
+                "shared_bytes": compiled.metadata.shared,
+                "loop_instructions": loop,
+                "loop_bytes": launch.loop_bytes,
+                "warp_instructions_per_byte": per_byte,
                 "issue_bound_gb_s": issue_bound(per_byte, arch) / 1e9,
                 "of_bandwidth": issue_bound(per_byte, arch) / bandwidth,
                 "top_ops": dict(ops.most_common(8)),
                 "constants": {k: v for k, v in launch.kwargs.items() if k.isupper()},
-            }  # fmt: skip
+            }
             rows.append(row)
-            progress(f"   {launch.name:<26} {launch.tokens:>5} {row['registers']:>4} regs "
-                     f"{per_byte:6.3f} warp-instr/B  bound {row['issue_bound_gb_s']:6.0f} GB/s")  # fmt: skip
+            progress(
+                f"   {launch.name:<26} {launch.tokens:>5} {row['registers']:>4} regs "
+                f"{per_byte:6.3f} warp-instr/B  bound {row['issue_bound_gb_s']:6.0f} GB/s"
+            )
     return {"model": config_name, "arch": arch, "bandwidth_gb_s": bandwidth / 1e9, "launches": rows}
+
+
+def run(args: argparse.Namespace, data: dict[str, Any]) -> None:
+    data["results"] = sass(args.model, arch=args.arch, tokens=args.tokens, contexts=args.contexts)
+    print_table(data)
+    save("sass", data, args.out, plot)
+
+
+def print_table(data: dict) -> None:
+    r = data["results"]
+    print(
+        f"{r['model']} shapes compiled for sm_{r['arch']} (static: the main loop's "
+        f"instructions, not a timing); bandwidth {r['bandwidth_gb_s']:.0f} GB/s"
+    )
+    print(
+        f"{'launch':<30} {'tokens':>6} {'warps':>5} {'regs':>4} {'spill':>5} {'smem':>6} "
+        f"{'loop':>5} {'B/loop':>6} {'instr/B':>7} {'bound GB/s':>10} {'of HBM':>6}"
+    )
+    for x in r["launches"]:
+        print(
+            f"{x['launch']:<30} {x['tokens']:>6} {x['warps']:>5} {x['registers']:>4} "
+            f"{x['spill_bytes']:>5} {x['shared_bytes']:>6} {x['loop_instructions']:>5} "
+            f"{x['loop_bytes']:>6} {x['warp_instructions_per_byte']:>7.3f} "
+            f"{x['issue_bound_gb_s']:>10.0f} {100 * x['of_bandwidth']:>5.0f}%"
+        )
+
+
+def plot(data: dict, plt) -> None:
+    r = data["results"]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    labels = [f"{x['launch']}\n{x['tokens']} tok" for x in r["launches"]]
+    ax.bar(labels, [100 * min(x["of_bandwidth"], 3.0) for x in r["launches"]])
+    ax.axhline(100, color="k", lw=0.8)
+    ax.set(
+        ylabel="issue-bound / HBM bandwidth (%)",
+        title=f"main loops compiled for sm_{r['arch']}: above 100% issue is not the limit",
+    )
+    ax.tick_params(axis="x", labelsize=6, rotation=60)
+    fig.suptitle(f"{r['model']} shapes, compiled on {describe(data['machine'])}", fontsize=9)
+    fig.tight_layout()

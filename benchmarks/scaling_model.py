@@ -24,25 +24,18 @@ Memory decides the largest batch: weights (dense + all experts for a replica, de
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from gptoss_ray.benchmarks.common import progress
-
-
-@dataclass
-class Links:
-    gpus_per_node: int = 8
-    nvlink_gb_s: float = 450.0  # per GPU and direction (H100 SXM: 900 GB/s both ways)
-    ib_gb_s: float = 50.0  # per GPU (one 400 Gb/s NIC per GPU)
-    nvlink_latency_us: float = 10.0  # per all-to-all, launch included
-    ib_latency_us: float = 25.0
-    step_overhead_ms: float = 0.3  # coordinator and launch per step
+from gptoss_ray.benchmarks.common import Links, fmt, progress, save
 
 
 @dataclass
@@ -248,8 +241,9 @@ class Routing:
         rows = touched = remote = 0.0
         for _ in range(self.samples):
             # top-k without replacement in proportion to the weights (Gumbel top-k)
-            keys = weight.log() - torch.log(-torch.log(torch.rand(tokens, self.num_experts,
-                                                                  generator=g, dtype=torch.float64)))  # fmt: skip
+            keys = weight.log() - torch.log(
+                -torch.log(torch.rand(tokens, self.num_experts, generator=g, dtype=torch.float64))
+            )
             ids = keys.topk(self.top_k, dim=-1).indices  # [tokens, k]
             dest = owner[ids]
             per_shard = torch.bincount(dest.flatten(), minlength=shards)
@@ -282,8 +276,16 @@ def predict(
         # a shard holds at least one expert: beyond that, whole expert-parallel groups
         # are replicated (the largest group size that divides the GPUs)
         group = max(d for d in range(1, config.num_experts + 1) if gpus % d == 0)
-        one = predict(cal, config, gpus=group, batch_per_gpu=batch_per_gpu, context=context,
-                      links=links, routing=routing, gpu_memory_gb=gpu_memory_gb)  # fmt: skip
+        one = predict(
+            cal,
+            config,
+            gpus=group,
+            batch_per_gpu=batch_per_gpu,
+            context=context,
+            links=links,
+            routing=routing,
+            gpu_memory_gb=gpu_memory_gb,
+        )
         copies = gpus // group
         for key in ("expert_parallel_tokens_per_s", "replicas_tokens_per_s"):
             if one[key] is not None:
@@ -375,8 +377,16 @@ def scaling_table(
         for gpus in gpu_counts:
 
             def at(b: int, gpus=gpus, config=config, routing=routing) -> dict[str, Any]:
-                return predict(cal, config, gpus=gpus, batch_per_gpu=b, context=context,
-                               links=links, routing=routing, gpu_memory_gb=gpu_memory_gb)  # fmt: skip
+                return predict(
+                    cal,
+                    config,
+                    gpus=gpus,
+                    batch_per_gpu=b,
+                    context=context,
+                    links=links,
+                    routing=routing,
+                    gpu_memory_gb=gpu_memory_gb,
+                )
 
             for batch in batches:
                 if batch != "max":
@@ -409,14 +419,83 @@ def plot(data: dict[str, Any], plt) -> None:
         for label in dict.fromkeys(r["batch_label"] for r in rows):
             sel = [r for r in rows if r["batch_label"] == label]
             x = [r["gpus"] for r in sel]
-            (line,) = ax.plot(x, [r["expert_parallel_tokens_per_s"] for r in sel], "o-",
-                              label=f"expert-parallel, batch/GPU {label}")  # fmt: skip
-            ax.plot(x, [r["replicas_tokens_per_s"] for r in sel], "x--", color=line.get_color(),
-                    label=f"replicas, batch/GPU {label}")  # fmt: skip
-        ax.set(xscale="log", yscale="log", xlabel="GPUs", ylabel="tokens/s (predicted)",
-               title=f"{name}, context {data['context']}")  # fmt: skip
+            (line,) = ax.plot(
+                x,
+                [r["expert_parallel_tokens_per_s"] for r in sel],
+                "o-",
+                label=f"expert-parallel, batch/GPU {label}",
+            )
+            ax.plot(
+                x,
+                [r["replicas_tokens_per_s"] for r in sel],
+                "x--",
+                color=line.get_color(),
+                label=f"replicas, batch/GPU {label}",
+            )
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="GPUs",
+            ylabel="tokens/s (predicted)",
+            title=f"{name}, context {data['context']}",
+        )
         ax.legend(fontsize=7)
     cal = data["calibration"]
-    fig.suptitle(f"scaling model calibrated on {cal['device']} ({cal['dtype']}, "
-                 f"kernels {'on' if cal['kernels'] else 'off'})")  # fmt: skip
+    fig.suptitle(
+        f"scaling model calibrated on {cal['device']} ({cal['dtype']}, "
+        f"kernels {'on' if cal['kernels'] else 'off'})"
+    )
     fig.tight_layout()
+
+
+def run(args: argparse.Namespace, data: dict[str, Any]) -> None:
+    import torch
+
+    if args.calibration:
+        raw = json.loads(Path(args.calibration).read_text())
+        cal = Calibration(**raw.get("calibration", raw))
+    else:
+        print(f"calibrating on {args.device} with {args.calibrate_on} layer shapes")
+        cal = calibrate(
+            args.calibrate_on,
+            device=args.device,
+            dtype=torch.bfloat16,
+            batches=tuple(args.batches),
+            contexts=tuple(args.contexts),
+            repeats=args.repeats,
+        )
+    links = Links(**{f.name: getattr(args, f.name) for f in fields(Links)})
+    loads = json.loads(Path(args.expert_load).read_text()) if args.expert_load else None
+    data |= scaling_table(
+        cal,
+        gpu_counts=tuple(args.gpus),
+        context=args.context,
+        links=links,
+        gpu_memory_gb=args.gpu_memory_gb,
+        loads=loads,
+    )
+    print_table(data)
+    save("scaling-model", data, args.out, plot)
+
+
+def print_table(data: dict) -> None:
+    cal = data["calibration"]
+    print(
+        f"calibrated on {cal['device']} ({cal['dtype']}, kernels "
+        f"{'on' if cal['kernels'] else 'off'}); context {data['context']}; links "
+        f"{data['links']}"
+    )
+    print(
+        f"{'model':>13} {'GPUs':>4} {'batch/GPU':>9} {'EP tok/s':>10} {'replicas':>10} "
+        f"{'EP/rep':>6} {'a2a ms/layer':>12}"
+    )
+    for r in data["predictions"]:
+        ep, rep = r["expert_parallel_tokens_per_s"], r["replicas_tokens_per_s"]
+        ratio = ep / rep if ep and rep else None
+        batch = str(r["batch_per_gpu"])
+        if r["batch_label"] == "max":
+            batch = f"max {r['batch_per_gpu']}/{r['replica_batch_per_gpu']}"
+        print(
+            f"{r['model']:>13} {r['gpus']:>4} {batch:>9} {fmt(ep):>10} {fmt(rep):>10} "
+            f"{fmt(ratio, '.2f'):>6} {r['all_to_all_ms_per_layer']:>12.3f}"
+        )

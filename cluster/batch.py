@@ -74,9 +74,11 @@ def _check_line(item: Any, n: int, seen: set[str]) -> BatchLine:
     if custom_id in seen:
         # The first line with this id owns it; this one is recorded by its line number.
         return BatchLine(
-            n, None, None,
+            n,
+            None,
+            None,
             _error("duplicate_custom_id", f"custom_id {custom_id!r} appears on an earlier line", n),
-        )  # fmt: skip
+        )
     seen.add(custom_id)
     url = item.get("url")
     if url not in SUPPORTED_URLS:

@@ -40,8 +40,10 @@ def _parser() -> argparse.ArgumentParser:
     tiny.add_argument(
         "--shard-mb", type=float, default=None, help="split into files of at most this size (hf)"
     )
+    tiny.set_defaults(run=_checkpoint_tiny)
 
     gen = sub.add_parser("generate", help="generate from token ids, in one process")
+    gen.set_defaults(run=_generate)
     gen.add_argument("--model", required=True, help="checkpoint directory or small preset name")
     gen.add_argument("--prompt-ids", type=_prompt_ids, action="append", default=[])
     gen.add_argument(
@@ -51,9 +53,11 @@ def _parser() -> argparse.ArgumentParser:
         '"tools": ...}), a list of chat messages, or a list of requests',
     )
     gen.add_argument(
-        "--shards", type=int, default=None,
+        "--shards",
+        type=int,
+        default=None,
         help="serve on N expert-parallel Ray shards (default: one process, no Ray)",
-    )  # fmt: skip
+    )
     gen.add_argument("--address", default=None, help="Ray cluster to join ('auto'); default local")
     gen.add_argument("--max-tokens", type=int, default=16)
     gen.add_argument("--temperature", type=float, default=0.0)
@@ -66,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
 
     demo = sub.add_parser("demo", help="generate a few completions with the built-in model")
+    demo.set_defaults(run=_demo)
     demo.add_argument("--model", default="gpt-oss-tiny")
     demo.add_argument("--shards", type=int, default=2)
     demo.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -76,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve", help="start the engine as a named, detached Ray actor (for clients and jobs)"
     )
+    serve.set_defaults(run=_serve)
     serve.add_argument("--model", default="gpt-oss-tiny")
     serve.add_argument("--shards", type=int, default=2)
     serve.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -88,20 +94,27 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY")
     status = sub.add_parser("status", help="a served engine's shards, load, queue and jobs")
+    status.set_defaults(run=_status)
     status.add_argument("--name", default="gptoss-ray")
     status.add_argument("--address", default="auto")
     status.add_argument("--json", action="store_true")
     stop = sub.add_parser("stop", help="shut down a served engine")
+    stop.set_defaults(run=_stop)
     stop.add_argument("--name", default="gptoss-ray")
     stop.add_argument("--address", default="auto")
     stop.add_argument(
-        "--ray", action="store_true",
+        "--ray",
+        action="store_true",
         help="also end the local Ray instance that `gptoss-ray serve` started",
-    )  # fmt: skip
-    sub.add_parser(
-        "bench", add_help=False,
-        help="benchmarks: sweep, scaling, model, fullsize (gptoss-ray bench --help)",
-    )  # fmt: skip
+    )
+    # the benchmarks are their own layer above this one (they drive the engine): the rest
+    # of the command line is theirs to parse (`gptoss-ray bench --help`)
+    bench = sub.add_parser(
+        "bench",
+        add_help=False,
+        help="benchmarks: sweep, scaling, model, fullsize, kernels, sass (gptoss-ray bench --help)",
+    )
+    bench.set_defaults(run=_bench, takes_rest=True)
 
     from gptoss_ray.cluster.cli_harmony import add_commands
 
@@ -113,13 +126,25 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:
-        # the benchmarks are their own layer above this one (they drive the engine)
-        from gptoss_ray.benchmarks.cli import main as bench_main
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "takes_rest", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
+    try:
+        return args.run(args)
+    except Exception as exc:
+        message = _user_error(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
 
-        return bench_main(argv[1:])
-    args = _parser().parse_args(argv)
+
+def _user_error(exc: Exception) -> str | None:
+    """What to tell the user of a failure that is theirs to fix (bad input, a missing file
+    or engine), or None for a bug, which keeps its traceback. Imported only on failure:
+    a command's happy path (and --help) loads nothing it does not need."""
     from pydantic import ValidationError
 
     from gptoss_ray.cluster.batch import BatchInputError
@@ -130,28 +155,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from gptoss_ray.model.harmony import HarmonyError
     from gptoss_ray.model.tokenizer import TokenizerError
 
-    try:
-        if args.command == "checkpoint":
-            return _checkpoint_tiny(args)
-        if args.command == "generate":
-            return _generate(args)
-        if args.command == "demo":
-            return _demo(args)
-        if args.command == "harmony":
-            from gptoss_ray.cluster import cli_harmony
-
-            return cli_harmony.run(args)
-        if args.command == "batch":
-            from gptoss_ray.cluster import cli_batch
-
-            return cli_batch.run(args)
-        if args.command == "serve":
-            return _serve(args)
-        if args.command == "status":
-            return _status(args)
-        if args.command == "stop":
-            return _stop(args)
-    except (
+    if isinstance(exc, ValidationError):
+        return "; ".join(
+            f"{'.'.join(map(str, e['loc']))}={e.get('input')!r}: {e['msg']}" for e in exc.errors()
+        )
+    mine = (
         CheckpointError,
         ConfigError,
         RequestError,
@@ -161,16 +169,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         BatchInputError,
         EngineNotFound,
         KeyError,
-    ) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc']))}={e.get('input')!r}: {e['msg']}" for e in exc.errors()
-        )
-        print(f"error: {problems}", file=sys.stderr)
-        return 2
-    raise AssertionError(args.command)
+    )
+    return str(exc) if isinstance(exc, mine) else None
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from gptoss_ray.benchmarks.cli import main as bench_main
+
+    return bench_main(args.rest)
 
 
 def _checkpoint_tiny(args: argparse.Namespace) -> int:
@@ -243,9 +249,14 @@ def _serve(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     info = serve(
-        args.model, args.shards, name=args.name, address=args.address, device=args.device,
-        dtype=args.dtype, kv_budget_bytes=int(args.kv_budget_mb * 2**20),
-    )  # fmt: skip
+        args.model,
+        args.shards,
+        name=args.name,
+        address=args.address,
+        device=args.device,
+        dtype=args.dtype,
+        kv_budget_bytes=int(args.kv_budget_mb * 2**20),
+    )
     if args.http:
         import ray
 
@@ -283,11 +294,15 @@ def _stop(args: argparse.Namespace) -> int:
     if args.ray:
         print("no local Ray instance that `gptoss-ray serve` started is running")
     if head is not None:
-        print(f"the local Ray instance at {head['address']} that `gptoss-ray serve` started "
-              "keeps running; `gptoss-ray stop --ray` ends it")  # fmt: skip
+        print(
+            f"the local Ray instance at {head['address']} that `gptoss-ray serve` started "
+            "keeps running; `gptoss-ray stop --ray` ends it"
+        )
     elif joined is not None:
-        print(f"the Ray instance at {joined} keeps running (not started by `gptoss-ray serve`; "
-              "`ray stop` ends it, with every other Ray instance on this machine)")  # fmt: skip
+        print(
+            f"the Ray instance at {joined} keeps running (not started by `gptoss-ray serve`; "
+            "`ray stop` ends it, with every other Ray instance on this machine)"
+        )
     return 0 if stopped else 1
 
 
@@ -303,9 +318,11 @@ def _status(args: argparse.Namespace) -> int:
         print(json.dumps({**status, "jobs": jobs}, default=str))
         return 0
     health = "healthy" if status["healthy"] else "UNHEALTHY"
-    print(f"engine {args.name!r}: {status['model']}, {status['shards']} shard(s), {health}; "
-          f"{status['waiting']} waiting, {sum(status['running'])} running, "
-          f"{len(status['recoveries'])} recoveries")  # fmt: skip
+    print(
+        f"engine {args.name!r}: {status['model']}, {status['shards']} shard(s), {health}; "
+        f"{status['waiting']} waiting, {sum(status['running'])} running, "
+        f"{len(status['recoveries'])} recoveries"
+    )
     load = status["expert_load"]
     per_expert = [sum(col) for col in zip(*load, strict=True)] if load else []
     for s in status["shards_detail"]:
@@ -313,15 +330,19 @@ def _status(args: argparse.Namespace) -> int:
         kv_free, kv_total = s.get("kv_free_blocks", {}), s.get("kv_total_blocks", {})
         used = {k: kv_total[k] - kv_free[k] for k in kv_total}
         routed = sum(per_expert[lo:hi]) if per_expert else 0
-        print(f"  shard {s['rank']}: node {s['node'][:12]} ({s['node_ip']}), {s['device']}, "
-              f"experts [{lo}, {hi}), weights {s.get('weight_bytes', 0) / 2**20:.1f} MiB, "
-              f"KV used {used.get('full', 0)}/{kv_total.get('full', 0)} full + "
-              f"{used.get('sliding', 0)}/{kv_total.get('sliding', 0)} sliding blocks, "
-              f"{s.get('sequences', 0)} sequences, {routed} expert rows routed")  # fmt: skip
+        print(
+            f"  shard {s['rank']}: node {s['node'][:12]} ({s['node_ip']}), {s['device']}, "
+            f"experts [{lo}, {hi}), weights {s.get('weight_bytes', 0) / 2**20:.1f} MiB, "
+            f"KV used {used.get('full', 0)}/{kv_total.get('full', 0)} full + "
+            f"{used.get('sliding', 0)}/{kv_total.get('sliding', 0)} sliding blocks, "
+            f"{s.get('sequences', 0)} sequences, {routed} expert rows routed"
+        )
     if per_expert:
         mean = sum(per_expert) / len(per_expert)
-        print(f"  expert load (rows per expert, all layers): min {min(per_expert)}, "
-              f"mean {mean:.1f}, max {max(per_expert)}")  # fmt: skip
+        print(
+            f"  expert load (rows per expert, all layers): min {min(per_expert)}, "
+            f"mean {mean:.1f}, max {max(per_expert)}"
+        )
     for job in jobs:
         from gptoss_ray.cluster.client import progress_line
 
@@ -339,9 +360,12 @@ def _engine(args: argparse.Namespace):
     from gptoss_ray.cluster.engine import Engine
 
     return Engine.start(
-        args.model, shards=args.shards or 1, device=args.device, dtype=args.dtype,
+        args.model,
+        shards=args.shards or 1,
+        device=args.device,
+        dtype=args.dtype,
         address=args.address,
-    )  # fmt: skip
+    )
 
 
 def _chat_requests(path: str) -> list[dict]:
@@ -370,9 +394,12 @@ def _generate_chat(args: argparse.Namespace, params) -> int:
 
     requests = _chat_requests(args.messages)
     sampling = {
-        "max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
-        "top_k": args.top_k, "seed": args.seed,
-    }  # fmt: skip
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "seed": args.seed,
+    }
     requests = [sampling | r for r in requests]  # a request's own fields win
     if args.shards is None:
         from gptoss_ray.model.checkpoint import load_model

@@ -31,6 +31,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="with --openai: the conversation start date in the system message "
         "(default today; 'none' leaves it out)",
     )
+    render.set_defaults(run=render_command)
 
     parse = cmds.add_parser(
         "parse",
@@ -47,30 +48,34 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     parse.add_argument(
         "--strict", action="store_true", help="fail on malformed harmony, as openai-harmony does"
     )
+    parse.set_defaults(run=parse_command)
 
 
-def run(args: argparse.Namespace) -> int:
+def render_command(args: argparse.Namespace) -> int:
     from gptoss_ray.model import harmony
     from gptoss_ray.model import tokenizer as tok
     from gptoss_ray.model.harmony.openai_chat import ChatRequest, to_harmony
 
-    if args.harmony_command == "render":
-        raw = sys.stdin.read() if args.file == "-" else _read(args.file)
-        if args.openai:
-            try:
-                data = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise harmony.HarmonyError(f"{args.file}: not valid JSON: {exc}") from None
-            date = None if args.date.lower() == "none" else args.date
-            messages = to_harmony(ChatRequest.parse(data), conversation_start_date=date)
-        else:
-            messages = harmony.Conversation.from_json(raw).messages
-        if args.training:
-            ids = harmony.render_for_training(messages)
-        else:
-            ids = harmony.render_for_completion(messages)
-        print(tok.decode(ids) if args.text else json.dumps(ids))
-        return 0
+    raw = sys.stdin.read() if args.file == "-" else _read(args.file)
+    if args.openai:
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise harmony.HarmonyError(f"{args.file}: not valid JSON: {exc}") from None
+        date = None if args.date.lower() == "none" else args.date
+        messages = to_harmony(ChatRequest.parse(data), conversation_start_date=date)
+    else:
+        messages = harmony.Conversation.from_json(raw).messages
+    if args.training:
+        ids = harmony.render_for_training(messages)
+    else:
+        ids = harmony.render_for_completion(messages)
+    print(tok.decode(ids) if args.text else json.dumps(ids))
+    return 0
+
+
+def parse_command(args: argparse.Namespace) -> int:
+    from gptoss_ray.model import harmony
 
     try:
         ids = json.loads(sys.stdin.read())

@@ -180,9 +180,13 @@ class Coordinator(ChatEngine):
         import torch
 
         self.layout = KVLayout.from_budget(
-            self.config, kv_budget_bytes, dtype=getattr(torch, dtype), block_size=block_size,
-            max_seqs=max_seqs, max_chunk=token_budget,
-        )  # fmt: skip
+            self.config,
+            kv_budget_bytes,
+            dtype=getattr(torch, dtype),
+            block_size=block_size,
+            max_seqs=max_seqs,
+            max_chunk=token_budget,
+        )
         gpus = gpus_per_shard if gpus_per_shard is not None else (1 if device == "cuda" else 0)
         bundle = {"CPU": cpus_per_shard} | ({"GPU": gpus} if gpus else {})
         self.pg = placement_group([bundle] * shards, strategy="PACK")
@@ -199,13 +203,18 @@ class Coordinator(ChatEngine):
         self._threads = threads_per_shard
         self._shard_options = {
             "num_cpus": cpus_per_shard,
-            "num_gpus": gpus_per_shard if gpus_per_shard is not None else (1 if device == "cuda" else 0),
+            "num_gpus": gpus_per_shard
+            if gpus_per_shard is not None
+            else (1 if device == "cuda" else 0),
             # NCCL/gloo interface settings (NCCL_SOCKET_IFNAME, ...) reach every shard
-            "runtime_env": {"env_vars": {
-                k: v for k, v in os.environ.items()
-                if k.startswith(("NCCL_", "GLOO_", "TP_SOCKET_IFNAME"))
-            }},
-        }  # fmt: skip
+            "runtime_env": {
+                "env_vars": {
+                    k: v
+                    for k, v in os.environ.items()
+                    if k.startswith(("NCCL_", "GLOO_", "TP_SOCKET_IFNAME"))
+                }
+            },
+        }
         self.recovery_timeout = recovery_timeout
         self.workers = [self._spawn(r) for r in range(shards)]
         self._form_group(self.workers)
@@ -220,9 +229,13 @@ class Coordinator(ChatEngine):
         self._compiled_steps = device == "cuda" if compiled_steps is None else compiled_steps
         self._dag = self._compile_steps()
         core = EngineCore(
-            self.config, shards, self.layout, self._run_step, token_budget=token_budget,
+            self.config,
+            shards,
+            self.layout,
+            self._run_step,
+            token_budget=token_budget,
             max_seqs=max_seqs,
-        )  # fmt: skip
+        )
         self.recoveries: list[dict[str, Any]] = []
         super().__init__(self.model_path, self.config, self.layout, core)
 
@@ -257,8 +270,9 @@ class Coordinator(ChatEngine):
                 dag = MultiOutputNode([w.step.bind(plans[i]) for i, w in enumerate(self.workers)])
             return dag.experimental_compile()
         except Exception as exc:  # an older Ray, a platform without its channels
-            print(f"coordinator: compiled steps unavailable ({exc!r}); using actor calls",
-                  flush=True)  # fmt: skip
+            print(
+                f"coordinator: compiled steps unavailable ({exc!r}); using actor calls", flush=True
+            )
             return None
 
     def _teardown_steps(self) -> None:
@@ -295,8 +309,7 @@ class Coordinator(ChatEngine):
                 ray.get(w.ping.remote(), timeout=10)
             except Exception:
                 lost.append(rank)
-        print(f"coordinator: shard(s) {lost} lost ({type(cause).__name__}); recovering",
-              flush=True)  # fmt: skip
+        print(f"coordinator: shard(s) {lost} lost ({type(cause).__name__}); recovering", flush=True)
         for rank in lost:
             with contextlib.suppress(Exception):
                 ray.kill(self.workers[rank])
@@ -327,8 +340,9 @@ class Coordinator(ChatEngine):
     def expert_load(self) -> list[list[int]]:
         # each shard counts the rows its own experts received: the sum is the whole load
         per_shard = ray.get([w.expert_load.remote() for w in self.workers], timeout=30)
-        return [[sum(col) for col in zip(*rows, strict=True)]
-                for rows in zip(*per_shard, strict=True)]  # fmt: skip
+        return [
+            [sum(col) for col in zip(*rows, strict=True)] for rows in zip(*per_shard, strict=True)
+        ]
 
     def status(self) -> dict[str, Any]:
         """Per shard: node, device, experts, memory, KV use; plus queue, load, jobs."""
@@ -336,9 +350,15 @@ class Coordinator(ChatEngine):
         with self.core._lock:
             waiting = len(self.core.scheduler.waiting)
             running = [len(s.running) for s in self.core.scheduler.shards]
-        return {**self.info(), "shards_detail": shards, "waiting": waiting, "running": running,
-                "expert_load": self.expert_load(), "stats": self.stats(),
-                "recoveries": self.recoveries}  # fmt: skip
+        return {
+            **self.info(),
+            "shards_detail": shards,
+            "waiting": waiting,
+            "running": running,
+            "expert_load": self.expert_load(),
+            "stats": self.stats(),
+            "recoveries": self.recoveries,
+        }
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "expert_ranges": self.expert_ranges}

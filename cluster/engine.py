@@ -72,10 +72,16 @@ class Engine:
             scheduling_strategy=here(coordinator_node),
         )
         coordinator = remote.remote(
-            model, shards, device=device, dtype=dtype,
-            kv_budget_bytes=int(kv_budget_mb * 2**20), block_size=block_size,
-            token_budget=token_budget, max_seqs=max_seqs, **options,
-        )  # fmt: skip
+            model,
+            shards,
+            device=device,
+            dtype=dtype,
+            kv_budget_bytes=int(kv_budget_mb * 2**20),
+            block_size=block_size,
+            token_budget=token_budget,
+            max_seqs=max_seqs,
+            **options,
+        )
         try:
             ray.get(coordinator.info.remote())
         except ray.exceptions.RayActorError as exc:

@@ -71,9 +71,12 @@ class EngineCore:
         self.world_size = world_size
         self.run_step = run_step
         self.scheduler = Scheduler(
-            world_size, layout, config.sliding_window, token_budget=token_budget,
+            world_size,
+            layout,
+            config.sliding_window,
+            token_budget=token_budget,
             max_seqs=max_seqs,
-        )  # fmt: skip
+        )
         self.requests: dict[str, Seq] = {}
         self.stats = EngineStats()
         self._arrivals = 0

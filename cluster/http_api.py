@@ -40,8 +40,9 @@ class ApiError(Exception):
         kind = {401: "authentication_error", 404: "not_found_error"}.get(
             self.status, "invalid_request_error" if self.status < 500 else "server_error"
         )
-        return {"error": {"message": self.message, "type": kind, "param": self.param,
-                          "code": self.code}}  # fmt: skip
+        return {
+            "error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}
+        }
 
 
 class ClientGone(Exception):
@@ -123,8 +124,12 @@ class ApiServer:
         if model is None:
             return
         if model not in (self.model_id, self.coordinator.model_path):
-            raise ApiError(404, f"the model {model!r} does not exist; this server has "
-                                f"{self.model_id!r}", "model_not_found", "model")  # fmt: skip
+            raise ApiError(
+                404,
+                f"the model {model!r} does not exist; this server has {self.model_id!r}",
+                "model_not_found",
+                "model",
+            )
 
     # -- metrics -------------------------------------------------------------------------
     def metrics(self) -> str:
@@ -140,28 +145,37 @@ class ApiServer:
         layout = self.coordinator.layout
         load = self.coordinator.expert_load()
         lines = [
-            "# TYPE gptoss_requests_total counter", f"gptoss_requests_total {requests}",
+            "# TYPE gptoss_requests_total counter",
+            f"gptoss_requests_total {requests}",
             "# TYPE gptoss_http_requests_total counter",
             f"gptoss_http_requests_total {self.http_requests}",
-            "# TYPE gptoss_http_errors_total counter", f"gptoss_http_errors_total {self.http_errors}",
+            "# TYPE gptoss_http_errors_total counter",
+            f"gptoss_http_errors_total {self.http_errors}",
             "# TYPE gptoss_generated_tokens_total counter",
             f"gptoss_generated_tokens_total {generated}",
-            "# TYPE gptoss_prefill_tokens_total counter", f"gptoss_prefill_tokens_total {prefill}",
-            "# TYPE gptoss_preemptions_total counter", f"gptoss_preemptions_total {preempted}",
-            "# TYPE gptoss_queue_depth gauge", f"gptoss_queue_depth {waiting}",
-            "# TYPE gptoss_running_sequences gauge", f"gptoss_running_sequences {running}",
-            "# TYPE gptoss_steps_total counter", f"gptoss_steps_total {steps}",
+            "# TYPE gptoss_prefill_tokens_total counter",
+            f"gptoss_prefill_tokens_total {prefill}",
+            "# TYPE gptoss_preemptions_total counter",
+            f"gptoss_preemptions_total {preempted}",
+            "# TYPE gptoss_queue_depth gauge",
+            f"gptoss_queue_depth {waiting}",
+            "# TYPE gptoss_running_sequences gauge",
+            f"gptoss_running_sequences {running}",
+            "# TYPE gptoss_steps_total counter",
+            f"gptoss_steps_total {steps}",
             "# TYPE gptoss_step_seconds_total counter",
             f"gptoss_step_seconds_total {seconds.get('step', 0.0):.6f}",
             "# TYPE gptoss_phase_seconds_total counter",
-        ]  # fmt: skip
+        ]
         for phase, sec in sorted(seconds.items()):
             if phase != "step":
                 lines.append(f'gptoss_phase_seconds_total{{phase="{phase}"}} {sec:.6f}')
         lines.append("# TYPE gptoss_kv_blocks_used_ratio gauge")
         for shard, (full, sliding) in enumerate(free):
-            for kind, n_free, total in (("full", full, layout.full_blocks),
-                                        ("sliding", sliding, layout.sliding_blocks)):  # fmt: skip
+            for kind, n_free, total in (
+                ("full", full, layout.full_blocks),
+                ("sliding", sliding, layout.sliding_blocks),
+            ):
                 used = 1 - n_free / total if total else 0.0
                 lines.append(
                     f'gptoss_kv_blocks_used_ratio{{shard="{shard}",kind="{kind}"}} {used:.4f}'
@@ -212,8 +226,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.api.http_requests += 1
         try:
             if not self._authorized():
-                raise ApiError(401, "missing or wrong API key (Authorization: Bearer KEY)",
-                               "invalid_api_key")  # fmt: skip
+                raise ApiError(
+                    401, "missing or wrong API key (Authorization: Bearer KEY)", "invalid_api_key"
+                )
             path = self.path.split("?")[0].rstrip("/")
             route = ROUTES.get((method, path))
             if route is None:
@@ -243,9 +258,20 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(200, {"status": "ok"})
 
     def route_models(self) -> None:
-        self._send_json(200, {"object": "list", "data": [{
-            "id": self.api.model_id, "object": "model", "created": self.api.started,
-            "owned_by": "gptoss-ray"}]})  # fmt: skip
+        self._send_json(
+            200,
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": self.api.model_id,
+                        "object": "model",
+                        "created": self.api.started,
+                        "owned_by": "gptoss-ray",
+                    }
+                ],
+            },
+        )
 
     def route_metrics(self) -> None:
         data = self.api.metrics().encode()
@@ -276,13 +302,23 @@ class _Handler(BaseHTTPRequestHandler):
             self._stream_chat(rid, include_usage)
             return
         reply = self._wait_reply(rid)
-        self._send_json(200, {
-            "id": f"chatcmpl-{rid[:24]}", "object": "chat.completion",
-            "created": int(time.time()), "model": self.api.model_id,
-            "choices": [{"index": 0, "message": reply["message"],
-                         "finish_reason": reply["finish_reason"]}],
-            "usage": reply["usage"],
-        })  # fmt: skip
+        self._send_json(
+            200,
+            {
+                "id": f"chatcmpl-{rid[:24]}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": self.api.model_id,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": reply["message"],
+                        "finish_reason": reply["finish_reason"],
+                    }
+                ],
+                "usage": reply["usage"],
+            },
+        )
 
     def route_responses(self) -> None:
         body = self._read_json()
@@ -295,8 +331,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._stream_responses(rid)
             return
         reply = self._wait_reply(rid)
-        self._send_json(200, response_object(reply, self.api.model_id,
-                                             response_id=f"resp_{rid}"))  # fmt: skip
+        self._send_json(200, response_object(reply, self.api.model_id, response_id=f"resp_{rid}"))
 
     # -- waiting and streaming -------------------------------------------------------------
     def _client_gone(self) -> bool:
@@ -353,8 +388,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def _stream_chat(self, rid: str, include_usage: bool) -> None:
-        base = {"id": f"chatcmpl-{rid[:24]}", "object": "chat.completion.chunk",
-                "created": int(time.time()), "model": self.api.model_id}  # fmt: skip
+        base = {
+            "id": f"chatcmpl-{rid[:24]}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": self.api.model_id,
+        }
 
         def chunk(delta: dict[str, Any], finish: str | None = None) -> None:
             self._event(
@@ -388,8 +427,18 @@ class _Handler(BaseHTTPRequestHandler):
             chunk({"content": ev[1]})
         elif kind == "call":
             _, index, call_id, name = ev
-            chunk({"tool_calls": [{"index": index, "id": call_id, "type": "function",
-                                   "function": {"name": name, "arguments": ""}}]})  # fmt: skip
+            chunk(
+                {
+                    "tool_calls": [
+                        {
+                            "index": index,
+                            "id": call_id,
+                            "type": "function",
+                            "function": {"name": name, "arguments": ""},
+                        }
+                    ]
+                }
+            )
         elif kind == "args":
             chunk({"tool_calls": [{"index": ev[1], "function": {"arguments": ev[2]}}]})
 
@@ -401,9 +450,17 @@ class _Handler(BaseHTTPRequestHandler):
         def send(kind: str, **fields: Any) -> None:
             self._event({"type": kind, "sequence_number": next(seq), **fields}, event=kind)
 
-        shell = {"id": response_id, "object": "response", "created_at": int(time.time()),
-                 "status": "in_progress", "model": model, "output": [],
-                 "parallel_tool_calls": True, "tool_choice": "auto", "tools": []}  # fmt: skip
+        shell = {
+            "id": response_id,
+            "object": "response",
+            "created_at": int(time.time()),
+            "status": "in_progress",
+            "model": model,
+            "output": [],
+            "parallel_tool_calls": True,
+            "tool_choice": "auto",
+            "tools": [],
+        }
         self._start_events()
         send("response.created", response=shell)
         stream = ReplyStream()
@@ -416,31 +473,50 @@ class _Handler(BaseHTTPRequestHandler):
             send("response.output_item.added", output_index=len(items) - 1, item=item)
             if item["type"] in ("message", "reasoning"):
                 part_type = "output_text" if item["type"] == "message" else "reasoning_text"
-                send("response.content_part.added", item_id=item["id"],
-                     output_index=len(items) - 1, content_index=0,
-                     part={"type": part_type, "text": ""})  # fmt: skip
+                send(
+                    "response.content_part.added",
+                    item_id=item["id"],
+                    output_index=len(items) - 1,
+                    content_index=0,
+                    part={"type": part_type, "text": ""},
+                )
 
         def handle(ev: tuple) -> None:
             kind = ev[0]
             if kind in ("reasoning", "content"):
                 if not items or items[-1].get("_open") != kind:
-                    item = (reasoning_item("") if kind == "reasoning"
-                            else message_item("", status="in_progress"))  # fmt: skip
+                    item = (
+                        reasoning_item("")
+                        if kind == "reasoning"
+                        else message_item("", status="in_progress")
+                    )
                     item["_open"] = kind
                     open_item(item)
                 texts[-1] += ev[1]
-                name = ("response.reasoning_text.delta" if kind == "reasoning"
-                        else "response.output_text.delta")  # fmt: skip
-                send(name, item_id=items[-1]["id"], output_index=len(items) - 1,
-                     content_index=0, delta=ev[1])  # fmt: skip
+                name = (
+                    "response.reasoning_text.delta"
+                    if kind == "reasoning"
+                    else "response.output_text.delta"
+                )
+                send(
+                    name,
+                    item_id=items[-1]["id"],
+                    output_index=len(items) - 1,
+                    content_index=0,
+                    delta=ev[1],
+                )
             elif kind == "call":
                 item = function_call_item(ev[2], ev[3], "", status="in_progress")
                 item["_open"] = "call"
                 open_item(item)
             elif kind == "args":
                 texts[-1] += ev[2]
-                send("response.function_call_arguments.delta", item_id=items[-1]["id"],
-                     output_index=len(items) - 1, delta=ev[2])  # fmt: skip
+                send(
+                    "response.function_call_arguments.delta",
+                    item_id=items[-1]["id"],
+                    output_index=len(items) - 1,
+                    delta=ev[2],
+                )
             elif kind == "end" and items and items[-1].get("_open"):
                 close_item()
 
@@ -449,20 +525,32 @@ class _Handler(BaseHTTPRequestHandler):
             kind = item.pop("_open")
             if kind == "call":
                 item.update(arguments=text, status="completed")
-                send("response.function_call_arguments.done", item_id=item["id"],
-                     output_index=index, arguments=text)  # fmt: skip
+                send(
+                    "response.function_call_arguments.done",
+                    item_id=item["id"],
+                    output_index=index,
+                    arguments=text,
+                )
             else:
                 part_type = "output_text" if kind == "content" else "reasoning_text"
-                done = ("response.output_text.done" if kind == "content"
-                        else "response.reasoning_text.done")  # fmt: skip
+                done = (
+                    "response.output_text.done"
+                    if kind == "content"
+                    else "response.reasoning_text.done"
+                )
                 send(done, item_id=item["id"], output_index=index, content_index=0, text=text)
                 part = {"type": part_type, "text": text}
                 if kind == "content":
                     part["annotations"] = []
                     item["status"] = "completed"
                 item["content"] = [part]
-                send("response.content_part.done", item_id=item["id"], output_index=index,
-                     content_index=0, part=part)  # fmt: skip
+                send(
+                    "response.content_part.done",
+                    item_id=item["id"],
+                    output_index=index,
+                    content_index=0,
+                    part=part,
+                )
             send("response.output_item.done", output_index=index, item=item)
 
         try:

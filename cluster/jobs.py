@@ -122,9 +122,11 @@ class BatchJob:
                         raise
                     message = str(cause)
                     self._record(
-                        error_record(line.custom_id, {"code": "invalid_request",
-                                                      "message": message, "line": line.line})
-                    )  # fmt: skip
+                        error_record(
+                            line.custom_id,
+                            {"code": "invalid_request", "message": message, "line": line.line},
+                        )
+                    )
                     continue
                 in_flight[coordinator.wait_chat.remote(rid)] = (line, rid)
             if not in_flight:

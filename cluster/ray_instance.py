@@ -40,9 +40,12 @@ class EngineNotFound(RuntimeError):
 
 def _init(address: str | None, **kwargs: Any) -> None:
     ray.init(
-        address=address, namespace=NAMESPACE, log_to_driver=False, configure_logging=False,
+        address=address,
+        namespace=NAMESPACE,
+        log_to_driver=False,
+        configure_logging=False,
         **kwargs,
-    )  # fmt: skip
+    )
 
 
 def connect(address: str | None = "auto") -> None:
@@ -99,9 +102,11 @@ def start_private(num_cpus: int) -> None:
     """A local Ray instance for this process alone (Ray's address 'local': a new one even
     where another runs), gone when this process calls ray.shutdown() or exits."""
     _init(
-        "local", num_cpus=max(os.cpu_count() or 1, num_cpus),
-        object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False,
-    )  # fmt: skip
+        "local",
+        num_cpus=max(os.cpu_count() or 1, num_cpus),
+        object_store_memory=OBJECT_STORE_BYTES,
+        include_dashboard=False,
+    )
 
 
 def _resolve(address: str) -> str | None:
@@ -164,15 +169,26 @@ def start_head(num_cpus: int) -> dict[str, Any]:
     log = _head_file().with_suffix(".log")
     log.parent.mkdir(parents=True, exist_ok=True)
     cmd = [
-        sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
-        f"--port={port}", f"--num-cpus={num_cpus}", "--include-dashboard=false",
-        "--disable-usage-stats", f"--object-store-memory={OBJECT_STORE_BYTES}",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "ray.scripts.scripts",
+        "start",
+        "--head",
+        "--block",
+        f"--port={port}",
+        f"--num-cpus={num_cpus}",
+        "--include-dashboard=false",
+        "--disable-usage-stats",
+        f"--object-store-memory={OBJECT_STORE_BYTES}",
+    ]
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             start_new_session=True,  # a Ctrl-C in this terminal must not end the instance
-        )  # fmt: skip
+        )
     deadline = time.monotonic() + HEAD_START_TIMEOUT_S
     while not _started(log):
         if proc.poll() is not None or time.monotonic() > deadline:

@@ -34,8 +34,9 @@ def responses_to_chat(body: dict[str, Any]) -> dict[str, Any]:
             role = item.get("role")
             text = _text(item.get("content"), f"input[{i}].content")
             if role == "assistant":
-                messages.append({"role": "assistant", "content": text,
-                                 "reasoning_content": reasoning})  # fmt: skip
+                messages.append(
+                    {"role": "assistant", "content": text, "reasoning_content": reasoning}
+                )
                 reasoning = None
             else:
                 messages.append({"role": role, "content": text})
@@ -43,19 +44,33 @@ def responses_to_chat(body: dict[str, Any]) -> dict[str, Any]:
             parts = item.get("content") or item.get("summary") or []
             reasoning = "".join(p.get("text", "") for p in parts if isinstance(p, dict))
         elif kind == "function_call":
-            call = {"id": item.get("call_id") or item.get("id"), "type": "function",
-                    "function": {"name": item.get("name"), "arguments": item.get("arguments", "")}}  # fmt: skip
+            call = {
+                "id": item.get("call_id") or item.get("id"),
+                "type": "function",
+                "function": {"name": item.get("name"), "arguments": item.get("arguments", "")},
+            }
             last = messages[-1] if messages else None
             if last and last["role"] == "assistant" and "tool_calls" in last:
                 last["tool_calls"].append(call)
             else:
-                messages.append({"role": "assistant", "content": None, "tool_calls": [call],
-                                 "reasoning_content": reasoning})  # fmt: skip
+                messages.append(
+                    {
+                        "role": "assistant",
+                        "content": None,
+                        "tool_calls": [call],
+                        "reasoning_content": reasoning,
+                    }
+                )
                 reasoning = None
         elif kind == "function_call_output":
             output = item.get("output")
-            messages.append({"role": "tool", "tool_call_id": item.get("call_id"),
-                             "content": output if isinstance(output, str) else str(output)})  # fmt: skip
+            messages.append(
+                {
+                    "role": "tool",
+                    "tool_call_id": item.get("call_id"),
+                    "content": output if isinstance(output, str) else str(output),
+                }
+            )
         else:
             raise HarmonyError(f"input[{i}].type: {kind!r} is not supported")
     chat: dict[str, Any] = {"messages": messages}
@@ -89,8 +104,10 @@ def _text(content: Any, where: str) -> str:
         out = []
         for j, part in enumerate(content):
             if not isinstance(part, dict) or part.get("type") not in (
-                "input_text", "output_text", "text"
-            ):  # fmt: skip
+                "input_text",
+                "output_text",
+                "text",
+            ):
                 raise HarmonyError(f"{where}[{j}]: only text parts are supported")
             out.append(part.get("text", ""))
         return "".join(out)
@@ -108,8 +125,9 @@ def response_object(
     if message.get("content"):
         output.append(message_item(message["content"]))
     for call in message.get("tool_calls") or []:
-        output.append(function_call_item(call["id"], call["function"]["name"],
-                                         call["function"]["arguments"]))  # fmt: skip
+        output.append(
+            function_call_item(call["id"], call["function"]["name"], call["function"]["arguments"])
+        )
     usage = reply["usage"]
     incomplete = reply["finish_reason"] == "length"
     return {
@@ -134,20 +152,34 @@ def response_object(
 
 
 def reasoning_item(text: str, item_id: str | None = None) -> dict[str, Any]:
-    return {"type": "reasoning", "id": item_id or f"rs_{uuid.uuid4().hex}", "summary": [],
-            "content": [{"type": "reasoning_text", "text": text}]}  # fmt: skip
+    return {
+        "type": "reasoning",
+        "id": item_id or f"rs_{uuid.uuid4().hex}",
+        "summary": [],
+        "content": [{"type": "reasoning_text", "text": text}],
+    }
 
 
 def message_item(
     text: str, item_id: str | None = None, status: str = "completed"
 ) -> dict[str, Any]:
-    return {"type": "message", "id": item_id or f"msg_{uuid.uuid4().hex}", "role": "assistant",
-            "status": status,
-            "content": [{"type": "output_text", "text": text, "annotations": []}]}  # fmt: skip
+    return {
+        "type": "message",
+        "id": item_id or f"msg_{uuid.uuid4().hex}",
+        "role": "assistant",
+        "status": status,
+        "content": [{"type": "output_text", "text": text, "annotations": []}],
+    }
 
 
 def function_call_item(
     call_id: str, name: str, arguments: str, item_id: str | None = None, status: str = "completed"
 ) -> dict[str, Any]:
-    return {"type": "function_call", "id": item_id or f"fc_{uuid.uuid4().hex}",
-            "call_id": call_id, "name": name, "arguments": arguments, "status": status}  # fmt: skip
+    return {
+        "type": "function_call",
+        "id": item_id or f"fc_{uuid.uuid4().hex}",
+        "call_id": call_id,
+        "name": name,
+        "arguments": arguments,
+        "status": status,
+    }

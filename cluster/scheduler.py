@@ -132,9 +132,10 @@ class Scheduler:
         while self.waiting:
             seq = self.waiting[0]
             candidates = [
-                r for r, s in enumerate(self.shards)
+                r
+                for r, s in enumerate(self.shards)
                 if budgets[r] > 0 and len(s.running) < self.max_seqs
-            ]  # fmt: skip
+            ]
             if not candidates:
                 break
             rank = max(candidates, key=lambda r: (self.shards[r].free_full, -r))

@@ -31,9 +31,13 @@ def serve(
     except ValueError:
         pass
     actor = ray.remote(Coordinator).options(
-        name=name, namespace=NAMESPACE, lifetime="detached", max_concurrency=256, num_cpus=0,
+        name=name,
+        namespace=NAMESPACE,
+        lifetime="detached",
+        max_concurrency=256,
+        num_cpus=0,
         scheduling_strategy=here(),
-    )  # fmt: skip
+    )
     coordinator = actor.remote(model, shards, **options)
     try:
         return ray.get(coordinator.info.remote())

@@ -413,8 +413,9 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
         elif leaf.endswith("_scales"):
             cols = t.shape[-1] * mxfp4.BLOCK
             exponent = round(math.log2(cols**-0.5 / code_rms)) + 127
-            t.copy_(torch.randint(exponent - 1, exponent + 1, t.shape, generator=g,
-                                  device=t.device))  # fmt: skip
+            t.copy_(
+                torch.randint(exponent - 1, exponent + 1, t.shape, generator=g, device=t.device)
+            )
         elif leaf == "scale":
             t.normal_(1.0, 0.1, generator=g)
         elif leaf == "sinks":

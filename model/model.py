@@ -210,11 +210,13 @@ class ExpertSlice(nn.Module):
             from gptoss_ray.model.kernels.mxfp4_matmul import moe_mxfp4
 
             return moe_mxfp4(
-                x, experts - self.lo,
+                x,
+                experts - self.lo,
                 (self.mlp1_blocks, self.mlp1_scales, self.mlp1_bias),
                 (self.mlp2_blocks, self.mlp2_scales, self.mlp2_bias),
-                alpha=self.alpha, limit=self.limit,
-            )  # fmt: skip
+                alpha=self.alpha,
+                limit=self.limit,
+            )
         out = torch.empty_like(x)
         for expert in torch.unique(experts).tolist():
             rows = (experts == expert).nonzero(as_tuple=True)[0]
@@ -315,9 +317,10 @@ class Transformer(nn.Module):
         # weights come from a checkpoint or randomize_, never from init; and an Embedding's
         # own init (normal_) on the meta device imports torch's reference ops: 2 s a process
         self.embedding = nn.Embedding(
-            config.vocab_size, config.hidden_size,
+            config.vocab_size,
+            config.hidden_size,
             _weight=torch.empty(config.vocab_size, config.hidden_size, dtype=dtype),
-        )  # fmt: skip
+        )
         self.block = nn.ModuleList(
             TransformerBlock(config, i, dtype, self.expert_range)
             for i in range(config.num_hidden_layers)

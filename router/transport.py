@@ -52,9 +52,11 @@ class DistributedTransport:
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
-        self.device = torch.device("cuda", torch.cuda.current_device()) if (
-            dist.get_backend(group) == "nccl"
-        ) else torch.device("cpu")  # fmt: skip
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if (dist.get_backend(group) == "nccl")
+            else torch.device("cpu")
+        )
 
     def exchange_counts(self, send_counts: list[int]) -> list[int]:
         send = torch.tensor(send_counts, dtype=torch.long, device=self.device)
@@ -68,7 +70,10 @@ class DistributedTransport:
         rows = rows.contiguous()
         out = torch.empty((sum(recv_counts), *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
         self._dist.all_to_all_single(
-            out, rows, output_split_sizes=recv_counts, input_split_sizes=send_counts,
+            out,
+            rows,
+            output_split_sizes=recv_counts,
+            input_split_sizes=send_counts,
             group=self.group,
-        )  # fmt: skip
+        )
         return out

@@ -94,9 +94,11 @@ class Shard:
         # rows each local expert has received, per layer, since the shard started; kept
         # on the device so that counting costs no synchronisation in the step
         self.expert_load = torch.zeros(
-            self.config.num_hidden_layers, self.config.num_experts, dtype=torch.long,
+            self.config.num_hidden_layers,
+            self.config.num_experts,
+            dtype=torch.long,
             device=self.device,
-        )  # fmt: skip
+        )
         if decode_graphs is None:
             decode_graphs = self.device.type == "cuda" and kernels and world_size == 1
         if decode_graphs and world_size > 1:
@@ -132,8 +134,11 @@ class Shard:
                 logits = self.graphs.run(caches, [w.tokens[0] for w in work])
             except GraphCaptureError as exc:
                 # keys the warm-up wrote are the ones the eager step writes again
-                print(f"shard {self.rank}: {exc} failed ({exc.__cause__!r}); decoding "
-                      "without CUDA graphs from now on", flush=True)  # fmt: skip
+                print(
+                    f"shard {self.rank}: {exc} failed ({exc.__cause__!r}); decoding "
+                    "without CUDA graphs from now on",
+                    flush=True,
+                )
                 self.graphs = None
         if logits is not None:
             if len(sampled) < len(work):

@@ -52,9 +52,12 @@ class ShardWorker:
                 dist.destroy_process_group()
         backend = "nccl" if self.device.startswith("cuda") else "gloo"
         dist.init_process_group(
-            backend, init_method=f"tcp://{host}:{port}", rank=self.rank,
-            world_size=self.world_size, timeout=datetime.timedelta(seconds=timeout_s),
-        )  # fmt: skip
+            backend,
+            init_method=f"tcp://{host}:{port}",
+            rank=self.rank,
+            world_size=self.world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
 
     def ping(self) -> str:
         import ray
@@ -75,16 +78,25 @@ class ShardWorker:
         import ray
 
         shard = self.shard
-        out = {"rank": self.rank, "node": ray.get_runtime_context().get_node_id(),
-               "node_ip": ray.util.get_node_ip_address(), "device": self.device, "pid": os.getpid()}  # fmt: skip
+        out = {
+            "rank": self.rank,
+            "node": ray.get_runtime_context().get_node_id(),
+            "node_ip": ray.util.get_node_ip_address(),
+            "device": self.device,
+            "pid": os.getpid(),
+        }
         if shard is not None:
             full, sliding = shard.kv.free_blocks()
             layout = shard.kv.layout
-            out |= {"experts": list(shard.experts), "sequences": len(shard.kv.tables),
-                    "kv_free_blocks": {"full": full, "sliding": sliding},
-                    "kv_total_blocks": {"full": layout.full_blocks, "sliding": layout.sliding_blocks},
-                    "weight_bytes": sum(t.numel() * t.element_size()
-                                        for t in shard.model.state_dict().values())}  # fmt: skip
+            out |= {
+                "experts": list(shard.experts),
+                "sequences": len(shard.kv.tables),
+                "kv_free_blocks": {"full": full, "sliding": sliding},
+                "kv_total_blocks": {"full": layout.full_blocks, "sliding": layout.sliding_blocks},
+                "weight_bytes": sum(
+                    t.numel() * t.element_size() for t in shard.model.state_dict().values()
+                ),
+            }
             if self.device.startswith("cuda"):
                 out["cuda_memory_allocated"] = torch.cuda.memory_allocated()
         return out
@@ -99,10 +111,16 @@ class ShardWorker:
     ) -> tuple[int, int]:
         transport = DistributedTransport() if self.world_size > 1 else LocalTransport()
         self.shard = Shard(
-            model, rank=self.rank, world_size=self.world_size, transport=transport,
-            dtype=getattr(torch, dtype), device=self.device, kv_layout=layout, kernels=kernels,
+            model,
+            rank=self.rank,
+            world_size=self.world_size,
+            transport=transport,
+            dtype=getattr(torch, dtype),
+            device=self.device,
+            kv_layout=layout,
+            kernels=kernels,
             decode_graphs=decode_graphs,
-        )  # fmt: skip
+        )
         return self.shard.experts
 
     def step(self, plan: StepPlan) -> StepResult:

@@ -7,10 +7,29 @@ from hypothesis import strategies as st
 # Text that stresses the tokenizer and the renderer: unicode, whitespace runs, CRLF,
 # special-token spellings as plain text, TypeScript-ish punctuation.
 FRAGMENTS = [
-    "<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|constrain|>", "to=", "\r\n",
-    "\n\n", "  ", "\t", "json", "functions.", "final", "analysis", "{", "}", "//", "é", "🎉",
-    "中文", "\u2028", "\x0b",
-]  # fmt: skip
+    "<|start|>",
+    "<|channel|>",
+    "<|message|>",
+    "<|end|>",
+    "<|constrain|>",
+    "to=",
+    "\r\n",
+    "\n\n",
+    "  ",
+    "\t",
+    "json",
+    "functions.",
+    "final",
+    "analysis",
+    "{",
+    "}",
+    "//",
+    "é",
+    "🎉",
+    "中文",
+    "\u2028",
+    "\x0b",
+]
 text = st.one_of(
     st.text(max_size=30),
     st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.text(max_size=6)), max_size=6).map("".join),
@@ -172,9 +191,12 @@ def turn(draw):
     if kind == "call":
         recipient = draw(st.sampled_from([fn, fn, "all", "browser.search"]))
         return _message(
-            "assistant", body, channel="commentary", recipient=recipient,
+            "assistant",
+            body,
+            channel="commentary",
+            recipient=recipient,
             content_type=draw(content_type),
-        )  # fmt: skip
+        )
     return _message("tool", body, name=fn, channel="commentary", recipient="assistant")
 
 
@@ -202,8 +224,11 @@ def assistant_messages(draw):
         else:
             out.append(
                 _message(
-                    "assistant", m["content"], channel="commentary",
-                    recipient="functions." + draw(word), content_type=draw(content_type),
+                    "assistant",
+                    m["content"],
+                    channel="commentary",
+                    recipient="functions." + draw(word),
+                    content_type=draw(content_type),
                 )
-            )  # fmt: skip
+            )
     return out

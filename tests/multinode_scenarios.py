@@ -58,8 +58,9 @@ def remove() -> dict:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     workers = [cluster.add_node(num_cpus=3, num_gpus=2) for _ in range(2)]
     ray.init(address=cluster.address, log_to_driver=False)
-    engine = Engine.start("gpt-oss-tiny", shards=2, coordinator_node=cluster.head_node.node_id,
-                          **OPTIONS)  # fmt: skip
+    engine = Engine.start(
+        "gpt-oss-tiny", shards=2, coordinator_node=cluster.head_node.node_id, **OPTIONS
+    )
     try:
         before = shard_nodes(engine)
         victim = next(n for n in workers if n.node_id == before[0])
@@ -80,16 +81,26 @@ def remove() -> dict:
         engine.shutdown()
         ray.shutdown()
         cluster.shutdown()
-    return {"before": before, "after": after, "victim": victim.node_id, "same_tokens": same,
-            "recoveries": recoveries}  # fmt: skip
+    return {
+        "before": before,
+        "after": after,
+        "victim": victim.node_id,
+        "same_tokens": same,
+        "recoveries": recoveries,
+    }
 
 
 def no_spare() -> dict:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
     node = cluster.add_node(num_cpus=3, num_gpus=2)
     ray.init(address=cluster.address, log_to_driver=False)
-    engine = Engine.start("gpt-oss-tiny", shards=2, recovery_timeout=8,
-                          coordinator_node=cluster.head_node.node_id, **OPTIONS)  # fmt: skip
+    engine = Engine.start(
+        "gpt-oss-tiny",
+        shards=2,
+        recovery_timeout=8,
+        coordinator_node=cluster.head_node.node_id,
+        **OPTIONS,
+    )
     start = time.monotonic()
     error = None
     try:
@@ -117,8 +128,11 @@ def autoscaler() -> dict:
     """On a running fake multi-node cluster (`RAY_FAKE_CLUSTER=1 ray start --head
     --autoscaling-config=...`) whose autoscaler brought up GPU nodes."""
     ray.init(address="auto", log_to_driver=False)
-    head = next(n["NodeID"] for n in ray.nodes()
-                if n["Alive"] and "node:__internal_head__" in n["Resources"])  # fmt: skip
+    head = next(
+        n["NodeID"]
+        for n in ray.nodes()
+        if n["Alive"] and "node:__internal_head__" in n["Resources"]
+    )
     try:
         return spread_and_compare(head)
     finally:

@@ -24,17 +24,41 @@ def line(custom_id="a", url="/v1/chat/completions", body=None):
 
 def test_every_bad_line_becomes_an_error_that_says_why(tmp_path):
     src = tmp_path / "in.jsonl"
-    src.write_text("\n".join([
-        line("a"), "{not json", json.dumps({"url": "/v1/chat/completions", "body": {}}),
-        line("a"), line("e", url="/v1/embeddings"), line("b", body=[1]), "", line("c"),
-    ]) + "\n")  # fmt: skip
+    src.write_text(
+        "\n".join(
+            [
+                line("a"),
+                "{not json",
+                json.dumps({"url": "/v1/chat/completions", "body": {}}),
+                line("a"),
+                line("e", url="/v1/embeddings"),
+                line("b", body=[1]),
+                "",
+                line("c"),
+            ]
+        )
+        + "\n"
+    )
     lines = read_input(src)
     assert [(entry.line, entry.custom_id) for entry in lines] == [
-        (1, "a"), (2, None), (3, None), (4, None), (5, "e"), (6, "b"), (8, "c"),
-    ]  # fmt: skip
+        (1, "a"),
+        (2, None),
+        (3, None),
+        (4, None),
+        (5, "e"),
+        (6, "b"),
+        (8, "c"),
+    ]
     codes = [entry.error and entry.error["code"] for entry in lines]
-    assert codes == [None, "invalid_json", "missing_custom_id", "duplicate_custom_id",
-                     "invalid_url", "invalid_request", None]  # fmt: skip
+    assert codes == [
+        None,
+        "invalid_json",
+        "missing_custom_id",
+        "duplicate_custom_id",
+        "invalid_url",
+        "invalid_request",
+        None,
+    ]
     assert "custom_id 'a' appears on an earlier line" in lines[3].error["message"]
     assert "'/v1/embeddings' is not supported" in lines[4].error["message"]
 

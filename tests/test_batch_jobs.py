@@ -30,10 +30,13 @@ def engine(ray_session):
 
 
 def request_line(i: int, **body) -> dict:
-    body = {"messages": [{"role": "user", "content": f"Question number {i % 17}?"}],
-            "max_tokens": 4, "temperature": 0, **body}  # fmt: skip
-    return {"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions",
-            "body": body}  # fmt: skip
+    body = {
+        "messages": [{"role": "user", "content": f"Question number {i % 17}?"}],
+        "max_tokens": 4,
+        "temperature": 0,
+        **body,
+    }
+    return {"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}
 
 
 def write_jsonl(path, items) -> None:
@@ -64,8 +67,13 @@ def test_a_job_of_200_lines_with_bad_ones(engine, tmp_path):
     failed = [r for r in records if r["error"] is not None]
     assert set(ok) == {f"req-{i}" for i in range(200)}
     codes = collections.Counter(r["error"]["code"] for r in failed)
-    assert codes == {"invalid_json": 1, "missing_custom_id": 1, "duplicate_custom_id": 1,
-                     "invalid_url": 1, "invalid_request": 3}  # fmt: skip
+    assert codes == {
+        "invalid_json": 1,
+        "missing_custom_id": 1,
+        "duplicate_custom_id": 1,
+        "invalid_url": 1,
+        "invalid_request": 3,
+    }
     messages = " | ".join(r["error"]["message"] for r in failed)
     assert "max_tokens: Input should be greater than or equal to 1" in messages
     assert "exceed the context length" in messages and "messages[0].role" in messages
@@ -113,11 +121,29 @@ def test_two_clients_at_once(engine, ray_session, tmp_path):
     for k in range(2):
         src, out = tmp_path / f"in{k}.jsonl", tmp_path / f"out{k}.jsonl"
         write_jsonl(src, [request_line(i + 100 * k) for i in range(30)])
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "gptoss_ray.cluster.cli", "batch", "submit", str(src), "--output",
-             str(out), "--wait", "--address", address, "--name", ENGINE],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
-        ))  # fmt: skip
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "gptoss_ray.cluster.cli",
+                    "batch",
+                    "submit",
+                    str(src),
+                    "--output",
+                    str(out),
+                    "--wait",
+                    "--address",
+                    address,
+                    "--name",
+                    ENGINE,
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=os.environ.copy(),
+            )
+        )
     for k, p in enumerate(procs):
         stdout, stderr = p.communicate(timeout=300)
         assert p.returncode == 0, stderr[-2000:]
@@ -144,10 +170,21 @@ def test_cancel_stops_a_job_and_keeps_what_finished(engine, tmp_path):
 def test_status_command_shows_shards_load_and_jobs(engine, ray_session):
     address = ray_session.get_runtime_context().gcs_address
     r = subprocess.run(
-        [sys.executable, "-m", "gptoss_ray.cluster.cli", "status", "--json", "--address", address,
-         "--name", ENGINE],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "gptoss_ray.cluster.cli",
+            "status",
+            "--json",
+            "--address",
+            address,
+            "--name",
+            ENGINE,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     status = json.loads(r.stdout)
     assert [s["experts"] for s in status["shards_detail"]] == [[0, 8], [8, 16]]

@@ -26,16 +26,21 @@ from gptoss_ray.model.config import ModelConfig
 from gptoss_ray.router.plan import expert_ranges, owner_table
 
 CAL = Calibration(
-    device="synthetic", dtype="bfloat16", kernels=True,
-    dense=[1e-4, 2e-6, 1e-9], experts=[2e-5, 4e-6, 2e-8], head=[1e-4, 1e-6],
-)  # fmt: skip
+    device="synthetic",
+    dtype="bfloat16",
+    kernels=True,
+    dense=[1e-4, 2e-6, 1e-9],
+    experts=[2e-5, 4e-6, 2e-8],
+    head=[1e-4, 1e-6],
+)
 BIG = ModelConfig.preset("gpt-oss-120b")
 SMALL = ModelConfig.preset("gpt-oss-20b")
 
 
 def at(config, gpus, batch, links=None, **kw):
-    return predict(CAL, config, gpus=gpus, batch_per_gpu=batch, context=1024,
-                   links=links or Links(), **kw)  # fmt: skip
+    return predict(
+        CAL, config, gpus=gpus, batch_per_gpu=batch, context=1024, links=links or Links(), **kw
+    )
 
 
 def test_fit_recovers_known_costs_and_never_goes_negative():
@@ -110,8 +115,9 @@ def test_the_transformers_peer_holds_the_same_weights(tmp_path):
     ours = Checkpoint(tmp_path).load(dtype=torch.float32)
     peer = to_transformers(ours, torch.float32)
     ids = torch.randint(0, config.vocab_size, (30,), generator=torch.Generator().manual_seed(0))
-    cache = SequenceKV(config.num_hidden_layers, config.num_key_value_heads, config.head_dim,
-                       dtype=torch.float32)  # fmt: skip
+    cache = SequenceKV(
+        config.num_hidden_layers, config.num_key_value_heads, config.head_dim, dtype=torch.float32
+    )
     mine = ours(ids, SequenceBatch([cache], [30]), all_logits=True)
     with torch.no_grad():
         theirs = peer(ids[None]).logits[0].float()
@@ -131,17 +137,37 @@ def test_decode_bytes_counts_four_experts_and_the_cache():
 def test_bench_fullsize_on_the_built_in_model(tmp_path, capsys):
     from gptoss_ray.benchmarks.cli import main
 
-    main(["--out", str(tmp_path), "fullsize", "--model", "gpt-oss-tiny", "--device", "cpu",
-          "--batches", "1,2", "--prompt-len", "8", "--output-len", "3", "--kernels", "on",
-          "--graphs", "on"])  # fmt: skip
+    main(
+        [
+            "--out",
+            str(tmp_path),
+            "fullsize",
+            "--model",
+            "gpt-oss-tiny",
+            "--device",
+            "cpu",
+            "--batches",
+            "1,2",
+            "--prompt-len",
+            "8",
+            "--output-len",
+            "3",
+            "--kernels",
+            "on",
+            "--graphs",
+            "on",
+        ]
+    )
     out = capsys.readouterr().out
     assert "batch-1 limit" in out and "of limit" in out
     (saved,) = tmp_path.glob("fullsize-*.json")
     data = json.loads(saved.read_text())["results"]
     # batch 1 runs again without the static decode step, beside the one with it
     assert [(r["batch"], r["decode_graphs"]) for r in data["ours"]] == [
-        (1, True), (1, False), (2, True)
-    ]  # fmt: skip
+        (1, True),
+        (1, False),
+        (2, True),
+    ]
     assert [r["batch"] for r in data["transformers"]] == [1, 2]
     assert all(r["tokens_per_s"] > 0 for r in data["ours"] + data["transformers"])
 
@@ -149,21 +175,39 @@ def test_bench_fullsize_on_the_built_in_model(tmp_path, capsys):
 def test_bench_kernels_on_the_built_in_model(tmp_path, capsys):
     from gptoss_ray.benchmarks.cli import main
 
-    main(["--out", str(tmp_path), "kernels", "--model", "gpt-oss-tiny", "--device", "cpu",
-          "--tokens", "1,3", "--variants", "0,1,4", "--batches", "2", "--contexts", "40"])  # fmt: skip
+    main(
+        [
+            "--out",
+            str(tmp_path),
+            "kernels",
+            "--model",
+            "gpt-oss-tiny",
+            "--device",
+            "cpu",
+            "--tokens",
+            "1,3",
+            "--variants",
+            "0,1,4",
+            "--batches",
+            "2",
+            "--contexts",
+            "40",
+        ]
+    )
     out = capsys.readouterr().out
     assert "of floor" in out and "tiles m16 n128 w2" in out and "torch" in out
     (saved,) = tmp_path.glob("kernels-*.json")
     data = json.loads(saved.read_text())["results"]
     assert [(m["tokens"], m["variant"]) for m in data["moe"]] == [
         (t, v) for t in (1, 3) for v in ("default", "rows n64 w2", "tiles m16 n128 w2", "torch")
-    ]  # fmt: skip
+    ]
     # every variant computes the float32 reference, up to the bf16 rounding of its
     # intermediate and output
     assert all(m["rel_error"] < 2e-2 for m in data["moe"])
     assert [(a["context"], a["layer"]) for a in data["attention"]] == [
-        (40, "full"), (40, "window 32")
-    ]  # fmt: skip
+        (40, "full"),
+        (40, "window 32"),
+    ]
     assert all(a["rel_error"] < 1e-2 and a["us"] > 0 for a in data["attention"])
     if importlib.util.find_spec("matplotlib"):  # the bench extra: a PNG beside the JSON
         assert list(tmp_path.glob("kernels-*.png"))
@@ -172,15 +216,47 @@ def test_bench_kernels_on_the_built_in_model(tmp_path, capsys):
 def test_bench_sweep_and_scaling_through_the_engine(ray_session, tmp_path, capsys):
     from gptoss_ray.benchmarks.cli import main
 
-    main(["--out", str(tmp_path), "sweep", "--shards", "1", "--batches", "1,3",
-          "--shapes", "8x4", "--repeats", "1", "--kv-budget-mb", "32"])  # fmt: skip
+    main(
+        [
+            "--out",
+            str(tmp_path),
+            "sweep",
+            "--shards",
+            "1",
+            "--batches",
+            "1,3",
+            "--shapes",
+            "8x4",
+            "--repeats",
+            "1",
+            "--kv-budget-mb",
+            "32",
+        ]
+    )
     (saved,) = tmp_path.glob("sweep-*.json")
     rows = json.loads(saved.read_text())["results"]
     assert [r["batch"] for r in rows] == [1, 3]
     assert all(r["ttft_p50_ms"] > 0 and r["itl_p50_ms"] > 0 for r in rows)
     assert all(0 <= r["overhead_pct"] < 100 for r in rows)
-    main(["--out", str(tmp_path), "scaling", "--shards", "1,2", "--batch", "2",
-          "--prompt-len", "8", "--output-len", "4", "--repeats", "1", "--kv-budget-mb", "32"])  # fmt: skip
+    main(
+        [
+            "--out",
+            str(tmp_path),
+            "scaling",
+            "--shards",
+            "1,2",
+            "--batch",
+            "2",
+            "--prompt-len",
+            "8",
+            "--output-len",
+            "4",
+            "--repeats",
+            "1",
+            "--kv-budget-mb",
+            "32",
+        ]
+    )
     (saved,) = tmp_path.glob("scaling-*.json")
     rows = json.loads(saved.read_text())["results"]
     assert [r["shards"] for r in rows] == [1, 2]
@@ -203,10 +279,23 @@ def test_bench_sass_compiles_every_launch_for_hopper_here(tmp_path):
     at 0.33, 93-95% of an H100's, under Triton 3.6 and 3.9, when this was written)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run(
-        [sys.executable, "-m", "gptoss_ray.benchmarks.cli", "--out", str(tmp_path), "sass",
-         "--tokens", "1,64", "--contexts", "1024"],
-        check=True, env=env, capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "gptoss_ray.benchmarks.cli",
+            "--out",
+            str(tmp_path),
+            "sass",
+            "--tokens",
+            "1,64",
+            "--contexts",
+            "1024",
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     (saved,) = tmp_path.glob("sass-*.json")
     rows = {
         (r["launch"], r["tokens"]): r for r in json.loads(saved.read_text())["results"]["launches"]
@@ -236,8 +325,19 @@ def test_gpu_sh_check_stage_pytest_line_starts_here():
     script = (root / "benchmarks" / "gpu.sh").read_text()
     assert "pytest -q -p no:cacheprovider -m gpu" in script
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu",
-         "tests/test_decode_graphs.py"],
-        cwd=root, capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-m",
+            "gpu",
+            "tests/test_decode_graphs.py",
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]

@@ -63,16 +63,34 @@ def test_original_layout_names_and_config(tmp_path, tensors):
     orig = save_checkpoint(tensors, CONFIG, tmp_path / "o", layout="original")
     names = set(load_file(orig / "model.safetensors"))
     assert {"embedding.weight", "norm.scale", "unembedding.weight"} <= names
-    for leaf in ("attn.qkv.weight", "attn.sinks", "mlp.gate.bias", "mlp.mlp1_weight.blocks",
-                 "mlp.mlp1_weight.scales", "mlp.mlp2_bias"):  # fmt: skip
+    for leaf in (
+        "attn.qkv.weight",
+        "attn.sinks",
+        "mlp.gate.bias",
+        "mlp.mlp1_weight.blocks",
+        "mlp.mlp1_weight.scales",
+        "mlp.mlp2_bias",
+    ):
         assert f"block.0.{leaf}" in names
     cfg = json.loads((orig / "config.json").read_text())
     assert set(cfg) == {
-        "num_hidden_layers", "num_experts", "experts_per_token", "vocab_size", "hidden_size",
-        "intermediate_size", "swiglu_limit", "head_dim", "num_attention_heads",
-        "num_key_value_heads", "sliding_window", "initial_context_length", "rope_theta",
-        "rope_scaling_factor", "rope_ntk_alpha", "rope_ntk_beta",
-    }  # fmt: skip
+        "num_hidden_layers",
+        "num_experts",
+        "experts_per_token",
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "swiglu_limit",
+        "head_dim",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "sliding_window",
+        "initial_context_length",
+        "rope_theta",
+        "rope_scaling_factor",
+        "rope_ntk_alpha",
+        "rope_ntk_beta",
+    }
 
 
 def test_round_trip_through_a_loaded_model(tmp_path, hf_dir):

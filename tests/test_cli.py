@@ -22,8 +22,22 @@ def test_checkpoint_tiny_then_generate_json(tmp_path, layout, capsys):
     assert main(["checkpoint", "tiny", str(out), "--layout", layout, "--seed", "5"]) == 0
     assert (out / "config.json").is_file()
     capsys.readouterr()
-    args = ["generate", "--model", str(out), "--prompt-ids", "5,6,7", "--prompt-ids", "9",
-            "--max-tokens", "6", "--temperature", "0", "--dtype", "float32", "--json"]  # fmt: skip
+    args = [
+        "generate",
+        "--model",
+        str(out),
+        "--prompt-ids",
+        "5,6,7",
+        "--prompt-ids",
+        "9",
+        "--max-tokens",
+        "6",
+        "--temperature",
+        "0",
+        "--dtype",
+        "float32",
+        "--json",
+    ]
     assert main(args) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["index"] for r in lines] == [0, 1]
@@ -57,8 +71,22 @@ def test_errors_are_one_clear_line(tmp_path):
 
 
 def test_generate_on_ray_shards_prints_the_same_json_as_one_process(tmp_path):
-    base = ["generate", "--model", "gpt-oss-tiny", "--prompt-ids", "5,6,7", "--prompt-ids",
-            "9,10", "--max-tokens", "5", "--temperature", "0", "--dtype", "float32", "--json"]  # fmt: skip
+    base = [
+        "generate",
+        "--model",
+        "gpt-oss-tiny",
+        "--prompt-ids",
+        "5,6,7",
+        "--prompt-ids",
+        "9,10",
+        "--max-tokens",
+        "5",
+        "--temperature",
+        "0",
+        "--dtype",
+        "float32",
+        "--json",
+    ]
     single = run_cli(*base)
     sharded = run_cli(*base, "--shards", "2")
     assert single.returncode == 0 and sharded.returncode == 0, sharded.stderr[-2000:]
@@ -68,8 +96,16 @@ def test_generate_on_ray_shards_prints_the_same_json_as_one_process(tmp_path):
 def test_generate_from_chat_messages(tmp_path):
     path = tmp_path / "chat.json"
     path.write_text(json.dumps([{"role": "user", "content": "Hi"}]))
-    r = run_cli("generate", "--model", "gpt-oss-tiny", "--messages", str(path),
-                "--max-tokens", "4", "--json")  # fmt: skip
+    r = run_cli(
+        "generate",
+        "--model",
+        "gpt-oss-tiny",
+        "--messages",
+        str(path),
+        "--max-tokens",
+        "4",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     (record,) = [json.loads(line) for line in r.stdout.splitlines()]
     assert record["usage"]["completion_tokens"] == 4 == len(record["token_ids"])
@@ -84,3 +120,37 @@ def test_demo_runs_on_two_ray_shards_and_says_the_weights_are_random():
     assert r.returncode == 0, r.stderr[-2000:]
     assert "RANDOM weights" in r.stdout and "--model DIR" in r.stdout
     assert "4 conversations, 16 tokens" in r.stdout and "engine shut down" in r.stdout
+
+
+def test_every_help_imports_no_torch():
+    """`--help` of every command and subcommand answers without loading torch, Ray or
+    pydantic (seconds each, for nothing)."""
+    script = """
+import argparse, contextlib, io, sys
+from gptoss_ray.cluster.cli import _parser, main
+from gptoss_ray.benchmarks.cli import build_parser
+
+def paths(parser, prefix):
+    yield prefix
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from paths(sub, [*prefix, name])
+
+commands = list(paths(_parser(), [])) + [["bench", *p] for p in paths(build_parser(), [])]
+for command in commands:
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        try:
+            main([*command, "--help"])
+        except SystemExit:
+            pass
+    assert "usage: gptoss-ray" in out.getvalue(), command
+    heavy = [m for m in ("torch", "ray", "pydantic") if m in sys.modules]
+    assert not heavy, (command, heavy)
+print(len(commands))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert int(done.stdout) >= 25  # every command was asked

@@ -123,10 +123,20 @@ def test_reads_hub_hf_config():
 
 def test_reads_transformers5_rope_parameters_style(tmp_path):
     """transformers 5 writes `rope_parameters` with rope_theta inside it."""
-    hf = GptOssConfig(num_hidden_layers=24, num_local_experts=32, rope_parameters={
-        "rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
-        "truncate": False, "original_max_position_embeddings": 4096, "rope_theta": 150000.0,
-    }, pad_token_id=199999)  # fmt: skip
+    hf = GptOssConfig(
+        num_hidden_layers=24,
+        num_local_experts=32,
+        rope_parameters={
+            "rope_type": "yarn",
+            "factor": 32.0,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "truncate": False,
+            "original_max_position_embeddings": 4096,
+            "rope_theta": 150000.0,
+        },
+        pad_token_id=199999,
+    )
     hf.save_pretrained(tmp_path)
     raw = json.loads((tmp_path / "config.json").read_text())
     assert "rope_parameters" in raw and "rope_scaling" not in raw

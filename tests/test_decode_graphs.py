@@ -25,9 +25,16 @@ pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:Runt
 def make_core(device: str, dtype: torch.dtype, graphs: bool, token_budget: int = 128):
     layout = KVLayout(16, 64, 64)
     shard = Shard(
-        "gpt-oss-tiny", rank=0, world_size=1, transport=LocalTransport(), dtype=dtype,
-        device=device, kv_layout=layout, kernels=True, decode_graphs=graphs,
-    )  # fmt: skip
+        "gpt-oss-tiny",
+        rank=0,
+        world_size=1,
+        transport=LocalTransport(),
+        dtype=dtype,
+        device=device,
+        kv_layout=layout,
+        kernels=True,
+        decode_graphs=graphs,
+    )
     core = EngineCore(
         shard.config, 1, layout, lambda plans: [shard.step(plans[0])], token_budget=token_budget
     )
@@ -53,10 +60,9 @@ def test_static_decode_gives_the_baseline_tokens(monkeypatch):
     assert tuple(core.output(ids[2]).token_ids) == want[6][:4]
     assert 3 in buckets and 2 in buckets  # the early finish shrank the batch
     assert shard.free_blocks() == (64, 64)
-    assert int(shard.expert_load.sum()) == (
-        (5 + 40 + 33 + 9 + 9 + 3) * shard.config.num_hidden_layers
-        * shard.config.experts_per_token
-    )  # fmt: skip  # each token's routing counted once (prefill + decodes)
+    # each token's routing counted once (prefill + decodes)
+    routed = (5 + 40 + 33 + 9 + 9 + 3) * shard.config.num_hidden_layers
+    assert int(shard.expert_load.sum()) == routed * shard.config.experts_per_token
 
 
 def test_a_failed_capture_falls_back_to_eager_steps(monkeypatch, capsys):
@@ -83,8 +89,9 @@ def test_buckets_and_what_fits():
     model = baseline_model()
     model.use_kernels(True)
     try:
-        cache = PagedKVCache(model.config, KVLayout(16, 8, 8), dtype=torch.float32,
-                             device=torch.device("cpu"))  # fmt: skip
+        cache = PagedKVCache(
+            model.config, KVLayout(16, 8, 8), dtype=torch.float32, device=torch.device("cpu")
+        )
         graphs = DecodeGraphs(model, cache, buckets=(1, 2, 4, 8))
         assert [graphs.bucket(n) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
         seqs = [cache.prepare(str(i), 1) for i in range(8)]
@@ -98,11 +105,25 @@ def test_buckets_and_what_fits():
 
 def test_decode_graphs_are_refused_where_they_cannot_work():
     with pytest.raises(ValueError, match="need the Triton kernels"):
-        Shard("gpt-oss-tiny", rank=0, world_size=1, transport=LocalTransport(),
-              dtype=torch.float32, kernels=False, decode_graphs=True)  # fmt: skip
+        Shard(
+            "gpt-oss-tiny",
+            rank=0,
+            world_size=1,
+            transport=LocalTransport(),
+            dtype=torch.float32,
+            kernels=False,
+            decode_graphs=True,
+        )
     with pytest.raises(ValueError, match="need one shard"):
-        Shard("gpt-oss-tiny", rank=0, world_size=2, transport=LocalTransport(),
-              dtype=torch.float32, kernels=True, decode_graphs=True)  # fmt: skip
+        Shard(
+            "gpt-oss-tiny",
+            rank=0,
+            world_size=2,
+            transport=LocalTransport(),
+            dtype=torch.float32,
+            kernels=True,
+            decode_graphs=True,
+        )
 
 
 def test_the_all_local_expert_path_is_the_general_path_bit_for_bit():
@@ -122,8 +143,12 @@ def test_count_rows_is_bincount():
     load = torch.zeros(8, dtype=torch.long)
     count_rows(load, experts)
     count_rows(load, experts[:2])
-    assert load.tolist() == (torch.bincount(experts, minlength=8) + torch.bincount(
-        experts[:2], minlength=8)).tolist()  # fmt: skip
+    assert (
+        load.tolist()
+        == (
+            torch.bincount(experts, minlength=8) + torch.bincount(experts[:2], minlength=8)
+        ).tolist()
+    )
 
 
 def test_batched_sampling_draws_what_each_sampler_draws():

@@ -19,9 +19,14 @@ def make_core(
     layout: KVLayout, token_budget: int = 48, kernels: bool = False
 ) -> tuple[EngineCore, Shard]:
     shard = Shard(
-        "gpt-oss-tiny", rank=0, world_size=1, transport=LocalTransport(),
-        dtype=torch.float32, kv_layout=layout, kernels=kernels,
-    )  # fmt: skip
+        "gpt-oss-tiny",
+        rank=0,
+        world_size=1,
+        transport=LocalTransport(),
+        dtype=torch.float32,
+        kv_layout=layout,
+        kernels=kernels,
+    )
     core = EngineCore(
         shard.config, 1, layout, lambda plans: [shard.step(plans[0])], token_budget=token_budget
     )

@@ -18,8 +18,9 @@ SEEDED = SamplingParams(max_tokens=8, temperature=0.8, top_k=50, seed=11, ignore
 @pytest.fixture(scope="module", params=[(1, False), (2, True), (3, True), (4, False)])
 def engine(request, ray_session):
     shards, compiled = request.param
-    eng = Engine.start("gpt-oss-tiny", shards=shards, dtype="float32", token_budget=64,
-                       compiled_steps=compiled)  # fmt: skip
+    eng = Engine.start(
+        "gpt-oss-tiny", shards=shards, dtype="float32", token_budget=64, compiled_steps=compiled
+    )
     yield eng
     eng.shutdown()
 

@@ -22,11 +22,18 @@ def test_random_shard_kills_during_a_batch(ray_session, tmp_path):
     coordinator = ray.get_actor(NAME, namespace="gptoss-ray")
     try:
         items = [
-            {"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions",
-             "body": {"messages": [{"role": "user", "content": f"Tell me about {i} things."}],
-                      "max_tokens": 5, "temperature": 0}}
+            {
+                "custom_id": f"q{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {
+                    "messages": [{"role": "user", "content": f"Tell me about {i} things."}],
+                    "max_tokens": 5,
+                    "temperature": 0,
+                },
+            }
             for i in range(24)
-        ]  # fmt: skip
+        ]
         src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
         src.write_text("".join(json.dumps(x) + "\n" for x in items))
         rng = random.Random(1234)
@@ -53,8 +60,9 @@ def test_random_shard_kills_during_a_batch(ray_session, tmp_path):
         assert len(status["recoveries"]) == 3
         records = list(job.results())
         assert sorted(r["custom_id"] for r in records) == sorted(x["custom_id"] for x in items)
-        for item, record in zip(items, sorted(records, key=lambda r: int(r["custom_id"][1:])),
-                                strict=True):  # fmt: skip
+        for item, record in zip(
+            items, sorted(records, key=lambda r: int(r["custom_id"][1:])), strict=True
+        ):
             assert record["error"] is None
             expected = expected_reply(item["body"])
             choice = record["response"]["body"]["choices"][0]

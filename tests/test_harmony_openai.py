@@ -71,32 +71,43 @@ def test_chat_request_renders_as_the_harmony_conversation_openai_describes():
         oh.DeveloperContent.new()
         .with_instructions("Be brief.\n\nUse metric.")
         .with_function_tools(
-            [oh.ToolDescription.new("get_weather", "Gets the weather",
-                                    WEATHER["function"]["parameters"])]
+            [
+                oh.ToolDescription.new(
+                    "get_weather", "Gets the weather", WEATHER["function"]["parameters"]
+                )
+            ]
         )
-    )  # fmt: skip
+    )
     A = oh.Role.ASSISTANT
-    conv = oh.Conversation.from_messages([
-        oh.Message.from_role_and_content(oh.Role.SYSTEM, system),
-        oh.Message.from_role_and_content(oh.Role.DEVELOPER, developer),
-        oh.Message.from_role_and_content(oh.Role.USER, "Weather in SF?"),
-        oh.Message.from_role_and_content(A, "Need the tool.").with_channel("analysis"),
-        oh.Message.from_role_and_content(A, "Checking.").with_channel("commentary"),
-        oh.Message.from_role_and_content(A, '{"loc":"SF"}').with_channel("commentary")
-        .with_recipient("functions.get_weather").with_content_type("<|constrain|>json"),
-        oh.Message.from_author_and_content(oh.Author.new(oh.Role.TOOL, "functions.get_weather"),
-                                           '{"t": 20}')
-        .with_channel("commentary").with_recipient("assistant"),
-    ])  # fmt: skip
+    conv = oh.Conversation.from_messages(
+        [
+            oh.Message.from_role_and_content(oh.Role.SYSTEM, system),
+            oh.Message.from_role_and_content(oh.Role.DEVELOPER, developer),
+            oh.Message.from_role_and_content(oh.Role.USER, "Weather in SF?"),
+            oh.Message.from_role_and_content(A, "Need the tool.").with_channel("analysis"),
+            oh.Message.from_role_and_content(A, "Checking.").with_channel("commentary"),
+            oh.Message.from_role_and_content(A, '{"loc":"SF"}')
+            .with_channel("commentary")
+            .with_recipient("functions.get_weather")
+            .with_content_type("<|constrain|>json"),
+            oh.Message.from_author_and_content(
+                oh.Author.new(oh.Role.TOOL, "functions.get_weather"), '{"t": 20}'
+            )
+            .with_channel("commentary")
+            .with_recipient("assistant"),
+        ]
+    )
     assert ours == oracle().render_conversation_for_completion(conv, A)
 
 
 def test_history_final_answers_and_reasoning_drop():
-    req = {"messages": [
-        {"role": "user", "content": "q1"},
-        {"role": "assistant", "content": "a1", "reasoning_content": "r1"},
-        {"role": "user", "content": "q2"},
-    ]}  # fmt: skip
+    req = {
+        "messages": [
+            {"role": "user", "content": "q1"},
+            {"role": "assistant", "content": "a1", "reasoning_content": "r1"},
+            {"role": "user", "content": "q2"},
+        ]
+    }
     text = tok.decode(h.render_for_completion(to_harmony(req)))
     assert "<|start|>assistant<|channel|>final<|message|>a1<|end|>" in text
     assert "r1" not in text  # reasoning of finished turns is dropped
@@ -134,21 +145,32 @@ def test_tool_choice_none_hides_the_tools():
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda r: r["messages"].append({"role": "bot", "content": "x"}),
-         r"messages\[5\]\.role: Input should be 'system'"),
-        (lambda r: r["messages"].append({"role": "tool", "content": "x"}),
-         r"messages\[5\]: a tool message needs a tool_call_id"),
-        (lambda r: r["messages"].append({"role": "tool", "tool_call_id": "nope", "content": "x"}),
-         r"messages\[5\].*tool_call_id='nope'"),
-        (lambda r: r["tools"][0]["function"]["parameters"]["properties"].update(
-            {"n": {"type": "int"}}),
-         r"tools\[0\]\.parameters: malformed JSON schema: properties\.n\.type: 'int' is not"),
+        (
+            lambda r: r["messages"].append({"role": "bot", "content": "x"}),
+            r"messages\[5\]\.role: Input should be 'system'",
+        ),
+        (
+            lambda r: r["messages"].append({"role": "tool", "content": "x"}),
+            r"messages\[5\]: a tool message needs a tool_call_id",
+        ),
+        (
+            lambda r: r["messages"].append(
+                {"role": "tool", "tool_call_id": "nope", "content": "x"}
+            ),
+            r"messages\[5\].*tool_call_id='nope'",
+        ),
+        (
+            lambda r: r["tools"][0]["function"]["parameters"]["properties"].update(
+                {"n": {"type": "int"}}
+            ),
+            r"tools\[0\]\.parameters: malformed JSON schema: properties\.n\.type: 'int' is not",
+        ),
         (lambda r: r.update(reasoning_effort="max"), r"reasoning_effort: Input should be 'low'"),
         (lambda r: r.update(messages=[]), r"messages: List should have at least 1 item"),
         (lambda r: r.update(top_p=0), r"top_p: Input should be greater than 0"),
         (lambda r: r.update(tool_choice="required"), r"tool_choice"),
     ],
-)  # fmt: skip
+)
 def test_bad_requests_name_the_message_and_field(change, message):
     request = json.loads(json.dumps(REQUEST))
     change(request)
@@ -159,24 +181,62 @@ def test_bad_requests_name_the_message_and_field(change, message):
 @pytest.mark.parametrize(
     ("conv", "message"),
     [
-        ({"messages": [{"role": "user", "content": "x"}, {"role": "bot", "content": "x"}]},
-         r"messages\[1\]\.role: unknown role 'bot'"),
-        ({"messages": [{"role": "tool", "content": "x"}]},
-         r"messages\[0\]\.name: a tool message needs the tool's name"),
-        ({"messages": [{"role": "developer", "content": [{"type": "developer_content",
-            "tools": {"functions": {"name": "functions", "tools": [{"name": "f",
-            "parameters": {"type": "object", "properties": []}}]}}}]}]},
-         r"messages\[0\]\.content\[0\]\.tools\.functions\.tools\[0\]\.parameters: malformed "
-         r"JSON schema: properties: expected an object"),
-        ({"messages": [{"role": "user", "content": [{"type": "image", "url": "x"}]}]},
-         r"messages\[0\]\.content\[0\]\.type: unknown content type 'image'"),
-        ({"messages": [{"role": "system", "content": [{"type": "system_content",
-            "reasoning_effort": "extreme"}]}]},
-         r"messages\[0\]\.content\[0\]\.reasoning_effort: reasoning effort 'extreme'"),
-        ({"messages": [{"role": "user", "content": [{"type": "system_content"}]}]},
-         r"messages\[0\]: content\[0\]: system content is only allowed in system messages"),
+        (
+            {"messages": [{"role": "user", "content": "x"}, {"role": "bot", "content": "x"}]},
+            r"messages\[1\]\.role: unknown role 'bot'",
+        ),
+        (
+            {"messages": [{"role": "tool", "content": "x"}]},
+            r"messages\[0\]\.name: a tool message needs the tool's name",
+        ),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "developer",
+                        "content": [
+                            {
+                                "type": "developer_content",
+                                "tools": {
+                                    "functions": {
+                                        "name": "functions",
+                                        "tools": [
+                                            {
+                                                "name": "f",
+                                                "parameters": {"type": "object", "properties": []},
+                                            }
+                                        ],
+                                    }
+                                },
+                            }
+                        ],
+                    }
+                ]
+            },
+            r"messages\[0\]\.content\[0\]\.tools\.functions\.tools\[0\]\.parameters: malformed "
+            r"JSON schema: properties: expected an object",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image", "url": "x"}]}]},
+            r"messages\[0\]\.content\[0\]\.type: unknown content type 'image'",
+        ),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "system",
+                        "content": [{"type": "system_content", "reasoning_effort": "extreme"}],
+                    }
+                ]
+            },
+            r"messages\[0\]\.content\[0\]\.reasoning_effort: reasoning effort 'extreme'",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "system_content"}]}]},
+            r"messages\[0\]: content\[0\]: system content is only allowed in system messages",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_conversations_name_the_message_and_field(conv, message):
     with pytest.raises(h.HarmonyError, match=message):
         h.render_for_completion(h.Conversation.from_dict(conv).messages)
@@ -193,8 +253,11 @@ def test_json_round_trips_through_openai_harmony():
 def cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "gptoss_ray.cluster.cli", "harmony", *args],
-        input=stdin, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_cli_render_and_parse(tmp_path):

@@ -73,13 +73,28 @@ def test_well_formed_completions_parse_as_openai_harmony_does(messages, data):
 
 
 SOUP = [
-    tok.START, tok.END, tok.CHANNEL, tok.MESSAGE, tok.RETURN, tok.CALL, tok.CONSTRAIN,
+    tok.START,
+    tok.END,
+    tok.CHANNEL,
+    tok.MESSAGE,
+    tok.RETURN,
+    tok.CALL,
+    tok.CONSTRAIN,
     tok.END_OF_TEXT,
-    *ids("assistant"), *ids("user"), *ids("analysis"), *ids("final"), *ids("commentary"),
-    *ids(" to=functions.f"), *ids(" json"), *ids(" "), *ids("hello"), *ids("to=x"),
-    *ids("functions.lookup"), *ids("<"),
+    *ids("assistant"),
+    *ids("user"),
+    *ids("analysis"),
+    *ids("final"),
+    *ids("commentary"),
+    *ids(" to=functions.f"),
+    *ids(" json"),
+    *ids(" "),
+    *ids("hello"),
+    *ids("to=x"),
+    *ids("functions.lookup"),
+    *ids("<"),
     *[tok.get_encoding().encode_single_token(bytes([b])) for b in (0xE2, 0x82, 0xAC, 0xFF)],
-]  # fmt: skip
+]
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
@@ -91,11 +106,24 @@ def test_token_soup_raises_exactly_where_openai_harmony_raises(tokens, role):
 
 
 HEADER_WORDS = [
-    tok.CHANNEL, tok.CONSTRAIN, tok.START,
-    *ids("assistant"), *ids("tool"), *ids("analysis"), *ids("final"), *ids(" to=functions.f"),
-    *ids(" json"), *ids(" "), *ids("functions.f"), *ids(" to=assistant"), *ids("<"), *ids("\t"),
-    *ids(":bob"), *ids("to="), *ids("\u3000"),
-]  # fmt: skip
+    tok.CHANNEL,
+    tok.CONSTRAIN,
+    tok.START,
+    *ids("assistant"),
+    *ids("tool"),
+    *ids("analysis"),
+    *ids("final"),
+    *ids(" to=functions.f"),
+    *ids(" json"),
+    *ids(" "),
+    *ids("functions.f"),
+    *ids(" to=assistant"),
+    *ids("<"),
+    *ids("\t"),
+    *ids(":bob"),
+    *ids("to="),
+    *ids("\u3000"),
+]
 
 
 @st.composite
@@ -209,8 +237,10 @@ def test_channel_spelled_as_text():
 
 
 def test_doubled_start():
-    text = ("<|channel|>analysis<|message|>a<|end|><|start|><|start|>assistant<|channel|>final"
-            "<|message|>b<|return|>")  # fmt: skip
+    text = (
+        "<|channel|>analysis<|message|>a<|end|><|start|><|start|>assistant<|channel|>final"
+        "<|message|>b<|return|>"
+    )
     with pytest.raises(HarmonyError, match="Unknown role"):
         h.parse_completion(ids(text))
     first, second = lenient(text)
@@ -244,8 +274,10 @@ def test_missing_start_before_a_header():
 
 
 def test_missing_end_before_the_next_message():
-    a, b = lenient("<|channel|>analysis<|message|>think<|start|>assistant<|channel|>final"
-                   "<|message|>answer<|return|>")  # fmt: skip
+    a, b = lenient(
+        "<|channel|>analysis<|message|>think<|start|>assistant<|channel|>final"
+        "<|message|>answer<|return|>"
+    )
     assert (a.channel, a.text, b.channel, b.text) == ("analysis", "think", "final", "answer")
     assert "missing <|end|>" in a.malformed
     a, b = lenient("<|channel|>analysis<|message|>think<|channel|>final<|message|>answer")

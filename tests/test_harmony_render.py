@@ -70,21 +70,57 @@ def test_render_for_training_and_without_dropping_match(conv):
 def test_spec_example_renders_exactly():
     conv = {
         "messages": [
-            {"role": "system", "content": [h.SystemContent(conversation_start_date="2026-11-23",
-                reasoning_effort="high").model_dump(mode="json", exclude_none=True)]},
-            {"role": "developer", "content": [{"type": "developer_content",
-                "instructions": "Be brief", "tools": {"functions": {"name": "functions",
-                "tools": [{"name": "get_weather", "description": "Gets weather",
-                "parameters": {"type": "object", "properties": {"loc": {"type": "string"}},
-                "required": ["loc"]}}]}}}]},
+            {
+                "role": "system",
+                "content": [
+                    h.SystemContent(
+                        conversation_start_date="2026-11-23", reasoning_effort="high"
+                    ).model_dump(mode="json", exclude_none=True)
+                ],
+            },
+            {
+                "role": "developer",
+                "content": [
+                    {
+                        "type": "developer_content",
+                        "instructions": "Be brief",
+                        "tools": {
+                            "functions": {
+                                "name": "functions",
+                                "tools": [
+                                    {
+                                        "name": "get_weather",
+                                        "description": "Gets weather",
+                                        "parameters": {
+                                            "type": "object",
+                                            "properties": {"loc": {"type": "string"}},
+                                            "required": ["loc"],
+                                        },
+                                    }
+                                ],
+                            }
+                        },
+                    }
+                ],
+            },
             {"role": "user", "content": "Weather in SF?"},
             {"role": "assistant", "channel": "analysis", "content": "need tool"},
-            {"role": "assistant", "channel": "commentary", "recipient": "functions.get_weather",
-             "content_type": "<|constrain|>json", "content": '{"loc":"SF"}'},
-            {"role": "tool", "name": "functions.get_weather", "channel": "commentary",
-             "recipient": "assistant", "content": '{"t":20}'},
+            {
+                "role": "assistant",
+                "channel": "commentary",
+                "recipient": "functions.get_weather",
+                "content_type": "<|constrain|>json",
+                "content": '{"loc":"SF"}',
+            },
+            {
+                "role": "tool",
+                "name": "functions.get_weather",
+                "channel": "commentary",
+                "recipient": "assistant",
+                "content": '{"t":20}',
+            },
         ]
-    }  # fmt: skip
+    }
     ids = h.render_for_completion(h.Conversation.from_dict(conv).messages)
     text = tok.decode(ids)
     assert text.startswith("<|start|>system<|message|>You are ChatGPT")
@@ -103,18 +139,29 @@ def test_spec_example_renders_exactly():
 def test_analysis_before_the_first_final_is_dropped_only_when_the_last_reply_is_final():
     msgs = [
         h.Message.from_role_and_content("user", "q1"),
-        h.Message(author=h.Author(role="assistant"), channel="analysis",
-                  content=[h.TextContent(text="think1")]),
-        h.Message(author=h.Author(role="assistant"), channel="final",
-                  content=[h.TextContent(text="a1")]),
+        h.Message(
+            author=h.Author(role="assistant"),
+            channel="analysis",
+            content=[h.TextContent(text="think1")],
+        ),
+        h.Message(
+            author=h.Author(role="assistant"), channel="final", content=[h.TextContent(text="a1")]
+        ),
         h.Message.from_role_and_content("user", "q2"),
-        h.Message(author=h.Author(role="assistant"), channel="analysis",
-                  content=[h.TextContent(text="think2")]),
-    ]  # fmt: skip
+        h.Message(
+            author=h.Author(role="assistant"),
+            channel="analysis",
+            content=[h.TextContent(text="think2")],
+        ),
+    ]
     ongoing = tok.decode(h.render_for_completion(msgs))
     assert "think1" in ongoing and "think2" in ongoing  # mid tool loop: nothing dropped
-    done = [*msgs, h.Message(author=h.Author(role="assistant"), channel="final",
-                             content=[h.TextContent(text="a2")])]  # fmt: skip
+    done = [
+        *msgs,
+        h.Message(
+            author=h.Author(role="assistant"), channel="final", content=[h.TextContent(text="a2")]
+        ),
+    ]
     text = tok.decode(h.render_for_completion(done))
     assert "think1" not in text and "think2" in text
     assert h.render_for_training(done)[-1] == tok.RETURN
@@ -122,10 +169,35 @@ def test_analysis_before_the_first_final_is_dropped_only_when_the_last_reply_is_
 
 @pytest.mark.parametrize("value", [0.5, 3.0, -2.25, 1e-3, 1e-5, 1e-6, 1e15, 1e16, 1e21, 2.5e-7])
 def test_float_defaults_print_as_serde_json_does(value):
-    conv = {"messages": [{"role": "developer", "content": [{"type": "developer_content",
-        "tools": {"functions": {"name": "functions", "tools": [{"name": "f",
-        "description": "", "parameters": {"type": "object", "properties": {
-        "x": {"type": "number", "default": value}}}}]}}}]}]}  # fmt: skip
+    conv = {
+        "messages": [
+            {
+                "role": "developer",
+                "content": [
+                    {
+                        "type": "developer_content",
+                        "tools": {
+                            "functions": {
+                                "name": "functions",
+                                "tools": [
+                                    {
+                                        "name": "f",
+                                        "description": "",
+                                        "parameters": {
+                                            "type": "object",
+                                            "properties": {
+                                                "x": {"type": "number", "default": value}
+                                            },
+                                        },
+                                    }
+                                ],
+                            }
+                        },
+                    }
+                ],
+            }
+        ]
+    }
     theirs, ours = both(conv)
     assert h.render_conversation(ours.messages) == oracle().render_conversation(theirs)
 
@@ -137,9 +209,26 @@ def test_stop_tokens():
 
 @pytest.mark.parametrize("text", ["\r", "a\r", "a\r\nb", "x\n", "\n\n", "a\u2028b", "a\x0bb\x1c"])
 def test_multi_line_descriptions_split_as_openai_harmony_splits_them(text):
-    conv = {"messages": [{"role": "developer", "name": None, "content": [{
-        "type": "developer_content", "tools": {"browser": {"name": "browser", "description": text,
-        "tools": [{"name": "A", "description": text}]}, "notes": {"name": "notes",
-        "description": text, "tools": []}}}]}]}  # fmt: skip
+    conv = {
+        "messages": [
+            {
+                "role": "developer",
+                "name": None,
+                "content": [
+                    {
+                        "type": "developer_content",
+                        "tools": {
+                            "browser": {
+                                "name": "browser",
+                                "description": text,
+                                "tools": [{"name": "A", "description": text}],
+                            },
+                            "notes": {"name": "notes", "description": text, "tools": []},
+                        },
+                    }
+                ],
+            }
+        ]
+    }
     theirs, ours = both(conv)
     assert h.render_conversation(ours.messages) == oracle().render_conversation(theirs)

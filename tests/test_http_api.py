@@ -20,10 +20,13 @@ WEATHER_TOOL = {
     "function": {
         "name": "get_weather",
         "description": "Current weather",
-        "parameters": {"type": "object", "properties": {"loc": {"type": "string"}},
-                       "required": ["loc"]},
+        "parameters": {
+            "type": "object",
+            "properties": {"loc": {"type": "string"}},
+            "required": ["loc"],
+        },
     },
-}  # fmt: skip
+}
 
 
 @pytest.fixture(scope="module")
@@ -45,14 +48,16 @@ def user(text: str) -> list[dict]:
 
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list()] == ["gpt-oss-tiny"]
-    req = urllib.request.Request(server[0].removesuffix("/v1") + "/health",
-                                 headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
+    req = urllib.request.Request(
+        server[0].removesuffix("/v1") + "/health", headers={"Authorization": f"Bearer {KEY}"}
+    )
     assert json.loads(urllib.request.urlopen(req).read()) == {"status": "ok"}
 
 
 def test_chat_returns_reasoning_separately_from_content(client):
-    r = client.chat.completions.create(model="gpt-oss-tiny", messages=user("Hi"),
-                                       reasoning_effort="low")  # fmt: skip
+    r = client.chat.completions.create(
+        model="gpt-oss-tiny", messages=user("Hi"), reasoning_effort="low"
+    )
     msg = r.choices[0].message
     assert msg.content == "Hello there, friend!"
     assert msg.model_extra["reasoning_content"] == "Thinking about it."
@@ -61,14 +66,20 @@ def test_chat_returns_reasoning_separately_from_content(client):
 
 
 def test_streaming_chat_adds_up_to_the_whole_reply(client):
-    chunks = list(client.chat.completions.create(
-        model="gpt-oss-tiny", messages=user("Hi"), stream=True,
-        stream_options={"include_usage": True}))  # fmt: skip
+    chunks = list(
+        client.chat.completions.create(
+            model="gpt-oss-tiny",
+            messages=user("Hi"),
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     reasoning = "".join(
         (c.choices[0].delta.model_extra or {}).get("reasoning_content") or ""
-        for c in chunks if c.choices
-    )  # fmt: skip
+        for c in chunks
+        if c.choices
+    )
     assert content == "Hello there, friend!" and reasoning == "Thinking about it."
     assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) > 2  # token by token
     assert chunks[-1].usage.completion_tokens > 0
@@ -77,8 +88,9 @@ def test_streaming_chat_adds_up_to_the_whole_reply(client):
 
 def test_tool_call_round_trip(client):
     messages = user("What is the weather in SF?")
-    r = client.chat.completions.create(model="gpt-oss-tiny", messages=messages,
-                                       tools=[WEATHER_TOOL])  # fmt: skip
+    r = client.chat.completions.create(
+        model="gpt-oss-tiny", messages=messages, tools=[WEATHER_TOOL]
+    )
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls"
     (call,) = choice.message.tool_calls
@@ -88,12 +100,16 @@ def test_tool_call_round_trip(client):
         choice.message.model_dump(exclude_none=True),
         {"role": "tool", "tool_call_id": call.id, "content": '{"temp_c": 20}'},
     ]
-    r2 = client.chat.completions.create(model="gpt-oss-tiny", messages=messages,
-                                        tools=[WEATHER_TOOL])  # fmt: skip
+    r2 = client.chat.completions.create(
+        model="gpt-oss-tiny", messages=messages, tools=[WEATHER_TOOL]
+    )
     assert r2.choices[0].message.content == "It is 20C in SF."
     # streamed, the call arrives as a tool_calls delta with its arguments in pieces
-    chunks = list(client.chat.completions.create(
-        model="gpt-oss-tiny", messages=user("weather?"), tools=[WEATHER_TOOL], stream=True))  # fmt: skip
+    chunks = list(
+        client.chat.completions.create(
+            model="gpt-oss-tiny", messages=user("weather?"), tools=[WEATHER_TOOL], stream=True
+        )
+    )
     deltas = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
     assert deltas[0].function.name == "get_weather" and deltas[0].id
     assert json.loads("".join(d.function.arguments or "" for d in deltas)) == {"loc": "SF"}
@@ -107,19 +123,26 @@ def test_responses_api(client):
     assert r.output_text == "Hello there, friend!"
     assert r.status == "completed" and r.usage.output_tokens > 0
     r = client.responses.create(
-        model="gpt-oss-tiny", input="weather?",
+        model="gpt-oss-tiny",
+        input="weather?",
         tools=[{"type": "function", **WEATHER_TOOL["function"]}],
-    )  # fmt: skip
+    )
     call = next(item for item in r.output if item.type == "function_call")
     assert call.name == "get_weather" and json.loads(call.arguments) == {"loc": "SF"}
     follow = client.responses.create(
         model="gpt-oss-tiny",
-        input=[{"role": "user", "content": "weather?"},
-               {"type": "function_call", "call_id": call.call_id, "name": call.name,
-                "arguments": call.arguments},
-               {"type": "function_call_output", "call_id": call.call_id, "output": "20C"}],
+        input=[
+            {"role": "user", "content": "weather?"},
+            {
+                "type": "function_call",
+                "call_id": call.call_id,
+                "name": call.name,
+                "arguments": call.arguments,
+            },
+            {"type": "function_call_output", "call_id": call.call_id, "output": "20C"},
+        ],
         tools=[{"type": "function", **WEATHER_TOOL["function"]}],
-    )  # fmt: skip
+    )
     assert follow.output_text == "It is 20C in SF."
 
 
@@ -176,11 +199,17 @@ def test_invalid_json_wrong_key_and_unknown_route(server):
 
 def test_metrics(server, client):
     client.chat.completions.create(model="gpt-oss-tiny", messages=user("Hi"))
-    req = urllib.request.Request(server[0].removesuffix("/v1") + "/metrics",
-                                 headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
+    req = urllib.request.Request(
+        server[0].removesuffix("/v1") + "/metrics", headers={"Authorization": f"Bearer {KEY}"}
+    )
     text = urllib.request.urlopen(req).read().decode()
-    for name in ("gptoss_requests_total", "gptoss_generated_tokens_total", "gptoss_queue_depth",
-                 "gptoss_step_seconds_total", "gptoss_kv_blocks_used_ratio"):  # fmt: skip
+    for name in (
+        "gptoss_requests_total",
+        "gptoss_generated_tokens_total",
+        "gptoss_queue_depth",
+        "gptoss_step_seconds_total",
+        "gptoss_kv_blocks_used_ratio",
+    ):
         assert f"\n{name}" in "\n" + text or f"{name}{{" in text, name
 
 
@@ -188,8 +217,14 @@ def test_a_client_that_leaves_mid_stream_frees_its_sequence(server):
     url, engine, shards = server
     before = engine.core.stats.generated_tokens
     host, port = url.removeprefix("http://").removesuffix("/v1").split(":")
-    body = json.dumps({"model": "gpt-oss-tiny", "messages": user("count slowly"),
-                       "stream": True, "max_tokens": 1000}).encode()  # fmt: skip
+    body = json.dumps(
+        {
+            "model": "gpt-oss-tiny",
+            "messages": user("count slowly"),
+            "stream": True,
+            "max_tokens": 1000,
+        }
+    ).encode()
     sock = socket.create_connection((host, int(port)))
     sock.sendall(
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"

@@ -24,8 +24,12 @@ def url(ray_session):
 
 def test_greedy_reply_equals_the_baseline(url):
     client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
-    body = {"model": "gpt-oss-tiny", "messages": [{"role": "user", "content": "Hi there"}],
-            "max_tokens": 6, "temperature": 0}  # fmt: skip
+    body = {
+        "model": "gpt-oss-tiny",
+        "messages": [{"role": "user", "content": "Hi there"}],
+        "max_tokens": 6,
+        "temperature": 0,
+    }
     r = client.chat.completions.create(**body)
     expected = expected_reply(body)
     assert r.choices[0].message.model_dump(exclude_none=True) == expected["message"]
@@ -38,9 +42,13 @@ def test_64_concurrent_streaming_clients_complete(url):
 
     def one(i: int) -> tuple[str | None, int]:
         stream = client.chat.completions.create(
-            model="gpt-oss-tiny", messages=[{"role": "user", "content": f"Question {i}"}],
-            max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True},
-        )  # fmt: skip
+            model="gpt-oss-tiny",
+            messages=[{"role": "user", "content": f"Question {i}"}],
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         chunks = list(stream)
         finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
         return finish, chunks[-1].usage.completion_tokens

@@ -24,8 +24,16 @@ from gptoss_ray.cluster.cli import main
 from tests.engine_cases import expected_reply
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBPACKAGES = ("model", "model/harmony", "model/kernels", "router", "shards", "cluster",
-               "configs", "benchmarks")  # fmt: skip
+SUBPACKAGES = (
+    "model",
+    "model/harmony",
+    "model/kernels",
+    "router",
+    "shards",
+    "cluster",
+    "configs",
+    "benchmarks",
+)
 
 
 def test_the_wheel_installs_one_package_and_its_metadata(tmp_path):
@@ -34,10 +42,24 @@ def test_the_wheel_installs_one_package_and_its_metadata(tmp_path):
     skip = (".git", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".whl", "out")
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(*skip))
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-index", "--no-build-isolation",
-         "-q", "-w", str(tmp_path), str(src)],
-        check=True, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-index",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(src),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     (wheel,) = tmp_path.glob("gptoss_ray-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     top = {name.split("/")[0] for name in names}
@@ -69,8 +91,12 @@ def test_gpu_sh_lays_out_the_package_without_a_build(tmp_path):
     env["PATH"] = f"{shim.parent}:{env['PATH']}"
     done = subprocess.run(
         ["bash", "-c", f'{block}\npython3 -c "{check}"'],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "True"
 
@@ -161,8 +187,18 @@ def test_commands_from_a_user_folder_beside_a_running_ray(user_folder, capsys):
     gptoss = [shutil.which("gptoss-ray") or "gptoss-ray"]
     head_pid = None
     try:
-        served = run(*gptoss, "serve", "--model", "gpt-oss-tiny", "--shards", "2",
-                     "--dtype", "float32", "--name", "user-engine")  # fmt: skip
+        served = run(
+            *gptoss,
+            "serve",
+            "--model",
+            "gpt-oss-tiny",
+            "--shards",
+            "2",
+            "--dtype",
+            "float32",
+            "--name",
+            "user-engine",
+        )
         assert "started a local Ray instance" in served.stderr
         head = json.loads((Path(env["GPTOSS_RAY_CACHE"]) / "local-ray.json").read_text())
         head_pid = head["pid"]
@@ -170,25 +206,48 @@ def test_commands_from_a_user_folder_beside_a_running_ray(user_folder, capsys):
         demo = run(*gptoss, "demo", "--max-tokens", "4")
         assert re.search(r"^4 conversations, \d+ tokens in .* 2 shard\(s\)", demo.stdout, re.M)
 
-        body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6,
-                "temperature": 0}  # fmt: skip
+        body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "temperature": 0}
         (user_folder / "m.json").write_text(json.dumps(body))
         want = expected_reply(body)["token_ids"]
-        out = run(*gptoss, "generate", "--model", "model", "--messages", "m.json", "--shards",
-                  "2", "--dtype", "float32", "--json")  # fmt: skip
+        out = run(
+            *gptoss,
+            "generate",
+            "--model",
+            "model",
+            "--messages",
+            "m.json",
+            "--shards",
+            "2",
+            "--dtype",
+            "float32",
+            "--json",
+        )
         assert json.loads(out.stdout.splitlines()[-1])["token_ids"] == want
 
-        api = run(sys.executable, "-c", (
-            "import json; from gptoss_ray.cluster.engine import Engine\n"
-            "with Engine.start(model='gpt-oss-tiny', shards=2, dtype='float32') as e:\n"
-            f"    print(json.dumps(e.chat([{body!r}])[0]['token_ids']))"
-        ))  # fmt: skip
+        api = run(
+            sys.executable,
+            "-c",
+            (
+                "import json; from gptoss_ray.cluster.engine import Engine\n"
+                "with Engine.start(model='gpt-oss-tiny', shards=2, dtype='float32') as e:\n"
+                f"    print(json.dumps(e.chat([{body!r}])[0]['token_ids']))"
+            ),
+        )
         assert json.loads(api.stdout.splitlines()[-1]) == want
 
         line = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": body}
         (user_folder / "in.jsonl").write_text(json.dumps(line) + "\n")
-        run(*gptoss, "batch", "submit", "in.jsonl", "--output", "out.jsonl", "--wait",
-            "--name", "user-engine")  # fmt: skip
+        run(
+            *gptoss,
+            "batch",
+            "submit",
+            "in.jsonl",
+            "--output",
+            "out.jsonl",
+            "--wait",
+            "--name",
+            "user-engine",
+        )
         (record,) = [json.loads(x) for x in (user_folder / "out.jsonl").read_text().splitlines()]
         assert (
             record["response"]["body"]["choices"][0]["message"] == expected_reply(body)["message"]

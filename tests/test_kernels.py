@@ -124,8 +124,13 @@ def test_a_whole_expert_matches_the_torch_expert():
     g = torch.Generator().manual_seed(5)
     x = torch.randn(6, config.hidden_size, generator=g)
     ref = experts.run_expert(2, x)
-    a = mxfp4_linear(x, experts.mlp1_blocks[2], experts.mlp1_scales[2],
-                     experts.mlp1_bias[2].float(), swiglu=(config.swiglu_alpha, config.swiglu_limit))  # fmt: skip
+    a = mxfp4_linear(
+        x,
+        experts.mlp1_blocks[2],
+        experts.mlp1_scales[2],
+        experts.mlp1_bias[2].float(),
+        swiglu=(config.swiglu_alpha, config.swiglu_limit),
+    )
     y = mxfp4_linear(
         a, experts.mlp2_blocks[2], experts.mlp2_scales[2], experts.mlp2_bias[2].float()
     )
@@ -170,11 +175,14 @@ def test_grouped_experts_match_the_torch_slice(lo, hi, rows, one_row):
     ids = lo + torch.multinomial(skew, max(rows, 1), replacement=True, generator=g)[:rows]
     ref = experts.run_grouped(x, ids)
     out = moe_mxfp4(
-        x, ids - lo,
+        x,
+        ids - lo,
         (experts.mlp1_blocks, experts.mlp1_scales, experts.mlp1_bias),
         (experts.mlp2_blocks, experts.mlp2_scales, experts.mlp2_bias),
-        alpha=config.swiglu_alpha, limit=config.swiglu_limit, one_row=one_row,
-    )  # fmt: skip
+        alpha=config.swiglu_alpha,
+        limit=config.swiglu_limit,
+        one_row=one_row,
+    )
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-3)
     if one_row:
         return
@@ -183,9 +191,15 @@ def test_grouped_experts_match_the_torch_slice(lo, hi, rows, one_row):
 
 
 def attention_steps(
-    config, chunks, *, seed: int, use_kernels: bool, dtype=torch.float32, device="cpu",
+    config,
+    chunks,
+    *,
+    seed: int,
+    use_kernels: bool,
+    dtype=torch.float32,
+    device="cpu",
     block_size: int = 4,
-) -> list[torch.Tensor]:  # fmt: skip
+) -> list[torch.Tensor]:
     """Runs every layer's attention over a paged cache for a series of steps, each a list
     of (sequence, new tokens); returns each step's outputs of every layer."""
     torch.manual_seed(seed)
@@ -275,8 +289,15 @@ def test_on_cuda(dtype, one_row, block_m, block_n):
     blocks, scales, bias = weight(256, 512, seed=6)
     x = torch.randn(64, 512, generator=torch.Generator().manual_seed(7)).to(dtype)
     ref = x.float() @ mxfp4.dequantize(blocks, scales, torch.float32).T + bias
-    out = mxfp4_linear(x.cuda(), blocks.cuda(), scales.cuda(), bias.cuda(), one_row=one_row,
-                       block_m=block_m, block_n=block_n)  # fmt: skip
+    out = mxfp4_linear(
+        x.cuda(),
+        blocks.cuda(),
+        scales.cuda(),
+        bias.cuda(),
+        one_row=one_row,
+        block_m=block_m,
+        block_n=block_n,
+    )
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-4)
 
 
@@ -298,9 +319,13 @@ def test_on_cuda_grouped_experts_bf16_in_gpt_oss_shapes(rows):
 @pytest.mark.gpu
 def test_on_cuda_paged_attention_bf16_in_gpt_oss_shapes():
     config = tiny_config(
-        num_hidden_layers=2, hidden_size=256, head_dim=64, num_attention_heads=64,
-        num_key_value_heads=8, sliding_window=128,
-    )  # fmt: skip
+        num_hidden_layers=2,
+        hidden_size=256,
+        head_dim=64,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        sliding_window=128,
+    )
     steps = [[("a", 300), ("b", 1)], [("a", 1), ("b", 200), ("c", 5)], [("a", 1), ("b", 1)]]
     kw = dict(seed=10, dtype=torch.bfloat16, device="cuda", block_size=16)
     ref = attention_steps(config, steps, use_kernels=False, **kw)

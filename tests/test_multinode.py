@@ -13,8 +13,10 @@ import pytest
 def run(scenario: str) -> dict:
     proc = subprocess.run(
         [sys.executable, "-m", "tests.multinode_scenarios", scenario],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     assert lines, f"no result (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
     return json.loads(lines[-1].removeprefix("RESULT "))

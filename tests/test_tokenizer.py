@@ -48,10 +48,16 @@ def test_encode_matches_on_any_text(text):
 
 def test_special_tokens_at_their_ids(harmony):
     named = {
-        "<|startoftext|>": 199998, "<|endoftext|>": 199999, "<|return|>": 200002,
-        "<|constrain|>": 200003, "<|channel|>": 200005, "<|start|>": 200006, "<|end|>": 200007,
-        "<|message|>": 200008, "<|call|>": 200012,
-    }  # fmt: skip
+        "<|startoftext|>": 199998,
+        "<|endoftext|>": 199999,
+        "<|return|>": 200002,
+        "<|constrain|>": 200003,
+        "<|channel|>": 200005,
+        "<|start|>": 200006,
+        "<|end|>": 200007,
+        "<|message|>": 200008,
+        "<|call|>": 200012,
+    }
     for text, token in named.items():
         assert tokenizer.encode(text, allow_special=True) == [token]
         assert harmony.encode(text, allowed_special="all") == [token]

@@ -35,11 +35,13 @@ def render_conversation(
     """The conversation's ids, nothing appended."""
     messages = list(messages)
     has_function_tools = any(
-        isinstance(c, DeveloperContent) and c.tools and c.tools.get("functions")
+        isinstance(c, DeveloperContent)
+        and c.tools
+        and c.tools.get("functions")
         and c.tools["functions"].tools
         for m in messages
         for c in m.content
-    )  # fmt: skip
+    )
     last_assistant = next((m for m in reversed(messages) if m.author.role == Role.ASSISTANT), None)
     drop = auto_drop_analysis and last_assistant is not None and last_assistant.channel == "final"
     first_final = next((i for i, m in enumerate(messages) if m.channel == "final"), None)

@@ -25,14 +25,36 @@ from gptoss_ray.model.kv_cache import AttentionTables
 
 @triton.jit
 def _paged_attention_kernel(
-    q_ptr, k_ptr, v_ptr, sinks_ptr, out_ptr,
-    block_table_ptr, kv_start_ptr, tile_seq_ptr, tile_row_ptr, tile_pos_ptr, tile_count_ptr,
-    stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_table,
-    window, scale,
-    GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_SIZE: tl.constexpr, SLIDING: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    sinks_ptr,
+    out_ptr,
+    block_table_ptr,
+    kv_start_ptr,
+    tile_seq_ptr,
+    tile_row_ptr,
+    tile_pos_ptr,
+    tile_count_ptr,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_table,
+    window,
+    scale,
+    GROUP: tl.constexpr,
+    GROUP_P: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    SLIDING: tl.constexpr,
     BF16_DOT: tl.constexpr,
-):  # fmt: skip
+):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq = tl.load(tile_seq_ptr + tile)
@@ -48,8 +70,11 @@ def _paged_attention_kernel(
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
     rows = (row0 + qi).to(tl.int64)
-    q = tl.load(q_ptr + rows[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
-                mask=r_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+    q = tl.load(
+        q_ptr + rows[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+        mask=r_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
     q_pos = pos0 + qi
 
     lo = kv_start
@@ -91,8 +116,11 @@ def _paged_attention_kernel(
     rescale = tl.exp(m - m_new)
     denom = denom * rescale + tl.exp(sink - m_new)
     out = acc * rescale[:, None] / denom[:, None]
-    tl.store(out_ptr + rows[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :], out,
-             mask=r_ok[:, None] & d_ok[None, :])  # fmt: skip
+    tl.store(
+        out_ptr + rows[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+        out,
+        mask=r_ok[:, None] & d_ok[None, :],
+    )
 
 
 def paged_attention(
@@ -124,14 +152,34 @@ def paged_attention(
     k_pool, v_pool = k_pool.contiguous(), v_pool.contiguous()
     grid = (tile_seq.shape[0], num_kv_heads)
     _paged_attention_kernel[grid](
-        q, k_pool, v_pool, sinks, out,
-        tables.block_table, tables.kv_start, tile_seq, tile_row, tile_pos, tile_count,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), tables.block_table.stride(0),
-        window or 0, 1.0 / math.sqrt(head_dim),
-        GROUP=group, GROUP_P=group_p, HEAD_DIM=head_dim,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=block_m,
-        BLOCK_SIZE=block_size, SLIDING=window is not None,
+        q,
+        k_pool,
+        v_pool,
+        sinks,
+        out,
+        tables.block_table,
+        tables.kv_start,
+        tile_seq,
+        tile_row,
+        tile_pos,
+        tile_count,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_pool.stride(0),
+        k_pool.stride(1),
+        k_pool.stride(2),
+        tables.block_table.stride(0),
+        window or 0,
+        1.0 / math.sqrt(head_dim),
+        GROUP=group,
+        GROUP_P=group_p,
+        HEAD_DIM=head_dim,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_M=block_m,
+        BLOCK_SIZE=block_size,
+        SLIDING=window is not None,
         BF16_DOT=q.dtype == torch.bfloat16 and q.is_cuda and not interpreted(),
-    )  # fmt: skip
+    )
     return out

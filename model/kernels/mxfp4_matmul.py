@@ -97,12 +97,34 @@ def _e8m0_value(scale):
 
 @triton.jit
 def _moe_mxfp4_kernel(
-    x_ptr, x_index_ptr, blocks_ptr, scales_ptr, bias_ptr, out_ptr, out_index_ptr,
-    tile_expert_ptr, tile_row_ptr, expert_end_ptr,
-    N, K, stride_xm, stride_om, stride_be, stride_bn, stride_se, stride_sn, alpha, limit,
-    GATHER: tl.constexpr, SCATTER: tl.constexpr, SWIGLU: tl.constexpr, BF16_DOT: tl.constexpr,
-    X_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
+    x_ptr,
+    x_index_ptr,
+    blocks_ptr,
+    scales_ptr,
+    bias_ptr,
+    out_ptr,
+    out_index_ptr,
+    tile_expert_ptr,
+    tile_row_ptr,
+    expert_end_ptr,
+    N,
+    K,
+    stride_xm,
+    stride_om,
+    stride_be,
+    stride_bn,
+    stride_se,
+    stride_sn,
+    alpha,
+    limit,
+    GATHER: tl.constexpr,
+    SCATTER: tl.constexpr,
+    SWIGLU: tl.constexpr,
+    BF16_DOT: tl.constexpr,
+    X_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     tile = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(tile_expert_ptr + tile)
@@ -151,22 +173,50 @@ def _moe_mxfp4_kernel(
         linear = tl.minimum(tl.maximum(linear, -limit), limit)
         out = gate * tl.sigmoid(alpha * gate) * (linear + 1.0)
         offs_h = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-        tl.store(out_ptr + out_rows[:, None] * stride_om + offs_h[None, :], out,
-                 mask=m_ok[:, None] & (offs_h < N // 2)[None, :])  # fmt: skip
+        tl.store(
+            out_ptr + out_rows[:, None] * stride_om + offs_h[None, :],
+            out,
+            mask=m_ok[:, None] & (offs_h < N // 2)[None, :],
+        )
     else:
-        tl.store(out_ptr + out_rows[:, None] * stride_om + offs_n[None, :], acc,
-                 mask=m_ok[:, None] & n_ok[None, :])  # fmt: skip
+        tl.store(
+            out_ptr + out_rows[:, None] * stride_om + offs_n[None, :],
+            acc,
+            mask=m_ok[:, None] & n_ok[None, :],
+        )
 
 
 @triton.jit
 def _moe_mxfp4_row_kernel(
-    x_ptr, x_index_ptr, blocks_ptr, scales_ptr, bias_ptr, out_ptr, out_index_ptr,
-    tile_expert_ptr, tile_row_ptr, expert_end_ptr,
-    N, K, stride_xm, stride_om, stride_be, stride_bn, stride_se, stride_sn, alpha, limit,
-    to_true, out_scale,
-    GATHER: tl.constexpr, SCATTER: tl.constexpr, SWIGLU: tl.constexpr,
-    ROUND_BF16: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr,
-):  # fmt: skip
+    x_ptr,
+    x_index_ptr,
+    blocks_ptr,
+    scales_ptr,
+    bias_ptr,
+    out_ptr,
+    out_index_ptr,
+    tile_expert_ptr,
+    tile_row_ptr,
+    expert_end_ptr,
+    N,
+    K,
+    stride_xm,
+    stride_om,
+    stride_be,
+    stride_bn,
+    stride_se,
+    stride_sn,
+    alpha,
+    limit,
+    to_true,
+    out_scale,
+    GATHER: tl.constexpr,
+    SCATTER: tl.constexpr,
+    SWIGLU: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    UNROLL: tl.constexpr,
+):
     """One row (x pre-scaled, float32) x BLOCK_N columns; writes out_scale x the result,
     rounded through bf16 first with ROUND_BF16 (as the torch path rounds it). UNROLL MX
     blocks (a divisor of K/32) per step: a thread has that many loads in flight, which at
@@ -241,28 +291,72 @@ class ExpertTiles:
 
 
 def _launch(
-    x, blocks, scales, bias, out, tiles, *, gather, scatter, swiglu, block_n, one_row=False,
-    out_scale=1.0, round_bf16=False, **launch,
-):  # fmt: skip
+    x,
+    blocks,
+    scales,
+    bias,
+    out,
+    tiles,
+    *,
+    gather,
+    scatter,
+    swiglu,
+    block_n,
+    one_row=False,
+    out_scale=1.0,
+    round_bf16=False,
+    **launch,
+):
     """Either kernel over `tiles`; out_scale and round_bf16 are the single-row kernel's."""
     n, groups = blocks.shape[1], blocks.shape[2]
     alpha, limit = swiglu if swiglu else (0.0, 0.0)
     grid = (tiles.num_tiles, triton.cdiv(n, block_n))
     args = (
-        x, tiles.order, blocks, scales, bias, out, tiles.order,
-        tiles.tile_expert, tiles.tile_row, tiles.expert_end,
-        n, groups * 32, x.stride(0), out.stride(0), blocks.stride(0), blocks.stride(1),
-        scales.stride(0), scales.stride(1), alpha, limit,
-    )  # fmt: skip
+        x,
+        tiles.order,
+        blocks,
+        scales,
+        bias,
+        out,
+        tiles.order,
+        tiles.tile_expert,
+        tiles.tile_row,
+        tiles.expert_end,
+        n,
+        groups * 32,
+        x.stride(0),
+        out.stride(0),
+        blocks.stride(0),
+        blocks.stride(1),
+        scales.stride(0),
+        scales.stride(1),
+        alpha,
+        limit,
+    )
     flags = {"GATHER": gather, "SCATTER": scatter, "SWIGLU": swiglu is not None}
     if one_row:
         unroll = max(d for d in range(1, 9) if groups % d == 0)
-        _moe_mxfp4_row_kernel[grid](*args, _TO_TRUE, out_scale, **flags, ROUND_BF16=round_bf16,
-                                    BLOCK_N=block_n, UNROLL=unroll, **launch)  # fmt: skip
+        _moe_mxfp4_row_kernel[grid](
+            *args,
+            _TO_TRUE,
+            out_scale,
+            **flags,
+            ROUND_BF16=round_bf16,
+            BLOCK_N=block_n,
+            UNROLL=unroll,
+            **launch,
+        )
     else:
         bf16_dot = x.dtype == torch.bfloat16 and x.is_cuda and not interpreted()
-        _moe_mxfp4_kernel[grid](*args, **flags, BF16_DOT=bf16_dot, X_SCALE=X_SCALE,
-                                BLOCK_M=tiles.block_m, BLOCK_N=block_n, **launch)  # fmt: skip
+        _moe_mxfp4_kernel[grid](
+            *args,
+            **flags,
+            BF16_DOT=bf16_dot,
+            X_SCALE=X_SCALE,
+            BLOCK_M=tiles.block_m,
+            BLOCK_N=block_n,
+            **launch,
+        )
 
 
 def _check(k: int, blocks: torch.Tensor, scales: torch.Tensor, what: str) -> None:
@@ -312,11 +406,24 @@ def moe_mxfp4(
         # sorted by expert, pre-scaled for mlp2, rounded to x's dtype as the torch path does
         a = torch.empty(rows, inter, dtype=torch.float32, device=x.device)
         # two warps of 64 columns: decode's few rows still make a few programs per SM
-        common = {"tiles": tiles, "block_n": block_n or 64, "num_warps": 2, "one_row": True,
-                  **launch}  # fmt: skip
-        _launch(x.float() * X_SCALE, *mlp1, a, gather=True, scatter=False,
-                     swiglu=(alpha, limit), out_scale=X_SCALE,
-                     round_bf16=x.dtype == torch.bfloat16, **common)  # fmt: skip
+        common = {
+            "tiles": tiles,
+            "block_n": block_n or 64,
+            "num_warps": 2,
+            "one_row": True,
+            **launch,
+        }
+        _launch(
+            x.float() * X_SCALE,
+            *mlp1,
+            a,
+            gather=True,
+            scatter=False,
+            swiglu=(alpha, limit),
+            out_scale=X_SCALE,
+            round_bf16=x.dtype == torch.bfloat16,
+            **common,
+        )
         _launch(a, *mlp2, out, gather=False, scatter=True, swiglu=None, **common)
         return out
     x = x.contiguous()
@@ -356,6 +463,15 @@ def mxfp4_linear(
     )
     weight = (blocks[None].contiguous(), scales[None].contiguous(), bias[None].contiguous())
     x = x.float() * X_SCALE if one_row else x.contiguous()  # the row kernel's input scale
-    _launch(x, *weight, out, tiles, gather=False, scatter=False, swiglu=swiglu, block_n=block_n,
-            one_row=one_row)  # fmt: skip
+    _launch(
+        x,
+        *weight,
+        out,
+        tiles,
+        gather=False,
+        scatter=False,
+        swiglu=swiglu,
+        block_n=block_n,
+        one_row=one_row,
+    )
     return out
