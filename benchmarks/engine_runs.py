@@ -49,7 +49,7 @@ def _split(before: dict, after: dict) -> dict[str, float]:
 
 
 def timed_generate(engine, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
-    from gptoss_ray.model.sampling import SamplingParams
+    from gptoss_ray.model.types import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     before = engine.stats()

@@ -78,9 +78,8 @@ def run_ours(
     model, batch: int, prompt_len: int, output_len: int, graphs: bool | None = None
 ) -> dict[str, Any]:
     from gptoss_ray.cluster.engine_core import EngineCore
-    from gptoss_ray.model.sampling import SamplingParams
+    from gptoss_ray.model.types import KVLayout, SamplingParams
     from gptoss_ray.router.transport import LocalTransport
-    from gptoss_ray.shards.kv_cache import KVLayout
     from gptoss_ray.shards.shard import Shard
 
     config = model.config

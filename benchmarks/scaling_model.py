@@ -112,7 +112,8 @@ def calibrate(
     from gptoss_ray.model.config import ModelConfig
     from gptoss_ray.model.kv_cache import SequenceBatch
     from gptoss_ray.model.model import RMSNorm, RotaryEmbedding, TransformerBlock
-    from gptoss_ray.shards.kv_cache import KVLayout, PagedBatchView, PagedKVCache
+    from gptoss_ray.model.types import KVLayout
+    from gptoss_ray.shards.kv_cache import PagedBatchView, PagedKVCache
 
     config = ModelConfig.preset(config_name)
     dev = torch.device(device)

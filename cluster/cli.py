@@ -151,9 +151,9 @@ def _user_error(exc: Exception) -> str | None:
     from gptoss_ray.cluster.ray_instance import EngineNotFound
     from gptoss_ray.model.checkpoint import CheckpointError
     from gptoss_ray.model.config import ConfigError
-    from gptoss_ray.model.generate import RequestError
     from gptoss_ray.model.harmony import HarmonyError
     from gptoss_ray.model.tokenizer import TokenizerError
+    from gptoss_ray.model.types import RequestError
 
     if isinstance(exc, ValidationError):
         return "; ".join(
@@ -199,7 +199,7 @@ def _dtype(name: str):
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from gptoss_ray.model.sampling import SamplingParams
+    from gptoss_ray.model.types import SamplingParams
 
     if bool(args.prompt_ids) == bool(args.messages):
         raise _usage("generate: give --prompt-ids (one or more) or --messages FILE.json")
@@ -351,7 +351,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _usage(message: str) -> Exception:
-    from gptoss_ray.model.generate import RequestError
+    from gptoss_ray.model.types import RequestError
 
     return RequestError(message)
 
@@ -369,7 +369,7 @@ def _engine(args: argparse.Namespace):
 
 
 def _chat_requests(path: str) -> list[dict]:
-    from gptoss_ray.model.generate import RequestError
+    from gptoss_ray.model.types import RequestError
 
     try:
         data = json.loads(open(path, encoding="utf-8").read())  # noqa: SIM115

@@ -26,15 +26,14 @@ from gptoss_ray.model.harmony.openai_chat import (
     from_harmony,
     to_harmony,
 )
-from gptoss_ray.model.sampling import SamplingParams
-from gptoss_ray.shards.kv_cache import KVLayout
-from gptoss_ray.shards.shard import StepPlan, StepResult
+from gptoss_ray.model.types import (
+    EngineUnavailable,
+    KVLayout,
+    SamplingParams,
+    StepPlan,
+    StepResult,
+)
 from gptoss_ray.shards.worker import ShardWorker
-
-
-class EngineDown(RuntimeError):
-    """The engine loop stopped (a lost shard could not be replaced); requests in flight
-    cannot finish."""
 
 
 class ChatEngine:
@@ -67,7 +66,7 @@ class ChatEngine:
 
     def _alive(self) -> None:
         if self.error is not None:
-            raise EngineDown(f"the engine loop stopped: {self.error}")
+            raise EngineUnavailable(f"the engine loop stopped: {self.error}")
 
     # -- API ---------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -177,12 +176,10 @@ class Coordinator(ChatEngine):
         self.model_path = str(path)
         self.config = Checkpoint(path).config
         self.shards = shards
-        import torch
-
         self.layout = KVLayout.from_budget(
             self.config,
             kv_budget_bytes,
-            dtype=getattr(torch, dtype),
+            bytes_per_value={"float32": 4, "bfloat16": 2}[dtype],
             block_size=block_size,
             max_seqs=max_seqs,
             max_chunk=token_budget,

@@ -21,8 +21,7 @@ from gptoss_ray.cluster.coordinator import Coordinator
 from gptoss_ray.cluster.engine_core import RequestOutput
 from gptoss_ray.cluster.ray_instance import init_for_engine
 from gptoss_ray.model import harmony
-from gptoss_ray.model.generate import RequestError
-from gptoss_ray.model.sampling import SamplingParams
+from gptoss_ray.model.types import RequestError, SamplingParams
 
 
 class Engine:

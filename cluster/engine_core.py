@@ -18,10 +18,16 @@ from dataclasses import dataclass, field
 from gptoss_ray.cluster.scheduler import Scheduler, Status
 from gptoss_ray.cluster.scheduler import Sequence as Seq
 from gptoss_ray.model.config import ModelConfig
-from gptoss_ray.model.generate import RequestError, check_prompt
-from gptoss_ray.model.sampling import SamplingParams
-from gptoss_ray.shards.kv_cache import KVLayout
-from gptoss_ray.shards.shard import StepPlan, StepResult
+from gptoss_ray.model.types import (
+    EngineUnavailable,
+    KVLayout,
+    RequestError,
+    SamplingParams,
+    StepPlan,
+    StepResult,
+    UnknownRequest,
+    check_prompt,
+)
 
 RunStep = Callable[[list[StepPlan]], list[StepResult]]
 
@@ -93,7 +99,7 @@ class EngineCore:
         """Queues a request; a bad one raises RequestError and nothing else changes."""
         prompt = list(prompt)
         if self.failure is not None:
-            raise RuntimeError(f"the engine stopped after a failure: {self.failure}")
+            raise EngineUnavailable(f"the engine stopped after a failure: {self.failure}")
         self._check(prompt, params, request_id)
         request_id = request_id or uuid.uuid4().hex
         seq = Seq(
@@ -131,7 +137,7 @@ class EngineCore:
         try:
             return self.requests[request_id]
         except KeyError:
-            raise RequestError(f"unknown request id {request_id!r}") from None
+            raise UnknownRequest(f"unknown request id {request_id!r}") from None
 
     def _output(self, seq: Seq) -> RequestOutput:
         ttft = itl = None

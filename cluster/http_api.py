@@ -25,7 +25,7 @@ from gptoss_ray.cluster.responses_api import (
     responses_to_chat,
 )
 from gptoss_ray.model import harmony
-from gptoss_ray.model.generate import RequestError
+from gptoss_ray.model.types import EngineUnavailable, RequestError
 
 if TYPE_CHECKING:
     from gptoss_ray.cluster.coordinator import Coordinator
@@ -287,12 +287,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.api.check_model(chat.get("model"))
         try:
             return self.api.coordinator.submit_chat(chat)
-        except (harmony.HarmonyError, RequestError, ValueError) as exc:
-            message = str(exc)
-            code = "context_length_exceeded" if "context length" in message else "invalid_request"
-            raise ApiError(400, message, code) from None
-        except RuntimeError as exc:
-            raise ApiError(503, str(exc), "engine_down") from None
+        except (RequestError, EngineUnavailable) as exc:  # harmony's errors among them
+            raise ApiError(exc.status, str(exc), exc.code) from None
+        except ValueError as exc:  # a field that only SamplingParams checks
+            raise ApiError(400, str(exc), RequestError.code) from None
 
     def route_chat_completions(self) -> None:
         body = self._read_json()

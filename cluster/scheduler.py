@@ -14,9 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from gptoss_ray.model.sampling import SamplingParams
-from gptoss_ray.shards.kv_cache import KVLayout, blocks_held
-from gptoss_ray.shards.shard import SeqWork, StepPlan
+from gptoss_ray.model.types import KVLayout, SamplingParams, SeqWork, StepPlan, blocks_held
 
 
 class Status(StrEnum):

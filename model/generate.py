@@ -8,14 +8,10 @@ from typing import Literal
 
 import torch
 
-from gptoss_ray.model.config import ModelConfig
 from gptoss_ray.model.kv_cache import SequenceBatch, SequenceKV
 from gptoss_ray.model.model import Transformer
-from gptoss_ray.model.sampling import Sampler, SamplingParams
-
-
-class RequestError(ValueError):
-    """A prompt or parameter that cannot be served; the message names which and why."""
+from gptoss_ray.model.sampling import Sampler
+from gptoss_ray.model.types import RequestError, SamplingParams, check_prompt
 
 
 @dataclass
@@ -23,25 +19,6 @@ class Completion:
     token_ids: list[int]  # generated ids only; a stop token that ended it is included
     finish_reason: Literal["stop", "length"]
     prompt_tokens: int
-
-
-def check_prompt(prompt: Sequence[int], max_tokens: int, config: ModelConfig, where: str) -> None:
-    """Rejects an empty prompt, an id outside the vocabulary, or a prompt plus max_tokens
-    beyond the context; the message starts with `where` ("prompt 3", "request X: the
-    prompt")."""
-    if len(prompt) == 0:
-        raise RequestError(f"{where} is empty")
-    for pos, token in enumerate(prompt):
-        if not isinstance(token, int) or not 0 <= token < config.vocab_size:
-            raise RequestError(
-                f"{where}: token id {token!r} at position {pos} is outside "
-                f"0..{config.vocab_size - 1}"
-            )
-    if len(prompt) + max_tokens > config.max_context_length:
-        raise RequestError(
-            f"{where}: {len(prompt)} prompt tokens + max_tokens {max_tokens} "
-            f"exceed the context length {config.max_context_length}"
-        )
 
 
 @torch.inference_mode()

@@ -1,4 +1,4 @@
-"""Sampling parameters (validated at the edge) and the per-sequence sampler.
+"""The per-sequence sampler (its parameters, validated at the edge, are in `types`).
 
 The draw for a sequence's n-th token comes from a generator seeded with (seed, n) alone:
 no state carries from one step to the next, so a sequence's tokens do not depend on which
@@ -11,27 +11,8 @@ from __future__ import annotations
 import secrets
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
-
-class SamplingParams(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    max_tokens: int = Field(default=16, ge=1, description="new tokens at most")
-    temperature: float = Field(default=1.0, ge=0, description="0 = greedy")
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    top_k: int = Field(default=0, ge=0, description="0 = no top-k cut")
-    seed: int | None = Field(default=None, ge=0)
-    stop_token_ids: list[int] | None = Field(
-        default=None, description="None = the model's stop ids (<|return|>, <|call|>)"
-    )
-    ignore_eos: bool = False
-
-    def stop_ids(self, model_stop_ids: list[int]) -> frozenset[int]:
-        if self.ignore_eos:
-            return frozenset(self.stop_token_ids or ())
-        return frozenset(self.stop_token_ids if self.stop_token_ids is not None else model_stop_ids)
-
+from gptoss_ray.model.types import SamplingParams
 
 _MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads (seed, n) over the seed space
 

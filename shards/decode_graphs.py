@@ -21,7 +21,8 @@ import torch
 
 from gptoss_ray.model.kv_cache import AttentionTables
 from gptoss_ray.model.model import Transformer
-from gptoss_ray.shards.kv_cache import PagedKVCache, PagedSequence, cdiv
+from gptoss_ray.model.types import cdiv
+from gptoss_ray.shards.kv_cache import PagedKVCache, PagedSequence
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 

@@ -6,9 +6,9 @@ hold different things: a full layer keeps every block of the sequence, a sliding
 only the blocks that the window can still see, and gives the rest back as the window
 moves. A block id means the same slot in every layer of its kind.
 
-`blocks_held` is the accounting that the coordinator mirrors to plan steps that fit:
-given a sequence's committed length and the tokens of its next chunk, how many blocks of
-each kind it holds after the step."""
+`types.blocks_held` is the accounting that the coordinator mirrors to plan steps that
+fit: given a sequence's committed length and the tokens of its next chunk, how many
+blocks of each kind it holds after the step."""
 
 from __future__ import annotations
 
@@ -18,66 +18,11 @@ import torch
 
 from gptoss_ray.model.config import ModelConfig
 from gptoss_ray.model.kv_cache import AttentionTables
+from gptoss_ray.model.types import KVLayout, cdiv, first_visible_block
 
 
 class KVCacheError(RuntimeError):
     """The plan asked for more blocks than are free: a coordinator accounting bug."""
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def first_visible_block(length: int, window: int, block_size: int) -> int:
-    """The first block a sliding layer still needs when the next query is at `length`:
-    that query sees keys length-window+1 .. length."""
-    return max(0, length - window + 1) // block_size
-
-
-def blocks_held(length: int, new: int, block_size: int, window: int | None) -> tuple[int, int]:
-    """(full blocks, sliding blocks) a sequence holds while its chunk of `new` tokens
-    at positions length.. runs (and after it)."""
-    end = length + new
-    full = cdiv(end, block_size)
-    if window is None or end == 0:
-        return full, 0
-    return full, (end - 1) // block_size - first_visible_block(length, window, block_size) + 1
-
-
-@dataclass
-class KVLayout:
-    block_size: int
-    full_blocks: int  # pool size of the full-attention layers
-    sliding_blocks: int  # pool size of the sliding-window layers
-
-    @classmethod
-    def from_budget(
-        cls,
-        config: ModelConfig,
-        budget_bytes: int,
-        *,
-        dtype: torch.dtype,
-        block_size: int = 16,
-        max_seqs: int = 64,
-        max_chunk: int = 256,
-    ) -> KVLayout:
-        """Split a memory budget: the sliding pool gets what max_seqs sequences can use at
-        most (the window plus a chunk), the full pool the rest."""
-        per_token = 2 * config.num_key_value_heads * config.head_dim * dtype.itemsize
-        n_sliding = sum(config.is_sliding(i) for i in range(config.num_hidden_layers))
-        n_full = config.num_hidden_layers - n_sliding
-        sliding_per_seq = cdiv(config.sliding_window + max_chunk, block_size) + 1
-        sliding = max_seqs * sliding_per_seq if n_sliding else 0
-        sliding_bytes = sliding * block_size * per_token * n_sliding
-        sliding_bytes = min(sliding_bytes, budget_bytes // 2)
-        sliding = sliding_bytes // (block_size * per_token * max(n_sliding, 1)) if n_sliding else 0
-        full = (budget_bytes - sliding_bytes) // (block_size * per_token * max(n_full, 1))
-        if full < 1 or (n_sliding and sliding < sliding_per_seq):
-            raise ValueError(
-                f"a KV budget of {budget_bytes} bytes cannot hold even one sequence "
-                f"({block_size}-token blocks, {per_token} bytes per token per layer)"
-            )
-        return cls(block_size, int(full), int(sliding))
 
 
 class BlockPool:

@@ -5,7 +5,6 @@ experts' all-to-all is collective."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -13,38 +12,13 @@ import torch
 from gptoss_ray.model.checkpoint import Checkpoint, load_model, resolve_model
 from gptoss_ray.model.kv_cache import SequenceBatch
 from gptoss_ray.model.model import Transformer
-from gptoss_ray.model.sampling import SamplingParams, sample_rows
+from gptoss_ray.model.sampling import sample_rows
+from gptoss_ray.model.types import KVLayout, SeqWork, StepPlan, StepResult
 from gptoss_ray.router.moe import StepTimer, expert_parallel_mlp
 from gptoss_ray.router.plan import expert_ranges, owner_table
 from gptoss_ray.router.transport import Transport
 from gptoss_ray.shards.decode_graphs import DecodeGraphs, GraphCaptureError
-from gptoss_ray.shards.kv_cache import KVLayout, PagedBatchView, PagedKVCache, PagedSequence
-
-
-@dataclass
-class SeqWork:
-    """One sequence's part of a step on its home shard."""
-
-    seq_id: str
-    tokens: list[int]  # the next chunk, at positions start..
-    start: int  # tokens already in this shard's cache for the sequence
-    sample: bool  # the chunk ends at the sequence's last known token: draw the next one
-    draw_index: int = 0  # which token of the completion the draw is (seeds the sampler)
-    params: SamplingParams | None = None  # with sample
-    seed: int = 0
-
-
-@dataclass
-class StepPlan:
-    work: list[SeqWork] = field(default_factory=list)
-    release: list[str] = field(default_factory=list)  # finished or preempted sequences
-
-
-@dataclass
-class StepResult:
-    tokens: dict[str, int]  # seq_id -> sampled token
-    free_blocks: tuple[int, int]
-    seconds: dict[str, float]
+from gptoss_ray.shards.kv_cache import PagedBatchView, PagedKVCache, PagedSequence
 
 
 class Shard:
@@ -88,7 +62,7 @@ class Shard:
         kernels = self.device.type == "cuda" if kernels is None else kernels
         self.model.use_kernels(kernels)
         layout = kv_layout or KVLayout.from_budget(
-            self.config, kv_budget_bytes, dtype=dtype, block_size=block_size
+            self.config, kv_budget_bytes, bytes_per_value=dtype.itemsize, block_size=block_size
         )
         self.kv = PagedKVCache(self.config, layout, dtype=dtype, device=self.device)
         # rows each local expert has received, per layer, since the shard started; kept

@@ -9,9 +9,9 @@ import socket
 
 import torch
 
+from gptoss_ray.model.types import KVLayout, StepPlan, StepResult
 from gptoss_ray.router.transport import DistributedTransport, LocalTransport
-from gptoss_ray.shards.kv_cache import KVLayout
-from gptoss_ray.shards.shard import Shard, StepPlan, StepResult
+from gptoss_ray.shards.shard import Shard
 
 
 class ShardWorker:

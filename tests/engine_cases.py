@@ -9,7 +9,7 @@ import torch
 
 from gptoss_ray.model.checkpoint import load_model
 from gptoss_ray.model.generate import generate
-from gptoss_ray.model.sampling import SamplingParams
+from gptoss_ray.model.types import SamplingParams
 
 LENGTHS = (5, 40, 70, 3, 100, 17, 33, 64, 1, 50)
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)

@@ -15,8 +15,8 @@ import time
 import ray
 from ray.cluster_utils import Cluster
 
-from gptoss_ray.cluster.coordinator import EngineDown
 from gptoss_ray.cluster.engine import Engine
+from gptoss_ray.model.types import EngineUnavailable
 from tests.engine_cases import GREEDY, baseline, prompts
 
 OPTIONS = {"dtype": "float32", "gpus_per_shard": 1, "token_budget": 32}
@@ -113,7 +113,7 @@ def no_spare() -> dict:
         threading.Thread(target=remove_node, daemon=True).start()
         try:
             engine.generate(prompts(), GREEDY)
-        except EngineDown as exc:
+        except EngineUnavailable as exc:
             error = str(exc)
         seconds = time.monotonic() - start
         health = ray.get(engine.coordinator.info.remote())["healthy"]

@@ -10,8 +10,7 @@ from gptoss_ray.cluster.coordinator import ChatEngine
 from gptoss_ray.cluster.engine_core import EngineCore
 from gptoss_ray.model import tokenizer as tok
 from gptoss_ray.model.config import ModelConfig
-from gptoss_ray.shards.kv_cache import KVLayout
-from gptoss_ray.shards.shard import StepPlan, StepResult
+from gptoss_ray.model.types import KVLayout, StepPlan, StepResult
 
 REPLIES = {
     "answer": "<|channel|>analysis<|message|>Thinking about it.<|end|><|start|>assistant"

@@ -154,3 +154,16 @@ print(len(commands))
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert int(done.stdout) >= 25  # every command was asked
+
+
+def test_the_types_that_cross_layers_load_without_torch():
+    """The scheduler and the engine loop are policy and bookkeeping: they, and the types
+    they share with the shards and the API, load without the model's math."""
+    script = (
+        "import sys\n"
+        "import gptoss_ray.model.types, gptoss_ray.cluster.scheduler, gptoss_ray.cluster.engine_core\n"
+        "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -9,12 +9,13 @@ import torch
 
 from gptoss_ray.cluster.engine_core import EngineCore
 from gptoss_ray.model.model import count_rows
-from gptoss_ray.model.sampling import Sampler, SamplingParams, sample_rows
+from gptoss_ray.model.sampling import Sampler, sample_rows
+from gptoss_ray.model.types import KVLayout, SamplingParams, SeqWork, StepPlan
 from gptoss_ray.router.moe import StepTimer
 from gptoss_ray.router.transport import LocalTransport
 from gptoss_ray.shards.decode_graphs import DecodeGraphs
-from gptoss_ray.shards.kv_cache import KVLayout, PagedKVCache
-from gptoss_ray.shards.shard import SeqWork, Shard, StepPlan
+from gptoss_ray.shards.kv_cache import PagedKVCache
+from gptoss_ray.shards.shard import Shard
 from tests.engine_cases import GREEDY, baseline, baseline_model, prompts
 from tests.test_kernels import random_experts
 from tests.tiny import tiny_config

@@ -7,10 +7,8 @@ import pytest
 import torch
 
 from gptoss_ray.cluster.engine_core import EngineCore
-from gptoss_ray.model.generate import RequestError
-from gptoss_ray.model.sampling import SamplingParams
+from gptoss_ray.model.types import KVLayout, RequestError, SamplingParams, blocks_held
 from gptoss_ray.router.transport import LocalTransport
-from gptoss_ray.shards.kv_cache import KVLayout, blocks_held
 from gptoss_ray.shards.shard import Shard
 from tests.engine_cases import GREEDY, baseline, baseline_model, prompts
 

@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 
 from gptoss_ray.cluster.engine import Engine
-from gptoss_ray.model.generate import RequestError
-from gptoss_ray.model.sampling import SamplingParams
+from gptoss_ray.model.types import RequestError, SamplingParams
 from tests.engine_cases import GREEDY, baseline, prompts
 
 SEEDED = SamplingParams(max_tokens=8, temperature=0.8, top_k=50, seed=11, ignore_eos=True)

@@ -3,8 +3,9 @@ import torch
 from pydantic import ValidationError
 
 from gptoss_ray.model.checkpoint import Checkpoint, write_random_checkpoint
-from gptoss_ray.model.generate import RequestError, generate
-from gptoss_ray.model.sampling import Sampler, SamplingParams
+from gptoss_ray.model.generate import generate
+from gptoss_ray.model.sampling import Sampler
+from gptoss_ray.model.types import RequestError, SamplingParams
 from tests.tiny import tiny_config
 
 CONFIG = tiny_config(vocab_size=320)

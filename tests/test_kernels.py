@@ -19,7 +19,8 @@ from gptoss_ray.model.kernels.mxfp4_matmul import (
 )
 from gptoss_ray.model.kv_cache import SequenceBatch
 from gptoss_ray.model.model import AttentionBlock, ExpertSlice, RotaryEmbedding, swiglu
-from gptoss_ray.shards.kv_cache import KVLayout, PagedBatchView, PagedKVCache
+from gptoss_ray.model.types import KVLayout
+from gptoss_ray.shards.kv_cache import PagedBatchView, PagedKVCache
 from tests.tiny import tiny_config
 
 # the interpreter evaluates sigmoid(x) as 1 / (1 + exp(-x)) in numpy: exp overflows to

@@ -10,7 +10,7 @@ from transformers import GptOssForCausalLM, Mxfp4Config
 from gptoss_ray.model.checkpoint import Checkpoint, write_random_checkpoint
 from gptoss_ray.model.generate import generate
 from gptoss_ray.model.kv_cache import SequenceBatch, SequenceKV
-from gptoss_ray.model.sampling import SamplingParams
+from gptoss_ray.model.types import SamplingParams
 from tests.tiny import ORACLE_CONFIGS
 
 DECODE_STEPS = 16

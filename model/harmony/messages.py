@@ -16,9 +16,10 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gptoss_ray.model.harmony.schema import SchemaError, check_schema
+from gptoss_ray.model.types import RequestError
 
 
-class HarmonyError(ValueError):
+class HarmonyError(RequestError):
     """Bad harmony input: names the message index and the field."""
 
 

@@ -1,0 +1,168 @@
+"""The types that cross the layers, importable without torch: a request's sampling
+parameters and its errors (each error type carries its OpenAI `code` and HTTP status),
+the shards' KV layout and block arithmetic, and one engine step as data: what the
+scheduler tells a shard to do, and what the shard answers.
+
+The scheduler, the coordinator, the command line and the HTTP front read these without
+loading the model's math."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from gptoss_ray.model.config import ModelConfig
+
+
+# -- errors ------------------------------------------------------------------------------
+class RequestError(ValueError):
+    """A request that cannot be served as asked; the message names what and why. The
+    class says how an API answers it: OpenAI's error `code` and the HTTP status."""
+
+    code = "invalid_request"
+    status = 400
+
+
+class ContextLengthExceeded(RequestError):
+    code = "context_length_exceeded"
+
+
+class UnknownRequest(RequestError):
+    code = "not_found"
+    status = 404
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine cannot serve now (a lost shard was not replaced, or its loop stopped):
+    not the request's fault."""
+
+    code = "engine_down"
+    status = 503
+
+
+# -- sampling ----------------------------------------------------------------------------
+class SamplingParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_tokens: int = Field(default=16, ge=1, description="new tokens at most")
+    temperature: float = Field(default=1.0, ge=0, description="0 = greedy")
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    top_k: int = Field(default=0, ge=0, description="0 = no top-k cut")
+    seed: int | None = Field(default=None, ge=0)
+    stop_token_ids: list[int] | None = Field(
+        default=None, description="None = the model's stop ids (<|return|>, <|call|>)"
+    )
+    ignore_eos: bool = False
+
+    def stop_ids(self, model_stop_ids: list[int]) -> frozenset[int]:
+        if self.ignore_eos:
+            return frozenset(self.stop_token_ids or ())
+        return frozenset(self.stop_token_ids if self.stop_token_ids is not None else model_stop_ids)
+
+
+def check_prompt(prompt: Sequence[int], max_tokens: int, config: ModelConfig, where: str) -> None:
+    """Rejects an empty prompt, an id outside the vocabulary, or a prompt plus max_tokens
+    beyond the context; the message starts with `where` ("prompt 3", "request X: the
+    prompt")."""
+    if len(prompt) == 0:
+        raise RequestError(f"{where} is empty")
+    for pos, token in enumerate(prompt):
+        if not isinstance(token, int) or not 0 <= token < config.vocab_size:
+            raise RequestError(
+                f"{where}: token id {token!r} at position {pos} is outside "
+                f"0..{config.vocab_size - 1}"
+            )
+    if len(prompt) + max_tokens > config.max_context_length:
+        raise ContextLengthExceeded(
+            f"{where}: {len(prompt)} prompt tokens + max_tokens {max_tokens} "
+            f"exceed the context length {config.max_context_length}"
+        )
+
+
+# -- the KV cache's blocks -----------------------------------------------------------------
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def first_visible_block(length: int, window: int, block_size: int) -> int:
+    """The first block a sliding layer still needs when the next query is at `length`:
+    that query sees keys length-window+1 .. length."""
+    return max(0, length - window + 1) // block_size
+
+
+def blocks_held(length: int, new: int, block_size: int, window: int | None) -> tuple[int, int]:
+    """(full blocks, sliding blocks) a sequence holds while its chunk of `new` tokens
+    at positions length.. runs (and after it)."""
+    end = length + new
+    full = cdiv(end, block_size)
+    if window is None or end == 0:
+        return full, 0
+    return full, (end - 1) // block_size - first_visible_block(length, window, block_size) + 1
+
+
+@dataclass
+class KVLayout:
+    block_size: int
+    full_blocks: int  # pool size of the full-attention layers
+    sliding_blocks: int  # pool size of the sliding-window layers
+
+    @classmethod
+    def from_budget(
+        cls,
+        config: ModelConfig,
+        budget_bytes: int,
+        *,
+        bytes_per_value: int,
+        block_size: int = 16,
+        max_seqs: int = 64,
+        max_chunk: int = 256,
+    ) -> KVLayout:
+        """Split a memory budget (keys and values of `bytes_per_value` each: 2 for
+        bfloat16): the sliding pool gets what max_seqs sequences can use at most (the
+        window plus a chunk), the full pool the rest."""
+        per_token = 2 * config.num_key_value_heads * config.head_dim * bytes_per_value
+        n_sliding = sum(config.is_sliding(i) for i in range(config.num_hidden_layers))
+        n_full = config.num_hidden_layers - n_sliding
+        sliding_per_seq = cdiv(config.sliding_window + max_chunk, block_size) + 1
+        sliding = max_seqs * sliding_per_seq if n_sliding else 0
+        sliding_bytes = sliding * block_size * per_token * n_sliding
+        sliding_bytes = min(sliding_bytes, budget_bytes // 2)
+        sliding = sliding_bytes // (block_size * per_token * max(n_sliding, 1)) if n_sliding else 0
+        full = (budget_bytes - sliding_bytes) // (block_size * per_token * max(n_full, 1))
+        if full < 1 or (n_sliding and sliding < sliding_per_seq):
+            raise ValueError(
+                f"a KV budget of {budget_bytes} bytes cannot hold even one sequence "
+                f"({block_size}-token blocks, {per_token} bytes per token per layer)"
+            )
+        return cls(block_size, int(full), int(sliding))
+
+
+# -- one engine step ---------------------------------------------------------------------
+@dataclass
+class SeqWork:
+    """One sequence's part of a step on its home shard."""
+
+    seq_id: str
+    tokens: list[int]  # the next chunk, at positions start..
+    start: int  # tokens already in this shard's cache for the sequence
+    sample: bool  # the chunk ends at the sequence's last known token: draw the next one
+    draw_index: int = 0  # which token of the completion the draw is (seeds the sampler)
+    params: SamplingParams | None = None  # with sample
+    seed: int = 0
+
+
+@dataclass
+class StepPlan:
+    work: list[SeqWork] = field(default_factory=list)
+    release: list[str] = field(default_factory=list)  # finished or preempted sequences
+
+
+@dataclass
+class StepResult:
+    tokens: dict[str, int]  # seq_id -> sampled token
+    free_blocks: tuple[int, int]
+    seconds: dict[str, float]
