@@ -140,6 +140,12 @@ class SequenceBatch:
     def num_tokens(self) -> int:
         return sum(self.lengths)
 
+    @property
+    def real(self) -> torch.Tensor | None:
+        """Which rows are tokens (1) and which padding (0); None: every row is a token
+        (a static decode batch has padding rows)."""
+        return None
+
     def positions(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """Absolute position of every new token, [T]."""
         parts = [

@@ -8,6 +8,7 @@ sequence up in its own KV cache. Parameter names follow the original checkpoint 
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -149,7 +150,7 @@ class AttentionBlock(nn.Module):
                     q[rows], k_all, v_all, self.sinks, q_offset=offset, window=self.window
                 )
                 start += n
-        return x + self.out(out.reshape(t, -1))
+        return x + self.out(out.reshape(t, q_dim))
 
 
 class Router(nn.Module):
@@ -174,8 +175,22 @@ def swiglu(u: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
     return gate * torch.sigmoid(alpha * gate) * (linear + 1)
 
 
+class ExpertExchange(Protocol):
+    """Expert parallelism, plugged into each MoE block from outside (router/moe.py): sends
+    every (token, slot) pair to the shard that owns its expert, runs the pairs that come
+    here on this shard's `ExpertSlice`, and sends the results home."""
+
+    def __call__(
+        self, experts: ExpertSlice, h: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """-> this shard's tokens' MoE output [T, H], float32, as `ExpertSlice.forward`."""
+        ...
+
+
 class ExpertSlice(nn.Module):
-    """Experts [lo, hi) of one MoE layer, kept in MXFP4 (blocks and scales, uint8)."""
+    """Experts [lo, hi) of one MoE layer, kept in MXFP4 (blocks and scales, uint8). With
+    every expert here it computes the layer by itself; a slice of them needs an exchange
+    with the shards that hold the others."""
 
     def __init__(self, config: ModelConfig, lo: int, hi: int) -> None:
         super().__init__()
@@ -185,6 +200,8 @@ class ExpertSlice(nn.Module):
         self.num_experts = config.num_experts
         self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
         self.use_kernels = False  # the Triton path (Transformer.use_kernels)
+        self.exchange: ExpertExchange | None = None  # expert parallelism (Transformer.distribute)
+        self.load: torch.Tensor | None = None  # [E] rows received (Transformer.count_expert_load)
         n, h, i = hi - lo, config.hidden_size, config.intermediate_size
         g1, g2 = h // mxfp4.BLOCK, i // mxfp4.BLOCK
         u8, b16 = torch.uint8, torch.bfloat16
@@ -194,6 +211,10 @@ class ExpertSlice(nn.Module):
         self.mlp2_blocks = nn.Buffer(torch.zeros(n, h, g2, mxfp4.BYTES_PER_BLOCK, dtype=u8))
         self.mlp2_scales = nn.Buffer(torch.zeros(n, h, g2, dtype=u8))
         self.mlp2_bias = nn.Buffer(torch.zeros(n, h, dtype=b16))
+
+    @property
+    def holds_all(self) -> bool:
+        return (self.lo, self.hi) == (0, self.num_experts)
 
     def run_expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         """x [m, H] -> expert(x) [m, H], for a global expert id in [lo, hi). One expert's
@@ -206,6 +227,8 @@ class ExpertSlice(nn.Module):
 
     def run_grouped(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Rows x [m, H], each for global expert experts[m] (all in this slice) -> [m, H]."""
+        if x.shape[0] == 0:  # a shard with nothing to do still takes part in every layer
+            return x
         if self.use_kernels:
             from gptoss_ray.model.kernels.mxfp4_matmul import moe_mxfp4
 
@@ -223,35 +246,34 @@ class ExpertSlice(nn.Module):
             out[rows] = self.run_expert(expert, x[rows])
         return out
 
+    def count(self, experts: torch.Tensor, counted: torch.Tensor | None = None) -> None:
+        """Adds the rows routed to each expert to `load` (`counted` [rows]: 1, or 0 for a
+        padding row), in place on the device: bincount would size its output from the
+        data and so wait for it."""
+        if self.load is not None:
+            ones = counted if counted is not None else torch.ones_like(experts)
+            self.load.index_add_(0, experts, ones.to(self.load.dtype))
+
     def forward(
-        self, h: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+        self,
+        h: torch.Tensor,
+        expert_ids: torch.Tensor,
+        weights: torch.Tensor,
+        real: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """h [T, H], expert_ids and weights [T, k] -> weighted contributions [T, k, H] in
-        float32: slot (t, j) holds weights[t, j] * expert(h[t]) when its expert is in this
-        slice, zero otherwise. Slices of one layer fill disjoint slots."""
+        """h [T, H], expert_ids and weights [T, k] -> the MoE output [T, H] in float32: each
+        token's k expert outputs, weighted and summed in slot order. `real` [T] marks the
+        rows that are tokens (1) or padding (0), for the load count."""
+        if self.exchange is not None:
+            return self.exchange(self, h, expert_ids, weights)
         t, k = expert_ids.shape
-        if (self.lo, self.hi) == (0, self.num_experts):
-            # every pair is local: the same rows in the same order as below, without the
-            # data-dependent shapes (no host sync, so a decode step can be graph-captured)
-            rows = h[:, None, :].expand(t, k, h.shape[1]).reshape(t * k, h.shape[1])
-            y = self.run_grouped(rows, expert_ids.reshape(-1)).view(t, k, -1)
-            return y.float() * weights[..., None]
-        out = torch.zeros(t, k, h.shape[1], dtype=torch.float32, device=h.device)
-        local = (expert_ids >= self.lo) & (expert_ids < self.hi)
-        tok, slot = local.nonzero(as_tuple=True)
-        if tok.numel():
-            y = self.run_grouped(h[tok], expert_ids[tok, slot])
-            out[tok, slot] = y.float() * weights[tok, slot, None]
-        return out
-
-
-def count_rows(
-    load: torch.Tensor, experts: torch.Tensor, counted: torch.Tensor | None = None
-) -> None:
-    """load[e] += rows for expert e (or the rows' `counted` weights, 0 or 1), in place on
-    the device: bincount would size its output from the data and so wait for it."""
-    ones = counted if counted is not None else torch.ones_like(experts, dtype=load.dtype)
-    load.index_add_(0, experts, ones)
+        # every pair is local: no data-dependent shapes (nor host syncs), so a decode step
+        # can be graph-captured
+        rows = h[:, None, :].expand(t, k, h.shape[1]).reshape(t * k, h.shape[1])
+        flat = expert_ids.reshape(-1)
+        self.count(flat, None if real is None else real[:, None].expand(t, k).reshape(-1))
+        y = self.run_grouped(rows, flat).view(t, k, h.shape[1])
+        return combine(y.float() * weights[..., None])
 
 
 def combine(contributions: torch.Tensor) -> torch.Tensor:
@@ -270,22 +292,11 @@ class MLPBlock(nn.Module):
         self.router = Router(config, dtype)
         self.experts = ExpertSlice(config, *experts)
 
-    def forward(
-        self, x: torch.Tensor, load: torch.Tensor | None = None, counted: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """With every expert local: x + MoE(x). A shard's partial sum is `partial`."""
-        return (x.float() + combine(self.partial(x, load, counted))).to(x.dtype)
-
-    def partial(
-        self, x: torch.Tensor, load: torch.Tensor | None = None, counted: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """The weighted contributions [T, k, H] of this block's expert slice. `load` [E],
-        if given, counts the rows routed to each expert (`counted` [T*k]: 0 or 1 each)."""
+    def forward(self, x: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, H] -> x + MoE(x)."""
         h = self.norm(x)
         expert_ids, weights = self.router(h)
-        if load is not None:
-            count_rows(load, expert_ids.reshape(-1), counted)
-        return self.experts(h, expert_ids, weights)
+        return (x.float() + self.experts(h, expert_ids, weights, real)).to(x.dtype)
 
 
 class TransformerBlock(nn.Module):
@@ -299,7 +310,7 @@ class TransformerBlock(nn.Module):
     def forward(
         self, x: torch.Tensor, batch: SequenceBatch, cos: torch.Tensor, sin: torch.Tensor
     ) -> torch.Tensor:
-        return self.mlp(self.attn(x, batch, cos, sin))
+        return self.mlp(self.attn(x, batch, cos, sin), batch.real)
 
 
 class Transformer(nn.Module):
@@ -342,14 +353,35 @@ class Transformer(nn.Module):
                 module.use_kernels = enabled
         return self
 
+    def distribute(self, exchange: ExpertExchange | None) -> Transformer:
+        """Every MoE block reaches the experts it does not hold through `exchange`."""
+        for block in self.block:
+            block.mlp.experts.exchange = exchange
+        return self
+
+    def count_expert_load(self, load: torch.Tensor | None) -> Transformer:
+        """Counts, from now on, the rows each local expert receives into load[layer, e]
+        (None: stop counting)."""
+        for layer, block in enumerate(self.block):
+            block.mlp.experts.load = None if load is None else load[layer]
+        return self
+
     @torch.inference_mode()
     def forward(
-        self, tokens: torch.Tensor, batch: SequenceBatch, *, all_logits: bool = False
+        self,
+        tokens: torch.Tensor,
+        batch: SequenceBatch,
+        *,
+        all_logits: bool = False,
+        sequences: list[int] | None = None,
+        timer: StepTimer | None = None,
     ) -> torch.Tensor:
         """tokens [T] (the sequences' new tokens, concatenated) -> float32 logits of each
-        sequence's last token [S, V], or of every token [T, V] with all_logits. Appends the
-        tokens to their sequences' caches."""
-        if self.expert_range != (0, self.config.num_experts):
+        sequence's last token [S, V] (of the `sequences` chosen by index, if given), or of
+        every token [T, V] with all_logits. Appends the tokens to their sequences' caches.
+        `timer.lap(phase)`, if given, is called as each phase ends."""
+        experts = self.block[0].mlp.experts
+        if not experts.holds_all and experts.exchange is None:
             lo, hi = self.expert_range
             raise RuntimeError(
                 f"this model holds experts [{lo}, {hi}) only; the others live on other shards, "
@@ -357,11 +389,25 @@ class Transformer(nn.Module):
             )
         if tokens.shape[0] != batch.num_tokens:
             raise ValueError(f"{tokens.shape[0]} tokens for a batch of {batch.num_tokens}")
+        lap = timer.lap if timer is not None else _no_lap
         cos, sin = self.rope.cos_sin(batch.positions(tokens.device))
         x = self.embedding(tokens)
+        lap("prepare")
         for block in self.block:
-            x = block(x, batch, cos, sin)
+            x = block.attn(x, batch, cos, sin)
+            lap("attention")
+            x = block.mlp(x, batch.real)
+            lap("experts")
         batch.commit()
         if not all_logits:
-            x = x[batch.last_rows()]
+            last = batch.last_rows()
+            x = x[last if sequences is None else [last[i] for i in sequences]]
         return self.unembedding(self.norm(x)).float()
+
+
+class StepTimer(Protocol):
+    def lap(self, phase: str) -> None: ...
+
+
+def _no_lap(phase: str) -> None:
+    pass

@@ -1,4 +1,4 @@
-"""One expert-parallel MoE layer: gate, dispatch, local experts, combine.
+"""Expert parallelism for the MoE layers: dispatch, the local experts, combine.
 
 The home shard keeps the routing weights; the owners return unweighted expert outputs,
 and the home multiplies and sums each token's k contributions in slot order in float32:
@@ -11,7 +11,7 @@ from collections import defaultdict
 
 import torch
 
-from gptoss_ray.model.model import MLPBlock, combine, count_rows
+from gptoss_ray.model.model import ExpertSlice, combine
 from gptoss_ray.router.plan import DispatchPlan
 from gptoss_ray.router.transport import Transport
 
@@ -56,30 +56,33 @@ def combine_back(
     return combine(contributions)
 
 
-def expert_parallel_mlp(
-    block: MLPBlock,
-    x: torch.Tensor,
-    owners: torch.Tensor,
-    transport: Transport,
-    timer: StepTimer | None = None,
-    load: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """x [T, H] (T may be 0: every shard takes part in the exchange) -> x + MoE(x).
-    `load` [E] (on the rows' device), if given, counts the rows each local expert received."""
-    h = block.norm(x)
-    expert_ids, weights = block.router(h)
-    plan = DispatchPlan.build(expert_ids, owners, transport.world_size)
-    if timer:
-        timer.lap("gate")
-    rows, experts, recv_counts = dispatch(h, plan, transport)
-    if load is not None:
-        count_rows(load, experts)
-    if timer:
-        timer.lap("dispatch")
-    y = block.experts.run_grouped(rows, experts) if rows.shape[0] else rows
-    if timer:
-        timer.lap("experts")
-    out = combine_back(y, plan, recv_counts, weights, transport)
-    if timer:
-        timer.lap("combine")
-    return (x.float() + out).to(x.dtype)
+class ExpertParallel:
+    """The expert exchange of one shard, plugged into every MoE block of its model
+    (`Transformer.distribute`): each (token, slot) pair goes to its expert's owner, the
+    pairs that arrive here run on this shard's experts, and their outputs come home to be
+    weighted and summed in slot order. Every shard calls it in every layer, even with no
+    tokens of its own: the exchange is collective. `timer`, if set, times its phases."""
+
+    def __init__(self, owners: torch.Tensor, transport: Transport) -> None:
+        self.owners = owners  # [E] rank of each expert, on the rows' device
+        self.transport = transport
+        self.timer: StepTimer | None = None
+
+    def __call__(
+        self, experts: ExpertSlice, h: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        lap = self.timer.lap if self.timer is not None else _no_lap
+        plan = DispatchPlan.build(expert_ids, self.owners, self.transport.world_size)
+        lap("gate")
+        rows, received, recv_counts = dispatch(h, plan, self.transport)
+        experts.count(received)
+        lap("dispatch")
+        y = experts.run_grouped(rows, received)
+        lap("experts")
+        out = combine_back(y, plan, recv_counts, weights, self.transport)
+        lap("combine")
+        return out
+
+
+def _no_lap(phase: str) -> None:
+    pass

@@ -106,23 +106,39 @@ def _padded(table: list[list[int]]) -> torch.Tensor:
 
 
 class StaticDecodeBatch:
-    """The first `rows` rows of the buffers as a `PagedBatch` for the attention kernel:
-    every tensor a view of the buffers, so a graph that reads them sees each refill."""
+    """The first `rows` rows of the buffers as the model's batch (one token a row, the
+    padding rows marked in `real`) and as a `PagedBatch` for the attention kernel: every
+    tensor a view of the buffers, so a graph that reads them sees each refill."""
 
     def __init__(self, buffers: DecodeBuffers, rows: int) -> None:
         self.cache = buffers.cache
+        self.num_tokens = rows
         meta = buffers.meta[:, :rows]
-        self.tokens, self.positions, self.real = meta[TOKEN], meta[POSITION], meta[REAL]
+        self.tokens, self.position_ids, self.real = meta[TOKEN], meta[POSITION], meta[REAL]
         self._write = {
             s: (meta[_row(WRITE_BLOCK, s)], meta[_row(WRITE_SLOT, s)]) for s in (False, True)
         }
-        tiles = (buffers.arange[:rows], buffers.arange[:rows], self.positions, buffers.ones[:rows])
+        tiles = (
+            buffers.arange[:rows],
+            buffers.arange[:rows],
+            self.position_ids,
+            buffers.ones[:rows],
+        )
         self._tables = {
             s: AttentionTables(
                 buffers.block_tables[s][:rows], meta[_row(KV_START, s)], [], [1] * rows, tiles
             )
             for s in (False, True)
         }
+
+    def positions(self, device: torch.device | str) -> torch.Tensor:
+        return self.position_ids
+
+    def last_rows(self) -> slice:
+        return slice(None)  # every row is a sequence's one new token
+
+    def commit(self) -> None:
+        """Nothing: a replay runs no Python, so the caller commits the new keys."""
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         block, slot = self._write[self.cache.config.is_sliding(layer)]
@@ -134,22 +150,6 @@ class StaticDecodeBatch:
 
     def tables(self, sliding: bool) -> AttentionTables:
         return self._tables[sliding]
-
-
-def decode_forward(
-    model: Transformer, batch: StaticDecodeBatch, load: torch.Tensor | None = None
-) -> torch.Tensor:
-    """One decode step over a static batch -> float32 logits [rows, V]. Free of host
-    synchronisation and of data-dependent shapes, so that it can be captured. `load`
-    [layers, E] counts the rows routed to each expert."""
-    x = model.embedding(batch.tokens)
-    cos, sin = model.rope.cos_sin(batch.positions)
-    k = model.config.experts_per_token
-    counted = batch.real[:, None].expand(-1, k).reshape(-1)  # padding rows count 0
-    for layer, block in enumerate(model.block):
-        x = block.attn(x, batch, cos, sin)
-        x = block.mlp(x, None if load is None else load[layer], counted)
-    return model.unembedding(model.norm(x)).float()
 
 
 class GraphCaptureError(RuntimeError):
@@ -194,7 +194,7 @@ class DecodeGraphs:
         self.buffers.fill(seqs, tokens, rows)
         batch = self.buffers.batch(rows)
         if not self.capture:
-            return decode_forward(self.model, batch, self.load)[: len(seqs)]
+            return self.model(batch.tokens, batch)[: len(seqs)]
         if rows not in self.graphs:
             try:
                 self.graphs[rows] = self._capture(batch)
@@ -210,10 +210,14 @@ class DecodeGraphs:
         # and counts no expert load, so that the step is counted once.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            decode_forward(self.model, batch)
+        self.model.count_expert_load(None)
+        try:
+            with torch.cuda.stream(side):
+                self.model(batch.tokens, batch)
+        finally:
+            self.model.count_expert_load(self.load)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = decode_forward(self.model, batch, self.load)
+            logits = self.model(batch.tokens, batch)
         return graph, logits

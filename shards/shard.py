@@ -14,7 +14,7 @@ from gptoss_ray.model.kv_cache import SequenceBatch
 from gptoss_ray.model.model import Transformer
 from gptoss_ray.model.sampling import sample_rows
 from gptoss_ray.model.types import KVLayout, SeqWork, StepPlan, StepResult
-from gptoss_ray.router.moe import StepTimer, expert_parallel_mlp
+from gptoss_ray.router.moe import ExpertParallel, StepTimer
 from gptoss_ray.router.plan import expert_ranges, owner_table
 from gptoss_ray.router.transport import Transport
 from gptoss_ray.shards.decode_graphs import DecodeGraphs, GraphCaptureError
@@ -57,8 +57,10 @@ class Shard:
             ranges = expert_ranges(Checkpoint(model).config.num_experts, world_size)
             self.model = load_model(model, dtype=dtype, device=self.device, experts=ranges[rank])
         self.experts = ranges[rank]
-        self.owners = owner_table(ranges).to(self.device)
         self.config = self.model.config
+        # the other shards' experts are reached through the exchange (one shard has all)
+        self.exchange = ExpertParallel(owner_table(ranges).to(self.device), transport)
+        self.model.distribute(self.exchange if world_size > 1 else None)
         kernels = self.device.type == "cuda" if kernels is None else kernels
         self.model.use_kernels(kernels)
         layout = kv_layout or KVLayout.from_budget(
@@ -73,6 +75,7 @@ class Shard:
             dtype=torch.long,
             device=self.device,
         )
+        self.model.count_expert_load(self.expert_load)
         if decode_graphs is None:
             decode_graphs = self.device.type == "cuda" and kernels and world_size == 1
         if decode_graphs and world_size > 1:
@@ -133,24 +136,12 @@ class Shard:
     def _forward(
         self, work: list[SeqWork], caches: list[PagedSequence], sampled: list[int], timer: StepTimer
     ) -> torch.Tensor:
-        """The step through the layers, any mix of prefill chunks and decodes, with the
-        experts' all-to-all -> logits of the sampled sequences' last tokens [len(sampled), V]."""
+        """The step through the layers, any mix of prefill chunks and decodes (or none: the
+        exchange needs every shard) -> logits of the sampled sequences' last tokens."""
         lengths = [len(w.tokens) for w in work]
         batch = SequenceBatch(caches, lengths, PagedBatchView(caches, lengths) if work else None)
         tokens = torch.tensor(
             [t for w in work for t in w.tokens], dtype=torch.long, device=self.device
         )
-        model = self.model
-        cos, sin = model.rope.cos_sin(batch.positions(self.device))
-        x = model.embedding(tokens)
-        timer.lap("prepare")  # block tables, token tensor, embedding
-        for layer, block in enumerate(model.block):
-            if work:
-                x = block.attn(x, batch, cos, sin)
-            timer.lap("attention")
-            x = expert_parallel_mlp(
-                block.mlp, x, self.owners, self.transport, timer, self.expert_load[layer]
-            )
-        batch.commit()
-        last = batch.last_rows()
-        return model.unembedding(model.norm(x[[last[i] for i in sampled]])).float()
+        self.exchange.timer = timer
+        return self.model(tokens, batch, sequences=sampled, timer=timer)

@@ -164,13 +164,27 @@ def test_expert_slices_partial_sums_recombine_exactly(hf_dir):
     parts = [Checkpoint(hf_dir).load(dtype=torch.float32, experts=r) for r in ranges]
     x = torch.randn(11, CONFIG.hidden_size, generator=torch.Generator().manual_seed(0))
     for layer in range(CONFIG.num_hidden_layers):
-        whole = full.block[layer].mlp.partial(x)
-        pieces = [p.block[layer].mlp.partial(x) for p in parts]
+        whole = slot_contributions(full.block[layer].mlp, x)
+        pieces = [slot_contributions(p.block[layer].mlp, x) for p in parts]
         assert torch.equal(pieces[2] + pieces[0] + pieces[1], whole)
         assert torch.equal(combine(sum(pieces)), combine(whole))
         # every slot was filled by exactly one shard
         filled = sum((p.abs().sum(-1) > 0).int() for p in pieces)
         assert (filled <= 1).all() and filled.sum() > 0
+
+
+def slot_contributions(block, x):
+    """[T, k, H] float32: weights[t, j] * expert(h[t]) in each slot (t, j) whose expert this
+    block's slice holds, zero elsewhere (a shard's share before the combine)."""
+    h = block.norm(x)
+    expert_ids, weights = block.router(h)
+    experts = block.experts
+    out = torch.zeros(*expert_ids.shape, x.shape[1])
+    tok, slot = ((expert_ids >= experts.lo) & (expert_ids < experts.hi)).nonzero(as_tuple=True)
+    if tok.numel():
+        y = experts.run_grouped(h[tok], expert_ids[tok, slot])
+        out[tok, slot] = y.float() * weights[tok, slot, None]
+    return out
 
 
 def test_partial_model_refuses_a_whole_forward(hf_dir):

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from gptoss_ray.cluster.engine_core import EngineCore
-from gptoss_ray.model.model import count_rows
+from gptoss_ray.model.model import ExpertSlice
 from gptoss_ray.model.sampling import Sampler, sample_rows
 from gptoss_ray.model.types import KVLayout, SamplingParams, SeqWork, StepPlan
-from gptoss_ray.router.moe import StepTimer
+from gptoss_ray.router.moe import ExpertParallel, StepTimer
 from gptoss_ray.router.transport import LocalTransport
 from gptoss_ray.shards.decode_graphs import DecodeGraphs
 from gptoss_ray.shards.kv_cache import PagedKVCache
@@ -135,15 +135,18 @@ def test_the_all_local_expert_path_is_the_general_path_bit_for_bit():
     ids = torch.stack([torch.randperm(config.num_experts, generator=g)[:4] for _ in range(7)])
     weights = torch.softmax(torch.randn(7, 4, generator=g), -1)
     fast = experts(h, ids, weights)
-    experts.num_experts += 1  # no longer "every expert here": the nonzero path
+    # the general path: the expert exchange, here with one shard that owns every expert
+    owners = torch.zeros(config.num_experts, dtype=torch.long)
+    experts.exchange = ExpertParallel(owners, LocalTransport())
     torch.testing.assert_close(experts(h, ids, weights), fast, rtol=0, atol=0)
 
 
 def test_count_rows_is_bincount():
+    counter = ExpertSlice(tiny_config(), 0, 0)
+    counter.load = load = torch.zeros(8, dtype=torch.long)
     experts = torch.tensor([3, 1, 3, 0, 3, 7])
-    load = torch.zeros(8, dtype=torch.long)
-    count_rows(load, experts)
-    count_rows(load, experts[:2])
+    counter.count(experts)
+    counter.count(experts[:2])
     assert (
         load.tolist()
         == (

@@ -38,8 +38,6 @@ import torch
 import triton
 import triton.language as tl
 
-from gptoss_ray.model.model import count_rows
-
 X_SCALE = 2.0**64  # inputs: far from overflow, products far from 2^-126
 _TO_TRUE = 2.0**126 / X_SCALE  # x 2^64 times weights x 2^-126 -> true products
 
@@ -272,7 +270,8 @@ class ExpertTiles:
         self.block_m = block_m
         self.order = torch.argsort(local_experts, stable=True).to(torch.int32)  # sorted -> row
         counts = torch.zeros(num_experts, dtype=torch.long, device=local_experts.device)
-        count_rows(counts, local_experts)
+        # index_add_, not bincount: bincount sizes its output from the data, so it waits
+        counts.index_add_(0, local_experts, torch.ones_like(local_experts, dtype=counts.dtype))
         self.expert_end = torch.cumsum(counts, 0).to(torch.int32)  # [E], in sorted rows
         starts = self.expert_end - counts
         tiles = (counts + block_m - 1) // block_m
