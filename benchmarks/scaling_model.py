@@ -113,6 +113,7 @@ def calibrate(
     from gptoss_ray.model.kv_cache import SequenceBatch
     from gptoss_ray.model.model import RMSNorm, RotaryEmbedding, TransformerBlock
     from gptoss_ray.model.types import KVLayout
+    from gptoss_ray.shards.kv_blocks import KVBlocks
     from gptoss_ray.shards.kv_cache import PagedBatchView, PagedKVCache
 
     config = ModelConfig.preset(config_name)
@@ -135,11 +136,11 @@ def calibrate(
             cache = PagedKVCache(config, layout, dtype=dtype, device=dev)
             for pool in (*cache.k, *cache.v):
                 pool.normal_(generator=g)
-            seqs = []
+            blocks, seqs = KVBlocks(layout, config.attention_window), []
             for i in range(b):
-                cache.prepare(str(i), c)
+                cache.place(str(i), 0, blocks.grow(str(i), 0, c))
                 cache.tables[str(i)].length = c  # c tokens already cached
-                seqs.append(cache.prepare(str(i), 1))
+                seqs.append(cache.place(str(i), c, blocks.grow(str(i), c, 1)))
             batch = SequenceBatch(seqs, [1] * b, PagedBatchView(seqs, [1] * b))
             cos, sin = rope.cos_sin(batch.positions(dev))
             x = torch.randn(b, h, generator=g, device=dev).to(dtype)

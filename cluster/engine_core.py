@@ -79,7 +79,7 @@ class EngineCore:
         self.scheduler = Scheduler(
             world_size,
             layout,
-            config.sliding_window,
+            config.attention_window,
             token_budget=token_budget,
             max_seqs=max_seqs,
         )
@@ -228,7 +228,7 @@ class EngineCore:
             stats.generated_tokens += sum(len(r.tokens) for r in results)
             stats.prefill_tokens += sum(len(w.tokens) for p in plans for w in p.work)
             stats.preemptions = self.scheduler.preempted
-            stats.free_blocks = [r.free_blocks for r in results]
+            stats.free_blocks = [self.scheduler.free_blocks(r) for r in range(self.world_size)]
             # the slowest shard sets the pace; its split tells where the time went
             slowest = max(results, key=lambda r: sum(r.seconds.values()))
             for phase, sec in slowest.seconds.items():

@@ -2,10 +2,11 @@
 
 Requests join and leave at every step. Each shard's batch holds its running sequences'
 decodes and prefill chunks under a per-step token budget; a new sequence is homed on the
-shard with the most free KV blocks. The scheduler mirrors every shard's block pools
-(`shards.kv_cache.blocks_held`), so it only plans steps that fit: when blocks run out,
-new requests wait, and if a running sequence cannot grow, the newest running sequence of
-that shard is preempted (its blocks freed) and later recomputed from its tokens."""
+shard with the most free KV blocks. The scheduler owns every shard's KV blocks (which
+are free, which sequence holds which: `shards.kv_blocks`) and puts in each plan the
+blocks it grants, so it only plans steps that fit: when blocks run out, new requests
+wait, and if a running sequence cannot grow, the newest running sequence of that shard
+is preempted (its blocks freed) and later recomputed from its tokens."""
 
 from __future__ import annotations
 
@@ -14,7 +15,15 @@ from collections import deque
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from gptoss_ray.model.types import KVLayout, SamplingParams, SeqWork, StepPlan, blocks_held
+from gptoss_ray.model.types import (
+    BlockGrant,
+    KVLayout,
+    SamplingParams,
+    SeqWork,
+    StepPlan,
+    blocks_held,
+)
+from gptoss_ray.shards.kv_blocks import KVBlocks
 
 
 class Status(StrEnum):
@@ -36,7 +45,6 @@ class Sequence:
     finish_reason: str | None = None
     home: int | None = None
     computed: int = 0  # tokens in the home shard's cache
-    held: tuple[int, int] = (0, 0)  # (full, sliding) blocks on the home shard
     preemptions: int = 0
     # time.monotonic() in the coordinator: queued, first token sampled, finished
     submitted_at: float = 0.0
@@ -59,8 +67,7 @@ class Sequence:
 
 @dataclass
 class ShardState:
-    free_full: int
-    free_sliding: int
+    blocks: KVBlocks
     running: list[Sequence] = field(default_factory=list)  # in admission order
     release: list[str] = field(default_factory=list)
 
@@ -79,9 +86,7 @@ class Scheduler:
         self.window = window
         self.token_budget = token_budget
         self.max_seqs = max_seqs
-        self.shards = [
-            ShardState(layout.full_blocks, layout.sliding_blocks) for _ in range(world_size)
-        ]
+        self.shards = [ShardState(KVBlocks(layout, window)) for _ in range(world_size)]
         self.waiting: deque[Sequence] = deque()
         self.preempted = 0
 
@@ -119,11 +124,12 @@ class Scheduler:
                 if n <= 0:
                     i += 1
                     continue
-                if not self._reserve(shard, seq, n):
+                grant = shard.blocks.grow(seq.seq_id, seq.computed, n)
+                if grant is None:
                     victim = shard.running[-1]
                     self._preempt(rank, victim, plans[rank])
                     continue  # retry seq (or move on if it was the victim)
-                plans[rank].work.append(self._work(seq, n))
+                plans[rank].work.append(self._work(seq, n, grant))
                 budgets[rank] -= n
                 i += 1
         # admit waiting sequences, oldest first, to the shard with the most free KV
@@ -136,29 +142,23 @@ class Scheduler:
             ]
             if not candidates:
                 break
-            rank = max(candidates, key=lambda r: (self.shards[r].free_full, -r))
+            rank = max(candidates, key=lambda r: (self.shards[r].blocks.free_blocks()[0], -r))
             shard = self.shards[rank]
             n = min(seq.length, budgets[rank])
-            if not self._reserve(shard, seq, n):
+            grant = shard.blocks.grow(seq.seq_id, 0, n)
+            if grant is None:
                 break  # blocks ran out: it waits for running sequences to finish
             self.waiting.popleft()
             seq.status, seq.home, seq.computed = Status.RUNNING, rank, 0
             shard.running.append(seq)
-            plans[rank].work.append(self._work(seq, n))
+            plans[rank].work.append(self._work(seq, n, grant))
             budgets[rank] -= n
         return plans
 
-    def _reserve(self, shard: ShardState, seq: Sequence, n: int) -> bool:
-        held = self._held(seq.computed, n)
-        need_full, need_sliding = held[0] - seq.held[0], held[1] - seq.held[1]
-        if need_full > shard.free_full or need_sliding > shard.free_sliding:
-            return False
-        shard.free_full -= need_full
-        shard.free_sliding -= need_sliding
-        seq.held = held
-        return True
+    def free_blocks(self, rank: int) -> tuple[int, int]:
+        return self.shards[rank].blocks.free_blocks()
 
-    def _work(self, seq: Sequence, n: int) -> SeqWork:
+    def _work(self, seq: Sequence, n: int, blocks: BlockGrant) -> SeqWork:
         sample = seq.computed + n == seq.length
         return SeqWork(
             seq_id=seq.seq_id,
@@ -168,12 +168,11 @@ class Scheduler:
             draw_index=len(seq.output),
             params=seq.params if sample else None,
             seed=seq.seed,
+            blocks=blocks,
         )
 
     def _free(self, shard: ShardState, seq: Sequence) -> None:
-        shard.free_full += seq.held[0]
-        shard.free_sliding += seq.held[1]
-        seq.held = (0, 0)
+        shard.blocks.release(seq.seq_id)
         shard.running.remove(seq)
 
     def _preempt(self, rank: int, seq: Sequence, plan: StepPlan) -> None:
@@ -195,10 +194,9 @@ class Scheduler:
         for shard in self.shards:
             shard.running.clear()
             shard.release.clear()
-            shard.free_full = self.layout.full_blocks
-            shard.free_sliding = self.layout.sliding_blocks
+            shard.blocks = KVBlocks(self.layout, self.window)
         for seq in running:
-            seq.status, seq.home, seq.computed, seq.held = Status.WAITING, None, 0, (0, 0)
+            seq.status, seq.home, seq.computed = Status.WAITING, None, 0
         self.waiting.extendleft(reversed(running))
 
     def cancel(self, seq: Sequence) -> None:

@@ -105,6 +105,12 @@ class ModelConfig(BaseModel):
         return self.layer_type(layer) == "sliding_attention"
 
     @property
+    def attention_window(self) -> int | None:
+        """The sliding layers' window; None where every layer sees the whole context."""
+        sliding = any(self.is_sliding(i) for i in range(self.num_hidden_layers))
+        return self.sliding_window if sliding else None
+
+    @property
     def q_dim(self) -> int:
         return self.num_attention_heads * self.head_dim
 

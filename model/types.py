@@ -141,6 +141,18 @@ class KVLayout:
         return cls(block_size, int(full), int(sliding))
 
 
+@dataclass
+class BlockGrant:
+    """A sequence's KV blocks for one step, as the scheduler grants them: the full-attention
+    blocks added at its table's end, and the whole run of sliding-window blocks that the
+    step's queries can see (a few: the window and the chunk), from logical block
+    `sliding_first`."""
+
+    full: list[int] = field(default_factory=list)
+    sliding_first: int = 0
+    sliding: list[int] = field(default_factory=list)
+
+
 # -- one engine step ---------------------------------------------------------------------
 @dataclass
 class SeqWork:
@@ -153,6 +165,7 @@ class SeqWork:
     draw_index: int = 0  # which token of the completion the draw is (seeds the sampler)
     params: SamplingParams | None = None  # with sample
     seed: int = 0
+    blocks: BlockGrant = field(default_factory=BlockGrant)  # where its keys go
 
 
 @dataclass
@@ -164,5 +177,4 @@ class StepPlan:
 @dataclass
 class StepResult:
     tokens: dict[str, int]  # seq_id -> sampled token
-    free_blocks: tuple[int, int]
     seconds: dict[str, float]

@@ -1,55 +1,28 @@
-"""The shard's paged KV cache: fixed-size blocks in one pool per layer, a block table per
-sequence.
-
-Full-attention layers and sliding-window layers draw from separate pools, because they
-hold different things: a full layer keeps every block of the sequence, a sliding layer
-only the blocks that the window can still see, and gives the rest back as the window
-moves. A block id means the same slot in every layer of its kind.
-
-`types.blocks_held` is the accounting that the coordinator mirrors to plan steps that
-fit: given a sequence's committed length and the tokens of its next chunk, how many
-blocks of each kind it holds after the step."""
+"""The shard's paged KV cache: fixed-size blocks in one pool per layer (full-attention
+and sliding-window layers apart), and each sequence's block table as the plans grant it.
+Which blocks are free is the scheduler's to know (shards/kv_blocks.py): the shard writes
+and reads keys where it is told."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from gptoss_ray.model.config import ModelConfig
 from gptoss_ray.model.kv_cache import AttentionTables
-from gptoss_ray.model.types import KVLayout, cdiv, first_visible_block
+from gptoss_ray.model.types import BlockGrant, KVLayout, cdiv, first_visible_block
+from gptoss_ray.shards.kv_blocks import BlockTable
 
 
 class KVCacheError(RuntimeError):
-    """The plan asked for more blocks than are free: a coordinator accounting bug."""
-
-
-class BlockPool:
-    def __init__(self, num_blocks: int) -> None:
-        self.num_blocks = num_blocks
-        self._free = list(range(num_blocks - 1, -1, -1))
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    def take(self, n: int, what: str) -> list[int]:
-        if n > len(self._free):
-            raise KVCacheError(f"{what}: {n} blocks asked, {len(self._free)} free")
-        taken = self._free[len(self._free) - n :]
-        del self._free[len(self._free) - n :]
-        return taken[::-1]
-
-    def give(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
+    """A plan that does not fit the cache (a block outside the pools, a sequence whose
+    cached length is not the plan's): a scheduler bug, never a request's fault."""
 
 
 @dataclass
-class BlockTable:
-    length: int = 0  # committed tokens
-    full: list[int] = field(default_factory=list)  # physical block of logical block i
-    sliding: dict[int, int] = field(default_factory=dict)  # logical block -> physical
+class PlacedTable(BlockTable):
+    length: int = 0  # tokens whose keys are committed
 
 
 class PagedKVCache:
@@ -60,8 +33,6 @@ class PagedKVCache:
         self.layout = layout
         self.block_size = layout.block_size
         self.window = config.sliding_window
-        self.full_pool = BlockPool(layout.full_blocks)
-        self.sliding_pool = BlockPool(layout.sliding_blocks)
         shape = (layout.block_size, config.num_key_value_heads, config.head_dim)
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
@@ -72,43 +43,44 @@ class PagedKVCache:
             n = self.scratch_block[config.is_sliding(layer)] + 1
             self.k.append(torch.zeros((n, *shape), dtype=dtype, device=device))
             self.v.append(torch.zeros((n, *shape), dtype=dtype, device=device))
-        self.tables: dict[str, BlockTable] = {}
+        self.tables: dict[str, PlacedTable] = {}
 
     @property
     def has_sliding(self) -> bool:
         return any(self.config.is_sliding(i) for i in range(self.config.num_hidden_layers))
 
     def free_blocks(self) -> tuple[int, int]:
-        return self.full_pool.num_free, self.sliding_pool.num_free
+        """Blocks that no sequence's table here names (the scheduler's count is the one
+        that plans use; this one is what the shard sees)."""
+        full = sum(len(t.full) for t in self.tables.values())
+        sliding = sum(len(t.sliding) for t in self.tables.values())
+        return self.layout.full_blocks - full, self.layout.sliding_blocks - sliding
 
     def release(self, seq_id: str) -> None:
-        table = self.tables.pop(seq_id, None)
-        if table is not None:
-            self.full_pool.give(table.full)
-            self.sliding_pool.give(list(table.sliding.values()))
+        self.tables.pop(seq_id, None)
 
-    def prepare(self, seq_id: str, new: int) -> PagedSequence:
-        """Makes room for `new` tokens of a sequence (creating it if new): first gives back
-        the sliding blocks its window has left, then takes the blocks the chunk needs."""
-        table = self.tables.setdefault(seq_id, BlockTable())
-        bs, end = self.block_size, table.length + new
-        need_full = cdiv(end, bs) - len(table.full)
-        if need_full > 0:
-            table.full += self.full_pool.take(need_full, f"sequence {seq_id} (full layers)")
-        if self.has_sliding:
-            first = first_visible_block(table.length, self.window, bs)
-            gone = [b for b in table.sliding if b < first]
-            self.sliding_pool.give([table.sliding.pop(b) for b in gone])
-            missing = [b for b in range(first, (end - 1) // bs + 1) if b not in table.sliding]
-            got = self.sliding_pool.take(len(missing), f"sequence {seq_id} (sliding layers)")
-            table.sliding.update(zip(missing, got, strict=True))
+    def place(self, seq_id: str, start: int, blocks: BlockGrant) -> PagedSequence:
+        """A sequence's blocks for the step: its table grows by what the plan granted (a
+        sequence starting at 0 begins a new one). `start` must be the length cached."""
+        table = self.tables.get(seq_id)
+        have = table.length if table is not None else 0
+        if have != start:
+            raise KVCacheError(f"sequence {seq_id} has {have} cached tokens, the plan says {start}")
+        if any(not 0 <= b < self.layout.full_blocks for b in blocks.full) or any(
+            not 0 <= b < self.layout.sliding_blocks for b in blocks.sliding
+        ):
+            raise KVCacheError(f"sequence {seq_id}: a block outside the pools in {blocks}")
+        if start == 0:
+            table = self.tables[seq_id] = PlacedTable()
+        table.full += blocks.full
+        table.sliding_first, table.sliding = blocks.sliding_first, blocks.sliding
         return PagedSequence(self, table)
 
 
 class PagedSequence:
     """One sequence's view of the paged cache, as attention sees it (`SequenceCache`)."""
 
-    def __init__(self, cache: PagedKVCache, table: BlockTable) -> None:
+    def __init__(self, cache: PagedKVCache, table: PlacedTable) -> None:
         self.cache = cache
         self.table = table
         # per layer kind (sliding or not): block index, write slots, first row; the same
@@ -126,7 +98,9 @@ class PagedSequence:
         length = table.length
         if sliding:
             first = first_visible_block(length, cache.window, bs)
-            return [table.sliding[b] for b in range(first, (length + n - 1) // bs + 1)], first * bs
+            last = (length + n - 1) // bs
+            offset = table.sliding_first
+            return table.sliding[first - offset : last - offset + 1], first * bs
         return table.full[: cdiv(length + n, bs)], 0
 
     def _layout(self, sliding: bool, n: int, device: torch.device):

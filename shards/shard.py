@@ -94,15 +94,7 @@ class Shard:
         for seq_id in plan.release:
             self.kv.release(seq_id)
         work = [w for w in plan.work if w.tokens]
-        for w in work:
-            table = self.kv.tables.get(w.seq_id)
-            have = table.length if table else 0
-            if have != w.start:
-                raise RuntimeError(
-                    f"shard {self.rank}: sequence {w.seq_id} has {have} cached tokens, "
-                    f"the plan says {w.start}"
-                )
-        caches = [self.kv.prepare(w.seq_id, len(w.tokens)) for w in work]
+        caches = [self.kv.place(w.seq_id, w.start, w.blocks) for w in work]
         sampled = [i for i, w in enumerate(work) if w.sample]
         decode = all(len(w.tokens) == 1 for w in work)
         logits = None
@@ -131,7 +123,7 @@ class Shard:
         tokens = sample_rows(logits, draws) if sampled else []
         out = {work[i].seq_id: token for i, token in zip(sampled, tokens, strict=True)}
         timer.lap("head")  # final norm, unembedding, sampling
-        return StepResult(out, self.kv.free_blocks(), dict(timer.seconds))
+        return StepResult(out, dict(timer.seconds))
 
     def _forward(
         self, work: list[SeqWork], caches: list[PagedSequence], sampled: list[int], timer: StepTimer

@@ -14,11 +14,12 @@ from gptoss_ray.model.types import KVLayout, SamplingParams, SeqWork, StepPlan
 from gptoss_ray.router.moe import ExpertParallel, StepTimer
 from gptoss_ray.router.transport import LocalTransport
 from gptoss_ray.shards.decode_graphs import DecodeGraphs
+from gptoss_ray.shards.kv_blocks import KVBlocks
 from gptoss_ray.shards.kv_cache import PagedKVCache
 from gptoss_ray.shards.shard import Shard
 from tests.engine_cases import GREEDY, baseline, baseline_model, prompts
 from tests.test_kernels import random_experts
-from tests.tiny import tiny_config
+from tests.tiny import place, tiny_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 
@@ -90,12 +91,12 @@ def test_buckets_and_what_fits():
     model = baseline_model()
     model.use_kernels(True)
     try:
-        cache = PagedKVCache(
-            model.config, KVLayout(16, 8, 8), dtype=torch.float32, device=torch.device("cpu")
-        )
+        layout = KVLayout(16, 8, 8)
+        cache = PagedKVCache(model.config, layout, dtype=torch.float32, device=torch.device("cpu"))
         graphs = DecodeGraphs(model, cache, buckets=(1, 2, 4, 8))
         assert [graphs.bucket(n) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
-        seqs = [cache.prepare(str(i), 1) for i in range(8)]
+        blocks = KVBlocks(layout, model.config.attention_window)
+        seqs = [place(cache, blocks, str(i), 1) for i in range(8)]
         assert graphs.fits(seqs) and not graphs.fits([]) and not graphs.fits(seqs + seqs[:1])
         assert graphs.buffers.max_length == 8 * 16  # the full pool's 8 blocks
         # one block past each pool's end is the padding rows' scratch
@@ -180,9 +181,16 @@ def test_a_static_step_computes_the_eager_steps_logits(device, dtype, tol):
     path: same logits, and the eager step found the keys the static one wrote."""
     _, shard = make_core(device, dtype, graphs=True)
     ps = [prompts()[i] for i in (0, 1, 6)]
-    plan = StepPlan([SeqWork(str(i), p, 0, False) for i, p in enumerate(ps)])
+    blocks = KVBlocks(shard.kv.layout, shard.config.attention_window)  # as the scheduler's
+    grants = [blocks.grow(str(i), 0, len(p)) for i, p in enumerate(ps)]
+    plan = StepPlan(
+        [
+            SeqWork(str(i), p, 0, False, blocks=g)
+            for i, (p, g) in enumerate(zip(ps, grants, strict=True))
+        ]
+    )
     shard.step(plan)  # prefill: several tokens each, the eager path
-    caches = [shard.kv.prepare(str(i), 1) for i in range(3)]
+    caches = [place(shard.kv, blocks, str(i), 1) for i in range(3)]
     tokens = [11, 22, 33]
     work = [SeqWork(str(i), [tokens[i]], len(p), True) for i, p in enumerate(ps)]
     with torch.inference_mode():  # as in Shard.step

@@ -9,6 +9,7 @@ import torch
 from gptoss_ray.cluster.engine_core import EngineCore
 from gptoss_ray.model.types import KVLayout, RequestError, SamplingParams, blocks_held
 from gptoss_ray.router.transport import LocalTransport
+from gptoss_ray.shards.kv_blocks import KVBlocks
 from gptoss_ray.shards.shard import Shard
 from tests.engine_cases import GREEDY, baseline, baseline_model, prompts
 
@@ -37,6 +38,7 @@ def test_matches_the_single_process_baseline_with_chunked_prefill():
     core.run_until_done()
     assert tuple(tuple(core.output(i).token_ids) for i in ids) == baseline()
     assert shard.free_blocks() == (256, 256)  # every block came back
+    assert core.scheduler.free_blocks(0) == (256, 256)  # and the scheduler has them all
     assert core.stats.steps > max(len(p) for p in prompts()) // 48  # prefill was chunked
 
 
@@ -130,3 +132,31 @@ def test_sliding_layers_keep_only_the_window():
     assert blocks_held(0, 100, bs, window) == (7, 7)  # a prefill chunk needs all its rows
     assert blocks_held(100, 1, bs, window) == (7, 3)  # decoding: the window only
     assert blocks_held(1000, 1, bs, window) == (63, 3)
+
+
+def test_the_scheduler_grants_what_blocks_held_counts():
+    """The scheduler's block tables: every grant holds what `blocks_held` says, the sliding
+    blocks that leave the window go back to the pool, a short pool grants nothing and
+    changes nothing, and a released sequence gives everything back."""
+    window, bs = 32, 16
+    blocks = KVBlocks(KVLayout(bs, 40, 12), window)
+    length = 0
+    for new in (100, 1, 1, 30, 1, 60, 1, 1):
+        grant = blocks.grow("a", length, new)
+        table = blocks.tables["a"]
+        assert (len(table.full), len(table.sliding)) == blocks_held(length, new, bs, window)
+        assert grant.sliding == table.sliding and table.sliding_first * bs <= max(
+            0, length - window + 1
+        )
+        length += new
+    assert sorted(blocks.tables["a"].full) == sorted(set(blocks.tables["a"].full))
+    free = blocks.free_blocks()
+    assert free == (40 - len(blocks.tables["a"].full), 12 - len(blocks.tables["a"].sliding))
+    assert blocks.grow("b", 0, 40 * bs) is None  # more than the free full blocks
+    assert blocks.free_blocks() == free and "b" not in blocks.tables
+    b = blocks.grow("b", 0, 20)
+    assert not set(b.full) & set(blocks.tables["a"].full)
+    assert not set(b.sliding) & set(blocks.tables["a"].sliding)
+    blocks.release("a")
+    blocks.release("b")
+    assert blocks.free_blocks() == (40, 12)

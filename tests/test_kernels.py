@@ -20,8 +20,9 @@ from gptoss_ray.model.kernels.mxfp4_matmul import (
 from gptoss_ray.model.kv_cache import SequenceBatch
 from gptoss_ray.model.model import AttentionBlock, ExpertSlice, RotaryEmbedding, swiglu
 from gptoss_ray.model.types import KVLayout
+from gptoss_ray.shards.kv_blocks import KVBlocks
 from gptoss_ray.shards.kv_cache import PagedBatchView, PagedKVCache
-from tests.tiny import tiny_config
+from tests.tiny import place, tiny_config
 
 # the interpreter evaluates sigmoid(x) as 1 / (1 + exp(-x)) in numpy: exp overflows to
 # inf for very negative gates and the result is the right 0
@@ -210,11 +211,13 @@ def attention_steps(
             p.data.normal_(0, 0.5)
         b.to(device).use_kernels = use_kernels
     rope = RotaryEmbedding(config)
-    cache = PagedKVCache(config, KVLayout(block_size, 64, 64), dtype=dtype, device=device)
+    layout = KVLayout(block_size, 64, 64)
+    cache = PagedKVCache(config, layout, dtype=dtype, device=device)
+    kv_blocks = KVBlocks(layout, config.attention_window)
     g = torch.Generator().manual_seed(seed + 1)
     outs = []
     for step in chunks:
-        seqs = [cache.prepare(name, n) for name, n in step]
+        seqs = [place(cache, kv_blocks, name, n) for name, n in step]
         lengths = [n for _, n in step]
         batch = SequenceBatch(seqs, lengths, PagedBatchView(seqs, lengths))
         cos, sin = rope.cos_sin(batch.positions(device))
@@ -252,8 +255,9 @@ def test_paged_attention_sinks_take_their_share():
     """With a huge sink the attention output vanishes; with a very negative one it is the
     plain softmax average."""
     config = tiny_config(num_hidden_layers=1)
-    cache = PagedKVCache(config, KVLayout(4, 8, 8), dtype=torch.float32, device="cpu")
-    seq = cache.prepare("s", 6)
+    layout = KVLayout(4, 8, 8)
+    cache = PagedKVCache(config, layout, dtype=torch.float32, device="cpu")
+    seq = place(cache, KVBlocks(layout, config.attention_window), "s", 6)
     view = PagedBatchView([seq], [6])
     g = torch.Generator().manual_seed(3)
     k, v = torch.randn(2, 6, 2, 16, generator=g)

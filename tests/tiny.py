@@ -47,3 +47,10 @@ ORACLE_CONFIGS = {
         vocab_size=300,
     ),
 }
+
+
+def place(cache, blocks, seq_id: str, n: int):
+    """As a step's plan does: the scheduler's blocks (`blocks`, a KVBlocks) for n more
+    tokens of a sequence, placed on a shard's cache -> the sequence's view."""
+    start = cache.tables[seq_id].length if seq_id in cache.tables else 0
+    return cache.place(seq_id, start, blocks.grow(seq_id, start, n))
