@@ -55,7 +55,7 @@ class ScriptedShards:
             self.released.add(seq_id)
         if slow:
             time.sleep(0.02)
-        return [StepResult(out, (1000, 1000), {"step": 0.0})]
+        return [StepResult(out, {"step": 0.0})]
 
 
 def scripted_engine() -> tuple[ChatEngine, ScriptedShards]:
