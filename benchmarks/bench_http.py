@@ -70,10 +70,11 @@ def main() -> None:
     import ray
 
     from gptoss_ray.cluster.engine import Engine
+    from gptoss_ray.cluster.http_api import serve_api
 
     engine = Engine.start(args.model, shards=args.shards, device=args.device, dtype=args.dtype)
     try:
-        url = ray.get(engine.coordinator.start_http.remote("127.0.0.1", 0, None))
+        url = ray.get(engine.coordinator.attach.remote(serve_api, "127.0.0.1", 0, None))
         host, port = url.removeprefix("http://").removesuffix("/v1").split(":")
         body = {
             "model": args.model,

@@ -256,15 +256,11 @@ def _serve(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         kv_budget_bytes=int(args.kv_budget_mb * 2**20),
+        http=(args.host, args.port, args.api_key) if args.http else None,
     )
     if args.http:
-        import ray
-
-        from gptoss_ray.cluster.ray_instance import NAMESPACE
-
-        coordinator = ray.get_actor(args.name, namespace=NAMESPACE)
-        url = ray.get(coordinator.start_http.remote(args.host, args.port, args.api_key))
-        print(f"OpenAI-compatible API at {url}" + (" (API key required)" if args.api_key else ""))
+        key = " (API key required)" if args.api_key else ""
+        print(f"OpenAI-compatible API at {info['url']}{key}")
     print(
         f"engine {args.name!r} ready in {time.perf_counter() - t0:.1f} s: {info['model']} on "
         f"{info['shards']} {args.device} shard(s), experts {info['expert_ranges']}. "
@@ -389,8 +385,7 @@ def _chat_requests(path: str) -> list[dict]:
 
 
 def _generate_chat(args: argparse.Namespace, params) -> int:
-    from gptoss_ray.cluster.coordinator import chat_prompt, chat_response
-    from gptoss_ray.cluster.engine_core import RequestOutput
+    from gptoss_ray.cluster.chat import chat_prompt, chat_reply
 
     requests = _chat_requests(args.messages)
     sampling = {
@@ -416,8 +411,14 @@ def _generate_chat(args: argparse.Namespace, params) -> int:
             except ValueError as exc:  # HarmonyError, RequestError, pydantic errors
                 replies.append(exc)
                 continue
-            out = RequestOutput(str(i), len(prompt), c.token_ids, True, c.finish_reason)
-            replies.append(chat_response(out, stops))
+            reply = chat_reply(
+                c.token_ids,
+                c.finish_reason,
+                stop=stops,
+                request_id=str(i),
+                prompt_tokens=len(prompt),
+            )
+            replies.append(reply)
     else:
         with _engine(args) as engine:
             replies = engine.chat(requests)

@@ -1,157 +1,29 @@
 """The coordinator, a named Ray actor: it places the shard actors (one placement-group
 bundle each, packed onto as few nodes as fit), joins them into a process group, runs the
-engine loop in a background thread while requests come and go, and replaces shards that
-are lost."""
+engine loop (`EngineLoop`) over them while requests come and go, and replaces shards
+that are lost. Ray only: the engine's API is `EngineLoop`'s, chat is `cluster.chat`."""
 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import os
-import threading
 import time
-import traceback
 from typing import Any
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from gptoss_ray.cluster.engine_core import EngineCore, RequestOutput, ShardsRestarted
-from gptoss_ray.model import harmony
+from gptoss_ray.cluster.engine_core import EngineCore, ShardsRestarted
+from gptoss_ray.cluster.engine_loop import EngineLoop
 from gptoss_ray.model.checkpoint import Checkpoint, resolve_model
-from gptoss_ray.model.harmony.openai_chat import (
-    ChatRequest,
-    HarmonyRequest,
-    from_harmony,
-    to_harmony,
-)
-from gptoss_ray.model.types import (
-    EngineUnavailable,
-    KVLayout,
-    SamplingParams,
-    StepPlan,
-    StepResult,
-)
+from gptoss_ray.model.types import KVLayout, StepPlan, StepResult
 from gptoss_ray.shards.worker import ShardWorker
-
-
-class ChatEngine:
-    """The engine's API without Ray: the loop thread stepping an `EngineCore`, token and
-    chat requests, the HTTP server. `Coordinator` puts it on Ray shards; tests can drive
-    it with any `run_step`."""
-
-    def __init__(self, model_path: str, config, layout: KVLayout, core: EngineCore) -> None:
-        self.model_path = model_path
-        self.config = config
-        self.layout = layout
-        self.core = core
-        self.shards = core.world_size
-        self.error: str | None = None
-        self.http = None
-        self._stop_strings: dict[str, list[str]] = {}
-        self._stop = threading.Event()
-        self._loop = threading.Thread(target=self._run, name="engine-loop", daemon=True)
-        self._loop.start()
-
-    def _run(self) -> None:
-        try:
-            while not self._stop.is_set():
-                if self.core.wait_for_work(timeout=0.05):
-                    self.core.step()
-        except Exception as exc:
-            traceback.print_exc()  # the whole story goes to the actor's log
-            self.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            self.core.fail(self.error)
-
-    def _alive(self) -> None:
-        if self.error is not None:
-            raise EngineUnavailable(f"the engine loop stopped: {self.error}")
-
-    # -- API ---------------------------------------------------------------------------
-    def info(self) -> dict[str, Any]:
-        return {
-            "model": self.model_path,
-            "shards": self.shards,
-            "kv_layout": vars(self.layout),
-            "healthy": self.error is None,
-        }
-
-    def submit(
-        self, prompt: list[int], params: SamplingParams, request_id: str | None = None
-    ) -> str:
-        self._alive()
-        return self.core.submit(prompt, params, request_id)
-
-    def wait(
-        self, request_id: str, after: int | None = None, timeout: float | None = None
-    ) -> RequestOutput:
-        out = self.core.wait(request_id, after=after, timeout=timeout)
-        if not out.finished:
-            self._alive()
-        return out
-
-    def forget(self, request_id: str) -> None:
-        self.core.forget(request_id)
-        self._stop_strings.pop(request_id, None)
-
-    def cancel(self, request_id: str) -> None:
-        self.core.cancel(request_id)
-
-    def stats(self) -> dict[str, Any]:
-        with self.core._lock:
-            s = self.core.stats
-            return {
-                "steps": s.steps,
-                "generated_tokens": s.generated_tokens,
-                "prefill_tokens": s.prefill_tokens,
-                "preemptions": s.preemptions,
-                "recoveries": s.recoveries,
-                "requests": s.requests,
-                "seconds": dict(s.seconds),
-            }
-
-    def submit_chat(
-        self, request: dict[str, Any] | ChatRequest, request_id: str | None = None
-    ) -> tuple[str, int]:
-        """A chat request (see `chat_prompt`) -> request id and prompt length."""
-        self._alive()
-        prompt, params, stops = chat_prompt(request, self.config.max_context_length)
-        rid = self.core.submit(prompt, params, request_id)
-        if stops:
-            self._stop_strings[rid] = stops
-        return rid, len(prompt)
-
-    def wait_chat(self, request_id: str, timeout: float | None = None) -> dict[str, Any]:
-        out = self.wait(request_id, timeout=timeout)
-        return chat_response(out, self._stop_strings.get(request_id, []))
-
-    def expert_load(self) -> list[list[int]]:
-        """[layer][expert] rows routed to each expert; shards that do not report: []."""
-        return []
-
-    def start_http(
-        self, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None
-    ) -> str:
-        """Serves the OpenAI-compatible API from here; returns its base URL."""
-        from gptoss_ray.cluster.http_api import ApiServer
-
-        if self.http is None:
-            self.http = ApiServer(self, host, port, api_key)
-        node = ray.util.get_node_ip_address() if host in ("0.0.0.0", "::") else self.http.host
-        return f"http://{node}:{self.http.port}/v1"
-
-    def shutdown(self) -> None:
-        if self.http is not None:
-            self.http.stop()
-        self._stop.set()
-        self._loop.join(timeout=10)
-
 
 STEP_TIMEOUT_S = 3600.0  # a step this long means a hung shard
 
 
-class Coordinator(ChatEngine):
+class Coordinator(EngineLoop):
     def __init__(
         self,
         model: str,
@@ -234,7 +106,9 @@ class Coordinator(ChatEngine):
             max_seqs=max_seqs,
         )
         self.recoveries: list[dict[str, Any]] = []
-        super().__init__(self.model_path, self.config, self.layout, core)
+        super().__init__(
+            self.model_path, self.config, self.layout, core, expert_load=self._expert_load_of_shards
+        )
 
     def _spawn(self, rank: int):
         """A shard actor in its placement-group bundle (rescheduled by Ray onto another
@@ -334,7 +208,7 @@ class Coordinator(ChatEngine):
         ray.get([w.reset_kv.remote() for w in self.workers])
         self.recoveries.append({"time": time.time(), "lost": lost, "cause": type(cause).__name__})
 
-    def expert_load(self) -> list[list[int]]:
+    def _expert_load_of_shards(self) -> list[list[int]]:
         # each shard counts the rows its own experts received: the sum is the whole load
         per_shard = ray.get([w.expert_load.remote() for w in self.workers], timeout=30)
         return [
@@ -344,16 +218,14 @@ class Coordinator(ChatEngine):
     def status(self) -> dict[str, Any]:
         """Per shard: node, device, experts, memory, KV use; plus queue, load, jobs."""
         shards = ray.get([w.describe.remote() for w in self.workers], timeout=30)
-        with self.core._lock:
-            waiting = len(self.core.scheduler.waiting)
-            running = [len(s.running) for s in self.core.scheduler.shards]
+        stats = self.stats()
         return {
             **self.info(),
             "shards_detail": shards,
-            "waiting": waiting,
-            "running": running,
+            "waiting": stats["waiting"],
+            "running": stats["running"],
             "expert_load": self.expert_load(),
-            "stats": self.stats(),
+            "stats": stats,
             "recoveries": self.recoveries,
         }
 
@@ -368,56 +240,3 @@ class Coordinator(ChatEngine):
         for w in self.workers:
             ray.kill(w)
         remove_placement_group(self.pg)
-
-
-def chat_prompt(request: Any, context: int) -> tuple[list[int], SamplingParams, list[str]]:
-    """Render a chat request for completion and read its sampling fields. The request is
-    an OpenAI chat request, or {"conversation": <openai-harmony JSON>, ...sampling}."""
-    if isinstance(request, dict) and "conversation" in request:
-        fields = HarmonyRequest.parse(request)
-        messages = harmony.Conversation.from_dict(fields.conversation).messages
-    else:
-        fields = request if isinstance(request, ChatRequest) else ChatRequest.parse(request)
-        messages = to_harmony(fields, conversation_start_date=datetime.date.today().isoformat())
-    prompt = harmony.render_for_completion(messages)
-    r = fields
-    max_tokens = r.max_completion_tokens or r.max_tokens or max(1, min(4096, context - len(prompt)))
-    params = SamplingParams(
-        max_tokens=max_tokens,
-        temperature=1.0 if r.temperature is None else r.temperature,
-        top_p=1.0 if r.top_p is None else r.top_p,
-        top_k=r.top_k or 0,
-        seed=r.seed,
-    )
-    stops = [r.stop] if isinstance(r.stop, str) else list(r.stop or [])
-    return prompt, params, stops
-
-
-def chat_response(out: RequestOutput, stop: list[str] | None = None) -> dict[str, Any]:
-    """Finished tokens -> an OpenAI-style choice: message, finish_reason, usage, and the
-    parsed harmony messages. `stop` strings cut the answer text (applied to the parsed
-    content once the request finished; the engine does not stop early for them)."""
-    parser = harmony.StreamParser("assistant", strict=False)
-    for token in out.token_ids:
-        parser.process(token)
-    messages = parser.process_eos().messages
-    message = from_harmony(messages)
-    finish = "tool_calls" if message.tool_calls else out.finish_reason
-    cuts = [message.content.find(s) for s in stop or [] if s and message.content]
-    cuts = [c for c in cuts if c >= 0]
-    if cuts:
-        message.content = message.content[: min(cuts)]
-        finish = "stop"
-    return {
-        "request_id": out.request_id,
-        "message": message.model_dump(exclude_none=True),
-        "finish_reason": finish,
-        "harmony": [m.to_dict() for m in messages],
-        "token_ids": list(out.token_ids),
-        "problems": parser.problems,
-        "usage": {
-            "prompt_tokens": out.prompt_tokens,
-            "completion_tokens": len(out.token_ids),
-            "total_tokens": out.prompt_tokens + len(out.token_ids),
-        },
-    }

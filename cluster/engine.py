@@ -17,6 +17,7 @@ from typing import Any
 
 import ray
 
+from gptoss_ray.cluster.chat import TextDelta
 from gptoss_ray.cluster.coordinator import Coordinator
 from gptoss_ray.cluster.engine_core import RequestOutput
 from gptoss_ray.cluster.ray_instance import init_for_engine
@@ -177,29 +178,29 @@ class Engine:
         return out
 
     def chat_stream(self, request: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        """Yields {"channel", "recipient", "delta"} as the reply is sampled, then a last
-        event with the whole reply ({"done": True, ...})."""
+        """Yields {"channel", "recipient", "delta"} as the reply is sampled (reasoning, the
+        answer up to any stop string, tool-call arguments), then a last event with the
+        whole reply ({"done": True, ...})."""
         rid, _ = _unwrap(lambda: ray.get(self.coordinator.submit_chat.remote(request)))
-        parser = harmony.StreamParser("assistant", strict=False)
         seen = 0
-        while True:
-            out: RequestOutput = _unwrap(
-                lambda seen=seen: ray.get(self.coordinator.wait.remote(rid, seen, 30.0))
-            )
-            for token in out.token_ids[seen:]:
-                parser.process(token)
-                if parser.last_content_delta and parser.state == harmony.StreamState.CONTENT:
-                    yield {
-                        "channel": parser.current_channel,
-                        "recipient": parser.current_recipient,
-                        "delta": parser.last_content_delta,
-                    }
-            seen = len(out.token_ids)
-            if out.finished:
-                reply = ray.get(self.coordinator.wait_chat.remote(rid))
-                self.coordinator.forget.remote(rid)
-                yield {"done": True, **reply}
-                return
+        try:
+            while True:
+                events, reply = _unwrap(
+                    lambda seen=seen: ray.get(self.coordinator.wait_events.remote(rid, seen, 30.0))
+                )
+                seen += len(events)
+                for event in events:
+                    if isinstance(event, TextDelta):
+                        yield {
+                            "channel": event.channel,
+                            "recipient": event.recipient,
+                            "delta": event.text,
+                        }
+                if reply is not None:
+                    yield {"done": True, **reply}
+                    return
+        finally:
+            self.coordinator.forget.remote(rid)
 
     def shutdown(self) -> None:
         try:

@@ -14,8 +14,9 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from gptoss_ray.cluster.scheduler import Scheduler, Status
+from gptoss_ray.cluster.scheduler import Reply, Scheduler, Status
 from gptoss_ray.cluster.scheduler import Sequence as Seq
 from gptoss_ray.model.config import ModelConfig
 from gptoss_ray.model.types import (
@@ -59,7 +60,6 @@ class EngineStats:
     recoveries: int = 0
     requests: int = 0
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
-    free_blocks: list[tuple[int, int]] = field(default_factory=list)  # per shard
 
 
 class EngineCore:
@@ -95,8 +95,11 @@ class EngineCore:
         prompt: Sequence[int],
         params: SamplingParams,
         request_id: str | None = None,
+        reply: Reply | None = None,
     ) -> str:
-        """Queues a request; a bad one raises RequestError and nothing else changes."""
+        """Queues a request; a bad one raises RequestError and nothing else changes. With
+        `reply` (a chat request's ReplyBuilder), its tokens are fed to it as they come,
+        and a stop string it finds ends the sequence at once."""
         prompt = list(prompt)
         if self.failure is not None:
             raise EngineUnavailable(f"the engine stopped after a failure: {self.failure}")
@@ -110,6 +113,7 @@ class EngineCore:
             stop_ids=params.stop_ids(self.config.eos_token_ids),
             arrival=self._arrivals,
             submitted_at=time.monotonic(),
+            reply=reply,
         )
         with self._lock:
             if request_id in self.requests:
@@ -174,6 +178,29 @@ class EngineCore:
                 self._lock.wait(left)
             return self._output(seq)
 
+    def wait_reply(
+        self, request_id: str, *, after: int = 0, timeout: float | None = None
+    ) -> tuple[list[Any], dict[str, Any] | None]:
+        """A chat request's reply events past the first `after`, once there are some or
+        it finished (or the timeout passed), and its reply once it finished (else None)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            seq = self._get(request_id)
+            if seq.reply is None:
+                raise RequestError(f"request {request_id!r} is not a chat request")
+            events = seq.reply.events
+            while seq.status != Status.FINISHED and len(events) <= after and self.failure is None:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                self._lock.wait(left)
+            reply = None
+            if seq.status == Status.FINISHED:
+                reply = seq.reply.finish(
+                    seq.finish_reason, request_id=seq.seq_id, prompt_tokens=len(seq.prompt)
+                )
+            return list(events[after:]), reply
+
     def fail(self, reason: str) -> None:
         """A step failed (a shard died): wake every waiter; new requests are refused."""
         with self._lock:
@@ -185,7 +212,7 @@ class EngineCore:
         with self._lock:
             seq = self.requests.get(request_id)
             if seq is not None and seq.status != Status.FINISHED:
-                self.scheduler.cancel(seq)
+                self.scheduler.finish(seq, "cancelled")
                 self._lock.notify_all()
 
     def forget(self, request_id: str) -> None:
@@ -193,6 +220,25 @@ class EngineCore:
             seq = self.requests.get(request_id)
             if seq is not None and seq.status == Status.FINISHED:
                 del self.requests[request_id]
+
+    def snapshot(self) -> dict[str, Any]:
+        """One consistent reading of the engine, for status, stats and metrics: counters,
+        seconds per phase, the queue, running sequences and free KV blocks per shard."""
+        with self._lock:
+            s, sched = self.stats, self.scheduler
+            return {
+                "steps": s.steps,
+                "generated_tokens": s.generated_tokens,
+                "prefill_tokens": s.prefill_tokens,
+                "preemptions": s.preemptions,
+                "recoveries": s.recoveries,
+                "requests": s.requests,
+                "seconds": dict(s.seconds),
+                "waiting": len(sched.waiting),
+                "running": [len(shard.running) for shard in sched.shards],
+                "free_blocks": [sched.free_blocks(r) for r in range(self.world_size)],
+                "failure": self.failure,
+            }
 
     # -- stepping ----------------------------------------------------------------------
     def has_work(self) -> bool:
@@ -222,13 +268,16 @@ class EngineCore:
             return
         t2 = time.perf_counter()
         with self._lock:
-            self.scheduler.update(plans, [r.tokens for r in results])
+            for seq in self.scheduler.update(plans, [r.tokens for r in results]):
+                if seq.reply is not None:
+                    seq.reply.feed(seq.output[len(seq.reply.tokens) :])
+                    if seq.reply.stopped and seq.status != Status.FINISHED:
+                        self.scheduler.finish(seq, "stop")
             stats = self.stats
             stats.steps += 1
             stats.generated_tokens += sum(len(r.tokens) for r in results)
             stats.prefill_tokens += sum(len(w.tokens) for p in plans for w in p.work)
             stats.preemptions = self.scheduler.preempted
-            stats.free_blocks = [self.scheduler.free_blocks(r) for r in range(self.world_size)]
             # the slowest shard sets the pace; its split tells where the time went
             slowest = max(results, key=lambda r: sum(r.seconds.values()))
             for phase, sec in slowest.seconds.items():

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP API, served from inside the coordinator actor.
+"""The OpenAI-compatible HTTP API, attached to a running engine in its process
+(`EngineLoop.attach(serve_api, host, port, api_key)`, as `gptoss-ray serve --http` does).
 
 /v1/chat/completions (stream: server-sent events), /v1/responses (stream: typed events),
 /v1/models, /health, /metrics (Prometheus text). Loopback unless told otherwise; with an
@@ -12,11 +13,11 @@ import json
 import select
 import threading
 import time
-import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gptoss_ray.cluster.chat import MessageEnd, TextDelta, ToolCallStart
 from gptoss_ray.cluster.responses_api import (
     function_call_item,
     message_item,
@@ -28,7 +29,7 @@ from gptoss_ray.model import harmony
 from gptoss_ray.model.types import EngineUnavailable, RequestError
 
 if TYPE_CHECKING:
-    from gptoss_ray.cluster.coordinator import Coordinator
+    from gptoss_ray.cluster.engine_loop import EngineLoop
 
 
 class ApiError(Exception):
@@ -49,64 +50,21 @@ class ClientGone(Exception):
     pass
 
 
-class ReplyStream:
-    """Completion ids -> typed deltas, as they come: ("reasoning", text), ("content",
-    text), ("call", index, call_id, name) when a tool call starts, ("args", index, text),
-    ("end", kind) when a message ends."""
-
-    def __init__(self) -> None:
-        self.parser = harmony.StreamParser("assistant", strict=False)
-        self.kind: str | None = None
-        self.calls = 0
-        self._seen_messages = 0
-
-    def feed(self, token: int) -> list[tuple]:
-        p = self.parser
-        before = len(p.messages)
-        p.process(token)
-        events: list[tuple] = []
-        if len(p.messages) > before and self.kind is not None:
-            events.append(("end", self.kind))
-            self.kind = None
-        if p.state == harmony.StreamState.CONTENT:
-            if self.kind is None:
-                self.kind = self._classify()
-                if self.kind == "call":
-                    name = p.current_recipient.removeprefix("functions.")  # type: ignore[union-attr]
-                    events.append(("call", self.calls, "call_" + uuid.uuid4().hex[:24], name))
-                    self.calls += 1
-            delta = p.last_content_delta
-            if delta:
-                if self.kind == "call":
-                    events.append(("args", self.calls - 1, delta))
-                else:
-                    events.append((self.kind, delta))
-        return events
-
-    def finish(self) -> list[tuple]:
-        self.parser.process_eos()
-        if self.kind is not None:
-            kind, self.kind = self.kind, None
-            return [("end", kind)]
-        return []
-
-    def _classify(self) -> str:
-        p = self.parser
-        if p.current_recipient not in (None, "all", "assistant", "user"):
-            return "call"
-        return "reasoning" if p.current_channel == "analysis" else "content"
-
-
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024  # the default backlog of 5 resets bursts of new clients
 
 
+def serve_api(engine: EngineLoop, host: str, port: int, api_key: str | None) -> ApiServer:
+    """Serves the API for `engine` from this process (a thread per connection)."""
+    return ApiServer(engine, host, port, api_key)
+
+
 class ApiServer:
-    def __init__(self, coordinator: Coordinator, host: str, port: int, api_key: str | None) -> None:
-        self.coordinator = coordinator
+    def __init__(self, engine: EngineLoop, host: str, port: int, api_key: str | None) -> None:
+        self.engine = engine
         self.api_key = api_key
-        self.model_id = Path(coordinator.model_path).name.removesuffix("-seed0")
+        self.model_id = Path(engine.model_path).name.removesuffix("-seed0")
         self.started = int(time.time())
         self.http_requests = 0
         self.http_errors = 0
@@ -116,6 +74,15 @@ class ApiServer:
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self._thread.start()
 
+    @property
+    def url(self) -> str:
+        host = self.host
+        if host in ("0.0.0.0", "::"):  # every interface: name one the user can reach
+            import ray
+
+            host = ray.util.get_node_ip_address()
+        return f"http://{host}:{self.port}/v1"
+
     def stop(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
@@ -123,7 +90,7 @@ class ApiServer:
     def check_model(self, model: Any) -> None:
         if model is None:
             return
-        if model not in (self.model_id, self.coordinator.model_path):
+        if model not in (self.model_id, self.engine.model_path):
             raise ApiError(
                 404,
                 f"the model {model!r} does not exist; this server has {self.model_id!r}",
@@ -133,17 +100,17 @@ class ApiServer:
 
     # -- metrics -------------------------------------------------------------------------
     def metrics(self) -> str:
-        core = self.coordinator.core
-        with core._lock:
-            s = core.stats
-            waiting = len(core.scheduler.waiting)
-            running = sum(len(sh.running) for sh in core.scheduler.shards)
-            free = list(s.free_blocks)
-            seconds = dict(s.seconds)
-            steps, requests = s.steps, s.requests
-            generated, prefill, preempted = s.generated_tokens, s.prefill_tokens, s.preemptions
-        layout = self.coordinator.layout
-        load = self.coordinator.expert_load()
+        s = self.engine.stats()
+        waiting, running, free, seconds = (
+            s["waiting"],
+            sum(s["running"]),
+            s["free_blocks"],
+            s["seconds"],
+        )
+        steps, requests = s["steps"], s["requests"]
+        generated, prefill, preempted = s["generated_tokens"], s["prefill_tokens"], s["preemptions"]
+        layout = self.engine.layout
+        load = self.engine.expert_load()
         lines = [
             "# TYPE gptoss_requests_total counter",
             f"gptoss_requests_total {requests}",
@@ -252,7 +219,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- endpoints (route_*: BaseHTTPRequestHandler owns names like `responses`) ----------
     def route_health(self) -> None:
-        error = self.api.coordinator.error
+        error = self.api.engine.error
         if error:
             raise ApiError(503, f"unhealthy: {error}", "engine_down")
         self._send_json(200, {"status": "ok"})
@@ -286,7 +253,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise ApiError(400, "the request body is a JSON object", "invalid_request")
         self.api.check_model(chat.get("model"))
         try:
-            return self.api.coordinator.submit_chat(chat)
+            return self.api.engine.submit_chat(chat)
         except (RequestError, EngineUnavailable) as exc:  # harmony's errors among them
             raise ApiError(exc.status, str(exc), exc.code) from None
         except ValueError as exc:  # a field that only SamplingParams checks
@@ -343,33 +310,31 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             return True
 
-    def _tokens(self, rid: str):
-        """Yields new token ids as they come; cancels the request if the client leaves."""
-        coordinator = self.api.coordinator
+    def _events(self, rid: str):
+        """Yields the reply's events as they come, then returns the reply; cancels the
+        request if the client leaves."""
+        engine = self.api.engine
         seen = 0
         try:
             while True:
-                out = coordinator.core.wait(rid, after=seen, timeout=0.5)
-                if len(out.token_ids) > seen:
-                    yield out.token_ids[seen:]
-                    seen = len(out.token_ids)
-                if out.finished:
-                    return
-                if coordinator.error:
-                    raise ApiError(503, f"the engine stopped: {coordinator.error}", "engine_down")
+                events, reply = engine.wait_events(rid, seen, timeout=0.5)
+                seen += len(events)
+                yield from events
+                if reply is not None:
+                    return reply
+                if engine.error:
+                    raise ApiError(503, f"the engine stopped: {engine.error}", "engine_down")
                 if self._client_gone():
                     raise ClientGone
         except (ClientGone, BrokenPipeError, ConnectionResetError, GeneratorExit):
-            coordinator.cancel(rid)
+            engine.cancel(rid)
             raise
 
     def _wait_reply(self, rid: str) -> dict[str, Any]:
         try:
-            for _ in self._tokens(rid):
-                pass
-            return self.api.coordinator.wait_chat(rid)
+            return yield_from(self._events(rid), lambda event: None)
         finally:
-            self.api.coordinator.forget(rid)
+            self.api.engine.forget(rid)
 
     def _start_events(self) -> None:
         self.send_response(200)
@@ -400,45 +365,30 @@ class _Handler(BaseHTTPRequestHandler):
 
         self._start_events()
         chunk({"role": "assistant", "content": ""})
-        stream = ReplyStream()
         try:
-            for new in self._tokens(rid):
-                for token in new:
-                    for ev in stream.feed(token):
-                        self._chat_delta(ev, chunk)
-            for ev in stream.finish():
-                self._chat_delta(ev, chunk)
-            reply = self.api.coordinator.wait_chat(rid)
+            reply = yield_from(self._events(rid), lambda ev: self._chat_delta(ev, chunk))
             chunk({}, reply["finish_reason"])
             if include_usage:
                 self._event({**base, "choices": [], "usage": reply["usage"]})
             self._event("[DONE]")
         finally:
-            self.api.coordinator.forget(rid)
+            self.api.engine.forget(rid)
 
     @staticmethod
-    def _chat_delta(ev: tuple, chunk) -> None:
-        kind = ev[0]
-        if kind == "reasoning":
-            chunk({"reasoning_content": ev[1]})
-        elif kind == "content":
-            chunk({"content": ev[1]})
-        elif kind == "call":
-            _, index, call_id, name = ev
+    def _chat_delta(ev: Any, chunk) -> None:
+        if isinstance(ev, ToolCallStart):
+            call = {"name": ev.name, "arguments": ""}
             chunk(
                 {
                     "tool_calls": [
-                        {
-                            "index": index,
-                            "id": call_id,
-                            "type": "function",
-                            "function": {"name": name, "arguments": ""},
-                        }
+                        {"index": ev.index, "id": ev.call_id, "type": "function", "function": call}
                     ]
                 }
             )
-        elif kind == "args":
-            chunk({"tool_calls": [{"index": ev[1], "function": {"arguments": ev[2]}}]})
+        elif isinstance(ev, TextDelta) and ev.kind == "call":
+            chunk({"tool_calls": [{"index": ev.call, "function": {"arguments": ev.text}}]})
+        elif isinstance(ev, TextDelta):
+            chunk({"reasoning_content" if ev.kind == "reasoning" else "content": ev.text})
 
     def _stream_responses(self, rid: str) -> None:
         response_id = f"resp_{rid}"
@@ -461,7 +411,6 @@ class _Handler(BaseHTTPRequestHandler):
         }
         self._start_events()
         send("response.created", response=shell)
-        stream = ReplyStream()
         items: list[dict[str, Any]] = []
         texts: list[str] = []
 
@@ -479,21 +428,20 @@ class _Handler(BaseHTTPRequestHandler):
                     part={"type": part_type, "text": ""},
                 )
 
-        def handle(ev: tuple) -> None:
-            kind = ev[0]
-            if kind in ("reasoning", "content"):
-                if not items or items[-1].get("_open") != kind:
+        def handle(ev: Any) -> None:
+            if isinstance(ev, TextDelta) and ev.kind != "call":
+                if not items or items[-1].get("_open") != ev.kind:
                     item = (
                         reasoning_item("")
-                        if kind == "reasoning"
+                        if ev.kind == "reasoning"
                         else message_item("", status="in_progress")
                     )
-                    item["_open"] = kind
+                    item["_open"] = ev.kind
                     open_item(item)
-                texts[-1] += ev[1]
+                texts[-1] += ev.text
                 name = (
                     "response.reasoning_text.delta"
-                    if kind == "reasoning"
+                    if ev.kind == "reasoning"
                     else "response.output_text.delta"
                 )
                 send(
@@ -501,21 +449,21 @@ class _Handler(BaseHTTPRequestHandler):
                     item_id=items[-1]["id"],
                     output_index=len(items) - 1,
                     content_index=0,
-                    delta=ev[1],
+                    delta=ev.text,
                 )
-            elif kind == "call":
-                item = function_call_item(ev[2], ev[3], "", status="in_progress")
+            elif isinstance(ev, ToolCallStart):
+                item = function_call_item(ev.call_id, ev.name, "", status="in_progress")
                 item["_open"] = "call"
                 open_item(item)
-            elif kind == "args":
-                texts[-1] += ev[2]
+            elif isinstance(ev, TextDelta):
+                texts[-1] += ev.text
                 send(
                     "response.function_call_arguments.delta",
                     item_id=items[-1]["id"],
                     output_index=len(items) - 1,
-                    delta=ev[2],
+                    delta=ev.text,
                 )
-            elif kind == "end" and items and items[-1].get("_open"):
+            elif isinstance(ev, MessageEnd) and items and items[-1].get("_open"):
                 close_item()
 
         def close_item() -> None:
@@ -552,20 +500,23 @@ class _Handler(BaseHTTPRequestHandler):
             send("response.output_item.done", output_index=index, item=item)
 
         try:
-            for new in self._tokens(rid):
-                for token in new:
-                    for ev in stream.feed(token):
-                        handle(ev)
-            for ev in stream.finish():
-                handle(ev)
+            reply = yield_from(self._events(rid), handle)
             if items and items[-1].get("_open"):
                 close_item()
-            reply = self.api.coordinator.wait_chat(rid)
             final = response_object(reply, model, response_id=response_id)
             final["output"] = items
             send("response.completed", response=final)
         finally:
-            self.api.coordinator.forget(rid)
+            self.api.engine.forget(rid)
+
+
+def yield_from(events, handle) -> Any:
+    """Hands each event of a generator to `handle`, and returns what the generator returns."""
+    while True:
+        try:
+            handle(next(events))
+        except StopIteration as done:
+            return done.value
 
 
 ROUTES = {

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any, Protocol
 
 from gptoss_ray.model.types import (
     BlockGrant,
@@ -24,6 +26,21 @@ from gptoss_ray.model.types import (
     blocks_held,
 )
 from gptoss_ray.shards.kv_blocks import KVBlocks
+
+
+class Reply(Protocol):
+    """What the engine feeds a sequence's tokens to (cluster.chat.ReplyBuilder): it may
+    end the sequence (a stop string); readers take its events and, at the end, the reply."""
+
+    stopped: bool
+    tokens: list[int]
+    events: list[Any]
+
+    def feed(self, tokens: Iterable[int]) -> None: ...
+
+    def finish(
+        self, finish_reason: str | None, *, request_id: str, prompt_tokens: int
+    ) -> dict[str, Any]: ...
 
 
 class Status(StrEnum):
@@ -50,6 +67,7 @@ class Sequence:
     submitted_at: float = 0.0
     first_token_at: float | None = None
     finished_at: float | None = None
+    reply: Reply | None = None  # a chat request's reply, built as its tokens come
 
     @property
     def length(self) -> int:
@@ -199,14 +217,16 @@ class Scheduler:
             seq.status, seq.home, seq.computed = Status.WAITING, None, 0
         self.waiting.extendleft(reversed(running))
 
-    def cancel(self, seq: Sequence) -> None:
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Ends a sequence now (a stop token or string, max_tokens, a cancel): its blocks
+        are freed and its home shard drops its cache at the next step."""
         if seq.status == Status.WAITING:
             self.waiting.remove(seq)
         elif seq.status == Status.RUNNING and seq.home is not None:
             shard = self.shards[seq.home]
             self._free(shard, seq)
             shard.release.append(seq.seq_id)
-        seq.status, seq.finish_reason = Status.FINISHED, "cancelled"
+        seq.status, seq.finish_reason, seq.finished_at = Status.FINISHED, reason, time.monotonic()
 
     # -- results -----------------------------------------------------------------------
     def update(self, plans: list[StepPlan], sampled: list[dict[str, int]]) -> list[Sequence]:
@@ -229,12 +249,7 @@ class Scheduler:
                 if seq.first_token_at is None:
                     seq.first_token_at = now
                 if token in seq.stop_ids:
-                    seq.finish_reason = "stop"
+                    self.finish(seq, "stop")
                 elif len(seq.output) >= seq.params.max_tokens:
-                    seq.finish_reason = "length"
-                if seq.finish_reason is not None:
-                    seq.status = Status.FINISHED
-                    seq.finished_at = now
-                    self._free(shard, seq)
-                    shard.release.append(seq.seq_id)
+                    self.finish(seq, "length")
         return advanced

@@ -19,9 +19,12 @@ def serve(
     *,
     name: str = "gptoss-ray",
     address: str | None = None,
+    http: tuple[str, int, str | None] | None = None,
     **options: Any,
 ) -> dict[str, Any]:
-    """Starts the engine as the detached actor `name` and returns once it is ready."""
+    """Starts the engine as the detached actor `name` and returns its info once it is
+    ready; with `http` (host, port, API key), the OpenAI-compatible API too (its URL in
+    the info's "url")."""
     ensure_cluster(address, max(os.cpu_count() or 1, shards + 1))
     try:
         ray.get_actor(name, namespace=NAMESPACE)
@@ -40,9 +43,14 @@ def serve(
     )
     coordinator = actor.remote(model, shards, **options)
     try:
-        return ray.get(coordinator.info.remote())
+        info = ray.get(coordinator.info.remote())
     except ray.exceptions.RayActorError as exc:
         raise RuntimeError(f"the engine failed to start: {exc}") from None
+    if http is not None:
+        from gptoss_ray.cluster.http_api import serve_api
+
+        info["url"] = ray.get(coordinator.attach.remote(serve_api, *http))
+    return info
 
 
 def stop(name: str = "gptoss-ray", address: str | None = "auto") -> bool:

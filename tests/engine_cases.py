@@ -33,10 +33,8 @@ def baseline(params: SamplingParams = GREEDY) -> tuple[tuple[int, ...], ...]:
 
 def expected_reply(body: dict) -> dict:
     """What the single-process baseline replies to a chat request (greedy)."""
-    from gptoss_ray.cluster.coordinator import chat_prompt, chat_response
-    from gptoss_ray.cluster.engine_core import RequestOutput
+    from gptoss_ray.cluster.chat import chat_prompt, chat_reply
 
     prompt, params, stops = chat_prompt(body, 131072)
     (c,) = generate(baseline_model(), [prompt], params)
-    out = RequestOutput("baseline", len(prompt), c.token_ids, True, c.finish_reason)
-    return chat_response(out, stops)
+    return chat_reply(c.token_ids, c.finish_reason, stop=stops, prompt_tokens=len(prompt))

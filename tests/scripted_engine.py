@@ -1,4 +1,4 @@
-"""A `ChatEngine` whose shards are replaced by a script that speaks well-formed harmony,
+"""An `EngineLoop` whose shards are replaced by a script that speaks well-formed harmony,
 so that the HTTP layer's reasoning, content and tool-call paths can be driven with
 realistic replies (the built-in model's random weights never write a harmony header)."""
 
@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import time
 
-from gptoss_ray.cluster.coordinator import ChatEngine
 from gptoss_ray.cluster.engine_core import EngineCore
+from gptoss_ray.cluster.engine_loop import EngineLoop
 from gptoss_ray.model import tokenizer as tok
 from gptoss_ray.model.config import ModelConfig
 from gptoss_ray.model.types import KVLayout, StepPlan, StepResult
@@ -37,6 +37,7 @@ class ScriptedShards:
         self.prompts: dict[str, list[int]] = {}
         self.scripts: dict[str, list[int]] = {}
         self.released: set[str] = set()
+        self.sampled: dict[str, int] = {}  # tokens drawn for each sequence
 
     def __call__(self, plans: list[StepPlan]) -> list[StepResult]:
         (plan,) = plans
@@ -51,6 +52,7 @@ class ScriptedShards:
                 script = self.scripts[w.seq_id]
                 slow |= len(script) > 200
                 out[w.seq_id] = script[min(w.draw_index, len(script) - 1)]
+                self.sampled[w.seq_id] = self.sampled.get(w.seq_id, 0) + 1
         for seq_id in plan.release:
             self.released.add(seq_id)
         if slow:
@@ -58,9 +60,9 @@ class ScriptedShards:
         return [StepResult(out, {"step": 0.0})]
 
 
-def scripted_engine() -> tuple[ChatEngine, ScriptedShards]:
+def scripted_engine() -> tuple[EngineLoop, ScriptedShards]:
     config = ModelConfig.preset("gpt-oss-tiny")
     layout = KVLayout(16, 1000, 1000)
     shards = ScriptedShards()
     core = EngineCore(config, 1, layout, shards, token_budget=4096)
-    return ChatEngine("/models/gpt-oss-tiny", config, layout, core), shards
+    return EngineLoop("/models/gpt-oss-tiny", config, layout, core), shards

@@ -12,7 +12,9 @@ import urllib.request
 import openai
 import pytest
 
-from tests.scripted_engine import scripted_engine
+from gptoss_ray.cluster.http_api import serve_api
+from gptoss_ray.model import tokenizer as tok
+from tests.scripted_engine import REPLIES, scripted_engine
 
 KEY = "test-key"
 WEATHER_TOOL = {
@@ -32,7 +34,7 @@ WEATHER_TOOL = {
 @pytest.fixture(scope="module")
 def server():
     engine, shards = scripted_engine()
-    url = engine.start_http("127.0.0.1", 0, KEY)
+    url = engine.attach(serve_api, "127.0.0.1", 0, KEY)
     yield url, engine, shards
     engine.shutdown()
 
@@ -84,6 +86,38 @@ def test_streaming_chat_adds_up_to_the_whole_reply(client):
     assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) > 2  # token by token
     assert chunks[-1].usage.completion_tokens > 0
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+
+
+@pytest.mark.parametrize("stop", ["friend", "o th"])  # in one token, across two
+def test_a_stop_string_ends_the_stream_and_the_sequence_at_once(server, client, stop):
+    """No streamed delta holds text at or past the stop string, and nothing is sampled
+    after the token that completed it (the answer has 6 more tokens to go)."""
+    _, _, shards = server
+    chunks = list(
+        client.chat.completions.create(
+            model="gpt-oss-tiny",
+            messages=user("Hi"),
+            stop=[stop],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    deltas = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    shown = ""
+    for delta in deltas:
+        shown += delta
+        assert stop not in shown
+    assert shown == "Hello there, friend!"[: "Hello there, friend!".index(stop)]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    (seq_id,) = [s for s in shards.sampled if s.startswith(chunks[0].id.removeprefix("chatcmpl-"))]
+    completion = chunks[-1].usage.completion_tokens
+    assert shards.sampled[seq_id] == completion  # decoding stopped at the stop string
+    script = tok.encode(REPLIES["answer"], allow_special=True)
+    assert stop in tok.decode(script[:completion]) and completion < len(script)
+    deadline = time.monotonic() + 10
+    while seq_id not in shards.released and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert seq_id in shards.released  # its cache was dropped
 
 
 def test_tool_call_round_trip(client):

@@ -16,9 +16,8 @@ NAME = "test-http-engine"
 
 @pytest.fixture(scope="module")
 def url(ray_session):
-    serve("gpt-oss-tiny", 2, name=NAME, dtype="float32")
-    coordinator = ray_session.get_actor(NAME, namespace="gptoss-ray")
-    yield ray_session.get(coordinator.start_http.remote("127.0.0.1", 0, None))
+    info = serve("gpt-oss-tiny", 2, name=NAME, dtype="float32", http=("127.0.0.1", 0, None))
+    yield info["url"]
     stop(NAME)
 
 

@@ -1,0 +1,144 @@
+"""The engine's API without Ray: a thread steps an `EngineCore` while requests (token ids
+or chat) come and go. `Coordinator` runs it on Ray shards; tests drive it with any
+`run_step`. A front end (the HTTP API) is attached from above (`attach`): the engine
+knows nothing of the layers that use it."""
+
+from __future__ import annotations
+
+import threading
+import traceback
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from gptoss_ray.cluster.chat import ReplyBuilder, chat_prompt
+from gptoss_ray.cluster.engine_core import EngineCore, RequestOutput
+from gptoss_ray.model.config import ModelConfig
+from gptoss_ray.model.harmony.openai_chat import ChatRequest
+from gptoss_ray.model.types import EngineUnavailable, KVLayout, SamplingParams
+
+
+class Front(Protocol):
+    """Something attached to a running engine (the HTTP API): stopped with it."""
+
+    url: str
+
+    def stop(self) -> None: ...
+
+
+class EngineLoop:
+    def __init__(
+        self,
+        model_path: str,
+        config: ModelConfig,
+        layout: KVLayout,
+        core: EngineCore,
+        *,
+        expert_load: Callable[[], list[list[int]]] | None = None,
+    ) -> None:
+        """expert_load: reads the rows routed to each expert of each layer, where the
+        shards count them."""
+        self.model_path = model_path
+        self.config = config
+        self.layout = layout
+        self.core = core
+        self.shards = core.world_size
+        self.error: str | None = None
+        self.fronts: list[Front] = []
+        self._expert_load = expert_load
+        self._stop = threading.Event()
+        self._loop = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._loop.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if self.core.wait_for_work(timeout=0.05):
+                    self.core.step()
+        except Exception as exc:
+            traceback.print_exc()  # the whole story goes to the actor's log
+            self.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            self.core.fail(self.error)
+
+    def _alive(self) -> None:
+        if self.error is not None:
+            raise EngineUnavailable(f"the engine loop stopped: {self.error}")
+
+    # -- API ---------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        return {
+            "model": self.model_path,
+            "shards": self.shards,
+            "kv_layout": vars(self.layout),
+            "healthy": self.error is None,
+        }
+
+    def stats(self) -> dict[str, Any]:
+        return self.core.snapshot()
+
+    def expert_load(self) -> list[list[int]]:
+        """[layer][expert] rows routed to each expert ([] where nobody counts them)."""
+        return self._expert_load() if self._expert_load is not None else []
+
+    def submit(
+        self, prompt: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> str:
+        self._alive()
+        return self.core.submit(prompt, params, request_id)
+
+    def wait(
+        self, request_id: str, after: int | None = None, timeout: float | None = None
+    ) -> RequestOutput:
+        out = self.core.wait(request_id, after=after, timeout=timeout)
+        if not out.finished:
+            self._alive()
+        return out
+
+    def forget(self, request_id: str) -> None:
+        self.core.forget(request_id)
+
+    def cancel(self, request_id: str) -> None:
+        self.core.cancel(request_id)
+
+    # -- chat --------------------------------------------------------------------------
+    def submit_chat(
+        self, request: dict[str, Any] | ChatRequest, request_id: str | None = None
+    ) -> tuple[str, int]:
+        """A chat request (see `chat_prompt`) -> request id and prompt length. Its reply
+        is built as its tokens come (`wait_events`, `wait_chat`)."""
+        self._alive()
+        prompt, params, stops = chat_prompt(request, self.config.max_context_length)
+        rid = self.core.submit(prompt, params, request_id, reply=ReplyBuilder(stops))
+        return rid, len(prompt)
+
+    def wait_events(
+        self, request_id: str, after: int = 0, timeout: float | None = None
+    ) -> tuple[list[Any], dict[str, Any] | None]:
+        """The reply's events past the first `after` (cluster.chat), and, once the request
+        finished, the reply."""
+        events, reply = self.core.wait_reply(request_id, after=after, timeout=timeout)
+        if reply is None:
+            self._alive()
+        return events, reply
+
+    def wait_chat(self, request_id: str) -> dict[str, Any]:
+        """The finished reply: message, finish_reason, usage, harmony messages."""
+        seen = 0
+        while True:
+            events, reply = self.wait_events(request_id, seen)
+            if reply is not None:
+                return reply
+            seen += len(events)
+
+    # -- fronts and shutdown -------------------------------------------------------------
+    def attach(self, start: Callable[..., Front], *args: Any) -> str:
+        """Starts a front on this engine, in this process: `start(engine, *args)` (the HTTP
+        API's `http_api.serve_api`). Returns its URL."""
+        front = start(self, *args)
+        self.fronts.append(front)
+        return front.url
+
+    def shutdown(self) -> None:
+        for front in self.fronts:
+            front.stop()
+        self._stop.set()
+        self._loop.join(timeout=10)
