@@ -17,14 +17,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gptoss_ray.cluster.chat import MessageEnd, TextDelta, ToolCallStart
-from gptoss_ray.cluster.responses_api import (
-    function_call_item,
-    message_item,
-    reasoning_item,
-    response_object,
-    responses_to_chat,
-)
+from gptoss_ray.cluster.chat import TextDelta, ToolCallStart
+from gptoss_ray.cluster.responses_api import ResponseStream, response_object, responses_to_chat
 from gptoss_ray.model import harmony
 from gptoss_ray.model.types import EngineUnavailable, RequestError
 
@@ -391,121 +385,15 @@ class _Handler(BaseHTTPRequestHandler):
             chunk({"reasoning_content" if ev.kind == "reasoning" else "content": ev.text})
 
     def _stream_responses(self, rid: str) -> None:
-        response_id = f"resp_{rid}"
         seq = iter(range(1 << 62))
-        model = self.api.model_id
 
         def send(kind: str, **fields: Any) -> None:
             self._event({"type": kind, "sequence_number": next(seq), **fields}, event=kind)
 
-        shell = {
-            "id": response_id,
-            "object": "response",
-            "created_at": int(time.time()),
-            "status": "in_progress",
-            "model": model,
-            "output": [],
-            "parallel_tool_calls": True,
-            "tool_choice": "auto",
-            "tools": [],
-        }
         self._start_events()
-        send("response.created", response=shell)
-        items: list[dict[str, Any]] = []
-        texts: list[str] = []
-
-        def open_item(item: dict[str, Any]) -> None:
-            items.append(item)
-            texts.append("")
-            send("response.output_item.added", output_index=len(items) - 1, item=item)
-            if item["type"] in ("message", "reasoning"):
-                part_type = "output_text" if item["type"] == "message" else "reasoning_text"
-                send(
-                    "response.content_part.added",
-                    item_id=item["id"],
-                    output_index=len(items) - 1,
-                    content_index=0,
-                    part={"type": part_type, "text": ""},
-                )
-
-        def handle(ev: Any) -> None:
-            if isinstance(ev, TextDelta) and ev.kind != "call":
-                if not items or items[-1].get("_open") != ev.kind:
-                    item = (
-                        reasoning_item("")
-                        if ev.kind == "reasoning"
-                        else message_item("", status="in_progress")
-                    )
-                    item["_open"] = ev.kind
-                    open_item(item)
-                texts[-1] += ev.text
-                name = (
-                    "response.reasoning_text.delta"
-                    if ev.kind == "reasoning"
-                    else "response.output_text.delta"
-                )
-                send(
-                    name,
-                    item_id=items[-1]["id"],
-                    output_index=len(items) - 1,
-                    content_index=0,
-                    delta=ev.text,
-                )
-            elif isinstance(ev, ToolCallStart):
-                item = function_call_item(ev.call_id, ev.name, "", status="in_progress")
-                item["_open"] = "call"
-                open_item(item)
-            elif isinstance(ev, TextDelta):
-                texts[-1] += ev.text
-                send(
-                    "response.function_call_arguments.delta",
-                    item_id=items[-1]["id"],
-                    output_index=len(items) - 1,
-                    delta=ev.text,
-                )
-            elif isinstance(ev, MessageEnd) and items and items[-1].get("_open"):
-                close_item()
-
-        def close_item() -> None:
-            item, text, index = items[-1], texts[-1], len(items) - 1
-            kind = item.pop("_open")
-            if kind == "call":
-                item.update(arguments=text, status="completed")
-                send(
-                    "response.function_call_arguments.done",
-                    item_id=item["id"],
-                    output_index=index,
-                    arguments=text,
-                )
-            else:
-                part_type = "output_text" if kind == "content" else "reasoning_text"
-                done = (
-                    "response.output_text.done"
-                    if kind == "content"
-                    else "response.reasoning_text.done"
-                )
-                send(done, item_id=item["id"], output_index=index, content_index=0, text=text)
-                part = {"type": part_type, "text": text}
-                if kind == "content":
-                    part["annotations"] = []
-                    item["status"] = "completed"
-                item["content"] = [part]
-                send(
-                    "response.content_part.done",
-                    item_id=item["id"],
-                    output_index=index,
-                    content_index=0,
-                    part=part,
-                )
-            send("response.output_item.done", output_index=index, item=item)
-
+        stream = ResponseStream(send, f"resp_{rid}", self.api.model_id)
         try:
-            reply = yield_from(self._events(rid), handle)
-            if items and items[-1].get("_open"):
-                close_item()
-            final = response_object(reply, model, response_id=response_id)
-            final["output"] = items
-            send("response.completed", response=final)
+            stream.complete(yield_from(self._events(rid), stream.handle))
         finally:
             self.api.engine.forget(rid)
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
+from gptoss_ray.cluster.chat import Event, MessageEnd, TextDelta, ToolCallStart
 from gptoss_ray.model.harmony import HarmonyError
 
 
@@ -183,3 +185,109 @@ def function_call_item(
         "arguments": arguments,
         "status": status,
     }
+
+
+class ResponseStream:
+    """A streamed `response` from a reply's events: output items (reasoning, message,
+    function call) are opened, filled and closed as the events come; `send(type,
+    **fields)` writes one server-sent event."""
+
+    def __init__(self, send: Callable[..., None], response_id: str, model: str) -> None:
+        self.send, self.response_id, self.model = send, response_id, model
+        self.items: list[dict[str, Any]] = []
+        self.texts: list[str] = []
+        shell = {
+            "id": response_id,
+            "object": "response",
+            "created_at": int(time.time()),
+            "status": "in_progress",
+            "model": model,
+            "output": [],
+            "parallel_tool_calls": True,
+            "tool_choice": "auto",
+            "tools": [],
+        }
+        send("response.created", response=shell)
+
+    def handle(self, event: Event) -> None:
+        if isinstance(event, ToolCallStart):
+            self._open(
+                function_call_item(event.call_id, event.name, "", status="in_progress"), "call"
+            )
+        elif isinstance(event, TextDelta) and event.kind == "call":
+            self.texts[-1] += event.text
+            self.send(
+                "response.function_call_arguments.delta",
+                item_id=self.items[-1]["id"],
+                output_index=len(self.items) - 1,
+                delta=event.text,
+            )
+        elif isinstance(event, TextDelta):
+            if not self.items or self.items[-1].get("_open") != event.kind:
+                reasoning = event.kind == "reasoning"
+                item = reasoning_item("") if reasoning else message_item("", status="in_progress")
+                self._open(item, event.kind)
+            self.texts[-1] += event.text
+            self.send(
+                "response.reasoning_text.delta"
+                if event.kind == "reasoning"
+                else "response.output_text.delta",
+                item_id=self.items[-1]["id"],
+                output_index=len(self.items) - 1,
+                content_index=0,
+                delta=event.text,
+            )
+        elif isinstance(event, MessageEnd) and self.items and self.items[-1].get("_open"):
+            self._close()
+
+    def complete(self, reply: dict[str, Any]) -> None:
+        if self.items and self.items[-1].get("_open"):
+            self._close()
+        final = response_object(reply, self.model, response_id=self.response_id)
+        final["output"] = self.items
+        self.send("response.completed", response=final)
+
+    def _open(self, item: dict[str, Any], kind: str) -> None:
+        item["_open"] = kind
+        self.items.append(item)
+        self.texts.append("")
+        index = len(self.items) - 1
+        self.send("response.output_item.added", output_index=index, item=item)
+        if item["type"] in ("message", "reasoning"):
+            part_type = "output_text" if item["type"] == "message" else "reasoning_text"
+            self.send(
+                "response.content_part.added",
+                item_id=item["id"],
+                output_index=index,
+                content_index=0,
+                part={"type": part_type, "text": ""},
+            )
+
+    def _close(self) -> None:
+        item, text, index = self.items[-1], self.texts[-1], len(self.items) - 1
+        kind = item.pop("_open")
+        if kind == "call":
+            item.update(arguments=text, status="completed")
+            self.send(
+                "response.function_call_arguments.done",
+                item_id=item["id"],
+                output_index=index,
+                arguments=text,
+            )
+        else:
+            answer = kind == "content"
+            done = "response.output_text.done" if answer else "response.reasoning_text.done"
+            self.send(done, item_id=item["id"], output_index=index, content_index=0, text=text)
+            part = {"type": "output_text" if answer else "reasoning_text", "text": text}
+            if answer:
+                part["annotations"] = []
+                item["status"] = "completed"
+            item["content"] = [part]
+            self.send(
+                "response.content_part.done",
+                item_id=item["id"],
+                output_index=index,
+                content_index=0,
+                part=part,
+            )
+        self.send("response.output_item.done", output_index=index, item=item)
