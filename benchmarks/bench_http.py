@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import statistics
-import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
-from gptoss_ray.benchmarks.common import machine
+from gptoss_ray.benchmarks.common import describe, machine, median, percentile, progress, save
 
 
 def stream_once(host: str, port: int, body: dict) -> tuple[float, float, int]:
@@ -50,12 +49,7 @@ def stream_once(host: str, port: int, body: dict) -> tuple[float, float, int]:
     return first if first is not None else total, total, tokens
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="gpt-oss-tiny")
     parser.add_argument("--shards", type=int, default=2)
@@ -65,7 +59,72 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2, help="per client")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--out", default=str(Path(__file__).parent / "out"))
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def run_clients(
+    host: str, port: int, args: argparse.Namespace
+) -> tuple[list[tuple[float, float, int]], float]:
+    """Every client's requests, back to back, all clients at once -> (results, wall s)."""
+    body = {
+        "model": args.model,
+        "max_tokens": args.max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    stream_once(host, port, {**body, "messages": [{"role": "user", "content": "hi"}]})
+    results: list[tuple[float, float, int]] = []
+    lock = threading.Lock()
+
+    def client(k: int) -> None:
+        for r in range(args.requests):
+            msg = [{"role": "user", "content": f"Client {k} asks question {r}."}]
+            out = stream_once(host, port, {**body, "messages": msg})
+            with lock:
+                results.append(out)
+
+    progress(f"{args.clients} clients x {args.requests} streaming requests ...")
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(args.clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, time.perf_counter() - t0
+
+
+def summarize(results: list[tuple[float, float, int]], wall: float) -> dict[str, Any]:
+    firsts = [r[0] for r in results]
+    totals = [r[1] for r in results]
+    return {
+        "requests": len(results),
+        "wall_s": wall,
+        "requests_per_s": len(results) / wall,
+        "tokens_per_s": sum(r[2] for r in results) / wall,
+        "latency_s": {f"p{q}": percentile(totals, q) for q in (50, 90, 99)},
+        "first_chunk_s": {f"p{q}": percentile(firsts, q) for q in (50, 90, 99)},
+        "latency_median_s": median(totals),
+    }
+
+
+def plot(data: dict[str, Any], plt: Any) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, key in (("whole request", "latency_s"), ("first chunk", "first_chunk_s")):
+        ordered = sorted(r[key] for r in data["raw"])
+        ax.plot(ordered, [(i + 1) / len(ordered) for i in range(len(ordered))], label=label)
+    args = data["args"]
+    ax.set(
+        xlabel="seconds",
+        ylabel="fraction of requests",
+        title=f"{args['clients']} streaming clients, {args['shards']} shards",
+    )
+    ax.legend()
+    fig.tight_layout()
+
+
+def main() -> None:
+    args = parse_args()
 
     import ray
 
@@ -76,52 +135,13 @@ def main() -> None:
     try:
         url = ray.get(engine.coordinator.attach.remote(serve_api, "127.0.0.1", 0, None))
         host, port = url.removeprefix("http://").removesuffix("/v1").split(":")
-        body = {
-            "model": args.model,
-            "max_tokens": args.max_tokens,
-            "temperature": 0,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        stream_once(host, int(port), {**body, "messages": [{"role": "user", "content": "hi"}]})
-        results: list[tuple[float, float, int]] = []
-        lock = threading.Lock()
-
-        def client(k: int) -> None:
-            for r in range(args.requests):
-                msg = [{"role": "user", "content": f"Client {k} asks question {r}."}]
-                out = stream_once(host, int(port), {**body, "messages": msg})
-                with lock:
-                    results.append(out)
-
-        print(f"{args.clients} clients x {args.requests} streaming requests ...", file=sys.stderr)
-        t0 = time.perf_counter()
-        threads = [threading.Thread(target=client, args=(k,)) for k in range(args.clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - t0
+        results, wall = run_clients(host, int(port), args)
     finally:
         engine.shutdown()
 
-    firsts = [r[0] for r in results]
-    totals = [r[1] for r in results]
-    tokens = sum(r[2] for r in results)
-    summary = {
-        "requests": len(results),
-        "wall_s": wall,
-        "requests_per_s": len(results) / wall,
-        "tokens_per_s": tokens / wall,
-        "latency_s": {f"p{int(q * 100)}": percentile(totals, q) for q in (0.5, 0.9, 0.99)},
-        "first_chunk_s": {f"p{int(q * 100)}": percentile(firsts, q) for q in (0.5, 0.9, 0.99)},
-        "latency_median_s": statistics.median(totals),
-    }
+    summary = summarize(results, wall)
     m = machine()
-    print(
-        f"machine: {m['platform']}, {m['cpus']} CPUs, torch {m['torch']}"
-        + (f", {m['gpu']}" if "gpu" in m else "")
-    )
+    print(f"machine: {describe(m)}")
     print(
         f"model {args.model} ({args.dtype}, {args.device}), {args.shards} shards, "
         f"{args.clients} concurrent streaming clients x {args.requests} requests, "
@@ -131,38 +151,9 @@ def main() -> None:
     lat, first = summary["latency_s"], summary["first_chunk_s"]
     print(f"latency s: p50 {lat['p50']:.2f}  p90 {lat['p90']:.2f}  p99 {lat['p99']:.2f}")
     print(f"first chunk s: p50 {first['p50']:.2f}  p90 {first['p90']:.2f}  p99 {first['p99']:.2f}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    data = {
-        "machine": m,
-        "args": vars(args),
-        "summary": summary,
-        "raw": [{"first_chunk_s": f, "latency_s": t, "tokens": n} for f, t, n in results],
-    }
-    (out / f"http-{stamp}.json").write_text(json.dumps(data, indent=2))
-    print(f"saved {out / f'http-{stamp}.json'}")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install -e '.[bench]'): no PNG", file=sys.stderr)
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, values in (("whole request", totals), ("first chunk", firsts)):
-        ordered = sorted(values)
-        ax.plot(ordered, [(i + 1) / len(ordered) for i in range(len(ordered))], label=label)
-    ax.set(
-        xlabel="seconds",
-        ylabel="fraction of requests",
-        title=f"{args.clients} streaming clients, {args.shards} shards",
-    )
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / f"http-{stamp}.png", dpi=110)
-    print(f"saved {out / f'http-{stamp}.png'}")
+    raw = [{"first_chunk_s": f, "latency_s": t, "tokens": n} for f, t, n in results]
+    data = {"machine": m, "args": vars(args), "summary": summary, "raw": raw}
+    save("http", data, args.out, plot)
 
 
 if __name__ == "__main__":
