@@ -110,23 +110,55 @@ def calibrate(
     weights in the shapes of `config_name`, on `device`."""
     from gptoss_ray.model.checkpoint import randomize_
     from gptoss_ray.model.config import ModelConfig
-    from gptoss_ray.model.kv_cache import SequenceBatch
-    from gptoss_ray.model.model import RMSNorm, RotaryEmbedding, TransformerBlock
-    from gptoss_ray.model.types import KVLayout
-    from gptoss_ray.shards.kv_blocks import KVBlocks
-    from gptoss_ray.shards.kv_cache import PagedBatchView, PagedKVCache
+    from gptoss_ray.model.model import RMSNorm, TransformerBlock
 
     config = ModelConfig.preset(config_name)
     dev = torch.device(device)
     kernels = dev.type == "cuda" if kernels is None else kernels
-    e, k, h = config.num_experts, config.experts_per_token, config.hidden_size
-    layers = [TransformerBlock(config, i, dtype, (0, e)).to(dev) for i in (0, 1)]
+    h = config.hidden_size
+    layers = [TransformerBlock(config, i, dtype, (0, config.num_experts)).to(dev) for i in (0, 1)]
     for block in layers:
         randomize_(block, seed=block.attn.layer)
         block.attn.use_kernels = block.mlp.experts.use_kernels = kernels
-    rope = RotaryEmbedding(config)
     g = torch.Generator(device=dev).manual_seed(0)
 
+    dense_x, dense_y = _time_dense(layers, config, contexts, batches, repeats, dtype, g)
+    exp_x, exp_y = _time_experts(layers[1].mlp.experts, config, batches, repeats, dtype, g)
+    norm = RMSNorm(h, config.rms_norm_eps).to(dev)
+    unembed = torch.nn.Linear(h, config.vocab_size, bias=False, dtype=dtype).to(dev)
+    unembed.weight.normal_(generator=g)
+    head_x, head_y = [], []
+    for b in batches:
+        x = torch.randn(b, h, generator=g, device=dev).to(dtype)
+        head_x.append([1.0, b])
+        head_y.append(median_time(lambda x=x: unembed(norm(x)).float().argmax(-1), repeats, dev))
+
+    return Calibration(
+        device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        dtype=str(dtype).removeprefix("torch."),
+        kernels=kernels,
+        dense=_fit(dense_x, dense_y),
+        experts=_fit(exp_x, exp_y),
+        head=_fit(head_x, head_y),
+        points={
+            "dense [1, b, b*c] -> s": [[*x, y] for x, y in zip(dense_x, dense_y, strict=True)],
+            "experts [1, touched, rows] -> s": [[*x, y] for x, y in zip(exp_x, exp_y, strict=True)],
+            "head [1, b] -> s": [[*x, y] for x, y in zip(head_x, head_y, strict=True)],
+        },
+    )
+
+
+def _time_dense(layers, config, contexts, batches, repeats, dtype, g):
+    """Attention and the router of each layer, for each batch and cached context ->
+    (features [1, b, b * c_eff], seconds)."""
+    from gptoss_ray.model.kv_cache import SequenceBatch
+    from gptoss_ray.model.model import RotaryEmbedding
+    from gptoss_ray.model.types import KVLayout
+    from gptoss_ray.shards.kv_blocks import KVBlocks
+    from gptoss_ray.shards.kv_cache import PagedBatchView, PagedKVCache
+
+    dev, h = g.device, config.hidden_size
+    rope = RotaryEmbedding(config)
     dense_x, dense_y = [], []
     for c in contexts:
         for b in batches:
@@ -155,8 +187,14 @@ def calibrate(
                 dense_y.append(median_time(run, repeats, dev))
             progress(f"   dense: {b} sequences at context {c} ({tokens} tokens cached)")
             del cache, seqs, batch
+    return dense_x, dense_y
 
-    experts = layers[1].mlp.experts
+
+def _time_experts(experts, config, batches, repeats, dtype, g):
+    """The grouped expert matmuls for each batch, the rows spread over a pool of experts ->
+    (features [1, experts touched, rows], seconds)."""
+    dev, k = g.device, config.experts_per_token
+    e, h = config.num_experts, config.hidden_size
     exp_x, exp_y = [], []
     for b in batches:
         for pool in sorted({e, max(k, e // 4), k}):  # experts the rows may go to
@@ -170,29 +208,7 @@ def calibrate(
                 median_time(lambda x=x, ids=ids: experts.run_grouped(x, ids), repeats, dev)
             )
         progress(f"   experts: {b * k} rows")
-
-    norm = RMSNorm(h, config.rms_norm_eps).to(dev)
-    unembed = torch.nn.Linear(h, config.vocab_size, bias=False, dtype=dtype).to(dev)
-    unembed.weight.normal_(generator=g)
-    head_x, head_y = [], []
-    for b in batches:
-        x = torch.randn(b, h, generator=g, device=dev).to(dtype)
-        head_x.append([1.0, b])
-        head_y.append(median_time(lambda x=x: unembed(norm(x)).float().argmax(-1), repeats, dev))
-
-    return Calibration(
-        device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        dtype=str(dtype).removeprefix("torch."),
-        kernels=kernels,
-        dense=_fit(dense_x, dense_y),
-        experts=_fit(exp_x, exp_y),
-        head=_fit(head_x, head_y),
-        points={
-            "dense [1, b, b*c] -> s": [[*x, y] for x, y in zip(dense_x, dense_y, strict=True)],
-            "experts [1, touched, rows] -> s": [[*x, y] for x, y in zip(exp_x, exp_y, strict=True)],
-            "head [1, b] -> s": [[*x, y] for x, y in zip(head_x, head_y, strict=True)],
-        },
-    )
+    return exp_x, exp_y
 
 
 def model_bytes(config) -> tuple[int, int]:
