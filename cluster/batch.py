@@ -9,6 +9,7 @@ skips what is already there."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
@@ -22,6 +23,10 @@ SUPPORTED_URLS = ("/v1/chat/completions",)
 
 class BatchInputError(ValueError):
     """The job cannot start: an unreadable input or an unwritable output."""
+
+
+class OutputBusy(BatchInputError):
+    """Another job is writing the same output now."""
 
 
 @dataclass
@@ -43,19 +48,24 @@ def read_input(source: str | Path | list[dict[str, Any]]) -> list[BatchLine]:
     else:
         path = Path(source)
         try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
-            raise BatchInputError(f"cannot read the input {path}: {reason}") from None
-        raw = text.splitlines()
+            data = path.read_bytes()
+        except OSError as exc:
+            raise BatchInputError(f"cannot read the input {path}: {exc.strerror}") from None
+        # JSONL lines end at b"\n" only: str.splitlines would also split a line at a
+        # U+2028 inside a JSON string
+        raw = data.split(b"\n")
     out: list[BatchLine] = []
     seen: set[str] = set()
     for n, item in enumerate(raw, start=1):
-        if isinstance(item, str):
+        if isinstance(item, bytes):
             if not item.strip():
                 continue
             try:
-                item = json.loads(item)
+                item = json.loads(item.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                message = f"not UTF-8: byte {exc.start + 1} of the line is {item[exc.start]:#04x}"
+                out.append(BatchLine(n, None, None, _error("invalid_utf8", message, n)))
+                continue
             except json.JSONDecodeError as exc:
                 out.append(BatchLine(n, None, None, _error("invalid_json", f"not JSON: {exc}", n)))
                 continue
@@ -114,13 +124,13 @@ def success_record(custom_id: str, reply: dict[str, Any], model: str) -> dict[st
     }
 
 
-def error_record(custom_id: str | None, error: dict[str, Any]) -> dict[str, Any]:
-    body_error = {"message": error["message"], "code": error["code"]}
+def error_record(custom_id: str | None, error: dict[str, Any], status: int = 400) -> dict[str, Any]:
+    body_error = {"message": error["message"], "code": error["code"], "param": error.get("param")}
     return {
         "id": f"batch_req_{uuid.uuid4().hex}",
         "custom_id": custom_id,
         "response": {
-            "status_code": 400,
+            "status_code": status,
             "request_id": f"req_{uuid.uuid4().hex}",
             "body": {"error": {**body_error, "type": "invalid_request_error"}},
         },
@@ -145,9 +155,16 @@ class OutputWriter:
         self.done_ids: set[str] = set()
         self.done_lines: set[int] = set()  # invalid lines (no custom_id of their own)
         self.count = 0
-        if self.path.exists():
-            self._read_existing()
         self._out = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+        try:  # one writer per output, or records would be written twice
+            fcntl.flock(self._out, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._out.close()
+            raise OutputBusy(
+                f"the output {self.path} is being written by another job; follow that one, "
+                "or wait for it to end and submit again to resume"
+            ) from None
+        self._read_existing()
         self._err = open(self.errors, "a", encoding="utf-8")  # noqa: SIM115
 
     def _read_existing(self) -> None:
@@ -156,17 +173,17 @@ class OutputWriter:
         if len(keep) != len(data):
             with open(self.path, "r+b") as f:
                 f.truncate(len(keep))
-        for raw in keep.decode("utf-8", errors="replace").splitlines():
+        for raw in keep.split(b"\n"):  # (records may hold U+2028: not splitlines)
             try:
-                record = json.loads(raw)
+                record = json.loads(raw.decode("utf-8", errors="replace"))
             except json.JSONDecodeError:
                 continue
             self.count += 1
             error = record.get("error") or {}
-            if error.get("code") in ("duplicate_custom_id", "missing_custom_id", "invalid_json"):
-                self.done_lines.add(error.get("line"))
-            elif record.get("custom_id"):
+            if record.get("custom_id"):
                 self.done_ids.add(record["custom_id"])
+            elif error.get("line") is not None:  # a line without a custom_id of its own
+                self.done_lines.add(error["line"])
 
     def is_done(self, line: BatchLine) -> bool:
         if line.custom_id is not None:
@@ -187,8 +204,8 @@ class OutputWriter:
         os.fsync(f.fileno())
 
     def close(self) -> None:
-        self._out.close()
         self._err.close()
+        self._out.close()  # and its lock
 
 
 def check_writable(output: str | Path) -> None:

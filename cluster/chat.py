@@ -182,7 +182,13 @@ class ReplyBuilder:
         tokens = list(self.parser.tokens)
         self.reply = {
             "request_id": request_id,
-            "message": message.model_dump(exclude_none=True),
+            # every key always there (null or [] when empty), as clients index them
+            "message": {
+                "role": "assistant",
+                "content": message.content,
+                "reasoning_content": message.reasoning_content,
+                "tool_calls": [c.model_dump() for c in message.tool_calls or ()],
+            },
             "finish_reason": finish,
             "harmony": [m.to_dict() for m in messages],
             "token_ids": tokens,

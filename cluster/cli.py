@@ -89,6 +89,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--address", default=None, help="Ray cluster ('auto'); default: local")
     serve.add_argument("--name", default="gptoss-ray")
     serve.add_argument("--kv-budget-mb", type=float, default=256)
+    serve.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=None,
+        help="refuse longer prompts (default: what the model's context allows)",
+    )
     serve.add_argument("--http", action="store_true", help="serve the OpenAI-compatible API")
     serve.add_argument("--host", default="127.0.0.1", help="HTTP address (default loopback)")
     serve.add_argument("--port", type=int, default=8000)
@@ -153,7 +159,7 @@ def _user_error(exc: Exception) -> str | None:
     from gptoss_ray.model.config import ConfigError
     from gptoss_ray.model.harmony import HarmonyError
     from gptoss_ray.model.tokenizer import TokenizerError
-    from gptoss_ray.model.types import RequestError
+    from gptoss_ray.model.types import DeviceUnavailable, RequestError
 
     if isinstance(exc, ValidationError):
         return "; ".join(
@@ -168,6 +174,7 @@ def _user_error(exc: Exception) -> str | None:
         FileNotFoundError,
         BatchInputError,
         EngineNotFound,
+        DeviceUnavailable,
         KeyError,
     )
     return str(exc) if isinstance(exc, mine) else None
@@ -256,6 +263,7 @@ def _serve(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         kv_budget_bytes=int(args.kv_budget_mb * 2**20),
+        max_prompt_tokens=args.max_prompt_tokens,
         http=(args.host, args.port, args.api_key) if args.http else None,
     )
     if args.http:

@@ -1,4 +1,4 @@
-"""`gptoss-ray batch submit|status|results|list`: batch jobs from the command line."""
+"""`gptoss-ray batch submit|status|results|list|cancel|delete`: batch jobs from the command line."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         ("results", "a job's output records, one JSON per line", results),
         ("list", "every job on the cluster", list_jobs),
         ("cancel", "stop a job (finished lines stay)", cancel),
+        ("delete", "forget a job, cancelling it if it runs (its output stays)", delete),
     ]:
         cmd = cmds.add_parser(name, help=help_text)
         cmd.set_defaults(run=run)
@@ -77,4 +78,11 @@ def cancel(args: argparse.Namespace) -> int:
     job = _client(args).job(args.job)
     job.cancel()
     print(f"job {job.job_id} cancelled")
+    return 0
+
+
+def delete(args: argparse.Namespace) -> int:
+    job = _client(args).job(args.job)
+    job.delete()
+    print(f"job {job.job_id} deleted (its output stays)")
     return 0

@@ -36,8 +36,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     parse = cmds.add_parser(
         "parse",
         help="completion token ids -> messages",
-        description="Read a JSON list of completion token ids on standard input and print "
-        "the parsed messages as a JSON list in openai-harmony's message JSON.",
+        description="Read a JSON list of completion token ids (a file, or standard input) "
+        "and print the parsed messages as a JSON list in openai-harmony's message JSON.",
+    )
+    parse.add_argument(
+        "file", nargs="?", default="-", help="JSON file, or - for standard input (the default)"
     )
     parse.add_argument(
         "--role",
@@ -77,12 +80,13 @@ def render_command(args: argparse.Namespace) -> int:
 def parse_command(args: argparse.Namespace) -> int:
     from gptoss_ray.model import harmony
 
+    source = "standard input" if args.file == "-" else args.file
     try:
-        ids = json.loads(sys.stdin.read())
+        ids = json.loads(sys.stdin.read() if args.file == "-" else _read(args.file))
     except json.JSONDecodeError as exc:
-        raise harmony.HarmonyError(f"standard input: not valid JSON: {exc}") from None
-    if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
-        raise harmony.HarmonyError("standard input: expected a JSON list of token ids")
+        raise harmony.HarmonyError(f"{source}: not valid JSON: {exc}") from None
+    if not isinstance(ids, list) or not all(type(t) is int for t in ids):
+        raise harmony.HarmonyError(f"{source}: expected a JSON list of token ids")
     role = None if args.role.lower() == "none" else args.role
     if role is not None and role not in {r.value for r in harmony.Role}:
         raise harmony.HarmonyError(f"--role {role!r}: not a harmony role")

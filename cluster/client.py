@@ -10,6 +10,7 @@ submit jobs, follow them, read their results.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -21,15 +22,18 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from gptoss_ray.cluster.batch import BatchInputError, check_writable, read_input
-from gptoss_ray.cluster.jobs import JOB_PREFIX, BatchJob
+from gptoss_ray.cluster.batch import BatchInputError, OutputBusy, check_writable, read_input
+from gptoss_ray.cluster.jobs import JOB_PREFIX, BatchJob, JobRecords
 from gptoss_ray.cluster.ray_instance import NAMESPACE, EngineNotFound, connect
 
 DEFAULT_ENGINE = "gptoss-ray"
 
 
 class Job:
-    def __init__(self, job_id: str, actor: ray.actor.ActorHandle) -> None:
+    """A batch job: its actor while it runs, its record in the cluster's key-value store
+    once it ended (the actor is gone then)."""
+
+    def __init__(self, job_id: str, actor: ray.actor.ActorHandle | None) -> None:
         self.job_id = job_id
         self.actor = actor
 
@@ -37,14 +41,25 @@ class Job:
         return f"Job({self.job_id!r})"
 
     def status(self) -> dict[str, Any]:
-        return ray.get(self.actor.info.remote())
+        return self._ask("info")
+
+    def _ask(self, method: str, *args: Any) -> dict[str, Any]:
+        if self.actor is not None:
+            try:
+                return ray.get(getattr(self.actor, method).remote(*args))
+            except ray.exceptions.RayActorError:  # it ended and left its record
+                self.actor = None
+        info = JobRecords().get(self.job_id)
+        if info is None:
+            raise KeyError(f"no job {self.job_id!r} on this cluster (deleted or expired)")
+        return info
 
     def wait(self, progress: bool = False, timeout: float | None = None) -> dict[str, Any]:
         """Until the job ends (completed, failed or cancelled); with progress, a status
         line on stderr: done, failed, total, tokens/s, ETA."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            info = ray.get(self.actor.wait.remote(1.0))
+            info = self._ask("wait", 1.0)
             if progress:
                 print("\r" + progress_line(info), end="", file=sys.stderr, flush=True)
             if info["status"] != "running":
@@ -59,11 +74,19 @@ class Job:
         yield from read_results(self.status()["output"])
 
     def cancel(self) -> None:
-        ray.get(self.actor.cancel.remote())
+        if self.actor is not None:
+            with contextlib.suppress(ray.exceptions.RayActorError):  # it had ended
+                ray.get(self.actor.cancel.remote())
 
     def delete(self) -> None:
-        """Forget a finished job (its output stays)."""
-        ray.kill(self.actor)
+        """Forgets the job: a running one is cancelled first. Its output stays."""
+        if self.actor is not None:
+            with contextlib.suppress(ray.exceptions.RayActorError):
+                ray.get(self.actor.cancel.remote())
+                ray.get(self.actor.wait.remote(60))  # its thread ends, its record is written
+                ray.kill(self.actor)
+            self.actor = None
+        JobRecords().delete(self.job_id)
 
 
 def read_results(output: str | Path) -> Iterator[dict[str, Any]]:
@@ -118,6 +141,13 @@ class Client:
         read_input(source)  # fails on an unreadable file
         output = Path(output).resolve()
         check_writable(output)
+        for job in self.jobs():  # (the job's lock on the output settles a race)
+            info = job.status()
+            if info["status"] == "running" and info["output"] == str(output):
+                raise OutputBusy(
+                    f"job {job.job_id} is writing {output} now: follow it with `gptoss-ray "
+                    f"batch status {job.job_id}`, or submit again once it ended to resume"
+                )
         job_id = job_id or uuid.uuid4().hex[:12]
         here = ray.get_runtime_context().get_node_id()
         actor = (
@@ -133,24 +163,43 @@ class Client:
             )
             .remote(job_id, self.name, source, str(output), max_in_flight=max_in_flight)
         )
-        job = Job(job_id, actor)
         try:
-            job.status()
+            ray.get(actor.info.remote())
         except ray.exceptions.RayActorError as exc:
-            raise BatchInputError(f"the job could not start: {exc}") from None
-        return job
+            if JobRecords().get(job_id) is not None:  # it had nothing left to do, and ended
+                return Job(job_id, None)
+            raise BatchInputError(f"the job could not start: {_creation_error(exc)}") from None
+        return Job(job_id, actor)
 
     def job(self, job_id: str) -> Job:
+        """A job, running or ended (until deleted, or its record expired)."""
         try:
             return Job(job_id, ray.get_actor(JOB_PREFIX + job_id, namespace=NAMESPACE))
         except ValueError:
-            raise KeyError(f"no job {job_id!r} on this cluster") from None
+            if JobRecords().get(job_id) is None:
+                raise KeyError(f"no job {job_id!r} on this cluster") from None
+            return Job(job_id, None)
 
     def jobs(self) -> list[Job]:
+        """Every job on the cluster: running ones, and ended ones not yet deleted."""
         names = ray.util.list_named_actors(all_namespaces=True)
-        ids = [
-            n["name"].removeprefix(JOB_PREFIX)
+        running = {
+            n["name"].removeprefix(JOB_PREFIX): n["name"]
             for n in names
             if n["namespace"] == NAMESPACE and n["name"].startswith(JOB_PREFIX)
-        ]
-        return [self.job(i) for i in sorted(ids)]
+        }
+        out = []
+        for job_id in sorted(set(running) | set(JobRecords().ids())):
+            with contextlib.suppress(KeyError):  # it ended and was deleted meanwhile
+                out.append(self.job(job_id))
+        return out
+
+
+def _creation_error(exc: Exception) -> str:
+    """The line that says why a job's actor could not start (its constructor's error), not
+    Ray's whole report."""
+    text = str(exc)
+    for line in reversed(text.splitlines()):
+        if ": " in line and line.split(":", 1)[0].strip().isidentifier():
+            return line.strip()
+    return text

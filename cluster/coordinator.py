@@ -35,6 +35,7 @@ class Coordinator(EngineLoop):
         block_size: int = 16,
         token_budget: int = 256,
         max_seqs: int = 64,
+        max_prompt_tokens: int | None = None,
         cpus_per_shard: float = 1,
         gpus_per_shard: float | None = None,
         placement_timeout: float = 120,
@@ -104,6 +105,7 @@ class Coordinator(EngineLoop):
             self._run_step,
             token_budget=token_budget,
             max_seqs=max_seqs,
+            max_prompt_tokens=max_prompt_tokens,
         )
         self.recoveries: list[dict[str, Any]] = []
         super().__init__(

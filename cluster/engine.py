@@ -22,7 +22,7 @@ from gptoss_ray.cluster.coordinator import Coordinator
 from gptoss_ray.cluster.engine_core import RequestOutput
 from gptoss_ray.cluster.ray_instance import init_for_engine
 from gptoss_ray.model import harmony
-from gptoss_ray.model.types import RequestError, SamplingParams
+from gptoss_ray.model.types import DeviceUnavailable, RequestError, SamplingParams
 
 
 class Engine:
@@ -57,7 +57,8 @@ class Engine:
         kernels on or off, default on for cuda; decode_graphs: decode steps replayed from
         CUDA graphs, default on for cuda with the kernels and one shard; threads_per_shard:
         torch threads of a CPU shard, default the node's cores over the shard count;
-        compiled_steps: steps through a Ray compiled graph, default on for cuda)."""
+        compiled_steps: steps through a Ray compiled graph, default on for cuda;
+        max_prompt_tokens: longer prompts are refused, default what the context allows)."""
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device {device!r}: expected cpu or cuda")
         if dtype not in ("float32", "bfloat16"):
@@ -65,6 +66,12 @@ class Engine:
         if shards < 1:
             raise ValueError(f"shards={shards}: at least one")
         owns_ray = init_for_engine(address, shards + 1)
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if device == "cuda" and owns_ray and gpus < shards:  # a private Ray never grows
+            ray.shutdown()
+            raise DeviceUnavailable(
+                f"device cuda: {shards} shard(s) need a GPU each; this machine has {gpus:g}"
+            )
         remote = ray.remote(Coordinator).options(
             name=name or f"gptoss-ray-coordinator-{uuid.uuid4().hex[:8]}",
             max_concurrency=64,

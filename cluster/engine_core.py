@@ -20,10 +20,12 @@ from gptoss_ray.cluster.scheduler import Reply, Scheduler, Status
 from gptoss_ray.cluster.scheduler import Sequence as Seq
 from gptoss_ray.model.config import ModelConfig
 from gptoss_ray.model.types import (
+    ContextLengthExceeded,
     EngineUnavailable,
     KVLayout,
     RequestError,
     SamplingParams,
+    SeqWork,
     StepPlan,
     StepResult,
     UnknownRequest,
@@ -72,8 +74,12 @@ class EngineCore:
         *,
         token_budget: int = 256,
         max_seqs: int = 64,
+        max_prompt_tokens: int | None = None,
     ) -> None:
+        """max_prompt_tokens: the longest prompt taken (default: what the context allows),
+        so that one request cannot hold the engine for minutes of prefill."""
         self.config = config
+        self.max_prompt_tokens = max_prompt_tokens
         self.world_size = world_size
         self.run_step = run_step
         self.scheduler = Scheduler(
@@ -128,6 +134,12 @@ class EngineCore:
     def _check(self, prompt: list[int], params: SamplingParams, request_id: str | None) -> None:
         where = f"request {request_id}" if request_id else "request"
         check_prompt(prompt, params.max_tokens, self.config, f"{where}: the prompt")
+        if self.max_prompt_tokens is not None and len(prompt) > self.max_prompt_tokens:
+            raise ContextLengthExceeded(
+                f"{where}: the prompt has {len(prompt)} tokens; this server takes at most "
+                f"{self.max_prompt_tokens} (its --max-prompt-tokens)",
+                param="messages",
+            )
         problem = self.scheduler.capacity_error(len(prompt), params.max_tokens)
         if problem:
             raise RequestError(f"{where}: {problem}")
@@ -276,7 +288,7 @@ class EngineCore:
             stats = self.stats
             stats.steps += 1
             stats.generated_tokens += sum(len(r.tokens) for r in results)
-            stats.prefill_tokens += sum(len(w.tokens) for p in plans for w in p.work)
+            stats.prefill_tokens += sum(self._prompt_tokens(w) for p in plans for w in p.work)
             stats.preemptions = self.scheduler.preempted
             # the slowest shard sets the pace; its split tells where the time went
             slowest = max(results, key=lambda r: sum(r.seconds.values()))
@@ -288,6 +300,13 @@ class EngineCore:
             stats.seconds["rpc"] += max(0.0, (t2 - t1) - sum(slowest.seconds.values()))
             stats.seconds["step"] += time.perf_counter() - t0
             self._lock.notify_all()
+
+    def _prompt_tokens(self, work: SeqWork) -> int:
+        """The prompt's tokens in a step's chunk (a decode step feeds none: its one token
+        was generated; a prompt computed again after a preemption counts again)."""
+        seq = self.requests.get(work.seq_id)
+        prompt = len(seq.prompt) if seq is not None else 0
+        return max(0, min(work.start + len(work.tokens), prompt) - work.start)
 
     def run_until_done(self) -> None:
         while self.has_work():

@@ -8,13 +8,14 @@ from __future__ import annotations
 import threading
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 from gptoss_ray.cluster.chat import ReplyBuilder, chat_prompt
 from gptoss_ray.cluster.engine_core import EngineCore, RequestOutput
 from gptoss_ray.model.config import ModelConfig
 from gptoss_ray.model.harmony.openai_chat import ChatRequest
-from gptoss_ray.model.types import EngineUnavailable, KVLayout, SamplingParams
+from gptoss_ray.model.types import EngineUnavailable, KVLayout, ModelNotFound, SamplingParams
 
 
 class Front(Protocol):
@@ -63,10 +64,24 @@ class EngineLoop:
         if self.error is not None:
             raise EngineUnavailable(f"the engine loop stopped: {self.error}")
 
+    @property
+    def model_id(self) -> str:
+        """The model's name for clients: its folder's name (`-seed0` of a built-in left off)."""
+        return Path(self.model_path).name.removesuffix("-seed0")
+
+    def check_model(self, model: str | None) -> None:
+        """A request that names a model must name this one (its id or its path)."""
+        if model is not None and model not in (self.model_id, self.model_path):
+            raise ModelNotFound(
+                f"the model {model!r} does not exist; this engine serves {self.model_id!r}",
+                param="model",
+            )
+
     # -- API ---------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
         return {
             "model": self.model_path,
+            "model_id": self.model_id,
             "shards": self.shards,
             "kv_layout": vars(self.layout),
             "healthy": self.error is None,
@@ -107,6 +122,9 @@ class EngineLoop:
         is built as its tokens come (`wait_events`, `wait_chat`)."""
         self._alive()
         prompt, params, stops = chat_prompt(request, self.config.max_context_length)
+        self.check_model(
+            request.model if isinstance(request, ChatRequest) else request.get("model")
+        )
         rid = self.core.submit(prompt, params, request_id, reply=ReplyBuilder(stops))
         return rid, len(prompt)
 

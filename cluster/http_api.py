@@ -9,12 +9,14 @@ its sequence cancelled at once."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import select
+import socket
 import threading
 import time
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gptoss_ray.cluster.chat import TextDelta, ToolCallStart
@@ -40,30 +42,78 @@ class ApiError(Exception):
         }
 
 
+MAX_BODY_BYTES = 8 << 20  # a 128k-token conversation is well under 1 MiB of JSON
+
+
 class ClientGone(Exception):
     pass
 
 
+_BUSY = b"".join(
+    (
+        b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n",
+        b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n",
+    )
+)
+
+
 class _Server(ThreadingHTTPServer):
+    """A thread per connection, at most `max_connections` at once: past that a client gets
+    503 with Retry-After at once (a flood of idle connections cannot exhaust the process's
+    descriptors or threads); the handler closes a connection idle for its `timeout`."""
+
     daemon_threads = True
     request_queue_size = 1024  # the default backlog of 5 resets bursts of new clients
 
+    def __init__(self, address: tuple[str, int], handler: type, max_connections: int) -> None:
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(max_connections)
 
-def serve_api(engine: EngineLoop, host: str, port: int, api_key: str | None) -> ApiServer:
-    """Serves the API for `engine` from this process (a thread per connection)."""
-    return ApiServer(engine, host, port, api_key)
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            body = json.dumps(
+                ApiError(503, "too many connections; retry shortly", "server_busy").body()
+            ).encode()
+            with contextlib.suppress(OSError):
+                request.sendall(_BUSY % len(body) + body)
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+def serve_api(
+    engine: EngineLoop, host: str, port: int, api_key: str | None, **limits: Any
+) -> ApiServer:
+    """Serves the API for `engine` from this process (a thread per connection); `limits`:
+    max_connections, idle_timeout_s."""
+    return ApiServer(engine, host, port, api_key, **limits)
 
 
 class ApiServer:
-    def __init__(self, engine: EngineLoop, host: str, port: int, api_key: str | None) -> None:
+    def __init__(
+        self,
+        engine: EngineLoop,
+        host: str,
+        port: int,
+        api_key: str | None,
+        *,
+        max_connections: int = 512,
+        idle_timeout_s: float = 30.0,
+    ) -> None:
         self.engine = engine
         self.api_key = api_key
-        self.model_id = Path(engine.model_path).name.removesuffix("-seed0")
+        self.model_id = engine.model_id
         self.started = int(time.time())
         self.http_requests = 0
         self.http_errors = 0
-        handler = type("Handler", (_Handler,), {"api": self})
-        self.httpd = _Server((host, port), handler)
+        handler = type("Handler", (_Handler,), {"api": self, "timeout": idle_timeout_s})
+        self.httpd = _Server((host, port), handler, max_connections)
         self.host, self.port = self.httpd.server_address[:2]
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self._thread.start()
@@ -80,17 +130,6 @@ class ApiServer:
     def stop(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
-
-    def check_model(self, model: Any) -> None:
-        if model is None:
-            return
-        if model not in (self.model_id, self.engine.model_path):
-            raise ApiError(
-                404,
-                f"the model {model!r} does not exist; this server has {self.model_id!r}",
-                "model_not_found",
-                "model",
-            )
 
     # -- metrics -------------------------------------------------------------------------
     def metrics(self) -> str:
@@ -151,6 +190,7 @@ class ApiServer:
 class _Handler(BaseHTTPRequestHandler):
     api: ApiServer
     protocol_version = "HTTP/1.1"
+    timeout: float  # seconds a connection may sit idle, or stall a read or a write
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet: the actor log is no access log
         pass
@@ -162,7 +202,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":
+            self.wfile.write(data)
 
     def _send_error(self, err: ApiError) -> None:
         self.api.http_errors += 1
@@ -174,13 +215,25 @@ class _Handler(BaseHTTPRequestHandler):
         return self.headers.get("Authorization", "") == f"Bearer {self.api.api_key}"
 
     def _read_json(self) -> Any:
-        length = int(self.headers.get("Content-Length") or 0)
+        header = self.headers.get("Content-Length") or "0"
+        if not header.isdigit():
+            self.close_connection = True  # where this body ends is unknown
+            raise ApiError(400, f"bad Content-Length {header!r}", "invalid_request")
+        length = int(header)
+        if length > MAX_BODY_BYTES:
+            self.close_connection = True  # the body is left unread
+            raise ApiError(
+                413,
+                f"the request body has {length} bytes; at most {MAX_BODY_BYTES} are accepted",
+                "request_too_large",
+            )
         raw = self.rfile.read(length) if length else b""
         try:
             return json.loads(raw or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
             raise ApiError(
-                400, f"the request body is not valid JSON: {exc}", "invalid_json"
+                400, f"the request body is not valid JSON: {reason}", "invalid_json"
             ) from None
 
     def _dispatch(self, method: str) -> None:
@@ -200,8 +253,8 @@ class _Handler(BaseHTTPRequestHandler):
             route(self)
         except ApiError as err:
             self._send_error(err)
-        except (BrokenPipeError, ConnectionResetError, ClientGone):
-            pass
+        except (BrokenPipeError, ConnectionResetError, TimeoutError, ClientGone):
+            self.close_connection = True
         except Exception as exc:  # never a traceback to the client, never a dead server
             self._send_error(ApiError(500, f"{type(exc).__name__}: {exc}", "internal_error"))
 
@@ -210,6 +263,22 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         self._dispatch("POST")
+
+    # Every other method gets the key check and a JSON 405 or 404, not http.server's 501 page.
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    def do_PATCH(self) -> None:
+        self._dispatch("PATCH")
+
+    def do_OPTIONS(self) -> None:
+        self._dispatch("OPTIONS")
+
+    def do_HEAD(self) -> None:
+        self._dispatch("HEAD")
 
     # -- endpoints (route_*: BaseHTTPRequestHandler owns names like `responses`) ----------
     def route_health(self) -> None:
@@ -242,42 +311,51 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def _submit(self, chat: dict[str, Any]) -> tuple[str, int]:
+    @contextlib.contextmanager
+    def _submitted(self, chat: Any) -> Iterator[str]:
+        """Submits the request; whatever happens after (a reply sent, an error, a client
+        gone), the engine is done with it on the way out: never a sequence left running
+        with nobody to read it."""
         if not isinstance(chat, dict):
             raise ApiError(400, "the request body is a JSON object", "invalid_request")
-        self.api.check_model(chat.get("model"))
+        engine = self.api.engine
         try:
-            return self.api.engine.submit_chat(chat)
+            rid, _ = engine.submit_chat(chat)
         except (RequestError, EngineUnavailable) as exc:  # harmony's errors among them
-            raise ApiError(exc.status, str(exc), exc.code) from None
+            raise ApiError(exc.status, str(exc), exc.code, getattr(exc, "param", None)) from None
         except ValueError as exc:  # a field that only SamplingParams checks
             raise ApiError(400, str(exc), RequestError.code) from None
+        try:
+            yield rid
+        finally:
+            engine.cancel(rid)  # a no-op once it finished
+            engine.forget(rid)
 
     def route_chat_completions(self) -> None:
         body = self._read_json()
-        rid, _ = self._submit(body)
-        if body.get("stream"):
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            self._stream_chat(rid, include_usage)
-            return
-        reply = self._wait_reply(rid)
-        self._send_json(
-            200,
-            {
-                "id": f"chatcmpl-{rid[:24]}",
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": self.api.model_id,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": reply["message"],
-                        "finish_reason": reply["finish_reason"],
-                    }
-                ],
-                "usage": reply["usage"],
-            },
-        )
+        with self._submitted(body) as rid:
+            if body.get("stream"):
+                include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+                self._stream_chat(rid, include_usage)
+                return
+            reply = self._wait_reply(rid)
+            self._send_json(
+                200,
+                {
+                    "id": f"chatcmpl-{rid[:24]}",
+                    "object": "chat.completion",
+                    "created": int(time.time()),
+                    "model": self.api.model_id,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": reply["message"],
+                            "finish_reason": reply["finish_reason"],
+                        }
+                    ],
+                    "usage": reply["usage"],
+                },
+            )
 
     def route_responses(self) -> None:
         body = self._read_json()
@@ -285,50 +363,44 @@ class _Handler(BaseHTTPRequestHandler):
             chat = responses_to_chat(body)
         except harmony.HarmonyError as exc:
             raise ApiError(400, str(exc), "invalid_request") from None
-        rid, _ = self._submit(chat)
-        if body.get("stream"):
-            self._stream_responses(rid)
-            return
-        reply = self._wait_reply(rid)
-        self._send_json(200, response_object(reply, self.api.model_id, response_id=f"resp_{rid}"))
+        with self._submitted(chat) as rid:
+            if body.get("stream"):
+                self._stream_responses(rid)
+                return
+            reply = self._wait_reply(rid)
+            response = response_object(reply, self.api.model_id, response_id=f"resp_{rid}")
+            self._send_json(200, response)
 
     # -- waiting and streaming -------------------------------------------------------------
     def _client_gone(self) -> bool:
-        readable, _, _ = select.select([self.connection], [], [], 0)
-        if not readable:
+        # poll, not select: select fails for descriptors past 1024
+        poller = select.poll()
+        poller.register(self.connection, select.POLLIN)
+        if not poller.poll(0):
             return False
         try:
-            import socket
-
             return self.connection.recv(1, socket.MSG_PEEK) == b""
         except OSError:
             return True
 
     def _events(self, rid: str):
-        """Yields the reply's events as they come, then returns the reply; cancels the
-        request if the client leaves."""
+        """Yields the reply's events as they come, then returns the reply; raises
+        ClientGone when the client leaves (`_submitted` then cancels the request)."""
         engine = self.api.engine
         seen = 0
-        try:
-            while True:
-                events, reply = engine.wait_events(rid, seen, timeout=0.5)
-                seen += len(events)
-                yield from events
-                if reply is not None:
-                    return reply
-                if engine.error:
-                    raise ApiError(503, f"the engine stopped: {engine.error}", "engine_down")
-                if self._client_gone():
-                    raise ClientGone
-        except (ClientGone, BrokenPipeError, ConnectionResetError, GeneratorExit):
-            engine.cancel(rid)
-            raise
+        while True:
+            events, reply = engine.wait_events(rid, seen, timeout=0.5)
+            seen += len(events)
+            yield from events
+            if reply is not None:
+                return reply
+            if engine.error:
+                raise ApiError(503, f"the engine stopped: {engine.error}", "engine_down")
+            if self._client_gone():
+                raise ClientGone
 
     def _wait_reply(self, rid: str) -> dict[str, Any]:
-        try:
-            return yield_from(self._events(rid), lambda event: None)
-        finally:
-            self.api.engine.forget(rid)
+        return yield_from(self._events(rid), lambda event: None)
 
     def _start_events(self) -> None:
         self.send_response(200)
@@ -359,14 +431,11 @@ class _Handler(BaseHTTPRequestHandler):
 
         self._start_events()
         chunk({"role": "assistant", "content": ""})
-        try:
-            reply = yield_from(self._events(rid), lambda ev: self._chat_delta(ev, chunk))
-            chunk({}, reply["finish_reason"])
-            if include_usage:
-                self._event({**base, "choices": [], "usage": reply["usage"]})
-            self._event("[DONE]")
-        finally:
-            self.api.engine.forget(rid)
+        reply = yield_from(self._events(rid), lambda ev: self._chat_delta(ev, chunk))
+        chunk({}, reply["finish_reason"])
+        if include_usage:
+            self._event({**base, "choices": [], "usage": reply["usage"]})
+        self._event("[DONE]")
 
     @staticmethod
     def _chat_delta(ev: Any, chunk) -> None:
@@ -392,10 +461,7 @@ class _Handler(BaseHTTPRequestHandler):
 
         self._start_events()
         stream = ResponseStream(send, f"resp_{rid}", self.api.model_id)
-        try:
-            stream.complete(yield_from(self._events(rid), stream.handle))
-        finally:
-            self.api.engine.forget(rid)
+        stream.complete(yield_from(self._events(rid), stream.handle))
 
 
 def yield_from(events, handle) -> Any:

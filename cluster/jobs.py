@@ -1,5 +1,7 @@
 """A batch job as a detached Ray actor: it reads the input, keeps up to `max_in_flight`
-requests in the engine, and appends each record to the output as it finishes.
+requests in the engine, and appends each record to the output as it finishes. When the
+job ends its last status goes to Ray's key-value store (`JobRecords`) and the actor exits:
+its records are all in the output already, and a finished job should not hold a process.
 
 Request-level failures (a bad line, a bad body) become error records. An engine failure
 (the coordinator or a shard died) is not the request's fault: nothing is written for the
@@ -8,11 +10,11 @@ output again picks up where it stopped."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import traceback
 from collections import deque
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -27,6 +29,46 @@ from gptoss_ray.cluster.batch import (
 from gptoss_ray.cluster.ray_instance import NAMESPACE
 
 JOB_PREFIX = "gptoss-ray-job-"
+RECORD_TTL_S = 7 * 24 * 3600  # a finished job's status is kept a week, or until deleted
+
+
+class JobRecords:
+    """The last status of each finished job, in the Ray cluster's key-value store (the GCS):
+    it outlives the job's process and the engine, not the Ray cluster. Records are small
+    (one status dict) and expire after `RECORD_TTL_S`."""
+
+    PREFIX = b"gptoss-ray-job/"
+
+    @staticmethod
+    def _kv():
+        from ray.experimental import internal_kv
+
+        return internal_kv
+
+    def put(self, info: dict[str, Any]) -> None:
+        key = self.PREFIX + info["job_id"].encode()
+        self._kv()._internal_kv_put(key, json.dumps(info).encode(), namespace=NAMESPACE)
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        raw = self._kv()._internal_kv_get(self.PREFIX + job_id.encode(), namespace=NAMESPACE)
+        return json.loads(raw) if raw else None
+
+    def delete(self, job_id: str) -> bool:
+        return bool(self._kv()._internal_kv_del(self.PREFIX + job_id.encode(), namespace=NAMESPACE))
+
+    def ids(self) -> list[str]:
+        """Every recorded job; expired ones are deleted on the way."""
+        kv, now, out = self._kv(), time.time(), []
+        for key in kv._internal_kv_list(self.PREFIX, namespace=NAMESPACE):
+            job_id = key.removeprefix(self.PREFIX).decode()
+            info = self.get(job_id)
+            if info is None:
+                continue
+            if now - (info.get("finished_at") or now) > RECORD_TTL_S:
+                self.delete(job_id)
+            else:
+                out.append(job_id)
+        return out
 
 
 class BatchJob:
@@ -80,6 +122,7 @@ class BatchJob:
             "tokens_per_s": self.tokens / elapsed if elapsed > 0 else 0.0,
             "eta_s": remaining / rate if rate > 0 and self.status == "running" else None,
             "error": self.error,
+            "finished_at": self.finished_at,
         }
 
     def cancel(self) -> None:
@@ -102,10 +145,21 @@ class BatchJob:
         finally:
             self.finished_at = time.time()
             self.writer.close()
+            self._retire()
+
+    def _retire(self) -> None:
+        """Records the final status, then ends this actor's process once the calls already
+        queued (a client's `wait`) have their answer."""
+        try:
+            JobRecords().put(self.info())
+        except Exception:  # without a record the actor stays, answering for the job
+            traceback.print_exc()
+            return
+        ray.get_runtime_context().current_actor.__ray_terminate__.remote()
 
     def _run_lines(self) -> None:
         coordinator = ray.get_actor(self.coordinator_name, namespace=NAMESPACE)
-        model = Path(ray.get(coordinator.info.remote())["model"]).name
+        model = ray.get(coordinator.info.remote())["model_id"]
         todo = deque(line for line in self.lines if not self.writer.is_done(line))
         in_flight: dict[ray.ObjectRef, tuple[BatchLine, str]] = {}
         while (todo or in_flight) and not self._cancel.is_set():
@@ -120,13 +174,14 @@ class BatchJob:
                     cause = getattr(exc, "cause", None)
                     if not isinstance(cause, ValueError):  # RequestError, HarmonyError, ...
                         raise
-                    message = str(cause)
-                    self._record(
-                        error_record(
-                            line.custom_id,
-                            {"code": "invalid_request", "message": message, "line": line.line},
-                        )
-                    )
+                    error = {
+                        "code": getattr(cause, "code", "invalid_request"),
+                        "message": str(cause),
+                        "param": getattr(cause, "param", None),
+                        "line": line.line,
+                    }
+                    status = getattr(cause, "status", 400)
+                    self._record(error_record(line.custom_id, error, status))
                     continue
                 in_flight[coordinator.wait_chat.remote(rid)] = (line, rid)
             if not in_flight:
@@ -135,8 +190,7 @@ class BatchJob:
             for ref in ready:
                 line, rid = in_flight.pop(ref)
                 reply = ray.get(ref)  # an engine failure raises here: the job stops
-                body_model = (line.body or {}).get("model") or model
-                self._record(success_record(line.custom_id or "", reply, body_model))
+                self._record(success_record(line.custom_id or "", reply, model))
                 self.tokens += reply["usage"]["completion_tokens"]
                 coordinator.forget.remote(rid)
         for _, rid in in_flight.values():  # cancelled: stop the engine's work too

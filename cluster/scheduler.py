@@ -135,21 +135,26 @@ class Scheduler:
         budgets = [self.token_budget] * len(self.shards)
         for rank, shard in enumerate(self.shards):
             shard.release = []
-            i = 0
-            while i < len(shard.running):
-                seq = shard.running[i]
-                n = min(seq.length - seq.computed, budgets[rank])
-                if n <= 0:
+            # Decodes first, then prompt chunks with what the budget leaves, each at most
+            # half of it while requests wait: a long prompt is chunked around the running
+            # and the arriving sequences instead of stalling them for its whole prefill.
+            cap = self.token_budget // 2 if self.waiting else self.token_budget
+            for decoding in (True, False):
+                i = 0
+                while i < len(shard.running):
+                    seq = shard.running[i]
+                    n = min(seq.length - seq.computed, budgets[rank], max(1, cap))
+                    if n <= 0 or (seq.length - seq.computed == 1) != decoding:
+                        i += 1
+                        continue
+                    grant = shard.blocks.grow(seq.seq_id, seq.computed, n)
+                    if grant is None:
+                        victim = shard.running[-1]
+                        self._preempt(rank, victim, plans[rank])
+                        continue  # retry seq (or move on if it was the victim)
+                    plans[rank].work.append(self._work(seq, n, grant))
+                    budgets[rank] -= n
                     i += 1
-                    continue
-                grant = shard.blocks.grow(seq.seq_id, seq.computed, n)
-                if grant is None:
-                    victim = shard.running[-1]
-                    self._preempt(rank, victim, plans[rank])
-                    continue  # retry seq (or move on if it was the victim)
-                plans[rank].work.append(self._work(seq, n, grant))
-                budgets[rank] -= n
-                i += 1
         # admit waiting sequences, oldest first, to the shard with the most free KV
         while self.waiting:
             seq = self.waiting[0]

@@ -30,6 +30,7 @@ from gptoss_ray.model import mxfp4
 from gptoss_ray.model.config import ConfigError, ModelConfig
 from gptoss_ray.model.model import Transformer
 from gptoss_ray.model.progress import Progress
+from gptoss_ray.model.types import DeviceUnavailable
 
 Layout = Literal["hf", "original"]
 
@@ -262,6 +263,7 @@ class Checkpoint:
         """Builds the model with experts [lo, hi) (all by default), copying tensors one at a
         time into place. Experts stay MXFP4; non-expert weights take `dtype`."""
         self.validate()
+        check_device(device)
         with torch.device("meta"):
             model = Transformer(self.config, dtype=dtype, experts=experts)
         model.to_empty(device=device)
@@ -276,6 +278,18 @@ class Checkpoint:
             bar.advance(tensor.numel() * tensor.element_size() / 2**30)
         bar.close()
         return model
+
+
+def check_device(device: torch.device | str) -> None:
+    """Fails with a clear error where torch has no such device."""
+    kind = torch.device(device).type
+    if kind == "cuda" and not torch.cuda.is_available():
+        built = (
+            "torch was built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+        )
+        raise DeviceUnavailable(
+            f"device cuda: this machine has none ({built}, torch {torch.__version__})"
+        )
 
 
 def load_model(

@@ -26,6 +26,13 @@ class RequestError(ValueError):
     code = "invalid_request"
     status = 400
 
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param  # the field at fault (`messages[2].role`), for OpenAI's `param`
+
+    def __reduce__(self):  # keeps `param` when Ray sends the error to another process
+        return (self.__class__, (str(self),), {"param": self.param})
+
 
 class ContextLengthExceeded(RequestError):
     code = "context_length_exceeded"
@@ -36,12 +43,22 @@ class UnknownRequest(RequestError):
     status = 404
 
 
+class ModelNotFound(RequestError):
+    code = "model_not_found"
+    status = 404
+
+
 class EngineUnavailable(RuntimeError):
     """The engine cannot serve now (a lost shard was not replaced, or its loop stopped):
     not the request's fault."""
 
     code = "engine_down"
     status = 503
+
+
+class DeviceUnavailable(RuntimeError):
+    """The device asked for is not there (no CUDA on this machine, fewer GPUs in the
+    cluster than shards): the user's to fix, named with what there is."""
 
 
 # -- sampling ----------------------------------------------------------------------------

@@ -13,7 +13,9 @@ import time
 
 import pytest
 
+from gptoss_ray.cluster.batch import BatchInputError, OutputBusy
 from gptoss_ray.cluster.client import Client
+from gptoss_ray.cluster.jobs import JOB_PREFIX
 from gptoss_ray.cluster.serve import serve
 from tests.engine_cases import expected_reply
 
@@ -40,7 +42,10 @@ def request_line(i: int, **body) -> dict:
 
 
 def write_jsonl(path, items) -> None:
-    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in items))
+    def line(x) -> bytes:
+        return x if isinstance(x, bytes) else (x if isinstance(x, str) else json.dumps(x)).encode()
+
+    path.write_bytes(b"".join(line(x) + b"\n" for x in items))
 
 
 def test_a_job_of_200_lines_with_bad_ones(engine, tmp_path):
@@ -53,6 +58,8 @@ def test_a_job_of_200_lines_with_bad_ones(engine, tmp_path):
         61: request_line(1001, max_tokens=-1),  # negative max tokens
         75: request_line(1002, max_tokens=131072),  # over the context length
         90: request_line(1003, messages=[{"role": "wizard", "content": "x"}]),
+        104: request_line(1004, model="gpt-4o"),  # not the model served
+        118: b'{"custom_id": "\xff"}',  # not UTF-8
     }
     for at, item in sorted(bad.items()):
         items.insert(at, item)
@@ -62,7 +69,7 @@ def test_a_job_of_200_lines_with_bad_ones(engine, tmp_path):
     info = job.wait()
     assert info["status"] == "completed", info
     records = list(job.results())
-    assert len(records) == len(items) == 207
+    assert len(records) == len(items) == 209
     ok = {r["custom_id"]: r for r in records if r["error"] is None}
     failed = [r for r in records if r["error"] is not None]
     assert set(ok) == {f"req-{i}" for i in range(200)}
@@ -72,12 +79,19 @@ def test_a_job_of_200_lines_with_bad_ones(engine, tmp_path):
         "missing_custom_id": 1,
         "duplicate_custom_id": 1,
         "invalid_url": 1,
-        "invalid_request": 3,
+        "invalid_request": 2,
+        "context_length_exceeded": 1,
+        "model_not_found": 1,
+        "invalid_utf8": 1,
     }
+    by_code = {r["error"]["code"]: r for r in failed}
+    assert by_code["model_not_found"]["response"]["status_code"] == 404
+    assert by_code["model_not_found"]["error"]["param"] == "model"
+    assert by_code["invalid_request"]["error"]["line"] in (62, 91)
     messages = " | ".join(r["error"]["message"] for r in failed)
     assert "max_tokens: Input should be greater than or equal to 1" in messages
     assert "exceed the context length" in messages and "messages[0].role" in messages
-    assert len((tmp_path / "out.errors.jsonl").read_text().splitlines()) == 7
+    assert len((tmp_path / "out.errors.jsonl").read_text().splitlines()) == 9
     # contents equal the engine's for the same request (17 distinct bodies)
     for i in range(17):
         body = ok[f"req-{i}"]["response"]["body"]
@@ -165,6 +179,68 @@ def test_cancel_stops_a_job_and_keeps_what_finished(engine, tmp_path):
     info = job.wait(timeout=60)
     assert info["status"] == "cancelled" and 4 <= info["done"] < 60
     assert len(list(job.results())) == info["done"]
+
+
+def test_a_second_job_on_the_same_output_is_refused(engine, tmp_path):
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(src, [request_line(i, max_tokens=8) for i in range(20)])
+    client = Client(name=ENGINE)
+    first = client.submit(src, out, max_in_flight=2)
+    with pytest.raises(OutputBusy, match=f"job {first.job_id} is writing"):
+        client.submit(src, out)
+    # a race past that check meets the first job's lock on the output
+    with pytest.raises(BatchInputError, match="being written by another job"):
+        client.jobs = lambda: []
+        client.submit(src, out)
+    assert first.wait()["status"] == "completed"
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sorted(r["custom_id"] for r in records) == sorted(f"req-{i}" for i in range(20))
+
+
+def test_an_ended_job_leaves_a_record_not_a_process(engine, ray_session, tmp_path):
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(src, [request_line(i) for i in range(3)])
+    client = Client(name=ENGINE)
+    job = client.submit(src, out)
+    assert job.wait()["status"] == "completed"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            ray_session.get_actor(JOB_PREFIX + job.job_id, namespace="gptoss-ray")
+        except ValueError:
+            break  # its process ended
+        time.sleep(0.2)
+    else:
+        pytest.fail("the job's actor is still alive 30 s after it ended")
+    again = client.job(job.job_id)  # from its record
+    assert again.actor is None and again.status()["done"] == 3
+    assert len(list(again.results())) == 3
+    assert job.job_id in [j.job_id for j in client.jobs()]
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gptoss_ray.cluster.cli",
+            "batch",
+            "delete",
+            job.job_id,
+            "--address",
+            ray_session.get_runtime_context().gcs_address,
+            "--name",
+            ENGINE,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0 and "deleted" in r.stdout, r.stderr[-2000:]
+    with pytest.raises(KeyError):
+        client.job(job.job_id)
+    assert out.exists()  # the output stays
+    # resubmitted, it has nothing left to do: it ends at once, and says so
+    rerun = client.submit(src, out)
+    info = rerun.wait(timeout=60)
+    assert info["status"] == "completed" and info["skipped"] == 3 and info["done"] == 0
 
 
 def test_status_command_shows_shards_load_and_jobs(engine, ray_session):

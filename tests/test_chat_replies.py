@@ -46,6 +46,7 @@ def test_events_add_up_to_the_reply():
         "role": "assistant",
         "content": "Hello there, friend!",
         "reasoning_content": "Thinking about it.",
+        "tool_calls": [],
     }
     assert reply["finish_reason"] == "stop" and reply["token_ids"] == ids(ANSWER)
     assert reply["usage"] == {

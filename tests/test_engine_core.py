@@ -160,3 +160,38 @@ def test_the_scheduler_grants_what_blocks_held_counts():
     blocks.release("a")
     blocks.release("b")
     assert blocks.free_blocks() == (40, 12)
+
+
+def test_a_long_prompt_is_chunked_around_the_other_sequences():
+    """Decodes go first, and a long prompt takes at most half the budget while requests
+    wait: requests arriving during its prefill start at once and decode every step (it
+    once took the whole budget, step after step, and they waited for all of it)."""
+    from gptoss_ray.cluster.scheduler import Scheduler, Sequence
+
+    sched = Scheduler(1, KVLayout(16, 4096, 4096), None, token_budget=256)
+
+    def seq(name: str, n: int) -> Sequence:
+        params = SamplingParams(max_tokens=1000)
+        return Sequence(name, list(range(1, n + 1)), params, 0, frozenset(), arrival=0)
+
+    long = seq("long", 5000)
+    sched.add(long)
+    ((work,),) = [p.work for p in sched.schedule()]
+    assert len(work.tokens) == 256  # alone, it has the whole budget
+    long.computed = 256
+    short = [seq(f"s{i}", 8) for i in range(3)]
+    for s in short:
+        sched.add(s)
+    steps = 0
+    while long.computed < len(long.prompt):
+        (plan,) = sched.schedule()
+        chunk = {w.seq_id: len(w.tokens) for w in plan.work}
+        # the arrivals' prompts at once, then a token each every step
+        assert all(chunk[s.seq_id] == (8 if steps == 0 else 1) for s in short), chunk
+        assert chunk["long"] == (128 if steps == 0 else min(253, 5000 - long.computed))
+        for s in short:  # what update() does with a step's work
+            s.computed += chunk[s.seq_id]
+            s.output.append(7)
+        long.computed += chunk["long"]
+        steps += 1
+    assert steps == 1 + -(-(5000 - 256 - 128) // 253)

@@ -13,7 +13,15 @@ import secrets
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from gptoss_ray.model.harmony.messages import (
     Author,
@@ -78,20 +86,50 @@ class ChatMessage(_Model):
         return "".join(part.text for part in self.content)
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = Field(default=False, strict=True)
+
+
 class SamplingFields(BaseModel):
-    """The sampling fields of a chat request (validated here, used by the engine)."""
+    """The sampling fields of a chat request (validated here, used by the engine). Types
+    are strict (`"max_tokens": true` is an error, not 1); fields this server does not
+    implement yet are refused unless they ask for the default, never silently ignored."""
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=0)
-    seed: int | None = Field(default=None, ge=0)
+    model: str | None = Field(default=None, strict=True)
+    max_tokens: int | None = Field(default=None, ge=1, strict=True)
+    max_completion_tokens: int | None = Field(default=None, ge=1, strict=True)
+    temperature: float | None = Field(default=None, ge=0, le=2, strict=True)
+    top_p: float | None = Field(default=None, gt=0, le=1, strict=True)
+    top_k: int | None = Field(default=None, ge=0, strict=True)
+    seed: int | None = Field(default=None, ge=0, strict=True)
     stop: str | list[str] | None = Field(default=None, max_length=4)
-    stream: bool = False
+    stream: bool = Field(default=False, strict=True)
+    stream_options: StreamOptions | None = None
+    n: int | None = Field(default=None, strict=True)
+    logprobs: bool | None = Field(default=None, strict=True)
+    top_logprobs: int | None = Field(default=None, strict=True)
+    presence_penalty: float | None = Field(default=None, strict=True)
+    frequency_penalty: float | None = Field(default=None, strict=True)
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("n", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty")
+    @classmethod
+    def _not_yet(cls, value: Any, info: ValidationInfo) -> Any:
+        default = _DEFAULTS_ONLY[info.field_name]
+        if value is not None and value != default:
+            raise ValueError(f"not supported yet (only {default!r} or leaving it out)")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_bias_yet(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value:
+            raise ValueError("not supported yet (only {} or leaving it out)")
+        return value
 
     @classmethod
     def parse(cls, data: Any):
@@ -99,7 +137,16 @@ class SamplingFields(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise HarmonyError(describe_validation_error(exc)) from None
+            raise validation_error(exc) from None
+
+
+_DEFAULTS_ONLY = {
+    "n": 1,
+    "logprobs": False,
+    "top_logprobs": 0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+}
 
 
 class ChatRequest(SamplingFields):
@@ -174,7 +221,7 @@ def to_harmony(
                         )
                     )
                 except ValidationError as exc:
-                    raise HarmonyError(describe_validation_error(exc, f"tools[{i}]")) from None
+                    raise validation_error(exc, f"tools[{i}]") from None
             dev = dev.with_function_tools(described)
         out.append(Message(author=Author(role=Role.DEVELOPER), content=[dev]))
 
@@ -269,14 +316,25 @@ def _function_name(recipient: str | None) -> str | None:
 def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:
     problems = []
     for err in exc.errors():
-        loc = [p for p in err["loc"] if not (isinstance(p, str) and p in _UNION_TAGS)]
-        path = prefix
-        for p in loc:
-            path += f"[{p}]" if isinstance(p, int) else (f".{p}" if path else str(p))
         value = err.get("input")
         shown = f" (got {value!r})" if not isinstance(value, dict | list) else ""
+        path = _error_path(err, prefix)
         problems.append(f"{path or 'request'}: {err['msg'].removeprefix('Value error, ')}{shown}")
     return "; ".join(problems)
+
+
+def validation_error(exc: ValidationError, prefix: str = "") -> HarmonyError:
+    """The request error for a failed validation; `param` is the first field at fault."""
+    first = _error_path(exc.errors()[0], prefix) if exc.errors() else ""
+    return HarmonyError(describe_validation_error(exc, prefix), param=first or None)
+
+
+def _error_path(err: Any, prefix: str) -> str:
+    loc = [p for p in err["loc"] if not (isinstance(p, str) and p in _UNION_TAGS)]
+    path = prefix
+    for p in loc:
+        path += f"[{p}]" if isinstance(p, int) else (f".{p}" if path else str(p))
+    return path
 
 
 _UNION_TAGS = {"str", "list[TextPart]", "function-after[_supported(), ChatRequest]"}

@@ -1,0 +1,302 @@
+"""Probes of a careless client and an attacker, replayed (bounded, on loopback): the HTTP
+API against an engine with scripted shards, and the batch input and output files."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import time
+
+import openai
+import pytest
+
+from gptoss_ray.cluster.batch import OutputBusy, OutputWriter, error_record, read_input
+from gptoss_ray.cluster.http_api import MAX_BODY_BYTES, _Handler, serve_api
+from tests.scripted_engine import scripted_engine
+
+KEY = "k"
+
+
+@pytest.fixture(scope="module")
+def server():
+    engine, _ = scripted_engine()
+    url = engine.attach(serve_api, "127.0.0.1", 0, KEY)
+    yield url, engine
+    engine.shutdown()
+
+
+def raw_request(url: str, head: str, body: bytes = b"", timeout: float = 10) -> tuple[int, bytes]:
+    """Sends bytes as given; -> (status, body)."""
+    host, port = url.removeprefix("http://").removesuffix("/v1").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(head.encode() + b"\r\n\r\n" + body)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(65536)
+        header, rest = data.split(b"\r\n\r\n", 1)
+        length = next(
+            (
+                int(line.split(b":")[1])
+                for line in header.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            ),
+            0,
+        )
+        while len(rest) < length and not head.startswith("HEAD"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            rest += chunk
+    return int(header.split()[1]), rest
+
+
+def post(url: str, body: dict | bytes, key: str = KEY) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\nConnection: close"
+    )
+    status, raw = raw_request(url, head, data)
+    return status, json.loads(raw)
+
+
+def chat(**fields) -> dict:
+    return {
+        "model": "gpt-oss-tiny",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 60,
+        **fields,
+    }
+
+
+def idle(engine) -> bool:
+    with engine.core._lock:
+        return not engine.core.requests and not engine.core.scheduler.has_work()
+
+
+def wait_idle(engine, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if idle(engine):
+            return True
+        time.sleep(0.02)
+    return idle(engine)
+
+
+# -- 1: descriptors past 1024, idle connections, a connection cap -------------------------
+def test_a_stream_works_on_descriptors_past_1024(server):
+    url, engine = server
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2400:
+        pytest.skip(f"the descriptor limit ({hard}) is too low to reach 1024")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2400), hard))
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0)
+        slow = [{"role": "user", "content": "count slowly"}]  # long enough to poll the client
+        chunks = list(client.chat.completions.create(**chat(stream=True, messages=slow)))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text.startswith("la la") and chunks[-1].choices[0].finish_reason == "length"
+    finally:
+        for fd in filler:
+            os.close(fd)
+    assert wait_idle(engine)
+
+
+def test_idle_connections_are_capped_and_closed():
+    engine, _ = scripted_engine()
+    limited = functools.partial(serve_api, max_connections=8, idle_timeout_s=1.0)
+    url = engine.attach(limited, "127.0.0.1", 0, KEY)
+    host, port = url.removeprefix("http://").removesuffix("/v1").split(":")
+    try:
+        idlers = [socket.create_connection((host, int(port))) for _ in range(8)]
+        time.sleep(0.2)
+        status, body = post(url, chat())
+        assert status == 503 and body["error"]["code"] == "server_busy"  # not a 500, not a hang
+        time.sleep(1.5)  # the idle ones are closed
+        assert all(s.recv(1) == b"" for s in idlers)
+        status, body = post(url, chat())
+        assert status == 200 and body["choices"][0]["message"]["content"] == "Hello there, friend!"
+        for s in idlers:
+            s.close()
+    finally:
+        engine.shutdown()
+
+
+# -- 2: a failure after the request was queued ---------------------------------------------
+def test_a_handler_failing_after_submit_cancels_and_forgets(server, monkeypatch):
+    url, engine = server
+
+    def broken(self, rid, include_usage):
+        raise AttributeError("a bug past submit")
+
+    monkeypatch.setattr(_Handler, "_stream_chat", broken)
+    status, body = post(url, chat(stream=True, messages=[{"role": "user", "content": "slowly"}]))
+    assert status == 500 and "a bug past submit" in body["error"]["message"]
+    assert wait_idle(engine, timeout=5)  # cancelled and forgotten, not running to max_tokens
+
+
+def test_bad_stream_options_are_a_400_and_queue_nothing(server):
+    url, engine = server
+    status, body = post(url, chat(stream=True, stream_options="x"))
+    assert status == 400 and body["error"]["param"] == "stream_options"
+    assert idle(engine)
+
+
+# -- 7 and 8: limits, and the shape of every error --------------------------------------
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"max_tokens": True}, "max_tokens"),
+        ({"temperature": "1"}, "temperature"),
+        ({"stream": "yes"}, "stream"),
+        ({"n": 2}, "n"),
+        ({"logprobs": True}, "logprobs"),
+        ({"top_logprobs": 3}, "top_logprobs"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"logit_bias": {"5": 10}}, "logit_bias"),
+        ({"model": 123}, "model"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+    ],
+)
+def test_bad_fields_are_400s_that_name_the_field(server, fields, param):
+    status, body = post(server[0], chat(**fields))
+    assert status == 400, body
+    assert body["error"]["param"] == param and body["error"]["type"] == "invalid_request_error"
+
+
+def test_fields_at_their_defaults_are_accepted(server):
+    fields = {"n": 1, "logprobs": False, "presence_penalty": 0, "frequency_penalty": 0.0}
+    status, body = post(server[0], chat(**fields, logit_bias={}, stream_options=None))
+    assert status == 200, body
+
+
+def test_an_unknown_model_is_a_404(server):
+    status, body = post(server[0], chat(model="gpt-4o"))
+    assert status == 404 and body["error"]["code"] == "model_not_found"
+    assert body["error"]["param"] == "model"
+
+
+def test_bodies_too_large_badly_sized_or_too_deep(server):
+    url, engine = server
+    head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+    status, body = raw_request(url, head + f"Content-Length: {MAX_BODY_BYTES + 1}")
+    assert status == 413 and json.loads(body)["error"]["code"] == "request_too_large"
+    status, body = raw_request(url, head + "Content-Length: ten")
+    assert status == 400 and json.loads(body)["error"]["code"] == "invalid_request"
+    status, body = post(url, b"[" * 100_000 + b"]" * 100_000)
+    assert status == 400 and body["error"]["code"] == "invalid_json"
+    assert idle(engine)
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"])
+def test_other_methods_need_the_key_and_get_json(server, method):
+    url = server[0]
+    status, body = raw_request(url, f"{method} /v1/chat/completions HTTP/1.1\r\nHost: x")
+    assert status == 401
+    head = f"{method} /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k"
+    status, body = raw_request(url, head)
+    assert status == 405
+    if method != "HEAD":  # (a HEAD answer has no body)
+        assert json.loads(body)["error"]["code"] == "method_not_allowed"
+
+
+# -- 9: replies keep their keys; counters count what they say ------------------------------
+def test_a_reply_has_every_message_key(server):
+    status, body = post(server[0], chat())
+    assert status == 200
+    message = body["choices"][0]["message"]
+    assert message == {
+        "role": "assistant",
+        "content": "Hello there, friend!",
+        "reasoning_content": "Thinking about it.",
+        "tool_calls": [],
+    }
+
+
+def test_prefill_tokens_count_the_prompt_only(server):
+    url, engine = server
+    before = engine.stats()
+    status, body = post(url, chat())
+    after = engine.stats()
+    assert status == 200
+    assert after["prefill_tokens"] - before["prefill_tokens"] == body["usage"]["prompt_tokens"]
+    assert (
+        after["generated_tokens"] - before["generated_tokens"]
+        == (body["usage"]["completion_tokens"])
+    )
+
+
+def test_harmony_parse_reads_a_file(tmp_path):
+    ids = tmp_path / "ids.json"
+    ids.write_text("[200005, 35644, 200008, 2500, 200007]")  # <|channel|>analysis<|message|>...
+    cmd = [sys.executable, "-m", "gptoss_ray.cluster.cli", "harmony", "parse", str(ids)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)[0]["channel"] == "analysis"
+
+
+def test_cuda_where_there_is_none_is_a_one_line_error(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    cmd = [sys.executable, "-m", "gptoss_ray.cluster.cli", "generate", "--model", "gpt-oss-tiny"]
+    cmd += ["--device", "cuda", "--prompt-ids", "1,2,3", "--max-tokens", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("error: device cuda: this machine has none")
+    assert "Traceback" not in r.stderr
+
+
+# -- 3 and 4: batch files ----------------------------------------------------------------
+def test_an_invalid_utf8_line_is_that_lines_error(tmp_path):
+    good = {"custom_id": "a", "url": "/v1/chat/completions", "body": chat()}
+    text = [{"role": "user", "content": "\u2028"}]
+    also = {**good, "custom_id": "b", "body": chat(messages=text)}
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(
+        json.dumps(good).encode()
+        + b'\n{"custom_id": "\xff"}\n'
+        # a raw U+2028 inside a string is one JSON line, not two
+        + json.dumps(also, ensure_ascii=False).encode()
+        + b"\n"
+    )
+    lines = read_input(src)
+    assert [(x.line, x.custom_id, x.error and x.error["code"]) for x in lines] == [
+        (1, "a", None),
+        (2, None, "invalid_utf8"),
+        (3, "b", None),
+    ]
+    assert "0xff" in lines[1].error["message"]
+
+
+def test_one_writer_per_output_and_a_rerun_skips_every_error(tmp_path):
+    out = tmp_path / "out.jsonl"
+    first = OutputWriter(out)
+    with pytest.raises(OutputBusy, match="being written by another job"):
+        OutputWriter(out)
+    first.write(error_record(None, {"code": "invalid_utf8", "message": "x", "line": 2}))
+    first.write(error_record(None, {"code": "invalid_request", "message": "x", "line": 5}))
+    first.close()
+    again = OutputWriter(out)  # the lock went with the first writer
+    assert again.done_lines == {2, 5}
+    again.close()
+
+
+def test_a_prompt_over_the_servers_limit_is_refused():
+    from gptoss_ray.cluster.engine_core import EngineCore
+    from gptoss_ray.model.types import ContextLengthExceeded, SamplingParams
+
+    engine, shards = scripted_engine()
+    core = EngineCore(engine.config, 1, engine.layout, shards, max_prompt_tokens=100)
+    core.submit(list(range(1, 101)), SamplingParams(max_tokens=4))
+    with pytest.raises(ContextLengthExceeded, match="at most 100") as err:
+        core.submit(list(range(1, 102)), SamplingParams(max_tokens=4))
+    assert err.value.param == "messages"
+    engine.shutdown()
