@@ -90,6 +90,9 @@ class ShardState:
     release: list[str] = field(default_factory=list)
 
 
+REFERENCE_CONTEXT = 2048  # tokens: see Scheduler._chunk_beside_decodes
+
+
 class Scheduler:
     def __init__(
         self,
@@ -144,6 +147,8 @@ class Scheduler:
                 while i < len(shard.running):
                     seq = shard.running[i]
                     n = min(seq.length - seq.computed, budgets[rank], max(1, cap))
+                    if not decoding and budgets[rank] < self.token_budget:
+                        n = min(n, self._chunk_beside_decodes(seq.computed))
                     if n <= 0 or (seq.length - seq.computed == 1) != decoding:
                         i += 1
                         continue
@@ -177,6 +182,13 @@ class Scheduler:
             plans[rank].work.append(self._work(seq, n, grant))
             budgets[rank] -= n
         return plans
+
+    def _chunk_beside_decodes(self, start: int) -> int:
+        """A prompt chunk's attention reads everything before it: at a long context a
+        budget-sized chunk makes the step, and so every decoding sequence's next token,
+        many times slower. Beside decodes a chunk costs at most what a full budget costs at
+        `REFERENCE_CONTEXT` tokens."""
+        return max(16, self.token_budget * REFERENCE_CONTEXT // max(REFERENCE_CONTEXT, start))
 
     def free_blocks(self, rank: int) -> tuple[int, int]:
         return self.shards[rank].blocks.free_blocks()

@@ -300,3 +300,32 @@ def test_a_prompt_over_the_servers_limit_is_refused():
         core.submit(list(range(1, 102)), SamplingParams(max_tokens=4))
     assert err.value.param == "messages"
     engine.shutdown()
+
+
+def test_the_readmes_openai_snippet_runs(server, capsys):
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    after = readme.split("Existing clients work unchanged:", 1)[1]
+    snippet = after.split("```python\n", 1)[1].split("```", 1)[0]
+    assert 'base_url="http://127.0.0.1:8000/v1", api_key="KEY"' in snippet
+    snippet = snippet.replace("http://127.0.0.1:8000/v1", server[0]).replace('"KEY"', f'"{KEY}"')
+    exec(compile(snippet, "README.md", "exec"), {})
+    assert capsys.readouterr().out == "Hello there, friend! Thinking about it.\n"
+
+
+@pytest.mark.parametrize(
+    ("completion", "message"),
+    [
+        ("<|channel|>final<|message|>Hi<|return|>", {"content": "Hi", "reasoning_content": None}),
+        ("<|channel|>analysis<|message|>Hm", {"content": None, "reasoning_content": "Hm"}),
+        (" gibberish in a header", {"content": None, "reasoning_content": None}),
+    ],
+)
+def test_a_message_keeps_its_keys_when_they_are_empty(completion, message):
+    from gptoss_ray.cluster.chat import chat_reply
+    from gptoss_ray.model import tokenizer as tok
+
+    reply = chat_reply(tok.encode(completion, allow_special=True), "length")
+    assert reply["message"] == {"role": "assistant", **message, "tool_calls": []}
+    assert reply["message"]["reasoning_content"] == message["reasoning_content"]  # no KeyError
