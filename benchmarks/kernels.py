@@ -55,6 +55,17 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
+def _timing(sec: float, moved: int, floor: float, err: float) -> dict[str, float]:
+    """One timed call against its memory floor (seconds at the bandwidth limit)."""
+    return {
+        "us": sec * 1e6,
+        "bytes": moved,
+        "gb_s": moved / sec / 1e9,
+        "of_floor": floor / sec,
+        "rel_error": err,
+    }
+
+
 def expert_bytes(config) -> int:
     """One expert's MXFP4 weights, scales and biases (both matmuls)."""
     h, i = config.hidden_size, config.intermediate_size
@@ -90,11 +101,7 @@ def moe(config, tokens: list[int], variants: list[dict[str, int]], device, bandw
                     "pairs": t * k,
                     "experts_touched": touched,
                     "variant": name,
-                    "us": sec * 1e6,
-                    "bytes": moved,
-                    "gb_s": moved / sec / 1e9,
-                    "of_floor": floor / sec,
-                    "rel_error": err,
+                    **_timing(sec, moved, floor, err),
                 }
             )
             progress(
@@ -181,11 +188,7 @@ def attention(config, batches: list[int], contexts: list[int], device, bandwidth
                     "sequences": s,
                     "context": length,
                     "layer": kind,
-                    "us": sec * 1e6,
-                    "bytes": moved,
-                    "gb_s": moved / sec / 1e9,
-                    "of_floor": floor / sec,
-                    "rel_error": err,
+                    **_timing(sec, moved, floor, err),
                 }
             )
             progress(

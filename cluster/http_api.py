@@ -108,7 +108,6 @@ class ApiServer:
     ) -> None:
         self.engine = engine
         self.api_key = api_key
-        self.model_id = engine.model_id
         self.started = int(time.time())
         self.http_requests = 0
         self.http_errors = 0
@@ -117,6 +116,10 @@ class ApiServer:
         self.host, self.port = self.httpd.server_address[:2]
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self._thread.start()
+
+    @property
+    def model_id(self) -> str:
+        return self.engine.model_id
 
     @property
     def url(self) -> str:

@@ -116,19 +116,14 @@ class SamplingFields(BaseModel):
     frequency_penalty: float | None = Field(default=None, strict=True)
     logit_bias: dict[str, float] | None = None
 
-    @field_validator("n", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty")
+    @field_validator(
+        "n", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty", "logit_bias"
+    )
     @classmethod
     def _not_yet(cls, value: Any, info: ValidationInfo) -> Any:
         default = _DEFAULTS_ONLY[info.field_name]
         if value is not None and value != default:
             raise ValueError(f"not supported yet (only {default!r} or leaving it out)")
-        return value
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_bias_yet(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        if value:
-            raise ValueError("not supported yet (only {} or leaving it out)")
         return value
 
     @classmethod
@@ -146,6 +141,7 @@ _DEFAULTS_ONLY = {
     "top_logprobs": 0,
     "presence_penalty": 0.0,
     "frequency_penalty": 0.0,
+    "logit_bias": {},
 }
 
 
