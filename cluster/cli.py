@@ -95,6 +95,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="refuse longer prompts (default: what the model's context allows)",
     )
+    serve.add_argument(
+        "--no-prefix-cache",
+        dest="prefix_cache",
+        action="store_false",
+        help="compute every prompt in full instead of reusing the KV of cached prefixes",
+    )
     serve.add_argument("--http", action="store_true", help="serve the OpenAI-compatible API")
     serve.add_argument("--host", default="127.0.0.1", help="HTTP address (default loopback)")
     serve.add_argument("--port", type=int, default=8000)
@@ -264,6 +270,7 @@ def _serve(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         kv_budget_bytes=int(args.kv_budget_mb * 2**20),
         max_prompt_tokens=args.max_prompt_tokens,
+        prefix_cache=args.prefix_cache,
         http=(args.host, args.port, args.api_key) if args.http else None,
     )
     if args.http:
@@ -329,7 +336,8 @@ def _status(args: argparse.Namespace) -> int:
     )
     load = status["expert_load"]
     per_expert = [sum(col) for col in zip(*load, strict=True)] if load else []
-    for s in status["shards_detail"]:
+    caches = status["stats"]["prefix_cache"]
+    for s, cache in zip(status["shards_detail"], caches, strict=True):
         lo, hi = s.get("experts", (0, 0))
         kv_free, kv_total = s.get("kv_free_blocks", {}), s.get("kv_total_blocks", {})
         used = {k: kv_total[k] - kv_free[k] for k in kv_total}
@@ -341,6 +349,7 @@ def _status(args: argparse.Namespace) -> int:
             f"{used.get('sliding', 0)}/{kv_total.get('sliding', 0)} sliding blocks, "
             f"{s.get('sequences', 0)} sequences, {routed} expert rows routed"
         )
+        print(f"    prefix cache: {cache_line(cache)}")
     if per_expert:
         mean = sum(per_expert) / len(per_expert)
         print(
@@ -352,6 +361,17 @@ def _status(args: argparse.Namespace) -> int:
 
         print(f"  job {job['job_id']}: {progress_line(job)}")
     return 0
+
+
+def cache_line(cache: dict[str, int]) -> str:
+    """One shard's prefix cache in words (`EngineCore.snapshot()["prefix_cache"]` rows)."""
+    queried = cache["queried_tokens"]
+    rate = f"{cache['hit_tokens'] / queried:.1%}" if queried else "-"
+    return (
+        f"hit rate {rate} ({cache['hit_tokens']} of {queried} prompt tokens), "
+        f"{cache['cached_full_blocks']} full + {cache['cached_sliding_blocks']} sliding "
+        f"blocks cached, {cache['evictions']} evictions"
+    )
 
 
 def _usage(message: str) -> Exception:

@@ -36,6 +36,7 @@ class Coordinator(EngineLoop):
         token_budget: int = 256,
         max_seqs: int = 64,
         max_prompt_tokens: int | None = None,
+        prefix_cache: bool = True,
         cpus_per_shard: float = 1,
         gpus_per_shard: float | None = None,
         placement_timeout: float = 120,
@@ -106,6 +107,8 @@ class Coordinator(EngineLoop):
             token_budget=token_budget,
             max_seqs=max_seqs,
             max_prompt_tokens=max_prompt_tokens,
+            prefix_cache=prefix_cache,
+            cache_salt=f"{self.model_path}:{dtype}",
         )
         self.recoveries: list[dict[str, Any]] = []
         super().__init__(
@@ -167,14 +170,15 @@ class Coordinator(EngineLoop):
             if refs:
                 ray.wait(refs, num_returns=len(refs), timeout=30)  # let the survivors fail too
             self._teardown_steps()
-            self._recover(exc)
+            lost = self._recover(exc)
             self._dag = self._compile_steps()
-            raise ShardsRestarted from exc
+            raise ShardsRestarted(lost) from exc
 
-    def _recover(self, cause: Exception) -> None:
+    def _recover(self, cause: Exception) -> list[int]:
         """Replaces lost shards (same or another node), re-forms the process group, and
-        reloads the replacements' weights; the survivors keep theirs but drop their KV.
-        Raises when no replacement can be placed within recovery_timeout."""
+        reloads the replacements' weights; the survivors keep theirs and their cached
+        prefixes but drop their sequences. Returns the ranks replaced; raises when no
+        replacement can be placed within recovery_timeout."""
         deadline = time.monotonic() + self.recovery_timeout
         lost = []
         for rank, w in enumerate(self.workers):
@@ -209,6 +213,7 @@ class Coordinator(EngineLoop):
         )
         ray.get([w.reset_kv.remote() for w in self.workers])
         self.recoveries.append({"time": time.time(), "lost": lost, "cause": type(cause).__name__})
+        return lost
 
     def _expert_load_of_shards(self) -> list[list[int]]:
         # each shard counts the rows its own experts received: the sum is the whole load

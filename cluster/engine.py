@@ -58,7 +58,8 @@ class Engine:
         CUDA graphs, default on for cuda with the kernels and one shard; threads_per_shard:
         torch threads of a CPU shard, default the node's cores over the shard count;
         compiled_steps: steps through a Ray compiled graph, default on for cuda;
-        max_prompt_tokens: longer prompts are refused, default what the context allows)."""
+        max_prompt_tokens: longer prompts are refused, default what the context allows;
+        prefix_cache: reuse the KV of prompts' cached prefixes, default on)."""
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device {device!r}: expected cpu or cuda")
         if dtype not in ("float32", "bfloat16"):

@@ -36,8 +36,13 @@ RunStep = Callable[[list[StepPlan]], list[StepResult]]
 
 
 class ShardsRestarted(Exception):
-    """Raised by `run_step` when a shard was lost and the shard set rebuilt: the step's
-    results are void and every KV cache is empty; the sequences are recomputed."""
+    """Raised by `run_step` when a shard was lost and replaced: the step's results are
+    void, every shard dropped its sequences (recomputed from their tokens), and the
+    replaced shards (`lost`) their prefix caches too."""
+
+    def __init__(self, lost: Sequence[int] = ()) -> None:
+        super().__init__(f"shards {list(lost)} were replaced")
+        self.lost = list(lost)
 
 
 @dataclass
@@ -75,9 +80,13 @@ class EngineCore:
         token_budget: int = 256,
         max_seqs: int = 64,
         max_prompt_tokens: int | None = None,
+        prefix_cache: bool = True,
+        cache_salt: str = "",
     ) -> None:
         """max_prompt_tokens: the longest prompt taken (default: what the context allows),
-        so that one request cannot hold the engine for minutes of prefill."""
+        so that one request cannot hold the engine for minutes of prefill. prefix_cache:
+        reuse the KV of prompts' cached prefixes (`shards.kv_blocks`); cache_salt: what
+        besides the tokens decides the keys (the model's path and dtype)."""
         self.config = config
         self.max_prompt_tokens = max_prompt_tokens
         self.world_size = world_size
@@ -88,6 +97,8 @@ class EngineCore:
             config.attention_window,
             token_budget=token_budget,
             max_seqs=max_seqs,
+            prefix_cache=prefix_cache,
+            cache_salt=cache_salt.encode(),
         )
         self.requests: dict[str, Seq] = {}
         self.stats = EngineStats()
@@ -249,6 +260,7 @@ class EngineCore:
                 "waiting": len(sched.waiting),
                 "running": [len(shard.running) for shard in sched.shards],
                 "free_blocks": [sched.free_blocks(r) for r in range(self.world_size)],
+                "prefix_cache": [shard.blocks.cache_stats() for shard in sched.shards],
                 "failure": self.failure,
             }
 
@@ -270,11 +282,11 @@ class EngineCore:
         t1 = time.perf_counter()
         try:
             results = self.run_step(plans)
-        except ShardsRestarted:
+        except ShardsRestarted as restart:
             with self._lock:
                 # Recompute from prompt + emitted tokens: same greedy output, nothing
                 # emitted twice (the failed step's tokens were never recorded).
-                self.scheduler.requeue_all()
+                self.scheduler.requeue_all(restart.lost)
                 self.stats.recoveries += 1
                 self._lock.notify_all()
             return

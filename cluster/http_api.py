@@ -183,6 +183,20 @@ class ApiServer:
                 lines.append(
                     f'gptoss_kv_blocks_used_ratio{{shard="{shard}",kind="{kind}"}} {used:.4f}'
                 )
+        cache_metrics = (
+            ("gptoss_prefix_cache_queried_tokens_total", "counter", "queried_tokens"),
+            ("gptoss_prefix_cache_hit_tokens_total", "counter", "hit_tokens"),
+            ("gptoss_prefix_cache_evictions_total", "counter", "evictions"),
+        )
+        for name, kind, key in cache_metrics:
+            lines.append(f"# TYPE {name} {kind}")
+            for shard, cache in enumerate(s["prefix_cache"]):
+                lines.append(f'{name}{{shard="{shard}"}} {cache[key]}')
+        lines.append("# TYPE gptoss_prefix_cache_blocks gauge")
+        for shard, cache in enumerate(s["prefix_cache"]):
+            for kind in ("full", "sliding"):
+                n = cache[f"cached_{kind}_blocks"]
+                lines.append(f'gptoss_prefix_cache_blocks{{shard="{shard}",kind="{kind}"}} {n}')
         lines.append("# TYPE gptoss_expert_tokens_total counter")
         for layer, row in enumerate(load):
             for expert, n in enumerate(row):

@@ -2,11 +2,13 @@
 
 Requests join and leave at every step. Each shard's batch holds its running sequences'
 decodes and prefill chunks under a per-step token budget; a new sequence is homed on the
-shard with the most free KV blocks. The scheduler owns every shard's KV blocks (which
-are free, which sequence holds which: `shards.kv_blocks`) and puts in each plan the
-blocks it grants, so it only plans steps that fit: when blocks run out, new requests
-wait, and if a running sequence cannot grow, the newest running sequence of that shard
-is preempted (its blocks freed) and later recomputed from its tokens."""
+shard that holds the longest cached prefix of it, among the shards whose free KV is
+within `PLACEMENT_MARGIN` of the freest. The scheduler owns every shard's KV blocks
+(which are free, which sequence holds which, which hold a reusable prefix:
+`shards.kv_blocks`) and puts in each plan the blocks it grants, so it only plans steps
+that fit: when blocks run out, new requests wait, and if a running sequence cannot grow,
+the newest running sequence of that shard is preempted (its blocks let go: cached, so
+that its recomputation from its tokens is mostly a cache hit)."""
 
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from gptoss_ray.model.types import (
     StepPlan,
     blocks_held,
 )
-from gptoss_ray.shards.kv_blocks import KVBlocks
+from gptoss_ray.shards.kv_blocks import KVBlocks, chain_hashes
 
 
 class Reply(Protocol):
@@ -68,6 +70,7 @@ class Sequence:
     first_token_at: float | None = None
     finished_at: float | None = None
     reply: Reply | None = None  # a chat request's reply, built as its tokens come
+    block_hashes: list[bytes] = field(default_factory=list)  # of its whole blocks, so far
 
     @property
     def length(self) -> int:
@@ -91,6 +94,10 @@ class ShardState:
 
 
 REFERENCE_CONTEXT = 2048  # tokens: see Scheduler._chunk_beside_decodes
+# A new sequence goes where its longest cached prefix is, unless that shard has fewer free
+# full-attention blocks than the freest shard by more than this share of a pool: then it
+# goes to the best of the shards that are not that short (prefix first, then free blocks).
+PLACEMENT_MARGIN = 0.25
 
 
 class Scheduler:
@@ -102,12 +109,20 @@ class Scheduler:
         *,
         token_budget: int = 256,
         max_seqs: int = 64,
+        prefix_cache: bool = True,
+        cache_salt: bytes = b"",
     ) -> None:
+        """cache_salt: what besides the tokens decides a block's keys (the model), mixed
+        into every prefix-cache hash."""
         self.layout = layout
         self.window = window
         self.token_budget = token_budget
         self.max_seqs = max_seqs
-        self.shards = [ShardState(KVBlocks(layout, window)) for _ in range(world_size)]
+        self.cache_salt = cache_salt
+        self.shards = [
+            ShardState(KVBlocks(layout, window, prefix_cache=prefix_cache, salt=cache_salt))
+            for _ in range(world_size)
+        ]
         self.waiting: deque[Sequence] = deque()
         self.preempted = 0
 
@@ -160,7 +175,7 @@ class Scheduler:
                     plans[rank].work.append(self._work(seq, n, grant))
                     budgets[rank] -= n
                     i += 1
-        # admit waiting sequences, oldest first, to the shard with the most free KV
+        # admit waiting sequences, oldest first, where their prefix is cached
         while self.waiting:
             seq = self.waiting[0]
             candidates = [
@@ -170,18 +185,40 @@ class Scheduler:
             ]
             if not candidates:
                 break
-            rank = max(candidates, key=lambda r: (self.shards[r].blocks.free_blocks()[0], -r))
+            rank, hit = self._place(seq, candidates)
             shard = self.shards[rank]
-            n = min(seq.length, budgets[rank])
-            grant = shard.blocks.grow(seq.seq_id, 0, n)
+            cached = hit * self.layout.block_size
+            n = min(seq.length - cached, budgets[rank])
+            grant = shard.blocks.grow(seq.seq_id, cached, n, seq.block_hashes[:hit])
             if grant is None:
                 break  # blocks ran out: it waits for running sequences to finish
             self.waiting.popleft()
-            seq.status, seq.home, seq.computed = Status.RUNNING, rank, 0
+            shard.blocks.admitted(seq.length, cached)
+            seq.status, seq.home, seq.computed = Status.RUNNING, rank, cached
             shard.running.append(seq)
             plans[rank].work.append(self._work(seq, n, grant))
             budgets[rank] -= n
         return plans
+
+    def _place(self, seq: Sequence, candidates: list[int]) -> tuple[int, int]:
+        """The shard for a new sequence and how many of its blocks are cached there."""
+        self._hashes(seq, seq.length // self.layout.block_size)
+        free = {r: self.shards[r].blocks.free_blocks()[0] for r in candidates}
+        enough = max(free.values()) - PLACEMENT_MARGIN * self.layout.full_blocks
+        hits = {
+            r: self.shards[r].blocks.cached_prefix(seq.block_hashes, seq.length)
+            for r in candidates
+            if free[r] >= enough
+        }
+        rank = max(hits, key=lambda r: (hits[r], free[r], -r))
+        return rank, hits[rank]
+
+    def prefix_hit(self, tokens: list[int]) -> int:
+        """The longest cached prefix of `tokens` on any shard, in tokens (for a front
+        that places requests across engines)."""
+        hashes = chain_hashes([], tokens, self.layout.block_size, self.cache_salt)
+        best = max(s.blocks.cached_prefix(hashes, len(tokens)) for s in self.shards)
+        return best * self.layout.block_size
 
     def _chunk_beside_decodes(self, start: int) -> int:
         """A prompt chunk's attention reads everything before it: at a long context a
@@ -189,6 +226,14 @@ class Scheduler:
         many times slower. Beside decodes a chunk costs at most what a full budget costs at
         `REFERENCE_CONTEXT` tokens."""
         return max(16, self.token_budget * REFERENCE_CONTEXT // max(REFERENCE_CONTEXT, start))
+
+    def _hashes(self, seq: Sequence, blocks: int) -> list[bytes]:
+        """The prefix-cache hashes of the sequence's first `blocks` blocks (at least)."""
+        have, bs = len(seq.block_hashes), self.layout.block_size
+        if blocks > have:
+            tokens = seq.tokens(have * bs, (blocks - have) * bs)
+            chain_hashes(seq.block_hashes, tokens, bs, self.cache_salt)
+        return seq.block_hashes
 
     def free_blocks(self, rank: int) -> tuple[int, int]:
         return self.shards[rank].blocks.free_blocks()
@@ -220,16 +265,22 @@ class Scheduler:
         self.preempted += 1
         self.waiting.appendleft(seq)
 
-    def requeue_all(self) -> None:
-        """Every shard lost its KV: running sequences wait again (oldest first) and will
-        be recomputed from their known tokens; the block pools are whole again."""
+    def requeue_all(self, lost: Iterable[int] = ()) -> None:
+        """A step failed and shards were replaced: running sequences wait again (oldest
+        first) and will be recomputed from their known tokens. Every shard dropped its
+        sequences; the replaced ones (`lost`) lost their cached prefixes too, the others
+        keep theirs (keys the failed step wrote are in blocks never registered)."""
         running = sorted(
             (seq for shard in self.shards for seq in shard.running), key=lambda s: s.arrival
         )
-        for shard in self.shards:
+        lost = set(lost)
+        for rank, shard in enumerate(self.shards):
+            for seq in shard.running:
+                shard.blocks.release(seq.seq_id)
             shard.running.clear()
             shard.release.clear()
-            shard.blocks = KVBlocks(self.layout, self.window)
+            if rank in lost:
+                shard.blocks.reset()
         for seq in running:
             seq.status, seq.home, seq.computed = Status.WAITING, None, 0
         self.waiting.extendleft(reversed(running))
@@ -258,6 +309,9 @@ class Scheduler:
                 if seq is None:  # cancelled while the step ran; its blocks are released
                     continue
                 seq.computed += len(w.tokens)
+                if shard.blocks.prefix_cache:  # its blocks that became whole are reusable
+                    whole = self._hashes(seq, seq.computed // self.layout.block_size)
+                    shard.blocks.commit(seq.seq_id, whole, seq.computed)
                 if w.seq_id not in tokens:
                     continue
                 token = tokens[w.seq_id]

@@ -163,11 +163,13 @@ class BlockGrant:
     """A sequence's KV blocks for one step, as the scheduler grants them: the full-attention
     blocks added at its table's end, and the whole run of sliding-window blocks that the
     step's queries can see (a few: the window and the chunk), from logical block
-    `sliding_first`."""
+    `sliding_first`. A new sequence that reuses cached blocks gets its whole table, and
+    `cached` says how many tokens' keys those blocks already hold."""
 
     full: list[int] = field(default_factory=list)
     sliding_first: int = 0
     sliding: list[int] = field(default_factory=list)
+    cached: int = 0
 
 
 # -- one engine step ---------------------------------------------------------------------

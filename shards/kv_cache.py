@@ -60,18 +60,19 @@ class PagedKVCache:
         self.tables.pop(seq_id, None)
 
     def place(self, seq_id: str, start: int, blocks: BlockGrant) -> PagedSequence:
-        """A sequence's blocks for the step: its table grows by what the plan granted (a
-        sequence starting at 0 begins a new one). `start` must be the length cached."""
+        """A sequence's blocks for the step: its table grows by what the plan granted. A
+        sequence starting at 0, or after the cached prefix its grant reuses, begins a new
+        one. `start` must be the length cached."""
         table = self.tables.get(seq_id)
-        have = table.length if table is not None else 0
-        if have != start:
+        if start != blocks.cached and (table is None or table.length != start):
+            have = table.length if table is not None else 0
             raise KVCacheError(f"sequence {seq_id} has {have} cached tokens, the plan says {start}")
         if any(not 0 <= b < self.layout.full_blocks for b in blocks.full) or any(
             not 0 <= b < self.layout.sliding_blocks for b in blocks.sliding
         ):
             raise KVCacheError(f"sequence {seq_id}: a block outside the pools in {blocks}")
-        if start == 0:
-            table = self.tables[seq_id] = PlacedTable()
+        if start == blocks.cached:
+            table = self.tables[seq_id] = PlacedTable(length=start)
         table.full += blocks.full
         table.sliding_first, table.sliding = blocks.sliding_first, blocks.sliding
         return PagedSequence(self, table)

@@ -69,7 +69,8 @@ class ShardWorker:
         return self.shard.expert_load.tolist() if self.shard is not None else []
 
     def reset_kv(self) -> None:
-        """Drops every sequence's cache (after a lost shard, all are recomputed)."""
+        """Drops every sequence's table (after a lost shard, all are recomputed); the
+        blocks' keys stay, for the prefix cache that the scheduler keeps."""
         if self.shard is not None:
             for seq_id in list(self.shard.kv.tables):
                 self.shard.kv.release(seq_id)
