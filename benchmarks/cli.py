@@ -72,6 +72,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompt x output tokens, comma-separated (default 128x32,512x32)",
     )
 
+    prefix = command(
+        "prefix", "prefix.run", "multi-turn conversations sharing a system prompt: cache on vs off"
+    )
+    engine_args(prefix)
+    prefix.add_argument("--shards", type=int, default=2)
+    prefix.add_argument("--users", type=int, default=8)
+    prefix.add_argument("--turns", type=int, default=6)
+    prefix.add_argument(
+        "--system-tokens", type=int, default=2048, help="shared system prompt and tools"
+    )
+    prefix.add_argument(
+        "--answer-words", type=int, default=60, help="each earlier answer kept in the history"
+    )
+    prefix.add_argument("--output-len", type=int, default=32, help="tokens written a turn")
+    prefix.add_argument("--block-size", type=int, default=16)
+
     scaling = command(
         "scaling", "engine_runs.run_scaling", "1..8 expert-parallel shards vs replicas"
     )

@@ -213,13 +213,6 @@ class Scheduler:
         rank = max(hits, key=lambda r: (hits[r], free[r], -r))
         return rank, hits[rank]
 
-    def prefix_hit(self, tokens: list[int]) -> int:
-        """The longest cached prefix of `tokens` on any shard, in tokens (for a front
-        that places requests across engines)."""
-        hashes = chain_hashes([], tokens, self.layout.block_size, self.cache_salt)
-        best = max(s.blocks.cached_prefix(hashes, len(tokens)) for s in self.shards)
-        return best * self.layout.block_size
-
     def _chunk_beside_decodes(self, start: int) -> int:
         """A prompt chunk's attention reads everything before it: at a long context a
         budget-sized chunk makes the step, and so every decoding sequence's next token,

@@ -16,7 +16,21 @@ recently released cached block is evicted. A new sequence starts from the longes
 cached blocks that both kinds of layer can use (`cached_prefix`): gpt-oss is hybrid, so a
 hit of L tokens needs the full layers' blocks 0..L and the sliding layers' blocks that
 cover the window before L. Only whole blocks are shared and a sequence writes from its
-first uncached token on, so a shared block is never written: no copy on write."""
+first uncached token on, so a shared block is never written: no copy on write.
+
+How the peers decide a hybrid hit, and what we chose. vLLM's hybrid manager hashes blocks
+the same way for every group of layers; the full-attention group's hit is its longest run
+of cached blocks from the start, the sliding-window group's is found from the right (the
+last blocks that cover a window), and the coordinator shrinks the two to a length both
+accept; sliding blocks that leave the window go back to the free queue with their hash, so
+they are evictable cache, not lost. SGLang's SWA radix cache keeps a radix tree of token
+runs whose full-attention KV is always there while its sliding-window KV can be freed on
+its own (the node is then a "tombstone" for those layers, under a separate LRU); a match is
+cut back to the longest prefix whose last window of tokens is not tombstoned. We do what
+vLLM does, with our two pools: blocks keyed by chained hashes (a dict per pool, no tree: a
+block's hash already names its whole prefix), the full run found from the left, then cut
+back until the sliding blocks of the window before its end are cached too, and one LRU of
+unused cached blocks per pool."""
 
 from __future__ import annotations
 

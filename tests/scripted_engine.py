@@ -64,5 +64,6 @@ def scripted_engine() -> tuple[EngineLoop, ScriptedShards]:
     config = ModelConfig.preset("gpt-oss-tiny")
     layout = KVLayout(16, 1000, 1000)
     shards = ScriptedShards()
-    core = EngineCore(config, 1, layout, shards, token_budget=4096)
+    # the script reads each prompt whole from the plans: no cached prefix may be skipped
+    core = EngineCore(config, 1, layout, shards, token_budget=4096, prefix_cache=False)
     return EngineLoop("/models/gpt-oss-tiny", config, layout, core), shards

@@ -264,6 +264,48 @@ def test_bench_sweep_and_scaling_through_the_engine(ray_session, tmp_path, capsy
     assert "EP/replicas" in capsys.readouterr().out
 
 
+def test_bench_prefix_compares_the_cache_on_and_off(ray_session, tmp_path, capsys):
+    from gptoss_ray.benchmarks.cli import main
+    from gptoss_ray.benchmarks.prefix import best_hit_tokens
+
+    # the bound's arithmetic: the second prompt shares 9 tokens (2 blocks of 4) with the
+    # first; arriving at once, nothing is shared within the first turn
+    a, b = list(range(12)), [*range(9), 99, 98]
+    assert best_hit_tokens([[a], [b]], 4, together=False) == 8
+    assert best_hit_tokens([[a], [b]], 4, together=True) == 0
+    assert best_hit_tokens([[a, [*a, 5]]], 4, together=True) == 12
+    main(
+        [
+            "--out",
+            str(tmp_path),
+            "prefix",
+            "--shards",
+            "1",
+            "--users",
+            "2",
+            "--turns",
+            "2",
+            "--system-tokens",
+            "64",
+            "--answer-words",
+            "5",
+            "--output-len",
+            "2",
+            "--repeats",
+            "1",
+            "--kv-budget-mb",
+            "32",
+        ]
+    )
+    (saved,) = tmp_path.glob("prefix-*.json")
+    data = json.loads(saved.read_text())
+    off, on = data["results"]["off"], data["results"]["on"]
+    assert off["hit_tokens"] == 0 and on["hit_tokens"] > 0
+    assert on["prefill_tokens"] == off["prefill_tokens"] - on["hit_tokens"]
+    assert on["hit_tokens"] <= data["workload"]["best_hit_tokens"]
+    assert "hit rate" in capsys.readouterr().out
+
+
 def test_bad_bench_arguments_are_named(capsys):
     from gptoss_ray.benchmarks.cli import main
 

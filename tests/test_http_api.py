@@ -243,6 +243,10 @@ def test_metrics(server, client):
         "gptoss_queue_depth",
         "gptoss_step_seconds_total",
         "gptoss_kv_blocks_used_ratio",
+        "gptoss_prefix_cache_hit_tokens_total",
+        "gptoss_prefix_cache_queried_tokens_total",
+        "gptoss_prefix_cache_evictions_total",
+        "gptoss_prefix_cache_blocks",
     ):
         assert f"\n{name}" in "\n" + text or f"{name}{{" in text, name
 
