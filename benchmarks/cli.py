@@ -71,6 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=[(128, 32), (512, 32)],
         help="prompt x output tokens, comma-separated (default 128x32,512x32)",
     )
+    sweep.add_argument(
+        "--steps",
+        choices=("overlapped", "one-at-a-time", "both"),
+        default="overlapped",
+        help="plan each step while the one before runs, or not, or both in one run",
+    )
+    sweep.add_argument("--stream", action="store_true", help="read every request token by token")
+    sweep.add_argument(
+        "--null-model", action="store_true", help="shards that do no model work: the host alone"
+    )
 
     prefix = command(
         "prefix", "prefix.run", "multi-turn conversations sharing a system prompt: cache on vs off"

@@ -1,7 +1,11 @@
 """Benchmarks of the running engine (Ray, the coordinator, its shards).
 
 sweep: throughput, time to first token and inter-token latency against the batch size
-and the prompt/output lengths, with the coordinator's share of each step.
+and the prompt/output lengths, with the host's share of each step (the coordinator's
+planning and bookkeeping that no running step hid, and the round trip): with overlapped
+steps, with one step at a time, or both in one run (`--steps both`); with streaming
+consumers (`--stream`: each request read token by token, as HTTP clients do); on the
+model or on shards that do no model work (`--null-model`: the host loop's ceiling).
 
 scaling: the same batch on 1, 2, 4, 8 expert-parallel shards, and beside each the
 baseline a user would otherwise pick: that many independent one-shard replicas, each
@@ -48,13 +52,15 @@ def _split(before: dict, after: dict) -> dict[str, float]:
     }
 
 
-def timed_generate(engine, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
+def timed_generate(
+    engine, prompts: list[list[int]], max_tokens: int, stream: bool = False
+) -> dict[str, Any]:
     from gptoss_ray.model.types import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     before = engine.stats()
     t0 = time.perf_counter()
-    outs = engine.generate(prompts, params)
+    outs = _streamed(engine, prompts, params) if stream else engine.generate(prompts, params)
     wall = time.perf_counter() - t0
     after = engine.stats()
     bad = [o for o in outs if not hasattr(o, "token_ids")]
@@ -71,6 +77,29 @@ def timed_generate(engine, prompts: list[list[int]], max_tokens: int) -> dict[st
     }
 
 
+def _streamed(engine, prompts: list[list[int]], params) -> list[Any]:
+    """Each request read token by token by its own consumer thread -> its output."""
+    from gptoss_ray.cluster.engine_core import RequestOutput
+
+    outs: list[Any] = [None] * len(prompts)
+
+    def consume(i: int) -> None:
+        t0, first, ids = time.perf_counter(), None, []
+        for new in engine.stream(prompts[i], params):
+            first = first if first is not None else time.perf_counter() - t0
+            ids += new
+        wall = time.perf_counter() - t0
+        itl = (wall - first) / (len(ids) - 1) if len(ids) > 1 else None
+        outs[i] = RequestOutput(str(i), len(prompts[i]), ids, True, "length", 0, None, first, itl)
+
+    threads = [threading.Thread(target=consume, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return outs
+
+
 def sweep(
     model: str,
     *,
@@ -81,6 +110,9 @@ def sweep(
     shapes: list[tuple[int, int]],
     repeats: int,
     kv_budget_mb: float,
+    overlap: bool = True,
+    stream: bool = False,
+    null_model: bool = False,
 ) -> list[dict[str, Any]]:
     from gptoss_ray.cluster.engine import Engine
 
@@ -93,6 +125,8 @@ def sweep(
         kv_budget_mb=kv_budget_mb,
         max_seqs=max(batches),
         token_budget=max(256, max(batches)),
+        overlap=overlap,
+        null_model=null_model,
     )
     rows = []
     try:
@@ -100,16 +134,19 @@ def sweep(
         for prompt_len, output_len in shapes:
             for batch in batches:
                 runs = [
-                    timed_generate(engine, random_prompts(batch, prompt_len, seed=r), output_len)
+                    timed_generate(
+                        engine, random_prompts(batch, prompt_len, seed=r), output_len, stream
+                    )
                     for r in range(repeats)
                 ]
                 row = summarize(runs) | {
                     "batch": batch,
                     "prompt_len": prompt_len,
                     "output_len": output_len,
+                    "overlap": overlap,
                 }
                 progress(
-                    f"   batch {batch:>3}, {prompt_len}+{output_len} tokens: "
+                    f"   {STEPS[overlap]}, batch {batch:>3}, {prompt_len}+{output_len} tokens: "
                     f"{row['tokens_per_s']:.1f} tok/s, TTFT p50 {row['ttft_p50_ms']:.0f} ms, "
                     f"ITL p50 {row['itl_p50_ms']:.1f} ms, overhead {row['overhead_pct']:.1f}%"
                 )
@@ -230,17 +267,28 @@ def _replicas(model, n, batch, prompt_len, output_len, repeats, common) -> dict[
     return latency(runs)
 
 
+STEPS = {True: "overlapped", False: "one at a time"}
+
+
 def run_sweep(args: argparse.Namespace, data: dict[str, Any]) -> None:
-    data["results"] = sweep(
-        args.model,
-        shards=args.shards,
-        device=args.device,
-        dtype=args.dtype,
-        batches=args.batches,
-        shapes=args.shapes,
-        repeats=args.repeats,
-        kv_budget_mb=args.kv_budget_mb,
-    )
+    modes = {"overlapped": [True], "one-at-a-time": [False], "both": [False, True]}[args.steps]
+    data["results"] = [
+        row
+        for overlap in modes
+        for row in sweep(
+            args.model,
+            shards=args.shards,
+            device=args.device,
+            dtype=args.dtype,
+            batches=args.batches,
+            shapes=args.shapes,
+            repeats=args.repeats,
+            kv_budget_mb=args.kv_budget_mb,
+            overlap=overlap,
+            stream=args.stream,
+            null_model=args.null_model,
+        )
+    ]
     print_sweep(data)
     save("sweep", data, args.out, plot_sweep)
 
@@ -264,32 +312,42 @@ def run_scaling(args: argparse.Namespace, data: dict[str, Any]) -> None:
 
 def print_sweep(data: dict) -> None:
     a = data["args"]
+    what = "null-model shards (no model work)" if a.get("null_model") else "shard(s)"
+    consumers = ", each request streamed" if a.get("stream") else ""
     print(
-        f"{a['model']} on {a['shards']} shard(s), {a['device']} {a['dtype']}, "
+        f"{a['model']} on {a['shards']} {what}, {a['device']} {a['dtype']}{consumers}, "
         f"median of {a['repeats']}"
     )
     print(
-        f"{'batch':>5} {'prompt+out':>10} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} "
-        f"{'ITL p50':>8} {'ITL p99':>8} {'step ms':>8} {'overhead':>8}"
+        f"{'steps':>13} {'batch':>5} {'prompt+out':>10} {'tok/s':>8} {'TTFT p50':>9} "
+        f"{'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'step ms':>8} {'steps/s':>8} "
+        f"{'overhead':>8}"
     )
     for r in data["results"]:
         print(
+            f"{STEPS[r.get('overlap', False)]:>13} "
             f"{r['batch']:>5} {r['prompt_len']:>5}+{r['output_len']:<4} "
             f"{r['tokens_per_s']:>8.1f} {r['ttft_p50_ms']:>7.0f}ms {r['ttft_p99_ms']:>7.0f}ms "
             f"{r['itl_p50_ms']:>6.1f}ms {r['itl_p99_ms']:>6.1f}ms {r['step_ms']:>8.2f} "
-            f"{r['overhead_pct']:>7.1f}%"
+            f"{1e3 / r['step_ms'] if r['step_ms'] else 0:>8.0f} {r['overhead_pct']:>7.1f}%"
         )
 
 
 def plot_sweep(data: dict, plt) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    shapes = dict.fromkeys((r["prompt_len"], r["output_len"]) for r in data["results"])
-    for p, o in shapes:
-        rows = [r for r in data["results"] if (r["prompt_len"], r["output_len"]) == (p, o)]
-        x = [r["batch"] for r in rows]
-        axes[0].plot(x, [r["tokens_per_s"] for r in rows], "o-", label=f"{p}+{o}")
-        axes[1].plot(x, [r["ttft_p50_ms"] for r in rows], "o-", label=f"{p}+{o} p50")
-        axes[2].plot(x, [r["itl_p50_ms"] for r in rows], "o-", label=f"{p}+{o} p50")
+    lines = dict.fromkeys(
+        (r["prompt_len"], r["output_len"], r.get("overlap", False)) for r in data["results"]
+    )
+    for p, o, overlap in lines:
+        rows = [
+            r
+            for r in data["results"]
+            if (r["prompt_len"], r["output_len"], r.get("overlap", False)) == (p, o, overlap)
+        ]
+        x, label = [r["batch"] for r in rows], f"{p}+{o}, {STEPS[overlap]}"
+        axes[0].plot(x, [r["tokens_per_s"] for r in rows], "o-", label=label)
+        axes[1].plot(x, [r["ttft_p50_ms"] for r in rows], "o-", label=f"{label} p50")
+        axes[2].plot(x, [r["itl_p50_ms"] for r in rows], "o-", label=f"{label} p50")
     for ax, what in zip(
         axes,
         ("output tokens/s", "time to first token (ms)", "inter-token latency (ms)"),

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -45,6 +47,8 @@ class Coordinator(EngineLoop):
         decode_graphs: bool | None = None,
         threads_per_shard: int | None = None,
         compiled_steps: bool | None = None,
+        overlap: bool | None = None,
+        null_model: bool = False,
     ) -> None:
         path = resolve_model(model)  # writes a preset's built-in checkpoint once, here
         self.model_path = str(path)
@@ -70,7 +74,11 @@ class Coordinator(EngineLoop):
                 f"the cluster has {ray.available_resources()} available"
             ) from None
         self._device, self._dtype = device, dtype
-        self._load_options = {"kernels": kernels, "decode_graphs": decode_graphs}
+        self._load_options = {
+            "kernels": kernels,
+            "decode_graphs": decode_graphs,
+            "null_model": null_model,
+        }
         self._threads = threads_per_shard
         self._shard_options = {
             "num_cpus": cpus_per_shard,
@@ -99,11 +107,20 @@ class Coordinator(EngineLoop):
         # already runs the shards' torch threads (2 cores, batch 64: 86 -> 120 ms a step)
         self._compiled_steps = device == "cuda" if compiled_steps is None else compiled_steps
         self._dag = self._compile_steps()
+        self._outstanding: list[list[Any]] = []  # refs of the steps sent, not yet in
+        self._park_lock = threading.Lock()
+        self._idle = False
+        self._wake = threading.Event()
+        self._wake.set()  # not parked
         core = EngineCore(
             self.config,
             shards,
             self.layout,
-            self._run_step,
+            launch_step=self._launch_step,
+            # Off by default on CPU shards: there the coordinator's planning competes for
+            # the cores with the shards' own threads (2 cores, batch 1: 40 -> 30 tokens/s
+            # with it on; RESULTS.md). A GPU shard's step leaves its host cores free.
+            overlap=device == "cuda" if overlap is None else overlap,
             token_budget=token_budget,
             max_seqs=max_seqs,
             max_prompt_tokens=max_prompt_tokens,
@@ -151,28 +168,100 @@ class Coordinator(EngineLoop):
             )
             return None
 
+    # -- idle ---------------------------------------------------------------------------
+    # An idle Ray actor still wakes a hundred times a second (its main thread's signal
+    # check, about 1% of a core here), and a compiled graph's shards poll its channels
+    # (a core each). With no work for IDLE_AFTER_S the graph goes and each shard is parked
+    # in a blocking `ray.get` on a call of ours that returns when work comes (or when
+    # `status` needs the shards). The first step after pays for it: the shards' wake-up
+    # (a few ms) and, with compiled steps, building the graph again.
+    def went_idle(self) -> None:
+        if self._dag is not None:
+            self._teardown_steps()
+        with self._park_lock:
+            self._idle = True
+            self._park()
+
+    def woke(self) -> None:
+        with self._park_lock:
+            self._idle = False
+            self._unpark()
+
+    def until_woken(self) -> None:
+        """Returns when the shards parked on it may go on (called on ourselves)."""
+        self._wake.wait()
+
+    def _park(self) -> None:
+        if not self._wake.is_set():
+            return  # parked already
+        self._wake = threading.Event()
+        woken = ray.get_runtime_context().current_actor.until_woken.remote()
+        for w in self.workers:
+            w.park.remote([woken])
+
+    def _unpark(self) -> None:
+        self._wake.set()
+
+    def _ask_shards(self, method: str) -> list[Any]:
+        """Every shard's answer to `method` (parked shards are woken, and parked again
+        after if the engine is still idle)."""
+        with self._park_lock:
+            self._unpark()
+        try:
+            return ray.get([getattr(w, method).remote() for w in self.workers], timeout=30)
+        finally:
+            with self._park_lock:
+                if self._idle:
+                    self._park()
+
     def _teardown_steps(self) -> None:
         if self._dag is not None:
             with contextlib.suppress(Exception):  # a lost shard cannot take part
                 self._dag.teardown()
             self._dag = None
 
-    def _run_step(self, plans: list[StepPlan]) -> list[StepResult]:
-        refs: list = []
+    def _launch_step(self, plans: list[StepPlan]) -> Callable[[], list[StepResult]]:
+        """Sends a step to every shard (an actor call each, or the compiled graph, which
+        takes the next step while one runs) -> a function that waits for its results.
+        A lost shard fails it: the shards are replaced and ShardsRestarted raised."""
         try:
+            if self._dag is None and self._compiled_steps:  # after an idle spell
+                self._dag = self._compile_steps()
             if self._dag is not None:
-                # the compiled graph's own read timeout (10 s) is shorter than a long
-                # prefill or a first CUDA-graph capture; a lost shard fails it at once
-                return ray.get(self._dag.execute(*plans), timeout=STEP_TIMEOUT_S)
-            refs = [w.step.remote(p) for w, p in zip(self.workers, plans, strict=True)]
-            return ray.get(refs)
+                refs = [self._dag.execute(*plans)]
+            else:
+                refs = [w.step.remote(p) for w, p in zip(self.workers, plans, strict=True)]
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
-            if refs:
-                ray.wait(refs, num_returns=len(refs), timeout=30)  # let the survivors fail too
-            self._teardown_steps()
-            lost = self._recover(exc)
-            self._dag = self._compile_steps()
-            raise ShardsRestarted(lost) from exc
+            self._restart(exc)
+        self._outstanding.append(refs)
+
+        def results() -> list[StepResult]:
+            try:
+                if self._dag is not None:
+                    # the compiled graph's own read timeout (10 s) is shorter than a long
+                    # prefill or a first CUDA-graph capture; a lost shard fails it at once
+                    return ray.get(refs[0], timeout=STEP_TIMEOUT_S)
+                return ray.get(refs)
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+                self._restart(exc)
+            finally:
+                if refs in self._outstanding:
+                    self._outstanding.remove(refs)
+
+        return results
+
+    def _restart(self, cause: Exception) -> NoReturn:
+        """A step failed: lets the steps still running fail too, replaces the lost
+        shards, and raises ShardsRestarted (every step sent is void)."""
+        if self._dag is None:
+            pending = [r for refs in self._outstanding for r in refs]
+            if pending:  # the survivors fail their steps too before they are reset
+                ray.wait(pending, num_returns=len(pending), timeout=30)
+        self._outstanding.clear()
+        self._teardown_steps()
+        lost = self._recover(cause)
+        self._dag = self._compile_steps()
+        raise ShardsRestarted(lost) from cause
 
     def _recover(self, cause: Exception) -> list[int]:
         """Replaces lost shards (same or another node), re-forms the process group, and
@@ -217,14 +306,14 @@ class Coordinator(EngineLoop):
 
     def _expert_load_of_shards(self) -> list[list[int]]:
         # each shard counts the rows its own experts received: the sum is the whole load
-        per_shard = ray.get([w.expert_load.remote() for w in self.workers], timeout=30)
+        per_shard = self._ask_shards("expert_load")
         return [
             [sum(col) for col in zip(*rows, strict=True)] for rows in zip(*per_shard, strict=True)
         ]
 
     def status(self) -> dict[str, Any]:
         """Per shard: node, device, experts, memory, KV use; plus queue, load, jobs."""
-        shards = ray.get([w.describe.remote() for w in self.workers], timeout=30)
+        shards = self._ask_shards("describe")
         stats = self.stats()
         return {
             **self.info(),
@@ -241,6 +330,9 @@ class Coordinator(EngineLoop):
 
     def shutdown(self) -> None:
         super().shutdown()
+        with self._park_lock:
+            self._idle = False
+            self._unpark()
         self._teardown_steps()
         with contextlib.suppress(Exception):  # a dead shard cannot say goodbye
             ray.get([w.shutdown.remote() for w in self.workers], timeout=30)

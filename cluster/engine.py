@@ -59,7 +59,9 @@ class Engine:
         torch threads of a CPU shard, default the node's cores over the shard count;
         compiled_steps: steps through a Ray compiled graph, default on for cuda;
         max_prompt_tokens: longer prompts are refused, default what the context allows;
-        prefix_cache: reuse the KV of prompts' cached prefixes, default on)."""
+        prefix_cache: reuse the KV of prompts' cached prefixes, default on; overlap: plan
+        each step while the one before runs, default on for cuda; null_model: shards that do no
+        model work, to measure the host loop alone (benchmarks))."""
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device {device!r}: expected cpu or cuda")
         if dtype not in ("float32", "bfloat16"):

@@ -1,9 +1,16 @@
 """The engine loop without Ray: requests in, steps on the shards, tokens out.
 
 `EngineCore` validates and queues requests, asks the scheduler for each step's plans,
-runs them on every shard at once through `run_step` (in-process for one shard; Ray
-actors in `cluster.coordinator`), and records tokens, finish reasons and timings. It is
-thread-safe: one thread steps, others submit and wait."""
+sends them to every shard at once (`launch_step`: Ray actors in `cluster.coordinator`;
+in-process, any `run_step`), and records tokens, finish reasons and timings. It is
+thread-safe: one thread steps, others submit and wait.
+
+Steps overlap: step N+1 is planned and sent before step N's results come back, so that
+the shards never wait for the host's bookkeeping, streaming and stop checks. A sequence
+decoding in both steps decodes in N+1 the token its shard drew in N (`SeqWork.last_drawn`);
+the scheduler learns it a step late. A sequence that ends in N (a stop token or string, a
+cancel) has one decode slot of N+1 wasted, and what N+1 drew for it is dropped; max_tokens
+costs nothing (the scheduler counts the tokens being drawn)."""
 
 from __future__ import annotations
 
@@ -11,7 +18,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +40,8 @@ from gptoss_ray.model.types import (
 )
 
 RunStep = Callable[[list[StepPlan]], list[StepResult]]
+# sends a step's plans to the shards -> a function that waits for their results
+LaunchStep = Callable[[list[StepPlan]], Callable[[], list[StepResult]]]
 
 
 class ShardsRestarted(Exception):
@@ -59,6 +68,15 @@ class RequestOutput:
 
 
 @dataclass
+class InFlight:
+    """A step sent to the shards whose results are not in yet."""
+
+    plans: list[StepPlan]
+    results: Callable[[], list[StepResult]]
+    host_s: float  # its planning, while no other step was running (else 0: hidden)
+
+
+@dataclass
 class EngineStats:
     steps: int = 0
     generated_tokens: int = 0
@@ -75,8 +93,10 @@ class EngineCore:
         config: ModelConfig,
         world_size: int,
         layout: KVLayout,
-        run_step: RunStep,
+        run_step: RunStep | None = None,
         *,
+        launch_step: LaunchStep | None = None,
+        overlap: bool = True,
         token_budget: int = 256,
         max_seqs: int = 64,
         max_prompt_tokens: int | None = None,
@@ -86,11 +106,19 @@ class EngineCore:
         """max_prompt_tokens: the longest prompt taken (default: what the context allows),
         so that one request cannot hold the engine for minutes of prefill. prefix_cache:
         reuse the KV of prompts' cached prefixes (`shards.kv_blocks`); cache_salt: what
-        besides the tokens decides the keys (the model's path and dtype)."""
+        besides the tokens decides the keys (the model's path and dtype). run_step runs a
+        step and returns its results; launch_step sends it and returns how to wait for them
+        (one of the two). overlap: plan each step while the one before runs (False: one
+        step at a time, for comparison)."""
+        if (run_step is None) == (launch_step is None):
+            raise ValueError("give run_step or launch_step")
+        self.launch_step = launch_step or _launch_from(run_step)
+        self.overlap = overlap
         self.config = config
         self.max_prompt_tokens = max_prompt_tokens
         self.world_size = world_size
-        self.run_step = run_step
+        self._inflight: deque[InFlight] = deque()
+        self._mark: float | None = None  # when the last step's bookkeeping ended
         self.scheduler = Scheduler(
             world_size,
             layout,
@@ -267,50 +295,84 @@ class EngineCore:
     # -- stepping ----------------------------------------------------------------------
     def has_work(self) -> bool:
         with self._lock:
-            return self.scheduler.has_work()
+            return self.scheduler.has_work() or bool(self._inflight)
 
-    def wait_for_work(self, timeout: float) -> bool:
+    def wait_for_work(self, timeout: float | None) -> bool:
+        """Sleeps until there is work (a request, a step in flight), `wake`, or timeout."""
         with self._lock:
-            if not self.scheduler.has_work():
+            if not self.scheduler.has_work() and not self._inflight:
                 self._lock.wait(timeout)
-            return self.scheduler.has_work()
+            return self.scheduler.has_work() or bool(self._inflight)
+
+    def wake(self) -> None:
+        """Ends a `wait_for_work` now (the loop is told to stop)."""
+        with self._lock:
+            self._lock.notify_all()
 
     def step(self) -> None:
+        """Plans and sends the next step, then takes in the results of the one before it
+        (overlap) or of this one; with nothing to plan, of every step still running."""
         t0 = time.perf_counter()
         with self._lock:
             plans = self.scheduler.schedule()
-        t1 = time.perf_counter()
+        host = time.perf_counter() - t0
+        if any(p.work or p.release for p in plans):
+            try:
+                results = self.launch_step(plans)
+            except ShardsRestarted as restart:
+                self._restarted(restart)
+                return
+            if not self._inflight:
+                self._mark = t0  # the shards were idle: this step's time starts here
+            self._inflight.append(InFlight(plans, results, 0.0 if self._inflight else host))
+        keep = 1 if self.overlap and self._inflight and self._inflight[-1].plans is plans else 0
+        while len(self._inflight) > keep:
+            self._take(self._inflight.popleft())
+
+    def _take(self, step: InFlight) -> None:
         try:
-            results = self.run_step(plans)
+            results = step.results()
         except ShardsRestarted as restart:
-            with self._lock:
-                # Recompute from prompt + emitted tokens: same greedy output, nothing
-                # emitted twice (the failed step's tokens were never recorded).
-                self.scheduler.requeue_all(restart.lost)
-                self.stats.recoveries += 1
-                self._lock.notify_all()
+            self._restarted(restart)
             return
-        t2 = time.perf_counter()
+        t0 = time.perf_counter()
         with self._lock:
-            for seq in self.scheduler.update(plans, [r.tokens for r in results]):
+            advanced = self.scheduler.update(step.plans, [r.tokens for r in results])
+            for seq in advanced:
                 if seq.reply is not None:
                     seq.reply.feed(seq.output[len(seq.reply.tokens) :])
                     if seq.reply.stopped and seq.status != Status.FINISHED:
                         self.scheduler.finish(seq, "stop")
+            now = time.perf_counter()
             stats = self.stats
             stats.steps += 1
-            stats.generated_tokens += sum(len(r.tokens) for r in results)
-            stats.prefill_tokens += sum(self._prompt_tokens(w) for p in plans for w in p.work)
+            stats.generated_tokens += len(advanced)
+            stats.prefill_tokens += sum(self._prompt_tokens(w) for p in step.plans for w in p.work)
             stats.preemptions = self.scheduler.preempted
             # the slowest shard sets the pace; its split tells where the time went
             slowest = max(results, key=lambda r: sum(r.seconds.values()))
             for phase, sec in slowest.seconds.items():
                 stats.seconds[phase] += sec
-            # the coordinator's own share: scheduling and bookkeeping here, and the
-            # round trip to the shards beyond the slowest shard's step
-            stats.seconds["coordinator"] += (t1 - t0) + (time.perf_counter() - t2)
-            stats.seconds["rpc"] += max(0.0, (t2 - t1) - sum(slowest.seconds.values()))
-            stats.seconds["step"] += time.perf_counter() - t0
+            # A step's time runs from the end of the last one's bookkeeping (or from its
+            # planning, if the shards were idle) to the end of its own. Beyond the slowest
+            # shard's work, the host's planning and bookkeeping that no running step hid
+            # are the coordinator's; the rest is the round trip (`rpc`).
+            interval = now - (self._mark if self._mark is not None else t0)
+            exposed = step.host_s + (0.0 if self._inflight else now - t0)
+            stats.seconds["coordinator"] += exposed
+            stats.seconds["rpc"] += max(0.0, interval - sum(slowest.seconds.values()) - exposed)
+            stats.seconds["step"] += interval
+            self._mark = now
+            self._lock.notify_all()
+
+    def _restarted(self, restart: ShardsRestarted) -> None:
+        with self._lock:
+            # Recompute from prompt + emitted tokens: same greedy output, nothing emitted
+            # twice (the void steps' tokens were never recorded).
+            self._inflight.clear()
+            self.scheduler.requeue_all(restart.lost)
+            self.stats.recoveries += 1
+            self._mark = None
             self._lock.notify_all()
 
     def _prompt_tokens(self, work: SeqWork) -> int:
@@ -318,8 +380,18 @@ class EngineCore:
         was generated; a prompt computed again after a preemption counts again)."""
         seq = self.requests.get(work.seq_id)
         prompt = len(seq.prompt) if seq is not None else 0
-        return max(0, min(work.start + len(work.tokens), prompt) - work.start)
+        return max(0, min(work.start + work.size, prompt) - work.start)
 
     def run_until_done(self) -> None:
         while self.has_work():
             self.step()
+
+
+def _launch_from(run_step: RunStep) -> LaunchStep:
+    """A step run at once, as a launch whose results are ready."""
+
+    def launch(plans: list[StepPlan]) -> Callable[[], list[StepResult]]:
+        results = run_step(plans)
+        return lambda: results
+
+    return launch

@@ -17,6 +17,8 @@ from gptoss_ray.model.config import ModelConfig
 from gptoss_ray.model.harmony.openai_chat import ChatRequest
 from gptoss_ray.model.types import EngineUnavailable, KVLayout, ModelNotFound, SamplingParams
 
+IDLE_AFTER_S = 1.0
+
 
 class Front(Protocol):
     """Something attached to a running engine (the HTTP API): stopped with it."""
@@ -52,13 +54,29 @@ class EngineLoop:
 
     def _run(self) -> None:
         try:
+            # Asleep until a request comes (submit wakes it) or shutdown does; after
+            # IDLE_AFTER_S without work, `went_idle` once, and `woke` when work comes (the
+            # coordinator lets its shards sleep too).
+            idle = False
             while not self._stop.is_set():
-                if self.core.wait_for_work(timeout=0.05):
+                if self.core.wait_for_work(timeout=None if idle else IDLE_AFTER_S):
+                    if idle:
+                        self.woke()
+                    idle = False
                     self.core.step()
+                elif not idle and not self._stop.is_set():
+                    idle = True
+                    self.went_idle()
         except Exception as exc:
             traceback.print_exc()  # the whole story goes to the actor's log
             self.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             self.core.fail(self.error)
+
+    def went_idle(self) -> None:
+        """Called on the loop's thread when it has had no work for IDLE_AFTER_S."""
+
+    def woke(self) -> None:
+        """Called on the loop's thread when work comes after `went_idle`."""
 
     def _alive(self) -> None:
         if self.error is not None:
@@ -159,4 +177,5 @@ class EngineLoop:
         for front in self.fronts:
             front.stop()
         self._stop.set()
+        self.core.wake()
         self._loop.join(timeout=10)

@@ -63,7 +63,12 @@ class Sequence:
     status: Status = Status.WAITING
     finish_reason: str | None = None
     home: int | None = None
-    computed: int = 0  # tokens in the home shard's cache
+    computed: int = 0  # tokens in the home shard's cache once the steps planned have run
+    # steps sent to the shards with work of this sequence, whose results are not in yet,
+    # and the tokens they draw for it (overlapped steps: the next step is planned before
+    # the last one's results come back)
+    inflight: int = 0
+    pending: int = 0
     preemptions: int = 0
     # time.monotonic() in the coordinator: queued, first token sampled, finished
     submitted_at: float = 0.0
@@ -76,6 +81,11 @@ class Sequence:
     def length(self) -> int:
         """Known tokens: the prompt and what was generated so far."""
         return len(self.prompt) + len(self.output)
+
+    @property
+    def todo(self) -> int:
+        """Tokens to compute: the known ones not in the cache, and those still being drawn."""
+        return self.length + self.pending - self.computed
 
     def tokens(self, start: int, n: int) -> list[int]:
         """Known tokens start..start+n, without joining the two lists (a decode step
@@ -124,6 +134,7 @@ class Scheduler:
             for _ in range(world_size)
         ]
         self.waiting: deque[Sequence] = deque()
+        self.live: dict[str, Sequence] = {}  # every sequence not finished, by id
         self.preempted = 0
 
     def _held(self, length: int, new: int) -> tuple[int, int]:
@@ -143,6 +154,7 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+        self.live[seq.seq_id] = seq
 
     def has_work(self) -> bool:
         return bool(self.waiting) or any(s.running or s.release for s in self.shards)
@@ -161,10 +173,10 @@ class Scheduler:
                 i = 0
                 while i < len(shard.running):
                     seq = shard.running[i]
-                    n = min(seq.length - seq.computed, budgets[rank], max(1, cap))
+                    n = min(seq.todo, budgets[rank], max(1, cap))
                     if not decoding and budgets[rank] < self.token_budget:
                         n = min(n, self._chunk_beside_decodes(seq.computed))
-                    if n <= 0 or (seq.length - seq.computed == 1) != decoding:
+                    if n <= 0 or (seq.todo == 1) != decoding or self._drawn_enough(seq):
                         i += 1
                         continue
                     grant = shard.blocks.grow(seq.seq_id, seq.computed, n)
@@ -178,6 +190,8 @@ class Scheduler:
         # admit waiting sequences, oldest first, where their prefix is cached
         while self.waiting:
             seq = self.waiting[0]
+            if seq.inflight:
+                break  # preempted while a step ran: it waits for that step's token
             candidates = [
                 r
                 for r, s in enumerate(self.shards)
@@ -213,6 +227,11 @@ class Scheduler:
         rank = max(hits, key=lambda r: (hits[r], free[r], -r))
         return rank, hits[rank]
 
+    @staticmethod
+    def _drawn_enough(seq: Sequence) -> bool:
+        """The tokens being drawn end the sequence at max_tokens: nothing more to plan."""
+        return len(seq.output) + seq.pending >= seq.params.max_tokens
+
     def _chunk_beside_decodes(self, start: int) -> int:
         """A prompt chunk's attention reads everything before it: at a long context a
         budget-sized chunk makes the step, and so every decoding sequence's next token,
@@ -232,17 +251,27 @@ class Scheduler:
         return self.shards[rank].blocks.free_blocks()
 
     def _work(self, seq: Sequence, n: int, blocks: BlockGrant) -> SeqWork:
-        sample = seq.computed + n == seq.length
-        return SeqWork(
+        """The sequence's next n tokens as a step's work, counted as planned: they are in
+        the cache once the step ran, and the token it draws is pending until then."""
+        sample = n == seq.todo
+        # a token still being drawn is decoded by the shard that draws it
+        last_drawn = seq.pending > 0 and sample
+        assert not last_drawn or n == 1, "only the last token can be pending"
+        work = SeqWork(
             seq_id=seq.seq_id,
-            tokens=seq.tokens(seq.computed, n),
+            tokens=[] if last_drawn else seq.tokens(seq.computed, n),
             start=seq.computed,
             sample=sample,
-            draw_index=len(seq.output),
+            draw_index=len(seq.output) + seq.pending,
             params=seq.params if sample else None,
             seed=seq.seed,
             blocks=blocks,
+            last_drawn=last_drawn,
         )
+        seq.computed += n
+        seq.inflight += 1
+        seq.pending += sample
+        return work
 
     def _free(self, shard: ShardState, seq: Sequence) -> None:
         shard.blocks.release(seq.seq_id)
@@ -250,6 +279,10 @@ class Scheduler:
 
     def _preempt(self, rank: int, seq: Sequence, plan: StepPlan) -> None:
         shard = self.shards[rank]
+        for w in plan.work:
+            if w.seq_id == seq.seq_id:  # planned in this step: not any more
+                seq.inflight -= 1
+                seq.pending -= w.sample
         plan.work = [w for w in plan.work if w.seq_id != seq.seq_id]
         self._free(shard, seq)
         plan.release.append(seq.seq_id)
@@ -276,6 +309,8 @@ class Scheduler:
                 shard.blocks.reset()
         for seq in running:
             seq.status, seq.home, seq.computed = Status.WAITING, None, 0
+        for seq in self.live.values():  # the steps in flight are void
+            seq.inflight = seq.pending = 0
         self.waiting.extendleft(reversed(running))
 
     def finish(self, seq: Sequence, reason: str) -> None:
@@ -288,23 +323,29 @@ class Scheduler:
             self._free(shard, seq)
             shard.release.append(seq.seq_id)
         seq.status, seq.finish_reason, seq.finished_at = Status.FINISHED, reason, time.monotonic()
+        self.live.pop(seq.seq_id, None)
 
     # -- results -----------------------------------------------------------------------
     def update(self, plans: list[StepPlan], sampled: list[dict[str, int]]) -> list[Sequence]:
-        """Applies a step's results; returns the sequences that got a token."""
+        """Applies a step's results (steps in the order they were planned); returns the
+        sequences that got a token. A sequence that finished while the step ran gets
+        nothing from it: what it drew past its end is dropped."""
         advanced = []
         now = time.monotonic()
         for rank, (plan, tokens) in enumerate(zip(plans, sampled, strict=True)):
             shard = self.shards[rank]
-            by_id = {s.seq_id: s for s in shard.running}
             for w in plan.work:
-                seq = by_id.get(w.seq_id)
-                if seq is None:  # cancelled while the step ran; its blocks are released
+                seq = self.live.get(w.seq_id)
+                if seq is None:  # finished while the step ran; its blocks are released
                     continue
-                seq.computed += len(w.tokens)
-                if shard.blocks.prefix_cache:  # its blocks that became whole are reusable
-                    whole = self._hashes(seq, seq.computed // self.layout.block_size)
-                    shard.blocks.commit(seq.seq_id, whole, seq.computed)
+                seq.inflight -= 1
+                seq.pending -= w.sample
+                # its blocks that became whole are reusable (not a preempted sequence's:
+                # it let go of them, and cannot be homed again before this step is in)
+                if shard.blocks.prefix_cache and seq.status == Status.RUNNING:
+                    done = w.start + w.size
+                    whole = self._hashes(seq, done // self.layout.block_size)
+                    shard.blocks.commit(seq.seq_id, whole, done)
                 if w.seq_id not in tokens:
                     continue
                 token = tokens[w.seq_id]

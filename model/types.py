@@ -180,11 +180,19 @@ class SeqWork:
     seq_id: str
     tokens: list[int]  # the next chunk, at positions start..
     start: int  # tokens already in this shard's cache for the sequence
-    sample: bool  # the chunk ends at the sequence's last known token: draw the next one
+    sample: bool  # the chunk ends at the sequence's last token: draw the next one
     draw_index: int = 0  # which token of the completion the draw is (seeds the sampler)
     params: SamplingParams | None = None  # with sample
     seed: int = 0
     blocks: BlockGrant = field(default_factory=BlockGrant)  # where its keys go
+    # a decode of the token this shard drew for the sequence in the step before, which
+    # the scheduler does not know yet (overlapped steps); `tokens` is empty then
+    last_drawn: bool = False
+
+    @property
+    def size(self) -> int:
+        """Tokens of the chunk."""
+        return len(self.tokens) + self.last_drawn
 
 
 @dataclass

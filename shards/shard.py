@@ -12,7 +12,7 @@ import torch
 from gptoss_ray.model.checkpoint import Checkpoint, load_model, resolve_model
 from gptoss_ray.model.kv_cache import SequenceBatch
 from gptoss_ray.model.model import Transformer
-from gptoss_ray.model.sampling import sample_rows
+from gptoss_ray.model.sampling import sample_rows, step_seed
 from gptoss_ray.model.types import KVLayout, SeqWork, StepPlan, StepResult
 from gptoss_ray.router.moe import ExpertParallel, StepTimer
 from gptoss_ray.router.plan import expert_ranges, owner_table
@@ -84,23 +84,47 @@ class Shard:
                 "shards has routing-dependent sizes and is not captured"
             )
         self.graphs = DecodeGraphs(self.model, self.kv, self.expert_load) if decode_graphs else None
+        # each sequence's token drawn in the last step it sampled: overlapped steps decode
+        # it before the scheduler has seen it (`SeqWork.last_drawn`)
+        self.drawn: dict[str, int] = {}
 
     def free_blocks(self) -> tuple[int, int]:
         return self.kv.free_blocks()
+
+    def release_all(self) -> None:
+        """Forgets every sequence (their keys stay in the blocks, for the prefix cache)."""
+        for seq_id in list(self.kv.tables):
+            self.kv.release(seq_id)
+        self.drawn.clear()
 
     @torch.inference_mode()
     def step(self, plan: StepPlan) -> StepResult:
         timer = StepTimer()
         for seq_id in plan.release:
             self.kv.release(seq_id)
-        work = [w for w in plan.work if w.tokens]
+            self.drawn.pop(seq_id, None)
+        work = [w for w in plan.work if w.size]
+        ids = [[self.drawn[w.seq_id]] if w.last_drawn else w.tokens for w in work]
         caches = [self.kv.place(w.seq_id, w.start, w.blocks) for w in work]
+        tokens = self._draw(work, ids, caches, timer)
+        out = {w.seq_id: t for w, t in zip([w for w in work if w.sample], tokens, strict=True)}
+        self.drawn.update(out)
+        return StepResult(out, dict(timer.seconds))
+
+    def _draw(
+        self,
+        work: list[SeqWork],
+        ids: list[list[int]],
+        caches: list[PagedSequence],
+        timer: StepTimer,
+    ) -> list[int]:
+        """Runs the step's tokens through the model -> the sampled sequences' draws."""
         sampled = [i for i, w in enumerate(work) if w.sample]
-        decode = all(len(w.tokens) == 1 for w in work)
+        decode = all(len(t) == 1 for t in ids)
         logits = None
         if self.graphs is not None and decode and self.graphs.fits(caches):
             try:
-                logits = self.graphs.run(caches, [w.tokens[0] for w in work])
+                logits = self.graphs.run(caches, [t[0] for t in ids])
             except GraphCaptureError as exc:
                 # keys the warm-up wrote are the ones the eager step writes again
                 print(
@@ -118,22 +142,60 @@ class Shard:
                 cache.commit(1)
             timer.lap("decode graph")  # buffers, replay
         else:
-            logits = self._forward(work, caches, sampled, timer)
+            logits = self._forward(ids, caches, sampled, timer)
         draws = [(work[i].params, work[i].seed, work[i].draw_index) for i in sampled]
         tokens = sample_rows(logits, draws) if sampled else []
-        out = {work[i].seq_id: token for i, token in zip(sampled, tokens, strict=True)}
         timer.lap("head")  # final norm, unembedding, sampling
-        return StepResult(out, dict(timer.seconds))
+        return tokens
 
     def _forward(
-        self, work: list[SeqWork], caches: list[PagedSequence], sampled: list[int], timer: StepTimer
+        self,
+        ids: list[list[int]],
+        caches: list[PagedSequence],
+        sampled: list[int],
+        timer: StepTimer,
     ) -> torch.Tensor:
         """The step through the layers, any mix of prefill chunks and decodes (or none: the
         exchange needs every shard) -> logits of the sampled sequences' last tokens."""
-        lengths = [len(w.tokens) for w in work]
-        batch = SequenceBatch(caches, lengths, PagedBatchView(caches, lengths) if work else None)
+        lengths = [len(t) for t in ids]
+        batch = SequenceBatch(caches, lengths, PagedBatchView(caches, lengths) if ids else None)
         tokens = torch.tensor(
-            [t for w in work for t in w.tokens], dtype=torch.long, device=self.device
+            [t for chunk in ids for t in chunk], dtype=torch.long, device=self.device
         )
         self.exchange.timer = timer
         return self.model(tokens, batch, sequences=sampled, timer=timer)
+
+
+class NullShard(Shard):
+    """A shard that does no model work, to measure the host loop alone (`gptoss-ray bench
+    sweep --null-model`): the same plans placed on the same block tables (on torch's meta
+    device: no memory), and the same results, each sampled sequence's token a function of
+    its seed and draw index."""
+
+    def __init__(
+        self, model: str | Path, *, rank: int, world_size: int, kv_layout: KVLayout
+    ) -> None:
+        self.rank, self.world_size = rank, world_size
+        self.device = torch.device("meta")
+        self.config = Checkpoint(resolve_model(model)).config
+        self.experts = expert_ranges(self.config.num_experts, world_size)[rank]
+        self.model = None
+        self.kv = PagedKVCache(self.config, kv_layout, dtype=torch.bfloat16, device=self.device)
+        self.expert_load = torch.zeros(
+            self.config.num_hidden_layers, self.config.num_experts, dtype=torch.long
+        )
+        self.graphs = None
+        self.drawn = {}
+
+    def _draw(
+        self,
+        work: list[SeqWork],
+        ids: list[list[int]],
+        caches: list[PagedSequence],
+        timer: StepTimer,
+    ) -> list[int]:
+        for w, cache in zip(work, caches, strict=True):
+            cache.commit(w.size)
+        timer.lap("null")
+        # ordinary tokens (ids below the special ones), never a stop token
+        return [step_seed(w.seed, w.draw_index) % 100_000 for w in work if w.sample]

@@ -11,7 +11,7 @@ import torch
 
 from gptoss_ray.model.types import KVLayout, StepPlan, StepResult
 from gptoss_ray.router.transport import DistributedTransport, LocalTransport
-from gptoss_ray.shards.shard import Shard
+from gptoss_ray.shards.shard import NullShard, Shard
 
 
 class ShardWorker:
@@ -59,6 +59,14 @@ class ShardWorker:
             timeout=datetime.timedelta(seconds=timeout_s),
         )
 
+    def park(self, woken: list) -> None:
+        """Blocks until the call in `woken` (the coordinator's) returns: an idle shard
+        sleeps here instead of waking a hundred times a second in Ray's task loop."""
+        import ray
+
+        with contextlib.suppress(Exception):  # a coordinator gone: nothing to wait for
+            ray.get(woken[0])
+
     def ping(self) -> str:
         import ray
 
@@ -72,8 +80,7 @@ class ShardWorker:
         """Drops every sequence's table (after a lost shard, all are recomputed); the
         blocks' keys stay, for the prefix cache that the scheduler keeps."""
         if self.shard is not None:
-            for seq_id in list(self.shard.kv.tables):
-                self.shard.kv.release(seq_id)
+            self.shard.release_all()
 
     def describe(self) -> dict:
         import ray
@@ -96,7 +103,9 @@ class ShardWorker:
                 "kv_total_blocks": {"full": layout.full_blocks, "sliding": layout.sliding_blocks},
                 "weight_bytes": sum(
                     t.numel() * t.element_size() for t in shard.model.state_dict().values()
-                ),
+                )
+                if shard.model is not None
+                else 0,
             }
             if self.device.startswith("cuda"):
                 out["cuda_memory_allocated"] = torch.cuda.memory_allocated()
@@ -109,7 +118,14 @@ class ShardWorker:
         layout: KVLayout,
         kernels: bool | None = None,
         decode_graphs: bool | None = None,
+        null_model: bool = False,
     ) -> tuple[int, int]:
+        """null_model: a shard that does no model work (`NullShard`), for the benchmarks."""
+        if null_model:
+            self.shard = NullShard(
+                model, rank=self.rank, world_size=self.world_size, kv_layout=layout
+            )
+            return self.shard.experts
         transport = DistributedTransport() if self.world_size > 1 else LocalTransport()
         self.shard = Shard(
             model,

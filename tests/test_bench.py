@@ -236,6 +236,34 @@ def test_bench_sweep_and_scaling_through_the_engine(ray_session, tmp_path, capsy
     (saved,) = tmp_path.glob("sweep-*.json")
     rows = json.loads(saved.read_text())["results"]
     assert [r["batch"] for r in rows] == [1, 3]
+    saved.unlink()
+    # the host loop alone (null-model shards), both ways of stepping, streamed
+    main(
+        [
+            "--out",
+            str(tmp_path),
+            "sweep",
+            "--shards",
+            "1",
+            "--batches",
+            "2",
+            "--shapes",
+            "8x4",
+            "--repeats",
+            "1",
+            "--kv-budget-mb",
+            "32",
+            "--null-model",
+            "--steps",
+            "both",
+            "--stream",
+        ]
+    )
+    (saved,) = tmp_path.glob("sweep-*.json")
+    modes = json.loads(saved.read_text())["results"]
+    assert [r["overlap"] for r in modes] == [False, True]
+    assert all(r["tokens_per_s"] > 0 and r["step_ms"] > 0 for r in modes)
+    assert "null-model shards" in capsys.readouterr().out
     assert all(r["ttft_p50_ms"] > 0 and r["itl_p50_ms"] > 0 for r in rows)
     assert all(0 <= r["overhead_pct"] < 100 for r in rows)
     main(

@@ -177,25 +177,24 @@ def test_a_long_prompt_is_chunked_around_the_other_sequences():
 
     long = seq("long", 5000)
     sched.add(long)
-    ((work,),) = [p.work for p in sched.schedule()]
-    assert len(work.tokens) == 256  # alone, it has the whole budget
-    long.computed = 256
+    plans = sched.schedule()
+    ((work,),) = [p.work for p in plans]
+    assert work.size == 256  # alone, it has the whole budget
+    sched.update(plans, [{}])
     short = [seq(f"s{i}", 8) for i in range(3)]
     for s in short:
         sched.add(s)
     steps = 0
     while long.computed < len(long.prompt):
-        (plan,) = sched.schedule()
-        chunk = {w.seq_id: len(w.tokens) for w in plan.work}
+        plans = sched.schedule()
+        chunk = {w.seq_id: w.size for w in plans[0].work}
+        start = {w.seq_id: w.start for w in plans[0].work}["long"]
         # the arrivals' prompts at once, then a token each every step
         assert all(chunk[s.seq_id] == (8 if steps == 0 else 1) for s in short), chunk
         # beside decodes its chunk shrinks as its context grows (a step's cost is bounded)
-        bound = 256 * REFERENCE_CONTEXT // max(REFERENCE_CONTEXT, long.computed)
-        beside = min(253, 5000 - long.computed, bound)
+        bound = 256 * REFERENCE_CONTEXT // max(REFERENCE_CONTEXT, start)
+        beside = min(253, 5000 - start, bound)
         assert chunk["long"] == (128 if steps == 0 else beside)
-        for s in short:  # what update() does with a step's work
-            s.computed += chunk[s.seq_id]
-            s.output.append(7)
-        long.computed += chunk["long"]
+        sched.update(plans, [{w.seq_id: 7 for w in plans[0].work if w.sample}])
         steps += 1
     assert steps > 1 + -(-(5000 - 256 - 128) // 253)  # more, smaller steps

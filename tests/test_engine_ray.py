@@ -12,13 +12,21 @@ from tests.engine_cases import GREEDY, baseline, prompts
 SEEDED = SamplingParams(max_tokens=8, temperature=0.8, top_k=50, seed=11, ignore_eos=True)
 
 
-# (shards, steps through a Ray compiled graph or plain actor calls): both ways of
-# driving the shards, each with an even and an odd shard count
-@pytest.fixture(scope="module", params=[(1, False), (2, True), (3, True), (4, False)])
+# (shards, steps through a Ray compiled graph or plain actor calls, overlapped steps or
+# one at a time): both ways of driving the shards, each with an even and an odd shard
+# count, each overlapped and not
+@pytest.fixture(
+    scope="module", params=[(1, False, True), (2, True, True), (3, True, False), (4, False, False)]
+)
 def engine(request, ray_session):
-    shards, compiled = request.param
+    shards, compiled, overlap = request.param
     eng = Engine.start(
-        "gpt-oss-tiny", shards=shards, dtype="float32", token_budget=64, compiled_steps=compiled
+        "gpt-oss-tiny",
+        shards=shards,
+        dtype="float32",
+        token_budget=64,
+        compiled_steps=compiled,
+        overlap=overlap,
     )
     yield eng
     eng.shutdown()
@@ -86,3 +94,28 @@ def test_chat_returns_a_parsed_reply_with_usage(engine):
     assert "max_tokens: Input should be greater than or equal to 1" in str(errors[1])
     assert "top_p: Input should be greater than 0" in str(errors[2])
     assert "exceed the context length 131072" in str(errors[3])
+
+
+def test_an_idle_engine_parks_its_shards_and_wakes_them(engine):
+    """Idle is idle: after a second without work the shards are parked in a blocking call
+    (and a compiled graph, whose readers poll, is torn down); `status` still answers, and
+    the next request wakes them (building the graph again) and is exact."""
+    import time
+
+    import ray
+
+    def coordinator(fn):
+        return ray.get(engine.coordinator.__ray_call__.remote(fn))
+
+    engine.generate([prompts()[0]], GREEDY)
+    time.sleep(2.5)  # past IDLE_AFTER_S
+    assert coordinator(lambda c: (c._idle, c._wake.is_set(), c._dag)) == (True, False, None)
+    start = time.monotonic()
+    status = ray.get(engine.coordinator.status.remote(), timeout=30)
+    assert time.monotonic() - start < 10
+    assert len(status["shards_detail"]) == engine.info()["shards"]
+    assert coordinator(lambda c: c._wake.is_set()) is False  # parked again
+    expected = baseline()[1]  # (computed once, in this process: it may take a while)
+    (out,) = engine.generate([prompts()[1]], GREEDY)
+    assert coordinator(lambda c: c._idle or (c._compiled_steps and c._dag is None)) is False
+    assert tuple(out.token_ids) == expected

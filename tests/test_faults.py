@@ -79,7 +79,8 @@ def test_greedy_tokens_survive_shard_kills(ray_session):
     from tests.engine_cases import GREEDY, baseline, prompts
 
     ray = ray_session
-    engine = Engine.start("gpt-oss-tiny", shards=3, dtype="float32", token_budget=16)
+    # overlapped: a kill finds two steps in flight, both void
+    engine = Engine.start("gpt-oss-tiny", shards=3, dtype="float32", token_budget=16, overlap=True)
     try:
         rng = random.Random(99)
         kill_at = [1, *sorted(rng.sample(range(4, 12), 2))]  # well before the last step

@@ -90,8 +90,9 @@ def test_streaming_chat_adds_up_to_the_whole_reply(client):
 
 @pytest.mark.parametrize("stop", ["friend", "o th"])  # in one token, across two
 def test_a_stop_string_ends_the_stream_and_the_sequence_at_once(server, client, stop):
-    """No streamed delta holds text at or past the stop string, and nothing is sampled
-    after the token that completed it (the answer has 6 more tokens to go)."""
+    """No streamed delta holds text at or past the stop string, and at most one token is
+    drawn after the one that completed it (by the step planned while it was found; the
+    answer has 6 more tokens to go)."""
     _, _, shards = server
     chunks = list(
         client.chat.completions.create(
@@ -111,7 +112,8 @@ def test_a_stop_string_ends_the_stream_and_the_sequence_at_once(server, client, 
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
     (seq_id,) = [s for s in shards.sampled if s.startswith(chunks[0].id.removeprefix("chatcmpl-"))]
     completion = chunks[-1].usage.completion_tokens
-    assert shards.sampled[seq_id] == completion  # decoding stopped at the stop string
+    # decoding stopped at the stop string (one overlapped step past it at most)
+    assert completion <= shards.sampled[seq_id] <= completion + 1
     script = tok.encode(REPLIES["answer"], allow_special=True)
     assert stop in tok.decode(script[:completion]) and completion < len(script)
     deadline = time.monotonic() + 10

@@ -271,7 +271,8 @@ def test_a_request_arriving_during_an_identical_prefill_reuses_only_computed_blo
 
     layout = KVLayout(16, 64, 64)
     shards, run_step = shard_set(1, layout)
-    core = EngineCore(shards[0].config, 1, layout, run_step, token_budget=24)
+    # one step at a time: the first step's blocks are known before the second is planned
+    core = EngineCore(shards[0].config, 1, layout, run_step, token_budget=24, overlap=False)
     prompt, ten = engine_cases.prompts()[4], engine_cases.GREEDY  # 100 tokens
     first = core.submit(prompt, ten)
     core.step()  # 24 tokens computed: block 0 whole, block 1 half written
