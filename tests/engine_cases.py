@@ -9,7 +9,7 @@ import torch
 
 from gptoss_ray.model.checkpoint import load_model
 from gptoss_ray.model.generate import generate
-from gptoss_ray.model.types import SamplingParams
+from gptoss_ray.model.types import KVLayout, SamplingParams
 
 LENGTHS = (5, 40, 70, 3, 100, 17, 33, 64, 1, 50)
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
@@ -29,6 +29,22 @@ def baseline_model():
 def baseline(params: SamplingParams = GREEDY) -> tuple[tuple[int, ...], ...]:
     out = generate(baseline_model(), prompts(), params)
     return tuple(tuple(c.token_ids) for c in out)
+
+
+def tiny_shard(layout: KVLayout, kernels: bool = False):
+    """The built-in model as one in-process shard with every expert, float32."""
+    from gptoss_ray.router.transport import LocalTransport
+    from gptoss_ray.shards.shard import Shard
+
+    return Shard(
+        "gpt-oss-tiny",
+        rank=0,
+        world_size=1,
+        transport=LocalTransport(),
+        dtype=torch.float32,
+        kv_layout=layout,
+        kernels=kernels,
+    )
 
 
 def expected_reply(body: dict) -> dict:

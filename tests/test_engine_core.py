@@ -4,28 +4,18 @@ prefill, paged KV with preemption, bad requests failing alone."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from gptoss_ray.cluster.engine_core import EngineCore
 from gptoss_ray.model.types import KVLayout, RequestError, SamplingParams, blocks_held
-from gptoss_ray.router.transport import LocalTransport
 from gptoss_ray.shards.kv_blocks import KVBlocks
 from gptoss_ray.shards.shard import Shard
-from tests.engine_cases import GREEDY, baseline, baseline_model, prompts
+from tests.engine_cases import GREEDY, baseline, baseline_model, prompts, tiny_shard
 
 
 def make_core(
     layout: KVLayout, token_budget: int = 48, kernels: bool = False
 ) -> tuple[EngineCore, Shard]:
-    shard = Shard(
-        "gpt-oss-tiny",
-        rank=0,
-        world_size=1,
-        transport=LocalTransport(),
-        dtype=torch.float32,
-        kv_layout=layout,
-        kernels=kernels,
-    )
+    shard = tiny_shard(layout, kernels)
     core = EngineCore(
         shard.config, 1, layout, lambda plans: [shard.step(plans[0])], token_budget=token_budget
     )

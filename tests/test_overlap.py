@@ -8,14 +8,12 @@ is emitted. And the null model: shards that do no model work, for the host loop 
 from __future__ import annotations
 
 import pytest
-import torch
 
 from gptoss_ray.cluster.engine_core import EngineCore
 from gptoss_ray.model.sampling import step_seed
 from gptoss_ray.model.types import KVLayout, SamplingParams, StepPlan
-from gptoss_ray.router.transport import LocalTransport
 from gptoss_ray.shards.shard import NullShard, Shard
-from tests.engine_cases import GREEDY, baseline, prompts
+from tests.engine_cases import GREEDY, baseline, prompts, tiny_shard
 
 SEEDED = SamplingParams(max_tokens=8, temperature=0.9, top_p=0.95, seed=7, ignore_eos=True)
 
@@ -36,15 +34,7 @@ class Counted:
 def core_on(
     layout: KVLayout, *, overlap: bool, token_budget: int = 48
 ) -> tuple[EngineCore, Counted]:
-    shard = Shard(
-        "gpt-oss-tiny",
-        rank=0,
-        world_size=1,
-        transport=LocalTransport(),
-        dtype=torch.float32,
-        kv_layout=layout,
-        kernels=False,
-    )
+    shard = tiny_shard(layout)
     counted = Counted(shard)
     core = EngineCore(shard.config, 1, layout, counted, overlap=overlap, token_budget=token_budget)
     return core, counted

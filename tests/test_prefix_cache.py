@@ -12,9 +12,9 @@ import torch
 
 from gptoss_ray.cluster.engine_core import EngineCore
 from gptoss_ray.model.types import KVLayout, SamplingParams
-from gptoss_ray.router.transport import LocalTransport
 from gptoss_ray.shards.kv_blocks import KVBlocks, chain_hashes
 from gptoss_ray.shards.shard import Shard
+from tests.engine_cases import tiny_shard
 
 BS, WINDOW = 4, 6  # blocks of 4 tokens; a query sees the 6 keys up to itself
 
@@ -200,18 +200,7 @@ def generate_on(core: EngineCore):
 def shard_set(world: int, layout: KVLayout) -> tuple[list[Shard], object]:
     """`world` in-process shards, each with every expert (data parallel: the scheduler's
     placement and each shard's cache are what is under test, not the exchange)."""
-    shards = [
-        Shard(
-            "gpt-oss-tiny",
-            rank=0,
-            world_size=1,
-            transport=LocalTransport(),
-            dtype=torch.float32,
-            kv_layout=layout,
-            kernels=False,
-        )
-        for _ in range(world)
-    ]
+    shards = [tiny_shard(layout) for _ in range(world)]
     return shards, lambda plans: [s.step(p) for s, p in zip(shards, plans, strict=True)]
 
 
