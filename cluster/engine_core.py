@@ -45,9 +45,9 @@ LaunchStep = Callable[[list[StepPlan]], Callable[[], list[StepResult]]]
 
 
 class ShardsRestarted(Exception):
-    """Raised by `run_step` when a shard was lost and replaced: the step's results are
-    void, every shard dropped its sequences (recomputed from their tokens), and the
-    replaced shards (`lost`) their prefix caches too."""
+    """Raised by a step's launch or results when a shard was lost and replaced: every
+    step in flight is void, every shard dropped its sequences (recomputed from their
+    tokens), and the replaced shards (`lost`) their prefix caches too."""
 
     def __init__(self, lost: Sequence[int] = ()) -> None:
         super().__init__(f"shards {list(lost)} were replaced")

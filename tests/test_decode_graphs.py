@@ -192,10 +192,9 @@ def test_a_static_step_computes_the_eager_steps_logits(device, dtype, tol):
     shard.step(plan)  # prefill: several tokens each, the eager path
     caches = [place(shard.kv, blocks, str(i), 1) for i in range(3)]
     tokens = [11, 22, 33]
-    work = [SeqWork(str(i), [tokens[i]], len(p), True) for i, p in enumerate(ps)]
     with torch.inference_mode():  # as in Shard.step
         static = shard.graphs.run(caches, tokens).clone()
-        eager = shard._forward(work, caches, [0, 1, 2], StepTimer())
+        eager = shard._forward([[t] for t in tokens], caches, [0, 1, 2], StepTimer())
     if device == "cuda":
         assert 4 in shard.graphs.graphs  # captured and replayed
     torch.testing.assert_close(static, eager, rtol=tol, atol=tol)
