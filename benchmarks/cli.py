@@ -21,6 +21,17 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
+def _count(text: str) -> int:
+    """A count of something (requests, tokens, repeats): an int of at least 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected at least 1")
+    return n
+
+
 def _shapes(text: str) -> list[tuple[int, int]]:
     """'128x64,512x128' -> [(128, 64), (512, 128)] (prompt x output tokens)."""
     out = []
@@ -53,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", default="gpt-oss-tiny")
         p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
         p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
-        p.add_argument("--repeats", type=int, default=3)
+        p.add_argument("--repeats", type=_count, default=3)
         p.add_argument("--kv-budget-mb", type=float, default=512)
 
     def any_device(p: argparse.ArgumentParser) -> None:
@@ -63,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sweep = command("sweep", "engine_runs.run_sweep", "throughput, TTFT and ITL against batch size")
     engine_args(sweep)
-    sweep.add_argument("--shards", type=int, default=2)
+    sweep.add_argument("--shards", type=_count, default=2)
     sweep.add_argument("--batches", type=_ints, default=[1, 4, 16, 64, 256])
     sweep.add_argument(
         "--shapes",
@@ -86,26 +97,26 @@ def build_parser() -> argparse.ArgumentParser:
         "prefix", "prefix.run", "multi-turn conversations sharing a system prompt: cache on vs off"
     )
     engine_args(prefix)
-    prefix.add_argument("--shards", type=int, default=2)
-    prefix.add_argument("--users", type=int, default=8)
-    prefix.add_argument("--turns", type=int, default=6)
+    prefix.add_argument("--shards", type=_count, default=2)
+    prefix.add_argument("--users", type=_count, default=8)
+    prefix.add_argument("--turns", type=_count, default=6)
     prefix.add_argument(
-        "--system-tokens", type=int, default=2048, help="shared system prompt and tools"
+        "--system-tokens", type=_count, default=2048, help="shared system prompt and tools"
     )
     prefix.add_argument(
-        "--answer-words", type=int, default=60, help="each earlier answer kept in the history"
+        "--answer-words", type=_count, default=60, help="each earlier answer kept in the history"
     )
-    prefix.add_argument("--output-len", type=int, default=32, help="tokens written a turn")
-    prefix.add_argument("--block-size", type=int, default=16)
+    prefix.add_argument("--output-len", type=_count, default=32, help="tokens written a turn")
+    prefix.add_argument("--block-size", type=_count, default=16)
 
     scaling = command(
         "scaling", "engine_runs.run_scaling", "1..8 expert-parallel shards vs replicas"
     )
     engine_args(scaling)
     scaling.add_argument("--shards", type=_ints, default=[1, 2, 4, 8])
-    scaling.add_argument("--batch", type=int, default=32)
-    scaling.add_argument("--prompt-len", type=int, default=64)
-    scaling.add_argument("--output-len", type=int, default=32)
+    scaling.add_argument("--batch", type=_count, default=32)
+    scaling.add_argument("--prompt-len", type=_count, default=64)
+    scaling.add_argument("--output-len", type=_count, default=32)
     scaling.add_argument("--no-replicas", action="store_true")
 
     model = command("model", "scaling_model.run", "calibrate on this device, predict 1..64 GPUs")
@@ -117,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     any_device(model)
     model.add_argument("--batches", type=_ints, default=[1, 8, 32, 64])
     model.add_argument("--contexts", type=_ints, default=[128, 1024])
-    model.add_argument("--repeats", type=int, default=5)
+    model.add_argument("--repeats", type=_count, default=5)
     model.add_argument("--context", type=int, default=2048, help="context of the prediction")
     model.add_argument("--gpus", type=_ints, default=[1, 2, 4, 8, 16, 32, 64])
     model.add_argument("--gpu-memory-gb", type=float, default=80.0)
@@ -130,8 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     full.add_argument("--model", default="gpt-oss-20b", choices=MODELS)
     any_device(full)
     full.add_argument("--batches", type=_ints, default=[1, 64, 256])
-    full.add_argument("--prompt-len", type=int, default=128)
-    full.add_argument("--output-len", type=int, default=64)
+    full.add_argument("--prompt-len", type=_count, default=128)
+    full.add_argument("--output-len", type=_count, default=64)
     full.add_argument("--no-peer", action="store_true", help="skip transformers")
     full.add_argument("--kernels", choices=("auto", "on", "off"), default="auto")
     full.add_argument(

@@ -340,6 +340,9 @@ def test_bad_bench_arguments_are_named(capsys):
     with pytest.raises(SystemExit):
         main(["sweep", "--shapes", "128by64"])
     assert "'128by64': expected PROMPTxOUTPUT" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["prefix", "--users", "0"])
+    assert "--users: '0': expected at least 1" in capsys.readouterr().err
 
 
 def test_bench_sass_compiles_every_launch_for_hopper_here(tmp_path):
