@@ -293,16 +293,20 @@ class EngineCore:
             }
 
     # -- stepping ----------------------------------------------------------------------
+    def _busy(self) -> bool:
+        """Sequences to run or steps still running (with the lock held)."""
+        return self.scheduler.has_work() or bool(self._inflight)
+
     def has_work(self) -> bool:
         with self._lock:
-            return self.scheduler.has_work() or bool(self._inflight)
+            return self._busy()
 
     def wait_for_work(self, timeout: float | None) -> bool:
         """Sleeps until there is work (a request, a step in flight), `wake`, or timeout."""
         with self._lock:
-            if not self.scheduler.has_work() and not self._inflight:
+            if not self._busy():
                 self._lock.wait(timeout)
-            return self.scheduler.has_work() or bool(self._inflight)
+            return self._busy()
 
     def wake(self) -> None:
         """Ends a `wait_for_work` now (the loop is told to stop)."""

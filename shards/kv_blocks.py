@@ -63,13 +63,17 @@ class BlockPool:
 
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
-        self._free = list(range(num_blocks - 1, -1, -1))
-        self.refs = [0] * num_blocks
+        self.evictions = 0
+        self.clear()
+
+    def clear(self) -> None:
+        """Every block free, nothing cached (the eviction count stays)."""
+        self._free = list(range(self.num_blocks - 1, -1, -1))
+        self.refs = [0] * self.num_blocks
         self.hash_of: dict[int, bytes] = {}
         self.block_of: dict[bytes, int] = {}
         # cached blocks nobody uses, least recently released first: evicted in this order
         self._unused: OrderedDict[int, None] = OrderedDict()
-        self.evictions = 0
 
     @property
     def num_free(self) -> int:
@@ -147,16 +151,15 @@ class KVBlocks:
         # counters kept across `reset`: tokens of admitted sequences, and those found cached
         self.queried_tokens = 0
         self.hit_tokens = 0
-        self._evictions_before_reset = 0
-        self.reset()
+        self.full_pool = BlockPool(layout.full_blocks)
+        self.sliding_pool = BlockPool(layout.sliding_blocks if window is not None else 0)
+        self.tables: dict[str, BlockTable] = {}
 
     def reset(self) -> None:
         """Every block free and nothing cached (the shard's KV is gone)."""
-        pools = getattr(self, "full_pool", None), getattr(self, "sliding_pool", None)
-        self._evictions_before_reset += sum(p.evictions for p in pools if p is not None)
-        self.full_pool = BlockPool(self.layout.full_blocks)
-        self.sliding_pool = BlockPool(self.layout.sliding_blocks if self.window is not None else 0)
-        self.tables: dict[str, BlockTable] = {}
+        self.full_pool.clear()
+        self.sliding_pool.clear()
+        self.tables = {}
 
     def free_blocks(self) -> tuple[int, int]:
         return self.full_pool.num_free, self.sliding_pool.num_free
@@ -167,9 +170,7 @@ class KVBlocks:
             "hit_tokens": self.hit_tokens,
             "cached_full_blocks": self.full_pool.num_cached,
             "cached_sliding_blocks": self.sliding_pool.num_cached,
-            "evictions": self._evictions_before_reset
-            + self.full_pool.evictions
-            + self.sliding_pool.evictions,
+            "evictions": self.full_pool.evictions + self.sliding_pool.evictions,
         }
 
     def _sliding_range(self, length: int, end: int) -> range:
