@@ -12,11 +12,12 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from gptoss_ray.cluster.chat import chat_completion
 
 SUPPORTED_URLS = ("/v1/chat/completions",)
 
@@ -106,16 +107,7 @@ def _check_line(item: Any, n: int, seen: set[str]) -> BatchLine:
 def success_record(custom_id: str, reply: dict[str, Any], model: str) -> dict[str, Any]:
     """A finished request -> its output line (the body is a chat.completion)."""
     request_id = f"req_{uuid.uuid4().hex}"
-    body = {
-        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {"index": 0, "message": reply["message"], "finish_reason": reply["finish_reason"]}
-        ],
-        "usage": reply["usage"],
-    }
+    body = chat_completion(reply, model, f"chatcmpl-{uuid.uuid4().hex[:24]}")
     return {
         "id": f"batch_req_{uuid.uuid4().hex}",
         "custom_id": custom_id,

@@ -13,11 +13,13 @@ the sequence on the step that completed it."""
 from __future__ import annotations
 
 import datetime
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from gptoss_ray.model import harmony
+from gptoss_ray.model import tokenizer as tok
 from gptoss_ray.model.harmony.openai_chat import (
     ChatRequest,
     HarmonyRequest,
@@ -25,7 +27,7 @@ from gptoss_ray.model.harmony.openai_chat import (
     new_call_id,
     to_harmony,
 )
-from gptoss_ray.model.types import SamplingParams
+from gptoss_ray.model.types import SamplingParams, TokenLogprob
 
 
 def chat_prompt(request: Any, context: int) -> tuple[list[int], SamplingParams, list[str]]:
@@ -38,16 +40,8 @@ def chat_prompt(request: Any, context: int) -> tuple[list[int], SamplingParams, 
         fields = request if isinstance(request, ChatRequest) else ChatRequest.parse(request)
         messages = to_harmony(fields, conversation_start_date=datetime.date.today().isoformat())
     prompt = harmony.render_for_completion(messages)
-    r = fields
-    max_tokens = r.max_completion_tokens or r.max_tokens or max(1, min(4096, context - len(prompt)))
-    params = SamplingParams(
-        max_tokens=max_tokens,
-        temperature=1.0 if r.temperature is None else r.temperature,
-        top_p=1.0 if r.top_p is None else r.top_p,
-        top_k=r.top_k or 0,
-        seed=r.seed,
-    )
-    stops = [r.stop] if isinstance(r.stop, str) else list(r.stop or [])
+    params = fields.sampling_params(max(1, min(4096, context - len(prompt))))
+    stops = [fields.stop] if isinstance(fields.stop, str) else list(fields.stop or [])
     return prompt, params, stops
 
 
@@ -65,6 +59,7 @@ class TextDelta:
     channel: str | None
     recipient: str | None
     call: int | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens that wrote the text, when asked
 
 
 @dataclass(frozen=True)
@@ -83,8 +78,12 @@ Event = TextDelta | ToolCallStart | MessageEnd
 
 
 class ReplyBuilder:
-    def __init__(self, stop: Sequence[str] = ()) -> None:
+    def __init__(self, stop: Sequence[str] = (), *, logprobs: bool = False) -> None:
+        """logprobs: the request asked for them; each token's (fed beside it) goes with
+        the text event it wrote, and the reply lists those of the answer's tokens."""
         self.stop = [s for s in stop if s]
+        self.logprobs = logprobs
+        self._token_logprobs: list[TokenLogprob] = []  # fed, their text not shown yet
         self.parser = harmony.StreamParser("assistant", strict=False)
         self.events: list[Event] = []
         self.stopped = False  # a stop string ended the answer
@@ -99,13 +98,17 @@ class ReplyBuilder:
         """The ids fed so far (none after a stop string's)."""
         return self.parser.tokens
 
-    def feed(self, tokens: Iterable[int]) -> None:
-        for token in tokens:
+    def feed(
+        self, tokens: Iterable[int], logprobs: Iterable[TokenLogprob | None] | None = None
+    ) -> None:
+        tokens = list(tokens)
+        lps = list(logprobs) if logprobs is not None else [None] * len(tokens)
+        for token, lp in zip(tokens, lps, strict=True):
             if self.stopped:
                 return
-            self._feed(token)
+            self._feed(token, lp)
 
-    def _feed(self, token: int) -> None:
+    def _feed(self, token: int, logprob: TokenLogprob | None = None) -> None:
         p = self.parser
         before = len(p.messages)
         p.process(token)
@@ -113,6 +116,8 @@ class ReplyBuilder:
             self._end()
         if p.state != harmony.StreamState.CONTENT:
             return
+        if logprob is not None and self.logprobs:
+            self._token_logprobs.append(logprob)
         if self._kind is None:
             self._kind = self._classify()
             if self._kind == "call":
@@ -126,9 +131,14 @@ class ReplyBuilder:
             self._show(delta)
         else:
             call = len(self._calls) - 1 if self._kind == "call" else None
+            lps = self._take_logprobs()
             self.events.append(
-                TextDelta(self._kind, delta, p.current_channel, p.current_recipient, call)
+                TextDelta(self._kind, delta, p.current_channel, p.current_recipient, call, lps)
             )
+
+    def _take_logprobs(self) -> tuple[TokenLogprob, ...]:
+        lps, self._token_logprobs = tuple(self._token_logprobs), []
+        return lps
 
     def _classify(self) -> Kind:
         p = self.parser
@@ -153,7 +163,10 @@ class ReplyBuilder:
         if text:
             self._content += text
             p = self.parser
-            self.events.append(TextDelta("content", text, p.current_channel, p.current_recipient))
+            lps = self._take_logprobs()
+            self.events.append(
+                TextDelta("content", text, p.current_channel, p.current_recipient, None, lps)
+            )
 
     def _end(self) -> None:
         if self._kind == "content" and self._held:
@@ -161,6 +174,7 @@ class ReplyBuilder:
             self._emit(held)
         self.events.append(MessageEnd(self._kind))  # type: ignore[arg-type]
         self._kind = None
+        self._token_logprobs = []  # tokens whose text never showed (a cut character)
 
     def finish(
         self, finish_reason: str | None, *, request_id: str, prompt_tokens: int
@@ -193,6 +207,8 @@ class ReplyBuilder:
             "harmony": [m.to_dict() for m in messages],
             "token_ids": tokens,
             "problems": self.parser.problems,
+            # the answer's tokens (OpenAI's `logprobs.content`), when asked
+            "logprobs": self.content_logprobs() if self.logprobs else None,
             "usage": {
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": len(tokens),
@@ -200,6 +216,48 @@ class ReplyBuilder:
             },
         }
         return self.reply
+
+    def content_logprobs(self) -> list[dict[str, Any]]:
+        return logprob_entries(
+            lp
+            for ev in self.events
+            if isinstance(ev, TextDelta) and ev.kind == "content"
+            for lp in ev.logprobs
+        )
+
+
+def chat_completion(reply: dict[str, Any], model: str, completion_id: str) -> dict[str, Any]:
+    """A finished reply as OpenAI's `chat.completion` object."""
+    logprobs = reply.get("logprobs")
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": reply["message"],
+                "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None},
+                "finish_reason": reply["finish_reason"],
+            }
+        ],
+        "usage": reply["usage"],
+    }
+
+
+def logprob_entries(logprobs: Iterable[TokenLogprob]) -> list[dict[str, Any]]:
+    """Tokens' logprobs in OpenAI's shape: token text, logprob, bytes, top_logprobs."""
+
+    def entry(token: int, logprob: float) -> dict[str, Any]:
+        raw = tok.token_bytes(token)
+        text = raw.decode("utf-8", errors="replace")
+        return {"token": text, "logprob": logprob, "bytes": list(raw)}
+
+    return [
+        {**entry(lp.token, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+        for lp in logprobs
+    ]
 
 
 def _overlap(text: str, stop: str) -> int:
@@ -217,8 +275,9 @@ def chat_reply(
     stop: Sequence[str] = (),
     request_id: str = "",
     prompt_tokens: int = 0,
+    logprobs: Sequence[TokenLogprob] | None = None,
 ) -> dict[str, Any]:
     """The reply of a finished completion (ids past a stop string are not part of it)."""
-    builder = ReplyBuilder(stop)
-    builder.feed(token_ids)
+    builder = ReplyBuilder(stop, logprobs=logprobs is not None)
+    builder.feed(token_ids, logprobs)
     return builder.finish(finish_reason, request_id=request_id, prompt_tokens=prompt_tokens)

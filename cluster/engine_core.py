@@ -35,6 +35,7 @@ from gptoss_ray.model.types import (
     SeqWork,
     StepPlan,
     StepResult,
+    TokenLogprob,
     UnknownRequest,
     check_prompt,
 )
@@ -65,6 +66,7 @@ class RequestOutput:
     error: str | None = None
     time_to_first_token: float | None = None  # seconds from submission
     inter_token_latency: float | None = None  # mean seconds between later tokens
+    logprobs: list[TokenLogprob] | None = None  # one per token, when asked
 
 
 @dataclass
@@ -159,6 +161,7 @@ class EngineCore:
             arrival=self._arrivals,
             submitted_at=time.monotonic(),
             reply=reply,
+            logprobs=[] if params.logprobs is not None else None,
         )
         with self._lock:
             if request_id in self.requests:
@@ -209,6 +212,7 @@ class EngineCore:
             preemptions=seq.preemptions,
             time_to_first_token=ttft,
             inter_token_latency=itl,
+            logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
         )
 
     def wait(
@@ -341,10 +345,12 @@ class EngineCore:
             return
         t0 = time.perf_counter()
         with self._lock:
-            advanced = self.scheduler.update(step.plans, [r.tokens for r in results])
+            advanced = self.scheduler.update(step.plans, results)
             for seq in advanced:
                 if seq.reply is not None:
-                    seq.reply.feed(seq.output[len(seq.reply.tokens) :])
+                    fed = len(seq.reply.tokens)
+                    lps = seq.logprobs[fed:] if seq.logprobs is not None else None
+                    seq.reply.feed(seq.output[fed:], lps)
                     if seq.reply.stopped and seq.status != Status.FINISHED:
                         self.scheduler.finish(seq, "stop")
             now = time.perf_counter()

@@ -143,7 +143,12 @@ class EngineLoop:
         self.check_model(
             request.model if isinstance(request, ChatRequest) else request.get("model")
         )
-        rid = self.core.submit(prompt, params, request_id, reply=ReplyBuilder(stops))
+        rid = self.core.submit(
+            prompt,
+            params,
+            request_id,
+            reply=ReplyBuilder(stops, logprobs=params.logprobs is not None),
+        )
         return rid, len(prompt)
 
     def wait_events(

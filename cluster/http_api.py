@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
-from gptoss_ray.cluster.chat import TextDelta, ToolCallStart
+from gptoss_ray.cluster.chat import TextDelta, ToolCallStart, chat_completion, logprob_entries
 from gptoss_ray.cluster.responses_api import ResponseStream, response_object, responses_to_chat
 from gptoss_ray.model import harmony
 from gptoss_ray.model.types import EngineUnavailable, RequestError
@@ -356,23 +356,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._stream_chat(rid, include_usage)
                 return
             reply = self._wait_reply(rid)
-            self._send_json(
-                200,
-                {
-                    "id": f"chatcmpl-{rid[:24]}",
-                    "object": "chat.completion",
-                    "created": int(time.time()),
-                    "model": self.api.model_id,
-                    "choices": [
-                        {
-                            "index": 0,
-                            "message": reply["message"],
-                            "finish_reason": reply["finish_reason"],
-                        }
-                    ],
-                    "usage": reply["usage"],
-                },
-            )
+            self._send_json(200, chat_completion(reply, self.api.model_id, f"chatcmpl-{rid[:24]}"))
 
     def route_responses(self) -> None:
         body = self._read_json()
@@ -441,10 +425,9 @@ class _Handler(BaseHTTPRequestHandler):
             "model": self.api.model_id,
         }
 
-        def chunk(delta: dict[str, Any], finish: str | None = None) -> None:
-            self._event(
-                {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-            )
+        def chunk(delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> None:
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+            self._event({**base, "choices": [choice]})
 
         self._start_events()
         chunk({"role": "assistant", "content": ""})
@@ -467,8 +450,14 @@ class _Handler(BaseHTTPRequestHandler):
             )
         elif isinstance(ev, TextDelta) and ev.kind == "call":
             chunk({"tool_calls": [{"index": ev.call, "function": {"arguments": ev.text}}]})
+        elif isinstance(ev, TextDelta) and ev.kind == "reasoning":
+            chunk({"reasoning_content": ev.text})
         elif isinstance(ev, TextDelta):
-            chunk({"reasoning_content" if ev.kind == "reasoning" else "content": ev.text})
+            # the answer's tokens' logprobs go with the text they wrote, when asked
+            lps = (
+                {"content": logprob_entries(ev.logprobs), "refusal": None} if ev.logprobs else None
+            )
+            chunk({"content": ev.text}, logprobs=lps)
 
     def _stream_responses(self, rid: str) -> None:
         seq = iter(range(1 << 62))

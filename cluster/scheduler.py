@@ -25,6 +25,7 @@ from gptoss_ray.model.types import (
     SamplingParams,
     SeqWork,
     StepPlan,
+    StepResult,
     blocks_held,
 )
 from gptoss_ray.shards.kv_blocks import KVBlocks, chain_hashes
@@ -76,6 +77,8 @@ class Sequence:
     finished_at: float | None = None
     reply: Reply | None = None  # a chat request's reply, built as its tokens come
     block_hashes: list[bytes] = field(default_factory=list)  # of its whole blocks, so far
+    # one per output token when its params ask for logprobs (`TokenLogprob`), else None
+    logprobs: list[Any] | None = None
 
     @property
     def length(self) -> int:
@@ -210,7 +213,7 @@ class Scheduler:
             shard.blocks.admitted(seq.length, cached)
             seq.status, seq.home, seq.computed = Status.RUNNING, rank, cached
             shard.running.append(seq)
-            plans[rank].work.append(self._work(seq, n, grant))
+            plans[rank].work.append(self._work(seq, n, grant, placed=True))
             budgets[rank] -= n
         return plans
 
@@ -250,9 +253,11 @@ class Scheduler:
     def free_blocks(self, rank: int) -> tuple[int, int]:
         return self.shards[rank].blocks.free_blocks()
 
-    def _work(self, seq: Sequence, n: int, blocks: BlockGrant) -> SeqWork:
+    def _work(self, seq: Sequence, n: int, blocks: BlockGrant, placed: bool = False) -> SeqWork:
         """The sequence's next n tokens as a step's work, counted as planned: they are in
-        the cache once the step ran, and the token it draws is pending until then."""
+        the cache once the step ran, and the token it draws is pending until then. The
+        first work after a sequence is `placed` on a shard tells it the tokens before the
+        chunk, when its draws need them."""
         sample = n == seq.todo
         # a token still being drawn is decoded by the shard that draws it
         last_drawn = seq.pending > 0 and sample
@@ -267,6 +272,7 @@ class Scheduler:
             seed=seq.seed,
             blocks=blocks,
             last_drawn=last_drawn,
+            context=seq.tokens(0, seq.computed) if placed and seq.params.penalized else None,
         )
         seq.computed += n
         seq.inflight += 1
@@ -326,13 +332,14 @@ class Scheduler:
         self.live.pop(seq.seq_id, None)
 
     # -- results -----------------------------------------------------------------------
-    def update(self, plans: list[StepPlan], sampled: list[dict[str, int]]) -> list[Sequence]:
+    def update(self, plans: list[StepPlan], results: list[StepResult]) -> list[Sequence]:
         """Applies a step's results (steps in the order they were planned); returns the
         sequences that got a token. A sequence that finished while the step ran gets
         nothing from it: what it drew past its end is dropped."""
         advanced = []
         now = time.monotonic()
-        for rank, (plan, tokens) in enumerate(zip(plans, sampled, strict=True)):
+        for rank, (plan, result) in enumerate(zip(plans, results, strict=True)):
+            tokens = result.tokens
             shard = self.shards[rank]
             for w in plan.work:
                 seq = self.live.get(w.seq_id)
@@ -350,6 +357,8 @@ class Scheduler:
                     continue
                 token = tokens[w.seq_id]
                 seq.output.append(token)
+                if seq.logprobs is not None:
+                    seq.logprobs.append(result.logprobs[w.seq_id])
                 advanced.append(seq)
                 if seq.first_token_at is None:
                     seq.first_token_at = now

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -10,8 +11,8 @@ import torch
 
 from gptoss_ray.model.kv_cache import SequenceBatch, SequenceKV
 from gptoss_ray.model.model import Transformer
-from gptoss_ray.model.sampling import Sampler
-from gptoss_ray.model.types import RequestError, SamplingParams, check_prompt
+from gptoss_ray.model.sampling import Draw, sample_rows
+from gptoss_ray.model.types import RequestError, SamplingParams, TokenLogprob, check_prompt
 
 
 @dataclass
@@ -19,6 +20,7 @@ class Completion:
     token_ids: list[int]  # generated ids only; a stop token that ended it is included
     finish_reason: Literal["stop", "length"]
     prompt_tokens: int
+    logprobs: list[TokenLogprob] | None = None  # one per token, when params.logprobs is set
 
 
 @torch.inference_mode()
@@ -47,9 +49,10 @@ def generate(
         )
         for prompt, p in zip(prompts, params, strict=True)
     ]
-    samplers = [Sampler(p) for p in params]
+    seeds = [p.seed if p.seed is not None else secrets.randbits(63) for p in params]
     stops = [p.stop_ids(config.eos_token_ids) for p in params]
     out: list[list[int]] = [[] for _ in prompts]
+    logprobs: list[list[TokenLogprob]] = [[] for _ in prompts]
     finish: list[str | None] = [None] * len(prompts)
     feed = {i: list(prompt) for i, prompt in enumerate(prompts)}
 
@@ -58,9 +61,14 @@ def generate(
         tokens = torch.tensor([t for i in active for t in feed[i]], dtype=torch.long, device=device)
         batch = SequenceBatch([caches[i] for i in active], [len(feed[i]) for i in active])
         logits = model(tokens, batch)  # [S, V]
-        for row, i in enumerate(active):
-            token = samplers[i](logits[row])
+        draws = [
+            Draw(params[i], seeds[i], len(out[i]), prompts[i], out[i], stops[i]) for i in active
+        ]
+        drawn, drawn_logprobs = sample_rows(logits, draws)
+        for i, token, lp in zip(active, drawn, drawn_logprobs, strict=True):
             out[i].append(token)
+            if lp is not None:
+                logprobs[i].append(lp)
             if token in stops[i]:
                 finish[i] = "stop"
             elif len(out[i]) >= params[i].max_tokens:
@@ -70,6 +78,11 @@ def generate(
             else:
                 del feed[i]
     return [
-        Completion(token_ids=out[i], finish_reason=finish[i], prompt_tokens=len(prompts[i]))  # type: ignore[arg-type]
+        Completion(
+            token_ids=out[i],
+            finish_reason=finish[i],  # type: ignore[arg-type]
+            prompt_tokens=len(prompts[i]),
+            logprobs=logprobs[i] if params[i].logprobs is not None else None,
+        )
         for i in range(len(prompts))
     ]

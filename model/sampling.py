@@ -1,4 +1,11 @@
-"""The per-sequence sampler (its parameters, validated at the edge, are in `types`).
+"""Sampling a step's rows (each row's parameters, validated at the edge, are in `types`).
+
+One pass over the step's logits [S, V], batched for any mix of settings: logit bias, the
+stop ids masked until min_tokens, repetition / frequency / presence penalties (vLLM's
+definitions: repetition over prompt and output, the other two over the output); then the
+logprobs of those asking (of these processed logits, before temperature, as vLLM's
+default), then the draw: greedy rows an argmax, the others temperature, min_p, top_k,
+top_p and a seeded multinomial on the host, row by row.
 
 The draw for a sequence's n-th token comes from a generator seeded with (seed, n) alone:
 no state carries from one step to the next, so a sequence's tokens do not depend on which
@@ -8,11 +15,12 @@ recomputes it elsewhere.
 
 from __future__ import annotations
 
-import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
-from gptoss_ray.model.types import SamplingParams
+from gptoss_ray.model.types import SamplingParams, TokenLogprob
 
 _MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads (seed, n) over the seed space
 
@@ -21,59 +29,145 @@ def step_seed(seed: int, n: int) -> int:
     return (seed * _MIX + (n + 1) * 0xBF58476D1CE4E5B9) % (1 << 63)
 
 
-class Sampler:
-    """Draws one sequence's tokens under its parameters."""
+@dataclass
+class Draw:
+    """One row's draw: the sequence's n-th token (0-based) under its parameters. The
+    prompt and the tokens drawn before are needed only with penalties, the stop ids only
+    while n < min_tokens."""
 
-    def __init__(self, params: SamplingParams, seed: int | None = None) -> None:
-        self.params = params
-        self.seed = seed if seed is not None else params.seed
-        if self.seed is None:
-            self.seed = secrets.randbits(63)
-        self.drawn = 0  # tokens drawn so far: the step index of the next draw
-
-    def __call__(self, logits: torch.Tensor) -> int:
-        """logits [V] (float32, any device) -> the next token id."""
-        token = self.draw(logits, self.drawn)
-        self.drawn += 1
-        return token
-
-    def draw(self, logits: torch.Tensor, n: int) -> int:
-        """The n-th token (0-based) of the sequence, from its logits."""
-        p = self.params
-        if p.temperature == 0:
-            return int(torch.argmax(logits))
-        logits = logits.detach().float().cpu() / p.temperature
-        if p.top_k and p.top_k < logits.shape[0]:
-            kth = torch.topk(logits, p.top_k).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if p.top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, descending=True)
-            probs = torch.softmax(sorted_logits, dim=-1)
-            # Keep the smallest prefix whose mass reaches top_p (the first token always).
-            drop = (torch.cumsum(probs, dim=-1) - probs) >= p.top_p
-            logits = logits.index_fill(0, order[drop], float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        generator = torch.Generator().manual_seed(step_seed(self.seed, n))
-        return int(torch.multinomial(probs, 1, generator=generator))
+    params: SamplingParams
+    seed: int
+    n: int
+    prompt: Sequence[int] = ()
+    output: Sequence[int] = ()
+    stop_ids: frozenset[int] = field(default_factory=frozenset)
 
 
-def sample_rows(logits: torch.Tensor, draws: list[tuple[SamplingParams, int, int]]) -> list[int]:
-    """logits [S, V] (any device) and each row's (params, seed, n) -> the S tokens, each
-    exactly what `Sampler(params, seed).draw(row, n)` gives. Greedy rows take one argmax
-    over the batch, the others one copy to the host: two waits for the device per step
-    instead of one per row."""
+def sample_rows(
+    logits: torch.Tensor, draws: Sequence[Draw]
+) -> tuple[list[int], list[TokenLogprob | None]]:
+    """logits [S, V] (any device) and each row's draw -> the S tokens, and each row's
+    logprobs (None for rows that did not ask). Only the chosen and the top-k values leave
+    the device."""
     if logits.shape[0] != len(draws):
         raise ValueError(f"{logits.shape[0]} rows of logits for {len(draws)} draws")
-    greedy = [i for i, (p, _, _) in enumerate(draws) if p.temperature == 0]
-    rest = [i for i, (p, _, _) in enumerate(draws) if p.temperature != 0]
+    x = _process(logits, draws)
     tokens = [0] * len(draws)
+    greedy = [i for i, d in enumerate(draws) if d.params.temperature == 0]
+    rest = [i for i, d in enumerate(draws) if d.params.temperature != 0]
     if greedy:
-        picked = logits if len(greedy) == len(draws) else logits[greedy]
+        picked = x if len(greedy) == len(draws) else x[greedy]
         for i, t in zip(greedy, torch.argmax(picked, dim=-1).tolist(), strict=True):
             tokens[i] = t
     if rest:
-        host = logits[rest].float().cpu()
+        host = x[rest].float().cpu()
         for row, i in enumerate(rest):
-            params, seed, n = draws[i]
-            tokens[i] = Sampler(params, seed=seed).draw(host[row], n)
-    return tokens
+            tokens[i] = _draw(host[row], draws[i])
+    return tokens, _logprobs(x, draws, tokens)
+
+
+def draw_one(logits: torch.Tensor, draw: Draw) -> int:
+    """logits [V] -> the token `sample_rows` draws for this row."""
+    return sample_rows(logits[None], [draw])[0][0]
+
+
+def _process(logits: torch.Tensor, draws: Sequence[Draw]) -> torch.Tensor:
+    """Bias, min_tokens and penalties on a float32 copy of the rows that have any (the
+    logits untouched when none has)."""
+    biased = [i for i, d in enumerate(draws) if d.params.logit_bias]
+    held = [i for i, d in enumerate(draws) if d.n < d.params.min_tokens and d.stop_ids]
+    penalized = [i for i, d in enumerate(draws) if d.params.penalized]
+    if not (biased or held or penalized):
+        return logits
+    x = logits.float().clone()
+    device, vocab = x.device, x.shape[1]
+    if biased:
+        rows, cols, values = [], [], []
+        for i in biased:
+            for token, bias in draws[i].params.logit_bias.items():  # type: ignore[union-attr]
+                if token < vocab:
+                    rows.append(i), cols.append(token), values.append(bias)
+        x.index_put_(
+            (torch.tensor(rows, device=device), torch.tensor(cols, device=device)),
+            torch.tensor(values, device=device),
+            accumulate=True,
+        )
+    cells = [(i, t) for i in held for t in sorted(draws[i].stop_ids) if t < vocab]
+    if cells:
+        rows, cols = (list(c) for c in zip(*cells, strict=True))
+        x[torch.tensor(rows, device=device), torch.tensor(cols, device=device)] = float("-inf")
+    if penalized:
+        x[penalized] = _penalize(x[penalized], [draws[i] for i in penalized])
+    return x
+
+
+def _penalize(x: torch.Tensor, draws: list[Draw]) -> torch.Tensor:
+    """x [R, V] float32 -> with each row's penalties applied (vLLM's: a repeated token's
+    positive logit divided by repetition_penalty, a negative one multiplied; then
+    frequency x its count and presence x (count > 0) subtracted)."""
+    rows, vocab = len(draws), x.shape[1]
+    device = x.device
+
+    def counts(lists: list[Sequence[int]]) -> torch.Tensor:
+        """[R, V] how many times each token is in each row's list."""
+        width = max(1, max(len(t) for t in lists))
+        padded = torch.full((rows, width), vocab, dtype=torch.long)  # vocab: a spare column
+        for r, t in enumerate(lists):
+            padded[r, : len(t)] = torch.as_tensor(list(t), dtype=torch.long)
+        out = torch.zeros(rows, vocab + 1, device=device)
+        out.scatter_add_(1, padded.to(device), torch.ones(padded.shape, device=device))
+        return out[:, :vocab]
+
+    output = counts([d.output for d in draws])
+
+    def column(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, device=device)[:, None]
+
+    rep = column([d.params.repetition_penalty for d in draws])
+    if (rep != 1).any():
+        seen = (output > 0) | (counts([d.prompt for d in draws]) > 0)
+        x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
+    x = x - column([d.params.frequency_penalty for d in draws]) * output
+    return x - column([d.params.presence_penalty for d in draws]) * (output > 0).float()
+
+
+def _draw(logits: torch.Tensor, draw: Draw) -> int:
+    """One row on the host (float32 [V]), temperature > 0."""
+    p = draw.params
+    logits = logits / p.temperature
+    if p.min_p > 0:
+        probs = torch.softmax(logits, dim=-1)
+        logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
+    if p.top_k and p.top_k < logits.shape[0]:
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always).
+        drop = (torch.cumsum(probs, dim=-1) - probs) >= p.top_p
+        logits = logits.index_fill(0, order[drop], float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    generator = torch.Generator().manual_seed(step_seed(draw.seed, draw.n))
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _logprobs(
+    x: torch.Tensor, draws: Sequence[Draw], tokens: list[int]
+) -> list[TokenLogprob | None]:
+    asking = [i for i, d in enumerate(draws) if d.params.logprobs is not None]
+    out: list[TokenLogprob | None] = [None] * len(draws)
+    if not asking:
+        return out
+    lp = torch.log_softmax(x[asking].float(), dim=-1)  # [R, V]
+    chosen = lp.gather(1, torch.tensor([[tokens[i]] for i in asking], device=lp.device))
+    k = max(draws[i].params.logprobs or 0 for i in asking)
+    top = lp.topk(k, dim=-1) if k else None
+    chosen_host = chosen[:, 0].tolist()
+    values = top.values.tolist() if top is not None else [[] for _ in asking]
+    indices = top.indices.tolist() if top is not None else [[] for _ in asking]
+    for r, i in enumerate(asking):
+        n = draws[i].params.logprobs or 0
+        pairs = list(zip(indices[r][:n], values[r][:n], strict=True))
+        out[i] = TokenLogprob(tokens[i], chosen_host[r], pairs)
+    return out

@@ -114,3 +114,10 @@ def decode(ids: list[int]) -> str:
         if not 0 <= t < VOCAB_SIZE:
             raise TokenizerError(f"token id {t} at index {i} is outside 0..{VOCAB_SIZE - 1}")
     return get_encoding().decode(ids)
+
+
+def token_bytes(token: int) -> bytes:
+    """One token's bytes (a piece of a UTF-8 character, for some)."""
+    if not 0 <= token < VOCAB_SIZE:
+        raise TokenizerError(f"token id {token} is outside 0..{VOCAB_SIZE - 1}")
+    return get_encoding().decode_single_token_bytes(token)

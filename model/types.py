@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 if TYPE_CHECKING:
     from gptoss_ray.model.config import ModelConfig
@@ -74,6 +74,35 @@ class SamplingParams(BaseModel):
         default=None, description="None = the model's stop ids (<|return|>, <|call|>)"
     )
     ignore_eos: bool = False
+    min_tokens: int = Field(default=0, ge=0, description="stop ids are masked until this many")
+    min_p: float = Field(
+        default=0.0, ge=0, le=1, description="drop tokens under min_p x the top one"
+    )
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(default=1.0, gt=0, le=10, description="vLLM's; 1 = none")
+    logit_bias: dict[int, float] | None = Field(default=None, description="token id -> -100..100")
+    logprobs: int | None = Field(
+        default=None, ge=0, le=20, description="with each token: its logprob and the top n"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SamplingParams:
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens {self.min_tokens} exceeds max_tokens {self.max_tokens}")
+        for token, bias in (self.logit_bias or {}).items():
+            if token < 0:
+                raise ValueError(f"logit_bias: token id {token} is negative")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias[{token}]: {bias} is outside -100..100")
+        return self
+
+    @property
+    def penalized(self) -> bool:
+        """The draw depends on the sequence's earlier tokens (penalties)."""
+        return bool(self.presence_penalty or self.frequency_penalty) or (
+            self.repetition_penalty != 1.0
+        )
 
     def stop_ids(self, model_stop_ids: list[int]) -> frozenset[int]:
         if self.ignore_eos:
@@ -188,6 +217,10 @@ class SeqWork:
     # a decode of the token this shard drew for the sequence in the step before, which
     # the scheduler does not know yet (overlapped steps); `tokens` is empty then
     last_drawn: bool = False
+    # the sequence's tokens before `start`, sent with its first chunk on a shard when its
+    # draws depend on its history (penalties: `SamplingParams.penalized`); the shard
+    # keeps the history from there
+    context: list[int] | None = None
 
     @property
     def size(self) -> int:
@@ -202,6 +235,17 @@ class StepPlan:
 
 
 @dataclass
+class TokenLogprob:
+    """A drawn token's log probability and the most likely alternatives (best first), from
+    the logits the draw used after penalties and bias, before temperature."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
 class StepResult:
     tokens: dict[str, int]  # seq_id -> sampled token
     seconds: dict[str, float]
+    logprobs: dict[str, TokenLogprob] = field(default_factory=dict)  # of those asking

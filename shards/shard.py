@@ -12,8 +12,8 @@ import torch
 from gptoss_ray.model.checkpoint import Checkpoint, load_model, resolve_model
 from gptoss_ray.model.kv_cache import SequenceBatch
 from gptoss_ray.model.model import Transformer
-from gptoss_ray.model.sampling import sample_rows, step_seed
-from gptoss_ray.model.types import KVLayout, SeqWork, StepPlan, StepResult
+from gptoss_ray.model.sampling import Draw, sample_rows, step_seed
+from gptoss_ray.model.types import KVLayout, SeqWork, StepPlan, StepResult, TokenLogprob
 from gptoss_ray.router.moe import ExpertParallel, StepTimer
 from gptoss_ray.router.plan import expert_ranges, owner_table
 from gptoss_ray.router.transport import Transport
@@ -87,6 +87,8 @@ class Shard:
         # each sequence's token drawn in the last step it sampled: overlapped steps decode
         # it before the scheduler has seen it (`SeqWork.last_drawn`)
         self.drawn: dict[str, int] = {}
+        # every token so far of the sequences whose draws depend on them (penalties)
+        self.history: dict[str, list[int]] = {}
 
     def free_blocks(self) -> tuple[int, int]:
         return self.kv.free_blocks()
@@ -96,6 +98,7 @@ class Shard:
         for seq_id in list(self.kv.tables):
             self.kv.release(seq_id)
         self.drawn.clear()
+        self.history.clear()
 
     @torch.inference_mode()
     def step(self, plan: StepPlan) -> StepResult:
@@ -103,13 +106,36 @@ class Shard:
         for seq_id in plan.release:
             self.kv.release(seq_id)
             self.drawn.pop(seq_id, None)
+            self.history.pop(seq_id, None)
         work = [w for w in plan.work if w.size]
         ids = [[self.drawn[w.seq_id]] if w.last_drawn else w.tokens for w in work]
+        for w, chunk in zip(work, ids, strict=True):
+            if w.context is not None:
+                self.history[w.seq_id] = list(w.context)
+            if w.seq_id in self.history:
+                self.history[w.seq_id].extend(chunk)
         caches = [self.kv.place(w.seq_id, w.start, w.blocks) for w in work]
-        tokens = self._draw(work, ids, caches, timer)
-        out = {w.seq_id: t for w, t in zip([w for w in work if w.sample], tokens, strict=True)}
+        tokens, logprobs = self._draw(work, ids, caches, timer)
+        sampled = [w for w in work if w.sample]
+        out = {w.seq_id: t for w, t in zip(sampled, tokens, strict=True)}
         self.drawn.update(out)
-        return StepResult(out, dict(timer.seconds))
+        asked = {w.seq_id: lp for w, lp in zip(sampled, logprobs, strict=True) if lp is not None}
+        return StepResult(out, dict(timer.seconds), asked)
+
+    def _draws(self, work: list[SeqWork]) -> list[Draw]:
+        """The sampled rows' draws; a sequence's history is split at its draw index into
+        the prompt and what was drawn before."""
+        draws = []
+        for w in work:
+            if not w.sample:
+                continue
+            params = w.params
+            assert params is not None, "a sampled chunk carries its parameters"
+            history = self.history.get(w.seq_id, ())
+            cut = len(history) - w.draw_index
+            stops = params.stop_ids(self.config.eos_token_ids) if params.min_tokens else frozenset()
+            draws.append(Draw(params, w.seed, w.draw_index, history[:cut], history[cut:], stops))
+        return draws
 
     def _draw(
         self,
@@ -117,8 +143,9 @@ class Shard:
         ids: list[list[int]],
         caches: list[PagedSequence],
         timer: StepTimer,
-    ) -> list[int]:
-        """Runs the step's tokens through the model -> the sampled sequences' draws."""
+    ) -> tuple[list[int], list[TokenLogprob | None]]:
+        """Runs the step's tokens through the model -> the sampled sequences' draws and
+        their logprobs (where asked)."""
         sampled = [i for i, w in enumerate(work) if w.sample]
         decode = all(len(t) == 1 for t in ids)
         logits = None
@@ -143,10 +170,9 @@ class Shard:
             timer.lap("decode graph")  # buffers, replay
         else:
             logits = self._forward(ids, caches, sampled, timer)
-        draws = [(work[i].params, work[i].seed, work[i].draw_index) for i in sampled]
-        tokens = sample_rows(logits, draws) if sampled else []
+        drawn = sample_rows(logits, self._draws(work)) if sampled else ([], [])
         timer.lap("head")  # final norm, unembedding, sampling
-        return tokens
+        return drawn
 
     def _forward(
         self,
@@ -186,6 +212,7 @@ class NullShard(Shard):
         )
         self.graphs = None
         self.drawn = {}
+        self.history = {}
 
     def _draw(
         self,
@@ -193,9 +220,10 @@ class NullShard(Shard):
         ids: list[list[int]],
         caches: list[PagedSequence],
         timer: StepTimer,
-    ) -> list[int]:
+    ) -> tuple[list[int], list[TokenLogprob | None]]:
         for w, cache in zip(work, caches, strict=True):
             cache.commit(w.size)
         timer.lap("null")
         # ordinary tokens (ids below the special ones), never a stop token
-        return [step_seed(w.seed, w.draw_index) % 100_000 for w in work if w.sample]
+        tokens = [step_seed(w.seed, w.draw_index) % 100_000 for w in work if w.sample]
+        return tokens, [None] * len(tokens)

@@ -54,3 +54,36 @@ def expected_reply(body: dict) -> dict:
     prompt, params, stops = chat_prompt(body, 131072)
     (c,) = generate(baseline_model(), [prompt], params)
     return chat_reply(c.token_ids, c.finish_reason, stop=stops, prompt_tokens=len(prompt))
+
+
+@functools.cache
+def transformers_model():
+    """Hugging Face's GptOssForCausalLM on the built-in checkpoint (float32): the oracle."""
+    from transformers import GptOssForCausalLM, Mxfp4Config
+
+    from gptoss_ray.model.checkpoint import resolve_model
+
+    model = GptOssForCausalLM.from_pretrained(
+        resolve_model("gpt-oss-tiny"),
+        quantization_config=Mxfp4Config(dequantize=True),
+        dtype=torch.float32,
+        attn_implementation="eager",
+    )
+    return model.float().eval()
+
+
+def assert_logprobs_match_transformers(prompt, token_ids, logprobs, tol: float = 1e-4) -> None:
+    """Each drawn token's logprob and its top alternatives equal log_softmax of the
+    oracle's logits for the same prefix (unprocessed sampling: no penalties or bias)."""
+    ids = torch.tensor(list(prompt) + list(token_ids[:-1]))[None]
+    with torch.no_grad():
+        logits = transformers_model()(ids).logits[0, len(prompt) - 1 :].float()
+    want = torch.log_softmax(logits, dim=-1)
+    assert len(logprobs) == len(token_ids)
+    for row, (token, lp) in enumerate(zip(token_ids, logprobs, strict=True)):
+        assert lp.token == token
+        assert abs(lp.logprob - float(want[row, token])) < tol
+        top = torch.topk(want[row], len(lp.top))
+        assert [t for t, _ in lp.top] == top.indices.tolist()
+        values = zip([v for _, v in lp.top], top.values.tolist(), strict=True)
+        assert max((abs(v - w) for v, w in values), default=0.0) < tol

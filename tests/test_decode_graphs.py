@@ -9,7 +9,7 @@ import torch
 
 from gptoss_ray.cluster.engine_core import EngineCore
 from gptoss_ray.model.model import ExpertSlice
-from gptoss_ray.model.sampling import Sampler, sample_rows
+from gptoss_ray.model.sampling import Draw, draw_one, sample_rows
 from gptoss_ray.model.types import KVLayout, SamplingParams, SeqWork, StepPlan
 from gptoss_ray.router.moe import ExpertParallel, StepTimer
 from gptoss_ray.router.transport import LocalTransport
@@ -156,14 +156,15 @@ def test_count_rows_is_bincount():
     )
 
 
-def test_batched_sampling_draws_what_each_sampler_draws():
+def test_batched_sampling_draws_what_each_row_draws_alone():
     logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(1))
     greedy = SamplingParams(temperature=0)
     hot = SamplingParams(temperature=0.8, top_p=0.9, top_k=50)
-    draws = [(greedy, 1, 0), (hot, 11, 3), (hot, 12, 0), (greedy, 2, 5), (hot, 11, 4)]
-    want = [Sampler(p, seed=s).draw(logits[i], n) for i, (p, s, n) in enumerate(draws)]
-    assert sample_rows(logits, draws) == want
-    assert sample_rows(logits[:2], [draws[0], draws[3]]) == [want[0], int(logits[1].argmax())]
+    draws = [Draw(greedy, 1, 0), Draw(hot, 11, 3), Draw(hot, 12, 0), Draw(greedy, 2, 5)]
+    draws.append(Draw(hot, 11, 4))
+    want = [draw_one(logits[i], d) for i, d in enumerate(draws)]
+    assert sample_rows(logits, draws)[0] == want
+    assert sample_rows(logits[:2], [draws[0], draws[3]])[0] == [want[0], int(logits[1].argmax())]
     with pytest.raises(ValueError, match="3 rows of logits for 2 draws"):
         sample_rows(logits[:3], draws[:2])
 

@@ -6,7 +6,13 @@ from __future__ import annotations
 import pytest
 
 from gptoss_ray.cluster.engine_core import EngineCore
-from gptoss_ray.model.types import KVLayout, RequestError, SamplingParams, blocks_held
+from gptoss_ray.model.types import (
+    KVLayout,
+    RequestError,
+    SamplingParams,
+    StepResult,
+    blocks_held,
+)
 from gptoss_ray.shards.kv_blocks import KVBlocks
 from gptoss_ray.shards.shard import Shard
 from tests.engine_cases import GREEDY, baseline, baseline_model, prompts, tiny_shard
@@ -170,7 +176,7 @@ def test_a_long_prompt_is_chunked_around_the_other_sequences():
     plans = sched.schedule()
     ((work,),) = [p.work for p in plans]
     assert work.size == 256  # alone, it has the whole budget
-    sched.update(plans, [{}])
+    sched.update(plans, [StepResult({}, {})])
     short = [seq(f"s{i}", 8) for i in range(3)]
     for s in short:
         sched.add(s)
@@ -185,6 +191,6 @@ def test_a_long_prompt_is_chunked_around_the_other_sequences():
         bound = 256 * REFERENCE_CONTEXT // max(REFERENCE_CONTEXT, start)
         beside = min(253, 5000 - start, bound)
         assert chunk["long"] == (128 if steps == 0 else beside)
-        sched.update(plans, [{w.seq_id: 7 for w in plans[0].work if w.sample}])
+        sched.update(plans, [StepResult({w.seq_id: 7 for w in plans[0].work if w.sample}, {})])
         steps += 1
     assert steps > 1 + -(-(5000 - 256 - 128) // 253)  # more, smaller steps

@@ -51,6 +51,47 @@ def test_seeded_sampling_is_the_same_for_every_shard_count(engine):
     assert tuple(tuple(o.token_ids) for o in outs) == baseline(SEEDED)
 
 
+MIXED = [
+    SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=20),
+    SamplingParams(
+        max_tokens=8,
+        temperature=0.9,
+        seed=5,
+        ignore_eos=True,
+        presence_penalty=1.2,
+        frequency_penalty=0.5,
+        repetition_penalty=1.3,
+        logit_bias={17: 5.0, 99: -100.0},
+        min_p=0.05,
+        logprobs=3,
+    ),
+    SamplingParams(max_tokens=8, temperature=0, min_tokens=8, repetition_penalty=0.7),
+    SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=0),
+]
+
+
+def test_mixed_sampling_settings_and_logprobs_in_one_step(engine):
+    """Any mix of penalties, bias, min_p, min_tokens and logprobs in one batch: each
+    request gets what the single-process baseline gives it alone, and plain logprobs
+    (top 20) equal log_softmax of transformers' logits for the same prefix."""
+    from gptoss_ray.model.generate import generate
+    from tests.engine_cases import assert_logprobs_match_transformers, baseline_model
+
+    ps = [prompts()[i] for i in (1, 4, 2, 0)]
+    outs = engine.generate(ps, MIXED)
+    for prompt, params, out in zip(ps, MIXED, outs, strict=True):
+        (want,) = generate(baseline_model(), [prompt], params)
+        assert out.token_ids == want.token_ids
+        if params.logprobs is None:
+            assert out.logprobs is None
+            continue
+        for got, lp in zip(out.logprobs, want.logprobs, strict=True):
+            assert got.token == lp.token and abs(got.logprob - lp.logprob) < 1e-5
+            assert [t for t, _ in got.top] == [t for t, _ in lp.top]
+    assert_logprobs_match_transformers(ps[0], outs[0].token_ids, outs[0].logprobs)
+    assert_logprobs_match_transformers(ps[3], outs[3].token_ids, outs[3].logprobs)
+
+
 def test_shards_with_nothing_local_still_take_part(engine):
     # one request: with W > 1 every other shard has no sequence, yet its experts serve it
     (out,) = engine.generate([prompts()[1]], GREEDY)

@@ -4,7 +4,7 @@ from pydantic import ValidationError
 
 from gptoss_ray.model.checkpoint import Checkpoint, write_random_checkpoint
 from gptoss_ray.model.generate import generate
-from gptoss_ray.model.sampling import Sampler
+from gptoss_ray.model.sampling import Draw, draw_one
 from gptoss_ray.model.types import RequestError, SamplingParams
 from tests.tiny import tiny_config
 
@@ -62,7 +62,7 @@ def test_top_k_one_and_tiny_top_p_are_greedy(model):
 
 def test_sampler_respects_top_k_and_top_p():
     logits = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0, -1.0])
-    draws = lambda **kw: {Sampler(SamplingParams(seed=s, **kw))(logits) for s in range(200)}  # noqa: E731
+    draws = lambda **kw: {draw_one(logits, Draw(SamplingParams(**kw), s, 0)) for s in range(200)}  # noqa: E731
     assert draws(top_k=2) == {0, 1}
     # probabilities ~ .64 .24 .09 .03: top_p 0.8 keeps the first two, 0.9 the first three
     assert draws(top_p=0.8) == {0, 1}

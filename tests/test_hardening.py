@@ -156,10 +156,16 @@ def test_bad_stream_options_are_a_400_and_queue_nothing(server):
         ({"temperature": "1"}, "temperature"),
         ({"stream": "yes"}, "stream"),
         ({"n": 2}, "n"),
-        ({"logprobs": True}, "logprobs"),
-        ({"top_logprobs": 3}, "top_logprobs"),
-        ({"presence_penalty": 0.5}, "presence_penalty"),
-        ({"logit_bias": {"5": 10}}, "logit_bias"),
+        ({"logprobs": "yes"}, "logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -3}, "frequency_penalty"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"logit_bias": {"5": 101}}, "logit_bias"),
+        ({"logit_bias": {"hello": 1}}, "logit_bias"),
+        ({"logit_bias": {"201088": 1}}, "logit_bias"),
         ({"model": 123}, "model"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
     ],
@@ -168,6 +174,18 @@ def test_bad_fields_are_400s_that_name_the_field(server, fields, param):
     status, body = post(server[0], chat(**fields))
     assert status == 400, body
     assert body["error"]["param"] == param and body["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    ("fields", "says"),
+    [
+        ({"top_logprobs": 3}, "top_logprobs needs logprobs: true"),
+        ({"min_tokens": 9, "max_tokens": 4}, "min_tokens 9 exceeds the max_tokens 4"),
+    ],
+)
+def test_fields_that_disagree_are_400s_that_say_why(server, fields, says):
+    status, body = post(server[0], chat(**fields))
+    assert status == 400 and says in body["error"]["message"], body
 
 
 def test_fields_at_their_defaults_are_accepted(server):

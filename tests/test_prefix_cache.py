@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gptoss_ray.cluster.engine_core import EngineCore
-from gptoss_ray.model.types import KVLayout, SamplingParams
+from gptoss_ray.model.types import KVLayout, SamplingParams, StepResult
 from gptoss_ray.shards.kv_blocks import KVBlocks, chain_hashes
 from gptoss_ray.shards.shard import Shard
 from tests.engine_cases import tiny_shard
@@ -291,7 +291,7 @@ def test_a_lost_shard_loses_its_cache_and_the_others_keep_theirs():
     sched.add(b)
     plans = sched.schedule()
     assert {a.home, b.home} == {0, 1}
-    sched.update(plans, [{w.seq_id: 7 for w in p.work} for p in plans])
+    sched.update(plans, [StepResult({w.seq_id: 7 for w in p.work}, {}) for p in plans])
     lost_home, kept_home = a.home, b.home
     sched.requeue_all(lost=[lost_home])
     assert sched.shards[lost_home].blocks.cache_stats()["cached_full_blocks"] == 0

@@ -34,6 +34,8 @@ from gptoss_ray.model.harmony.messages import (
     TextContent,
     ToolDescription,
 )
+from gptoss_ray.model.tokenizer import VOCAB_SIZE
+from gptoss_ray.model.types import SamplingParams
 
 
 class _Model(BaseModel):
@@ -111,20 +113,59 @@ class SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     n: int | None = Field(default=None, strict=True)
     logprobs: bool | None = Field(default=None, strict=True)
-    top_logprobs: int | None = Field(default=None, strict=True)
-    presence_penalty: float | None = Field(default=None, strict=True)
-    frequency_penalty: float | None = Field(default=None, strict=True)
+    top_logprobs: int | None = Field(default=None, ge=0, le=20, strict=True)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2, strict=True)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2, strict=True)
+    # vLLM's extensions, which its users send
+    repetition_penalty: float | None = Field(default=None, gt=0, le=10, strict=True)
+    min_tokens: int | None = Field(default=None, ge=0, strict=True)
+    min_p: float | None = Field(default=None, ge=0, le=1, strict=True)
     logit_bias: dict[str, float] | None = None
 
-    @field_validator(
-        "n", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty", "logit_bias"
-    )
+    @field_validator("n")
     @classmethod
     def _not_yet(cls, value: Any, info: ValidationInfo) -> Any:
         default = _DEFAULTS_ONLY[info.field_name]
         if value is not None and value != default:
             raise ValueError(f"not supported yet (only {default!r} or leaving it out)")
         return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_biases(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (value or {}).items():
+            if not key.isdigit() or int(key) >= VOCAB_SIZE:
+                raise ValueError(f"key {key!r} is not a token id in 0..{VOCAB_SIZE - 1}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"the bias of token {key} is {bias}, outside -100..100")
+        return value
+
+    @model_validator(mode="after")
+    def _agree(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        most = self.max_completion_tokens or self.max_tokens
+        if self.min_tokens and most is not None and self.min_tokens > most:
+            raise ValueError(f"min_tokens {self.min_tokens} exceeds the max_tokens {most}")
+        return self
+
+    def sampling_params(self, default_max_tokens: int) -> SamplingParams:
+        """The engine's sampling parameters for these fields (OpenAI's defaults where
+        left out)."""
+        return SamplingParams(
+            max_tokens=self.max_completion_tokens or self.max_tokens or default_max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0,
+            seed=self.seed,
+            min_tokens=self.min_tokens or 0,
+            min_p=self.min_p or 0.0,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=self.repetition_penalty or 1.0,
+            logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
+            logprobs=(self.top_logprobs or 0) if self.logprobs else None,
+        )
 
     @classmethod
     def parse(cls, data: Any):
@@ -135,14 +176,7 @@ class SamplingFields(BaseModel):
             raise validation_error(exc) from None
 
 
-_DEFAULTS_ONLY = {
-    "n": 1,
-    "logprobs": False,
-    "top_logprobs": 0,
-    "presence_penalty": 0.0,
-    "frequency_penalty": 0.0,
-    "logit_bias": {},
-}
+_DEFAULTS_ONLY = {"n": 1}
 
 
 class ChatRequest(SamplingFields):
