@@ -111,12 +111,13 @@ class ReplyBuilder:
     def _feed(self, token: int, logprob: TokenLogprob | None = None) -> None:
         p = self.parser
         before = len(p.messages)
+        text = p.state == harmony.StreamState.CONTENT  # a token of a message's text, or its end
         p.process(token)
         if len(p.messages) > before and self._kind is not None:
             self._end()
         if p.state != harmony.StreamState.CONTENT:
             return
-        if logprob is not None and self.logprobs:
+        if text and logprob is not None and self.logprobs:
             self._token_logprobs.append(logprob)
         if self._kind is None:
             self._kind = self._classify()

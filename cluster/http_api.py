@@ -366,7 +366,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise ApiError(400, str(exc), "invalid_request") from None
         with self._submitted(chat) as rid:
             if body.get("stream"):
-                self._stream_responses(rid)
+                self._stream_responses(rid, bool(chat.get("logprobs")))
                 return
             reply = self._wait_reply(rid)
             response = response_object(reply, self.api.model_id, response_id=f"resp_{rid}")
@@ -459,14 +459,14 @@ class _Handler(BaseHTTPRequestHandler):
             )
             chunk({"content": ev.text}, logprobs=lps)
 
-    def _stream_responses(self, rid: str) -> None:
+    def _stream_responses(self, rid: str, logprobs: bool) -> None:
         seq = iter(range(1 << 62))
 
         def send(kind: str, **fields: Any) -> None:
             self._event({"type": kind, "sequence_number": next(seq), **fields}, event=kind)
 
         self._start_events()
-        stream = ResponseStream(send, f"resp_{rid}", self.api.model_id)
+        stream = ResponseStream(send, f"resp_{rid}", self.api.model_id, logprobs)
         stream.complete(yield_from(self._events(rid), stream.handle))
 
 

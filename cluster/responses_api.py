@@ -12,8 +12,10 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from gptoss_ray.cluster.chat import Event, MessageEnd, TextDelta, ToolCallStart
+from gptoss_ray.cluster.chat import Event, MessageEnd, TextDelta, ToolCallStart, logprob_entries
 from gptoss_ray.model.harmony import HarmonyError
+
+LOGPROBS = "message.output_text.logprobs"  # the `include` value that asks for them
 
 
 def responses_to_chat(body: dict[str, Any]) -> dict[str, Any]:
@@ -94,6 +96,13 @@ def responses_to_chat(body: dict[str, Any]) -> dict[str, Any]:
     for key in ("temperature", "top_p", "seed", "model"):
         if body.get(key) is not None:
             chat[key] = body[key]
+    include = body.get("include") or []
+    if not isinstance(include, list) or not all(isinstance(x, str) for x in include):
+        raise HarmonyError("include: a list of strings")
+    # logprobs come with the answer's text when asked by either field
+    if LOGPROBS in include or body.get("top_logprobs") is not None:
+        chat["logprobs"] = True
+        chat["top_logprobs"] = body.get("top_logprobs") or 0
     if body.get("tool_choice") in ("auto", "none"):
         chat["tool_choice"] = body["tool_choice"]
     return chat
@@ -125,7 +134,7 @@ def response_object(
     if message.get("reasoning_content"):
         output.append(reasoning_item(message["reasoning_content"]))
     if message.get("content"):
-        output.append(message_item(message["content"]))
+        output.append(message_item(message["content"], logprobs=reply.get("logprobs")))
     for call in message.get("tool_calls") or []:
         output.append(
             function_call_item(call["id"], call["function"]["name"], call["function"]["arguments"])
@@ -163,15 +172,26 @@ def reasoning_item(text: str, item_id: str | None = None) -> dict[str, Any]:
 
 
 def message_item(
-    text: str, item_id: str | None = None, status: str = "completed"
+    text: str,
+    item_id: str | None = None,
+    status: str = "completed",
+    logprobs: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     return {
         "type": "message",
         "id": item_id or f"msg_{uuid.uuid4().hex}",
         "role": "assistant",
         "status": status,
-        "content": [{"type": "output_text", "text": text, "annotations": []}],
+        "content": [output_text(text, logprobs)],
     }
+
+
+def output_text(text: str, logprobs: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """An answer's text part (with its tokens' logprobs, when asked)."""
+    part: dict[str, Any] = {"type": "output_text", "text": text, "annotations": []}
+    if logprobs is not None:
+        part["logprobs"] = logprobs
+    return part
 
 
 def function_call_item(
@@ -192,10 +212,15 @@ class ResponseStream:
     function call) are opened, filled and closed as the events come; `send(type,
     **fields)` writes one server-sent event."""
 
-    def __init__(self, send: Callable[..., None], response_id: str, model: str) -> None:
+    def __init__(
+        self, send: Callable[..., None], response_id: str, model: str, logprobs: bool = False
+    ) -> None:
+        """logprobs: the request asked for them (the answer's deltas and parts carry them)."""
         self.send, self.response_id, self.model = send, response_id, model
+        self.logprobs = logprobs
         self.items: list[dict[str, Any]] = []
         self.texts: list[str] = []
+        self.item_logprobs: list[list[dict[str, Any]]] = []
         shell = {
             "id": response_id,
             "object": "response",
@@ -228,15 +253,18 @@ class ResponseStream:
                 item = reasoning_item("") if reasoning else message_item("", status="in_progress")
                 self._open(item, event.kind)
             self.texts[-1] += event.text
-            self.send(
-                "response.reasoning_text.delta"
-                if event.kind == "reasoning"
-                else "response.output_text.delta",
+            fields = dict(
                 item_id=self.items[-1]["id"],
                 output_index=len(self.items) - 1,
                 content_index=0,
                 delta=event.text,
             )
+            if event.kind == "reasoning":
+                self.send("response.reasoning_text.delta", **fields)
+            else:
+                entries = logprob_entries(event.logprobs)
+                self.item_logprobs[-1] += entries
+                self.send("response.output_text.delta", **fields, logprobs=entries)
         elif isinstance(event, MessageEnd) and self.items and self.items[-1].get("_open"):
             self._close()
 
@@ -251,6 +279,7 @@ class ResponseStream:
         item["_open"] = kind
         self.items.append(item)
         self.texts.append("")
+        self.item_logprobs.append([])
         index = len(self.items) - 1
         self.send("response.output_item.added", output_index=index, item=item)
         if item["type"] in ("message", "reasoning"):
@@ -278,9 +307,9 @@ class ResponseStream:
             answer = kind == "content"
             done = "response.output_text.done" if answer else "response.reasoning_text.done"
             self.send(done, item_id=item["id"], output_index=index, content_index=0, text=text)
-            part = {"type": "output_text" if answer else "reasoning_text", "text": text}
+            part = {"type": "reasoning_text", "text": text}
             if answer:
-                part["annotations"] = []
+                part = output_text(text, self.item_logprobs[-1] if self.logprobs else None)
                 item["status"] = "completed"
             item["content"] = [part]
             self.send(

@@ -10,7 +10,7 @@ from gptoss_ray.cluster.engine_core import EngineCore
 from gptoss_ray.cluster.engine_loop import EngineLoop
 from gptoss_ray.model import tokenizer as tok
 from gptoss_ray.model.config import ModelConfig
-from gptoss_ray.model.types import KVLayout, StepPlan, StepResult
+from gptoss_ray.model.types import KVLayout, StepPlan, StepResult, TokenLogprob
 
 REPLIES = {
     "answer": "<|channel|>analysis<|message|>Thinking about it.<|end|><|start|>assistant"
@@ -42,6 +42,7 @@ class ScriptedShards:
     def __call__(self, plans: list[StepPlan]) -> list[StepResult]:
         (plan,) = plans
         out: dict[str, int] = {}
+        logprobs: dict[str, TokenLogprob] = {}
         slow = False
         for w in plan.work:
             self.prompts.setdefault(w.seq_id, []).extend(w.tokens)
@@ -53,11 +54,22 @@ class ScriptedShards:
                 slow |= len(script) > 200
                 out[w.seq_id] = script[min(w.draw_index, len(script) - 1)]
                 self.sampled[w.seq_id] = self.sampled.get(w.seq_id, 0) + 1
+                if w.params is not None and w.params.logprobs is not None:
+                    logprobs[w.seq_id] = scripted_logprob(
+                        out[w.seq_id], w.draw_index, w.params.logprobs
+                    )
         for seq_id in plan.release:
             self.released.add(seq_id)
         if slow:
             time.sleep(0.02)
-        return [StepResult(out, {"step": 0.0})]
+        return [StepResult(out, {"step": 0.0}, logprobs)]
+
+
+def scripted_logprob(token: int, n: int, top: int) -> TokenLogprob:
+    """A made-up logprob for the n-th token, and `top` alternatives, the token first."""
+    logprob = -0.25 * (n % 5)
+    others = [(1000 + j, logprob - 1.0 - j) for j in range(top - 1)]
+    return TokenLogprob(token, logprob, [(token, logprob), *others][:top])
 
 
 def scripted_engine() -> tuple[EngineLoop, ScriptedShards]:

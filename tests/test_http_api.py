@@ -193,6 +193,46 @@ def test_responses_streaming_events(client):
     assert [e.sequence_number for e in events] == list(range(len(events)))
 
 
+def test_logprobs_of_the_answer_streamed_and_not(client):
+    """The answer's tokens with their logprobs and top alternatives, in OpenAI's shapes;
+    the streamed chunks' logprobs add up to the whole reply's, reasoning tokens apart."""
+    args = dict(model="gpt-oss-tiny", messages=user("Hi"), logprobs=True, top_logprobs=3)
+    r = client.chat.completions.create(**args)
+    content = r.choices[0].logprobs.content
+    assert "".join(e.token for e in content) == r.choices[0].message.content
+    answer = tok.encode("Hello there, friend!")
+    assert [tok.encode(e.token) for e in content] == [[t] for t in answer]
+    assert all(bytes(e.bytes).decode() == e.token for e in content)
+    assert all(len(e.top_logprobs) == 3 and e.top_logprobs[0].token == e.token for e in content)
+    assert all(e.top_logprobs[0].logprob == e.logprob for e in content)
+    chunks = list(client.chat.completions.create(**args, stream=True))
+    streamed = [
+        e
+        for c in chunks
+        if c.choices and c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content
+    ]
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in content]
+    plain = client.chat.completions.create(model="gpt-oss-tiny", messages=user("Hi"))
+    assert plain.choices[0].logprobs is None
+
+
+def test_responses_logprobs_streamed_and_not(client):
+    args = dict(model="gpt-oss-tiny", input="Hi", include=["message.output_text.logprobs"])
+    r = client.responses.create(**args, top_logprobs=2)
+    part = r.output[-1].content[0]
+    assert "".join(e.token for e in part.logprobs) == part.text == "Hello there, friend!"
+    assert all(len(e.top_logprobs) == 2 for e in part.logprobs)
+    events = list(client.responses.create(**args, top_logprobs=2, stream=True))
+    deltas = [e for ev in events if ev.type == "response.output_text.delta" for e in ev.logprobs]
+    assert [e.model_dump() for e in deltas] == [e.model_dump() for e in part.logprobs]
+    final = events[-1].response.output[-1].content[0]
+    assert [e.model_dump() for e in final.logprobs] == [e.model_dump() for e in part.logprobs]
+    assert client.responses.create(model="gpt-oss-tiny", input="Hi").output[-1].content[
+        0
+    ].logprobs in (None, [])
+
+
 @pytest.mark.parametrize(
     ("kwargs", "status", "code"),
     [
