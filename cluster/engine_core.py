@@ -67,6 +67,7 @@ class RequestOutput:
     time_to_first_token: float | None = None  # seconds from submission
     inter_token_latency: float | None = None  # mean seconds between later tokens
     logprobs: list[TokenLogprob] | None = None  # one per token, when asked
+    choices: list[RequestOutput] | None = None  # with n > 1: every choice, in order
 
 
 @dataclass
@@ -130,7 +131,8 @@ class EngineCore:
             prefix_cache=prefix_cache,
             cache_salt=cache_salt.encode(),
         )
-        self.requests: dict[str, Seq] = {}
+        self.requests: dict[str, Seq] = {}  # every choice's sequence, by its id
+        self._forks: dict[str, list[str]] = {}  # request id -> its other choices' ids (n > 1)
         self.stats = EngineStats()
         self._arrivals = 0
         self.failure: str | None = None  # set when a step failed: nothing can finish now
@@ -142,34 +144,47 @@ class EngineCore:
         prompt: Sequence[int],
         params: SamplingParams,
         request_id: str | None = None,
-        reply: Reply | None = None,
+        reply: Reply | Sequence[Reply] | None = None,
     ) -> str:
         """Queues a request; a bad one raises RequestError and nothing else changes. With
-        `reply` (a chat request's ReplyBuilder), its tokens are fed to it as they come,
-        and a stop string it finds ends the sequence at once."""
+        `reply` (a chat request's ReplyBuilder, one per choice when params.n > 1), its
+        tokens are fed to it as they come, and a stop string it finds ends the sequence at
+        once. Choice i of n (`choice_ids`) draws with seed + i: what a request for one
+        choice with that seed draws."""
         prompt = list(prompt)
         if self.failure is not None:
             raise EngineUnavailable(f"the engine stopped after a failure: {self.failure}")
         self._check(prompt, params, request_id)
         request_id = request_id or uuid.uuid4().hex
-        seq = Seq(
-            seq_id=request_id,
-            prompt=prompt,
-            params=params,
-            seed=params.seed if params.seed is not None else secrets.randbits(63),
-            stop_ids=params.stop_ids(self.config.eos_token_ids),
-            arrival=self._arrivals,
-            submitted_at=time.monotonic(),
-            reply=reply,
-            logprobs=[] if params.logprobs is not None else None,
-        )
+        replies = list(reply) if isinstance(reply, Sequence) else [reply] * params.n
+        if len(replies) != params.n:
+            raise ValueError(f"{len(replies)} replies for n={params.n} choices")
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        now = time.monotonic()
+        seqs = [
+            Seq(
+                seq_id=choice,
+                prompt=prompt,
+                params=params,
+                seed=(seed + i) % (1 << 63),
+                stop_ids=params.stop_ids(self.config.eos_token_ids),
+                arrival=self._arrivals,
+                submitted_at=now,
+                reply=replies[i],
+                logprobs=[] if params.logprobs is not None else None,
+            )
+            for i, choice in enumerate(choice_ids(request_id, params.n))
+        ]
         with self._lock:
-            if request_id in self.requests:
+            if any(seq.seq_id in self.requests for seq in seqs):
                 raise RequestError(f"request id {request_id!r} is already in use")
             self._arrivals += 1
             self.stats.requests += 1
-            self.requests[request_id] = seq
-            self.scheduler.add(seq)
+            for seq in seqs:
+                self.requests[seq.seq_id] = seq
+            if len(seqs) > 1:
+                self._forks[request_id] = [seq.seq_id for seq in seqs[1:]]
+            self.scheduler.add(seqs[0], seqs[1:])
             self._lock.notify_all()
         return request_id
 
@@ -188,8 +203,21 @@ class EngineCore:
 
     def output(self, request_id: str) -> RequestOutput:
         with self._lock:
-            seq = self._get(request_id)
-            return self._output(seq)
+            return self._outputs(request_id)
+
+    def _choices(self, request_id: str) -> list[Seq]:
+        """A request's sequences, one per choice (a choice's own id: that one alone)."""
+        seq = self._get(request_id)
+        return [seq] + [self.requests[c] for c in self._forks.get(request_id, ())]
+
+    def _outputs(self, request_id: str) -> RequestOutput:
+        """Choice 0's output; with n > 1, every choice's in `choices`."""
+        seqs = self._choices(request_id)
+        out = self._output(seqs[0])
+        if len(seqs) > 1:
+            out.choices = [self._output(seq) for seq in seqs]
+            out.finished = all(o.finished for o in out.choices)
+        return out
 
     def _get(self, request_id: str) -> Seq:
         try:
@@ -218,43 +246,74 @@ class EngineCore:
     def wait(
         self, request_id: str, *, after: int = -1, timeout: float | None = None
     ) -> RequestOutput:
-        """Blocks until the request has more than `after` tokens or is finished."""
+        """Blocks until the request has more than `after` tokens (in choice 0) or every
+        choice finished."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
-            seq = self._get(request_id)
+            seqs = self._choices(request_id)
             while (
-                seq.status != Status.FINISHED
-                and (after is None or len(seq.output) <= after)
+                any(seq.status != Status.FINISHED for seq in seqs)
+                and (after is None or len(seqs[0].output) <= after)
                 and self.failure is None
             ):
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     break
                 self._lock.wait(left)
-            return self._output(seq)
+            return self._outputs(request_id)
 
     def wait_reply(
-        self, request_id: str, *, after: int = 0, timeout: float | None = None
+        self, request_id: str, *, after: int | Sequence[int] = 0, timeout: float | None = None
     ) -> tuple[list[Any], dict[str, Any] | None]:
         """A chat request's reply events past the first `after`, once there are some or
-        it finished (or the timeout passed), and its reply once it finished (else None)."""
+        it finished (or the timeout passed), and its reply once it finished (else None).
+        With n > 1 choices, `after` counts each choice's events, the events come as
+        (choice, event) pairs, and the reply has every choice's in `choices` (usage
+        summed)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
-            seq = self._get(request_id)
-            if seq.reply is None:
+            seqs = self._choices(request_id)
+            if seqs[0].reply is None:
                 raise RequestError(f"request {request_id!r} is not a chat request")
-            events = seq.reply.events
-            while seq.status != Status.FINISHED and len(events) <= after and self.failure is None:
+            afters = [after] * len(seqs) if isinstance(after, int) else list(after)
+
+            def news() -> bool:
+                return any(len(s.reply.events) > a for s, a in zip(seqs, afters, strict=True))
+
+            def done() -> bool:
+                return all(s.status == Status.FINISHED for s in seqs)
+
+            while not done() and not news() and self.failure is None:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     break
                 self._lock.wait(left)
-            reply = None
-            if seq.status == Status.FINISHED:
-                reply = seq.reply.finish(
-                    seq.finish_reason, request_id=seq.seq_id, prompt_tokens=len(seq.prompt)
-                )
-            return list(events[after:]), reply
+            if len(seqs) == 1:
+                events = list(seqs[0].reply.events[afters[0] :])
+            else:
+                events = [
+                    (i, ev)
+                    for i, (s, a) in enumerate(zip(seqs, afters, strict=True))
+                    for ev in s.reply.events[a:]
+                ]
+            return events, (self._reply(seqs) if done() else None)
+
+    @staticmethod
+    def _reply(seqs: list[Seq]) -> dict[str, Any]:
+        replies = [
+            s.reply.finish(s.finish_reason, request_id=s.seq_id, prompt_tokens=len(s.prompt))
+            for s in seqs
+        ]
+        if len(replies) == 1:
+            return replies[0]
+        completion = sum(r["usage"]["completion_tokens"] for r in replies)
+        prompt = replies[0]["usage"]["prompt_tokens"]
+        usage = {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+        return {**replies[0], "usage": usage, "choices": replies}
 
     def fail(self, reason: str) -> None:
         """A step failed (a shard died): wake every waiter; new requests are refused."""
@@ -263,18 +322,24 @@ class EngineCore:
             self._lock.notify_all()
 
     def cancel(self, request_id: str) -> None:
-        """Stops a request: it finishes now with finish_reason "cancelled"."""
+        """Stops a request (every choice): it finishes now with finish_reason "cancelled"."""
         with self._lock:
-            seq = self.requests.get(request_id)
-            if seq is not None and seq.status != Status.FINISHED:
-                self.scheduler.finish(seq, "cancelled")
-                self._lock.notify_all()
+            if request_id not in self.requests:
+                return
+            for seq in self._choices(request_id):
+                if seq.status != Status.FINISHED:
+                    self.scheduler.finish(seq, "cancelled")
+            self._lock.notify_all()
 
     def forget(self, request_id: str) -> None:
         with self._lock:
-            seq = self.requests.get(request_id)
-            if seq is not None and seq.status == Status.FINISHED:
-                del self.requests[request_id]
+            if request_id not in self.requests:
+                return
+            seqs = self._choices(request_id)
+            if all(seq.status == Status.FINISHED for seq in seqs):
+                for seq in seqs:
+                    del self.requests[seq.seq_id]
+                self._forks.pop(request_id, None)
 
     def snapshot(self) -> dict[str, Any]:
         """One consistent reading of the engine, for status, stats and metrics: counters,
@@ -395,6 +460,11 @@ class EngineCore:
     def run_until_done(self) -> None:
         while self.has_work():
             self.step()
+
+
+def choice_ids(request_id: str, n: int) -> list[str]:
+    """The sequence ids of a request's n choices: its own id, then `id#1`, `id#2`, ..."""
+    return [request_id] + [f"{request_id}#{i}" for i in range(1, n)]
 
 
 def _launch_from(run_step: RunStep) -> LaunchStep:

@@ -79,6 +79,11 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # of its whole blocks, so far
     # one per output token when its params ask for logprobs (`TokenLogprob`), else None
     logprobs: list[Any] | None = None
+    # n > 1: the other choices of the prompt, waiting for this one's first draw to fork
+    # from it; a choice forked from a parent keeps its table for its first work
+    forks: list[Sequence] = field(default_factory=list)
+    parent: Sequence | None = None
+    fork_grant: BlockGrant | None = None
 
     @property
     def length(self) -> int:
@@ -139,6 +144,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.live: dict[str, Sequence] = {}  # every sequence not finished, by id
         self.preempted = 0
+        # per shard: the block copies forked choices need before their first step
+        self.copies: list[dict[str, list[tuple[bool, int, int]]]] = [{} for _ in self.shards]
+        self._forked: set[str] = set()
 
     def _held(self, length: int, new: int) -> tuple[int, int]:
         return blocks_held(length, new, self.layout.block_size, self.window)
@@ -155,16 +163,27 @@ class Scheduler:
             )
         return None
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: Sequence, forks: Iterable[Sequence] = ()) -> None:
+        """Queues a sequence, and the other choices of its prompt (n > 1), which fork from
+        it when it draws its first token: its prompt's KV computed once for all."""
         self.waiting.append(seq)
         self.live[seq.seq_id] = seq
+        for fork in forks:
+            fork.parent = seq
+            seq.forks.append(fork)
+            self.live[fork.seq_id] = fork
 
     def has_work(self) -> bool:
         return bool(self.waiting) or any(s.running or s.release for s in self.shards)
 
     # -- planning ----------------------------------------------------------------------
     def schedule(self) -> list[StepPlan]:
-        plans = [StepPlan(release=s.release) for s in self.shards]
+        plans = [
+            StepPlan(release=s.release, copies=[c for cs in copies.values() for c in cs])
+            for s, copies in zip(self.shards, self.copies, strict=True)
+        ]
+        self.copies = [{} for _ in self.shards]
+        self._forked: set[str] = set()  # choices forked in this plan: their token is in it
         budgets = [self.token_budget] * len(self.shards)
         for rank, shard in enumerate(self.shards):
             shard.release = []
@@ -179,7 +198,12 @@ class Scheduler:
                     n = min(seq.todo, budgets[rank], max(1, cap))
                     if not decoding and budgets[rank] < self.token_budget:
                         n = min(n, self._chunk_beside_decodes(seq.computed))
-                    if n <= 0 or (seq.todo == 1) != decoding or self._drawn_enough(seq):
+                    if (
+                        n <= 0
+                        or (seq.todo == 1) != decoding
+                        or self._drawn_enough(seq)
+                        or seq.seq_id in self._forked
+                    ):
                         i += 1
                         continue
                     grant = shard.blocks.grow(seq.seq_id, seq.computed, n)
@@ -188,6 +212,7 @@ class Scheduler:
                         self._preempt(rank, victim, plans[rank])
                         continue  # retry seq (or move on if it was the victim)
                     plans[rank].work.append(self._work(seq, n, grant))
+                    self._fork(rank, seq, plans[rank].work[-1])
                     budgets[rank] -= n
                     i += 1
         # admit waiting sequences, oldest first, where their prefix is cached
@@ -214,8 +239,33 @@ class Scheduler:
             seq.status, seq.home, seq.computed = Status.RUNNING, rank, cached
             shard.running.append(seq)
             plans[rank].work.append(self._work(seq, n, grant, placed=True))
+            self._fork(rank, seq, plans[rank].work[-1])
             budgets[rank] -= n
         return plans
+
+    def _fork(self, rank: int, seq: Sequence, work: SeqWork) -> None:
+        """The chunk that draws a sequence's first token draws its other choices' too:
+        each shares the prompt's whole blocks, gets a copy of the partly written one
+        (in the shard's next plan, before anything else runs), and decodes on its own from
+        the next step. A choice that does not fit waits as a sequence of its own (its
+        whole prompt blocks are a prefix-cache hit)."""
+        if not (work.sample and seq.forks):
+            return
+        shard = self.shards[rank]
+        end = work.start + work.size
+        for child in seq.forks:
+            forked = shard.blocks.fork(seq.seq_id, child.seq_id, end)
+            child.parent = None
+            if forked is None:
+                self.waiting.append(child)
+                continue
+            child.fork_grant, self.copies[rank][child.seq_id] = forked
+            child.status, child.home, child.computed = Status.RUNNING, rank, end
+            child.inflight, child.pending = 1, 1
+            shard.running.append(child)
+            self._forked.add(child.seq_id)
+            work.forks.append((child.seq_id, child.seed))
+        seq.forks = []
 
     def _place(self, seq: Sequence, candidates: list[int]) -> tuple[int, int]:
         """The shard for a new sequence and how many of its blocks are cached there."""
@@ -262,6 +312,11 @@ class Scheduler:
         # a token still being drawn is decoded by the shard that draws it
         last_drawn = seq.pending > 0 and sample
         assert not last_drawn or n == 1, "only the last token can be pending"
+        if seq.fork_grant is not None:  # a forked choice's first work: its whole table
+            forked, seq.fork_grant = seq.fork_grant, None
+            blocks = BlockGrant(
+                forked.full + blocks.full, blocks.sliding_first, blocks.sliding, forked.cached
+            )
         work = SeqWork(
             seq_id=seq.seq_id,
             tokens=[] if last_drawn else seq.tokens(seq.computed, n),
@@ -282,6 +337,9 @@ class Scheduler:
     def _free(self, shard: ShardState, seq: Sequence) -> None:
         shard.blocks.release(seq.seq_id)
         shard.running.remove(seq)
+        seq.fork_grant = None
+        for copies in self.copies:
+            copies.pop(seq.seq_id, None)
 
     def _preempt(self, rank: int, seq: Sequence, plan: StepPlan) -> None:
         shard = self.shards[rank]
@@ -289,6 +347,17 @@ class Scheduler:
             if w.seq_id == seq.seq_id:  # planned in this step: not any more
                 seq.inflight -= 1
                 seq.pending -= w.sample
+                for fork_id, _ in w.forks:  # its choices fork again with its next draw
+                    child = self.live[fork_id]
+                    child.inflight = child.pending = 0
+                    self._free(shard, child)
+                    child.status, child.home, child.computed = Status.WAITING, None, 0
+                    child.parent = seq
+                    seq.forks.append(child)
+            elif any(f == seq.seq_id for f, _ in w.forks):  # forked in this step: not now
+                w.forks = [f for f in w.forks if f[0] != seq.seq_id]
+                seq.inflight -= 1
+                seq.pending -= 1
         plan.work = [w for w in plan.work if w.seq_id != seq.seq_id]
         self._free(shard, seq)
         plan.release.append(seq.seq_id)
@@ -315,6 +384,8 @@ class Scheduler:
                 shard.blocks.reset()
         for seq in running:
             seq.status, seq.home, seq.computed = Status.WAITING, None, 0
+            seq.fork_grant = None
+        self.copies = [{} for _ in self.shards]
         for seq in self.live.values():  # the steps in flight are void
             seq.inflight = seq.pending = 0
         self.waiting.extendleft(reversed(running))
@@ -322,7 +393,10 @@ class Scheduler:
     def finish(self, seq: Sequence, reason: str) -> None:
         """Ends a sequence now (a stop token or string, max_tokens, a cancel): its blocks
         are freed and its home shard drops its cache at the next step."""
-        if seq.status == Status.WAITING:
+        if seq.parent is not None:  # a choice still waiting to fork
+            seq.parent.forks.remove(seq)
+            seq.parent = None
+        elif seq.status == Status.WAITING:
             self.waiting.remove(seq)
         elif seq.status == Status.RUNNING and seq.home is not None:
             shard = self.shards[seq.home]
@@ -342,6 +416,12 @@ class Scheduler:
             tokens = result.tokens
             shard = self.shards[rank]
             for w in plan.work:
+                for fork_id, _ in w.forks:  # choices whose first token this chunk drew
+                    child = self.live.get(fork_id)
+                    if child is not None:
+                        child.inflight -= 1
+                        child.pending -= 1
+                        self._advance(child, fork_id, result, now, advanced)
                 seq = self.live.get(w.seq_id)
                 if seq is None:  # finished while the step ran; its blocks are released
                     continue
@@ -353,17 +433,21 @@ class Scheduler:
                     done = w.start + w.size
                     whole = self._hashes(seq, done // self.layout.block_size)
                     shard.blocks.commit(seq.seq_id, whole, done)
-                if w.seq_id not in tokens:
-                    continue
-                token = tokens[w.seq_id]
-                seq.output.append(token)
-                if seq.logprobs is not None:
-                    seq.logprobs.append(result.logprobs[w.seq_id])
-                advanced.append(seq)
-                if seq.first_token_at is None:
-                    seq.first_token_at = now
-                if token in seq.stop_ids:
-                    self.finish(seq, "stop")
-                elif len(seq.output) >= seq.params.max_tokens:
-                    self.finish(seq, "length")
+                if w.seq_id in tokens:
+                    self._advance(seq, w.seq_id, result, now, advanced)
         return advanced
+
+    def _advance(
+        self, seq: Sequence, key: str, result: StepResult, now: float, advanced: list[Sequence]
+    ) -> None:
+        token = result.tokens[key]
+        seq.output.append(token)
+        if seq.logprobs is not None:
+            seq.logprobs.append(result.logprobs[key])
+        advanced.append(seq)
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+        if token in seq.stop_ids:
+            self.finish(seq, "stop")
+        elif len(seq.output) >= seq.params.max_tokens:
+            self.finish(seq, "length")

@@ -85,6 +85,7 @@ class SamplingParams(BaseModel):
     logprobs: int | None = Field(
         default=None, ge=0, le=20, description="with each token: its logprob and the top n"
     )
+    n: int = Field(default=1, ge=1, le=16, description="choices of one prompt, prefilled once")
 
     @model_validator(mode="after")
     def _consistent(self) -> SamplingParams:
@@ -221,6 +222,9 @@ class SeqWork:
     # draws depend on its history (penalties: `SamplingParams.penalized`); the shard
     # keeps the history from there
     context: list[int] | None = None
+    # other choices of the same prompt (n > 1), each drawing its first token from this
+    # chunk's logits: (sequence id, seed); they decode from there on their own
+    forks: list[tuple[str, int]] = field(default_factory=list)
 
     @property
     def size(self) -> int:
@@ -232,6 +236,9 @@ class SeqWork:
 class StepPlan:
     work: list[SeqWork] = field(default_factory=list)
     release: list[str] = field(default_factory=list)  # finished or preempted sequences
+    # KV blocks to copy before the step, (sliding, source, destination): a forked
+    # choice's own copy of the block its prompt ends in
+    copies: list[tuple[bool, int, int]] = field(default_factory=list)
 
 
 @dataclass

@@ -249,6 +249,46 @@ class KVBlocks:
             return BlockGrant(table.full[:], table.sliding_first, list(table.sliding), length)
         return BlockGrant(added, table.sliding_first, list(table.sliding))
 
+    def fork(self, parent_id: str, child_id: str, length: int) -> tuple[BlockGrant, list] | None:
+        """A new sequence whose first `length` tokens are the parent's (n choices of one
+        prompt): it shares the parent's whole blocks and gets a copy of the partly written
+        one, which it goes on writing. -> its grant (the whole table, `cached` = length)
+        and the copies to make, (sliding, source, destination), before its first step;
+        None, with nothing changed, where the pools are short. The parent's table must
+        cover its first `length` tokens."""
+        parent = self.tables[parent_id]
+        bs = self.layout.block_size
+        whole = length // bs
+        partial = length % bs != 0
+        need_sliding = 0
+        if self.window is not None:
+            visible = self._sliding_range(length, length)
+            need_sliding = int(partial and whole in visible)
+        if self.full_pool.num_free < partial or self.sliding_pool.num_free < need_sliding:
+            return None
+        table = BlockTable(committed=min(parent.committed, whole))
+        table.full = parent.full[:whole]
+        self.full_pool.share(table.full)
+        copies = []
+        if partial:
+            (block,) = self.full_pool.take(1)
+            copies.append((False, parent.full[whole], block))
+            table.full.append(block)
+        if self.window is not None:
+            held = dict(enumerate(parent.sliding, parent.sliding_first))
+            table.sliding_first = visible.start
+            for logical in visible:
+                if logical < whole:
+                    self.sliding_pool.share([held[logical]])
+                    table.sliding.append(held[logical])
+                else:
+                    (block,) = self.sliding_pool.take(1)
+                    copies.append((True, held[logical], block))
+                    table.sliding.append(block)
+        self.tables[child_id] = table
+        grant = BlockGrant(table.full[:], table.sliding_first, list(table.sliding), length)
+        return grant, copies
+
     def admitted(self, length: int, hit: int) -> None:
         """Counts a new sequence of `length` tokens that found `hit` of them cached."""
         self.queried_tokens += length

@@ -59,6 +59,13 @@ class PagedKVCache:
     def release(self, seq_id: str) -> None:
         self.tables.pop(seq_id, None)
 
+    def copy(self, sliding: bool, source: int, destination: int) -> None:
+        """One block's keys and values, in every layer of its kind."""
+        for layer in range(self.config.num_hidden_layers):
+            if self.config.is_sliding(layer) == sliding:
+                self.k[layer][destination] = self.k[layer][source]
+                self.v[layer][destination] = self.v[layer][source]
+
     def place(self, seq_id: str, start: int, blocks: BlockGrant) -> PagedSequence:
         """A sequence's blocks for the step: its table grows by what the plan granted. A
         sequence starting at 0, or after the cached prefix its grant reuses, begins a new

@@ -107,6 +107,8 @@ class Shard:
             self.kv.release(seq_id)
             self.drawn.pop(seq_id, None)
             self.history.pop(seq_id, None)
+        for sliding, source, destination in plan.copies:
+            self.kv.copy(sliding, source, destination)
         work = [w for w in plan.work if w.size]
         ids = [[self.drawn[w.seq_id]] if w.last_drawn else w.tokens for w in work]
         for w, chunk in zip(work, ids, strict=True):
@@ -114,28 +116,31 @@ class Shard:
                 self.history[w.seq_id] = list(w.context)
             if w.seq_id in self.history:
                 self.history[w.seq_id].extend(chunk)
+                for fork_id, _ in w.forks:  # forked choices start with their parent's
+                    self.history[fork_id] = list(self.history[w.seq_id])
         caches = [self.kv.place(w.seq_id, w.start, w.blocks) for w in work]
         tokens, logprobs = self._draw(work, ids, caches, timer)
-        sampled = [w for w in work if w.sample]
-        out = {w.seq_id: t for w, t in zip(sampled, tokens, strict=True)}
+        drawers = [s for w in work if w.sample for s in [w.seq_id, *(f for f, _ in w.forks)]]
+        out = dict(zip(drawers, tokens, strict=True))
         self.drawn.update(out)
-        asked = {w.seq_id: lp for w, lp in zip(sampled, logprobs, strict=True) if lp is not None}
+        asked = {s: lp for s, lp in zip(drawers, logprobs, strict=True) if lp is not None}
         return StepResult(out, dict(timer.seconds), asked)
 
-    def _draws(self, work: list[SeqWork]) -> list[Draw]:
-        """The sampled rows' draws; a sequence's history is split at its draw index into
+    def _draws(self, work: list[SeqWork]) -> tuple[list[int], list[Draw]]:
+        """The draws of the sampled rows (each row once, then once per fork of it) and the
+        row of the logits each uses. A sequence's history is split at its draw index into
         the prompt and what was drawn before."""
-        draws = []
-        for w in work:
-            if not w.sample:
-                continue
+        rows, draws = [], []
+        for row, w in enumerate(w for w in work if w.sample):
             params = w.params
             assert params is not None, "a sampled chunk carries its parameters"
             history = self.history.get(w.seq_id, ())
             cut = len(history) - w.draw_index
             stops = params.stop_ids(self.config.eos_token_ids) if params.min_tokens else frozenset()
-            draws.append(Draw(params, w.seed, w.draw_index, history[:cut], history[cut:], stops))
-        return draws
+            for seed in _seeds(w):
+                rows.append(row)
+                draws.append(Draw(params, seed, w.draw_index, history[:cut], history[cut:], stops))
+        return rows, draws
 
     def _draw(
         self,
@@ -170,7 +175,10 @@ class Shard:
             timer.lap("decode graph")  # buffers, replay
         else:
             logits = self._forward(ids, caches, sampled, timer)
-        drawn = sample_rows(logits, self._draws(work)) if sampled else ([], [])
+        rows, draws = self._draws(work)
+        if rows != list(range(len(sampled))):  # a row drawn from more than once (forks)
+            logits = logits[rows]
+        drawn = sample_rows(logits, draws) if sampled else ([], [])
         timer.lap("head")  # final norm, unembedding, sampling
         return drawn
 
@@ -225,5 +233,11 @@ class NullShard(Shard):
             cache.commit(w.size)
         timer.lap("null")
         # ordinary tokens (ids below the special ones), never a stop token
-        tokens = [step_seed(w.seed, w.draw_index) % 100_000 for w in work if w.sample]
+        draws = [(seed, w.draw_index) for w in work if w.sample for seed in _seeds(w)]
+        tokens = [step_seed(seed, n) % 100_000 for seed, n in draws]
         return tokens, [None] * len(tokens)
+
+
+def _seeds(w: SeqWork) -> list[int]:
+    """The seeds of a sampled chunk's draws: its sequence's, then each fork's."""
+    return [w.seed, *(seed for _, seed in w.forks)]
