@@ -227,22 +227,41 @@ class ReplyBuilder:
         )
 
 
+class EventCursor:
+    """Where a reader is in a chat request's reply events (`EngineCore.wait_reply`): a
+    count, or one per choice when n > 1, whose events come as (choice, event)."""
+
+    def __init__(self, n: int = 1) -> None:
+        self.after: int | list[int] = 0 if n == 1 else [0] * n
+
+    def advance(self, events: list[Any]) -> list[tuple[int, Event]]:
+        """The events just read, each with its choice's index."""
+        if isinstance(self.after, int):
+            self.after += len(events)
+            return [(0, ev) for ev in events]
+        for i, _ in events:
+            self.after[i] += 1
+        return list(events)
+
+
 def chat_completion(reply: dict[str, Any], model: str, completion_id: str) -> dict[str, Any]:
-    """A finished reply as OpenAI's `chat.completion` object."""
-    logprobs = reply.get("logprobs")
+    """A finished reply (with n > 1, its `choices`) as OpenAI's `chat.completion`."""
+
+    def choice(i: int, r: dict[str, Any]) -> dict[str, Any]:
+        logprobs = r.get("logprobs")
+        return {
+            "index": i,
+            "message": r["message"],
+            "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None},
+            "finish_reason": r["finish_reason"],
+        }
+
     return {
         "id": completion_id,
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": reply["message"],
-                "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None},
-                "finish_reason": reply["finish_reason"],
-            }
-        ],
+        "choices": [choice(i, r) for i, r in enumerate(reply.get("choices") or [reply])],
         "usage": reply["usage"],
     }
 

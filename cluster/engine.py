@@ -17,7 +17,7 @@ from typing import Any
 
 import ray
 
-from gptoss_ray.cluster.chat import TextDelta
+from gptoss_ray.cluster.chat import EventCursor, TextDelta
 from gptoss_ray.cluster.coordinator import Coordinator
 from gptoss_ray.cluster.engine_core import RequestOutput
 from gptoss_ray.cluster.ray_instance import init_for_engine
@@ -192,16 +192,18 @@ class Engine:
         answer up to any stop string, tool-call arguments), then a last event with the
         whole reply ({"done": True, ...})."""
         rid, _ = _unwrap(lambda: ray.get(self.coordinator.submit_chat.remote(request)))
-        seen = 0
+        cursor = EventCursor(request.get("n") or 1)
         try:
             while True:
                 events, reply = _unwrap(
-                    lambda seen=seen: ray.get(self.coordinator.wait_events.remote(rid, seen, 30.0))
+                    lambda a=cursor.after: ray.get(
+                        self.coordinator.wait_events.remote(rid, a, 30.0)
+                    )
                 )
-                seen += len(events)
-                for event in events:
+                for choice, event in cursor.advance(events):
                     if isinstance(event, TextDelta):
                         yield {
+                            "choice": choice,
                             "channel": event.channel,
                             "recipient": event.recipient,
                             "delta": event.text,

@@ -5,6 +5,7 @@ knows nothing of the layers that use it."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import traceback
 from collections.abc import Callable
@@ -143,18 +144,17 @@ class EngineLoop:
         self.check_model(
             request.model if isinstance(request, ChatRequest) else request.get("model")
         )
-        rid = self.core.submit(
-            prompt,
-            params,
-            request_id,
-            reply=ReplyBuilder(stops, logprobs=params.logprobs is not None),
-        )
+        replies = [
+            ReplyBuilder(stops, logprobs=params.logprobs is not None) for _ in range(params.n)
+        ]
+        rid = self.core.submit(prompt, params, request_id, reply=replies)
         return rid, len(prompt)
 
     def wait_events(
-        self, request_id: str, after: int = 0, timeout: float | None = None
+        self, request_id: str, after: int | list[int] = 0, timeout: float | None = None
     ) -> tuple[list[Any], dict[str, Any] | None]:
-        """The reply's events past the first `after` (cluster.chat), and, once the request
+        """The reply's events past the first `after` (cluster.chat; with n > 1 choices, a
+        count per choice and (choice, event) pairs: `EventCursor`), and, once the request
         finished, the reply."""
         events, reply = self.core.wait_reply(request_id, after=after, timeout=timeout)
         if reply is None:
@@ -162,13 +162,12 @@ class EngineLoop:
         return events, reply
 
     def wait_chat(self, request_id: str) -> dict[str, Any]:
-        """The finished reply: message, finish_reason, usage, harmony messages."""
-        seen = 0
+        """The finished reply: message, finish_reason, usage, harmony messages (with
+        n > 1, every choice's in `choices`)."""
         while True:
-            events, reply = self.wait_events(request_id, seen)
+            _, reply = self.wait_events(request_id, sys.maxsize)  # no event is news
             if reply is not None:
                 return reply
-            seen += len(events)
 
     # -- fronts and shutdown -------------------------------------------------------------
     def attach(self, start: Callable[..., Front], *args: Any) -> str:

@@ -16,10 +16,17 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
-from gptoss_ray.cluster.chat import TextDelta, ToolCallStart, chat_completion, logprob_entries
+from gptoss_ray.cluster.chat import (
+    EventCursor,
+    TextDelta,
+    ToolCallStart,
+    chat_completion,
+    logprob_entries,
+)
 from gptoss_ray.cluster.responses_api import ResponseStream, response_object, responses_to_chat
 from gptoss_ray.model import harmony
 from gptoss_ray.model.types import EngineUnavailable, RequestError
@@ -353,7 +360,7 @@ class _Handler(BaseHTTPRequestHandler):
         with self._submitted(body) as rid:
             if body.get("stream"):
                 include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-                self._stream_chat(rid, include_usage)
+                self._stream_chat(rid, include_usage, body.get("n") or 1)
                 return
             reply = self._wait_reply(rid)
             self._send_json(200, chat_completion(reply, self.api.model_id, f"chatcmpl-{rid[:24]}"))
@@ -384,15 +391,15 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             return True
 
-    def _events(self, rid: str):
-        """Yields the reply's events as they come, then returns the reply; raises
-        ClientGone when the client leaves (`_submitted` then cancels the request)."""
+    def _events(self, rid: str, n: int = 1):
+        """Yields the reply's events as they come, as (choice, event), then returns the
+        reply; raises ClientGone when the client leaves (`_submitted` then cancels the
+        request)."""
         engine = self.api.engine
-        seen = 0
+        cursor = EventCursor(n)
         while True:
-            events, reply = engine.wait_events(rid, seen, timeout=0.5)
-            seen += len(events)
-            yield from events
+            events, reply = engine.wait_events(rid, cursor.after, timeout=0.5)
+            yield from cursor.advance(events)
             if reply is not None:
                 return reply
             if engine.error:
@@ -417,7 +424,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(f"{prefix}data: {text}\n\n".encode())
         self.wfile.flush()
 
-    def _stream_chat(self, rid: str, include_usage: bool) -> None:
+    def _stream_chat(self, rid: str, include_usage: bool, n: int) -> None:
         base = {
             "id": f"chatcmpl-{rid[:24]}",
             "object": "chat.completion.chunk",
@@ -425,14 +432,20 @@ class _Handler(BaseHTTPRequestHandler):
             "model": self.api.model_id,
         }
 
-        def chunk(delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> None:
-            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        def chunk(
+            index: int, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None
+        ) -> None:
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
             self._event({**base, "choices": [choice]})
 
         self._start_events()
-        chunk({"role": "assistant", "content": ""})
-        reply = yield_from(self._events(rid), lambda ev: self._chat_delta(ev, chunk))
-        chunk({}, reply["finish_reason"])
+        for i in range(n):
+            chunk(i, {"role": "assistant", "content": ""})
+        reply = yield_from(
+            self._events(rid, n), lambda ev: self._chat_delta(ev[1], partial(chunk, ev[0]))
+        )
+        for i, choice in enumerate(reply.get("choices") or [reply]):
+            chunk(i, {}, choice["finish_reason"])
         if include_usage:
             self._event({**base, "choices": [], "usage": reply["usage"]})
         self._event("[DONE]")
@@ -467,7 +480,7 @@ class _Handler(BaseHTTPRequestHandler):
 
         self._start_events()
         stream = ResponseStream(send, f"resp_{rid}", self.api.model_id, logprobs)
-        stream.complete(yield_from(self._events(rid), stream.handle))
+        stream.complete(yield_from(self._events(rid), lambda ev: stream.handle(ev[1])))
 
 
 def yield_from(events, handle) -> Any:

@@ -54,10 +54,15 @@ class ScriptedShards:
                 slow |= len(script) > 200
                 out[w.seq_id] = script[min(w.draw_index, len(script) - 1)]
                 self.sampled[w.seq_id] = self.sampled.get(w.seq_id, 0) + 1
+                for fork_id, _ in w.forks:  # other choices (n > 1): the same script
+                    self.prompts[fork_id] = self.prompts[w.seq_id]
+                    self.scripts[fork_id] = script
+                    out[fork_id] = out[w.seq_id]
                 if w.params is not None and w.params.logprobs is not None:
-                    logprobs[w.seq_id] = scripted_logprob(
-                        out[w.seq_id], w.draw_index, w.params.logprobs
-                    )
+                    for seq_id in [w.seq_id, *(f for f, _ in w.forks)]:
+                        logprobs[seq_id] = scripted_logprob(
+                            out[seq_id], w.draw_index, w.params.logprobs
+                        )
         for seq_id in plan.release:
             self.released.add(seq_id)
         if slow:

@@ -92,6 +92,22 @@ def test_mixed_sampling_settings_and_logprobs_in_one_step(engine):
     assert_logprobs_match_transformers(ps[3], outs[3].token_ids, outs[3].logprobs)
 
 
+def test_n_choices_are_prefilled_once_and_equal_seeded_requests(engine):
+    from gptoss_ray.model.generate import generate
+    from tests.engine_cases import baseline_model
+
+    # 40 tokens no other test sends (none cached): the prompt ends inside a block (copied)
+    prompt = prompts()[1][::-1]
+    hot = dict(max_tokens=6, temperature=1.0, ignore_eos=True)
+    before = engine.stats()["prefill_tokens"]
+    (out,) = engine.generate([prompt], SamplingParams(n=3, seed=9, **hot))
+    assert engine.stats()["prefill_tokens"] - before == len(prompt)
+    want = [
+        generate(baseline_model(), [prompt], SamplingParams(seed=9 + i, **hot)) for i in range(3)
+    ]
+    assert [c.token_ids for c in out.choices] == [w[0].token_ids for w in want]
+
+
 def test_shards_with_nothing_local_still_take_part(engine):
     # one request: with W > 1 every other shard has no sequence, yet its experts serve it
     (out,) = engine.generate([prompts()[1]], GREEDY)

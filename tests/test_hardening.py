@@ -132,7 +132,7 @@ def test_idle_connections_are_capped_and_closed():
 def test_a_handler_failing_after_submit_cancels_and_forgets(server, monkeypatch):
     url, engine = server
 
-    def broken(self, rid, include_usage):
+    def broken(self, *args):
         raise AttributeError("a bug past submit")
 
     monkeypatch.setattr(_Handler, "_stream_chat", broken)
@@ -155,7 +155,8 @@ def test_bad_stream_options_are_a_400_and_queue_nothing(server):
         ({"max_tokens": True}, "max_tokens"),
         ({"temperature": "1"}, "temperature"),
         ({"stream": "yes"}, "stream"),
-        ({"n": 2}, "n"),
+        ({"n": 17}, "n"),
+        ({"n": 0}, "n"),
         ({"logprobs": "yes"}, "logprobs"),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"presence_penalty": 2.5}, "presence_penalty"),

@@ -217,6 +217,32 @@ def test_logprobs_of_the_answer_streamed_and_not(client):
     assert plain.choices[0].logprobs is None
 
 
+def test_n_choices_streamed_and_not(client):
+    r = client.chat.completions.create(
+        model="gpt-oss-tiny", messages=user("Hi"), n=3, logprobs=True, seed=4
+    )
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert {c.message.content for c in r.choices} == {"Hello there, friend!"}
+    assert all(len(c.logprobs.content) == len(r.choices[0].logprobs.content) for c in r.choices)
+    one = client.chat.completions.create(model="gpt-oss-tiny", messages=user("Hi"))
+    assert r.usage.prompt_tokens == one.usage.prompt_tokens
+    assert r.usage.completion_tokens == 3 * one.usage.completion_tokens
+    chunks = list(
+        client.chat.completions.create(
+            model="gpt-oss-tiny",
+            messages=user("Hi"),
+            n=2,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    for i in (0, 1):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == i]
+        assert "".join(ch.delta.content or "" for ch in mine) == "Hello there, friend!"
+        assert mine[-1].finish_reason == "stop"
+    assert chunks[-1].usage.completion_tokens == 2 * one.usage.completion_tokens
+
+
 def test_responses_logprobs_streamed_and_not(client):
     args = dict(model="gpt-oss-tiny", input="Hi", include=["message.output_text.logprobs"])
     r = client.responses.create(**args, top_logprobs=2)

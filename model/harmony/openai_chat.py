@@ -18,7 +18,6 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -111,7 +110,7 @@ class SamplingFields(BaseModel):
     stop: str | list[str] | None = Field(default=None, max_length=4)
     stream: bool = Field(default=False, strict=True)
     stream_options: StreamOptions | None = None
-    n: int | None = Field(default=None, strict=True)
+    n: int | None = Field(default=None, ge=1, le=16, strict=True)
     logprobs: bool | None = Field(default=None, strict=True)
     top_logprobs: int | None = Field(default=None, ge=0, le=20, strict=True)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2, strict=True)
@@ -121,14 +120,6 @@ class SamplingFields(BaseModel):
     min_tokens: int | None = Field(default=None, ge=0, strict=True)
     min_p: float | None = Field(default=None, ge=0, le=1, strict=True)
     logit_bias: dict[str, float] | None = None
-
-    @field_validator("n")
-    @classmethod
-    def _not_yet(cls, value: Any, info: ValidationInfo) -> Any:
-        default = _DEFAULTS_ONLY[info.field_name]
-        if value is not None and value != default:
-            raise ValueError(f"not supported yet (only {default!r} or leaving it out)")
-        return value
 
     @field_validator("logit_bias")
     @classmethod
@@ -165,6 +156,7 @@ class SamplingFields(BaseModel):
             repetition_penalty=self.repetition_penalty or 1.0,
             logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
             logprobs=(self.top_logprobs or 0) if self.logprobs else None,
+            n=self.n or 1,
         )
 
     @classmethod
@@ -174,9 +166,6 @@ class SamplingFields(BaseModel):
             return cls.model_validate(data)
         except ValidationError as exc:
             raise validation_error(exc) from None
-
-
-_DEFAULTS_ONLY = {"n": 1}
 
 
 class ChatRequest(SamplingFields):
