@@ -68,6 +68,8 @@ class RequestOutput:
     inter_token_latency: float | None = None  # mean seconds between later tokens
     logprobs: list[TokenLogprob] | None = None  # one per token, when asked
     choices: list[RequestOutput] | None = None  # with n > 1: every choice, in order
+    # each prompt token's (None for the first), when asked
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -172,6 +174,8 @@ class EngineCore:
                 submitted_at=now,
                 reply=replies[i],
                 logprobs=[] if params.logprobs is not None else None,
+                # the prompt is scored once, by the choice that computes it
+                prompt_logprobs=[None] if params.prompt_logprobs is not None and i == 0 else None,
             )
             for i, choice in enumerate(choice_ids(request_id, params.n))
         ]
@@ -241,6 +245,7 @@ class EngineCore:
             time_to_first_token=ttft,
             inter_token_latency=itl,
             logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+            prompt_logprobs=list(seq.prompt_logprobs) if seq.prompt_logprobs is not None else None,
         )
 
     def wait(

@@ -79,6 +79,8 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # of its whole blocks, so far
     # one per output token when its params ask for logprobs (`TokenLogprob`), else None
     logprobs: list[Any] | None = None
+    # the prompt's (position 0 has none), when its params ask for prompt_logprobs
+    prompt_logprobs: list[Any] | None = None
     # n > 1: the other choices of the prompt, waiting for this one's first draw to fork
     # from it; a choice forked from a parent keeps its table for its first work
     forks: list[Sequence] = field(default_factory=list)
@@ -272,8 +274,10 @@ class Scheduler:
         self._hashes(seq, seq.length // self.layout.block_size)
         free = {r: self.shards[r].blocks.free_blocks()[0] for r in candidates}
         enough = max(free.values()) - PLACEMENT_MARGIN * self.layout.full_blocks
+        # a prompt to score is computed whole: cached blocks have no logits
+        scoring = seq.prompt_logprobs is not None and len(seq.prompt_logprobs) < len(seq.prompt)
         hits = {
-            r: self.shards[r].blocks.cached_prefix(seq.block_hashes, seq.length)
+            r: 0 if scoring else self.shards[r].blocks.cached_prefix(seq.block_hashes, seq.length)
             for r in candidates
             if free[r] >= enough
         }
@@ -329,6 +333,10 @@ class Scheduler:
             last_drawn=last_drawn,
             context=seq.tokens(0, seq.computed) if placed and seq.params.penalized else None,
         )
+        if seq.prompt_logprobs is not None and seq.computed < len(seq.prompt) and not last_drawn:
+            work.score = seq.params.prompt_logprobs
+            if not sample:
+                work.next_token = seq.tokens(seq.computed + n, 1)[0]
         seq.computed += n
         seq.inflight += 1
         seq.pending += sample
@@ -433,6 +441,11 @@ class Scheduler:
                     done = w.start + w.size
                     whole = self._hashes(seq, done // self.layout.block_size)
                     shard.blocks.commit(seq.seq_id, whole, done)
+                scored = result.prompt_logprobs.get(w.seq_id, ())
+                if seq.prompt_logprobs is not None:  # each prompt position once (recomputed)
+                    for position, lp in enumerate(scored, w.start + 1):
+                        if position == len(seq.prompt_logprobs) < len(seq.prompt):
+                            seq.prompt_logprobs.append(lp)
                 if w.seq_id in tokens:
                     self._advance(seq, w.seq_id, result, now, advanced)
         return advanced

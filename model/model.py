@@ -373,12 +373,12 @@ class Transformer(nn.Module):
         batch: SequenceBatch,
         *,
         all_logits: bool = False,
-        sequences: list[int] | None = None,
+        rows: list[int] | None = None,
         timer: StepTimer | None = None,
     ) -> torch.Tensor:
         """tokens [T] (the sequences' new tokens, concatenated) -> float32 logits of each
-        sequence's last token [S, V] (of the `sequences` chosen by index, if given), or of
-        every token [T, V] with all_logits. Appends the tokens to their sequences' caches.
+        sequence's last token [S, V], or of the given `rows` of the tokens, or of every
+        token [T, V] with all_logits. Appends the tokens to their sequences' caches.
         `timer.lap(phase)`, if given, is called as each phase ends."""
         experts = self.block[0].mlp.experts
         if not experts.holds_all and experts.exchange is None:
@@ -400,8 +400,7 @@ class Transformer(nn.Module):
             lap("experts")
         batch.commit()
         if not all_logits:
-            last = batch.last_rows()
-            x = x[last if sequences is None else [last[i] for i in sequences]]
+            x = x[batch.last_rows() if rows is None else rows]
         return self.unembedding(self.norm(x)).float()
 
 

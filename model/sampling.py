@@ -157,17 +157,25 @@ def _logprobs(
 ) -> list[TokenLogprob | None]:
     asking = [i for i, d in enumerate(draws) if d.params.logprobs is not None]
     out: list[TokenLogprob | None] = [None] * len(draws)
-    if not asking:
-        return out
-    lp = torch.log_softmax(x[asking].float(), dim=-1)  # [R, V]
-    chosen = lp.gather(1, torch.tensor([[tokens[i]] for i in asking], device=lp.device))
-    k = max(draws[i].params.logprobs or 0 for i in asking)
-    top = lp.topk(k, dim=-1) if k else None
-    chosen_host = chosen[:, 0].tolist()
-    values = top.values.tolist() if top is not None else [[] for _ in asking]
-    indices = top.indices.tolist() if top is not None else [[] for _ in asking]
-    for r, i in enumerate(asking):
-        n = draws[i].params.logprobs or 0
-        pairs = list(zip(indices[r][:n], values[r][:n], strict=True))
-        out[i] = TokenLogprob(tokens[i], chosen_host[r], pairs)
+    if asking:
+        ks = [draws[i].params.logprobs or 0 for i in asking]
+        scored = token_logprobs(x[asking], [tokens[i] for i in asking], ks)
+        for i, lp in zip(asking, scored, strict=True):
+            out[i] = lp
     return out
+
+
+def token_logprobs(x: torch.Tensor, tokens: list[int], ks: list[int]) -> list[TokenLogprob]:
+    """logits [R, V] -> each row's logprob of its token and its top ks[r] alternatives
+    (log_softmax in float32; one copy of what is asked to the host)."""
+    lp = torch.log_softmax(x.float(), dim=-1)
+    chosen = lp.gather(1, torch.tensor(tokens, device=lp.device)[:, None])[:, 0].tolist()
+    k = max(ks, default=0)
+    values, indices = ([[]] * len(tokens), [[]] * len(tokens))
+    if k:
+        top = lp.topk(k, dim=-1)
+        values, indices = top.values.tolist(), top.indices.tolist()
+    return [
+        TokenLogprob(t, c, list(zip(indices[r][:n], values[r][:n], strict=True)))
+        for r, (t, c, n) in enumerate(zip(tokens, chosen, ks, strict=True))
+    ]

@@ -86,6 +86,9 @@ class SamplingParams(BaseModel):
         default=None, ge=0, le=20, description="with each token: its logprob and the top n"
     )
     n: int = Field(default=1, ge=1, le=16, description="choices of one prompt, prefilled once")
+    prompt_logprobs: int | None = Field(
+        default=None, ge=0, le=20, description="each prompt token's logprob and the top n"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> SamplingParams:
@@ -225,6 +228,10 @@ class SeqWork:
     # other choices of the same prompt (n > 1), each drawing its first token from this
     # chunk's logits: (sequence id, seed); they decode from there on their own
     forks: list[tuple[str, int]] = field(default_factory=list)
+    # the prompt's logprobs (top `score` alternatives) at every position of the chunk;
+    # a chunk that does not draw says the token after it, which its last row scores
+    score: int | None = None
+    next_token: int | None = None
 
     @property
     def size(self) -> int:
@@ -256,3 +263,5 @@ class StepResult:
     tokens: dict[str, int]  # seq_id -> sampled token
     seconds: dict[str, float]
     logprobs: dict[str, TokenLogprob] = field(default_factory=dict)  # of those asking
+    # the logprobs of the tokens at positions start+1.. of a scored chunk (`SeqWork.score`)
+    prompt_logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)

@@ -5,6 +5,7 @@ experts' all-to-all is collective."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import torch
@@ -12,7 +13,7 @@ import torch
 from gptoss_ray.model.checkpoint import Checkpoint, load_model, resolve_model
 from gptoss_ray.model.kv_cache import SequenceBatch
 from gptoss_ray.model.model import Transformer
-from gptoss_ray.model.sampling import Draw, sample_rows, step_seed
+from gptoss_ray.model.sampling import Draw, sample_rows, step_seed, token_logprobs
 from gptoss_ray.model.types import KVLayout, SeqWork, StepPlan, StepResult, TokenLogprob
 from gptoss_ray.router.moe import ExpertParallel, StepTimer
 from gptoss_ray.router.plan import expert_ranges, owner_table
@@ -119,12 +120,12 @@ class Shard:
                 for fork_id, _ in w.forks:  # forked choices start with their parent's
                     self.history[fork_id] = list(self.history[w.seq_id])
         caches = [self.kv.place(w.seq_id, w.start, w.blocks) for w in work]
-        tokens, logprobs = self._draw(work, ids, caches, timer)
+        tokens, logprobs, prompt_logprobs = self._draw(work, ids, caches, timer)
         drawers = [s for w in work if w.sample for s in [w.seq_id, *(f for f, _ in w.forks)]]
         out = dict(zip(drawers, tokens, strict=True))
         self.drawn.update(out)
         asked = {s: lp for s, lp in zip(drawers, logprobs, strict=True) if lp is not None}
-        return StepResult(out, dict(timer.seconds), asked)
+        return StepResult(out, dict(timer.seconds), asked, prompt_logprobs)
 
     def _draws(self, work: list[SeqWork]) -> tuple[list[int], list[Draw]]:
         """The draws of the sampled rows (each row once, then once per fork of it) and the
@@ -148,12 +149,13 @@ class Shard:
         ids: list[list[int]],
         caches: list[PagedSequence],
         timer: StepTimer,
-    ) -> tuple[list[int], list[TokenLogprob | None]]:
-        """Runs the step's tokens through the model -> the sampled sequences' draws and
-        their logprobs (where asked)."""
+    ) -> tuple[list[int], list[TokenLogprob | None], dict[str, list[TokenLogprob]]]:
+        """Runs the step's tokens through the model -> the sampled sequences' draws, their
+        logprobs (where asked) and the scored chunks' prompt logprobs."""
         sampled = [i for i, w in enumerate(work) if w.sample]
-        decode = all(len(t) == 1 for t in ids)
+        decode = all(len(t) == 1 for t in ids) and not any(w.score is not None for w in work)
         logits = None
+        prompt_logprobs: dict[str, list[TokenLogprob]] = {}
         if self.graphs is not None and decode and self.graphs.fits(caches):
             try:
                 logits = self.graphs.run(caches, [t[0] for t in ids])
@@ -174,30 +176,62 @@ class Shard:
                 cache.commit(1)
             timer.lap("decode graph")  # buffers, replay
         else:
-            logits = self._forward(ids, caches, sampled, timer)
+            ends = list(itertools.accumulate(len(t) for t in ids))
+            scored = self._scored(work, ids, ends)
+            rows = [ends[i] - 1 for i in sampled] + [r for _, r, _, _ in scored]
+            logits = self._forward(ids, caches, rows, timer)
+            if scored:
+                prompt_logprobs = self._score(work, scored, logits[len(sampled) :])
+                logits = logits[: len(sampled)]
         rows, draws = self._draws(work)
         if rows != list(range(len(sampled))):  # a row drawn from more than once (forks)
             logits = logits[rows]
-        drawn = sample_rows(logits, draws) if sampled else ([], [])
+        tokens, logprobs = sample_rows(logits, draws) if sampled else ([], [])
         timer.lap("head")  # final norm, unembedding, sampling
-        return drawn
+        return tokens, logprobs, prompt_logprobs
+
+    @staticmethod
+    def _scored(
+        work: list[SeqWork], ids: list[list[int]], ends: list[int]
+    ) -> list[tuple[int, int, int, int]]:
+        """The rows whose logits score a prompt's next token (`SeqWork.score`): (work,
+        row, target token, top k), the chunk's rows in order."""
+        out = []
+        for i, w in enumerate(work):
+            if w.score is None:
+                continue
+            targets = ids[i][1:] + ([w.next_token] if w.next_token is not None else [])
+            first = ends[i] - len(ids[i])
+            out += [(i, first + j, t, w.score) for j, t in enumerate(targets)]
+        return out
+
+    @staticmethod
+    def _score(
+        work: list[SeqWork], scored: list[tuple[int, int, int, int]], logits: torch.Tensor
+    ) -> dict[str, list[TokenLogprob]]:
+        """The scored rows' logits -> each sequence's prompt logprobs, in order."""
+        lps = token_logprobs(logits, [t for _, _, t, _ in scored], [k for *_, k in scored])
+        out: dict[str, list[TokenLogprob]] = {}
+        for (i, *_), lp in zip(scored, lps, strict=True):
+            out.setdefault(work[i].seq_id, []).append(lp)
+        return out
 
     def _forward(
         self,
         ids: list[list[int]],
         caches: list[PagedSequence],
-        sampled: list[int],
+        rows: list[int],
         timer: StepTimer,
     ) -> torch.Tensor:
         """The step through the layers, any mix of prefill chunks and decodes (or none: the
-        exchange needs every shard) -> logits of the sampled sequences' last tokens."""
+        exchange needs every shard) -> logits of the given rows of the flat tokens."""
         lengths = [len(t) for t in ids]
         batch = SequenceBatch(caches, lengths, PagedBatchView(caches, lengths) if ids else None)
         tokens = torch.tensor(
             [t for chunk in ids for t in chunk], dtype=torch.long, device=self.device
         )
         self.exchange.timer = timer
-        return self.model(tokens, batch, sequences=sampled, timer=timer)
+        return self.model(tokens, batch, rows=rows, timer=timer)
 
 
 class NullShard(Shard):
@@ -228,14 +262,14 @@ class NullShard(Shard):
         ids: list[list[int]],
         caches: list[PagedSequence],
         timer: StepTimer,
-    ) -> tuple[list[int], list[TokenLogprob | None]]:
+    ) -> tuple[list[int], list[TokenLogprob | None], dict[str, list[TokenLogprob]]]:
         for w, cache in zip(work, caches, strict=True):
             cache.commit(w.size)
         timer.lap("null")
         # ordinary tokens (ids below the special ones), never a stop token
         draws = [(seed, w.draw_index) for w in work if w.sample for seed in _seeds(w)]
         tokens = [step_seed(seed, n) % 100_000 for seed, n in draws]
-        return tokens, [None] * len(tokens)
+        return tokens, [None] * len(tokens), {}
 
 
 def _seeds(w: SeqWork) -> list[int]:

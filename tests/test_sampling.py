@@ -190,3 +190,33 @@ def test_penalties_see_the_whole_history_after_preemption_and_prefix_hits():
         assert [lp.logprob for lp in out.logprobs] == pytest.approx(
             [lp.logprob for lp in w.logprobs], abs=1e-5
         )
+
+
+@pytest.mark.parametrize("full_blocks", [64, 9], ids=["roomy", "preempting"])
+def test_prompt_logprobs_match_transformers_across_chunks(full_blocks):
+    """Every prompt token's logprob (and top 5) from the shard, the prompt computed in
+    chunks (each chunk's last row scores the next chunk's first token) and, with few
+    blocks, again after preemptions (each position kept once): log_softmax of the
+    oracle's logits. A scored prompt takes no cached prefix: cached blocks have no
+    logits."""
+    from gptoss_ray.cluster.engine_core import EngineCore
+    from gptoss_ray.model.types import KVLayout
+    from tests.engine_cases import assert_logprobs_match_transformers, prompts, tiny_shard
+
+    layout = KVLayout(16, full_blocks, 32)
+    shard = tiny_shard(layout)
+    core = EngineCore(
+        shard.config, 1, layout, lambda plans: [shard.step(plans[0])], token_budget=24
+    )
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, prompt_logprobs=5)
+    ps = [prompts()[2], prompts()[4]]  # 70 and 100 tokens
+    core.submit(ps[0], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    core.run_until_done()  # ps[0]'s blocks are cached: the scored request must not use them
+    ids = [core.submit(p, params) for p in ps]
+    core.run_until_done()
+    if full_blocks == 9:
+        assert core.stats.preemptions > 0
+    for rid, prompt in zip(ids, ps, strict=True):
+        scored = core.output(rid).prompt_logprobs
+        assert scored[0] is None and len(scored) == len(prompt)
+        assert_logprobs_match_transformers(prompt[:1], prompt[1:], scored[1:])
