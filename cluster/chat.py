@@ -77,6 +77,31 @@ class MessageEnd:
 Event = TextDelta | ToolCallStart | MessageEnd
 
 
+class StopScan:
+    """Text up to the first stop string, as it comes: what may be the start of one is
+    held back until the next text tells."""
+
+    def __init__(self, stop: Sequence[str]) -> None:
+        self.stop = [s for s in stop if s]
+        self._held = ""
+
+    def push(self, delta: str) -> tuple[str, bool]:
+        """-> the text that can be shown now, and whether a stop string ended it."""
+        pending = self._held + delta
+        cuts = [i for i in (pending.find(s) for s in self.stop) if i >= 0]
+        if cuts:
+            self._held = ""
+            return pending[: min(cuts)], True
+        keep = max((_overlap(pending, s) for s in self.stop), default=0)
+        self._held = pending[len(pending) - keep :]
+        return pending[: len(pending) - keep], False
+
+    def flush(self) -> str:
+        """The text held back (the text ended without a stop string)."""
+        held, self._held = self._held, ""
+        return held
+
+
 class ReplyBuilder:
     def __init__(self, stop: Sequence[str] = (), *, logprobs: bool = False) -> None:
         """logprobs: the request asked for them; each token's (fed beside it) goes with
@@ -91,7 +116,7 @@ class ReplyBuilder:
         self._kind: Kind | None = None  # of the message being written
         self._calls: list[ToolCallStart] = []
         self._content = ""  # answer text shown so far
-        self._held = ""  # answer text that may be the start of a stop string
+        self._scan = StopScan(self.stop)
 
     @property
     def tokens(self) -> list[int]:
@@ -149,16 +174,8 @@ class ReplyBuilder:
 
     def _show(self, delta: str) -> None:
         """Answer text, up to a stop string: what may begin one is held back."""
-        pending = self._held + delta
-        cuts = [i for i in (pending.find(s) for s in self.stop) if i >= 0]
-        if cuts:
-            self._held = ""
-            self._emit(pending[: min(cuts)])
-            self.stopped = True
-            return
-        keep = max((_overlap(pending, s) for s in self.stop), default=0)
-        self._held = pending[len(pending) - keep :]
-        self._emit(pending[: len(pending) - keep])
+        text, self.stopped = self._scan.push(delta)
+        self._emit(text)
 
     def _emit(self, text: str) -> None:
         if text:
@@ -170,9 +187,8 @@ class ReplyBuilder:
             )
 
     def _end(self) -> None:
-        if self._kind == "content" and self._held:
-            held, self._held = self._held, ""
-            self._emit(held)
+        if self._kind == "content":
+            self._emit(self._scan.flush())
         self.events.append(MessageEnd(self._kind))  # type: ignore[arg-type]
         self._kind = None
         self._token_logprobs = []  # tokens whose text never showed (a cut character)

@@ -156,7 +156,7 @@ class EngineCore:
         prompt = list(prompt)
         if self.failure is not None:
             raise EngineUnavailable(f"the engine stopped after a failure: {self.failure}")
-        self._check(prompt, params, request_id)
+        self.check(prompt, params, f"request {request_id}" if request_id else "request")
         request_id = request_id or uuid.uuid4().hex
         replies = list(reply) if isinstance(reply, Sequence) else [reply] * params.n
         if len(replies) != params.n:
@@ -192,8 +192,8 @@ class EngineCore:
             self._lock.notify_all()
         return request_id
 
-    def _check(self, prompt: list[int], params: SamplingParams, request_id: str | None) -> None:
-        where = f"request {request_id}" if request_id else "request"
+    def check(self, prompt: list[int], params: SamplingParams, where: str = "request") -> None:
+        """Raises the RequestError `submit` would for this prompt; `where` names it."""
         check_prompt(prompt, params.max_tokens, self.config, f"{where}: the prompt")
         if self.max_prompt_tokens is not None and len(prompt) > self.max_prompt_tokens:
             raise ContextLengthExceeded(
@@ -309,6 +309,8 @@ class EngineCore:
             s.reply.finish(s.finish_reason, request_id=s.seq_id, prompt_tokens=len(s.prompt))
             for s in seqs
         ]
+        if seqs[0].prompt_logprobs is not None:
+            replies[0]["prompt_logprobs"] = list(seqs[0].prompt_logprobs)
         if len(replies) == 1:
             return replies[0]
         completion = sum(r["usage"]["completion_tokens"] for r in replies)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from gptoss_ray.cluster.chat import ReplyBuilder, chat_prompt
+from gptoss_ray.cluster.completions import CompletionRequest, TextReply
 from gptoss_ray.cluster.engine_core import EngineCore, RequestOutput
 from gptoss_ray.model.config import ModelConfig
 from gptoss_ray.model.harmony.openai_chat import ChatRequest
@@ -149,6 +150,29 @@ class EngineLoop:
         ]
         rid = self.core.submit(prompt, params, request_id, reply=replies)
         return rid, len(prompt)
+
+    def submit_text(self, body: dict[str, Any]) -> list[tuple[str, list[int]]]:
+        """A completions request (cluster.completions) -> (request id, prompt ids) of each
+        of its prompts, their replies built as text (`wait_events`). A bad request
+        raises before anything is queued; a prompt that fails later does not cancel the
+        ones queued before it (the caller cancels them)."""
+        self._alive()
+        request = CompletionRequest.parse(body)
+        self.check_model(request.model)
+        params = request.params()
+        stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+        prompts = request.prompts()
+        for i, prompt in enumerate(prompts):
+            self.core.check(prompt, params, f"prompt {i}")
+        keep = 0 if request.max_tokens == 0 else -1
+        out = []
+        for prompt in prompts:
+            replies = [
+                TextReply(stops, logprobs=request.logprobs is not None, keep=keep)
+                for _ in range(params.n)
+            ]
+            out.append((self.core.submit(prompt, params, reply=replies), prompt))
+        return out
 
     def wait_events(
         self, request_id: str, after: int | list[int] = 0, timeout: float | None = None

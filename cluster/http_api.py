@@ -15,7 +15,8 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
@@ -27,8 +28,15 @@ from gptoss_ray.cluster.chat import (
     chat_completion,
     logprob_entries,
 )
+from gptoss_ray.cluster.completions import (
+    CompletionRequest,
+    completion_choices,
+    completion_object,
+    legacy_logprobs,
+)
 from gptoss_ray.cluster.responses_api import ResponseStream, response_object, responses_to_chat
 from gptoss_ray.model import harmony
+from gptoss_ray.model import tokenizer as tok
 from gptoss_ray.model.types import EngineUnavailable, RequestError
 
 if TYPE_CHECKING:
@@ -342,18 +350,85 @@ class _Handler(BaseHTTPRequestHandler):
         with nobody to read it."""
         if not isinstance(chat, dict):
             raise ApiError(400, "the request body is a JSON object", "invalid_request")
+        with self._submitting(lambda: [self.api.engine.submit_chat(chat)[0]]) as (rid,):
+            yield rid
+
+    @contextlib.contextmanager
+    def _submitting(self, submit: Callable[[], list[Any]]) -> Iterator[list[Any]]:
+        """Runs `submit` (-> request ids, or (id, ...) tuples), its errors as API errors;
+        on the way out the engine is done with every request it made."""
         engine = self.api.engine
         try:
-            rid, _ = engine.submit_chat(chat)
+            submitted = submit()
         except (RequestError, EngineUnavailable) as exc:  # harmony's errors among them
             raise ApiError(exc.status, str(exc), exc.code, getattr(exc, "param", None)) from None
         except ValueError as exc:  # a field that only SamplingParams checks
             raise ApiError(400, str(exc), RequestError.code) from None
         try:
-            yield rid
+            yield submitted
         finally:
-            engine.cancel(rid)  # a no-op once it finished
-            engine.forget(rid)
+            for item in submitted:
+                rid = item[0] if isinstance(item, tuple) else item
+                engine.cancel(rid)  # a no-op once it finished
+                engine.forget(rid)
+
+    def route_completions(self) -> None:
+        body = self._read_json()
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body is a JSON object", "invalid_request")
+        if body.get("stream") and body.get("echo") and body.get("logprobs") is not None:
+            raise ApiError(
+                400,
+                "echo with logprobs is not streamed: leave out stream",
+                "invalid_request",
+                "echo",
+            )
+        with self._submitting(lambda: self.api.engine.submit_text(body)) as submitted:
+            request = CompletionRequest.parse(body)
+            n, cid = request.n or 1, f"cmpl-{submitted[0][0][:24]}"
+            if request.stream:
+                self._stream_completions(cid, submitted, request)
+                return
+            choices, usage = [], Counter()
+            for i, (rid, prompt) in enumerate(submitted):
+                reply = self._wait_reply(rid, n)
+                choices += completion_choices(i * n, prompt, reply, request)
+                usage.update(reply["usage"])
+            self._send_json(200, completion_object(cid, self.api.model_id, choices, dict(usage)))
+
+    def _stream_completions(
+        self, cid: str, submitted: list[tuple[str, list[int]]], request: CompletionRequest
+    ) -> None:
+        """Prompt after prompt (all run at once), each choice's text as it comes."""
+        n, usage = request.n or 1, Counter()
+
+        def chunk(index: int, text: str, finish: str | None = None, logprobs: Any = None):
+            choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+            self._event(completion_object(cid, self.api.model_id, [choice], {}) | {"usage": None})
+
+        self._start_events()
+        for i, (rid, prompt) in enumerate(submitted):
+            offsets = [0] * n
+            if request.echo:
+                for j in range(n):
+                    chunk(i * n + j, tok.decode(prompt))
+
+            def delta(ev: Any, i: int = i, offsets: list[int] = offsets) -> None:
+                j, event = ev
+                lps = None
+                if request.logprobs is not None:
+                    tokens = [lp.token for lp in event.logprobs]
+                    lps = legacy_logprobs(event.logprobs, tokens, offsets[j])
+                offsets[j] += len(event.text)
+                chunk(i * n + j, event.text, logprobs=lps)
+
+            reply = yield_from(self._events(rid, n), delta)
+            for j, r in enumerate(reply.get("choices") or [reply]):
+                chunk(i * n + j, "", r["finish_reason"])
+            usage.update(reply["usage"])
+        if request.stream_options and request.stream_options.include_usage:
+            self._event(completion_object(cid, self.api.model_id, [], dict(usage)))
+        self._event("[DONE]")
 
     def route_chat_completions(self) -> None:
         body = self._read_json()
@@ -407,8 +482,8 @@ class _Handler(BaseHTTPRequestHandler):
             if self._client_gone():
                 raise ClientGone
 
-    def _wait_reply(self, rid: str) -> dict[str, Any]:
-        return yield_from(self._events(rid), lambda event: None)
+    def _wait_reply(self, rid: str, n: int = 1) -> dict[str, Any]:
+        return yield_from(self._events(rid, n), lambda event: None)
 
     def _start_events(self) -> None:
         self.send_response(200)
@@ -498,4 +573,5 @@ ROUTES = {
     ("GET", "/metrics"): _Handler.route_metrics,
     ("POST", "/v1/chat/completions"): _Handler.route_chat_completions,
     ("POST", "/v1/responses"): _Handler.route_responses,
+    ("POST", "/v1/completions"): _Handler.route_completions,
 }

@@ -1,0 +1,139 @@
+"""`/v1/completions` on the built-in model (one in-process shard, float32) through the
+official `openai` client: raw prompts (text, ids, several), echo with prompt logprobs
+(what evaluation harnesses score with) against transformers, stop strings, n, streaming
+equal to the whole reply, and clear 400s."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+import torch
+
+from gptoss_ray.cluster.engine_core import EngineCore
+from gptoss_ray.cluster.engine_loop import EngineLoop
+from gptoss_ray.cluster.http_api import serve_api
+from gptoss_ray.model import tokenizer as tok
+from gptoss_ray.model.generate import generate
+from gptoss_ray.model.types import KVLayout, SamplingParams
+from tests.engine_cases import baseline_model, prompts, tiny_shard, transformers_model
+
+KEY = "k"
+
+
+@pytest.fixture(scope="module")
+def url():
+    layout = KVLayout(16, 256, 128)
+    shard = tiny_shard(layout)
+    core = EngineCore(shard.config, 1, layout, lambda plans: [shard.step(plans[0])])
+    engine = EngineLoop("/models/gpt-oss-tiny", shard.config, layout, core)
+    yield engine.attach(serve_api, "127.0.0.1", 0, KEY)
+    engine.shutdown()
+
+
+@pytest.fixture
+def client(url):
+    return openai.OpenAI(base_url=url, api_key=KEY, max_retries=0)
+
+
+def text_of(ids: list[int]) -> str:
+    return tok.decode([t for t in ids if t < tok.NUM_BASE_TOKENS])
+
+
+def test_greedy_completions_of_several_id_prompts_equal_the_baseline(client):
+    ps = [prompts()[0], prompts()[3]]
+    r = client.completions.create(model="gpt-oss-tiny", prompt=ps, max_tokens=7, temperature=0)
+    want = generate(baseline_model(), ps, SamplingParams(max_tokens=7, temperature=0))
+    assert [c.index for c in r.choices] == [0, 1]
+    assert [c.text for c in r.choices] == [text_of(w.token_ids) for w in want]
+    assert r.usage.prompt_tokens == sum(map(len, ps))
+    assert r.usage.completion_tokens == sum(len(w.token_ids) for w in want)
+    assert r.object == "text_completion"
+
+
+def test_echo_scores_the_prompt_as_transformers_does(client):
+    """lm-evaluation-harness's loglikelihood request: echo, logprobs 1, max_tokens 0 or 1."""
+    prompt = prompts()[2]  # 70 tokens: longer than the window
+    for max_tokens in (0, 1):
+        r = client.completions.create(
+            model="gpt-oss-tiny",
+            prompt=prompt,
+            max_tokens=max_tokens,
+            temperature=0,
+            echo=True,
+            logprobs=3,
+        )
+        (choice,) = r.choices
+        lps = choice.logprobs
+        assert len(lps.token_logprobs) == len(prompt) + max_tokens
+        assert lps.token_logprobs[0] is None and lps.top_logprobs[0] is None
+        assert lps.tokens[: len(prompt)] == [
+            tok.token_bytes(t).decode(errors="replace") for t in prompt
+        ]
+        assert choice.text.startswith(tok.decode(prompt))
+        ids = torch.tensor(prompt)[None]
+        with torch.no_grad():
+            want = torch.log_softmax(transformers_model()(ids).logits[0].float(), dim=-1)
+        expected = [float(want[i, prompt[i + 1]]) for i in range(len(prompt) - 1)]
+        assert lps.token_logprobs[1 : len(prompt)] == pytest.approx(expected, abs=1e-4)
+        assert all(len(top) == 3 for top in lps.top_logprobs[1:])
+        assert lps.text_offset[1] == len(lps.tokens[0])
+        assert r.usage.completion_tokens == max_tokens
+
+
+def test_a_text_prompt_with_stop_strings_n_and_a_stream_equal_to_the_reply(client):
+    args = dict(model="gpt-oss-tiny", prompt="The capital of France is", max_tokens=12, seed=3)
+    free = client.completions.create(**args, temperature=1.0)
+    stop = free.choices[0].text[4:7]
+    assert stop.strip()
+    r = client.completions.create(**args, temperature=1.0, stop=[stop], n=2, logprobs=2)
+    assert r.choices[0].text == free.choices[0].text[: free.choices[0].text.index(stop)]
+    assert r.choices[0].finish_reason == "stop"
+    chunks = list(
+        client.completions.create(
+            **args, temperature=1.0, stop=[stop], n=2, logprobs=2, stream=True
+        )
+    )
+    for choice in r.choices:
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == choice.index]
+        assert "".join(c.text for c in mine) == choice.text
+        assert mine[-1].finish_reason == choice.finish_reason
+        streamed = [x for c in mine if c.logprobs for x in c.logprobs.token_logprobs]
+        assert streamed == choice.logprobs.token_logprobs
+
+
+def post(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        url + "/completions",
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "says"),
+    [
+        ({"prompt": "x", "suffix": "y"}, None, "suffix"),
+        ({"prompt": 5}, "prompt", ""),
+        ({"prompt": []}, None, "empty"),
+        ({"prompt": [[1, 2], [3, 300000]]}, None, "prompt 1"),
+        ({"prompt": "x", "logprobs": 21}, "logprobs", ""),
+        ({"prompt": "x", "n": 17}, "n", ""),
+        ({"prompt": "x", "echo": True, "logprobs": 1, "stream": True}, "echo", "not streamed"),
+        ({"prompt": "x", "model": "other"}, "model", ""),
+    ],
+)
+def test_bad_completions_are_400s_that_say_what(url, body, param, says):
+    status, out = post(url, {"model": "gpt-oss-tiny", **body})
+    assert status in (400, 404), out
+    assert says in out["error"]["message"]
+    if param:
+        assert out["error"]["param"] == param
