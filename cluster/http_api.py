@@ -15,6 +15,7 @@ import select
 import socket
 import threading
 import time
+import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -34,8 +35,13 @@ from gptoss_ray.cluster.completions import (
     completion_object,
     legacy_logprobs,
 )
-from gptoss_ray.cluster.responses_api import ResponseStream, response_object, responses_to_chat
-from gptoss_ray.model import harmony
+from gptoss_ray.cluster.response_store import ResponseStore
+from gptoss_ray.cluster.responses_api import (
+    ResponseStream,
+    conversation,
+    remember,
+    response_object,
+)
 from gptoss_ray.model import tokenizer as tok
 from gptoss_ray.model.types import EngineUnavailable, RequestError
 
@@ -126,6 +132,7 @@ class ApiServer:
         self.started = int(time.time())
         self.http_requests = 0
         self.http_errors = 0
+        self.responses = ResponseStore()  # stored responses: the cluster's, not this process's
         handler = type("Handler", (_Handler,), {"api": self, "timeout": idle_timeout_s})
         self.httpd = _Server((host, port), handler, max_connections)
         self.host, self.port = self.httpd.server_address[:2]
@@ -275,11 +282,11 @@ class _Handler(BaseHTTPRequestHandler):
                 raise ApiError(
                     401, "missing or wrong API key (Authorization: Bearer KEY)", "invalid_api_key"
                 )
-            path = self.path.split("?")[0].rstrip("/")
-            route = ROUTES.get((method, path))
+            path, _, query = self.path.partition("?")
+            self.query = dict(urllib.parse.parse_qsl(query))
+            route, pattern, self.path_params = _route(method, path.rstrip("/"))
             if route is None:
-                known = {p for (_, p) in ROUTES}
-                if path in known:
+                if pattern is not None:
                     raise ApiError(405, f"{method} is not allowed on {path}", "method_not_allowed")
                 raise ApiError(404, f"no route {path}", "not_found")
             route(self)
@@ -443,16 +450,43 @@ class _Handler(BaseHTTPRequestHandler):
     def route_responses(self) -> None:
         body = self._read_json()
         try:
-            chat = responses_to_chat(body)
-        except harmony.HarmonyError as exc:
-            raise ApiError(400, str(exc), "invalid_request") from None
+            items, chat = conversation(body, self.api.responses)
+        except RequestError as exc:  # harmony's among them
+            raise ApiError(exc.status, str(exc), exc.code, exc.param) from None
         with self._submitted(chat) as rid:
             if body.get("stream"):
-                self._stream_responses(rid, bool(chat.get("logprobs")))
-                return
-            reply = self._wait_reply(rid)
-            response = response_object(reply, self.api.model_id, response_id=f"resp_{rid}")
-            self._send_json(200, response)
+                response = self._stream_responses(rid, body, bool(chat.get("logprobs")))
+            else:
+                reply = self._wait_reply(rid)
+                response = response_object(
+                    reply, self.api.model_id, response_id=f"resp_{rid}", request=body
+                )
+                self._send_json(200, response)
+            remember(self.api.responses, body, items, response)
+
+    def _stored(self) -> dict[str, Any]:
+        entry = self.api.responses.get(self.path_params["id"])
+        if entry is None:
+            raise ApiError(404, f"no stored response {self.path_params['id']!r}", "not_found")
+        return entry
+
+    def route_get_response(self) -> None:
+        self._send_json(200, self._stored()["response"])
+
+    def route_delete_response(self) -> None:
+        rid = self.path_params["id"]
+        if not self.api.responses.delete(rid):
+            raise ApiError(404, f"no stored response {rid!r}", "not_found")
+        self._send_json(200, {"id": rid, "object": "response.deleted", "deleted": True})
+
+    def route_response_input_items(self) -> None:
+        entry = self._stored()
+        data = entry["items"][: entry["inputs"]]
+        if self.query.get("order", "desc") == "desc":
+            data = data[::-1]  # OpenAI lists the newest first unless asked
+        first, last = (data[0]["id"], data[-1]["id"]) if data else (None, None)
+        body = {"object": "list", "data": data, "first_id": first, "last_id": last}
+        self._send_json(200, body | {"has_more": False})
 
     # -- waiting and streaming -------------------------------------------------------------
     def _client_gone(self) -> bool:
@@ -547,7 +581,7 @@ class _Handler(BaseHTTPRequestHandler):
             )
             chunk({"content": ev.text}, logprobs=lps)
 
-    def _stream_responses(self, rid: str, logprobs: bool) -> None:
+    def _stream_responses(self, rid: str, request: dict[str, Any], logprobs: bool) -> dict:
         seq = iter(range(1 << 62))
 
         def send(kind: str, **fields: Any) -> None:
@@ -555,7 +589,8 @@ class _Handler(BaseHTTPRequestHandler):
 
         self._start_events()
         stream = ResponseStream(send, f"resp_{rid}", self.api.model_id, logprobs)
-        stream.complete(yield_from(self._events(rid), lambda ev: stream.handle(ev[1])))
+        reply = yield_from(self._events(rid), lambda ev: stream.handle(ev[1]))
+        return stream.complete(reply, request)
 
 
 def yield_from(events, handle) -> Any:
@@ -574,4 +609,23 @@ ROUTES = {
     ("POST", "/v1/chat/completions"): _Handler.route_chat_completions,
     ("POST", "/v1/responses"): _Handler.route_responses,
     ("POST", "/v1/completions"): _Handler.route_completions,
+    ("GET", "/v1/responses/{id}"): _Handler.route_get_response,
+    ("DELETE", "/v1/responses/{id}"): _Handler.route_delete_response,
+    ("GET", "/v1/responses/{id}/input_items"): _Handler.route_response_input_items,
 }
+
+
+def _route(method: str, path: str) -> tuple[Any, str | None, dict[str, str]]:
+    """-> the route for (method, path), the pattern the path matched (for a 405 when the
+    method is wrong), and the path's `{name}` parts."""
+    parts, matched = path.split("/"), None
+    for (m, pattern), route in ROUTES.items():
+        want = pattern.split("/")
+        if len(want) != len(parts):
+            continue
+        params = {w[1:-1]: p for w, p in zip(want, parts, strict=True) if w.startswith("{")}
+        if all(w == p or w.startswith("{") for w, p in zip(want, parts, strict=True)):
+            if m == method:
+                return route, pattern, params
+            matched = pattern
+    return None, matched, {}

@@ -13,7 +13,9 @@ from collections.abc import Callable
 from typing import Any
 
 from gptoss_ray.cluster.chat import Event, MessageEnd, TextDelta, ToolCallStart, logprob_entries
+from gptoss_ray.cluster.response_store import ResponseStore
 from gptoss_ray.model.harmony import HarmonyError
+from gptoss_ray.model.types import UnknownRequest
 
 LOGPROBS = "message.output_text.logprobs"  # the `include` value that asks for them
 
@@ -108,6 +110,52 @@ def responses_to_chat(body: dict[str, Any]) -> dict[str, Any]:
     return chat
 
 
+def input_items(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The request's input as Responses items, each with an id (a string input is one
+    user message), as they are stored and listed (`GET .../input_items`)."""
+    items = body.get("input")
+    if isinstance(items, str):
+        items = [{"type": "message", "role": "user", "content": items}]
+    if not isinstance(items, list) or not items:
+        raise HarmonyError("input: a string or a non-empty list of items")
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise HarmonyError(f"input[{i}]: an item is a JSON object")
+        item = {"type": "message", **item}
+        if item["type"] == "message" and isinstance(item.get("content"), str):
+            part = "output_text" if item.get("role") == "assistant" else "input_text"
+            item["content"] = [{"type": part, "text": item["content"]}]
+        item.setdefault("id", f"{_ID_PREFIX.get(item['type'], 'item')}_{uuid.uuid4().hex}")
+        out.append(item)
+    return out
+
+
+_ID_PREFIX = {"message": "msg", "reasoning": "rs", "function_call": "fc"}
+
+
+def conversation(
+    body: dict[str, Any], store: ResponseStore
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The items the model reads (a previous response's conversation, then the input) and
+    the chat request they make. Instructions are not carried over from the previous
+    response, as OpenAI does."""
+    if not isinstance(body, dict):
+        raise HarmonyError("the request body is a JSON object")
+    items = input_items(body)
+    previous = body.get("previous_response_id")
+    if previous is not None:
+        entry = store.get(str(previous))
+        if entry is None:
+            raise UnknownRequest(
+                f"previous_response_id: no stored response {previous!r} (never stored, "
+                "deleted, or expired)",
+                param="previous_response_id",
+            )
+        items = entry["items"] + items
+    return items, responses_to_chat({**body, "input": items})
+
+
 def _text(content: Any, where: str) -> str:
     if content is None or isinstance(content, str):
         return content or ""
@@ -126,9 +174,15 @@ def _text(content: Any, where: str) -> str:
 
 
 def response_object(
-    reply: dict[str, Any], model: str, *, response_id: str | None = None
+    reply: dict[str, Any],
+    model: str,
+    *,
+    response_id: str | None = None,
+    request: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A finished chat reply -> a Responses API `response`."""
+    """A finished chat reply -> a Responses API `response` (for `request`: its
+    previous_response_id and store echoed back)."""
+    request = request or {}
     message = reply["message"]
     output: list[dict[str, Any]] = []
     if message.get("reasoning_content"):
@@ -150,6 +204,8 @@ def response_object(
         "model": model,
         "output": output,
         "parallel_tool_calls": True,
+        "previous_response_id": request.get("previous_response_id"),
+        "store": request.get("store", True) is not False,
         "tool_choice": "auto",
         "tools": [],
         "usage": {
@@ -268,12 +324,14 @@ class ResponseStream:
         elif isinstance(event, MessageEnd) and self.items and self.items[-1].get("_open"):
             self._close()
 
-    def complete(self, reply: dict[str, Any]) -> None:
+    def complete(self, reply: dict[str, Any], request: dict[str, Any]) -> dict[str, Any]:
+        """The last event; -> the response it carries."""
         if self.items and self.items[-1].get("_open"):
             self._close()
-        final = response_object(reply, self.model, response_id=self.response_id)
+        final = response_object(reply, self.model, response_id=self.response_id, request=request)
         final["output"] = self.items
         self.send("response.completed", response=final)
+        return final
 
     def _open(self, item: dict[str, Any], kind: str) -> None:
         item["_open"] = kind
@@ -320,3 +378,12 @@ class ResponseStream:
                 part=part,
             )
         self.send("response.output_item.done", output_index=index, item=item)
+
+
+def remember(
+    store: ResponseStore, request: dict[str, Any], items: list[dict[str, Any]], response: dict
+) -> None:
+    """Stores a finished response with its conversation (unless the request said
+    `store: false`): the items read, then the response's output items."""
+    if request.get("store", True) is not False:
+        store.put(response, items + response["output"], inputs=len(items))

@@ -359,3 +359,48 @@ def test_a_client_that_leaves_mid_stream_frees_its_sequence(server):
         model="gpt-oss-tiny", messages=user("Hi")
     )
     assert r.choices[0].message.content == "Hello there, friend!"  # the engine serves on
+
+
+def test_stored_responses_continue_a_conversation_as_if_it_were_resent(server, client):
+    """previous_response_id sends the model the tokens of the whole conversation sent
+    again by the client; GET, input_items and DELETE on the stored response."""
+    _, _, shards = server
+    tools = [{"type": "function", **WEATHER_TOOL["function"]}]
+    first = client.responses.create(model="gpt-oss-tiny", input="Hi", instructions="Be brief.")
+    assert first.store is True
+    second = client.responses.create(
+        model="gpt-oss-tiny", input="weather?", tools=tools, previous_response_id=first.id
+    )
+    assert second.previous_response_id == first.id
+    call = next(item for item in second.output if item.type == "function_call")
+    output = {"type": "function_call_output", "call_id": call.call_id, "output": "20C"}
+    third = client.responses.create(
+        model="gpt-oss-tiny", input=[output], tools=tools, previous_response_id=second.id
+    )
+    assert third.output_text == "It is 20C in SF."
+    # the whole conversation by hand: the same prompt tokens for the last turn
+    history = [{"role": "user", "content": "Hi"}]
+    history += [item.model_dump(exclude_none=True) for item in first.output]
+    history += [{"role": "user", "content": "weather?"}]
+    history += [item.model_dump(exclude_none=True) for item in second.output] + [output]
+    resent = client.responses.create(model="gpt-oss-tiny", input=history, tools=tools)
+    seen = lambda r: shards.prompts[r.id.removeprefix("resp_")]  # noqa: E731
+    assert seen(third) == seen(resent)
+    assert "Be brief." not in tok.decode(seen(third))  # instructions are not carried over
+
+    assert client.responses.retrieve(third.id).output_text == third.output_text
+    items = client.responses.input_items.list(third.id, order="asc").data
+    assert [i.type for i in items][-1] == "function_call_output"
+    assert len(items) == len(history)
+    client.responses.delete(second.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(second.id)
+    with pytest.raises(openai.NotFoundError) as info:
+        client.responses.create(model="gpt-oss-tiny", input="x", previous_response_id=second.id)
+    assert info.value.body["param"] == "previous_response_id"
+    unstored = client.responses.create(model="gpt-oss-tiny", input="Hi", store=False)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unstored.id)
+    streamed = list(client.responses.create(model="gpt-oss-tiny", input="Hi", stream=True))
+    final = streamed[-1].response
+    assert client.responses.retrieve(final.id).output_text == final.output_text

@@ -56,3 +56,27 @@ def test_64_concurrent_streaming_clients_complete(url):
     with ThreadPoolExecutor(64) as pool:
         results = list(pool.map(one, range(64)))
     assert results == [("length", 8)] * 64
+
+
+def test_stored_responses_outlive_the_engine(url):
+    """A conversation stored by one coordinator continues on the next one (`gptoss-ray
+    stop`, then `serve` again): the store is the Ray cluster's, and the continued turn's
+    greedy tokens equal those of the whole conversation sent again. Last in this module:
+    it replaces the module's server."""
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+    args = dict(model="gpt-oss-tiny", max_output_tokens=5, temperature=0)
+    first = client.responses.create(input="Hi there", **args)
+    stop(NAME)
+    again = serve("gpt-oss-tiny", 2, name=NAME, dtype="float32", http=("127.0.0.1", 0, None))
+    client = openai.OpenAI(base_url=again["url"], api_key="unused", max_retries=0)
+    assert client.responses.retrieve(first.id).id == first.id
+    second = client.responses.create(input="And then?", previous_response_id=first.id, **args)
+    history = [{"role": "user", "content": "Hi there"}]
+    history += [item.model_dump(exclude_none=True) for item in first.output]
+    resent = client.responses.create(
+        input=[*history, {"role": "user", "content": "And then?"}], **args
+    )
+    assert second.usage.input_tokens == resent.usage.input_tokens
+    assert [i.model_dump(exclude={"id"}) for i in second.output] == [
+        i.model_dump(exclude={"id"}) for i in resent.output
+    ]
