@@ -137,3 +137,33 @@ def test_bad_completions_are_400s_that_say_what(url, body, param, says):
     assert says in out["error"]["message"]
     if param:
         assert out["error"]["param"] == param
+
+
+def test_penalties_bias_and_vllm_extensions_through_the_client(client):
+    """Every sampling field from the official client (vLLM's extensions in extra_body)
+    draws what the single-process baseline draws with the same parameters."""
+    prompt = prompts()[5]
+    fields = dict(
+        temperature=0.9,
+        top_p=0.95,
+        seed=12,
+        presence_penalty=0.6,
+        frequency_penalty=0.4,
+        logit_bias={"1000": 3.0, "2000": -100},
+    )
+    extra = dict(repetition_penalty=1.2, min_p=0.02, top_k=50, min_tokens=6, ignore_eos=True)
+    r = client.completions.create(
+        model="gpt-oss-tiny", prompt=prompt, max_tokens=10, extra_body=extra, **fields
+    )
+    params = SamplingParams(
+        max_tokens=10,
+        **{**fields, "logit_bias": {1000: 3.0, 2000: -100}},
+        **extra,
+    )
+    (want,) = generate(baseline_model(), [prompt], params)
+    assert r.choices[0].text == text_of(want.token_ids)
+    assert r.usage.completion_tokens == 10  # no stop token ends it (ignore_eos)
+    forced = client.completions.create(
+        model="gpt-oss-tiny", prompt=prompt, max_tokens=4, temperature=0, logit_bias={"1000": 100}
+    )
+    assert forced.choices[0].text == tok.decode([1000] * 4)

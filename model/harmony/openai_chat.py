@@ -119,6 +119,8 @@ class SamplingFields(BaseModel):
     repetition_penalty: float | None = Field(default=None, gt=0, le=10, strict=True)
     min_tokens: int | None = Field(default=None, ge=0, strict=True)
     min_p: float | None = Field(default=None, ge=0, le=1, strict=True)
+    ignore_eos: bool | None = Field(default=None, strict=True)
+    stop_token_ids: list[int] | None = Field(default=None, max_length=64)
     logit_bias: dict[str, float] | None = None
 
     @field_validator("logit_bias")
@@ -157,6 +159,8 @@ class SamplingFields(BaseModel):
             logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
             logprobs=(self.top_logprobs or 0) if self.logprobs else None,
             n=self.n or 1,
+            ignore_eos=bool(self.ignore_eos),
+            stop_token_ids=self.stop_token_ids,
         )
 
     @classmethod
