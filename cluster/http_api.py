@@ -27,6 +27,7 @@ from gptoss_ray.cluster.chat import (
     TextDelta,
     ToolCallStart,
     chat_completion,
+    chat_prompt,
     logprob_entries,
 )
 from gptoss_ray.cluster.completions import (
@@ -464,6 +465,51 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send_json(200, response)
             remember(self.api.responses, body, items, response)
 
+    # -- vLLM's tokenizer endpoints (evaluation harnesses count tokens with them) ----------
+    def route_tokenize(self) -> None:
+        """{"prompt": text} or {"messages": chat} (rendered for completion) -> ids."""
+        body = self._read_json()
+        if not isinstance(body, dict) or not isinstance(
+            body.get("prompt", body.get("messages")), str | list
+        ):
+            raise ApiError(
+                400, "give a prompt (a string) or messages (a chat)", "invalid_request", "prompt"
+            )
+        try:
+            if "messages" in body:
+                tokens = chat_prompt(body, self.api.engine.config.max_context_length)[0]
+            elif isinstance(body["prompt"], str):
+                tokens = tok.encode(body["prompt"], allow_special=True)  # as /v1/completions
+            else:
+                raise ApiError(400, "prompt: a string", "invalid_request", "prompt")
+        except RequestError as exc:
+            raise ApiError(exc.status, str(exc), exc.code, exc.param) from None
+        context = self.api.engine.config.max_context_length
+        self._send_json(200, {"count": len(tokens), "max_model_len": context, "tokens": tokens})
+
+    def route_detokenize(self) -> None:
+        body = self._read_json()
+        tokens = body.get("tokens") if isinstance(body, dict) else None
+        if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+            raise ApiError(400, "tokens: a list of token ids", "invalid_request", "tokens")
+        try:
+            self._send_json(200, {"prompt": tok.decode(tokens)})
+        except tok.TokenizerError as exc:
+            raise ApiError(400, str(exc), "invalid_request", "tokens") from None
+
+    def route_tokenizer_info(self) -> None:
+        self._send_json(
+            200,
+            {
+                "tokenizer_class": "tiktoken:o200k_harmony",
+                "eos_token": "<|return|>",
+                "bos_token": None,
+                "pad_token": "<|endoftext|>",
+                "model_max_length": self.api.engine.config.max_context_length,
+                "vocab_size": tok.VOCAB_SIZE,
+            },
+        )
+
     def _stored(self) -> dict[str, Any]:
         entry = self.api.responses.get(self.path_params["id"])
         if entry is None:
@@ -609,6 +655,9 @@ ROUTES = {
     ("POST", "/v1/chat/completions"): _Handler.route_chat_completions,
     ("POST", "/v1/responses"): _Handler.route_responses,
     ("POST", "/v1/completions"): _Handler.route_completions,
+    ("POST", "/tokenize"): _Handler.route_tokenize,
+    ("POST", "/detokenize"): _Handler.route_detokenize,
+    ("GET", "/tokenizer_info"): _Handler.route_tokenizer_info,
     ("GET", "/v1/responses/{id}"): _Handler.route_get_response,
     ("DELETE", "/v1/responses/{id}"): _Handler.route_delete_response,
     ("GET", "/v1/responses/{id}/input_items"): _Handler.route_response_input_items,

@@ -167,3 +167,35 @@ def test_penalties_bias_and_vllm_extensions_through_the_client(client):
         model="gpt-oss-tiny", prompt=prompt, max_tokens=4, temperature=0, logit_bias={"1000": 100}
     )
     assert forced.choices[0].text == tok.decode([1000] * 4)
+
+
+def test_vllm_tokenizer_endpoints(url):
+    """What lm-evaluation-harness's remote tokenizer reads (`/tokenizer_info`,
+    `/tokenize`, `/detokenize`): the same ids /v1/completions computes for the text."""
+    root = url.removesuffix("/v1")
+
+    def call(path: str, body: dict | None = None) -> tuple[int, dict]:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(
+            root + path, data=data, headers={"Authorization": f"Bearer {KEY}"}
+        )
+        try:
+            with urllib.request.urlopen(request) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    status, info = call("/tokenizer_info")
+    assert status == 200 and info["eos_token"] == "<|return|>"
+    text = "Q: What is 2 plus 3?\nA:<|end|>"
+    status, out = call("/tokenize", {"prompt": text, "add_special_tokens": False})
+    assert out["tokens"] == tok.encode(text, allow_special=True) and out["count"] == len(
+        out["tokens"]
+    )
+    assert call("/detokenize", {"tokens": out["tokens"]})[1]["prompt"] == text
+    status, chat = call("/tokenize", {"messages": [{"role": "user", "content": "Hi"}]})
+    assert status == 200 and chat["tokens"][-2:] == tok.encode(
+        "<|start|>assistant", allow_special=True
+    )
+    assert call("/detokenize", {"tokens": [300000]})[0] == 400
+    assert call("/tokenize", {"prompt": 5})[0] == 400
