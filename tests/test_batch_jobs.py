@@ -49,7 +49,9 @@ def write_jsonl(path, items) -> None:
 
 
 def test_a_job_of_200_lines_with_bad_ones(engine, tmp_path):
-    items: list = [request_line(i) for i in range(200)]
+    # the last ten ask for two choices and logprobs: the records carry them in OpenAI's shape
+    extras = dict(n=2, logprobs=True, top_logprobs=2)
+    items: list = [request_line(i, **(extras if i >= 190 else {})) for i in range(200)]
     bad = {
         7: "{oops",  # not JSON
         20: {"method": "POST", "url": "/v1/chat/completions", "body": {}},  # no custom_id
@@ -99,6 +101,12 @@ def test_a_job_of_200_lines_with_bad_ones(engine, tmp_path):
         assert body["usage"]["completion_tokens"] == 4
         assert body["choices"][0]["message"] == expected_reply(request_line(i)["body"])["message"]
         assert ok[f"req-{i + 17}"]["response"]["body"]["choices"] == body["choices"]
+        assert body["choices"][0]["logprobs"] is None
+    for i in range(190, 200):
+        body = ok[f"req-{i}"]["response"]["body"]
+        assert [c["index"] for c in body["choices"]] == [0, 1]
+        assert all(isinstance(c["logprobs"]["content"], list) for c in body["choices"])
+        assert body["usage"]["completion_tokens"] == 8
 
 
 def test_killing_the_coordinator_mid_job_loses_nothing(engine, ray_session, tmp_path):

@@ -66,7 +66,7 @@ MIXED = [
         logprobs=3,
     ),
     SamplingParams(max_tokens=8, temperature=0, min_tokens=8, repetition_penalty=0.7),
-    SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=0),
+    SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=0, prompt_logprobs=5),
 ]
 
 
@@ -77,7 +77,7 @@ def test_mixed_sampling_settings_and_logprobs_in_one_step(engine):
     from gptoss_ray.model.generate import generate
     from tests.engine_cases import assert_logprobs_match_transformers, baseline_model
 
-    ps = [prompts()[i] for i in (1, 4, 2, 0)]
+    ps = [prompts()[i] for i in (1, 4, 8, 2)]  # the last, 70 tokens, is scored in chunks
     outs = engine.generate(ps, MIXED)
     for prompt, params, out in zip(ps, MIXED, outs, strict=True):
         (want,) = generate(baseline_model(), [prompt], params)
@@ -90,6 +90,9 @@ def test_mixed_sampling_settings_and_logprobs_in_one_step(engine):
             assert [t for t, _ in got.top] == [t for t, _ in lp.top]
     assert_logprobs_match_transformers(ps[0], outs[0].token_ids, outs[0].logprobs)
     assert_logprobs_match_transformers(ps[3], outs[3].token_ids, outs[3].logprobs)
+    scored = outs[3].prompt_logprobs  # the prompt's own tokens, as echo reports them
+    assert scored[0] is None and len(scored) == len(ps[3])
+    assert_logprobs_match_transformers(ps[3][:1], ps[3][1:], scored[1:])
 
 
 def test_n_choices_are_prefilled_once_and_equal_seeded_requests(engine):
