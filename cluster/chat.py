@@ -77,6 +77,15 @@ class MessageEnd:
 Event = TextDelta | ToolCallStart | MessageEnd
 
 
+def paired(
+    tokens: Iterable[int], logprobs: Iterable[TokenLogprob | None] | None
+) -> list[tuple[int, TokenLogprob | None]]:
+    """Tokens fed to a reply, each with its logprob (None where none was asked)."""
+    tokens = list(tokens)
+    lps = list(logprobs) if logprobs is not None else [None] * len(tokens)
+    return list(zip(tokens, lps, strict=True))
+
+
 class StopScan:
     """Text up to the first stop string, as it comes: what may be the start of one is
     held back until the next text tells."""
@@ -126,9 +135,7 @@ class ReplyBuilder:
     def feed(
         self, tokens: Iterable[int], logprobs: Iterable[TokenLogprob | None] | None = None
     ) -> None:
-        tokens = list(tokens)
-        lps = list(logprobs) if logprobs is not None else [None] * len(tokens)
-        for token, lp in zip(tokens, lps, strict=True):
+        for token, lp in paired(tokens, logprobs):
             if self.stopped:
                 return
             self._feed(token, lp)

@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from gptoss_ray.cluster.chat import StopScan, TextDelta
+from gptoss_ray.cluster.chat import StopScan, TextDelta, paired
 from gptoss_ray.model import tokenizer as tok
 from gptoss_ray.model.harmony.openai_chat import SamplingFields
 from gptoss_ray.model.types import RequestError, SamplingParams, TokenLogprob
@@ -98,9 +98,7 @@ class TextReply:
     def feed(
         self, tokens: Iterable[int], logprobs: Iterable[TokenLogprob | None] | None = None
     ) -> None:
-        tokens = list(tokens)
-        lps = list(logprobs) if logprobs is not None else [None] * len(tokens)
-        for token, lp in zip(tokens, lps, strict=True):
+        for token, lp in paired(tokens, logprobs):
             if self.stopped or len(self.tokens) == self.keep:
                 return
             self.tokens.append(token)
