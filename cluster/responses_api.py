@@ -95,9 +95,15 @@ def responses_to_chat(body: dict[str, Any]) -> dict[str, Any]:
         chat["reasoning_effort"] = effort
     if body.get("max_output_tokens") is not None:
         chat["max_tokens"] = body["max_output_tokens"]
-    for key in ("temperature", "top_p", "seed", "model"):
+    for key in ("temperature", "top_p", "seed", "model", "max_reasoning_tokens"):
         if body.get(key) is not None:
             chat[key] = body[key]
+    fmt = (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":  # flat on Responses
+        inner = {k: fmt[k] for k in ("name", "description", "schema", "strict") if k in fmt}
+        chat["response_format"] = {"type": "json_schema", "json_schema": inner}
+    elif fmt is not None:
+        chat["response_format"] = fmt
     include = body.get("include") or []
     if not isinstance(include, list) or not all(isinstance(x, str) for x in include):
         raise HarmonyError("include: a list of strings")

@@ -331,7 +331,7 @@ class Scheduler:
             seed=seq.seed,
             blocks=blocks,
             last_drawn=last_drawn,
-            context=seq.tokens(0, seq.computed) if placed and seq.params.penalized else None,
+            context=seq.tokens(0, seq.computed) if placed and seq.params.needs_history else None,
         )
         if seq.prompt_logprobs is not None and seq.computed < len(seq.prompt) and not last_drawn:
             work.score = seq.params.prompt_logprobs

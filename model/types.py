@@ -89,6 +89,9 @@ class SamplingParams(BaseModel):
     prompt_logprobs: int | None = Field(
         default=None, ge=0, le=20, description="each prompt token's logprob and the top n"
     )
+    grammar: str | None = Field(
+        default=None, description="what the reply may be: a Lark grammar (model.grammar)"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> SamplingParams:
@@ -107,6 +110,11 @@ class SamplingParams(BaseModel):
         return bool(self.presence_penalty or self.frequency_penalty) or (
             self.repetition_penalty != 1.0
         )
+
+    @property
+    def needs_history(self) -> bool:
+        """The shard must know the sequence's earlier tokens (penalties, a grammar)."""
+        return self.penalized or self.grammar is not None
 
     def stop_ids(self, model_stop_ids: list[int]) -> frozenset[int]:
         if self.ignore_eos:
@@ -222,8 +230,8 @@ class SeqWork:
     # the scheduler does not know yet (overlapped steps); `tokens` is empty then
     last_drawn: bool = False
     # the sequence's tokens before `start`, sent with its first chunk on a shard when its
-    # draws depend on its history (penalties: `SamplingParams.penalized`); the shard
-    # keeps the history from there
+    # draws depend on its history (`SamplingParams.needs_history`); the shard keeps the
+    # history from there
     context: list[int] | None = None
     # other choices of the same prompt (n > 1), each drawing its first token from this
     # chunk's logits: (sequence id, seed); they decode from there on their own

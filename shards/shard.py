@@ -6,11 +6,13 @@ experts' all-to-all is collective."""
 from __future__ import annotations
 
 import itertools
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 from gptoss_ray.model.checkpoint import Checkpoint, load_model, resolve_model
+from gptoss_ray.model.grammar import Matchers, apply_masks
 from gptoss_ray.model.kv_cache import SequenceBatch
 from gptoss_ray.model.model import Transformer
 from gptoss_ray.model.sampling import Draw, sample_rows, step_seed, token_logprobs
@@ -90,6 +92,9 @@ class Shard:
         self.drawn: dict[str, int] = {}
         # every token so far of the sequences whose draws depend on them (penalties)
         self.history: dict[str, list[int]] = {}
+        # grammars of constrained sequences; their masks are built while the step runs
+        self.matchers = Matchers()
+        self._mask_thread: ThreadPoolExecutor | None = None
 
     def free_blocks(self) -> tuple[int, int]:
         return self.kv.free_blocks()
@@ -100,6 +105,7 @@ class Shard:
             self.kv.release(seq_id)
         self.drawn.clear()
         self.history.clear()
+        self.matchers = Matchers()
 
     @torch.inference_mode()
     def step(self, plan: StepPlan) -> StepResult:
@@ -108,6 +114,7 @@ class Shard:
             self.kv.release(seq_id)
             self.drawn.pop(seq_id, None)
             self.history.pop(seq_id, None)
+            self.matchers.drop(seq_id)
         for sliding, source, destination in plan.copies:
             self.kv.copy(sliding, source, destination)
         work = [w for w in plan.work if w.size]
@@ -124,6 +131,12 @@ class Shard:
         drawers = [s for w in work if w.sample for s in [w.seq_id, *(f for f, _ in w.forks)]]
         out = dict(zip(drawers, tokens, strict=True))
         self.drawn.update(out)
+        for w in work:  # a fork's grammar starts where its parent's is before the draw
+            if w.sample and w.seq_id in self.matchers.by_seq:
+                for fork_id, _ in w.forks:
+                    self.matchers.fork(w.seq_id, fork_id)
+        for seq_id, token in out.items():
+            self.matchers.consume(seq_id, token)
         asked = {s: lp for s, lp in zip(drawers, logprobs, strict=True) if lp is not None}
         return StepResult(out, dict(timer.seconds), asked, prompt_logprobs)
 
@@ -153,6 +166,7 @@ class Shard:
         """Runs the step's tokens through the model -> the sampled sequences' draws, their
         logprobs (where asked) and the scored chunks' prompt logprobs."""
         sampled = [i for i, w in enumerate(work) if w.sample]
+        masks = self._masks_while_the_step_runs([work[i] for i in sampled])
         decode = all(len(t) == 1 for t in ids) and not any(w.score is not None for w in work)
         logits = None
         prompt_logprobs: dict[str, list[TokenLogprob]] = {}
@@ -183,12 +197,37 @@ class Shard:
             if scored:
                 prompt_logprobs = self._score(work, scored, logits[len(sampled) :])
                 logits = logits[: len(sampled)]
+        if masks is not None:
+            constrained, bitmask = masks.result()
+            logits[constrained] = apply_masks(logits[constrained], bitmask[constrained])
         rows, draws = self._draws(work)
         if rows != list(range(len(sampled))):  # a row drawn from more than once (forks)
             logits = logits[rows]
         tokens, logprobs = sample_rows(logits, draws) if sampled else ([], [])
         timer.lap("head")  # final norm, unembedding, sampling
         return tokens, logprobs, prompt_logprobs
+
+    def _masks_while_the_step_runs(self, sampled: list[SeqWork]) -> Future | None:
+        """The grammar masks of the sampled rows, built in a thread while the model runs
+        (llguidance works outside the GIL) -> a future of (constrained rows, bitmask)."""
+        rows = [i for i, w in enumerate(sampled) if w.params and w.params.grammar is not None]
+        if not rows:
+            return None
+
+        def build() -> tuple[list[int], torch.Tensor]:
+            ids: list[str | None] = [None] * len(sampled)
+            for i in rows:
+                w = sampled[i]
+                if w.seq_id not in self.matchers.by_seq:  # placed here: its history replayed
+                    history = self.history.get(w.seq_id, [])
+                    drawn = history[len(history) - w.draw_index :] if w.draw_index else []
+                    self.matchers.start(w.seq_id, w.params.grammar, drawn)  # type: ignore[union-attr, arg-type]
+                ids[i] = w.seq_id
+            return rows, self.matchers.masks(ids)
+
+        if self._mask_thread is None:
+            self._mask_thread = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
+        return self._mask_thread.submit(build)
 
     @staticmethod
     def _scored(
@@ -255,6 +294,7 @@ class NullShard(Shard):
         self.graphs = None
         self.drawn = {}
         self.history = {}
+        self.matchers = Matchers()
 
     def _draw(
         self,

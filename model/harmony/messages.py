@@ -113,10 +113,21 @@ class SystemContent(_Model):
         return None if value is None else ReasoningEffort.parse(value)
 
 
+class ResponseFormat(_Model):
+    """A structured answer's format, as the developer message's `# Response Formats`
+    section shows it to the model."""
+
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+
+
 class DeveloperContent(_Model):
     type: Literal["developer_content"] = "developer_content"
     instructions: str | None = None
     tools: dict[str, ToolNamespaceConfig] | None = None
+    # not in openai-harmony 0.0.8's JSON (it has no response formats): kept out of to_dict
+    response_formats: list[ResponseFormat] | None = Field(default=None, exclude=True)
 
     def with_function_tools(self, tools: list[ToolDescription]) -> DeveloperContent:
         namespaces = dict(self.tools or {})

@@ -22,12 +22,14 @@ from pydantic import (
     model_validator,
 )
 
+from gptoss_ray.model.grammar import DEFAULT_REASONING, check_grammar, json_frame
 from gptoss_ray.model.harmony.messages import (
     Author,
     DeveloperContent,
     HarmonyError,
     Message,
     ReasoningEffort,
+    ResponseFormat,
     Role,
     SystemContent,
     TextContent,
@@ -172,6 +174,28 @@ class SamplingFields(BaseModel):
             raise validation_error(exc) from None
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_\-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormatField(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> ResponseFormatField:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs its json_schema object")
+        return self
+
+
 class ChatRequest(SamplingFields):
     """An OpenAI chat-completions request (the fields that matter to gpt-oss)."""
 
@@ -179,16 +203,33 @@ class ChatRequest(SamplingFields):
     tools: list[ChatTool] | None = None
     tool_choice: Literal["auto", "none"] | None = None
     reasoning_effort: Literal["low", "medium", "high"] | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormatField | None = None
+    # the analysis message's tokens at most, where the reply is constrained (a JSON
+    # response_format); default by reasoning_effort: model.grammar.DEFAULT_REASONING
+    max_reasoning_tokens: int | None = Field(default=None, ge=0, strict=True)
 
-    @model_validator(mode="after")
-    def _supported(self) -> ChatRequest:
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            raise ValueError(
-                f"response_format {self.response_format.get('type')!r} is not supported "
-                "(only 'text')"
-            )
-        return self
+    def sampling_params(self, default_max_tokens: int) -> SamplingParams:
+        """The sampling fields' parameters, and for a JSON response_format the grammar
+        of the reply (harmony frame, reasoning budget, the schema)."""
+        params = super().sampling_params(default_max_tokens)
+        fmt = self.response_format
+        if fmt is None or fmt.type == "text":
+            return params
+        schema = fmt.json_schema.schema_ if fmt.json_schema is not None else None
+        budget = self.max_reasoning_tokens
+        if budget is None:
+            budget = DEFAULT_REASONING[self.reasoning_effort or "medium"]
+        grammar = json_frame(schema, budget)
+        check_grammar(grammar, "response_format")
+        return params.model_copy(update={"grammar": grammar})
+
+    def response_formats(self) -> list[ResponseFormat] | None:
+        """The developer message's `# Response Formats` entries (a JSON schema's)."""
+        fmt = self.response_format
+        if fmt is None or fmt.json_schema is None or fmt.type != "json_schema":
+            return None
+        s = fmt.json_schema
+        return [ResponseFormat(name=s.name, description=s.description, schema=s.schema_)]
 
 
 class HarmonyRequest(SamplingFields):
@@ -230,8 +271,12 @@ def to_harmony(
     ]
     instructions = [m.text for m in request.messages if m.role in ("system", "developer")]
     tools = [] if request.tool_choice == "none" else (request.tools or [])
-    if instructions or tools:
-        dev = DeveloperContent(instructions="\n\n".join(instructions) if instructions else None)
+    formats = request.response_formats()
+    if instructions or tools or formats:
+        dev = DeveloperContent(
+            instructions="\n\n".join(instructions) if instructions else None,
+            response_formats=formats,
+        )
         if tools:
             described = []
             for i, t in enumerate(tools):
@@ -360,4 +405,4 @@ def _error_path(err: Any, prefix: str) -> str:
     return path
 
 
-_UNION_TAGS = {"str", "list[TextPart]", "function-after[_supported(), ChatRequest]"}
+_UNION_TAGS = {"str", "list[TextPart]"}

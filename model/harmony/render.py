@@ -6,6 +6,7 @@ not the tokenization of the whole string."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 
 from gptoss_ray.model import tokenizer as tok
@@ -155,6 +156,12 @@ def _developer_text(dev: DeveloperContent) -> str:
         sections += ["# Instructions", dev.instructions]
     if dev.tools:
         sections.append(_tools_text(dev.tools))
+    if dev.response_formats:
+        sections.append("# Response Formats")
+        for fmt in dev.response_formats:
+            about = f"// {fmt.description}\n" if fmt.description else ""
+            schema = json.dumps(fmt.schema_, separators=(",", ":"), ensure_ascii=False)
+            sections += [f"## {fmt.name}", about + schema]
     return "\n\n".join(sections)
 
 
