@@ -3,6 +3,7 @@ the tiny model's 32-token sliding window) and the single-process baseline."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -87,3 +88,20 @@ def assert_logprobs_match_transformers(prompt, token_ids, logprobs, tol: float =
         assert [t for t, _ in lp.top] == top.indices.tolist()
         values = zip([v for _, v in lp.top], top.values.tolist(), strict=True)
         assert max((abs(v - w) for v, w in values), default=0.0) < tol
+
+
+@contextlib.contextmanager
+def served_tiny_model(api_key: str, layout: KVLayout | None = None):
+    """The HTTP API on the built-in model, one in-process shard (float32) -> its URL."""
+    from gptoss_ray.cluster.engine_core import EngineCore
+    from gptoss_ray.cluster.engine_loop import EngineLoop
+    from gptoss_ray.cluster.http_api import serve_api
+
+    layout = layout or KVLayout(16, 256, 128)
+    shard = tiny_shard(layout)
+    core = EngineCore(shard.config, 1, layout, lambda plans: [shard.step(plans[0])])
+    engine = EngineLoop("/models/gpt-oss-tiny", shard.config, layout, core)
+    try:
+        yield engine.attach(serve_api, "127.0.0.1", 0, api_key)
+    finally:
+        engine.shutdown()

@@ -13,25 +13,18 @@ import openai
 import pytest
 import torch
 
-from gptoss_ray.cluster.engine_core import EngineCore
-from gptoss_ray.cluster.engine_loop import EngineLoop
-from gptoss_ray.cluster.http_api import serve_api
 from gptoss_ray.model import tokenizer as tok
 from gptoss_ray.model.generate import generate
-from gptoss_ray.model.types import KVLayout, SamplingParams
-from tests.engine_cases import baseline_model, prompts, tiny_shard, transformers_model
+from gptoss_ray.model.types import SamplingParams
+from tests.engine_cases import baseline_model, prompts, served_tiny_model, transformers_model
 
 KEY = "k"
 
 
 @pytest.fixture(scope="module")
 def url():
-    layout = KVLayout(16, 256, 128)
-    shard = tiny_shard(layout)
-    core = EngineCore(shard.config, 1, layout, lambda plans: [shard.step(plans[0])])
-    engine = EngineLoop("/models/gpt-oss-tiny", shard.config, layout, core)
-    yield engine.attach(serve_api, "127.0.0.1", 0, KEY)
-    engine.shutdown()
+    with served_tiny_model(KEY) as url:
+        yield url
 
 
 @pytest.fixture

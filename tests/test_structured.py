@@ -16,10 +16,8 @@ import pytest
 
 from gptoss_ray.cluster.chat import ReplyBuilder, chat_prompt
 from gptoss_ray.cluster.engine_core import EngineCore
-from gptoss_ray.cluster.engine_loop import EngineLoop
-from gptoss_ray.cluster.http_api import serve_api
 from gptoss_ray.model.types import KVLayout
-from tests.engine_cases import GREEDY, baseline, prompts, tiny_shard
+from tests.engine_cases import GREEDY, baseline, prompts, served_tiny_model, tiny_shard
 
 SCHEMAS = 20  # generated schemas per run (100 by hand: RESULTS.md)
 
@@ -117,13 +115,8 @@ class Person(pydantic.BaseModel):
 
 @pytest.fixture(scope="module")
 def client():
-    layout = KVLayout(16, 256, 128)
-    shard = tiny_shard(layout)
-    core = EngineCore(shard.config, 1, layout, lambda plans: [shard.step(plans[0])])
-    engine = EngineLoop("/models/gpt-oss-tiny", shard.config, layout, core)
-    url = engine.attach(serve_api, "127.0.0.1", 0, "k")
-    yield openai.OpenAI(base_url=url, api_key="k", max_retries=0)
-    engine.shutdown()
+    with served_tiny_model("k") as url:
+        yield openai.OpenAI(base_url=url, api_key="k", max_retries=0)
 
 
 def test_the_official_client_parses_a_pydantic_model_and_streams_the_same(client):
