@@ -90,7 +90,7 @@ class Shard:
         # each sequence's token drawn in the last step it sampled: overlapped steps decode
         # it before the scheduler has seen it (`SeqWork.last_drawn`)
         self.drawn: dict[str, int] = {}
-        # every token so far of the sequences whose draws depend on them (penalties)
+        # every token so far of the sequences whose draws depend on them (penalties, grammars)
         self.history: dict[str, list[int]] = {}
         # grammars of constrained sequences; their masks are built while the step runs
         self.matchers = Matchers()
