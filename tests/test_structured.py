@@ -7,6 +7,7 @@ returns the object."""
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import jsonschema
@@ -19,7 +20,8 @@ from gptoss_ray.cluster.engine_core import EngineCore
 from gptoss_ray.model.types import KVLayout
 from tests.engine_cases import GREEDY, baseline, prompts, served_tiny_model, tiny_shard
 
-SCHEMAS = 20  # generated schemas per run (100 by hand: RESULTS.md)
+# generated schemas per run; GPTOSS_TEST_SCHEMAS=100 for the issue's count (RESULTS.md)
+SCHEMAS = int(os.environ.get("GPTOSS_TEST_SCHEMAS", "20"))
 
 
 def random_schema(rng: random.Random, depth: int = 0) -> dict:
@@ -105,6 +107,7 @@ def test_every_reply_that_stops_validates_and_free_sequences_are_untouched():
         if reply["finish_reason"] == "stop":
             stopped += 1
             jsonschema.validate(json.loads(reply["message"]["content"]), schema)
+    print(f"{SCHEMAS} schemas: {stopped} stopped and validate, {SCHEMAS - stopped} hit max_tokens")
     assert stopped >= SCHEMAS * 3 // 4  # the rest hit max_tokens inside a long string
 
 
