@@ -148,7 +148,7 @@ class Scheduler:
         self.preempted = 0
         # per shard: the block copies forked choices need before their first step
         self.copies: list[dict[str, list[tuple[bool, int, int]]]] = [{} for _ in self.shards]
-        self._forked: set[str] = set()
+        self._forked: set[str] = set()  # choices forked in this plan: their token is in it
 
     def _held(self, length: int, new: int) -> tuple[int, int]:
         return blocks_held(length, new, self.layout.block_size, self.window)
@@ -185,7 +185,7 @@ class Scheduler:
             for s, copies in zip(self.shards, self.copies, strict=True)
         ]
         self.copies = [{} for _ in self.shards]
-        self._forked: set[str] = set()  # choices forked in this plan: their token is in it
+        self._forked = set()
         budgets = [self.token_budget] * len(self.shards)
         for rank, shard in enumerate(self.shards):
             shard.release = []

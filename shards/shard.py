@@ -148,12 +148,17 @@ class Shard:
         for row, w in enumerate(w for w in work if w.sample):
             params = w.params
             assert params is not None, "a sampled chunk carries its parameters"
-            history = self.history.get(w.seq_id, ())
-            cut = len(history) - w.draw_index
-            stops = params.stop_ids(self.config.eos_token_ids) if params.min_tokens else frozenset()
+            prompt: list[int] | tuple = ()
+            output: list[int] | tuple = ()
+            if params.penalized:  # only penalties read the history (a grammar has a matcher)
+                history = self.history[w.seq_id]
+                cut = len(history) - w.draw_index
+                prompt, output = history[:cut], history[cut:]
+            held = w.draw_index < params.min_tokens
+            stops = params.stop_ids(self.config.eos_token_ids) if held else frozenset()
             for seed in _seeds(w):
                 rows.append(row)
-                draws.append(Draw(params, seed, w.draw_index, history[:cut], history[cut:], stops))
+                draws.append(Draw(params, seed, w.draw_index, prompt, output, stops))
         return rows, draws
 
     def _draw(

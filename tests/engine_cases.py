@@ -90,17 +90,24 @@ def assert_logprobs_match_transformers(prompt, token_ids, logprobs, tol: float =
         assert max((abs(v - w) for v, w in values), default=0.0) < tol
 
 
+def tiny_core(layout: KVLayout, **options):
+    """An engine core on one in-process shard of the built-in model (`tiny_shard`);
+    options go to EngineCore (token_budget, overlap, ...)."""
+    from gptoss_ray.cluster.engine_core import EngineCore
+
+    shard = tiny_shard(layout)
+    return EngineCore(shard.config, 1, layout, lambda plans: [shard.step(plans[0])], **options)
+
+
 @contextlib.contextmanager
 def served_tiny_model(api_key: str, layout: KVLayout | None = None):
     """The HTTP API on the built-in model, one in-process shard (float32) -> its URL."""
-    from gptoss_ray.cluster.engine_core import EngineCore
     from gptoss_ray.cluster.engine_loop import EngineLoop
     from gptoss_ray.cluster.http_api import serve_api
 
     layout = layout or KVLayout(16, 256, 128)
-    shard = tiny_shard(layout)
-    core = EngineCore(shard.config, 1, layout, lambda plans: [shard.step(plans[0])])
-    engine = EngineLoop("/models/gpt-oss-tiny", shard.config, layout, core)
+    core = tiny_core(layout)
+    engine = EngineLoop("/models/gpt-oss-tiny", core.config, layout, core)
     try:
         yield engine.attach(serve_api, "127.0.0.1", 0, api_key)
     finally:

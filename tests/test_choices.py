@@ -9,21 +9,13 @@ import pytest
 from gptoss_ray.cluster.engine_core import EngineCore, choice_ids
 from gptoss_ray.model.generate import generate
 from gptoss_ray.model.types import KVLayout, SamplingParams
-from tests.engine_cases import baseline_model, prompts, tiny_shard
+from tests.engine_cases import baseline_model, prompts, tiny_core
 
 HOT = dict(max_tokens=10, temperature=1.0, top_k=40, ignore_eos=True)
 
 
 def core_on(layout: KVLayout, overlap: bool, token_budget: int = 48) -> EngineCore:
-    shard = tiny_shard(layout)
-    return EngineCore(
-        shard.config,
-        1,
-        layout,
-        lambda plans: [shard.step(plans[0])],
-        overlap=overlap,
-        token_budget=token_budget,
-    )
+    return tiny_core(layout, overlap=overlap, token_budget=token_budget)
 
 
 def one_by_one(prompt: list[int], seed: int, n: int, **params) -> list[tuple[list[int], list]]:

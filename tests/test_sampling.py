@@ -154,10 +154,9 @@ def test_penalties_see_the_whole_history_after_preemption_and_prefix_hits():
     """A shard learns a penalized sequence's earlier tokens when it is placed (`context`):
     recomputed after a preemption, or starting from another request's cached blocks, it
     draws what the single-process baseline draws."""
-    from gptoss_ray.cluster.engine_core import EngineCore
     from gptoss_ray.model.generate import generate
     from gptoss_ray.model.types import KVLayout
-    from tests.engine_cases import baseline_model, prompts, tiny_shard
+    from tests.engine_cases import baseline_model, prompts, tiny_core
 
     shared = prompts()[4][:48]  # three whole blocks that later requests find cached
     ps = [shared + p for p in prompts()[:6]]
@@ -172,10 +171,7 @@ def test_penalties_see_the_whole_history_after_preemption_and_prefix_hits():
         logprobs=2,
     )
     layout = KVLayout(16, 14, 24)  # too few blocks for all six: preemptions
-    shard = tiny_shard(layout)
-    core = EngineCore(
-        shard.config, 1, layout, lambda plans: [shard.step(plans[0])], token_budget=40
-    )
+    core = tiny_core(layout, token_budget=40)
     first = core.submit(ps[0], params)
     core.run_until_done()  # its blocks are cached when the others come
     ids = [first] + [core.submit(p, params) for p in ps[1:]]
@@ -199,15 +195,11 @@ def test_prompt_logprobs_match_transformers_across_chunks(full_blocks):
     blocks, again after preemptions (each position kept once): log_softmax of the
     oracle's logits. A scored prompt takes no cached prefix: cached blocks have no
     logits."""
-    from gptoss_ray.cluster.engine_core import EngineCore
     from gptoss_ray.model.types import KVLayout
-    from tests.engine_cases import assert_logprobs_match_transformers, prompts, tiny_shard
+    from tests.engine_cases import assert_logprobs_match_transformers, prompts, tiny_core
 
     layout = KVLayout(16, full_blocks, 32)
-    shard = tiny_shard(layout)
-    core = EngineCore(
-        shard.config, 1, layout, lambda plans: [shard.step(plans[0])], token_budget=24
-    )
+    core = tiny_core(layout, token_budget=24)
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, prompt_logprobs=5)
     ps = [prompts()[2], prompts()[4]]  # 70 and 100 tokens
     core.submit(ps[0], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))

@@ -16,9 +16,8 @@ import pydantic
 import pytest
 
 from gptoss_ray.cluster.chat import ReplyBuilder, chat_prompt
-from gptoss_ray.cluster.engine_core import EngineCore
 from gptoss_ray.model.types import KVLayout
-from tests.engine_cases import GREEDY, baseline, prompts, served_tiny_model, tiny_shard
+from tests.engine_cases import GREEDY, baseline, prompts, served_tiny_model, tiny_core
 
 # generated schemas per run; GPTOSS_TEST_SCHEMAS=100 for the issue's count (RESULTS.md)
 SCHEMAS = int(os.environ.get("GPTOSS_TEST_SCHEMAS", "20"))
@@ -87,8 +86,7 @@ def test_every_reply_that_stops_validates_and_free_sequences_are_untouched():
     """Generated schemas at temperature 1 on random weights, beside greedy free requests,
     with few KV blocks (preempted sequences replay their grammar from their tokens)."""
     layout = KVLayout(16, 48, 96)
-    shard = tiny_shard(layout)
-    core = EngineCore(shard.config, 1, layout, lambda plans: [shard.step(plans[0])])
+    core = tiny_core(layout)
     rng = random.Random(0)
     schemas = [random_schema(rng) for _ in range(SCHEMAS)]
     constrained = []
