@@ -30,17 +30,25 @@ from gptoss_ray.model.harmony.openai_chat import (
 from gptoss_ray.model.types import SamplingParams, TokenLogprob
 
 
-def chat_prompt(request: Any, context: int) -> tuple[list[int], SamplingParams, list[str]]:
+def chat_prompt(
+    request: Any, context: int, *, frame: bool = True
+) -> tuple[list[int], SamplingParams, list[str]]:
     """Render a chat request for completion and read its sampling fields. The request is
-    an OpenAI chat request, or {"conversation": <openai-harmony JSON>, ...sampling}."""
+    an OpenAI chat request, or {"conversation": <openai-harmony JSON>, ...sampling}.
+    frame: constrain every reply to a well-formed harmony frame (`--harmony-frame`);
+    without it only requests that ask for a format or a tool call are constrained."""
     if isinstance(request, dict) and "conversation" in request:
         fields = HarmonyRequest.parse(request)
         messages = harmony.Conversation.from_dict(fields.conversation).messages
+        prompt = harmony.render_for_completion(messages)
+        params = fields.framed_params(
+            max(1, min(4096, context - len(prompt))), messages, frame=frame
+        )
     else:
         fields = request if isinstance(request, ChatRequest) else ChatRequest.parse(request)
         messages = to_harmony(fields, conversation_start_date=datetime.date.today().isoformat())
-    prompt = harmony.render_for_completion(messages)
-    params = fields.sampling_params(max(1, min(4096, context - len(prompt))))
+        prompt = harmony.render_for_completion(messages)
+        params = fields.sampling_params(max(1, min(4096, context - len(prompt))), frame=frame)
     stops = [fields.stop] if isinstance(fields.stop, str) else list(fields.stop or [])
     return prompt, params, stops
 

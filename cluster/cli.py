@@ -68,6 +68,13 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     gen.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    gen.add_argument(
+        "--harmony-frame",
+        choices=("strict", "off"),
+        default="strict",
+        help="--messages: constrain every reply to a well-formed harmony frame (strict), or "
+        "only those that ask for a format or a tool call (off)",
+    )
 
     demo = sub.add_parser("demo", help="generate a few completions with the built-in model")
     demo.set_defaults(run=_demo)
@@ -100,6 +107,13 @@ def _parser() -> argparse.ArgumentParser:
         dest="prefix_cache",
         action="store_false",
         help="compute every prompt in full instead of reusing the KV of cached prefixes",
+    )
+    serve.add_argument(
+        "--harmony-frame",
+        choices=("strict", "off"),
+        default="strict",
+        help="strict: every chat reply is constrained to a well-formed harmony frame (it "
+        "always parses); off: only replies that ask for a format or a tool call",
     )
     serve.add_argument("--http", action="store_true", help="serve the OpenAI-compatible API")
     serve.add_argument("--host", default="127.0.0.1", help="HTTP address (default loopback)")
@@ -271,6 +285,7 @@ def _serve(args: argparse.Namespace) -> int:
         kv_budget_bytes=int(args.kv_budget_mb * 2**20),
         max_prompt_tokens=args.max_prompt_tokens,
         prefix_cache=args.prefix_cache,
+        harmony_frame=args.harmony_frame,
         http=(args.host, args.port, args.api_key) if args.http else None,
     )
     if args.http:
@@ -389,6 +404,7 @@ def _engine(args: argparse.Namespace):
         device=args.device,
         dtype=args.dtype,
         address=args.address,
+        harmony_frame=getattr(args, "harmony_frame", "strict"),
     )
 
 
@@ -422,7 +438,7 @@ def _generate_chat(args: argparse.Namespace, params) -> int:
         "top_p": args.top_p,
         "top_k": args.top_k,
         "seed": args.seed,
-    }
+    } | ({"ignore_eos": True} if args.ignore_eos else {})
     requests = [sampling | r for r in requests]  # a request's own fields win
     if args.shards is None:
         from gptoss_ray.model.checkpoint import load_model
@@ -432,9 +448,9 @@ def _generate_chat(args: argparse.Namespace, params) -> int:
         replies = []
         for i, request in enumerate(requests):
             try:  # a bad request becomes its error record; the others still run
-                prompt, p, stops = chat_prompt(request, model.config.max_context_length)
-                if args.ignore_eos:
-                    p = p.model_copy(update={"ignore_eos": True})
+                prompt, p, stops = chat_prompt(
+                    request, model.config.max_context_length, frame=args.harmony_frame == "strict"
+                )
                 (c,) = generate(model, [prompt], p)
             except ValueError as exc:  # HarmonyError, RequestError, pydantic errors
                 replies.append(exc)

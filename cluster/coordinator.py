@@ -49,6 +49,7 @@ class Coordinator(EngineLoop):
         compiled_steps: bool | None = None,
         overlap: bool | None = None,
         null_model: bool = False,
+        harmony_frame: str = "strict",
     ) -> None:
         path = resolve_model(model)  # writes a preset's built-in checkpoint once, here
         self.model_path = str(path)
@@ -129,7 +130,12 @@ class Coordinator(EngineLoop):
         )
         self.recoveries: list[dict[str, Any]] = []
         super().__init__(
-            self.model_path, self.config, self.layout, core, expert_load=self._expert_load_of_shards
+            self.model_path,
+            self.config,
+            self.layout,
+            core,
+            expert_load=self._expert_load_of_shards,
+            harmony_frame=harmony_frame,
         )
 
     def _spawn(self, rank: int):

@@ -61,7 +61,9 @@ class Engine:
         max_prompt_tokens: longer prompts are refused, default what the context allows;
         prefix_cache: reuse the KV of prompts' cached prefixes, default on; overlap: plan
         each step while the one before runs, default on for cuda; null_model: shards that do no
-        model work, to measure the host loop alone (benchmarks))."""
+        model work, to measure the host loop alone (benchmarks); harmony_frame: "strict"
+        (default) constrains every chat reply to a well-formed harmony frame, "off" only
+        those asking for a format or a tool call)."""
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device {device!r}: expected cpu or cuda")
         if dtype not in ("float32", "bfloat16"):

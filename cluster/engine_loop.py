@@ -39,9 +39,15 @@ class EngineLoop:
         core: EngineCore,
         *,
         expert_load: Callable[[], list[list[int]]] | None = None,
+        harmony_frame: str = "strict",
     ) -> None:
         """expert_load: reads the rows routed to each expert of each layer, where the
-        shards count them."""
+        shards count them. harmony_frame: "strict" constrains every chat reply to a
+        well-formed harmony frame (`model.grammar.reply_grammar`); "off" only those that
+        ask for a format or a tool call."""
+        if harmony_frame not in ("strict", "off"):
+            raise ValueError(f"harmony_frame {harmony_frame!r}: expected strict or off")
+        self.harmony_frame = harmony_frame
         self.model_path = model_path
         self.config = config
         self.layout = layout
@@ -104,6 +110,7 @@ class EngineLoop:
             "model_id": self.model_id,
             "shards": self.shards,
             "kv_layout": vars(self.layout),
+            "harmony_frame": self.harmony_frame,
             "healthy": self.error is None,
         }
 
@@ -141,7 +148,9 @@ class EngineLoop:
         """A chat request (see `chat_prompt`) -> request id and prompt length. Its reply
         is built as its tokens come (`wait_events`, `wait_chat`)."""
         self._alive()
-        prompt, params, stops = chat_prompt(request, self.config.max_context_length)
+        prompt, params, stops = chat_prompt(
+            request, self.config.max_context_length, frame=self.harmony_frame == "strict"
+        )
         self.check_model(
             request.model if isinstance(request, ChatRequest) else request.get("model")
         )

@@ -89,6 +89,8 @@ def responses_to_chat(body: dict[str, Any]) -> dict[str, Any]:
             if not isinstance(tool, dict) or tool.get("type") != "function":
                 raise HarmonyError(f"tools[{i}]: only function tools are supported")
             fn = {k: tool[k] for k in ("name", "description", "parameters") if k in tool}
+            # strict by default on Responses (not on chat completions), as OpenAI has it
+            fn["strict"] = tool.get("strict") is not False
             chat["tools"].append({"type": "function", "function": fn})
     effort = (body.get("reasoning") or {}).get("effort")
     if effort is not None:
@@ -111,8 +113,15 @@ def responses_to_chat(body: dict[str, Any]) -> dict[str, Any]:
     if LOGPROBS in include or body.get("top_logprobs") is not None:
         chat["logprobs"] = True
         chat["top_logprobs"] = body.get("top_logprobs") or 0
-    if body.get("tool_choice") in ("auto", "none"):
-        chat["tool_choice"] = body["tool_choice"]
+    choice = body.get("tool_choice")
+    if choice in ("auto", "none", "required"):
+        chat["tool_choice"] = choice
+    elif isinstance(choice, dict) and choice.get("type") == "function":  # flat on Responses
+        chat["tool_choice"] = {"type": "function", "function": {"name": choice.get("name")}}
+    elif choice is not None:
+        raise HarmonyError(
+            "tool_choice: auto, none, required or {type: function, name}", param="tool_choice"
+        )
     return chat
 
 
@@ -212,8 +221,8 @@ def response_object(
         "parallel_tool_calls": True,
         "previous_response_id": request.get("previous_response_id"),
         "store": request.get("store", True) is not False,
-        "tool_choice": "auto",
-        "tools": [],
+        "tool_choice": request.get("tool_choice") or "auto",
+        "tools": request.get("tools") or [],
         "usage": {
             "input_tokens": usage["prompt_tokens"],
             "input_tokens_details": {"cached_tokens": 0},

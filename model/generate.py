@@ -9,6 +9,7 @@ from typing import Literal
 
 import torch
 
+from gptoss_ray.model.grammar import Matchers
 from gptoss_ray.model.kv_cache import SequenceBatch, SequenceKV
 from gptoss_ray.model.model import Transformer
 from gptoss_ray.model.sampling import Draw, sample_rows
@@ -55,17 +56,33 @@ def generate(
     logprobs: list[list[TokenLogprob]] = [[] for _ in prompts]
     finish: list[str | None] = [None] * len(prompts)
     feed = {i: list(prompt) for i, prompt in enumerate(prompts)}
+    matchers = Matchers()  # of the prompts whose replies follow a grammar
+    for i, p in enumerate(params):
+        if p.grammar is not None:
+            matchers.start(str(i), p.grammar, [])
 
     while feed:
         active = list(feed)
         tokens = torch.tensor([t for i in active for t in feed[i]], dtype=torch.long, device=device)
         batch = SequenceBatch([caches[i] for i in active], [len(feed[i]) for i in active])
         logits = model(tokens, batch)  # [S, V]
+        constrained = [str(i) if params[i].grammar is not None else None for i in active]
+        masks = matchers.masks(constrained) if any(constrained) else None
         draws = [
-            Draw(params[i], seeds[i], len(out[i]), prompts[i], out[i], stops[i]) for i in active
+            Draw(
+                params[i],
+                seeds[i],
+                len(out[i]),
+                prompts[i],
+                out[i],
+                stops[i],
+                masks[row] if masks is not None and constrained[row] else None,
+            )
+            for row, i in enumerate(active)
         ]
         drawn, drawn_logprobs = sample_rows(logits, draws)
         for i, token, lp in zip(active, drawn, drawn_logprobs, strict=True):
+            matchers.consume(str(i), token)
             out[i].append(token)
             if lp is not None:
                 logprobs[i].append(lp)

@@ -4,19 +4,26 @@ per-sequence matchers that turn it into a mask of the tokens allowed next.
 The grammar engine is llguidance (Microsoft's, used by vLLM, SGLang and llama.cpp): Lark
 grammars whose terminals may be special tokens (`<|channel|>`, `<|return|>`), JSON
 Schemas inline (`%json{...}`), and a token budget on a rule (`[max_tokens=N]`), so the
-harmony frame, the answer's JSON Schema and a reasoning budget are one grammar. Masks are
-computed in its own threads, outside the GIL, while the shard's step runs
-(`Shard._masks_while_the_step_runs`), and applied to the logits before sampling.
+harmony frame, the answer's or a tool's JSON Schema and a reasoning budget are one
+grammar. Masks are computed in its own threads, outside the GIL, while the shard's step
+runs (`Shard._masks_while_the_step_runs`), and applied to the logits before sampling.
 
-A reply under `json_frame` is: an optional analysis message (at most `reasoning` tokens
-of text, then `<|end|><|start|>assistant`), then the final message, whose text is JSON
-valid against the schema, ended by `<|return|>`. JSON is compact (no free whitespace
-between tokens), so a model cannot pad it forever."""
+`reply_grammar` is the harmony frame of a reply (the completion after the prompt's
+`<|start|>assistant`): at most one analysis message (at most `reasoning` tokens of text),
+then, where a tool may be called, any commentary preambles, then the ending: the final
+message (free text, or JSON valid against a schema) ended by `<|return|>`, or one tool
+call (`to=functions.NAME` after the role or after the channel, as the model pleases, on
+`commentary`, `<|constrain|>json`, a JSON object as arguments: valid against the tool's
+parameters where the tool is strict) ended by `<|call|>`. Every reply under it parses in
+openai-harmony's strict mode. JSON is compact (no free whitespace between tokens), so a
+model cannot pad it forever."""
 
 from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import llguidance
@@ -27,7 +34,9 @@ import torch
 from gptoss_ray.model import tokenizer as tok
 from gptoss_ray.model.types import RequestError
 
-DEFAULT_REASONING = {"low": 256, "medium": 1024, "high": 4096}  # tokens of analysis at most
+# tokens of analysis at most, where a request does not say (max_reasoning_tokens); never
+# more than half its max_tokens, so that a reply cut by max_tokens has room to answer
+DEFAULT_REASONING = {"low": 1024, "medium": 4096, "high": 16384}
 _COMPACT = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
 
 
@@ -43,21 +52,59 @@ def harmony_tokenizer() -> llguidance.LLTokenizer:
     )
 
 
-def json_frame(schema: dict[str, Any] | None, reasoning: int) -> str:
-    """The grammar of a reply whose answer is JSON (valid against `schema`, or any JSON
-    object without one) after at most `reasoning` tokens of analysis."""
-    schema = {"type": "object"} if schema is None else schema
-    body = json.dumps({**schema, "x-guidance": _COMPACT})
-    return "\n".join(
-        [
-            "start: analysis? final",
-            'analysis: <|channel|> "analysis" <|message|> thought <|end|> <|start|> "assistant"',
-            f"thought[max_tokens={reasoning}]: TEXT",
-            'final: <|channel|> "final" <|message|> answer <|return|>',
-            f"answer: %json {body}",
-            r"TEXT: /(.|\n)*/",
+@dataclass(frozen=True)
+class FunctionTool:
+    """A function the reply may call: its arguments are any JSON object, or, when
+    `strict`, JSON valid against `parameters`."""
+
+    name: str
+    parameters: dict[str, Any] | None = None
+    strict: bool = False
+
+
+def reply_grammar(
+    *,
+    reasoning: int | None = None,
+    answer: dict[str, Any] | None = None,
+    tools: Sequence[FunctionTool] = (),
+    final: bool = True,
+) -> str:
+    """The harmony frame of a reply as a Lark grammar. reasoning: the analysis message's
+    tokens at most (None: no bound, 0: no analysis); answer: the final message is JSON valid against this
+    schema (None: free text); tools: the functions it may call; final: whether it may
+    answer instead of calling one (False: a call is required; needs tools)."""
+    if not final and not tools:
+        raise ValueError("a reply that must call a tool needs a tool to call")
+    endings = (["final"] if final else []) + [f"call_{i}" for i in range(len(tools))]
+    rules = [
+        "start: "
+        + ("analysis? " if reasoning != 0 else "")
+        + ("preamble* " if tools else "")
+        + "ending",
+        "ending: " + " | ".join(endings),
+        'analysis: <|channel|> "analysis" <|message|> thought <|end|> <|start|> "assistant"',
+        f"thought[max_tokens={reasoning}]: TEXT" if reasoning is not None else "thought: TEXT",
+        'final: <|channel|> "final" <|message|> answer <|return|>',
+        "answer: " + ("TEXT" if answer is None else "%json " + _compact(answer)),
+        r"TEXT: /(.|\n)*/",
+    ]
+    if tools:
+        rules.append(
+            'preamble: <|channel|> "commentary" <|message|> TEXT <|end|> <|start|> "assistant"'
+        )
+    for i, tool in enumerate(tools):
+        to = json.dumps(f" to=functions.{tool.name}")
+        args = tool.parameters if tool.strict and tool.parameters else {"type": "object"}
+        rules += [
+            f'call_{i}: ({to} <|channel|> "commentary" | <|channel|> "commentary" {to}) '
+            f'" "? <|constrain|> "json" <|message|> args_{i} <|call|>',
+            f"args_{i}: %json " + _compact(args),
         ]
-    )
+    return "\n".join(rules)
+
+
+def _compact(schema: dict[str, Any]) -> str:
+    return json.dumps({**schema, "x-guidance": _COMPACT})
 
 
 def check_grammar(grammar: str, where: str) -> None:
@@ -112,10 +159,3 @@ class Matchers:
             return
         if not matcher.consume_token(token):
             raise RuntimeError(f"sequence {seq_id}: token {token} broke its grammar")
-
-
-def apply_masks(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
-    """logits [R, V] float32 -> a copy with every token a row's mask forbids at -inf."""
-    out = logits.float().clone()
-    llguidance.torch.apply_token_bitmask_inplace(out, bitmask.to(out.device))
-    return out

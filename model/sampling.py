@@ -1,7 +1,8 @@
 """Sampling a step's rows (each row's parameters, validated at the edge, are in `types`).
 
-One pass over the step's logits [S, V], batched for any mix of settings: logit bias, the
-stop ids masked until min_tokens, repetition / frequency / presence penalties (vLLM's
+One pass over the step's logits [S, V], batched for any mix of settings: a grammar's mask
+(the tokens it forbids at -inf), logit bias, the stop ids masked until min_tokens (unless
+the grammar allows nothing else: the grammar wins), repetition / frequency / presence penalties (vLLM's
 definitions: repetition over prompt and output, the other two over the output); then the
 logprobs of those asking (of these processed logits, before temperature, as vLLM's
 default), then the draw: greedy rows an argmax, the others temperature, min_p, top_k,
@@ -17,7 +18,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from math import inf
 
+import llguidance.torch
 import torch
 
 from gptoss_ray.model.types import SamplingParams, TokenLogprob
@@ -33,7 +36,8 @@ def step_seed(seed: int, n: int) -> int:
 class Draw:
     """One row's draw: the sequence's n-th token (0-based) under its parameters. The
     prompt and the tokens drawn before are needed only with penalties, the stop ids only
-    while n < min_tokens."""
+    while n < min_tokens; `allowed` is a grammar's bitmask of the tokens allowed next
+    ([words] int32, `model.grammar`), None without one."""
 
     params: SamplingParams
     seed: int
@@ -41,6 +45,7 @@ class Draw:
     prompt: Sequence[int] = ()
     output: Sequence[int] = ()
     stop_ids: frozenset[int] = field(default_factory=frozenset)
+    allowed: torch.Tensor | None = None
 
 
 def sample_rows(
@@ -72,15 +77,19 @@ def draw_one(logits: torch.Tensor, draw: Draw) -> int:
 
 
 def _process(logits: torch.Tensor, draws: Sequence[Draw]) -> torch.Tensor:
-    """Bias, min_tokens and penalties on a float32 copy of the rows that have any (the
-    logits untouched when none has)."""
+    """Grammar masks, bias, min_tokens and penalties on a float32 copy of the rows that
+    have any (the logits untouched when none has)."""
+    constrained = [i for i, d in enumerate(draws) if d.allowed is not None]
     biased = [i for i, d in enumerate(draws) if d.params.logit_bias]
     held = [i for i, d in enumerate(draws) if d.n < d.params.min_tokens and d.stop_ids]
     penalized = [i for i, d in enumerate(draws) if d.params.penalized]
-    if not (biased or held or penalized):
+    if not (constrained or biased or held or penalized):
         return logits
     x = logits.float().clone()
     device, vocab = x.device, x.shape[1]
+    if constrained:
+        masks = torch.stack([draws[i].allowed for i in constrained]).to(device)  # type: ignore[misc]
+        x[constrained] = apply_masks(x[constrained], masks)
     if biased:
         rows, cols, values = [], [], []
         for i in biased:
@@ -94,11 +103,26 @@ def _process(logits: torch.Tensor, draws: Sequence[Draw]) -> torch.Tensor:
         )
     cells = [(i, t) for i in held for t in sorted(draws[i].stop_ids) if t < vocab]
     if cells:
-        rows, cols = (list(c) for c in zip(*cells, strict=True))
-        x[torch.tensor(rows, device=device), torch.tensor(cols, device=device)] = float("-inf")
+        at = tuple(torch.tensor(list(c), device=device) for c in zip(*cells, strict=True))
+        kept = x[at]
+        x[at] = float("-inf")
+        both = [i for i in held if draws[i].allowed is not None]
+        if both:  # a grammar that allows only a stop id now ends the reply regardless
+            alive = (x[both] > -inf).any(1).tolist()
+            dead = {i for i, a in zip(both, alive, strict=True) if not a}
+            back = torch.tensor([i in dead for i, _ in cells], device=device)
+            x[at[0][back], at[1][back]] = kept[back]
     if penalized:
         x[penalized] = _penalize(x[penalized], [draws[i] for i in penalized])
     return x
+
+
+def apply_masks(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """logits [R, V] float32 and bitmasks [R, words] (`model.grammar`) -> a copy with
+    every token a row's mask forbids at -inf."""
+    out = logits.float().clone()
+    llguidance.torch.apply_token_bitmask_inplace(out, bitmask.to(out.device))
+    return out
 
 
 def _penalize(x: torch.Tensor, draws: list[Draw]) -> torch.Tensor:
@@ -175,7 +199,9 @@ def token_logprobs(x: torch.Tensor, tokens: list[int], ks: list[int]) -> list[To
     if k:
         top = lp.topk(k, dim=-1)
         values, indices = top.values.tolist(), top.indices.tolist()
-    return [
-        TokenLogprob(t, c, list(zip(indices[r][:n], values[r][:n], strict=True)))
+    return [  # a token a grammar forbids is no alternative
+        TokenLogprob(
+            t, c, [(i, v) for i, v in zip(indices[r][:n], values[r][:n], strict=True) if v > -inf]
+        )
         for r, (t, c, n) in enumerate(zip(tokens, chosen, ks, strict=True))
     ]

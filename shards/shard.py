@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from gptoss_ray.model.checkpoint import Checkpoint, load_model, resolve_model
-from gptoss_ray.model.grammar import Matchers, apply_masks
+from gptoss_ray.model.grammar import Matchers
 from gptoss_ray.model.kv_cache import SequenceBatch
 from gptoss_ray.model.model import Transformer
 from gptoss_ray.model.sampling import Draw, sample_rows, step_seed, token_logprobs
@@ -140,10 +140,14 @@ class Shard:
         asked = {s: lp for s, lp in zip(drawers, logprobs, strict=True) if lp is not None}
         return StepResult(out, dict(timer.seconds), asked, prompt_logprobs)
 
-    def _draws(self, work: list[SeqWork]) -> tuple[list[int], list[Draw]]:
+    def _draws(
+        self, work: list[SeqWork], masks: tuple[list[int], torch.Tensor] | None
+    ) -> tuple[list[int], list[Draw]]:
         """The draws of the sampled rows (each row once, then once per fork of it) and the
         row of the logits each uses. A sequence's history is split at its draw index into
-        the prompt and what was drawn before."""
+        the prompt and what was drawn before; a constrained row's grammar mask (`masks`:
+        the rows that have one, and the bitmasks by row) goes with each of its draws."""
+        constrained, bitmask = (set(masks[0]), masks[1]) if masks is not None else (set(), None)
         rows, draws = [], []
         for row, w in enumerate(w for w in work if w.sample):
             params = w.params
@@ -156,9 +160,10 @@ class Shard:
                 prompt, output = history[:cut], history[cut:]
             held = w.draw_index < params.min_tokens
             stops = params.stop_ids(self.config.eos_token_ids) if held else frozenset()
+            allowed = bitmask[row] if row in constrained else None  # type: ignore[index]
             for seed in _seeds(w):
                 rows.append(row)
-                draws.append(Draw(params, seed, w.draw_index, prompt, output, stops))
+                draws.append(Draw(params, seed, w.draw_index, prompt, output, stops, allowed))
         return rows, draws
 
     def _draw(
@@ -202,10 +207,7 @@ class Shard:
             if scored:
                 prompt_logprobs = self._score(work, scored, logits[len(sampled) :])
                 logits = logits[: len(sampled)]
-        if masks is not None:
-            constrained, bitmask = masks.result()
-            logits[constrained] = apply_masks(logits[constrained], bitmask[constrained])
-        rows, draws = self._draws(work)
+        rows, draws = self._draws(work, masks.result() if masks is not None else None)
         if rows != list(range(len(sampled))):  # a row drawn from more than once (forks)
             logits = logits[rows]
         tokens, logprobs = sample_rows(logits, draws) if sampled else ([], [])

@@ -18,11 +18,13 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
-from gptoss_ray.model.grammar import DEFAULT_REASONING, check_grammar, json_frame
+from gptoss_ray.model import tokenizer as tok
+from gptoss_ray.model.grammar import DEFAULT_REASONING, FunctionTool, check_grammar, reply_grammar
 from gptoss_ray.model.harmony.messages import (
     Author,
     DeveloperContent,
@@ -196,32 +198,80 @@ class ResponseFormatField(BaseModel):
         return self
 
 
+class NamedFunction(_Model):
+    name: str = Field(min_length=1)
+
+
+class NamedToolChoice(_Model):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatRequest(SamplingFields):
     """An OpenAI chat-completions request (the fields that matter to gpt-oss)."""
 
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[ChatTool] | None = None
-    tool_choice: Literal["auto", "none"] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
     reasoning_effort: Literal["low", "medium", "high"] | None = None
     response_format: ResponseFormatField | None = None
-    # the analysis message's tokens at most, where the reply is constrained (a JSON
-    # response_format); default by reasoning_effort: model.grammar.DEFAULT_REASONING
+    # the analysis message's tokens at most; default by reasoning_effort (and at most
+    # half of max_tokens): model.grammar.DEFAULT_REASONING
     max_reasoning_tokens: int | None = Field(default=None, ge=0, strict=True)
 
-    def sampling_params(self, default_max_tokens: int) -> SamplingParams:
-        """The sampling fields' parameters, and for a JSON response_format the grammar
-        of the reply (harmony frame, reasoning budget, the schema)."""
+    @field_validator("tool_choice")
+    @classmethod
+    def _names_a_tool(cls, choice: Any, info: ValidationInfo) -> Any:
+        names = [t.function.name for t in info.data.get("tools") or []]
+        if choice == "required" and not names:
+            raise ValueError("required needs tools to call")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(
+                f"the function {choice.function.name!r} is not among the tools "
+                f"({', '.join(names) or 'none given'})"
+            )
+        return choice
+
+    def sampling_params(self, default_max_tokens: int, *, frame: bool = True) -> SamplingParams:
+        """The sampling fields' parameters with the grammar of the reply (`reply_grammar`):
+        always where the request asks for something only a grammar enforces (a JSON
+        response_format, a strict tool, a required or named tool call), and for every
+        request where `frame` (the server's `--harmony-frame strict`)."""
         params = super().sampling_params(default_max_tokens)
         fmt = self.response_format
-        if fmt is None or fmt.type == "text":
+        answer = None
+        if fmt is not None and fmt.type != "text":
+            schema = fmt.json_schema.schema_ if fmt.json_schema is not None else None
+            answer = schema or {"type": "object"}
+        choice = self.tool_choice
+        tools = [] if choice == "none" else self.tools or []
+        if isinstance(choice, NamedToolChoice):
+            tools = [t for t in tools if t.function.name == choice.function.name]
+        callable_tools = [
+            FunctionTool(t.function.name, t.function.parameters, bool(t.function.strict))
+            for t in tools
+        ]
+        required = choice == "required" or isinstance(choice, NamedToolChoice)
+        asked = answer is not None or required or any(t.strict for t in callable_tools)
+        if not (asked or frame):
             return params
-        schema = fmt.json_schema.schema_ if fmt.json_schema is not None else None
-        budget = self.max_reasoning_tokens
-        if budget is None:
-            budget = DEFAULT_REASONING[self.reasoning_effort or "medium"]
-        grammar = json_frame(schema, budget)
-        check_grammar(grammar, "response_format")
-        return params.model_copy(update={"grammar": grammar})
+        if answer is not None:
+            check_grammar(reply_grammar(answer=answer), "response_format")
+        for i, t in enumerate(self.tools or []):
+            if t.function.strict and t in tools:
+                check_grammar(
+                    reply_grammar(tools=[callable_tools[tools.index(t)]], final=False),
+                    f"tools[{i}].function.parameters",
+                )
+        return framed(
+            params,
+            reasoning=self.max_reasoning_tokens,
+            effort=self.reasoning_effort,
+            answer=answer,
+            tools=callable_tools,
+            required=required,
+            asked=asked,
+        )
 
     def response_formats(self) -> list[ResponseFormat] | None:
         """The developer message's `# Response Formats` entries (a JSON schema's)."""
@@ -232,10 +282,61 @@ class ChatRequest(SamplingFields):
         return [ResponseFormat(name=s.name, description=s.description, schema=s.schema_)]
 
 
+def framed(
+    params: SamplingParams,
+    *,
+    reasoning: int | None,
+    effort: str | None,
+    answer: dict[str, Any] | None = None,
+    tools: list[FunctionTool] | None = None,
+    required: bool = False,
+    asked: bool = False,
+) -> SamplingParams:
+    """params with the reply's grammar (`reply_grammar`), the analysis bounded by
+    `reasoning` tokens (default by effort, at most half of max_tokens). The grammar ends
+    the reply at <|return|> or <|call|>, which must stop the sequence: a request that asks
+    for its guarantees (`asked`) but stops elsewhere (ignore_eos, stop_token_ids without
+    them) is refused; a plain one goes unframed."""
+    ends = {tok.RETURN, tok.CALL}
+    if params.ignore_eos or not ends <= params.stop_ids(sorted(ends)):
+        if not asked:
+            return params
+        field = "ignore_eos" if params.ignore_eos else "stop_token_ids"
+        raise HarmonyError(
+            f"{field}: a response_format, a strict tool or a required tool call ends the "
+            f"reply at <|return|> ({tok.RETURN}) or <|call|> ({tok.CALL}), which must stop it",
+            param=field,
+        )
+    if reasoning is None:
+        reasoning = min(DEFAULT_REASONING[effort or "medium"], params.max_tokens // 2)
+    grammar = reply_grammar(
+        reasoning=reasoning, answer=answer, tools=tools or [], final=not required
+    )
+    return params.model_copy(update={"grammar": grammar})
+
+
 class HarmonyRequest(SamplingFields):
     """A harmony conversation (openai-harmony's JSON) to complete, with sampling fields."""
 
     conversation: dict[str, Any]
+    max_reasoning_tokens: int | None = Field(default=None, ge=0, strict=True)
+
+    def framed_params(
+        self, default_max_tokens: int, messages: list[Message], *, frame: bool = True
+    ) -> SamplingParams:
+        """The sampling parameters, with the harmony frame where `frame`: the functions it
+        may call are those of the conversation's developer message, effort its system's."""
+        params = self.sampling_params(default_max_tokens)
+        if not frame:
+            return params
+        effort, tools = None, []
+        for m in messages:
+            for c in m.content:
+                if isinstance(c, SystemContent) and c.reasoning_effort is not None:
+                    effort = c.reasoning_effort.value.lower()
+                if isinstance(c, DeveloperContent) and c.tools and "functions" in c.tools:
+                    tools = [FunctionTool(t.name) for t in c.tools["functions"].tools]
+        return framed(params, reasoning=self.max_reasoning_tokens, effort=effort, tools=tools)
 
 
 class AssistantMessage(BaseModel):
