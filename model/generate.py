@@ -80,7 +80,7 @@ def generate(
             )
             for row, i in enumerate(active)
         ]
-        drawn, drawn_logprobs = sample_rows(logits, draws)
+        drawn, drawn_logprobs = sample_rows(logits, draws, owned=True)
         for i, token, lp in zip(active, drawn, drawn_logprobs, strict=True):
             matchers.consume(str(i), token)
             out[i].append(token)

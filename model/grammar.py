@@ -29,6 +29,7 @@ from typing import Any
 import llguidance
 import llguidance.tiktoken
 import llguidance.torch
+import numpy
 import torch
 
 from gptoss_ray.model import tokenizer as tok
@@ -143,7 +144,9 @@ class Matchers:
     def masks(self, seq_ids: list[str | None]) -> torch.Tensor:
         """The allowed-token bitmasks [R, words] (int32) of rows; a row without a
         matcher (None) allows every token."""
-        bitmask = llguidance.torch.allocate_token_bitmask(len(seq_ids), tok.VOCAB_SIZE)
+        bitmask = torch.from_numpy(
+            numpy.full((len(seq_ids), (tok.VOCAB_SIZE + 31) // 32), -1, numpy.int32)
+        )
         rows = [(self.by_seq[s], i) for i, s in enumerate(seq_ids) if s is not None]
         if rows:
             if self.executor is None:

@@ -210,7 +210,7 @@ class Shard:
         rows, draws = self._draws(work, masks.result() if masks is not None else None)
         if rows != list(range(len(sampled))):  # a row drawn from more than once (forks)
             logits = logits[rows]
-        tokens, logprobs = sample_rows(logits, draws) if sampled else ([], [])
+        tokens, logprobs = sample_rows(logits, draws, owned=True) if sampled else ([], [])
         timer.lap("head")  # final norm, unembedding, sampling
         return tokens, logprobs, prompt_logprobs
 
