@@ -1,5 +1,6 @@
 """`gptoss-ray bench`: throughput and latency sweeps, shard scaling against replicas, the
-calibrated scaling model, full-size random-weight runs, the kernels alone and compiled.
+calibrated scaling model, full-size random-weight runs, the kernels alone and compiled,
+grammar masks against free decoding.
 Each benchmark's module runs it, prints its table under the machine's line, and saves
 JSON and a PNG under --out; this module only parses (no torch until a benchmark runs)."""
 
@@ -108,6 +109,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prefix.add_argument("--output-len", type=_count, default=32, help="tokens written a turn")
     prefix.add_argument("--block-size", type=_count, default=16)
+
+    grammar = command(
+        "grammar", "grammar.run", "grammar masks: decode step free vs harmony frame vs JSON schema"
+    )
+    grammar.add_argument("--model", default="gpt-oss-tiny")
+    grammar.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    grammar.add_argument("--batches", type=_ints, default=[1, 16, 64])
+    grammar.add_argument("--steps", type=_count, default=30, help="decode steps measured")
+    grammar.add_argument("--threads", type=int, default=None, help="torch threads")
+
+    engines = command(
+        "grammar-engines",
+        "grammar.run_engines",
+        "llguidance vs xgrammar vs outlines-core: JSON Schema coverage and mask cost",
+    )
+    engines.add_argument(
+        "--engines", nargs="+", default=["llguidance", "xgrammar", "outlines-core"]
+    )
+    engines.add_argument("--schemas", type=_count, default=100)
+    engines.add_argument("--walks", type=_count, default=5, help="schemas whose masks are timed")
+    engines.add_argument("--batches", type=_ints, default=[1, 64])
+    engines.add_argument("--steps", type=_count, default=20)
 
     scaling = command(
         "scaling", "engine_runs.run_scaling", "1..8 expert-parallel shards vs replicas"

@@ -25,7 +25,18 @@ from typing import Any
 
 from gptoss_ray.benchmarks.common import describe, fmt, median, percentile, progress, save
 
-PHASES = ("prepare", "attention", "gate", "dispatch", "experts", "combine", "decode graph", "head")
+PHASES = (
+    "prepare",
+    "attention",
+    "gate",
+    "dispatch",
+    "experts",
+    "combine",
+    "decode graph",
+    "head",
+    "grammar wait",
+    "sampling",
+)
 OVERHEAD = ("coordinator", "rpc")  # scheduling and bookkeeping; Ray round trip
 
 

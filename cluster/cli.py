@@ -138,7 +138,8 @@ def _parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench",
         add_help=False,
-        help="benchmarks: sweep, scaling, model, fullsize, kernels, sass (gptoss-ray bench --help)",
+        help="benchmarks: sweep, prefix, grammar, scaling, model, fullsize, kernels, sass "
+        "(gptoss-ray bench --help)",
     )
     bench.set_defaults(run=_bench, takes_rest=True)
 

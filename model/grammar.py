@@ -122,43 +122,68 @@ def check_grammar(grammar: str, where: str) -> None:
 
 class Matchers:
     """The matchers of the sequences with a grammar on one shard, by sequence id; each
-    follows its sequence's tokens (those it drew, and on placement those before)."""
+    follows its sequence's tokens (those it drew, and on placement those before).
+
+    A matcher that fails (llguidance's parser limits on a pathological schema, or a
+    token it refuses) must not take the engine down with every other sequence: the
+    failure is printed to the shard's log with the sequence's id, and from then on the
+    sequence may only end (<|return|>); its reply stops there, unfinished."""
 
     def __init__(self) -> None:
         self.by_seq: dict[str, llguidance.LLMatcher] = {}
+        self.failed: set[str] = set()
         self.executor: llguidance.LLExecutor | None = None
 
     def start(self, seq_id: str, grammar: str, output: list[int]) -> None:
         """A matcher for a sequence placed here, advanced past the tokens it drew."""
         matcher = llguidance.LLMatcher(harmony_tokenizer(), grammar, log_level=0)
-        if output and not matcher.consume_tokens(output):
-            raise RuntimeError(f"sequence {seq_id}: its own tokens break its grammar")
         self.by_seq[seq_id] = matcher
+        if matcher.is_error() or (output and not matcher.consume_tokens(output)):
+            self._fail(seq_id, matcher)
 
     def fork(self, parent: str, child: str) -> None:
         self.by_seq[child] = self.by_seq[parent].deep_copy()
+        if parent in self.failed:
+            self.failed.add(child)
 
     def drop(self, seq_id: str) -> None:
         self.by_seq.pop(seq_id, None)
+        self.failed.discard(seq_id)
 
     def masks(self, seq_ids: list[str | None]) -> torch.Tensor:
         """The allowed-token bitmasks [R, words] (int32) of rows; a row without a
-        matcher (None) allows every token."""
-        bitmask = torch.from_numpy(
-            numpy.full((len(seq_ids), (tok.VOCAB_SIZE + 31) // 32), -1, numpy.int32)
-        )
+        matcher (None) allows every token. Allocated by numpy: this runs on the shard's
+        mask thread, where a torch op would start a second OpenMP team beside the
+        forward's (on two cores it doubled the step)."""
+        words = numpy.full((len(seq_ids), (tok.VOCAB_SIZE + 31) // 32), -1, numpy.int32)
+        bitmask = torch.from_numpy(words)
         rows = [(self.by_seq[s], i) for i, s in enumerate(seq_ids) if s is not None]
-        if rows:
+        live = [(m, i) for m, i in rows if seq_ids[i] not in self.failed]
+        if live:
             if self.executor is None:
                 self.executor = llguidance.LLExecutor()
-            llguidance.torch.fill_next_token_bitmask_par(self.executor, rows, bitmask)
+            llguidance.torch.fill_next_token_bitmask_par(self.executor, live, bitmask)
+        for m, i in rows:
+            if seq_ids[i] in self.failed or m.is_error():
+                if seq_ids[i] not in self.failed:
+                    self._fail(seq_ids[i], m)  # type: ignore[arg-type]
+                words[i] = 0
+                words[i, tok.RETURN // 32] = 1 << (tok.RETURN % 32)
         return bitmask
 
     def consume(self, seq_id: str, token: int) -> None:
         """The token a sequence drew (one drawn past the end of a finished reply, in an
         overlapped step, is dropped by the scheduler: ignored here)."""
         matcher = self.by_seq.get(seq_id)
-        if matcher is None or matcher.is_stopped():
+        if matcher is None or matcher.is_stopped() or seq_id in self.failed:
             return
         if not matcher.consume_token(token):
-            raise RuntimeError(f"sequence {seq_id}: token {token} broke its grammar")
+            self._fail(seq_id, matcher)
+
+    def _fail(self, seq_id: str, matcher: llguidance.LLMatcher) -> None:
+        self.failed.add(seq_id)
+        print(
+            f"sequence {seq_id}: its grammar failed ({matcher.get_error() or 'token refused'}); "
+            "the reply ends here",
+            flush=True,
+        )

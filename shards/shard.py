@@ -6,6 +6,7 @@ experts' all-to-all is collective."""
 from __future__ import annotations
 
 import itertools
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -95,6 +96,7 @@ class Shard:
         # grammars of constrained sequences; their masks are built while the step runs
         self.matchers = Matchers()
         self._mask_thread: ThreadPoolExecutor | None = None
+        self.mask_seconds = 0.0  # building masks, off the critical path (benchmarks read it)
 
     def free_blocks(self) -> tuple[int, int]:
         return self.kv.free_blocks()
@@ -207,11 +209,16 @@ class Shard:
             if scored:
                 prompt_logprobs = self._score(work, scored, logits[len(sampled) :])
                 logits = logits[: len(sampled)]
-        rows, draws = self._draws(work, masks.result() if masks is not None else None)
+            timer.lap("head")  # final norm, unembedding, prompt logprobs
+        ready = None
+        if masks is not None:
+            ready = masks.result()
+            timer.lap("grammar wait")  # what building the masks added to the step
+        rows, draws = self._draws(work, ready)
         if rows != list(range(len(sampled))):  # a row drawn from more than once (forks)
             logits = logits[rows]
         tokens, logprobs = sample_rows(logits, draws, owned=True) if sampled else ([], [])
-        timer.lap("head")  # final norm, unembedding, sampling
+        timer.lap("sampling")  # grammar masks, bias, penalties, logprobs, draws
         return tokens, logprobs, prompt_logprobs
 
     def _masks_while_the_step_runs(self, sampled: list[SeqWork]) -> Future | None:
@@ -222,6 +229,7 @@ class Shard:
             return None
 
         def build() -> tuple[list[int], torch.Tensor]:
+            start = time.perf_counter()
             ids: list[str | None] = [None] * len(sampled)
             for i in rows:
                 w = sampled[i]
@@ -230,7 +238,9 @@ class Shard:
                     drawn = history[len(history) - w.draw_index :] if w.draw_index else []
                     self.matchers.start(w.seq_id, w.params.grammar, drawn)  # type: ignore[union-attr, arg-type]
                 ids[i] = w.seq_id
-            return rows, self.matchers.masks(ids)
+            bitmask = self.matchers.masks(ids)
+            self.mask_seconds += time.perf_counter() - start
+            return rows, bitmask
 
         if self._mask_thread is None:
             self._mask_thread = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")

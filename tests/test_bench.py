@@ -172,6 +172,38 @@ def test_bench_fullsize_on_the_built_in_model(tmp_path, capsys):
     assert all(r["tokens_per_s"] > 0 for r in data["ours"] + data["transformers"])
 
 
+def test_bench_grammar_measures_free_framed_and_json_steps(tmp_path, capsys):
+    from gptoss_ray.benchmarks.cli import main
+
+    main(["--out", str(tmp_path), "grammar", "--batches", "2", "--steps", "3"])
+    assert "frame" in capsys.readouterr().out
+    (saved,) = tmp_path.glob("grammar-*.json")
+    results = json.loads(saved.read_text())["results"]
+    assert set(results) == {"free@2", "frame@2", "json@2"}
+    assert results["free@2"]["mask_build_ms"] == 0 == results["free@2"]["grammar_wait_ms"]
+    for mode in ("frame@2", "json@2"):  # masks built, every step, off the step's path
+        assert results[mode]["mask_build_ms"] > 0 and "grammar wait" in results[mode]["phases_ms"]
+
+
+def test_bench_grammar_engines_sorts_features_into_enforced_refused_ignored(tmp_path, capsys):
+    """llguidance (the one installed with the tests) never ignores a feature silently: each
+    is enforced (valid instance taken, invalid refused) or refused when compiling."""
+    from gptoss_ray.benchmarks.cli import main
+
+    main(
+        [
+            *("--out", str(tmp_path), "grammar-engines", "--engines", "llguidance"),
+            *("--schemas", "3", "--walks", "1", "--steps", "2", "--batches", "1,4"),
+        ]
+    )
+    (saved,) = tmp_path.glob("grammar-engines-*.json")
+    result = json.loads(saved.read_text())["results"]["llguidance"]
+    verdicts = {f: v.split(":")[0] for f, v in result["features"].items()}
+    assert set(verdicts.values()) == {"enforced", "refused"}
+    assert verdicts["$ref/$defs"] == "enforced" and verdicts["uniqueItems"] == "refused"
+    assert result["compiled"] == 3 and result["masks"]["4"]["step_ms"] > 0
+
+
 def test_bench_kernels_on_the_built_in_model(tmp_path, capsys):
     from gptoss_ray.benchmarks.cli import main
 

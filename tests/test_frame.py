@@ -12,6 +12,7 @@ import random
 
 import jsonschema
 import llguidance.torch
+import numpy
 import openai
 import openai_harmony as oh
 import pytest
@@ -337,3 +338,19 @@ def test_what_the_frame_cannot_do_is_a_400_naming_the_field(client, fields, para
         )
     assert info.value.body["param"] == param
     assert says in info.value.body["message"]
+
+
+def test_a_failed_grammar_ends_its_reply_and_spares_the_engine(capsys):
+    from gptoss_ray.model.grammar import Matchers
+
+    matchers = Matchers()
+    matchers.start("a", reply_grammar(reasoning=4), [])
+    matchers.start("b", reply_grammar(reasoning=4), [])
+    matchers.consume("a", 12345)  # not <|channel|>: the frame refuses it
+    masks = matchers.masks(["a", "b", None])
+    bits = numpy.unpackbits(masks.numpy().view(numpy.uint8), axis=1, bitorder="little")
+    allowed = [numpy.flatnonzero(row).tolist() for row in bits]
+    assert allowed[0] == [tok.RETURN]
+    assert allowed[1] == [tok.CHANNEL]
+    assert len(allowed[2]) == 32 * masks.shape[1]
+    assert "sequence a: its grammar failed" in capsys.readouterr().out

@@ -232,3 +232,44 @@ def test_multi_line_descriptions_split_as_openai_harmony_splits_them(text):
     }
     theirs, ours = both(conv)
     assert h.render_conversation(ours.messages) == oracle().render_conversation(theirs)
+
+
+def test_response_formats_render_as_the_harmony_guide_shows_them():
+    """openai-harmony 0.0.8 has no response formats, so the oracle is OpenAI's harmony
+    guide (the cookbook's structured-output example), character for character."""
+    from gptoss_ray.model.harmony.messages import DeveloperContent, ResponseFormat
+
+    schema = {
+        "properties": {
+            "items": {
+                "type": "array",
+                "description": "entries on the shopping list",
+                "items": {"type": "string"},
+            }
+        },
+        "type": "object",
+    }
+    developer = DeveloperContent(
+        instructions="You are a helpful shopping assistant",
+        response_formats=[ResponseFormat(name="shopping_list", schema=schema)],
+    )
+    messages = [
+        h.Message(author=h.Author(role=h.Role.DEVELOPER), content=[developer]),
+        h.Message.from_role_and_content(h.Role.USER, "I need to buy coffee, soda and eggs"),
+    ]
+    guide = (
+        "<|start|>developer<|message|># Instructions\n\nYou are a helpful shopping assistant"
+        "\n\n# Response Formats\n\n## shopping_list\n\n"
+        '{"properties":{"items":{"type":"array","description":"entries on the shopping list",'
+        '"items":{"type":"string"}}},"type":"object"}<|end|>'
+        "<|start|>user<|message|>I need to buy coffee, soda and eggs<|end|><|start|>assistant"
+    )
+    assert tok.decode(h.render_for_completion(messages)) == guide
+    described = ResponseFormat(name="s", description="one line", schema={"type": "object"})
+    developer = DeveloperContent(response_formats=[described])
+    text = tok.decode(
+        h.render_for_completion(
+            [h.Message(author=h.Author(role=h.Role.DEVELOPER), content=[developer])]
+        )
+    )
+    assert '# Response Formats\n\n## s\n\n// one line\n{"type":"object"}<|end|>' in text

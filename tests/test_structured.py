@@ -15,56 +15,13 @@ import openai
 import pydantic
 import pytest
 
+from gptoss_ray.benchmarks.grammar import random_schema
 from gptoss_ray.cluster.chat import ReplyBuilder, chat_prompt
 from gptoss_ray.model.types import KVLayout
 from tests.engine_cases import GREEDY, baseline, prompts, served_tiny_model, tiny_core
 
 # generated schemas per run; GPTOSS_TEST_SCHEMAS=100 for the issue's count (RESULTS.md)
 SCHEMAS = int(os.environ.get("GPTOSS_TEST_SCHEMAS", "20"))
-
-
-def random_schema(rng: random.Random, depth: int = 0) -> dict:
-    """Nested objects, arrays with min/max items, enums, integer and number bounds,
-    required and optional properties, anyOf, nullable values, string patterns."""
-    kinds = ["string", "pattern", "integer", "number", "enum", "boolean", "nullable"]
-    if depth < 2:
-        kinds += ["object", "array", "anyOf"]
-    kind = rng.choice(kinds)
-    if kind == "string":
-        return {"type": "string", "maxLength": rng.randint(1, 12)}
-    if kind == "pattern":
-        return {"type": "string", "pattern": rng.choice([r"^[a-z]{2,5}$", r"^\d{3}-\d{2}$"])}
-    if kind == "integer":
-        low = rng.randint(-50, 50)
-        return {"type": "integer", "minimum": low, "maximum": low + rng.randint(0, 100)}
-    if kind == "number":
-        return {"type": "number", "minimum": -1.5, "maximum": rng.choice([2.5, 1000])}
-    if kind == "enum":
-        return {"enum": rng.sample(["red", "green", "blue", 7, None, True], rng.randint(1, 4))}
-    if kind == "boolean":
-        return {"type": "boolean"}
-    if kind == "nullable":
-        return {"type": ["integer", "null"], "minimum": 0, "maximum": 9}
-    if kind == "array":
-        low = rng.randint(0, 2)
-        item = random_schema(rng, depth + 1)
-        return {
-            "type": "array",
-            "items": item,
-            "minItems": low,
-            "maxItems": low + rng.randint(0, 2),
-        }
-    if kind == "anyOf":
-        return {"anyOf": [random_schema(rng, depth + 1), random_schema(rng, depth + 1)]}
-    names = rng.sample(["id", "name", "size", "tags", "when", "ok", "note"], rng.randint(1, 4))
-    properties = {n: random_schema(rng, depth + 1) for n in names}
-    required = [n for n in names if rng.random() < 0.6]
-    return {
-        "type": "object",
-        "properties": properties,
-        "required": required,
-        "additionalProperties": False,
-    }
 
 
 def structured(schema: dict, seed: int, **fields) -> dict:
