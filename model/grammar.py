@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -108,16 +109,44 @@ def _compact(schema: dict[str, Any]) -> str:
     return json.dumps({**schema, "x-guidance": _COMPACT})
 
 
-def check_grammar(grammar: str, where: str) -> None:
-    """Raises GrammarError (naming `where`, the request field) if the grammar, or a
-    schema in it, cannot be enforced: unsupported keywords are errors, never ignored."""
+def check_schema(schema: dict[str, Any], where: str) -> None:
+    """Raises GrammarError (param `where`, the request field) if the JSON Schema cannot be
+    enforced: a keyword llguidance does not implement is named with the JSON pointer of
+    each place it is used, never ignored; any other problem in llguidance's words."""
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(_compact(schema))
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
-        llguidance.LLMatcher.grammar_from_lark(grammar), harmony_tokenizer()
+        grammar, harmony_tokenizer()
     )
-    if is_error or messages:
-        raise GrammarError(
-            f"{where}: " + "; ".join(messages or ["not a valid grammar"]), param=where
+    if not (is_error or messages):
+        return
+    text = "; ".join(messages) or "not a schema that can be enforced"
+    unimplemented = re.search(r"Unimplemented keys: (\[.*?\])", text)
+    if unimplemented:
+        keys = json.loads(unimplemented.group(1))
+        places = sorted({p for key in keys for p in _pointers(schema, key)})
+        names = ", ".join(keys)
+        text = (
+            f"the JSON Schema keyword(s) {names} cannot be enforced (at "
+            f"{', '.join(p or '/' for p in places)}); remove them or express the constraint "
+            "with supported keywords"
         )
+    else:
+        text = re.sub(r"^at \d+\(\d+\): ", "", text.splitlines()[0])
+    raise GrammarError(f"{where}: {text}", param=where)
+
+
+def _pointers(node: Any, key: str, path: str = "") -> list[str]:
+    """JSON pointers of the objects in `node` that have `key` (a schema keyword)."""
+    found = []
+    if isinstance(node, dict):
+        if key in node:
+            found.append(path)
+        for k, v in node.items():
+            found += _pointers(v, key, f"{path}/{str(k).replace('~', '~0').replace('/', '~1')}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            found += _pointers(v, key, f"{path}/{i}")
+    return found
 
 
 class Matchers:

@@ -329,6 +329,22 @@ def test_tool_choice_and_strict_arguments_through_the_official_client(client):
             "ignore_eos",
             "<|return|>",
         ),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {
+                        "name": "x",
+                        "schema": {
+                            "type": "object",
+                            "properties": {"tags": {"type": "array", "uniqueItems": True}},
+                        },
+                    },
+                }
+            },
+            "response_format.json_schema.schema",
+            "uniqueItems cannot be enforced (at /properties/tags)",
+        ),
     ],
 )
 def test_what_the_frame_cannot_do_is_a_400_naming_the_field(client, fields, param, says):

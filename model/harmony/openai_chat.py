@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 from gptoss_ray.model import tokenizer as tok
-from gptoss_ray.model.grammar import DEFAULT_REASONING, FunctionTool, check_grammar, reply_grammar
+from gptoss_ray.model.grammar import DEFAULT_REASONING, FunctionTool, check_schema, reply_grammar
 from gptoss_ray.model.harmony.messages import (
     Author,
     DeveloperContent,
@@ -255,14 +255,11 @@ class ChatRequest(SamplingFields):
         asked = answer is not None or required or any(t.strict for t in callable_tools)
         if not (asked or frame):
             return params
-        if answer is not None:
-            check_grammar(reply_grammar(answer=answer), "response_format")
+        if fmt is not None and fmt.json_schema is not None and fmt.json_schema.schema_:
+            check_schema(fmt.json_schema.schema_, "response_format.json_schema.schema")
         for i, t in enumerate(self.tools or []):
-            if t.function.strict and t in tools:
-                check_grammar(
-                    reply_grammar(tools=[callable_tools[tools.index(t)]], final=False),
-                    f"tools[{i}].function.parameters",
-                )
+            if t.function.strict and t.function.parameters and t in tools:
+                check_schema(t.function.parameters, f"tools[{i}].function.parameters")
         return framed(
             params,
             reasoning=self.max_reasoning_tokens,
