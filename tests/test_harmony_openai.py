@@ -168,7 +168,10 @@ def test_tool_choice_none_hides_the_tools():
         (lambda r: r.update(reasoning_effort="max"), r"reasoning_effort: Input should be 'low'"),
         (lambda r: r.update(messages=[]), r"messages: List should have at least 1 item"),
         (lambda r: r.update(top_p=0), r"top_p: Input should be greater than 0"),
-        (lambda r: r.update(tool_choice="required"), r"tool_choice"),
+        (
+            lambda r: r.update(tool_choice={"type": "function", "function": {"name": "nope"}}),
+            r"tool_choice: the function 'nope' is not among the tools",
+        ),
     ],
 )
 def test_bad_requests_name_the_message_and_field(change, message):
