@@ -58,11 +58,12 @@ def test_the_triton_kernels_give_the_same_tokens(monkeypatch):
         attention, "paged_attention", counted("attention", attention.paged_attention)
     )
     core, shard = make_core(KVLayout(16, 256, 256), token_budget=24, kernels=True)
-    ids = [core.submit(p, GREEDY) for p in prompts()[:2]]  # 5 and 40 tokens (a window of 32)
+    short = GREEDY.model_copy(update={"max_tokens": 4})  # the interpreter is slow
+    ids = [core.submit(p, short) for p in prompts()[:2]]  # 5 and 40 tokens (a window of 32)
     core.run_until_done()
-    assert tuple(tuple(core.output(i).token_ids) for i in ids) == baseline()[:2]
+    assert [tuple(core.output(i).token_ids) for i in ids] == [b[:4] for b in baseline()[:2]]
     layers = shard.config.num_hidden_layers
-    assert launches["moe"] == launches["attention"] >= layers * GREEDY.max_tokens
+    assert launches["moe"] == launches["attention"] >= layers * short.max_tokens
 
 
 def test_requests_arriving_while_others_decode():

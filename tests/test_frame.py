@@ -112,6 +112,11 @@ def test_every_reply_parses_in_strict_mode(encoding):
             # tokens, which strict parsing refuses by definition; a reply that stopped
             # never ends there
             assert seq.finish_reason == "length" and "header" in str(exc), (exc, tokens)
+            # ...within the header it had begun: every message before it is whole
+            starts = [i for i, t in enumerate(tokens) if t == tok.START]
+            assert len(tokens) - (starts[-1] if starts else 0) <= 16, tokens
+            whole = tokens[: starts[-1] - 1] if starts else []  # up to its <|end|>
+            strictly_parsed(encoding, whole)
             finishes["cut in a header"] += 1
             continue
         ours = harmony.parse_completion(tokens, "assistant", strict=True)
@@ -122,10 +127,8 @@ def test_every_reply_parses_in_strict_mode(encoding):
         finishes[seq.finish_reason] += 1
         check_what_was_asked(body, reply, tokens, seq.finish_reason)
     print(f"{FRAMES} framed replies: {finishes}")
-    assert (
-        finishes["stop"] >= FRAMES // 10
-    )  # calls and JSON; free text on random weights never ends
-    assert finishes["cut in a header"] <= FRAMES // 20
+    # calls and JSON stop; free text on random weights never ends (1 token in 200k)
+    assert finishes["stop"] >= FRAMES // 10
 
     unframed = 0
     plain = [b for b in bodies if "tools" not in b and "response_format" not in b]
