@@ -147,14 +147,13 @@ def test_bench_fullsize_on_the_built_in_model(tmp_path, capsys):
             "--device",
             "cpu",
             "--batches",
-            "1,2",
+            "1",  # in Triton's interpreter here: each batch size costs a minute
             "--prompt-len",
             "8",
             "--output-len",
             "3",
-            # the kernels' own tests run them (in Triton's interpreter here, 60 s more)
             "--kernels",
-            "off",
+            "on",
             "--graphs",
             "on",
         ]
@@ -164,12 +163,8 @@ def test_bench_fullsize_on_the_built_in_model(tmp_path, capsys):
     (saved,) = tmp_path.glob("fullsize-*.json")
     data = json.loads(saved.read_text())["results"]
     # batch 1 runs again without the static decode step, beside the one with it
-    assert [(r["batch"], r["decode_graphs"]) for r in data["ours"]] == [
-        (1, True),
-        (1, False),
-        (2, True),
-    ]
-    assert [r["batch"] for r in data["transformers"]] == [1, 2]
+    assert [(r["batch"], r["decode_graphs"]) for r in data["ours"]] == [(1, True), (1, False)]
+    assert [r["batch"] for r in data["transformers"]] == [1]
     assert all(r["tokens_per_s"] > 0 for r in data["ours"] + data["transformers"])
 
 
