@@ -154,6 +154,7 @@ class ReplyBuilder:
         text = p.state == harmony.StreamState.CONTENT  # a token of a message's text, or its end
         p.process(token)
         if len(p.messages) > before and self._kind is not None:
+            self._flushed()
             self._end()
         if p.state != harmony.StreamState.CONTENT:
             return
@@ -176,6 +177,19 @@ class ReplyBuilder:
             self.events.append(
                 TextDelta(self._kind, delta, p.current_channel, p.current_recipient, call, lps)
             )
+
+    def _flushed(self) -> None:
+        """The text of a character its message's end cut (U+FFFD), which the finished
+        message holds: streamed too, so that streamed text equals the whole."""
+        tail = self.parser.last_flushed
+        if not tail or self.stopped:
+            return
+        if self._kind == "content":
+            self._show(tail)
+            return
+        m = self.parser.messages[-1]
+        call = len(self._calls) - 1 if self._kind == "call" else None
+        self.events.append(TextDelta(self._kind, tail, m.channel, m.recipient, call))  # type: ignore[arg-type]
 
     def _take_logprobs(self) -> tuple[TokenLogprob, ...]:
         lps, self._token_logprobs = tuple(self._token_logprobs), []
@@ -216,8 +230,11 @@ class ReplyBuilder:
         tool_calls), finish_reason, the harmony messages, ids, parse problems, usage."""
         if self.reply is not None:
             return self.reply
+        before = len(self.parser.messages)
         self.parser.process_eos()
         if self._kind is not None:
+            if len(self.parser.messages) > before:
+                self._flushed()
             self._end()
         messages = self.parser.messages
         ids = iter(c.call_id for c in self._calls)

@@ -293,6 +293,8 @@ class EngineCore:
                 if left is not None and left <= 0:
                     break
                 self._lock.wait(left)
+            # finishing a reply can add events (the text of a character its end cut)
+            reply = self._reply(seqs) if done() else None
             if len(seqs) == 1:
                 events = list(seqs[0].reply.events[afters[0] :])
             else:
@@ -301,7 +303,7 @@ class EngineCore:
                     for i, (s, a) in enumerate(zip(seqs, afters, strict=True))
                     for ev in s.reply.events[a:]
                 ]
-            return events, (self._reply(seqs) if done() else None)
+            return events, reply
 
     @staticmethod
     def _reply(seqs: list[Seq]) -> dict[str, Any]:

@@ -106,3 +106,21 @@ def test_text_held_for_a_stop_string_that_never_comes_is_shown():
 def test_stop_strings_apply_to_the_answer_only():
     builder = fed_one_by_one(ANSWER, ["about"])  # in the reasoning, not the answer
     assert not builder.stopped and shown(builder, "reasoning") == "Thinking about it."
+
+
+@pytest.mark.parametrize("end", ["eos", "end"])
+def test_a_character_cut_by_the_message_end_streams_as_the_whole_has_it(end):
+    """A reply cut (max_tokens) or a message ended (<|end|>) inside a multi-byte
+    character: the whole reply holds U+FFFD for it, and so does the stream."""
+    # a three-byte character as one token per byte, so that a token can end inside it
+    byte_tokens = [tok.get_encoding().encode_single_token(bytes([b])) for b in "☃".encode()]
+    head = ids("<|channel|>analysis<|message|>so ") + byte_tokens[:2]
+    if end == "end":
+        head += ids("<|end|><|start|>assistant<|channel|>final<|message|>ok ") + byte_tokens[:1]
+    builder = ReplyBuilder()
+    for token in head:
+        builder.feed([token])
+    reply = builder.finish("length", request_id="r", prompt_tokens=1)
+    assert shown(builder, "reasoning") == reply["message"]["reasoning_content"] == "so \ufffd"
+    if end == "end":
+        assert shown(builder, "content") == reply["message"]["content"] == "ok \ufffd"

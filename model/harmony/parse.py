@@ -76,6 +76,7 @@ class StreamParser:
         self._header: Header | None = None
         self._text = ""
         self._pending = b""  # bytes of a UTF-8 character split across tokens
+        self.last_flushed: str | None = None  # what they became when their message ended
 
     # -- what a streaming API shows -------------------------------------------------
     @property
@@ -203,8 +204,9 @@ class StreamParser:
     def _finish_message(self) -> None:
         header = self._header
         assert header is not None
-        text = self._text + self._pending.decode("utf-8", errors="replace")
-        self.messages.append(header.message(text))
+        # a character cut by the message's end: what it adds is no delta of its own
+        self.last_flushed = self._pending.decode("utf-8", errors="replace") or None
+        self.messages.append(header.message(self._text + (self.last_flushed or "")))
         self._text, self._pending = "", b""
         self.last_content_delta = None
         self._reset_header(StreamState.EXPECT_START, None)
