@@ -321,18 +321,9 @@ class _LLGuidance(_Engine):
         self.executor = llguidance.LLExecutor()
 
     def compile(self, schema):
-        import json
+        from gptoss_ray.model.grammar import check_schema
 
-        grammar = self.lib.LLMatcher.grammar_from_json_schema(
-            json.dumps(schema),
-            overrides={"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"},
-        )
-        is_error, messages = self.lib.LLMatcher.validate_grammar_with_warnings(
-            grammar, self.tokenizer
-        )
-        if is_error or messages:
-            raise ValueError("; ".join(messages))
-        return grammar
+        return check_schema(schema, "schema")  # what the server enforces, or its 400
 
     def matcher(self, compiled):
         return self.lib.LLMatcher(self.tokenizer, compiled, log_level=0)

@@ -109,16 +109,17 @@ def _compact(schema: dict[str, Any]) -> str:
     return json.dumps({**schema, "x-guidance": _COMPACT})
 
 
-def check_schema(schema: dict[str, Any], where: str) -> None:
-    """Raises GrammarError (param `where`, the request field) if the JSON Schema cannot be
-    enforced: a keyword llguidance does not implement is named with the JSON pointer of
-    each place it is used, never ignored; any other problem in llguidance's words."""
+def check_schema(schema: dict[str, Any], where: str) -> str:
+    """The schema's llguidance grammar (compact JSON); raises GrammarError (param `where`,
+    the request field) if the JSON Schema cannot be enforced: a keyword llguidance does
+    not implement is named with the JSON pointer of each place it is used, never ignored;
+    any other problem in llguidance's words."""
     grammar = llguidance.LLMatcher.grammar_from_json_schema(_compact(schema))
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
         grammar, harmony_tokenizer()
     )
     if not (is_error or messages):
-        return
+        return grammar
     text = "; ".join(messages) or "not a schema that can be enforced"
     unimplemented = re.search(r"Unimplemented keys: (\[.*?\])", text)
     if unimplemented:
