@@ -90,7 +90,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(run=_serve)
     serve.add_argument("--model", default="gpt-oss-tiny")
-    serve.add_argument("--shards", type=int, default=2)
+    serve.add_argument("--shards", type=int, default=2, help="shards of each engine")
+    serve.add_argument(
+        "--engines",
+        type=int,
+        default=1,
+        help="engines of --shards shards each, data parallel behind one HTTP front",
+    )
     serve.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     serve.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     serve.add_argument("--address", default=None, help="Ray cluster ('auto'); default: local")
@@ -119,6 +125,15 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="HTTP address (default loopback)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY")
+    serve.add_argument(
+        "--ingress-replicas", type=int, default=1, help="Ray Serve replicas of the HTTP front"
+    )
+    serve.add_argument(
+        "--max-outstanding",
+        type=int,
+        default=1024,
+        help="requests a front replica keeps in each engine; past it, 429 with Retry-After",
+    )
     status = sub.add_parser("status", help="a served engine's shards, load, queue and jobs")
     status.set_defaults(run=_status)
     status.add_argument("--name", default="gptoss-ray")
@@ -287,14 +302,18 @@ def _serve(args: argparse.Namespace) -> int:
         max_prompt_tokens=args.max_prompt_tokens,
         prefix_cache=args.prefix_cache,
         harmony_frame=args.harmony_frame,
+        engines=args.engines,
         http=(args.host, args.port, args.api_key) if args.http else None,
+        front={"max_outstanding": args.max_outstanding},
+        ingress_replicas=args.ingress_replicas,
     )
     if args.http:
         key = " (API key required)" if args.api_key else ""
         print(f"OpenAI-compatible API at {info['url']}{key}")
     print(
-        f"engine {args.name!r} ready in {time.perf_counter() - t0:.1f} s: {info['model']} on "
-        f"{info['shards']} {args.device} shard(s), experts {info['expert_ranges']}. "
+        f"engine(s) {', '.join(info['engines'])} ready in {time.perf_counter() - t0:.1f} s: "
+        f"{info['model']} on {info['shards']} {args.device} shard(s) each, experts "
+        f"{info['expert_ranges']}. "
         f"Submit with `gptoss-ray batch submit FILE --output OUT`; stop with "
         f"`gptoss-ray stop --name {args.name}`."
     )

@@ -139,6 +139,7 @@ class EngineCore:
         self._arrivals = 0
         self.failure: str | None = None  # set when a step failed: nothing can finish now
         self._lock = threading.Condition()
+        self._nudged: set[str | None] = set()  # watchers whose next wait ends at once
 
     # -- requests ----------------------------------------------------------------------
     def submit(
@@ -275,35 +276,83 @@ class EngineCore:
         With n > 1 choices, `after` counts each choice's events, the events come as
         (choice, event) pairs, and the reply has every choice's in `choices` (usage
         summed)."""
+        news = self.wait_replies({request_id: after}, timeout=timeout)
+        if request_id in news and news[request_id] is None:
+            raise UnknownRequest(f"unknown request id {request_id!r}")
+        return news.get(request_id) or ([], None)
+
+    def wait_replies(
+        self,
+        cursors: dict[str, int | Sequence[int]],
+        *,
+        timeout: float | None = None,
+        watcher: str | None = None,
+    ) -> dict[str, tuple[list[Any], dict[str, Any] | None] | None]:
+        """`wait_reply` for many requests at once (one call serves every stream of a
+        front): returns when any of them has events past its cursor or finished (or the
+        timeout passed, or `nudge(watcher)` was called), with (events, reply or None) for
+        each that has, and None for each id the engine does not know (forgotten, or never
+        submitted here)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
-            seqs = self._choices(request_id)
-            if seqs[0].reply is None:
-                raise RequestError(f"request {request_id!r} is not a chat request")
-            afters = [after] * len(seqs) if isinstance(after, int) else list(after)
+            watched: dict[str, tuple[list[Seq], list[int]]] = {}
+            out: dict[str, tuple[list[Any], dict[str, Any] | None] | None] = {}
+            for rid, after in cursors.items():
+                if rid not in self.requests:
+                    out[rid] = None
+                    continue
+                seqs = self._choices(rid)
+                if seqs[0].reply is None:
+                    raise RequestError(f"request {rid!r} is not a chat request")
+                watched[rid] = (
+                    seqs,
+                    [after] * len(seqs) if isinstance(after, int) else list(after),
+                )
 
-            def news() -> bool:
-                return any(len(s.reply.events) > a for s, a in zip(seqs, afters, strict=True))
+            def news(rid: str) -> bool:
+                seqs, afters = watched[rid]
+                done = all(s.status == Status.FINISHED for s in seqs)
+                return done or any(
+                    len(s.reply.events) > a for s, a in zip(seqs, afters, strict=True)
+                )
 
-            def done() -> bool:
-                return all(s.status == Status.FINISHED for s in seqs)
-
-            while not done() and not news() and self.failure is None:
+            while (
+                not out
+                and not any(news(r) for r in watched)
+                and self.failure is None
+                and watcher not in self._nudged
+            ):
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     break
                 self._lock.wait(left)
-            # finishing a reply can add events (the text of a character its end cut)
-            reply = self._reply(seqs) if done() else None
-            if len(seqs) == 1:
-                events = list(seqs[0].reply.events[afters[0] :])
-            else:
-                events = [
-                    (i, ev)
-                    for i, (s, a) in enumerate(zip(seqs, afters, strict=True))
-                    for ev in s.reply.events[a:]
-                ]
-            return events, reply
+            self._nudged.discard(watcher)
+            for rid in watched:
+                if news(rid) or self.failure is not None:
+                    out[rid] = self._events_past(*watched[rid])
+            return out
+
+    def _events_past(
+        self, seqs: list[Seq], afters: list[int]
+    ) -> tuple[list[Any], dict[str, Any] | None]:
+        # finishing a reply can add events (the text of a character its end cut)
+        done = all(s.status == Status.FINISHED for s in seqs)
+        reply = self._reply(seqs) if done else None
+        if len(seqs) == 1:
+            return list(seqs[0].reply.events[afters[0] :]), reply
+        events = [
+            (i, ev)
+            for i, (s, a) in enumerate(zip(seqs, afters, strict=True))
+            for ev in s.reply.events[a:]
+        ]
+        return events, reply
+
+    def nudge(self, watcher: str) -> None:
+        """Ends the `wait_replies` of `watcher` now, or its next one at once: its front
+        has a new reader, which the next call will cover."""
+        with self._lock:
+            self._nudged.add(watcher)
+            self._lock.notify_all()
 
     @staticmethod
     def _reply(seqs: list[Seq]) -> dict[str, Any]:

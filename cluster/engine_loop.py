@@ -111,7 +111,9 @@ class EngineLoop:
             "shards": self.shards,
             "kv_layout": vars(self.layout),
             "harmony_frame": self.harmony_frame,
+            "max_context_length": self.config.max_context_length,
             "healthy": self.error is None,
+            "error": self.error,
         }
 
     def stats(self) -> dict[str, Any]:
@@ -193,6 +195,29 @@ class EngineLoop:
         if reply is None:
             self._alive()
         return events, reply
+
+    def wait_replies(
+        self,
+        cursors: dict[str, int | list[int]],
+        timeout: float | None = None,
+        watcher: str | None = None,
+    ) -> dict[str, tuple[list[Any], dict[str, Any] | None] | None]:
+        """`wait_events` for many requests (`EngineCore.wait_replies`): a front's one
+        poll for every reply it streams. Raises EngineUnavailable once the loop stopped
+        and none of them has a finished reply left to hand over."""
+        news = self.core.wait_replies(cursors, timeout=timeout, watcher=watcher)
+        if self.error is not None and not any(got and got[1] is not None for got in news.values()):
+            self._alive()
+        return news
+
+    def nudge(self, watcher: str) -> None:
+        self.core.nudge(watcher)
+
+    def release(self, request_id: str) -> None:
+        """The caller is done with a request: cancelled if it still runs, then forgotten
+        (one call, so that the two cannot arrive out of order)."""
+        self.core.cancel(request_id)
+        self.core.forget(request_id)
 
     def wait_chat(self, request_id: str) -> dict[str, Any]:
         """The finished reply: message, finish_reason, usage, harmony messages (with

@@ -1,29 +1,37 @@
-"""The OpenAI-compatible HTTP API, attached to a running engine in its process
-(`EngineLoop.attach(serve_api, host, port, api_key)`, as `gptoss-ray serve --http` does).
+"""The OpenAI-compatible HTTP API as an ASGI app (Starlette), in front of one or more
+engines (`engine_link.EnginePool`). Ray Serve runs it in ingress replicas
+(`cluster.serve_app`); `serve_api` runs it with uvicorn in this process, over an engine
+loop of this process (tests, the Python API).
 
-/v1/chat/completions (stream: server-sent events), /v1/responses (stream: typed events),
-/v1/models, /health, /metrics (Prometheus text). Loopback unless told otherwise; with an
-API key every request needs `Authorization: Bearer KEY`. Errors have OpenAI's shape:
-{"error": {"message", "type", "param", "code"}}. A client that goes away mid-stream has
-its sequence cancelled at once."""
+/v1/chat/completions, /v1/completions, /v1/responses (stream: server-sent events),
+/v1/models, vLLM's /tokenize, /detokenize, /tokenizer_info, /health, /metrics
+(Prometheus). With an API key every request needs `Authorization: Bearer KEY`. Errors
+have OpenAI's shape: {"error": {"message", "type", "param", "code"}}. A client that goes
+away has its sequences cancelled at once. Limits (`FrontSettings`): the body's size (413),
+max_tokens, and the requests this front keeps in each engine (past it: 429 with
+Retry-After)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
-import select
-import socket
+import os
 import threading
 import time
-import urllib.parse
 from collections import Counter
-from collections.abc import Callable, Iterator
-from functools import partial
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from pydantic import BaseModel, Field
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
 from gptoss_ray.cluster.chat import (
-    EventCursor,
     TextDelta,
     ToolCallStart,
     chat_completion,
@@ -36,6 +44,8 @@ from gptoss_ray.cluster.completions import (
     completion_object,
     legacy_logprobs,
 )
+from gptoss_ray.cluster.engine_link import POLL_S, EngineLink, EnginePool, Finished
+from gptoss_ray.cluster.metrics import FrontMetrics
 from gptoss_ray.cluster.response_store import ResponseStore
 from gptoss_ray.cluster.responses_api import (
     ResponseStream,
@@ -49,632 +59,675 @@ from gptoss_ray.model.types import EngineUnavailable, RequestError
 if TYPE_CHECKING:
     from gptoss_ray.cluster.engine_loop import EngineLoop
 
+MAX_BODY_BYTES = 8 << 20  # a 128k-token conversation is well under 1 MiB of JSON
+
+
+class FrontSettings(BaseModel):
+    """What a front allows: its API key and the limits that protect its engines."""
+
+    api_key: str | None = None
+    api_key_env: str | None = Field(
+        None, description="the name of an environment variable holding the API key"
+    )
+    max_body_bytes: int = Field(MAX_BODY_BYTES, gt=0)
+    max_tokens: int | None = Field(None, gt=0, description="the most a request may ask for")
+    max_outstanding: int = Field(
+        1024, gt=0, description="requests this front keeps in each engine; past it, 429"
+    )
+    retry_after_s: int = Field(1, ge=0)
+
+    def key(self) -> str | None:
+        """The API key; one named by api_key_env is read where the front runs."""
+        if self.api_key_env is None:
+            return self.api_key
+        key = os.environ.get(self.api_key_env)
+        if not key:
+            raise RuntimeError(
+                f"api_key_env: the environment variable {self.api_key_env} is not set here"
+            )
+        return key
+
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, code: str, param: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
+        self.headers = headers
+
+    @classmethod
+    def of(cls, exc: Exception) -> ApiError:
+        """An engine's or a parser's error as the API answers it."""
+        if isinstance(exc, ApiError):
+            return exc
+        if isinstance(exc, RequestError | EngineUnavailable):  # harmony's errors among them
+            return cls(exc.status, str(exc), exc.code, getattr(exc, "param", None))
+        if isinstance(exc, ValueError):  # a field that only SamplingParams checks
+            return cls(400, str(exc), RequestError.code)
+        return cls(500, f"{type(exc).__name__}: {exc}", "internal_error")
 
     def body(self) -> dict[str, Any]:
-        kind = {401: "authentication_error", 404: "not_found_error"}.get(
+        kind = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}
+        kind = kind.get(
             self.status, "invalid_request_error" if self.status < 500 else "server_error"
         )
         return {
             "error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}
         }
 
-
-MAX_BODY_BYTES = 8 << 20  # a 128k-token conversation is well under 1 MiB of JSON
-
-
-class ClientGone(Exception):
-    pass
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), self.status, headers=self.headers)
 
 
-_BUSY = b"".join(
-    (
-        b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n",
-        b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n",
-    )
-)
+class Front:
+    """What every request handler shares: the engines, the settings, the response store,
+    the metrics, and the model's id and context (asked of the engines once)."""
 
+    def __init__(self, pool: EnginePool, settings: FrontSettings) -> None:
+        self.pool, self.settings = pool, settings
+        self.started = int(time.time())
+        self.metrics = FrontMetrics()
+        self._info: dict[str, Any] | None = None
+        self._responses: ResponseStore | None = None
+        self._releases: set[asyncio.Task] = set()
 
-class _Server(ThreadingHTTPServer):
-    """A thread per connection, at most `max_connections` at once: past that a client gets
-    503 with Retry-After at once (a flood of idle connections cannot exhaust the process's
-    descriptors or threads); the handler closes a connection idle for its `timeout`."""
+    async def info(self) -> dict[str, Any]:
+        if self._info is None:
+            infos = await asyncio.gather(*(link.call("info") for link in self.pool.links))
+            models = {i["model_id"] for i in infos}
+            if len(models) > 1:
+                raise EngineUnavailable(f"the engines serve different models: {sorted(models)}")
+            self._info = infos[0]
+        return self._info
 
-    daemon_threads = True
-    request_queue_size = 1024  # the default backlog of 5 resets bursts of new clients
+    @property
+    def responses(self) -> ResponseStore:
+        if self._responses is None:  # made here: Ray (or not) is known by now
+            self._responses = ResponseStore()
+        return self._responses
 
-    def __init__(self, address: tuple[str, int], handler: type, max_connections: int) -> None:
-        super().__init__(address, handler)
-        self._slots = threading.BoundedSemaphore(max_connections)
+    def engine_for(self, body: dict[str, Any], tried: list[EngineLink]) -> EngineLink:
+        link = self.pool.pick(body, avoid=tried)
+        if link.outstanding >= self.settings.max_outstanding:
+            self.metrics.rejected.labels("at_capacity").inc()
+            raise ApiError(
+                429,
+                f"the server is at capacity ({self.settings.max_outstanding} requests in each "
+                "engine); retry shortly",
+                "server_busy",
+                headers={"Retry-After": str(self.settings.retry_after_s)},
+            )
+        return link
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            body = json.dumps(
-                ApiError(503, "too many connections; retry shortly", "server_busy").body()
-            ).encode()
-            with contextlib.suppress(OSError):
-                request.sendall(_BUSY % len(body) + body)
-            self.shutdown_request(request)
-            return
-        super().process_request(request, client_address)
+    def check_limits(self, body: dict[str, Any]) -> None:
+        cap = self.settings.max_tokens
+        for field in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
+            asked = body.get(field)
+            if cap is not None and isinstance(asked, int) and asked > cap:
+                raise ApiError(
+                    400,
+                    f"{field} {asked} exceeds this server's limit of {cap}",
+                    "invalid_request",
+                    field,
+                )
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
+    @contextlib.asynccontextmanager
+    async def submitted(
+        self, body: Any, method: str, request: Request
+    ) -> AsyncIterator[tuple[EngineLink, Any]]:
+        """Submits `body` with the engine's `method` (submit_chat: -> (id, prompt length);
+        submit_text: -> [(id, prompt)]); on the way out, whatever happened (a reply sent,
+        an error, a client gone), the engine is done with every request it made."""
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body is a JSON object", "invalid_request")
+        self.check_limits(body)
+        tried: list[EngineLink] = []
+        while True:  # an engine that cannot be reached: the next one, while there is one
+            link = self.engine_for(body, tried)
+            try:
+                out = await link.call(method, body)
+                break
+            except EngineUnavailable as exc:
+                tried.append(link)
+                if len(tried) >= len(self.pool.links):
+                    raise ApiError.of(exc) from None
+            except Exception as exc:
+                raise ApiError.of(exc) from None
+        ids = [out[0]] if method == "submit_chat" else [rid for rid, _ in out]
+        link.outstanding += len(ids)
+        request.state.started = time.monotonic()
         try:
-            super().process_request_thread(request, client_address)
+            yield link, out
         finally:
-            self._slots.release()
+            link.outstanding -= len(ids)
+            for rid in ids:  # in a task of its own: a cancelled handler still releases
+                task = asyncio.ensure_future(link.release(rid))
+                self._releases.add(task)
+                task.add_done_callback(self._releases.discard)
+
+    async def events(
+        self, link: EngineLink, rid: str, request: Request, n: int = 1
+    ) -> AsyncIterator[Any]:
+        """The reply's (choice, event) pairs as they come, then `Finished`; raises
+        ClientDisconnect when the client has gone (the caller's `submitted` releases)."""
+        started, first = request.state.started, None
+        queue = link.watcher.open(rid, n)
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(queue.get(), POLL_S)
+                except TimeoutError:
+                    if await request.is_disconnected():
+                        raise ClientDisconnect from None
+                    continue
+                if isinstance(item, BaseException):
+                    raise ApiError.of(item)
+                if first is None:
+                    first = time.monotonic()
+                if isinstance(item, Finished):
+                    tokens = item.reply["usage"]["completion_tokens"]
+                    self.metrics.observe_reply(started, first, time.monotonic(), tokens)
+                yield item
+                if isinstance(item, Finished):
+                    return
+        finally:
+            link.watcher.close(rid)
+
+    async def reply(self, link: EngineLink, rid: str, request: Request, n: int = 1) -> dict:
+        async for item in self.events(link, rid, request, n):
+            if isinstance(item, Finished):
+                return item.reply
+        raise AssertionError("a reply's events end with Finished")
 
 
+# -- the app -----------------------------------------------------------------------------
+def api_app(pool: EnginePool, settings: FrontSettings | None = None) -> Starlette:
+    """The API over `pool`'s engines."""
+    front = Front(pool, settings or FrontSettings())
+
+    def route(path: str, methods: list[str], handler: Callable[..., Awaitable[Response]]):
+        async def endpoint(request: Request) -> Response:
+            try:
+                return await handler(front, request)
+            except (ApiError, RequestError, EngineUnavailable) as exc:
+                return ApiError.of(exc).response()
+            except ClientDisconnect:
+                return Response(status_code=499)  # nobody reads it
+
+        return Route(path, endpoint, methods=methods, name=handler.__name__)
+
+    app = Starlette(
+        routes=[route(path, methods, handler) for path, methods, handler in ROUTES],
+        exception_handlers={HTTPException: _http_error, Exception: _internal_error},
+    )
+    app.state.front = front
+    return _Guard(app, front)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    if exc.status_code == 405:
+        err = ApiError(
+            405, f"{request.method} is not allowed on {request.url.path}", "method_not_allowed"
+        )
+    elif exc.status_code == 404:
+        err = ApiError(404, f"no route {request.url.path}", "not_found")
+    else:
+        err = ApiError(exc.status_code, str(exc.detail), "invalid_request")
+    return err.response()
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    # never a traceback to the client (the server's log has it)
+    return ApiError.of(exc).response()
+
+
+class _Guard:
+    """Before any route: the API key, and the count of answers by status code."""
+
+    def __init__(self, app: Starlette, front: Front) -> None:
+        self.app, self.front = app, front
+        self.state = app.state
+        self.key = front.settings.key()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        key = self.key
+        route = scope["path"]
+
+        async def counted(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                self.front.metrics.http_requests.labels(
+                    _route_label(route), str(message["status"])
+                ).inc()
+            await send(message)
+
+        if key is not None:
+            headers = dict(scope.get("headers") or [])
+            if headers.get(b"authorization", b"") != f"Bearer {key}".encode():
+                err = ApiError(
+                    401, "missing or wrong API key (Authorization: Bearer KEY)", "invalid_api_key"
+                )
+                await err.response()(scope, receive, counted)
+                return
+        await self.app(scope, receive, counted)
+
+
+def _route_label(path: str) -> str:
+    # the route, not the path: stored response ids must not become label values
+    for pattern, _, _ in ROUTES:
+        parts, want = path.rstrip("/").split("/"), pattern.split("/")
+        if len(parts) == len(want) and all(
+            w == p or w.startswith("{") for w, p in zip(want, parts, strict=True)
+        ):
+            return pattern
+    return "other"
+
+
+async def _read_json(front: Front, request: Request) -> Any:
+    limit = front.settings.max_body_bytes
+    header = request.headers.get("content-length")
+    if header is not None and header.isdigit() and int(header) > limit:
+        raise ApiError(
+            413,
+            f"the request body has {int(header)} bytes; at most {limit} are accepted",
+            "request_too_large",
+        )
+    raw = bytearray()
+    async for chunk in request.stream():  # a chunked body is counted as it comes
+        raw += chunk
+        if len(raw) > limit:
+            raise ApiError(413, f"the request body is over {limit} bytes", "request_too_large")
+    try:
+        return json.loads(bytes(raw) or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise ApiError(
+            400, f"the request body is not valid JSON: {reason}", "invalid_json"
+        ) from None
+
+
+def _sse(data: Any, event: str | None = None) -> str:
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    prefix = f"event: {event}\n" if event else ""
+    return f"{prefix}data: {text}\n\n"
+
+
+async def _event_stream(chunks: AsyncIterator[str]) -> StreamingResponse:
+    """Server-sent events from `chunks`, whose first item is awaited here: the stream's
+    request is submitted by then, so that a bad one is still a JSON error with its status.
+    An error after the stream began is its last event, in the same shape."""
+    first = await anext(chunks)
+
+    async def events() -> AsyncIterator[str]:
+        yield first
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except ClientDisconnect:
+            return
+        except Exception as exc:
+            yield _sse(ApiError.of(exc).body())
+        finally:
+            await chunks.aclose()
+
+    return StreamingResponse(
+        events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )
+
+
+# -- endpoints ---------------------------------------------------------------------------
+async def health(front: Front, request: Request) -> Response:
+    infos = await asyncio.gather(
+        *(link.call("info") for link in front.pool.links), return_exceptions=True
+    )
+    down = [
+        f"{link.name}: {info if isinstance(info, Exception) else info['error']}"
+        for link, info in zip(front.pool.links, infos, strict=True)
+        if isinstance(info, Exception) or info["error"]
+    ]
+    if len(down) == len(infos):
+        raise ApiError(503, f"unhealthy: {'; '.join(down)}", "engine_down")
+    return JSONResponse({"status": "ok"} | ({"degraded": down} if down else {}))
+
+
+async def models(front: Front, request: Request) -> Response:
+    info = await front.info()
+    model = {"id": info["model_id"], "object": "model", "created": front.started}
+    return JSONResponse({"object": "list", "data": [model | {"owned_by": "gptoss-ray"}]})
+
+
+async def metrics(front: Front, request: Request) -> Response:
+    async def read(link: EngineLink) -> dict[str, Any]:
+        stats, info, load = await asyncio.gather(
+            link.call("stats"), link.call("info"), link.call("expert_load")
+        )
+        return {
+            "stats": stats,
+            "layout": info["kv_layout"],
+            "expert_load": load,
+            "outstanding": link.outstanding,
+        }
+
+    engines = await asyncio.gather(*(read(link) for link in front.pool.links))
+    return Response(front.metrics.render(list(engines)), media_type="text/plain; version=0.0.4")
+
+
+async def chat_completions(front: Front, request: Request) -> Response:
+    body = await _read_json(front, request)
+    if isinstance(body, dict) and body.get("stream"):
+        return await _event_stream(_stream_chat(front, body, request))
+    async with front.submitted(body, "submit_chat", request) as (link, (rid, _)):
+        reply = await front.reply(link, rid, request)
+        model = (await front.info())["model_id"]
+        return JSONResponse(chat_completion(reply, model, f"chatcmpl-{rid[:24]}"))
+
+
+async def _stream_chat(front: Front, body: dict[str, Any], request: Request) -> AsyncIterator[str]:
+    async with front.submitted(body, "submit_chat", request) as (link, (rid, _)):
+        # (read once the engine took the request: it checked them)
+        n = body.get("n") or 1
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        base = {
+            "id": f"chatcmpl-{rid[:24]}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": (await front.info())["model_id"],
+        }
+
+        def chunk(index: int, delta: dict[str, Any], finish: str | None = None, logprobs=None):
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+            return _sse({**base, "choices": [choice]})
+
+        yield "".join(chunk(i, {"role": "assistant", "content": ""}) for i in range(n))
+        async for item in front.events(link, rid, request, n):
+            if isinstance(item, Finished):
+                reply = item.reply
+                break
+            choice, event = item
+            out = _chat_delta(event)
+            if out is not None:
+                yield chunk(choice, *out)
+        text = "".join(
+            chunk(i, {}, c["finish_reason"]) for i, c in enumerate(reply.get("choices") or [reply])
+        )
+        if include_usage:
+            text += _sse({**base, "choices": [], "usage": reply["usage"]})
+        yield text + _sse("[DONE]")
+
+
+def _chat_delta(ev: Any) -> tuple[dict[str, Any], None, Any] | None:
+    """An event as a chunk's (delta, finish, logprobs), None for events chat does not show."""
+    if isinstance(ev, ToolCallStart):
+        call = {"name": ev.name, "arguments": ""}
+        return (
+            {
+                "tool_calls": [
+                    {"index": ev.index, "id": ev.call_id, "type": "function", "function": call}
+                ]
+            },
+            None,
+            None,
+        )
+    if isinstance(ev, TextDelta) and ev.kind == "call":
+        return {"tool_calls": [{"index": ev.call, "function": {"arguments": ev.text}}]}, None, None
+    if isinstance(ev, TextDelta) and ev.kind == "reasoning":
+        return {"reasoning_content": ev.text}, None, None
+    if isinstance(ev, TextDelta):
+        # the answer's tokens' logprobs go with the text they wrote, when asked
+        lps = {"content": logprob_entries(ev.logprobs), "refusal": None} if ev.logprobs else None
+        return {"content": ev.text}, None, lps
+    return None
+
+
+async def completions(front: Front, request: Request) -> Response:
+    body = await _read_json(front, request)
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body is a JSON object", "invalid_request")
+    if body.get("stream") and body.get("echo") and body.get("logprobs") is not None:
+        raise ApiError(
+            400, "echo with logprobs is not streamed: leave out stream", "invalid_request", "echo"
+        )
+    try:
+        parsed = CompletionRequest.parse(body)
+    except Exception as exc:
+        raise ApiError.of(exc) from None
+    if parsed.stream:
+        return await _event_stream(_stream_completions(front, body, parsed, request))
+    async with front.submitted(body, "submit_text", request) as (link, submitted):
+        n, cid = parsed.n or 1, f"cmpl-{submitted[0][0][:24]}"
+        choices, usage = [], Counter()
+        for i, (rid, prompt) in enumerate(submitted):
+            reply = await front.reply(link, rid, request, n)
+            choices += completion_choices(i * n, prompt, reply, parsed)
+            usage.update(reply["usage"])
+        model = (await front.info())["model_id"]
+        return JSONResponse(completion_object(cid, model, choices, dict(usage)))
+
+
+async def _stream_completions(
+    front: Front, body: dict[str, Any], parsed: CompletionRequest, request: Request
+) -> AsyncIterator[str]:
+    """Prompt after prompt (all run at once), each choice's text as it comes."""
+    n, usage = parsed.n or 1, Counter()
+    async with front.submitted(body, "submit_text", request) as (link, submitted):
+        cid, model = f"cmpl-{submitted[0][0][:24]}", (await front.info())["model_id"]
+
+        def chunk(index: int, text: str, finish: str | None = None, logprobs: Any = None) -> str:
+            choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+            return _sse(completion_object(cid, model, [choice], {}) | {"usage": None})
+
+        yield ""  # submitted: the answer's head goes now
+        for i, (rid, prompt) in enumerate(submitted):
+            offsets = [0] * n
+            if parsed.echo:
+                yield "".join(chunk(i * n + j, tok.decode(prompt)) for j in range(n))
+            async for item in front.events(link, rid, request, n):
+                if isinstance(item, Finished):
+                    reply = item.reply
+                    break
+                j, event = item
+                lps = None
+                if parsed.logprobs is not None:
+                    tokens = [lp.token for lp in event.logprobs]
+                    lps = legacy_logprobs(event.logprobs, tokens, offsets[j])
+                offsets[j] += len(event.text)
+                yield chunk(i * n + j, event.text, logprobs=lps)
+            yield "".join(
+                chunk(i * n + j, "", r["finish_reason"])
+                for j, r in enumerate(reply.get("choices") or [reply])
+            )
+            usage.update(reply["usage"])
+        if parsed.stream_options and parsed.stream_options.include_usage:
+            yield _sse(completion_object(cid, model, [], dict(usage)))
+        yield _sse("[DONE]")
+
+
+async def responses(front: Front, request: Request) -> Response:
+    body = await _read_json(front, request)
+    try:
+        items, chat = await run_in_threadpool(conversation, body, front.responses)
+    except RequestError as exc:  # harmony's among them
+        raise ApiError.of(exc) from None
+    if body.get("stream"):
+        return await _event_stream(_stream_responses(front, body, items, chat, request))
+    async with front.submitted(chat, "submit_chat", request) as (link, (rid, _)):
+        reply = await front.reply(link, rid, request)
+        model = (await front.info())["model_id"]
+        response = response_object(reply, model, response_id=f"resp_{rid}", request=body)
+    await run_in_threadpool(remember, front.responses, body, items, response)
+    return JSONResponse(response)
+
+
+async def _stream_responses(
+    front: Front, body: dict[str, Any], items: list, chat: dict[str, Any], request: Request
+) -> AsyncIterator[str]:
+    async with front.submitted(chat, "submit_chat", request) as (link, (rid, _)):
+        out: list[str] = []
+        seq = iter(range(1 << 62))
+
+        def send(kind: str, **fields: Any) -> None:
+            out.append(_sse({"type": kind, "sequence_number": next(seq), **fields}, event=kind))
+
+        model = (await front.info())["model_id"]
+        stream = ResponseStream(send, f"resp_{rid}", model, bool(chat.get("logprobs")))
+        yield "".join(out)  # response.created
+        out.clear()
+        async for item in front.events(link, rid, request):
+            if isinstance(item, Finished):
+                response = stream.complete(item.reply, body)
+            else:
+                stream.handle(item[1])
+            yield "".join(out)
+            out.clear()
+    await run_in_threadpool(remember, front.responses, body, items, response)
+
+
+# -- vLLM's tokenizer endpoints (evaluation harnesses count tokens with them) -------------
+async def tokenize(front: Front, request: Request) -> Response:
+    """{"prompt": text} or {"messages": chat} (rendered for completion) -> ids."""
+    body = await _read_json(front, request)
+    if not isinstance(body, dict) or not isinstance(
+        body.get("prompt", body.get("messages")), str | list
+    ):
+        raise ApiError(
+            400, "give a prompt (a string) or messages (a chat)", "invalid_request", "prompt"
+        )
+    context = (await front.info())["max_context_length"]
+    try:
+        if "messages" in body:
+            tokens = chat_prompt(body, context)[0]
+        elif isinstance(body["prompt"], str):
+            tokens = tok.encode(body["prompt"], allow_special=True)  # as /v1/completions
+        else:
+            raise ApiError(400, "prompt: a string", "invalid_request", "prompt")
+    except RequestError as exc:
+        raise ApiError.of(exc) from None
+    return JSONResponse({"count": len(tokens), "max_model_len": context, "tokens": tokens})
+
+
+async def detokenize(front: Front, request: Request) -> Response:
+    body = await _read_json(front, request)
+    tokens = body.get("tokens") if isinstance(body, dict) else None
+    if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+        raise ApiError(400, "tokens: a list of token ids", "invalid_request", "tokens")
+    try:
+        return JSONResponse({"prompt": tok.decode(tokens)})
+    except tok.TokenizerError as exc:
+        raise ApiError(400, str(exc), "invalid_request", "tokens") from None
+
+
+async def tokenizer_info(front: Front, request: Request) -> Response:
+    return JSONResponse(
+        {
+            "tokenizer_class": "tiktoken:o200k_harmony",
+            "eos_token": "<|return|>",
+            "bos_token": None,
+            "pad_token": "<|endoftext|>",
+            "model_max_length": (await front.info())["max_context_length"],
+            "vocab_size": tok.VOCAB_SIZE,
+        }
+    )
+
+
+async def _stored(front: Front, request: Request) -> dict[str, Any]:
+    rid = request.path_params["id"]
+    entry = await run_in_threadpool(front.responses.get, rid)
+    if entry is None:
+        raise ApiError(404, f"no stored response {rid!r}", "not_found")
+    return entry
+
+
+async def get_response(front: Front, request: Request) -> Response:
+    return JSONResponse((await _stored(front, request))["response"])
+
+
+async def delete_response(front: Front, request: Request) -> Response:
+    rid = request.path_params["id"]
+    if not await run_in_threadpool(front.responses.delete, rid):
+        raise ApiError(404, f"no stored response {rid!r}", "not_found")
+    return JSONResponse({"id": rid, "object": "response.deleted", "deleted": True})
+
+
+async def response_input_items(front: Front, request: Request) -> Response:
+    entry = await _stored(front, request)
+    data = entry["items"][: entry["inputs"]]
+    if request.query_params.get("order", "desc") == "desc":
+        data = data[::-1]  # OpenAI lists the newest first unless asked
+    first, last = (data[0]["id"], data[-1]["id"]) if data else (None, None)
+    body = {"object": "list", "data": data, "first_id": first, "last_id": last}
+    return JSONResponse(body | {"has_more": False})
+
+
+ROUTES: list[tuple[str, list[str], Callable[[Front, Request], Awaitable[Response]]]] = [
+    ("/health", ["GET"], health),
+    ("/metrics", ["GET"], metrics),
+    ("/v1/models", ["GET"], models),
+    ("/v1/chat/completions", ["POST"], chat_completions),
+    ("/v1/completions", ["POST"], completions),
+    ("/v1/responses", ["POST"], responses),
+    ("/v1/responses/{id}", ["GET"], get_response),
+    ("/v1/responses/{id}", ["DELETE"], delete_response),
+    ("/v1/responses/{id}/input_items", ["GET"], response_input_items),
+    ("/tokenize", ["POST"], tokenize),
+    ("/detokenize", ["POST"], detokenize),
+    ("/tokenizer_info", ["GET"], tokenizer_info),
+]
+
+
+# -- in this process, with uvicorn --------------------------------------------------------
 def serve_api(
     engine: EngineLoop, host: str, port: int, api_key: str | None, **limits: Any
 ) -> ApiServer:
-    """Serves the API for `engine` from this process (a thread per connection); `limits`:
-    max_connections, idle_timeout_s."""
-    return ApiServer(engine, host, port, api_key, **limits)
+    """Serves the API for an engine loop of this process (uvicorn on a thread of its own);
+    `limits`: FrontSettings' fields, and idle_timeout_s (keep-alive)."""
+    idle = limits.pop("idle_timeout_s", 5.0)
+    settings = FrontSettings(api_key=api_key, **limits)
+    return ApiServer(api_app(EnginePool([EngineLink.local(engine)]), settings), host, port, idle)
 
 
 class ApiServer:
-    def __init__(
-        self,
-        engine: EngineLoop,
-        host: str,
-        port: int,
-        api_key: str | None,
-        *,
-        max_connections: int = 512,
-        idle_timeout_s: float = 30.0,
-    ) -> None:
-        self.engine = engine
-        self.api_key = api_key
-        self.started = int(time.time())
-        self.http_requests = 0
-        self.http_errors = 0
-        self.responses = ResponseStore()  # stored responses: the cluster's, not this process's
-        handler = type("Handler", (_Handler,), {"api": self, "timeout": idle_timeout_s})
-        self.httpd = _Server((host, port), handler, max_connections)
-        self.host, self.port = self.httpd.server_address[:2]
-        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self._thread.start()
+    """uvicorn serving an app from a thread of this process."""
 
-    @property
-    def model_id(self) -> str:
-        return self.engine.model_id
+    def __init__(self, app: Any, host: str, port: int, idle_timeout_s: float = 5.0) -> None:
+        import uvicorn
+
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            access_log=False,
+            timeout_keep_alive=idle_timeout_s,
+            timeout_graceful_shutdown=10,
+            lifespan="off",
+        )
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self.server.run, name="http-api", daemon=True)
+        self._thread.start()
+        while not self.server.started:
+            if not self._thread.is_alive():
+                raise RuntimeError(f"the HTTP API could not start on {host}:{port}")
+            time.sleep(0.01)
+        sock = self.server.servers[0].sockets[0]
+        self.host, self.port = sock.getsockname()[:2]
 
     @property
     def url(self) -> str:
         host = self.host
         if host in ("0.0.0.0", "::"):  # every interface: name one the user can reach
-            import ray
+            import socket
 
-            host = ray.util.get_node_ip_address()
+            host = socket.gethostbyname(socket.gethostname())
         return f"http://{host}:{self.port}/v1"
 
     def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-    # -- metrics -------------------------------------------------------------------------
-    def metrics(self) -> str:
-        s = self.engine.stats()
-        waiting, running, free, seconds = (
-            s["waiting"],
-            sum(s["running"]),
-            s["free_blocks"],
-            s["seconds"],
-        )
-        steps, requests = s["steps"], s["requests"]
-        generated, prefill, preempted = s["generated_tokens"], s["prefill_tokens"], s["preemptions"]
-        layout = self.engine.layout
-        load = self.engine.expert_load()
-        lines = [
-            "# TYPE gptoss_requests_total counter",
-            f"gptoss_requests_total {requests}",
-            "# TYPE gptoss_http_requests_total counter",
-            f"gptoss_http_requests_total {self.http_requests}",
-            "# TYPE gptoss_http_errors_total counter",
-            f"gptoss_http_errors_total {self.http_errors}",
-            "# TYPE gptoss_generated_tokens_total counter",
-            f"gptoss_generated_tokens_total {generated}",
-            "# TYPE gptoss_prefill_tokens_total counter",
-            f"gptoss_prefill_tokens_total {prefill}",
-            "# TYPE gptoss_preemptions_total counter",
-            f"gptoss_preemptions_total {preempted}",
-            "# TYPE gptoss_queue_depth gauge",
-            f"gptoss_queue_depth {waiting}",
-            "# TYPE gptoss_running_sequences gauge",
-            f"gptoss_running_sequences {running}",
-            "# TYPE gptoss_steps_total counter",
-            f"gptoss_steps_total {steps}",
-            "# TYPE gptoss_step_seconds_total counter",
-            f"gptoss_step_seconds_total {seconds.get('step', 0.0):.6f}",
-            "# TYPE gptoss_phase_seconds_total counter",
-        ]
-        for phase, sec in sorted(seconds.items()):
-            if phase != "step":
-                lines.append(f'gptoss_phase_seconds_total{{phase="{phase}"}} {sec:.6f}')
-        lines.append("# TYPE gptoss_kv_blocks_used_ratio gauge")
-        for shard, (full, sliding) in enumerate(free):
-            for kind, n_free, total in (
-                ("full", full, layout.full_blocks),
-                ("sliding", sliding, layout.sliding_blocks),
-            ):
-                used = 1 - n_free / total if total else 0.0
-                lines.append(
-                    f'gptoss_kv_blocks_used_ratio{{shard="{shard}",kind="{kind}"}} {used:.4f}'
-                )
-        cache_metrics = (
-            ("gptoss_prefix_cache_queried_tokens_total", "counter", "queried_tokens"),
-            ("gptoss_prefix_cache_hit_tokens_total", "counter", "hit_tokens"),
-            ("gptoss_prefix_cache_evictions_total", "counter", "evictions"),
-        )
-        for name, kind, key in cache_metrics:
-            lines.append(f"# TYPE {name} {kind}")
-            for shard, cache in enumerate(s["prefix_cache"]):
-                lines.append(f'{name}{{shard="{shard}"}} {cache[key]}')
-        lines.append("# TYPE gptoss_prefix_cache_blocks gauge")
-        for shard, cache in enumerate(s["prefix_cache"]):
-            for kind in ("full", "sliding"):
-                n = cache[f"cached_{kind}_blocks"]
-                lines.append(f'gptoss_prefix_cache_blocks{{shard="{shard}",kind="{kind}"}} {n}')
-        lines.append("# TYPE gptoss_expert_tokens_total counter")
-        for layer, row in enumerate(load):
-            for expert, n in enumerate(row):
-                lines.append(f'gptoss_expert_tokens_total{{layer="{layer}",expert="{expert}"}} {n}')
-        return "\n".join(lines) + "\n"
-
-
-class _Handler(BaseHTTPRequestHandler):
-    api: ApiServer
-    protocol_version = "HTTP/1.1"
-    timeout: float  # seconds a connection may sit idle, or stall a read or a write
-
-    def log_message(self, format: str, *args: Any) -> None:  # quiet: the actor log is no access log
-        pass
-
-    # -- plumbing ------------------------------------------------------------------------
-    def _send_json(self, status: int, body: Any) -> None:
-        data = json.dumps(body, ensure_ascii=False).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-
-    def _send_error(self, err: ApiError) -> None:
-        self.api.http_errors += 1
-        self._send_json(err.status, err.body())
-
-    def _authorized(self) -> bool:
-        if self.api.api_key is None:
-            return True
-        return self.headers.get("Authorization", "") == f"Bearer {self.api.api_key}"
-
-    def _read_json(self) -> Any:
-        header = self.headers.get("Content-Length") or "0"
-        if not header.isdigit():
-            self.close_connection = True  # where this body ends is unknown
-            raise ApiError(400, f"bad Content-Length {header!r}", "invalid_request")
-        length = int(header)
-        if length > MAX_BODY_BYTES:
-            self.close_connection = True  # the body is left unread
-            raise ApiError(
-                413,
-                f"the request body has {length} bytes; at most {MAX_BODY_BYTES} are accepted",
-                "request_too_large",
-            )
-        raw = self.rfile.read(length) if length else b""
-        try:
-            return json.loads(raw or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
-            raise ApiError(
-                400, f"the request body is not valid JSON: {reason}", "invalid_json"
-            ) from None
-
-    def _dispatch(self, method: str) -> None:
-        self.api.http_requests += 1
-        try:
-            if not self._authorized():
-                raise ApiError(
-                    401, "missing or wrong API key (Authorization: Bearer KEY)", "invalid_api_key"
-                )
-            path, _, query = self.path.partition("?")
-            self.query = dict(urllib.parse.parse_qsl(query))
-            route, pattern, self.path_params = _route(method, path.rstrip("/"))
-            if route is None:
-                if pattern is not None:
-                    raise ApiError(405, f"{method} is not allowed on {path}", "method_not_allowed")
-                raise ApiError(404, f"no route {path}", "not_found")
-            route(self)
-        except ApiError as err:
-            self._send_error(err)
-        except (BrokenPipeError, ConnectionResetError, TimeoutError, ClientGone):
-            self.close_connection = True
-        except Exception as exc:  # never a traceback to the client, never a dead server
-            self._send_error(ApiError(500, f"{type(exc).__name__}: {exc}", "internal_error"))
-
-    def do_GET(self) -> None:
-        self._dispatch("GET")
-
-    def do_POST(self) -> None:
-        self._dispatch("POST")
-
-    # Every other method gets the key check and a JSON 405 or 404, not http.server's 501 page.
-    def do_PUT(self) -> None:
-        self._dispatch("PUT")
-
-    def do_DELETE(self) -> None:
-        self._dispatch("DELETE")
-
-    def do_PATCH(self) -> None:
-        self._dispatch("PATCH")
-
-    def do_OPTIONS(self) -> None:
-        self._dispatch("OPTIONS")
-
-    def do_HEAD(self) -> None:
-        self._dispatch("HEAD")
-
-    # -- endpoints (route_*: BaseHTTPRequestHandler owns names like `responses`) ----------
-    def route_health(self) -> None:
-        error = self.api.engine.error
-        if error:
-            raise ApiError(503, f"unhealthy: {error}", "engine_down")
-        self._send_json(200, {"status": "ok"})
-
-    def route_models(self) -> None:
-        self._send_json(
-            200,
-            {
-                "object": "list",
-                "data": [
-                    {
-                        "id": self.api.model_id,
-                        "object": "model",
-                        "created": self.api.started,
-                        "owned_by": "gptoss-ray",
-                    }
-                ],
-            },
-        )
-
-    def route_metrics(self) -> None:
-        data = self.api.metrics().encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain; version=0.0.4")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    @contextlib.contextmanager
-    def _submitted(self, chat: Any) -> Iterator[str]:
-        """Submits the request; whatever happens after (a reply sent, an error, a client
-        gone), the engine is done with it on the way out: never a sequence left running
-        with nobody to read it."""
-        if not isinstance(chat, dict):
-            raise ApiError(400, "the request body is a JSON object", "invalid_request")
-        with self._submitting(lambda: [self.api.engine.submit_chat(chat)[0]]) as (rid,):
-            yield rid
-
-    @contextlib.contextmanager
-    def _submitting(self, submit: Callable[[], list[Any]]) -> Iterator[list[Any]]:
-        """Runs `submit` (-> request ids, or (id, ...) tuples), its errors as API errors;
-        on the way out the engine is done with every request it made."""
-        engine = self.api.engine
-        try:
-            submitted = submit()
-        except (RequestError, EngineUnavailable) as exc:  # harmony's errors among them
-            raise ApiError(exc.status, str(exc), exc.code, getattr(exc, "param", None)) from None
-        except ValueError as exc:  # a field that only SamplingParams checks
-            raise ApiError(400, str(exc), RequestError.code) from None
-        try:
-            yield submitted
-        finally:
-            for item in submitted:
-                rid = item[0] if isinstance(item, tuple) else item
-                engine.cancel(rid)  # a no-op once it finished
-                engine.forget(rid)
-
-    def route_completions(self) -> None:
-        body = self._read_json()
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body is a JSON object", "invalid_request")
-        if body.get("stream") and body.get("echo") and body.get("logprobs") is not None:
-            raise ApiError(
-                400,
-                "echo with logprobs is not streamed: leave out stream",
-                "invalid_request",
-                "echo",
-            )
-        with self._submitting(lambda: self.api.engine.submit_text(body)) as submitted:
-            request = CompletionRequest.parse(body)
-            n, cid = request.n or 1, f"cmpl-{submitted[0][0][:24]}"
-            if request.stream:
-                self._stream_completions(cid, submitted, request)
-                return
-            choices, usage = [], Counter()
-            for i, (rid, prompt) in enumerate(submitted):
-                reply = self._wait_reply(rid, n)
-                choices += completion_choices(i * n, prompt, reply, request)
-                usage.update(reply["usage"])
-            self._send_json(200, completion_object(cid, self.api.model_id, choices, dict(usage)))
-
-    def _stream_completions(
-        self, cid: str, submitted: list[tuple[str, list[int]]], request: CompletionRequest
-    ) -> None:
-        """Prompt after prompt (all run at once), each choice's text as it comes."""
-        n, usage = request.n or 1, Counter()
-
-        def chunk(index: int, text: str, finish: str | None = None, logprobs: Any = None):
-            choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
-            self._event(completion_object(cid, self.api.model_id, [choice], {}) | {"usage": None})
-
-        self._start_events()
-        for i, (rid, prompt) in enumerate(submitted):
-            offsets = [0] * n
-            if request.echo:
-                for j in range(n):
-                    chunk(i * n + j, tok.decode(prompt))
-
-            def delta(ev: Any, i: int = i, offsets: list[int] = offsets) -> None:
-                j, event = ev
-                lps = None
-                if request.logprobs is not None:
-                    tokens = [lp.token for lp in event.logprobs]
-                    lps = legacy_logprobs(event.logprobs, tokens, offsets[j])
-                offsets[j] += len(event.text)
-                chunk(i * n + j, event.text, logprobs=lps)
-
-            reply = yield_from(self._events(rid, n), delta)
-            for j, r in enumerate(reply.get("choices") or [reply]):
-                chunk(i * n + j, "", r["finish_reason"])
-            usage.update(reply["usage"])
-        if request.stream_options and request.stream_options.include_usage:
-            self._event(completion_object(cid, self.api.model_id, [], dict(usage)))
-        self._event("[DONE]")
-
-    def route_chat_completions(self) -> None:
-        body = self._read_json()
-        with self._submitted(body) as rid:
-            if body.get("stream"):
-                include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-                self._stream_chat(rid, include_usage, body.get("n") or 1)
-                return
-            reply = self._wait_reply(rid)
-            self._send_json(200, chat_completion(reply, self.api.model_id, f"chatcmpl-{rid[:24]}"))
-
-    def route_responses(self) -> None:
-        body = self._read_json()
-        try:
-            items, chat = conversation(body, self.api.responses)
-        except RequestError as exc:  # harmony's among them
-            raise ApiError(exc.status, str(exc), exc.code, exc.param) from None
-        with self._submitted(chat) as rid:
-            if body.get("stream"):
-                response = self._stream_responses(rid, body, bool(chat.get("logprobs")))
-            else:
-                reply = self._wait_reply(rid)
-                response = response_object(
-                    reply, self.api.model_id, response_id=f"resp_{rid}", request=body
-                )
-                self._send_json(200, response)
-            remember(self.api.responses, body, items, response)
-
-    # -- vLLM's tokenizer endpoints (evaluation harnesses count tokens with them) ----------
-    def route_tokenize(self) -> None:
-        """{"prompt": text} or {"messages": chat} (rendered for completion) -> ids."""
-        body = self._read_json()
-        if not isinstance(body, dict) or not isinstance(
-            body.get("prompt", body.get("messages")), str | list
-        ):
-            raise ApiError(
-                400, "give a prompt (a string) or messages (a chat)", "invalid_request", "prompt"
-            )
-        try:
-            if "messages" in body:
-                tokens = chat_prompt(body, self.api.engine.config.max_context_length)[0]
-            elif isinstance(body["prompt"], str):
-                tokens = tok.encode(body["prompt"], allow_special=True)  # as /v1/completions
-            else:
-                raise ApiError(400, "prompt: a string", "invalid_request", "prompt")
-        except RequestError as exc:
-            raise ApiError(exc.status, str(exc), exc.code, exc.param) from None
-        context = self.api.engine.config.max_context_length
-        self._send_json(200, {"count": len(tokens), "max_model_len": context, "tokens": tokens})
-
-    def route_detokenize(self) -> None:
-        body = self._read_json()
-        tokens = body.get("tokens") if isinstance(body, dict) else None
-        if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
-            raise ApiError(400, "tokens: a list of token ids", "invalid_request", "tokens")
-        try:
-            self._send_json(200, {"prompt": tok.decode(tokens)})
-        except tok.TokenizerError as exc:
-            raise ApiError(400, str(exc), "invalid_request", "tokens") from None
-
-    def route_tokenizer_info(self) -> None:
-        self._send_json(
-            200,
-            {
-                "tokenizer_class": "tiktoken:o200k_harmony",
-                "eos_token": "<|return|>",
-                "bos_token": None,
-                "pad_token": "<|endoftext|>",
-                "model_max_length": self.api.engine.config.max_context_length,
-                "vocab_size": tok.VOCAB_SIZE,
-            },
-        )
-
-    def _stored(self) -> dict[str, Any]:
-        entry = self.api.responses.get(self.path_params["id"])
-        if entry is None:
-            raise ApiError(404, f"no stored response {self.path_params['id']!r}", "not_found")
-        return entry
-
-    def route_get_response(self) -> None:
-        self._send_json(200, self._stored()["response"])
-
-    def route_delete_response(self) -> None:
-        rid = self.path_params["id"]
-        if not self.api.responses.delete(rid):
-            raise ApiError(404, f"no stored response {rid!r}", "not_found")
-        self._send_json(200, {"id": rid, "object": "response.deleted", "deleted": True})
-
-    def route_response_input_items(self) -> None:
-        entry = self._stored()
-        data = entry["items"][: entry["inputs"]]
-        if self.query.get("order", "desc") == "desc":
-            data = data[::-1]  # OpenAI lists the newest first unless asked
-        first, last = (data[0]["id"], data[-1]["id"]) if data else (None, None)
-        body = {"object": "list", "data": data, "first_id": first, "last_id": last}
-        self._send_json(200, body | {"has_more": False})
-
-    # -- waiting and streaming -------------------------------------------------------------
-    def _client_gone(self) -> bool:
-        # poll, not select: select fails for descriptors past 1024
-        poller = select.poll()
-        poller.register(self.connection, select.POLLIN)
-        if not poller.poll(0):
-            return False
-        try:
-            return self.connection.recv(1, socket.MSG_PEEK) == b""
-        except OSError:
-            return True
-
-    def _events(self, rid: str, n: int = 1):
-        """Yields the reply's events as they come, as (choice, event), then returns the
-        reply; raises ClientGone when the client leaves (`_submitted` then cancels the
-        request)."""
-        engine = self.api.engine
-        cursor = EventCursor(n)
-        while True:
-            events, reply = engine.wait_events(rid, cursor.after, timeout=0.5)
-            yield from cursor.advance(events)
-            if reply is not None:
-                return reply
-            if engine.error:
-                raise ApiError(503, f"the engine stopped: {engine.error}", "engine_down")
-            if self._client_gone():
-                raise ClientGone
-
-    def _wait_reply(self, rid: str, n: int = 1) -> dict[str, Any]:
-        return yield_from(self._events(rid, n), lambda event: None)
-
-    def _start_events(self) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.close_connection = True
-
-    def _event(self, data: Any, event: str | None = None) -> None:
-        text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
-        prefix = f"event: {event}\n" if event else ""
-        self.wfile.write(f"{prefix}data: {text}\n\n".encode())
-        self.wfile.flush()
-
-    def _stream_chat(self, rid: str, include_usage: bool, n: int) -> None:
-        base = {
-            "id": f"chatcmpl-{rid[:24]}",
-            "object": "chat.completion.chunk",
-            "created": int(time.time()),
-            "model": self.api.model_id,
-        }
-
-        def chunk(
-            index: int, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None
-        ) -> None:
-            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-            self._event({**base, "choices": [choice]})
-
-        self._start_events()
-        for i in range(n):
-            chunk(i, {"role": "assistant", "content": ""})
-        reply = yield_from(
-            self._events(rid, n), lambda ev: self._chat_delta(ev[1], partial(chunk, ev[0]))
-        )
-        for i, choice in enumerate(reply.get("choices") or [reply]):
-            chunk(i, {}, choice["finish_reason"])
-        if include_usage:
-            self._event({**base, "choices": [], "usage": reply["usage"]})
-        self._event("[DONE]")
-
-    @staticmethod
-    def _chat_delta(ev: Any, chunk) -> None:
-        if isinstance(ev, ToolCallStart):
-            call = {"name": ev.name, "arguments": ""}
-            chunk(
-                {
-                    "tool_calls": [
-                        {"index": ev.index, "id": ev.call_id, "type": "function", "function": call}
-                    ]
-                }
-            )
-        elif isinstance(ev, TextDelta) and ev.kind == "call":
-            chunk({"tool_calls": [{"index": ev.call, "function": {"arguments": ev.text}}]})
-        elif isinstance(ev, TextDelta) and ev.kind == "reasoning":
-            chunk({"reasoning_content": ev.text})
-        elif isinstance(ev, TextDelta):
-            # the answer's tokens' logprobs go with the text they wrote, when asked
-            lps = (
-                {"content": logprob_entries(ev.logprobs), "refusal": None} if ev.logprobs else None
-            )
-            chunk({"content": ev.text}, logprobs=lps)
-
-    def _stream_responses(self, rid: str, request: dict[str, Any], logprobs: bool) -> dict:
-        seq = iter(range(1 << 62))
-
-        def send(kind: str, **fields: Any) -> None:
-            self._event({"type": kind, "sequence_number": next(seq), **fields}, event=kind)
-
-        self._start_events()
-        stream = ResponseStream(send, f"resp_{rid}", self.api.model_id, logprobs)
-        reply = yield_from(self._events(rid), lambda ev: stream.handle(ev[1]))
-        return stream.complete(reply, request)
-
-
-def yield_from(events, handle) -> Any:
-    """Hands each event of a generator to `handle`, and returns what the generator returns."""
-    while True:
-        try:
-            handle(next(events))
-        except StopIteration as done:
-            return done.value
-
-
-ROUTES = {
-    ("GET", "/health"): _Handler.route_health,
-    ("GET", "/v1/models"): _Handler.route_models,
-    ("GET", "/metrics"): _Handler.route_metrics,
-    ("POST", "/v1/chat/completions"): _Handler.route_chat_completions,
-    ("POST", "/v1/responses"): _Handler.route_responses,
-    ("POST", "/v1/completions"): _Handler.route_completions,
-    ("POST", "/tokenize"): _Handler.route_tokenize,
-    ("POST", "/detokenize"): _Handler.route_detokenize,
-    ("GET", "/tokenizer_info"): _Handler.route_tokenizer_info,
-    ("GET", "/v1/responses/{id}"): _Handler.route_get_response,
-    ("DELETE", "/v1/responses/{id}"): _Handler.route_delete_response,
-    ("GET", "/v1/responses/{id}/input_items"): _Handler.route_response_input_items,
-}
-
-
-def _route(method: str, path: str) -> tuple[Any, str | None, dict[str, str]]:
-    """-> the route for (method, path), the pattern the path matched (for a 405 when the
-    method is wrong), and the path's `{name}` parts."""
-    parts, matched = path.split("/"), None
-    for (m, pattern), route in ROUTES.items():
-        want = pattern.split("/")
-        if len(want) != len(parts):
-            continue
-        params = {w[1:-1]: p for w, p in zip(want, parts, strict=True) if w.startswith("{")}
-        if all(w == p or w.startswith("{") for w, p in zip(want, parts, strict=True)):
-            if m == method:
-                return route, pattern, params
-            matched = pattern
-    return None, matched, {}
+        self.server.should_exit = True
+        self._thread.join(timeout=15)

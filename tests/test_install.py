@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -169,10 +170,11 @@ def user_folder(tmp_path):
 
 @pytest.mark.slow
 def test_commands_from_a_user_folder_beside_a_running_ray(user_folder, capsys):
-    """From the user's folder: `serve` starts a local Ray instance (none runs), then the
-    demo, `generate --shards 2` and `Engine.start()` each run beside it on a private one,
-    a batch job reaches the served engine, `stop` leaves the instance running and says
-    so, `stop --ray` ends it."""
+    """From the user's folder: `serve --http` starts a local Ray instance (none runs) and
+    the API on Ray Serve, which answers; then the demo, `generate --shards 2` and
+    `Engine.start()` each run beside it on a private one, a batch job reaches the served
+    engine, `stop` ends the engine and the API, leaves the instance running and says so,
+    `stop --ray` ends it."""
     ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # Ray's socket paths must be short
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_TMPDIR"] = ray_tmp  # this Ray's address file, apart from any other's
@@ -186,6 +188,7 @@ def test_commands_from_a_user_folder_beside_a_running_ray(user_folder, capsys):
 
     gptoss = [shutil.which("gptoss-ray") or "gptoss-ray"]
     head_pid = None
+    port = _free_port()
     try:
         served = run(
             *gptoss,
@@ -198,8 +201,14 @@ def test_commands_from_a_user_folder_beside_a_running_ray(user_folder, capsys):
             "float32",
             "--name",
             "user-engine",
+            "--http",
+            "--port",
+            str(port),
         )
         assert "started a local Ray instance" in served.stderr
+        assert f"OpenAI-compatible API at http://127.0.0.1:{port}/v1" in served.stdout
+        models = urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=30)
+        assert json.loads(models.read())["data"][0]["id"] == "gpt-oss-tiny"
         head = json.loads((Path(env["GPTOSS_RAY_CACHE"]) / "local-ray.json").read_text())
         head_pid = head["pid"]
 
@@ -256,6 +265,8 @@ def test_commands_from_a_user_folder_beside_a_running_ray(user_folder, capsys):
         stopped = run(*gptoss, "stop", "--name", "user-engine")
         assert f"local Ray instance at {head['address']}" in stopped.stdout
         assert "keeps running; `gptoss-ray stop --ray` ends it" in stopped.stdout
+        with pytest.raises(OSError):  # the API went with the engine
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=10)
         assert ray_instance._is_head_process(head_pid)
 
         ended = run(*gptoss, "stop", "--ray", "--name", "user-engine")

@@ -1,0 +1,70 @@
+"""The HTTP front as a Ray Serve application: ingress replicas (`ApiIngress`) run the API
+app (`http_api.api_app`) and reach the engines, named coordinator actors, through Ray
+handles. HTTP parsing, JSON and streaming to clients happen in the replicas and Serve's
+proxies; a coordinator's process runs its engine only.
+
+`gptoss-ray serve --http` deploys it (`cluster.serve.serve`); so do `serve run` and
+`serve deploy` with a config of `configs/serve/`, whose `import_path` is `build_app`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+from pydantic import BaseModel, Field
+from ray import serve
+
+from gptoss_ray.cluster.engine_link import EngineLink, EnginePool
+from gptoss_ray.cluster.http_api import FrontSettings, api_app
+from gptoss_ray.cluster.ray_instance import NAMESPACE
+
+# A stream is an ongoing request for as long as it runs: a replica must hold thousands.
+MAX_ONGOING_REQUESTS = 4096
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0},
+    max_ongoing_requests=MAX_ONGOING_REQUESTS,
+    graceful_shutdown_timeout_s=30,
+)
+@serve.ingress()
+class ApiIngress:
+    def __init__(self, engines: list[str], settings: dict[str, Any]) -> None:
+        self.links = [
+            EngineLink.actor(ray.get_actor(name, namespace=NAMESPACE), name) for name in engines
+        ]
+        self.settings = FrontSettings(**settings)
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return api_app(EnginePool(self.links), self.settings)
+
+
+class AppArgs(BaseModel):
+    """`args` of a `serve run` / `serve deploy` config (configs/serve/*.yaml)."""
+
+    model: str = "gpt-oss-tiny"
+    name: str = Field("gptoss-ray", description="the first engine's actor name")
+    engines: int = Field(1, ge=1, description="expert-parallel groups, data parallel between")
+    shards: int = Field(2, ge=1, description="shards of each engine")
+    engine_options: dict[str, Any] = Field(
+        default_factory=dict, description="Coordinator options: device, dtype, kv_budget_mb, ..."
+    )
+    front: FrontSettings = Field(default_factory=FrontSettings)
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """The application of a config's `args` (`AppArgs`): its engines are started where
+    they are not running yet (detached: they outlive a redeploy of the front)."""
+    from gptoss_ray.cluster.serve import engine_names, start_engines
+
+    spec = AppArgs(**args)
+    names = engine_names(spec.name, spec.engines)
+    options = dict(spec.engine_options)
+    if "kv_budget_mb" in options:
+        options["kv_budget_bytes"] = int(options.pop("kv_budget_mb") * 2**20)
+    start_engines(names, spec.model, spec.shards, exist_ok=True, **options)
+    return ingress(names, spec.front)
+
+
+def ingress(engines: list[str], settings: FrontSettings, **options: Any) -> serve.Application:
+    return ApiIngress.options(**options).bind(engines, settings.model_dump())

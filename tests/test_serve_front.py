@@ -1,0 +1,206 @@
+"""The HTTP front as a Ray Serve application over two engines (one CPU shard each): replies
+equal the single-process baseline whichever engine serves them, requests spread over the
+engines and a conversation returns to the engine that holds its prefix, a client that
+leaves has its sequence cancelled through Serve, the metrics name both engines, and the
+front keeps serving when an engine is lost."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from gptoss_ray.cluster.engine_link import EngineLink, EnginePool, prefix_keys
+from gptoss_ray.cluster.ray_instance import NAMESPACE
+from gptoss_ray.cluster.serve import stop
+from gptoss_ray.cluster.serve_app import AppArgs, build_app
+from tests.engine_cases import expected_reply
+
+NAME = "test-front"
+KEY = "front-key"
+CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "serve").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def front(ray_session):
+    """The tiny config's application, as `serve run configs/serve/tiny-cpu.yaml` builds it,
+    on a free port, with smaller engines and an API key."""
+    from ray import serve as ray_serve
+
+    from gptoss_ray.cluster.serve import start_front
+
+    app = yaml.safe_load((CONFIGS[0].parent / "tiny-cpu.yaml").read_text())["applications"][0]
+    args = app["args"] | {"name": NAME, "shards": 1, "front": {"api_key": KEY}}
+    args["engine_options"] = {"dtype": "float32", "kv_budget_mb": 64}
+    build_app(args)  # starts the engines
+    spec = AppArgs(**args)
+    url = start_front(NAME, [NAME, f"{NAME}-1"], "127.0.0.1", 0, spec.front, replicas=1)
+    yield url
+    stop(NAME)
+    assert NAME not in ray_serve.status().applications
+
+
+def engine_requests() -> list[int]:
+    import ray
+
+    return [
+        ray.get(ray.get_actor(n, namespace=NAMESPACE).stats.remote())["requests"]
+        for n in (NAME, f"{NAME}-1")
+    ]
+
+
+def ask(client: openai.OpenAI, messages: list[dict], **fields) -> dict:
+    body = {"model": "gpt-oss-tiny", "messages": messages, "max_tokens": 5, "temperature": 0}
+    r = client.chat.completions.create(**body, **fields)
+    return {"reply": r, "expected": expected_reply(body)}
+
+
+def test_replies_equal_the_baseline_on_both_engines(front):
+    client = openai.OpenAI(base_url=front, api_key=KEY, max_retries=0, timeout=120)
+    before = engine_requests()
+    questions = [[{"role": "user", "content": f"Question number {i}"}] for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda m: ask(client, m), questions))
+    for got in results:
+        message = got["reply"].choices[0].message.model_dump()
+        assert {k: message.get(k) for k in got["expected"]["message"]} == got["expected"]["message"]
+    after = engine_requests()
+    spread = [a - b for a, b in zip(after, before, strict=True)]
+    assert sum(spread) == 8 and min(spread) >= 2, spread
+
+
+def test_a_conversation_returns_to_the_engine_holding_its_prefix(front):
+    client = openai.OpenAI(base_url=front, api_key=KEY, max_retries=0, timeout=120)
+    history = [
+        {"role": "system", "content": "You answer in one word."},
+        {"role": "user", "content": "A long shared opening question " * 8},
+    ]
+    first = engine_requests()
+    ask(client, history)
+    second = engine_requests()
+    home = [b - a for a, b in zip(first, second, strict=True)].index(1)
+    for turn in range(3):  # ties would alternate the engines; the prefix keeps them home
+        history += [
+            {"role": "assistant", "content": "Fine."},
+            {"role": "user", "content": f"Again {turn}"},
+        ]
+        ask(client, history)
+    third = engine_requests()
+    assert third[home] - second[home] == 3 and sum(third) - sum(second) == 3
+
+
+def test_a_client_that_leaves_has_its_request_cancelled(front):
+    import ray
+
+    client = openai.OpenAI(base_url=front, api_key=KEY, max_retries=0, timeout=120)
+    stream = client.chat.completions.create(
+        model="gpt-oss-tiny",
+        messages=[{"role": "user", "content": "Talk for a long while"}],
+        max_tokens=2000,
+        temperature=0,
+        stream=True,
+    )
+    chunks = iter(stream)
+    next(chunks), next(chunks)
+    stream.close()
+    engines = [ray.get_actor(n, namespace=NAMESPACE) for n in (NAME, f"{NAME}-1")]
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        stats = ray.get([e.stats.remote() for e in engines])
+        if all(s["waiting"] == 0 and sum(s["running"]) == 0 for s in stats):
+            break
+        time.sleep(0.1)
+    generated = sum(s["generated_tokens"] for s in stats)
+    assert all(s["waiting"] == 0 and sum(s["running"]) == 0 for s in stats), stats
+    assert generated < 1500  # cancelled, not run to max_tokens
+
+
+def get(url: str, path: str, key: str | None = KEY) -> tuple[int, bytes]:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    req = urllib.request.Request(url.removesuffix("/v1") + path, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def test_metrics_count_http_answers_latencies_and_both_engines(front):
+    assert get(front, "/v1/models", key="wrong")[0] == 401
+    status, raw = get(front, "/metrics")
+    assert status == 200
+    families = {f.name: f for f in text_string_to_metric_families(raw.decode())}
+    codes = {
+        (s.labels["route"], s.labels["code"]): s.value
+        for s in families["gptoss_http_requests"].samples
+        if s.name.endswith("_total")
+    }
+    assert codes[("/v1/chat/completions", "200")] >= 8 and codes[("/v1/models", "401")] >= 1
+    ttft = [
+        s
+        for s in families["gptoss_time_to_first_token_seconds"].samples
+        if s.name.endswith("_count")
+    ]
+    assert ttft[0].value >= 8
+    engines = {s.labels["engine"] for s in families["gptoss_generated_tokens"].samples}
+    assert engines == {"0", "1"}
+    load = [s for s in families["gptoss_expert_tokens"].samples if s.labels["engine"] == "1"]
+    assert sum(s.value for s in load) > 0
+    assert {
+        "gptoss_kv_blocks_used_ratio",
+        "gptoss_prefix_cache_hit_tokens",
+        "gptoss_queue_depth",
+    } <= set(families)
+
+
+def test_the_front_keeps_serving_when_an_engine_is_lost(front):
+    """Last in this module: it kills an engine."""
+    import ray
+
+    ray.kill(ray.get_actor(f"{NAME}-1", namespace=NAMESPACE))
+    client = openai.OpenAI(base_url=front, api_key=KEY, max_retries=0, timeout=120)
+    for i in range(4):  # whichever engine each is routed to, the live one answers
+        got = ask(client, [{"role": "user", "content": f"After the loss {i}"}])
+        assert got["reply"].choices[0].message.content == got["expected"]["message"]["content"]
+    status, raw = get(front, "/health")
+    assert status == 200 and f"{NAME}-1" in json.loads(raw)["degraded"][0]
+
+
+class FakeLink(EngineLink):
+    def __init__(self, name: str, outstanding: int = 0) -> None:
+        super().__init__(name, call=None)
+        self.outstanding = outstanding
+
+
+def test_routing_by_least_work_then_by_prefix_within_slack():
+    a, b = FakeLink("a"), FakeLink("b")
+    pool = EnginePool([a, b], prefix_slack=2)
+    chat = {"messages": [{"role": "user", "content": "x"}]}
+    assert [pool.pick({"prompt": str(i)}).name for i in range(4)] == ["a", "b", "a", "b"]
+    assert pool.pick(chat) is a
+    a.outstanding = 2
+    longer = {"messages": [*chat["messages"], {"role": "user", "content": "y"}]}
+    assert pool.pick(longer) is a  # its prefix is on a, within the slack
+    a.outstanding = 3
+    assert pool.pick(longer) is b  # past it: the least loaded
+    b.down, b.down_at = "gone", time.monotonic()
+    assert pool.pick({"prompt": "z"}) is a  # a lost engine is left alone for a while
+    assert prefix_keys(longer)[0] == prefix_keys(chat)[0]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_serve_configs_validate(path):
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load(path.read_text())
+    ServeDeploySchema.model_validate(config)
+    for app in config["applications"]:
+        assert app["import_path"] == "gptoss_ray.cluster.serve_app:build_app"
+        AppArgs(**app["args"])
