@@ -132,15 +132,23 @@ class Client:
         *,
         job_id: str | None = None,
         max_in_flight: int = 64,
+        engines: list[str] | None = None,
+        node: str | None = None,
+        **job_options: Any,
     ) -> Job:
         """Starts a job. The input is a JSONL path (OpenAI batch format) or a list of such
         request dicts; an unreadable input or an unwritable output fails here, before
-        anything runs. Submitting the same input and output again resumes."""
-        if not isinstance(source, list):
-            source = str(Path(source).resolve())
-        read_input(source)  # fails on an unreadable file
-        output = Path(output).resolve()
-        check_writable(output)
+        anything runs. Submitting the same input and output again resumes. engines: the
+        engines' names to spread its lines over (default: this client's); node: the Ray
+        node whose files it reads and writes (default: this one); job_options:
+        `BatchJob`'s wait_for_engine_s and batch."""
+        if node is None:  # here: the files are checked before anything starts
+            if not isinstance(source, list):
+                source = str(Path(source).resolve())
+            read_input(source)  # fails on an unreadable file
+            output = Path(output).resolve()
+            check_writable(output)
+        # (on another node the job's own start checks them, and says so the same way)
         for job in self.jobs():  # (the job's lock on the output settles a race)
             info = job.status()
             if info["status"] == "running" and info["output"] == str(output):
@@ -149,7 +157,7 @@ class Client:
                     f"batch status {job.job_id}`, or submit again once it ended to resume"
                 )
         job_id = job_id or uuid.uuid4().hex[:12]
-        here = ray.get_runtime_context().get_node_id()
+        here = node or ray.get_runtime_context().get_node_id()
         actor = (
             ray.remote(BatchJob)
             .options(
@@ -161,7 +169,14 @@ class Client:
                 # the job reads and writes files on the machine it was submitted from
                 scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
             )
-            .remote(job_id, self.name, source, str(output), max_in_flight=max_in_flight)
+            .remote(
+                job_id,
+                engines or self.name,
+                source,
+                str(output),
+                max_in_flight=max_in_flight,
+                **job_options,
+            )
         )
         try:
             ray.get(actor.info.remote())

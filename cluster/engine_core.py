@@ -148,12 +148,14 @@ class EngineCore:
         params: SamplingParams,
         request_id: str | None = None,
         reply: Reply | Sequence[Reply] | None = None,
+        priority: int = 0,
     ) -> str:
         """Queues a request; a bad one raises RequestError and nothing else changes. With
         `reply` (a chat request's ReplyBuilder, one per choice when params.n > 1), its
         tokens are fed to it as they come, and a stop string it finds ends the sequence at
         once. Choice i of n (`choice_ids`) draws with seed + i: what a request for one
-        choice with that seed draws."""
+        choice with that seed draws. priority: 0 interactive, 1 batch work (waits behind
+        interactive requests, preempted first)."""
         prompt = list(prompt)
         if self.failure is not None:
             raise EngineUnavailable(f"the engine stopped after a failure: {self.failure}")
@@ -172,6 +174,7 @@ class EngineCore:
                 seed=(seed + i) % (1 << 63),
                 stop_ids=params.stop_ids(self.config.eos_token_ids),
                 arrival=self._arrivals,
+                priority=priority,
                 submitted_at=now,
                 reply=replies[i],
                 logprobs=[] if params.logprobs is not None else None,

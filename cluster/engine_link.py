@@ -39,8 +39,11 @@ class EngineLink:
     come back as the engine raised them (RequestError and its kind, EngineUnavailable);
     an engine that cannot be reached is EngineUnavailable."""
 
-    def __init__(self, name: str, call: Callable[..., Awaitable[Any]]) -> None:
+    def __init__(
+        self, name: str, call: Callable[..., Awaitable[Any]], *, actor: bool = False
+    ) -> None:
         self.name = name
+        self.actor_name = name if actor else None  # a named coordinator actor
         self._call = call
         self.outstanding = 0  # requests this front has in the engine
         self.watcher = ReplyWatcher(self)
@@ -74,7 +77,7 @@ class EngineLink:
             except ray.exceptions.RayActorError as exc:
                 raise EngineUnavailable(f"the engine {name} is unreachable: {exc}") from None
 
-        return cls(name, call)
+        return cls(name, call, actor=True)
 
     async def call(self, method: str, *args: Any) -> Any:
         try:

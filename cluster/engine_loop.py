@@ -145,10 +145,14 @@ class EngineLoop:
 
     # -- chat --------------------------------------------------------------------------
     def submit_chat(
-        self, request: dict[str, Any] | ChatRequest, request_id: str | None = None
+        self,
+        request: dict[str, Any] | ChatRequest,
+        request_id: str | None = None,
+        priority: int = 0,
     ) -> tuple[str, int]:
         """A chat request (see `chat_prompt`) -> request id and prompt length. Its reply
-        is built as its tokens come (`wait_events`, `wait_chat`)."""
+        is built as its tokens come (`wait_events`, `wait_chat`). priority 1: batch work,
+        which yields to interactive requests (priority 0)."""
         self._alive()
         prompt, params, stops = chat_prompt(
             request, self.config.max_context_length, frame=self.harmony_frame == "strict"
@@ -159,7 +163,7 @@ class EngineLoop:
         replies = [
             ReplyBuilder(stops, logprobs=params.logprobs is not None) for _ in range(params.n)
         ]
-        rid = self.core.submit(prompt, params, request_id, reply=replies)
+        rid = self.core.submit(prompt, params, request_id, reply=replies, priority=priority)
         return rid, len(prompt)
 
     def submit_text(self, body: dict[str, Any]) -> list[tuple[str, list[int]]]:

@@ -60,6 +60,7 @@ if TYPE_CHECKING:
     from gptoss_ray.cluster.engine_loop import EngineLoop
 
 MAX_BODY_BYTES = 8 << 20  # a 128k-token conversation is well under 1 MiB of JSON
+MAX_FILE_BYTES = 200 << 20  # a batch input file, as OpenAI takes
 
 
 class FrontSettings(BaseModel):
@@ -70,6 +71,7 @@ class FrontSettings(BaseModel):
         None, description="the name of an environment variable holding the API key"
     )
     max_body_bytes: int = Field(MAX_BODY_BYTES, gt=0)
+    max_file_bytes: int = Field(MAX_FILE_BYTES, gt=0, description="a batch input file's")
     max_tokens: int | None = Field(None, gt=0, description="the most a request may ask for")
     max_outstanding: int = Field(
         1024, gt=0, description="requests this front keeps in each engine; past it, 429"
@@ -135,6 +137,7 @@ class Front:
         self.metrics = FrontMetrics()
         self._info: dict[str, Any] | None = None
         self._responses: ResponseStore | None = None
+        self._batches: Any = None
         self._releases: set[asyncio.Task] = set()
 
     async def info(self) -> dict[str, Any]:
@@ -151,6 +154,22 @@ class Front:
         if self._responses is None:  # made here: Ray (or not) is known by now
             self._responses = ResponseStore()
         return self._responses
+
+    @property
+    def batches(self) -> Any:
+        """The Batch API (`batches_api.Batches`), where the engines are Ray actors."""
+        if self._batches is None:
+            names = [link.actor_name for link in self.pool.links]
+            if None in names:
+                raise ApiError(
+                    501,
+                    "the Batch API needs engines on a Ray cluster (gptoss-ray serve --http)",
+                    "not_implemented",
+                )
+            from gptoss_ray.cluster.batches_api import Batches
+
+            self._batches = Batches(names)
+        return self._batches
 
     def engine_for(self, body: dict[str, Any], tried: list[EngineLink]) -> EngineLink:
         link = self.pool.pick(body, avoid=tried)
@@ -666,6 +685,88 @@ async def response_input_items(front: Front, request: Request) -> Response:
     return JSONResponse(body | {"has_more": False})
 
 
+# -- the Batch API (cluster.batches_api) -----------------------------------------------------
+async def _batches(front: Front, method: str, *args: Any) -> Any:
+    service = await run_in_threadpool(lambda: front.batches)
+    try:
+        return await run_in_threadpool(getattr(service, method), *args)
+    except (RequestError, ValueError) as exc:  # the job's own input errors among them
+        raise ApiError.of(exc) from None
+
+
+async def upload_file(front: Front, request: Request) -> Response:
+    limit = front.settings.max_file_bytes
+    size = request.headers.get("content-length")
+    if size is not None and size.isdigit() and int(size) > limit + 65536:
+        raise ApiError(413, f"the file is over {limit} bytes", "request_too_large", "file")
+    try:
+        form = await request.form(max_files=1, max_fields=8)
+    except Exception as exc:  # not multipart, or torn
+        raise ApiError(
+            400, f"a multipart form with file and purpose: {exc}", "invalid_request"
+        ) from None
+    upload, purpose = form.get("file"), form.get("purpose")
+    if upload is None or isinstance(upload, str):
+        raise ApiError(400, "file: the form has no file", "invalid_request", "file")
+    if not isinstance(purpose, str):
+        raise ApiError(400, "purpose: the form has no purpose", "invalid_request", "purpose")
+    data = await upload.read()
+    if len(data) > limit:
+        raise ApiError(413, f"the file is over {limit} bytes", "request_too_large", "file")
+    return JSONResponse(
+        await _batches(front, "upload", upload.filename or "upload.jsonl", purpose, data)
+    )
+
+
+async def list_files(front: Front, request: Request) -> Response:
+    service = await run_in_threadpool(lambda: front.batches)
+    purpose = request.query_params.get("purpose")
+    data = await service.files.list.remote(purpose)
+    return JSONResponse({"object": "list", "data": data, "has_more": False})
+
+
+async def _file(front: Front, request: Request, method: str) -> Any:
+    service = await run_in_threadpool(lambda: front.batches)
+    file_id = request.path_params["id"]
+    got = await getattr(service.files, method).remote(file_id)
+    if got is None or got is False:
+        raise ApiError(404, f"no file {file_id!r}", "not_found", "file_id")
+    return got
+
+
+async def get_file(front: Front, request: Request) -> Response:
+    return JSONResponse(await _file(front, request, "get"))
+
+
+async def file_content(front: Front, request: Request) -> Response:
+    return Response(await _file(front, request, "content"), media_type="application/jsonl")
+
+
+async def delete_file(front: Front, request: Request) -> Response:
+    await _file(front, request, "delete")
+    return JSONResponse({"id": request.path_params["id"], "object": "file", "deleted": True})
+
+
+async def create_batch(front: Front, request: Request) -> Response:
+    return JSONResponse(await _batches(front, "create", await _read_json(front, request)))
+
+
+async def list_batches(front: Front, request: Request) -> Response:
+    limit = request.query_params.get("limit", "20")
+    if not limit.isdigit() or not 1 <= int(limit) <= 100:
+        raise ApiError(400, f"limit {limit!r}: 1 to 100", "invalid_request", "limit")
+    after = request.query_params.get("after")
+    return JSONResponse(await _batches(front, "list", after, int(limit)))
+
+
+async def get_batch(front: Front, request: Request) -> Response:
+    return JSONResponse(await _batches(front, "get", request.path_params["id"]))
+
+
+async def cancel_batch(front: Front, request: Request) -> Response:
+    return JSONResponse(await _batches(front, "cancel", request.path_params["id"]))
+
+
 ROUTES: list[tuple[str, list[str], Callable[[Front, Request], Awaitable[Response]]]] = [
     ("/health", ["GET"], health),
     ("/metrics", ["GET"], metrics),
@@ -679,6 +780,15 @@ ROUTES: list[tuple[str, list[str], Callable[[Front, Request], Awaitable[Response
     ("/tokenize", ["POST"], tokenize),
     ("/detokenize", ["POST"], detokenize),
     ("/tokenizer_info", ["GET"], tokenizer_info),
+    ("/v1/files", ["POST"], upload_file),
+    ("/v1/files", ["GET"], list_files),
+    ("/v1/files/{id}", ["GET"], get_file),
+    ("/v1/files/{id}", ["DELETE"], delete_file),
+    ("/v1/files/{id}/content", ["GET"], file_content),
+    ("/v1/batches", ["POST"], create_batch),
+    ("/v1/batches", ["GET"], list_batches),
+    ("/v1/batches/{id}", ["GET"], get_batch),
+    ("/v1/batches/{id}/cancel", ["POST"], cancel_batch),
 ]
 
 

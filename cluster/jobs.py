@@ -4,12 +4,15 @@ job ends its last status goes to Ray's key-value store (`JobRecords`) and the ac
 its records are all in the output already, and a finished job should not hold a process.
 
 Request-level failures (a bad line, a bad body) become error records. An engine failure
-(the coordinator or a shard died) is not the request's fault: nothing is written for the
-requests in flight, the job stops as `failed`, and submitting the same input to the same
-output again picks up where it stopped."""
+(the coordinator died) is not the request's fault: nothing is written for the requests
+it had in flight, which go to another of the job's engines; with none left, the job
+waits up to `wait_for_engine_s` for one to be back (the same name started again), and
+then stops as `failed`. Submitting the same input to the same output again picks up
+where it stopped. Either way each line is written exactly once."""
 
 from __future__ import annotations
 
+import collections
 import json
 import threading
 import time
@@ -75,14 +78,21 @@ class BatchJob:
     def __init__(
         self,
         job_id: str,
-        coordinator: str,
+        coordinator: str | list[str],
         source: str | list[dict[str, Any]],
         output: str,
         *,
         max_in_flight: int = 64,
+        wait_for_engine_s: float = 0.0,
+        batch: dict[str, Any] | None = None,
     ) -> None:
+        """coordinator: the engine's name, or several (lines go to the one with the
+        fewest of this job's requests). batch: what the Batch API keeps with the job
+        (endpoint, input file, metadata), returned in `info`."""
         self.job_id = job_id
-        self.coordinator_name = coordinator
+        self.engine_names = [coordinator] if isinstance(coordinator, str) else list(coordinator)
+        self.wait_for_engine_s = wait_for_engine_s
+        self.batch = batch
         self.source = source if isinstance(source, list) else str(source)
         self.output = str(output)
         self.max_in_flight = max_in_flight
@@ -122,7 +132,10 @@ class BatchJob:
             "tokens_per_s": self.tokens / elapsed if elapsed > 0 else 0.0,
             "eta_s": remaining / rate if rate > 0 and self.status == "running" else None,
             "error": self.error,
+            "started_at": self.started,
             "finished_at": self.finished_at,
+            "cancelling": self._cancel.is_set() and self.status == "running",
+            "batch": self.batch,
         }
 
     def cancel(self) -> None:
@@ -158,18 +171,25 @@ class BatchJob:
         ray.get_runtime_context().current_actor.__ray_terminate__.remote()
 
     def _run_lines(self) -> None:
-        coordinator = ray.get_actor(self.coordinator_name, namespace=NAMESPACE)
-        model = ray.get(coordinator.info.remote())["model_id"]
+        engines = _Engines(self.engine_names, self.wait_for_engine_s)
+        model = engines.model_id()
         todo = deque(line for line in self.lines if not self.writer.is_done(line))
-        in_flight: dict[ray.ObjectRef, tuple[BatchLine, str]] = {}
+        in_flight: dict[ray.ObjectRef, tuple[BatchLine, str, int]] = {}
         while (todo or in_flight) and not self._cancel.is_set():
             while todo and len(in_flight) < self.max_in_flight:
                 line = todo.popleft()
                 if line.error is not None:
                     self._record(error_record(line.custom_id, line.error))
                     continue
+                busy = collections.Counter(e for _, _, e in in_flight.values())
+                e, coordinator = engines.pick(busy)
                 try:
-                    rid, _ = ray.get(coordinator.submit_chat.remote(line.body))
+                    # a batch request yields to interactive ones (priority 1 > 0)
+                    rid, _ = ray.get(coordinator.submit_chat.remote(line.body, None, 1))
+                except ray.exceptions.RayActorError:
+                    todo.appendleft(line)
+                    self._lost(e, engines, in_flight, todo)
+                    continue
                 except ray.exceptions.RayTaskError as exc:
                     cause = getattr(exc, "cause", None)
                     if not isinstance(cause, ValueError):  # RequestError, HarmonyError, ...
@@ -183,18 +203,35 @@ class BatchJob:
                     status = getattr(cause, "status", 400)
                     self._record(error_record(line.custom_id, error, status))
                     continue
-                in_flight[coordinator.wait_chat.remote(rid)] = (line, rid)
+                in_flight[coordinator.wait_chat.remote(rid)] = (line, rid, e)
             if not in_flight:
                 continue
             ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
             for ref in ready:
-                line, rid = in_flight.pop(ref)
-                reply = ray.get(ref)  # an engine failure raises here: the job stops
+                if ref not in in_flight:
+                    continue  # its engine was lost while this one was read
+                line, rid, e = in_flight.pop(ref)
+                try:
+                    reply = ray.get(ref)
+                except ray.exceptions.RayActorError:
+                    todo.appendleft(line)
+                    self._lost(e, engines, in_flight, todo)
+                    continue
                 self._record(success_record(line.custom_id or "", reply, model))
                 self.tokens += reply["usage"]["completion_tokens"]
-                coordinator.forget.remote(rid)
-        for _, rid in in_flight.values():  # cancelled: stop the engine's work too
-            coordinator.cancel.remote(rid)
+                engines.handles[e].forget.remote(rid)
+        for _, rid, e in in_flight.values():  # cancelled: stop the engine's work too
+            engines.handles[e].cancel.remote(rid)
+
+    @staticmethod
+    def _lost(e: int, engines: _Engines, in_flight: dict, todo: deque) -> None:
+        """Engine `e` died: its lines in flight go back to the queue (nothing of them was
+        written), and the job goes on with the others or waits for one to be back."""
+        for ref, (line, _, owner) in list(in_flight.items()):
+            if owner == e:
+                del in_flight[ref]
+                todo.appendleft(line)
+        engines.lost(e)
 
     def _record(self, record: dict[str, Any]) -> None:
         self.writer.write(record)
@@ -202,3 +239,51 @@ class BatchJob:
             self.failed += 1
         else:
             self.done += 1
+
+
+class _Engines:
+    """A job's engines by name: a lost one is looked up again (the same name started
+    again) once the others are gone too, for up to `wait_s`."""
+
+    def __init__(self, names: list[str], wait_s: float) -> None:
+        self.names, self.wait_s = names, wait_s
+        self.handles: list[Any] = [None] * len(names)
+        for e in range(len(names)):
+            self._find(e)
+        if not any(self.handles):
+            self._wait()
+
+    def _find(self, e: int) -> bool:
+        try:
+            handle = ray.get_actor(self.names[e], namespace=NAMESPACE)
+            ray.get(handle.info.remote(), timeout=60)
+        except (ValueError, ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return False
+        self.handles[e] = handle
+        return True
+
+    def model_id(self) -> str:
+        e = next(i for i, h in enumerate(self.handles) if h is not None)
+        return ray.get(self.handles[e].info.remote())["model_id"]
+
+    def pick(self, busy: collections.Counter) -> tuple[int, Any]:
+        up = [e for e, h in enumerate(self.handles) if h is not None]
+        e = min(up, key=lambda i: busy[i])
+        return e, self.handles[e]
+
+    def lost(self, e: int) -> None:
+        self.handles[e] = None
+        if not any(self.handles):
+            self._wait()
+
+    def _wait(self) -> None:
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            if any([self._find(e) for e in range(len(self.names))]):
+                return
+            if time.monotonic() >= deadline:
+                raise RuntimeError(
+                    f"no engine of this job is running ({', '.join(self.names)}); "
+                    f"waited {self.wait_s:.0f} s"
+                )
+            time.sleep(1.0)

@@ -61,6 +61,9 @@ class Sequence:
     stop_ids: frozenset[int]
     arrival: int
     output: list[int] = field(default_factory=list)
+    # 0: interactive; higher: batch work, which waits behind lower values and is the
+    # first to be preempted when KV blocks run out
+    priority: int = 0
     status: Status = Status.WAITING
     finish_reason: str | None = None
     home: int | None = None
@@ -168,7 +171,11 @@ class Scheduler:
     def add(self, seq: Sequence, forks: Iterable[Sequence] = ()) -> None:
         """Queues a sequence, and the other choices of its prompt (n > 1), which fork from
         it when it draws its first token: its prompt's KV computed once for all."""
-        self.waiting.append(seq)
+        later = next((i for i, w in enumerate(self.waiting) if w.priority > seq.priority), None)
+        if later is None:
+            self.waiting.append(seq)
+        else:  # ahead of lower-priority work that waits (never ahead of its own kind)
+            self.waiting.insert(later, seq)
         self.live[seq.seq_id] = seq
         for fork in forks:
             fork.parent = seq
@@ -210,9 +217,13 @@ class Scheduler:
                         continue
                     grant = shard.blocks.grow(seq.seq_id, seq.computed, n)
                     if grant is None:
-                        victim = shard.running[-1]
-                        self._preempt(rank, victim, plans[rank])
-                        continue  # retry seq (or move on if it was the victim)
+                        # the latest of the lowest priority (batch work before interactive)
+                        j = max(
+                            range(len(shard.running)), key=lambda k: (shard.running[k].priority, k)
+                        )
+                        self._preempt(rank, shard.running[j], plans[rank])
+                        i -= j < i  # retry seq (or move on if it was the victim)
+                        continue
                     plans[rank].work.append(self._work(seq, n, grant))
                     self._fork(rank, seq, plans[rank].work[-1])
                     budgets[rank] -= n

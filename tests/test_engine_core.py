@@ -195,3 +195,28 @@ def test_a_long_prompt_is_chunked_around_the_other_sequences():
         sched.update(plans, [StepResult({w.seq_id: 7 for w in plans[0].work if w.sample}, {})])
         steps += 1
     assert steps > 1 + -(-(5000 - 256 - 128) // 253)  # more, smaller steps
+
+
+def test_batch_work_yields_to_interactive_requests():
+    """Priority 1 (batch) waits behind priority 0 and is preempted first when KV blocks run
+    out; every reply still equals the baseline. The interactive prompts fit the KV blocks
+    together: any preemption they see would be the scheduler's choice, not a need."""
+    ps, want = prompts(), baseline()
+    core, _ = make_core(KVLayout(16, 10, 16), token_budget=32)
+    first, last = [0, 1, 2, 3, 4, 7, 9], [5, 6, 8]
+    batch = [core.submit(ps[i], GREEDY, priority=1) for i in first]
+    interactive = [core.submit(ps[i], GREEDY) for i in last]
+    admitted: dict[str, int] = {}  # the step that first gave each request a shard
+    steps = 0
+    while core.has_work():
+        core.step()
+        steps += 1
+        for r in batch + interactive:
+            if core.requests[r].home is not None or core.output(r).finished:
+                admitted.setdefault(r, steps)
+    got = [tuple(core.output(r).token_ids) for r in batch + interactive]
+    assert got == [want[i] for i in first + last]
+    assert {core.output(r).preemptions for r in interactive} == {0}
+    assert sum(core.output(r).preemptions for r in batch) > 0
+    # queued last, the interactive requests are admitted first
+    assert max(admitted[r] for r in interactive) <= min(admitted[r] for r in batch)

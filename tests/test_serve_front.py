@@ -160,12 +160,90 @@ def test_metrics_count_http_answers_latencies_and_both_engines(front):
     } <= set(families)
 
 
-def test_the_front_keeps_serving_when_an_engine_is_lost(front):
-    """Last in this module: it kills an engine."""
+def batch_line(i: int, **body) -> dict:
+    body = {
+        "model": "gpt-oss-tiny",
+        "messages": [{"role": "user", "content": f"Batch question {i % 7}"}],
+        "max_tokens": 4,
+        "temperature": 0,
+        **body,
+    }
+    return {"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}
+
+
+def run_batch(client: openai.OpenAI, tmp_path, lines: list, during=None) -> tuple:
+    src = tmp_path / "input.jsonl"
+    src.write_bytes(
+        b"".join((x if isinstance(x, bytes) else json.dumps(x).encode()) + b"\n" for x in lines)
+    )
+    uploaded = client.files.create(file=src.open("rb"), purpose="batch")
+    assert uploaded.bytes == src.stat().st_size and uploaded.purpose == "batch"
+    batch = client.batches.create(
+        input_file_id=uploaded.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        metadata={"run": "test"},
+    )
+    assert batch.status == "in_progress" and batch.metadata == {"run": "test"}
+    deadline = time.monotonic() + 300
+    while batch.status in ("validating", "in_progress", "finalizing", "cancelling"):
+        if during is not None and batch.request_counts.completed >= 8:
+            during()
+            during = None
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.2)
+        batch = client.batches.retrieve(batch.id)
+    assert during is None, "the batch ended before `during` could run"
+    ok = [json.loads(x) for x in client.files.content(batch.output_file_id).text.splitlines()]
+    failed = [json.loads(x) for x in client.files.content(batch.error_file_id).text.splitlines()]
+    return batch, ok, failed
+
+
+def test_the_batch_api_with_bad_lines_through_the_official_client(front, tmp_path):
+    client = openai.OpenAI(base_url=front, api_key=KEY, max_retries=0, timeout=120)
+    lines = [batch_line(i) for i in range(24)]
+    lines[5] = b"{not json"
+    lines[9] = batch_line(9, model="gpt-4o")  # not the model served
+    lines[14] = {**batch_line(14), "url": "/v1/embeddings"}
+    batch, ok, failed = run_batch(client, tmp_path, lines)
+    assert batch.status == "completed", batch
+    assert (batch.request_counts.total, batch.request_counts.completed) == (24, 21)
+    assert batch.request_counts.failed == 3
+    assert sorted(r["custom_id"] for r in ok) == sorted(
+        f"q{i}" for i in range(24) if i not in (5, 9, 14)
+    )
+    assert sorted(r["error"]["code"] for r in failed) == [
+        "invalid_json",
+        "invalid_url",
+        "model_not_found",
+    ]
+    for record in ok:  # equal to the baseline, whichever engine ran it
+        i = int(record["custom_id"][1:])
+        want = expected_reply(batch_line(i)["body"])["message"]
+        assert record["response"]["body"]["choices"][0]["message"] == want
+    assert batch.id in [b.id for b in client.batches.list(limit=100)]
+    with pytest.raises(openai.NotFoundError):
+        client.batches.retrieve("batch_nothere")
+    with pytest.raises(openai.BadRequestError, match="endpoint"):
+        client.batches.create(
+            input_file_id=batch.input_file_id, endpoint="/v1/embeddings", completion_window="24h"
+        )
+
+
+def test_an_engine_killed_mid_batch_loses_no_line_and_the_front_keeps_serving(front, tmp_path):
+    """Last in this module: it kills an engine, whose lines in flight go to the other."""
     import ray
 
-    ray.kill(ray.get_actor(f"{NAME}-1", namespace=NAMESPACE))
     client = openai.OpenAI(base_url=front, api_key=KEY, max_retries=0, timeout=120)
+    lines = [batch_line(i, max_tokens=12) for i in range(48)]
+
+    def kill() -> None:
+        ray.kill(ray.get_actor(f"{NAME}-1", namespace=NAMESPACE))
+
+    batch, ok, failed = run_batch(client, tmp_path, lines, during=kill)
+    assert batch.status == "completed" and not failed, batch
+    ids = [r["custom_id"] for r in ok]
+    assert sorted(ids) == sorted(f"q{i}" for i in range(48))  # every line exactly once
     for i in range(4):  # whichever engine each is routed to, the live one answers
         got = ask(client, [{"role": "user", "content": f"After the loss {i}"}])
         assert got["reply"].choices[0].message.content == got["expected"]["message"]["content"]
