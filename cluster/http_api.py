@@ -76,6 +76,9 @@ class FrontSettings(BaseModel):
     max_outstanding: int = Field(
         1024, gt=0, description="requests this front keeps in each engine; past it, 429"
     )
+    max_concurrent_per_key: int | None = Field(
+        None, gt=0, description="requests at once with one API key (in each replica); past it, 429"
+    )
     retry_after_s: int = Field(1, ge=0)
 
     def key(self) -> str | None:
@@ -313,6 +316,7 @@ class _Guard:
         self.app, self.front = app, front
         self.state = app.state
         self.key = front.settings.key()
+        self.active: Counter[str] = Counter()  # requests being answered, by API key
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -336,6 +340,23 @@ class _Guard:
                 )
                 await err.response()(scope, receive, counted)
                 return
+            cap = self.front.settings.max_concurrent_per_key
+            if cap is not None and self.active[key] >= cap:
+                self.front.metrics.rejected.labels("key_concurrency").inc()
+                err = ApiError(
+                    429,
+                    f"this API key has {cap} requests running, its limit; retry shortly",
+                    "rate_limit_exceeded",
+                    headers={"Retry-After": str(self.front.settings.retry_after_s)},
+                )
+                await err.response()(scope, receive, counted)
+                return
+            self.active[key] += 1
+            try:
+                await self.app(scope, receive, counted)
+            finally:
+                self.active[key] -= 1
+            return
         await self.app(scope, receive, counted)
 
 

@@ -15,8 +15,8 @@ import time
 import openai
 import pytest
 
-from gptoss_ray.cluster.batch import OutputBusy, OutputWriter, error_record, read_input
 from gptoss_ray.cluster import http_api
+from gptoss_ray.cluster.batch import OutputBusy, OutputWriter, error_record, read_input
 from gptoss_ray.cluster.http_api import MAX_BODY_BYTES, serve_api
 from tests.scripted_engine import scripted_engine
 
@@ -159,6 +159,33 @@ def test_past_its_limit_a_front_answers_429_with_retry_after():
         slow.close()  # the client leaves: its request is cancelled, and room is made
         assert wait_idle(engine)
         assert client.chat.completions.create(**chat()).choices[0].finish_reason == "stop"
+    finally:
+        engine.shutdown()
+
+
+def test_requests_at_once_with_one_key_are_capped():
+    engine, _ = scripted_engine()
+    limited = functools.partial(serve_api, max_concurrent_per_key=1)
+    url = engine.attach(limited, "127.0.0.1", 0, KEY)
+    client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0)
+    try:
+        slow = client.chat.completions.create(
+            **chat(stream=True, messages=[{"role": "user", "content": "slowly"}])
+        )
+        next(iter(slow))
+        with pytest.raises(openai.RateLimitError, match="its limit") as caught:
+            client.models.list()
+        assert caught.value.response.headers["retry-after"] == "1"
+        slow.close()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the stream's end frees its slot
+            try:
+                assert client.models.list().data[0].id == "gpt-oss-tiny"
+                break
+            except openai.RateLimitError:
+                time.sleep(0.05)
+        else:
+            raise AssertionError("the slot was never freed")
     finally:
         engine.shutdown()
 
