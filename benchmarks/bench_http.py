@@ -189,6 +189,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=1, help="per client")
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--max-seqs", type=int, default=64, help="running sequences per shard")
+    parser.add_argument(
+        "--threads-per-shard",
+        type=int,
+        default=None,
+        help="torch threads of a CPU shard (default: the cores over the shards)",
+    )
     parser.add_argument("--time-limit", type=float, default=1800, help="seconds for the load")
     parser.add_argument("--isolation", action="store_true", help="see the module's doc")
     parser.add_argument("--isolation-tokens", type=int, default=400)
@@ -242,6 +248,7 @@ def main() -> None:
         device=args.device,
         dtype=args.dtype,
         max_seqs=args.max_seqs,
+        threads_per_shard=args.threads_per_shard,
         http=("127.0.0.1", 0, None),
         front={"max_outstanding": max(1024, args.clients)},
     )

@@ -1,7 +1,9 @@
 """The engine's API without Ray: a thread steps an `EngineCore` while requests (token ids
 or chat) come and go. `Coordinator` runs it on Ray shards; tests drive it with any
-`run_step`. A front end (the HTTP API) is attached from above (`attach`): the engine
-knows nothing of the layers that use it."""
+`run_step`. Fronts reach it from above: the HTTP API on Ray Serve through a coordinator's
+actor handle (`cluster.engine_link`), or, for an engine loop of one process (tests), in
+that process (`attach`, `http_api.serve_api`). The engine knows nothing of the layers that
+use it."""
 
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ IDLE_AFTER_S = 1.0
 
 
 class Front(Protocol):
-    """Something attached to a running engine (the HTTP API): stopped with it."""
+    """Something attached to an engine loop in its process (`http_api.serve_api`):
+    stopped with it."""
 
     url: str
 
