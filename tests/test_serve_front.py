@@ -282,3 +282,28 @@ def test_serve_configs_validate(path):
     for app in config["applications"]:
         assert app["import_path"] == "gptoss_ray.cluster.serve_app:build_app"
         AppArgs(**app["args"])
+
+
+def test_stopping_the_front_lets_a_stream_in_flight_finish(front):
+    """After the engine loss above: `stop` deletes the Serve application, whose replica
+    drains (graceful_shutdown_timeout_s) before the engines stop; the stream that was
+    running ends whole, with its [DONE]."""
+    import threading
+
+    client = openai.OpenAI(base_url=front, api_key=KEY, max_retries=0, timeout=120)
+    stream = client.chat.completions.create(
+        model="gpt-oss-tiny",
+        messages=[{"role": "user", "content": "A stream that runs while the front stops"}],
+        max_tokens=40,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = iter(stream)
+    got = [next(chunks), next(chunks)]
+    stopping = threading.Thread(target=stop, args=(NAME,), kwargs={"address": None})
+    stopping.start()
+    got += list(chunks)  # ends with the usage chunk, not a torn connection
+    stopping.join(timeout=120)
+    assert got[-1].usage.completion_tokens == 40
+    assert [c.choices[0].finish_reason for c in got if c.choices][-1] == "length"
