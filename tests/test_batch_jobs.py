@@ -137,6 +137,32 @@ def test_killing_the_coordinator_mid_job_loses_nothing(engine, ray_session, tmp_
     stop(name)
 
 
+def test_a_job_that_waits_for_its_engine_resumes_when_it_is_back(engine, ray_session, tmp_path):
+    """As batches over HTTP run: the coordinator dies mid-job, the job waits, the engine is
+    started again under its name, and the job ends completed with every line once."""
+    import ray
+
+    from gptoss_ray.cluster.serve import stop
+
+    name = "test-batch-waits"
+    serve("gpt-oss-tiny", 2, name=name, dtype="float32")
+    items = [request_line(i, max_tokens=6) for i in range(60)]
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(src, items)
+    job = Client(name=name).submit(src, out, max_in_flight=4, wait_for_engine_s=180)
+    while job.status()["done"] < 12:
+        time.sleep(0.05)
+    ray.kill(ray.get_actor(name, namespace="gptoss-ray"))
+    time.sleep(2)
+    assert job.status()["status"] == "running"  # waiting for an engine, not failed
+    serve("gpt-oss-tiny", 2, name=name, dtype="float32")
+    info = job.wait(timeout=300)
+    assert info["status"] == "completed", info
+    ids = [r["custom_id"] for r in job.results()]
+    assert sorted(ids) == sorted(f"req-{i}" for i in range(60))  # each exactly once
+    stop(name)
+
+
 def test_two_clients_at_once(engine, ray_session, tmp_path):
     address = ray_session.get_runtime_context().gcs_address
     procs = []
