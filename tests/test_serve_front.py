@@ -96,17 +96,22 @@ def test_a_conversation_returns_to_the_engine_holding_its_prefix(front):
     assert third[home] - second[home] == 3 and sum(third) - sum(second) == 3
 
 
+def open_stream(url: str, text: str, max_tokens: int):
+    client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=120)
+    return client.chat.completions.create(
+        model="gpt-oss-tiny",
+        messages=[{"role": "user", "content": text}],
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+
+
 def test_a_client_that_leaves_has_its_request_cancelled(front):
     import ray
 
-    client = openai.OpenAI(base_url=front, api_key=KEY, max_retries=0, timeout=120)
-    stream = client.chat.completions.create(
-        model="gpt-oss-tiny",
-        messages=[{"role": "user", "content": "Talk for a long while"}],
-        max_tokens=2000,
-        temperature=0,
-        stream=True,
-    )
+    stream = open_stream(front, "Talk for a long while", 2000)
     chunks = iter(stream)
     next(chunks), next(chunks)
     stream.close()
@@ -290,16 +295,7 @@ def test_stopping_the_front_lets_a_stream_in_flight_finish(front):
     running ends whole, with its [DONE]."""
     import threading
 
-    client = openai.OpenAI(base_url=front, api_key=KEY, max_retries=0, timeout=120)
-    stream = client.chat.completions.create(
-        model="gpt-oss-tiny",
-        messages=[{"role": "user", "content": "A stream that runs while the front stops"}],
-        max_tokens=40,
-        temperature=0,
-        stream=True,
-        stream_options={"include_usage": True},
-    )
-    chunks = iter(stream)
+    chunks = iter(open_stream(front, "A stream that runs while the front stops", 40))
     got = [next(chunks), next(chunks)]
     stopping = threading.Thread(target=stop, args=(NAME,), kwargs={"address": None})
     stopping.start()
