@@ -223,7 +223,6 @@ class Front:
                 raise ApiError.of(exc) from None
         ids = [out[0]] if method == "submit_chat" else [rid for rid, _ in out]
         link.outstanding += len(ids)
-        request.state.started = time.monotonic()
         try:
             yield link, out
         finally:
@@ -322,6 +321,7 @@ class _Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        scope.setdefault("state", {})["started"] = time.monotonic()  # `request.state.started`
         key = self.key
         route = scope["path"]
 
