@@ -130,7 +130,7 @@ class ApiError(Exception):
         return JSONResponse(self.body(), self.status, headers=self.headers)
 
 
-class Front:
+class FrontState:
     """What every request handler shares: the engines, the settings, the response store,
     the metrics, and the model's id and context (asked of the engines once)."""
 
@@ -270,7 +270,7 @@ class Front:
 # -- the app -----------------------------------------------------------------------------
 def api_app(pool: EnginePool, settings: FrontSettings | None = None) -> Starlette:
     """The API over `pool`'s engines."""
-    front = Front(pool, settings or FrontSettings())
+    front = FrontState(pool, settings or FrontSettings())
 
     def route(path: str, methods: list[str], handler: Callable[..., Awaitable[Response]]):
         async def endpoint(request: Request) -> Response:
@@ -311,7 +311,7 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
 class _Guard:
     """Before any route: the API key, and the count of answers by status code."""
 
-    def __init__(self, app: Starlette, front: Front) -> None:
+    def __init__(self, app: Starlette, front: FrontState) -> None:
         self.app, self.front = app, front
         self.state = app.state
         self.key = front.settings.key()
@@ -371,7 +371,7 @@ def _route_label(path: str) -> str:
     return "other"
 
 
-async def _read_json(front: Front, request: Request) -> Any:
+async def _read_json(front: FrontState, request: Request) -> Any:
     limit = front.settings.max_body_bytes
     header = request.headers.get("content-length")
     if header is not None and header.isdigit() and int(header) > limit:
@@ -424,7 +424,7 @@ async def _event_stream(chunks: AsyncIterator[str]) -> StreamingResponse:
 
 
 # -- endpoints ---------------------------------------------------------------------------
-async def health(front: Front, request: Request) -> Response:
+async def health(front: FrontState, request: Request) -> Response:
     infos = await asyncio.gather(
         *(link.call("info") for link in front.pool.links), return_exceptions=True
     )
@@ -438,13 +438,13 @@ async def health(front: Front, request: Request) -> Response:
     return JSONResponse({"status": "ok"} | ({"degraded": down} if down else {}))
 
 
-async def models(front: Front, request: Request) -> Response:
+async def models(front: FrontState, request: Request) -> Response:
     info = await front.info()
     model = {"id": info["model_id"], "object": "model", "created": front.started}
     return JSONResponse({"object": "list", "data": [model | {"owned_by": "gptoss-ray"}]})
 
 
-async def metrics(front: Front, request: Request) -> Response:
+async def metrics(front: FrontState, request: Request) -> Response:
     async def read(link: EngineLink) -> dict[str, Any]:
         stats, info, load = await asyncio.gather(
             link.call("stats"), link.call("info"), link.call("expert_load")
@@ -460,7 +460,7 @@ async def metrics(front: Front, request: Request) -> Response:
     return Response(front.metrics.render(list(engines)), media_type="text/plain; version=0.0.4")
 
 
-async def chat_completions(front: Front, request: Request) -> Response:
+async def chat_completions(front: FrontState, request: Request) -> Response:
     body = await _read_json(front, request)
     if isinstance(body, dict) and body.get("stream"):
         return await _event_stream(_stream_chat(front, body, request))
@@ -470,7 +470,9 @@ async def chat_completions(front: Front, request: Request) -> Response:
         return JSONResponse(chat_completion(reply, model, f"chatcmpl-{rid[:24]}"))
 
 
-async def _stream_chat(front: Front, body: dict[str, Any], request: Request) -> AsyncIterator[str]:
+async def _stream_chat(
+    front: FrontState, body: dict[str, Any], request: Request
+) -> AsyncIterator[str]:
     async with front.submitted(body, "submit_chat", request) as (link, (rid, _)):
         # (read once the engine took the request: it checked them)
         n = body.get("n") or 1
@@ -527,7 +529,7 @@ def _chat_delta(ev: Any) -> tuple[dict[str, Any], None, Any] | None:
     return None
 
 
-async def completions(front: Front, request: Request) -> Response:
+async def completions(front: FrontState, request: Request) -> Response:
     body = await _read_json(front, request)
     if not isinstance(body, dict):
         raise ApiError(400, "the request body is a JSON object", "invalid_request")
@@ -553,7 +555,7 @@ async def completions(front: Front, request: Request) -> Response:
 
 
 async def _stream_completions(
-    front: Front, body: dict[str, Any], parsed: CompletionRequest, request: Request
+    front: FrontState, body: dict[str, Any], parsed: CompletionRequest, request: Request
 ) -> AsyncIterator[str]:
     """Prompt after prompt (all run at once), each choice's text as it comes."""
     n, usage = parsed.n or 1, Counter()
@@ -590,7 +592,7 @@ async def _stream_completions(
         yield _sse("[DONE]")
 
 
-async def responses(front: Front, request: Request) -> Response:
+async def responses(front: FrontState, request: Request) -> Response:
     body = await _read_json(front, request)
     try:
         items, chat = await run_in_threadpool(conversation, body, front.responses)
@@ -607,7 +609,7 @@ async def responses(front: Front, request: Request) -> Response:
 
 
 async def _stream_responses(
-    front: Front, body: dict[str, Any], items: list, chat: dict[str, Any], request: Request
+    front: FrontState, body: dict[str, Any], items: list, chat: dict[str, Any], request: Request
 ) -> AsyncIterator[str]:
     async with front.submitted(chat, "submit_chat", request) as (link, (rid, _)):
         out: list[str] = []
@@ -631,7 +633,7 @@ async def _stream_responses(
 
 
 # -- vLLM's tokenizer endpoints (evaluation harnesses count tokens with them) -------------
-async def tokenize(front: Front, request: Request) -> Response:
+async def tokenize(front: FrontState, request: Request) -> Response:
     """{"prompt": text} or {"messages": chat} (rendered for completion) -> ids."""
     body = await _read_json(front, request)
     if not isinstance(body, dict) or not isinstance(
@@ -653,7 +655,7 @@ async def tokenize(front: Front, request: Request) -> Response:
     return JSONResponse({"count": len(tokens), "max_model_len": context, "tokens": tokens})
 
 
-async def detokenize(front: Front, request: Request) -> Response:
+async def detokenize(front: FrontState, request: Request) -> Response:
     body = await _read_json(front, request)
     tokens = body.get("tokens") if isinstance(body, dict) else None
     if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
@@ -664,7 +666,7 @@ async def detokenize(front: Front, request: Request) -> Response:
         raise ApiError(400, str(exc), "invalid_request", "tokens") from None
 
 
-async def tokenizer_info(front: Front, request: Request) -> Response:
+async def tokenizer_info(front: FrontState, request: Request) -> Response:
     return JSONResponse(
         {
             "tokenizer_class": "tiktoken:o200k_harmony",
@@ -677,7 +679,7 @@ async def tokenizer_info(front: Front, request: Request) -> Response:
     )
 
 
-async def _stored(front: Front, request: Request) -> dict[str, Any]:
+async def _stored(front: FrontState, request: Request) -> dict[str, Any]:
     rid = request.path_params["id"]
     entry = await run_in_threadpool(front.responses.get, rid)
     if entry is None:
@@ -685,18 +687,18 @@ async def _stored(front: Front, request: Request) -> dict[str, Any]:
     return entry
 
 
-async def get_response(front: Front, request: Request) -> Response:
+async def get_response(front: FrontState, request: Request) -> Response:
     return JSONResponse((await _stored(front, request))["response"])
 
 
-async def delete_response(front: Front, request: Request) -> Response:
+async def delete_response(front: FrontState, request: Request) -> Response:
     rid = request.path_params["id"]
     if not await run_in_threadpool(front.responses.delete, rid):
         raise ApiError(404, f"no stored response {rid!r}", "not_found")
     return JSONResponse({"id": rid, "object": "response.deleted", "deleted": True})
 
 
-async def response_input_items(front: Front, request: Request) -> Response:
+async def response_input_items(front: FrontState, request: Request) -> Response:
     entry = await _stored(front, request)
     data = entry["items"][: entry["inputs"]]
     if request.query_params.get("order", "desc") == "desc":
@@ -707,7 +709,7 @@ async def response_input_items(front: Front, request: Request) -> Response:
 
 
 # -- the Batch API (cluster.batches_api) -----------------------------------------------------
-async def _batches(front: Front, method: str, *args: Any) -> Any:
+async def _batches(front: FrontState, method: str, *args: Any) -> Any:
     service = await run_in_threadpool(lambda: front.batches)
     try:
         return await run_in_threadpool(getattr(service, method), *args)
@@ -715,7 +717,7 @@ async def _batches(front: Front, method: str, *args: Any) -> Any:
         raise ApiError.of(exc) from None
 
 
-async def upload_file(front: Front, request: Request) -> Response:
+async def upload_file(front: FrontState, request: Request) -> Response:
     limit = front.settings.max_file_bytes
     size = request.headers.get("content-length")
     if size is not None and size.isdigit() and int(size) > limit + 65536:
@@ -739,14 +741,14 @@ async def upload_file(front: Front, request: Request) -> Response:
     )
 
 
-async def list_files(front: Front, request: Request) -> Response:
+async def list_files(front: FrontState, request: Request) -> Response:
     service = await run_in_threadpool(lambda: front.batches)
     purpose = request.query_params.get("purpose")
     data = await service.files.list.remote(purpose)
     return JSONResponse({"object": "list", "data": data, "has_more": False})
 
 
-async def _file(front: Front, request: Request, method: str) -> Any:
+async def _file(front: FrontState, request: Request, method: str) -> Any:
     service = await run_in_threadpool(lambda: front.batches)
     file_id = request.path_params["id"]
     got = await getattr(service.files, method).remote(file_id)
@@ -755,24 +757,24 @@ async def _file(front: Front, request: Request, method: str) -> Any:
     return got
 
 
-async def get_file(front: Front, request: Request) -> Response:
+async def get_file(front: FrontState, request: Request) -> Response:
     return JSONResponse(await _file(front, request, "get"))
 
 
-async def file_content(front: Front, request: Request) -> Response:
+async def file_content(front: FrontState, request: Request) -> Response:
     return Response(await _file(front, request, "content"), media_type="application/jsonl")
 
 
-async def delete_file(front: Front, request: Request) -> Response:
+async def delete_file(front: FrontState, request: Request) -> Response:
     await _file(front, request, "delete")
     return JSONResponse({"id": request.path_params["id"], "object": "file", "deleted": True})
 
 
-async def create_batch(front: Front, request: Request) -> Response:
+async def create_batch(front: FrontState, request: Request) -> Response:
     return JSONResponse(await _batches(front, "create", await _read_json(front, request)))
 
 
-async def list_batches(front: Front, request: Request) -> Response:
+async def list_batches(front: FrontState, request: Request) -> Response:
     limit = request.query_params.get("limit", "20")
     if not limit.isdigit() or not 1 <= int(limit) <= 100:
         raise ApiError(400, f"limit {limit!r}: 1 to 100", "invalid_request", "limit")
@@ -780,15 +782,15 @@ async def list_batches(front: Front, request: Request) -> Response:
     return JSONResponse(await _batches(front, "list", after, int(limit)))
 
 
-async def get_batch(front: Front, request: Request) -> Response:
+async def get_batch(front: FrontState, request: Request) -> Response:
     return JSONResponse(await _batches(front, "get", request.path_params["id"]))
 
 
-async def cancel_batch(front: Front, request: Request) -> Response:
+async def cancel_batch(front: FrontState, request: Request) -> Response:
     return JSONResponse(await _batches(front, "cancel", request.path_params["id"]))
 
 
-ROUTES: list[tuple[str, list[str], Callable[[Front, Request], Awaitable[Response]]]] = [
+ROUTES: list[tuple[str, list[str], Callable[[FrontState, Request], Awaitable[Response]]]] = [
     ("/health", ["GET"], health),
     ("/metrics", ["GET"], metrics),
     ("/v1/models", ["GET"], models),
