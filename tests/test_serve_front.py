@@ -192,7 +192,7 @@ def run_batch(client: openai.OpenAI, tmp_path, lines: list, during=None) -> tupl
     assert batch.status == "in_progress" and batch.metadata == {"run": "test"}
     deadline = time.monotonic() + 300
     while batch.status in ("validating", "in_progress", "finalizing", "cancelling"):
-        if during is not None and batch.request_counts.completed >= 8:
+        if during is not None and batch.request_counts.completed >= 4:
             during()
             during = None
         assert time.monotonic() < deadline, batch
@@ -235,12 +235,40 @@ def test_the_batch_api_with_bad_lines_through_the_official_client(front, tmp_pat
         )
 
 
+def test_files_listed_retrieved_deleted_and_a_batch_cancelled(front, tmp_path):
+    client = openai.OpenAI(base_url=front, api_key=KEY, max_retries=0, timeout=120)
+    src = tmp_path / "long.jsonl"
+    lines = [batch_line(i, max_tokens=200) for i in range(40)]
+    src.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    uploaded = client.files.create(file=src.open("rb"), purpose="batch")
+    assert client.files.retrieve(uploaded.id).filename == "long.jsonl"
+    assert uploaded.id in [f.id for f in client.files.list(purpose="batch")]
+    assert client.files.content(uploaded.id).text == src.read_text()
+    with pytest.raises(openai.BadRequestError, match="purpose"):
+        client.files.create(file=src.open("rb"), purpose="fine-tune")
+    batch = client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    cancelled = client.batches.cancel(batch.id)
+    assert cancelled.status in ("cancelling", "cancelled")
+    deadline = time.monotonic() + 60
+    while cancelled.status == "cancelling" and time.monotonic() < deadline:
+        time.sleep(0.2)
+        cancelled = client.batches.retrieve(batch.id)
+    assert cancelled.status == "cancelled" and cancelled.cancelled_at is not None
+    done = client.files.content(cancelled.output_file_id).text.splitlines()
+    assert len(done) == cancelled.request_counts.completed < 40  # what finished stays
+    assert client.files.delete(uploaded.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(uploaded.id)
+
+
 def test_an_engine_killed_mid_batch_loses_no_line_and_the_front_keeps_serving(front, tmp_path):
     """Last in this module: it kills an engine, whose lines in flight go to the other."""
     import ray
 
     client = openai.OpenAI(base_url=front, api_key=KEY, max_retries=0, timeout=120)
-    lines = [batch_line(i, max_tokens=12) for i in range(48)]
+    lines = [batch_line(i, max_tokens=24) for i in range(64)]
 
     def kill() -> None:
         ray.kill(ray.get_actor(f"{NAME}-1", namespace=NAMESPACE))
@@ -248,7 +276,7 @@ def test_an_engine_killed_mid_batch_loses_no_line_and_the_front_keeps_serving(fr
     batch, ok, failed = run_batch(client, tmp_path, lines, during=kill)
     assert batch.status == "completed" and not failed, batch
     ids = [r["custom_id"] for r in ok]
-    assert sorted(ids) == sorted(f"q{i}" for i in range(48))  # every line exactly once
+    assert sorted(ids) == sorted(f"q{i}" for i in range(64))  # every line exactly once
     for i in range(4):  # whichever engine each is routed to, the live one answers
         got = ask(client, [{"role": "user", "content": f"After the loss {i}"}])
         assert got["reply"].choices[0].message.content == got["expected"]["message"]["content"]
