@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import threading
 from functools import cache
 from importlib import resources
 
@@ -89,9 +90,19 @@ def _load_ranks() -> dict[bytes, int]:
     return ranks
 
 
-@cache
+_LOADING = threading.Lock()
+
+
 def get_encoding() -> tiktoken.Encoding:
-    """The o200k_harmony encoding (loaded once per process)."""
+    """The o200k_harmony encoding, loaded once per process: threads that ask for it at
+    once (a coordinator's first requests arrive together) wait for the one load instead
+    of each building its own (hundreds of them cost a core for a minute and gigabytes)."""
+    with _LOADING:
+        return _load_encoding()
+
+
+@cache
+def _load_encoding() -> tiktoken.Encoding:
     return tiktoken.Encoding(
         name="o200k_harmony",
         pat_str=O200K_PATTERN,

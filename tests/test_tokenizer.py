@@ -79,11 +79,28 @@ def test_decode_rejects_out_of_range_ids():
 
 def test_corrupt_vocabulary_is_refused(monkeypatch):
     monkeypatch.setattr(tokenizer, "VOCAB_SHA256", "0" * 64)
-    tokenizer.get_encoding.cache_clear()
+    tokenizer._load_encoding.cache_clear()
     try:
         with pytest.raises(TokenizerError, match=r"sha256 446a9538.*the file is corrupt"):
             tokenizer.get_encoding()
     finally:
         monkeypatch.undo()
-        tokenizer.get_encoding.cache_clear()
+        tokenizer._load_encoding.cache_clear()
     assert tokenizer.encode("ok") == tokenizer.get_encoding().encode("ok")
+
+
+def test_threads_asking_at_once_load_the_vocabulary_once(monkeypatch):
+    """A coordinator's first requests arrive together on its threads: one load, not one
+    each (they once cost a core for a minute and gigabytes)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    loads = []
+    real = tokenizer._load_ranks
+    monkeypatch.setattr(tokenizer, "_load_ranks", lambda: loads.append(1) or real())
+    tokenizer._load_encoding.cache_clear()
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            encodings = list(pool.map(lambda _: tokenizer.get_encoding(), range(8)))
+    finally:
+        monkeypatch.undo()
+    assert len(loads) == 1 and all(e is encodings[0] for e in encodings)
