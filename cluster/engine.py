@@ -245,6 +245,10 @@ def _unwrap(call):
     try:
         return call()
     except ray.exceptions.RayTaskError as exc:
-        cause = exc.as_instanceof_cause()
-        original = getattr(exc, "cause", None)
-        raise (original if isinstance(original, Exception) else cause) from None
+        raise actor_error(exc) from None
+
+
+def actor_error(exc: ray.exceptions.RayTaskError) -> Exception:
+    """The exception an actor's method raised, which Ray wrapped."""
+    original = getattr(exc, "cause", None)
+    return original if isinstance(original, Exception) else exc.as_instanceof_cause()

@@ -68,12 +68,13 @@ class EngineLink:
         """A coordinator actor (`cluster.coordinator.Coordinator`)."""
         import ray
 
+        from gptoss_ray.cluster.engine import actor_error
+
         async def call(method: str, *args: Any) -> Any:
             try:
                 return await getattr(handle, method).remote(*args)
             except ray.exceptions.RayTaskError as exc:
-                original = getattr(exc, "cause", None)
-                raise (original if isinstance(original, Exception) else exc) from None
+                raise actor_error(exc) from None
             except ray.exceptions.RayActorError as exc:
                 raise EngineUnavailable(f"the engine {name} is unreachable: {exc}") from None
 
