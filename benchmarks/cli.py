@@ -1,6 +1,6 @@
 """`gptoss-ray bench`: throughput and latency sweeps, shard scaling against replicas, the
 calibrated scaling model, full-size random-weight runs, the kernels alone and compiled,
-grammar masks against free decoding.
+grammar masks against free decoding, the CPU of an idle engine.
 Each benchmark's module runs it, prints its table under the machine's line, and saves
 JSON and a PNG under --out; this module only parses (no torch until a benchmark runs)."""
 
@@ -93,6 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument(
         "--null-model", action="store_true", help="shards that do no model work: the host alone"
     )
+
+    idle = command("idle", "idle.run", "CPU of an idle engine, and the first request after idle")
+    idle.add_argument("--model", default="gpt-oss-tiny")
+    idle.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    idle.add_argument("--shards", type=_count, default=2)
+    idle.add_argument("--seconds", type=float, default=30.0, help="idle time measured")
+    idle.add_argument("--settle-s", type=float, default=3.0, help="idle before measuring")
+    idle.add_argument("--repeats", type=_count, default=3, help="wake-ups timed")
+    idle.add_argument("--steps", choices=("actor-calls", "compiled-graph", "both"), default="both")
 
     prefix = command(
         "prefix", "prefix.run", "multi-turn conversations sharing a system prompt: cache on vs off"

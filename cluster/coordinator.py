@@ -154,6 +154,16 @@ class Coordinator(EngineLoop):
         if len(workers) > 1:
             host, port = ray.get(workers[0].address.remote())
             ray.get([w.init_process_group.remote(host, port) for w in workers])
+        self._grouped = True
+
+    def _leave_group(self) -> None:
+        """While idle, gloo shards leave their process group (its transport thread would
+        keep each at ~0.4% of a core); the next step forms it again. NCCL's stays: the
+        decode CUDA graphs hold its communicator."""
+        if len(self.workers) > 1 and self._device == "cpu":
+            with contextlib.suppress(Exception):  # a lost shard: the next step finds it
+                ray.get([w.leave_group.remote() for w in self.workers], timeout=30)
+            self._grouped = False
 
     def _compile_steps(self) -> Any:
         """The step as a Ray compiled graph: the plans reach the shards and their results
@@ -177,13 +187,15 @@ class Coordinator(EngineLoop):
     # -- idle ---------------------------------------------------------------------------
     # An idle Ray actor still wakes a hundred times a second (its main thread's signal
     # check, about 1% of a core here), and a compiled graph's shards poll its channels
-    # (a core each). With no work for IDLE_AFTER_S the graph goes and each shard is parked
-    # in a blocking `ray.get` on a call of ours that returns when work comes (or when
-    # `status` needs the shards). The first step after pays for it: the shards' wake-up
-    # (a few ms) and, with compiled steps, building the graph again.
+    # (a core each), and gloo's transport thread wakes too. With no work for IDLE_AFTER_S
+    # the graph goes, gloo shards leave their process group, and each shard is parked in a
+    # blocking `ray.get` on a call of ours that returns when work comes (or when `status`
+    # needs the shards). The first step after pays for it: the shards' wake-up (a few ms),
+    # forming the group again and, with compiled steps, building the graph again.
     def went_idle(self) -> None:
         if self._dag is not None:
             self._teardown_steps()
+        self._leave_group()
         with self._park_lock:
             self._idle = True
             self._park()
@@ -231,7 +243,11 @@ class Coordinator(EngineLoop):
         takes the next step while one runs) -> a function that waits for its results.
         A lost shard fails it: the shards are replaced and ShardsRestarted raised."""
         try:
-            if self._dag is None and self._compiled_steps:  # after an idle spell
+            if not self._grouped:  # after an idle spell
+                # a shard lost meanwhile fails here, not after the others' rendezvous times out
+                ray.get([w.ping.remote() for w in self.workers])
+                self._form_group(self.workers)
+            if self._dag is None and self._compiled_steps:
                 self._dag = self._compile_steps()
             if self._dag is not None:
                 refs = [self._dag.execute(*plans)]

@@ -7,6 +7,7 @@ use it."""
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import traceback
@@ -117,6 +118,7 @@ class EngineLoop:
             "max_context_length": self.config.max_context_length,
             "healthy": self.error is None,
             "error": self.error,
+            "pid": os.getpid(),
         }
 
     def stats(self) -> dict[str, Any]:

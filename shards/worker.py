@@ -47,9 +47,8 @@ class ShardWorker:
 
         import torch.distributed as dist
 
-        if dist.is_initialized():
-            with contextlib.suppress(Exception):  # the old group lost a member
-                dist.destroy_process_group()
+        with contextlib.suppress(Exception):  # the old group lost a member
+            self.leave_group()
         backend = "nccl" if self.device.startswith("cuda") else "gloo"
         dist.init_process_group(
             backend,
@@ -92,6 +91,7 @@ class ShardWorker:
             "node_ip": ray.util.get_node_ip_address(),
             "device": self.device,
             "pid": os.getpid(),
+            "in_process_group": self.world_size > 1 and _in_group(),
         }
         if shard is not None:
             full, sliding = shard.kv.free_blocks()
@@ -144,8 +144,20 @@ class ShardWorker:
         assert self.shard is not None, "load() first"
         return self.shard.step(plan)
 
-    def shutdown(self) -> None:
+    def leave_group(self) -> None:
+        """Ends this shard's part in the process group (`init_process_group` joins again):
+        on shutdown, and while the engine idles, since gloo's transport thread wakes
+        hundreds of times a second even with nothing to send."""
         import torch.distributed as dist
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+    def shutdown(self) -> None:
+        self.leave_group()
+
+
+def _in_group() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()

@@ -362,6 +362,36 @@ def test_bench_prefix_compares_the_cache_on_and_off(ray_session, tmp_path, capsy
     assert "hit rate" in capsys.readouterr().out
 
 
+def test_bench_idle_reads_each_process_of_an_idle_engine(ray_session, tmp_path, capsys):
+    from gptoss_ray.benchmarks.cli import main
+
+    main(
+        [
+            "--out",
+            str(tmp_path),
+            "idle",
+            "--shards",
+            "2",
+            "--seconds",
+            "2",
+            "--settle-s",
+            "1.5",
+            "--repeats",
+            "1",
+            "--steps",
+            "actor-calls",
+        ]
+    )
+    (saved,) = tmp_path.glob("idle-*.json")
+    (result,) = json.loads(saved.read_text())["results"].values()
+    assert set(result["cpu"]) == {"coordinator", "shard 0", "shard 1"}
+    assert result["total_percent"] == pytest.approx(
+        sum(p["percent"] for p in result["cpu"].values())
+    )
+    assert result["first_after_idle_ms"] > 0 and result["again_at_once_ms"] > 0
+    assert "first request after idle" in capsys.readouterr().out
+
+
 def test_bad_bench_arguments_are_named(capsys):
     from gptoss_ray.benchmarks.cli import main
 

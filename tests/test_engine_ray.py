@@ -158,8 +158,9 @@ def test_chat_returns_a_parsed_reply_with_usage(engine):
 
 def test_an_idle_engine_parks_its_shards_and_wakes_them(engine):
     """Idle is idle: after a second without work the shards are parked in a blocking call
-    (and a compiled graph, whose readers poll, is torn down); `status` still answers, and
-    the next request wakes them (building the graph again) and is exact."""
+    (a compiled graph, whose readers poll, is torn down, and gloo shards leave their
+    process group); `status` still answers, and the next request wakes them (forming the
+    group and building the graph again) and is exact."""
     import time
 
     import ray
@@ -174,8 +175,9 @@ def test_an_idle_engine_parks_its_shards_and_wakes_them(engine):
     status = ray.get(engine.coordinator.status.remote(), timeout=30)
     assert time.monotonic() - start < 10
     assert len(status["shards_detail"]) == engine.info()["shards"]
+    assert not any(d["in_process_group"] for d in status["shards_detail"])
     assert coordinator(lambda c: c._wake.is_set()) is False  # parked again
     expected = baseline()[1]  # (computed once, in this process: it may take a while)
     (out,) = engine.generate([prompts()[1]], GREEDY)
     assert coordinator(lambda c: c._idle or (c._compiled_steps and c._dag is None)) is False
-    assert tuple(out.token_ids) == expected
+    assert tuple(out.token_ids) == expected  # several shards: their group formed again

@@ -105,6 +105,32 @@ def test_greedy_tokens_survive_shard_kills(ray_session):
         engine.shutdown()
 
 
+def test_a_shard_lost_while_the_engine_idles_is_replaced_by_the_next_request(ray_session):
+    """Idle CPU shards leave their process group; a shard killed meanwhile is found when
+    the next request forms the group again, replaced, and the request is exact."""
+    from gptoss_ray.cluster.engine import Engine
+    from tests.engine_cases import GREEDY, baseline, prompts
+
+    ray = ray_session
+    engine = Engine.start("gpt-oss-tiny", shards=2, dtype="float32", token_budget=64)
+    try:
+        engine.generate(prompts()[:1], GREEDY)
+        expected = baseline()  # (computed here while the engine goes idle)
+        deadline = time.monotonic() + 30
+        while ray.get(engine.coordinator.__ray_call__.remote(lambda c: c._grouped)):
+            assert time.monotonic() < deadline, "the idle shards never left their group"
+            time.sleep(0.2)
+        workers = ray.get(engine.coordinator.__ray_call__.remote(lambda c: c.workers))
+        ray.kill(workers[1])  # rank 0 would wait for it at the rendezvous
+        start = time.monotonic()
+        outs = engine.generate(prompts(), GREEDY)
+        assert tuple(tuple(o.token_ids) for o in outs) == expected
+        assert engine.stats()["recoveries"] == 1
+        assert time.monotonic() - start < 60
+    finally:
+        engine.shutdown()
+
+
 def test_bf16_recovery_keeps_what_was_emitted(ray_session):
     """bf16 output depends on the batch a request runs in (fault-free: the same prompt
     alone or beside seven others may part at some token), so after a recovery, which
