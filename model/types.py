@@ -223,7 +223,8 @@ class SeqWork:
     start: int  # tokens already in this shard's cache for the sequence
     sample: bool  # the chunk ends at the sequence's last token: draw the next one
     draw_index: int = 0  # which token of the completion the draw is (seeds the sampler)
-    params: SamplingParams | None = None  # with sample
+    # with the sequence's first work on its shard, which keeps them until it is released
+    params: SamplingParams | None = None
     seed: int = 0
     blocks: BlockGrant = field(default_factory=BlockGrant)  # where its keys go
     # a decode of the token this shard drew for the sequence in the step before, which

@@ -17,7 +17,14 @@ from gptoss_ray.model.grammar import Matchers
 from gptoss_ray.model.kv_cache import SequenceBatch
 from gptoss_ray.model.model import Transformer
 from gptoss_ray.model.sampling import Draw, sample_rows, step_seed, token_logprobs
-from gptoss_ray.model.types import KVLayout, SeqWork, StepPlan, StepResult, TokenLogprob
+from gptoss_ray.model.types import (
+    KVLayout,
+    SamplingParams,
+    SeqWork,
+    StepPlan,
+    StepResult,
+    TokenLogprob,
+)
 from gptoss_ray.router.moe import ExpertParallel, StepTimer
 from gptoss_ray.router.plan import expert_ranges, owner_table
 from gptoss_ray.router.transport import Transport
@@ -93,6 +100,7 @@ class Shard:
         self.drawn: dict[str, int] = {}
         # every token so far of the sequences whose draws depend on them (penalties, grammars)
         self.history: dict[str, list[int]] = {}
+        self.params: dict[str, SamplingParams] = {}  # sent with a sequence's first work here
         # grammars of constrained sequences; their masks are built while the step runs
         self.matchers = Matchers()
         self._mask_thread: ThreadPoolExecutor | None = None
@@ -107,6 +115,7 @@ class Shard:
             self.kv.release(seq_id)
         self.drawn.clear()
         self.history.clear()
+        self.params.clear()
         self.matchers = Matchers()
 
     @torch.inference_mode()
@@ -116,9 +125,15 @@ class Shard:
             self.kv.release(seq_id)
             self.drawn.pop(seq_id, None)
             self.history.pop(seq_id, None)
+            self.params.pop(seq_id, None)
             self.matchers.drop(seq_id)
         for sliding, source, destination in plan.copies:
             self.kv.copy(sliding, source, destination)
+        for w in plan.work:
+            if w.params is not None:
+                self.params[w.seq_id] = w.params
+            for fork_id, _ in w.forks:  # forked choices share their parent's parameters
+                self.params[fork_id] = self.params[w.seq_id]
         work = [w for w in plan.work if w.size]
         ids = [[self.drawn[w.seq_id]] if w.last_drawn else w.tokens for w in work]
         for w, chunk in zip(work, ids, strict=True):
@@ -152,8 +167,7 @@ class Shard:
         constrained, bitmask = (set(masks[0]), masks[1]) if masks is not None else (set(), None)
         rows, draws = [], []
         for row, w in enumerate(w for w in work if w.sample):
-            params = w.params
-            assert params is not None, "a sampled chunk carries its parameters"
+            params = self.params[w.seq_id]
             prompt: list[int] | tuple = ()
             output: list[int] | tuple = ()
             if params.penalized:  # only penalties read the history (a grammar has a matcher)
@@ -224,7 +238,7 @@ class Shard:
     def _masks_while_the_step_runs(self, sampled: list[SeqWork]) -> Future | None:
         """The grammar masks of the sampled rows, built in a thread while the model runs
         (llguidance works outside the GIL) -> a future of (constrained rows, bitmask)."""
-        rows = [i for i, w in enumerate(sampled) if w.params and w.params.grammar is not None]
+        rows = [i for i, w in enumerate(sampled) if self.params[w.seq_id].grammar is not None]
         if not rows:
             return None
 
@@ -236,7 +250,7 @@ class Shard:
                 if w.seq_id not in self.matchers.by_seq:  # placed here: its history replayed
                     history = self.history.get(w.seq_id, [])
                     drawn = history[len(history) - w.draw_index :] if w.draw_index else []
-                    self.matchers.start(w.seq_id, w.params.grammar, drawn)  # type: ignore[union-attr, arg-type]
+                    self.matchers.start(w.seq_id, self.params[w.seq_id].grammar, drawn)  # type: ignore[arg-type]
                 ids[i] = w.seq_id
             bitmask = self.matchers.masks(ids)
             self.mask_seconds += time.perf_counter() - start
@@ -311,6 +325,7 @@ class NullShard(Shard):
         self.graphs = None
         self.drawn = {}
         self.history = {}
+        self.params = {}
         self.matchers = Matchers()
 
     def _draw(

@@ -3,6 +3,8 @@ prefill, paged KV with preemption, bad requests failing alone."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 
 from gptoss_ray.cluster.engine_core import EngineCore
@@ -79,13 +81,27 @@ def test_requests_arriving_while_others_decode():
 
 
 def test_running_out_of_kv_blocks_preempts_and_still_completes_correctly():
+    """... and a sequence's sampling parameters reach its shard once per placement (its
+    first work there; the shard keeps them until the sequence is released there), not with
+    every decode: pickled into each plan they were most of a large batch's host cost."""
     layout = KVLayout(16, 10, 16)  # 160 tokens of full-attention KV for 10 prompts
-    core, shard = make_core(layout, token_budget=32)
+    shard = tiny_shard(layout)
+    plans = []
+
+    def step(step_plans):
+        plans.append(step_plans[0])
+        return [shard.step(step_plans[0])]
+
+    core = EngineCore(shard.config, 1, layout, step, token_budget=32)
     ids = [core.submit(p, GREEDY) for p in prompts()]
     core.run_until_done()
     assert tuple(tuple(core.output(i).token_ids) for i in ids) == baseline()
     assert core.stats.preemptions > 0
     assert shard.free_blocks() == (10, 16)
+    sent = Counter(w.seq_id for p in plans for w in p.work if w.params is not None)
+    released = Counter(seq_id for p in plans for seq_id in p.release)
+    assert sent == released  # a placement each: preempted ones came back with them
+    assert sum(sent.values()) < sum(len(p.work) for p in plans) / 3
 
 
 def test_seeded_sampling_is_reproducible_and_matches_the_baseline():
