@@ -12,16 +12,20 @@ completions back to back. Prints requests/s, tokens/s, errors and the latency pe
 saves JSON and a PNG (latency CDF) under benchmarks/out/.
 
 --isolation: one engine with --max-seqs running sequences; the decode step time (the
-engine's own step seconds over its steps, medians of windows of steady decoding) with N
-streaming HTTP clients attached, then with the same N requests submitted through the
-Python API (`Coordinator.submit_chat`), in one run; their ratio is what the clients cost
-the engine."""
+engine's own step seconds over its steps, in windows of steady decoding: the batch full, no
+prompt prefilled) with N streaming HTTP clients attached, and with the same N requests
+submitted through the Python API (`Coordinator.submit_chat`); the two phases alternate
+--rounds times in one run (HTTP, API, API, HTTP, ...), each measured once every request is
+in. The median of the rounds' ratios is what the clients cost the engine. On a virtual
+machine the host may steal CPU time: each window records the share stolen, and the ratio
+is also given over the quiet windows only (--quiet), which measure us and not the host."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -113,67 +117,183 @@ def summarize(results: list[tuple[float, float, int]], errors: list, wall: float
 
 
 # -- isolation -------------------------------------------------------------------------------
-def step_times(engine: Any, windows: int, window_s: float, batch: int) -> list[float]:
-    """Mean step seconds of each window in which the engine ran `batch` sequences."""
+def engine_stats(engine: Any) -> dict[str, Any]:
     import ray
 
+    return ray.get(engine.stats.remote())
+
+
+def wait_for(engine: Any, done: Any, timeout: float) -> dict[str, Any]:
+    """Polls the engine's stats until done(stats) or timeout -> the last stats."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = engine_stats(engine)
+        if done(s) or time.monotonic() > deadline:
+            return s
+        time.sleep(0.2)
+
+
+def cpu_ticks() -> tuple[int, int]:
+    """(all, stolen) CPU ticks of this machine so far (Linux; zeros elsewhere): a virtual
+    machine's stolen time is noise that no step here controls."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+    except OSError:
+        return 0, 0
+    return sum(ticks), ticks[7] if len(ticks) > 7 else 0
+
+
+def step_times(engine: Any, windows: int, window_s: float, batch: int) -> list[dict[str, float]]:
+    """Each window of steady decoding (`batch` sequences running at both ends and no
+    prompt token prefilled in between): its mean step ms, the host part of it (beyond the
+    shard's own work: the coordinator and the round trip), and the share of the machine's
+    CPU time that the VM's host stole meanwhile."""
     out = []
     deadline = time.monotonic() + windows * window_s * 6
     while len(out) < windows and time.monotonic() < deadline:
-        a = ray.get(engine.stats.remote())
+        a, (t0, s0) = engine_stats(engine), cpu_ticks()
         time.sleep(window_s)
-        b = ray.get(engine.stats.remote())
+        b, (t1, s1) = engine_stats(engine), cpu_ticks()
         steps = b["steps"] - a["steps"]
         full = sum(a["running"]) == batch and sum(b["running"]) == batch
-        if steps > 0 and full:
-            out.append((b["seconds"]["step"] - a["seconds"]["step"]) / steps)
+        if steps > 0 and full and b["prefill_tokens"] == a["prefill_tokens"]:
+            spent = {k: b["seconds"][k] - a["seconds"].get(k, 0.0) for k in b["seconds"]}
+            host = spent.get("coordinator", 0.0) + spent.get("rpc", 0.0)
+            out.append(
+                {
+                    "step_ms": spent["step"] / steps * 1e3,
+                    "host_ms": host / steps * 1e3,
+                    "stolen": (s1 - s0) / max(1, t1 - t0),
+                }
+            )
     return out
 
 
-def isolation(args: argparse.Namespace, url: str, engine: Any) -> dict[str, Any]:
-    """The step time at batch --max-seqs with --clients streaming HTTP clients attached,
-    then with as many requests through the Python API (same engine, same run)."""
+def descendants(root: int) -> set[int]:
+    """root and every process under it (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(pid))
+    out, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        out.add(pid)
+        todo += children.get(pid, [])
+    return out
+
+
+def pin_shard(engine: Any) -> dict[str, Any]:
+    """The shard's process alone on this machine's last core, every other thread of this
+    run (this process, its private Ray, the front, the coordinator) on the others: as a
+    GPU shard's step leaves the host's cores to the front. Linux. -> what went where."""
     import ray
 
+    (shard,) = ray.get(engine.status.remote())["shards_detail"]
+    cores = sorted(os.sched_getaffinity(0))
+    alone, rest = {cores[-1]}, set(cores[:-1])
+    pinned = 0
+    for pid in descendants(os.getpid()):
+        try:
+            threads = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in threads:  # affinity is a thread's own: each is set
+            try:
+                os.sched_setaffinity(int(tid), alone if pid == shard["pid"] else rest)
+                pinned += 1
+            except OSError:  # gone meanwhile
+                pass
+    return {
+        "shard_pid": shard["pid"],
+        "shard_cores": sorted(alone),
+        "other_cores": sorted(rest),
+        "threads_pinned": pinned,
+    }
+
+
+def isolation(args: argparse.Namespace, url: str, engine: Any) -> dict[str, Any]:
+    """The step time at batch --max-seqs with --clients streaming HTTP clients attached and
+    with as many requests through the Python API, alternated --rounds times in one run
+    (A B B A ...: a drift of the machine weighs on both) -> the median ratio."""
     host, port = url.removeprefix("http://").removesuffix("/v1").split(":")
     long = argparse.Namespace(**{**vars(args), "max_tokens": args.isolation_tokens})
+    pinned = pin_shard(engine) if args.pin_shard else None
 
-    async def attached() -> list[float]:
+    def all_in(s: dict[str, Any]) -> bool:
+        return s["waiting"] + sum(s["running"]) >= args.clients
+
+    def measure() -> list[dict[str, float]]:
+        wait_for(engine, all_in, args.settle_s)  # every request queued or running
+        return step_times(engine, args.windows, args.window_s, args.max_seqs)
+
+    def drained() -> None:
+        wait_for(engine, lambda s: s["waiting"] + sum(s["running"]) == 0, 60)
+
+    async def attached(r: int) -> list[dict[str, float]]:
         tasks = [
-            asyncio.ensure_future(stream_once(host, int(port), body(long, k, 0)))
+            asyncio.ensure_future(stream_once(host, int(port), body(long, k, r)))
             for k in range(args.clients)
         ]
-        await asyncio.sleep(args.settle_s)  # every client connected, the batch full
-        times = await asyncio.to_thread(step_times, engine, args.windows, 1.0, args.max_seqs)
+        times = await asyncio.to_thread(measure)
         for t in tasks:
             t.cancel()  # the clients leave: their requests are cancelled
         await asyncio.gather(*tasks, return_exceptions=True)
         return times
 
-    progress(f"step time at batch {args.max_seqs} with {args.clients} HTTP clients ...")
-    http = asyncio.run(attached())
-    time.sleep(3)  # the cancelled requests leave the engine
-    progress(f"step time at batch {args.max_seqs} through the Python API ...")
-    ids = [
-        ray.get(
-            engine.submit_chat.remote(
-                {k: v for k, v in body(long, k, 0).items() if "stream" not in k}
+    def through_api(r: int) -> list[dict[str, float]]:
+        import ray
+
+        chats = [
+            {key: v for key, v in body(long, k, r).items() if "stream" not in key}
+            for k in range(args.clients)
+        ]
+        ids = [ray.get(engine.submit_chat.remote(chat))[0] for chat in chats]
+        times = measure()
+        ray.get([engine.release.remote(rid) for rid in ids])
+        return times
+
+    def of(windows: list[dict[str, float]], key: str) -> float:
+        return median([w[key] for w in windows])
+
+    rounds = []
+    for r in range(args.rounds):
+        phases: dict[str, list[dict[str, float]]] = {}
+        for phase in ("http", "api") if r % 2 == 0 else ("api", "http"):
+            progress(
+                f"round {r + 1}/{args.rounds}: step time at batch {args.max_seqs}, {phase} ..."
             )
-        )[0]
-        for k in range(args.clients)
-    ]
-    time.sleep(args.settle_s / 2)
-    api = step_times(engine, args.windows, 1.0, args.max_seqs)
-    for rid in ids:
-        engine.release.remote(rid)
+            phases[phase] = asyncio.run(attached(r)) if phase == "http" else through_api(r)
+            drained()
+        http, api = phases["http"], phases["api"]
+        ratio = of(http, "step_ms") / of(api, "step_ms")
+        progress(
+            f"round {r + 1}: step {of(http, 'step_ms'):.1f} ms with HTTP clients, "
+            f"{of(api, 'step_ms'):.1f} ms through the API, ratio {ratio:.3f}; host part "
+            f"{of(http, 'host_ms'):.2f} / {of(api, 'host_ms'):.2f} ms; CPU stolen by the VM's "
+            f"host {of(http, 'stolen'):.1%} / {of(api, 'stolen'):.1%}"
+        )
+        rounds.append({"http": http, "api": api, "ratio": ratio})
+    every = {p: [w for r in rounds for w in r[p]] for p in ("http", "api")}
+    # windows in which the VM's host took more than --quiet of the CPU measure the host
+    quiet = {p: [w for w in every[p] if w["stolen"] < args.quiet] for p in every}
     return {
         "batch": args.max_seqs,
         "clients": args.clients,
-        "http_step_ms": [t * 1e3 for t in http],
-        "api_step_ms": [t * 1e3 for t in api],
-        "http_median_ms": median(http) * 1e3,
-        "api_median_ms": median(api) * 1e3,
-        "ratio": median(http) / median(api) if api and http else float("nan"),
+        "rounds": rounds,
+        "ratio": median([r["ratio"] for r in rounds if r["ratio"] == r["ratio"]]),
+        "http_median_ms": of(every["http"], "step_ms"),
+        "api_median_ms": of(every["api"], "step_ms"),
+        "http_host_median_ms": of(every["http"], "host_ms"),
+        "api_host_median_ms": of(every["api"], "host_ms"),
+        "pinned": pinned,
+        "quiet_windows": {p: len(quiet[p]) for p in quiet},
+        "quiet_ratio": of(quiet["http"], "step_ms") / of(quiet["api"], "step_ms"),
     }
 
 
@@ -198,8 +318,24 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--time-limit", type=float, default=1800, help="seconds for the load")
     parser.add_argument("--isolation", action="store_true", help="see the module's doc")
     parser.add_argument("--isolation-tokens", type=int, default=400)
-    parser.add_argument("--windows", type=int, default=5, help="isolation: 1-s windows")
-    parser.add_argument("--settle-s", type=float, default=20.0)
+    parser.add_argument("--rounds", type=int, default=4, help="isolation: HTTP/API alternations")
+    parser.add_argument("--windows", type=int, default=5, help="isolation: windows per phase")
+    parser.add_argument("--window-s", type=float, default=2.0)
+    parser.add_argument(
+        "--pin-shard",
+        action="store_true",
+        help="isolation: the shard alone on the last core (one torch thread), all else on "
+        "the others, as a GPU shard leaves the host's cores to the front (Linux)",
+    )
+    parser.add_argument(
+        "--quiet",
+        type=float,
+        default=0.03,
+        help="isolation: a window is quiet when the VM's host stole less of the CPU than this",
+    )
+    parser.add_argument(
+        "--settle-s", type=float, default=120.0, help="isolation: at most, for every request in"
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "out"))
     return parser.parse_args()
 
@@ -221,23 +357,34 @@ def plot(data: dict[str, Any], plt: Any) -> None:
 
 def plot_isolation(data: dict[str, Any], plt: Any) -> None:
     r = data["result"]
-    fig, ax = plt.subplots(figsize=(5, 4))
-    labels = [f"{r['clients']} HTTP clients", "Python API"]
-    ax.bar(labels, [r["http_median_ms"], r["api_median_ms"]])
-    ax.set(ylabel="decode step, ms (median)", title=f"batch {r['batch']}: ratio {r['ratio']:.3f}")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x = range(1, len(r["rounds"]) + 1)
+    for label, key, shift in (
+        (f"{r['clients']} HTTP clients", "http", -0.2),
+        ("Python API", "api", 0.2),
+    ):
+        medians = [median([w["step_ms"] for w in rnd[key]]) for rnd in r["rounds"]]
+        ax.bar([i + shift for i in x], medians, 0.4, label=label)
+    ax.set(
+        xlabel="round",
+        ylabel="decode step, ms (median)",
+        title=f"batch {r['batch']}: median ratio {r['ratio']:.3f}",
+        xticks=list(x),
+    )
+    ax.legend()
     fig.tight_layout()
 
 
 def main() -> None:
     args = parse_args()
-    import os
-
     import ray
 
     from gptoss_ray.cluster.ray_instance import NAMESPACE, start_private
     from gptoss_ray.cluster.serve import serve, stop
 
     engines = 1 if args.isolation else args.engines
+    if args.isolation and args.pin_shard:
+        args.threads_per_shard, args.shards = 1, 1
     start_private(max(os.cpu_count() or 1, engines * args.shards + 1))
     name = "bench-http"
     info = serve(
@@ -270,9 +417,21 @@ def main() -> None:
             f"shard(s), batch {args.max_seqs}, {args.clients} requests"
         )
         print(
-            f"decode step ms (median of {args.windows} 1-s windows): "
-            f"{result['http_median_ms']:.1f} with {args.clients} HTTP clients attached, "
-            f"{result['api_median_ms']:.1f} through the Python API; ratio {result['ratio']:.3f}"
+            f"decode step ms (median of {args.rounds} rounds x {args.windows} windows of "
+            f"{args.window_s:g} s): {result['http_median_ms']:.1f} with {args.clients} HTTP "
+            f"clients attached, {result['api_median_ms']:.1f} through the Python API"
+        )
+        ratios = ", ".join(f"{r['ratio']:.3f}" for r in result["rounds"])
+        print(f"ratio per round: {ratios}; median ratio {result['ratio']:.3f}")
+        print(
+            f"host part of the step (coordinator + round trip), median ms: "
+            f"{result['http_host_median_ms']:.2f} with HTTP clients, "
+            f"{result['api_host_median_ms']:.2f} through the Python API"
+        )
+        q = result["quiet_windows"]
+        print(
+            f"quiet windows only (CPU stolen by the VM's host < {args.quiet:.0%}; {q['http']} "
+            f"with HTTP clients, {q['api']} through the API): ratio {result['quiet_ratio']:.3f}"
         )
         data = {"machine": m, "args": vars(args), "result": result}
         save("http-isolation", data, args.out, plot_isolation)
