@@ -10,7 +10,7 @@ from gptoss_ray.cluster.engine_core import EngineCore
 from gptoss_ray.cluster.engine_loop import EngineLoop
 from gptoss_ray.model import tokenizer as tok
 from gptoss_ray.model.config import ModelConfig
-from gptoss_ray.model.types import KVLayout, StepPlan, StepResult, TokenLogprob
+from gptoss_ray.model.types import KVLayout, SamplingParams, StepPlan, StepResult, TokenLogprob
 
 REPLIES = {
     "answer": "<|channel|>analysis<|message|>Thinking about it.<|end|><|start|>assistant"
@@ -38,14 +38,20 @@ class ScriptedShards:
         self.scripts: dict[str, list[int]] = {}
         self.released: set[str] = set()
         self.sampled: dict[str, int] = {}  # tokens drawn for each sequence
+        # as a shard does: a sequence's parameters come with its first work here
+        self.params: dict[str, SamplingParams] = {}
 
     def __call__(self, plans: list[StepPlan]) -> list[StepResult]:
         (plan,) = plans
         out: dict[str, int] = {}
         logprobs: dict[str, TokenLogprob] = {}
         slow = False
+        for seq_id in plan.release:  # before the work, as a shard: it may be placed again
+            self.params.pop(seq_id, None)
         for w in plan.work:
             self.prompts.setdefault(w.seq_id, []).extend(w.tokens)
+            if w.params is not None:
+                self.params[w.seq_id] = w.params
             if w.sample:
                 if w.seq_id not in self.scripts:
                     kind = choose(tok.decode(self.prompts[w.seq_id]))
@@ -54,14 +60,16 @@ class ScriptedShards:
                 slow |= len(script) > 200
                 out[w.seq_id] = script[min(w.draw_index, len(script) - 1)]
                 self.sampled[w.seq_id] = self.sampled.get(w.seq_id, 0) + 1
+                params = self.params[w.seq_id]
                 for fork_id, _ in w.forks:  # other choices (n > 1): the same script
                     self.prompts[fork_id] = self.prompts[w.seq_id]
                     self.scripts[fork_id] = script
+                    self.params[fork_id] = params
                     out[fork_id] = out[w.seq_id]
-                if w.params is not None and w.params.logprobs is not None:
+                if params.logprobs is not None:
                     for seq_id in [w.seq_id, *(f for f, _ in w.forks)]:
                         logprobs[seq_id] = scripted_logprob(
-                            out[seq_id], w.draw_index, w.params.logprobs
+                            out[seq_id], w.draw_index, params.logprobs
                         )
         for seq_id in plan.release:
             self.released.add(seq_id)
