@@ -331,7 +331,7 @@ def test_a_client_that_leaves_mid_stream_frees_its_sequence(server):
             "max_tokens": 1000,
         }
     ).encode()
-    sock = socket.create_connection((host, int(port)))
+    sock = socket.create_connection((host, int(port)), timeout=60)
     sock.sendall(
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
@@ -339,7 +339,9 @@ def test_a_client_that_leaves_mid_stream_frees_its_sequence(server):
     )
     received = b""
     while b'"content": "la' not in received:  # the answer is streaming
-        received += sock.recv(4096)
+        chunk = sock.recv(4096)
+        assert chunk, f"the stream ended before its answer: {received[-300:]!r}"
+        received += chunk
     request_id = received.split(b'"id": "chatcmpl-')[1].split(b'"')[0].decode()
     sock.close()
     left = time.monotonic()
