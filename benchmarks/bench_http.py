@@ -30,7 +30,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gptoss_ray.benchmarks.common import describe, machine, median, percentile, progress, save
+from gptoss_ray.benchmarks.common import (
+    describe,
+    machine,
+    median,
+    percentile,
+    proc_stat,
+    progress,
+    save,
+)
 
 
 async def stream_once(host: str, port: int, body: dict) -> tuple[float, float, int]:
@@ -175,9 +183,8 @@ def descendants(root: int) -> set[int]:
     children: dict[int, list[int]] = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            with open(f"/proc/{pid}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
+            ppid = int(proc_stat(f"/proc/{pid}/stat")[1][1])
+        except OSError:  # gone meanwhile
             continue
         children.setdefault(ppid, []).append(int(pid))
     out, todo = set(), [root]

@@ -102,3 +102,12 @@ def save(
 
 def fmt(x: float | None, spec: str = ".0f") -> str:
     return "-" if x is None else format(x, spec)
+
+
+def proc_stat(path: str) -> tuple[str, list[str]]:
+    """A Linux /proc/<pid>/stat (or .../task/<tid>/stat) -> the command's name and the
+    fields after it (the name may hold spaces and parentheses: it ends at the last ')').
+    Raises OSError when the process or thread is gone."""
+    with open(path) as f:
+        stat = f.read()
+    return stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()

@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from gptoss_ray.benchmarks.common import median, progress, save
+from gptoss_ray.benchmarks.common import median, proc_stat, progress, save
 
 TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -28,12 +28,9 @@ def thread_ticks(pid: int) -> Counter:
     out: Counter = Counter()
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                stat = f.read()
+            name, fields = proc_stat(f"/proc/{pid}/task/{tid}/stat")
         except OSError:  # the thread ended
             continue
-        name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2 :].split()
         out[name] += int(fields[11]) + int(fields[12])
     return out
 
