@@ -89,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="overlapped",
         help="plan each step while the one before runs, or not, or both in one run",
     )
+    sweep.add_argument(
+        "--driven-by",
+        choices=("actor-calls", "compiled-graph", "both"),
+        default="actor-calls",
+        help="steps sent as Ray actor calls, through a Ray compiled graph, or both in one run",
+    )
     sweep.add_argument("--stream", action="store_true", help="read every request token by token")
     sweep.add_argument(
         "--null-model", action="store_true", help="shards that do no model work: the host alone"

@@ -2,10 +2,12 @@
 
 sweep: throughput, time to first token and inter-token latency against the batch size
 and the prompt/output lengths, with the host's share of each step (the coordinator's
-planning and bookkeeping that no running step hid, and the round trip): with overlapped
-steps, with one step at a time, or both in one run (`--steps both`); with streaming
-consumers (`--stream`: each request read token by token, as HTTP clients do); on the
-model or on shards that do no model work (`--null-model`: the host loop's ceiling).
+planning and bookkeeping that no running step hid, and the round trip), over every step
+and over steady decoding alone (no prefill, no batch's first step or last release): with
+overlapped steps, with one step at a time, or both in one run (`--steps both`); driven by
+actor calls or the compiled graph (`--driven-by`); with streaming consumers (`--stream`:
+each request read token by token, as HTTP clients do); on the model or on shards that do
+no model work (`--null-model`: the host loop's ceiling).
 
 scaling: the same batch on 1, 2, 4, 8 expert-parallel shards, and beside each the
 baseline a user would otherwise pick: that many independent one-shard replicas, each
@@ -63,6 +65,15 @@ def _split(before: dict, after: dict) -> dict[str, float]:
     }
 
 
+def _decode_split(before: dict, after: dict) -> dict[str, float]:
+    """Milliseconds per steady decode step of the host's parts and the step."""
+    b, a = before.get("decode", {}), after.get("decode", {})
+    steps = a.get("steps", 0) - b.get("steps", 0)
+    return {
+        p: (a.get(p, 0.0) - b.get(p, 0.0)) / max(1, steps) * 1e3 for p in (*OVERHEAD, "step")
+    } | {"steps": steps}
+
+
 def timed_generate(
     engine, prompts: list[list[int]], max_tokens: int, stream: bool = False
 ) -> dict[str, Any]:
@@ -85,6 +96,7 @@ def timed_generate(
         "itl_s": [o.inter_token_latency for o in outs if o.inter_token_latency is not None],
         "steps": after["steps"] - before["steps"],
         "split_ms": split,
+        "decode_split_ms": _decode_split(before, after),
     }
 
 
@@ -124,6 +136,7 @@ def sweep(
     overlap: bool = True,
     stream: bool = False,
     null_model: bool = False,
+    compiled_steps: bool = False,
 ) -> list[dict[str, Any]]:
     from gptoss_ray.cluster.engine import Engine
 
@@ -138,6 +151,7 @@ def sweep(
         token_budget=max(256, max(batches)),
         overlap=overlap,
         null_model=null_model,
+        compiled_steps=compiled_steps,
     )
     rows = []
     try:
@@ -155,11 +169,13 @@ def sweep(
                     "prompt_len": prompt_len,
                     "output_len": output_len,
                     "overlap": overlap,
+                    "compiled_steps": compiled_steps,
                 }
                 progress(
-                    f"   {STEPS[overlap]}, batch {batch:>3}, {prompt_len}+{output_len} tokens: "
-                    f"{row['tokens_per_s']:.1f} tok/s, TTFT p50 {row['ttft_p50_ms']:.0f} ms, "
-                    f"ITL p50 {row['itl_p50_ms']:.1f} ms, overhead {row['overhead_pct']:.1f}%"
+                    f"   {DRIVEN[compiled_steps]}, {STEPS[overlap]}, batch {batch:>3}, "
+                    f"{prompt_len}+{output_len} tokens: {row['tokens_per_s']:.1f} tok/s, "
+                    f"TTFT p50 {row['ttft_p50_ms']:.0f} ms, ITL p50 {row['itl_p50_ms']:.1f} ms, "
+                    f"overhead {row['overhead_pct']:.1f}% (decoding {row['decode_overhead_pct']:.1f}%)"
                 )
                 rows.append(row)
     finally:
@@ -184,10 +200,21 @@ def latency(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     split = {p: median([r["split_ms"][p] for r in runs]) for p in runs[0]["split_ms"]}
     overhead = [100 * sum(r["split_ms"][p] for p in OVERHEAD) / r["split_ms"]["step"] for r in runs]
+    decode = {
+        p: median([r["decode_split_ms"][p] for r in runs]) for p in runs[0]["decode_split_ms"]
+    }
+    decode_overhead = [
+        100 * sum(d[p] for p in OVERHEAD) / d["step"]
+        for d in (r["decode_split_ms"] for r in runs)
+        if d["steps"]
+    ]
     return latency(runs) | {
         "step_ms": split["step"],
         "overhead_pct": median(overhead),
         "split_ms": split,
+        "decode_step_ms": decode["step"],
+        "decode_overhead_pct": median(decode_overhead) if decode_overhead else 0.0,
+        "decode_split_ms": decode,
     }
 
 
@@ -279,12 +306,15 @@ def _replicas(model, n, batch, prompt_len, output_len, repeats, common) -> dict[
 
 
 STEPS = {True: "overlapped", False: "one at a time"}
+DRIVEN = {True: "compiled graph", False: "actor calls"}
 
 
 def run_sweep(args: argparse.Namespace, data: dict[str, Any]) -> None:
     modes = {"overlapped": [True], "one-at-a-time": [False], "both": [False, True]}[args.steps]
+    drivers = {"actor-calls": [False], "compiled-graph": [True], "both": [False, True]}
     data["results"] = [
         row
+        for compiled in drivers[args.driven_by]
         for overlap in modes
         for row in sweep(
             args.model,
@@ -298,6 +328,7 @@ def run_sweep(args: argparse.Namespace, data: dict[str, Any]) -> None:
             overlap=overlap,
             stream=args.stream,
             null_model=args.null_model,
+            compiled_steps=compiled,
         )
     ]
     print_sweep(data)
@@ -330,32 +361,37 @@ def print_sweep(data: dict) -> None:
         f"median of {a['repeats']}"
     )
     print(
-        f"{'steps':>13} {'batch':>5} {'prompt+out':>10} {'tok/s':>8} {'TTFT p50':>9} "
-        f"{'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'step ms':>8} {'steps/s':>8} "
-        f"{'overhead':>8}"
+        "overhead: the coordinator's exposed time and the round trip, % of the step, over "
+        "every step and over steady decoding (decode steps/s beside it)"
+    )
+    print(
+        f"{'driven by':>14} {'steps':>13} {'batch':>5} {'prompt+out':>10} {'tok/s':>8} "
+        f"{'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'step ms':>8} "
+        f"{'steps/s':>8} {'overhead':>8} {'decoding':>8} {'steps/s':>8}"
     )
     for r in data["results"]:
+        decode_ms = r.get("decode_step_ms", 0.0)
         print(
-            f"{STEPS[r.get('overlap', False)]:>13} "
+            f"{DRIVEN[r.get('compiled_steps', False)]:>14} {STEPS[r.get('overlap', False)]:>13} "
             f"{r['batch']:>5} {r['prompt_len']:>5}+{r['output_len']:<4} "
             f"{r['tokens_per_s']:>8.1f} {r['ttft_p50_ms']:>7.0f}ms {r['ttft_p99_ms']:>7.0f}ms "
             f"{r['itl_p50_ms']:>6.1f}ms {r['itl_p99_ms']:>6.1f}ms {r['step_ms']:>8.2f} "
-            f"{1e3 / r['step_ms'] if r['step_ms'] else 0:>8.0f} {r['overhead_pct']:>7.1f}%"
+            f"{1e3 / r['step_ms'] if r['step_ms'] else 0:>8.0f} {r['overhead_pct']:>7.1f}% "
+            f"{r.get('decode_overhead_pct', 0.0):>7.1f}% "
+            f"{1e3 / decode_ms if decode_ms else 0:>8.0f}"
         )
 
 
 def plot_sweep(data: dict, plt) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    lines = dict.fromkeys(
-        (r["prompt_len"], r["output_len"], r.get("overlap", False)) for r in data["results"]
-    )
-    for p, o, overlap in lines:
-        rows = [
-            r
-            for r in data["results"]
-            if (r["prompt_len"], r["output_len"], r.get("overlap", False)) == (p, o, overlap)
-        ]
-        x, label = [r["batch"] for r in rows], f"{p}+{o}, {STEPS[overlap]}"
+
+    def line(r: dict) -> tuple:
+        return (r["prompt_len"], r["output_len"], r.get("overlap", False), r.get("compiled_steps"))
+
+    for p, o, overlap, compiled in dict.fromkeys(line(r) for r in data["results"]):
+        rows = [r for r in data["results"] if line(r) == (p, o, overlap, compiled)]
+        label = f"{p}+{o}, {STEPS[overlap]}" + (", compiled graph" if compiled else "")
+        x = [r["batch"] for r in rows]
         axes[0].plot(x, [r["tokens_per_s"] for r in rows], "o-", label=label)
         axes[1].plot(x, [r["ttft_p50_ms"] for r in rows], "o-", label=f"{label} p50")
         axes[2].plot(x, [r["itl_p50_ms"] for r in rows], "o-", label=f"{label} p50")

@@ -20,7 +20,7 @@ from gptoss_ray.cluster.engine_core import EngineCore, ShardsRestarted
 from gptoss_ray.cluster.engine_loop import EngineLoop
 from gptoss_ray.model.checkpoint import Checkpoint, resolve_model
 from gptoss_ray.model.types import KVLayout, StepPlan, StepResult
-from gptoss_ray.shards.worker import ShardWorker
+from gptoss_ray.shards.worker import STEP_THREADS, ShardWorker
 
 STEP_TIMEOUT_S = 3600.0  # a step this long means a hung shard
 
@@ -109,6 +109,7 @@ class Coordinator(EngineLoop):
         self._compiled_steps = device == "cuda" if compiled_steps is None else compiled_steps
         self._dag = self._compile_steps()
         self._outstanding: list[list[Any]] = []  # refs of the steps sent, not yet in
+        self._step_index = 0  # of the next step sent as actor calls (`ShardWorker.step`)
         self._park_lock = threading.Lock()
         self._idle = False
         self._wake = threading.Event()
@@ -142,7 +143,7 @@ class Coordinator(EngineLoop):
         """A shard actor in its placement-group bundle (rescheduled by Ray onto another
         node if its node is gone)."""
         return (
-            ray.remote(ShardWorker)
+            ray.remote(concurrency_groups={"steps": STEP_THREADS})(ShardWorker)
             .options(
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, rank),
                 **self._shard_options,
@@ -252,7 +253,12 @@ class Coordinator(EngineLoop):
             if self._dag is not None:
                 refs = [self._dag.execute(*plans)]
             else:
-                refs = [w.step.remote(p) for w, p in zip(self.workers, plans, strict=True)]
+                # received by each shard while the step before still runs there
+                index, self._step_index = self._step_index, self._step_index + 1
+                refs = [
+                    w.step.options(concurrency_group="steps").remote(p, index)
+                    for w, p in zip(self.workers, plans, strict=True)
+                ]
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
             self._restart(exc)
         self._outstanding.append(refs)
@@ -322,7 +328,7 @@ class Coordinator(EngineLoop):
                 for r in lost
             ]
         )
-        ray.get([w.reset_kv.remote() for w in self.workers])
+        ray.get([w.reset_kv.remote(self._step_index) for w in self.workers])
         self.recoveries.append({"time": time.time(), "lost": lost, "cause": type(cause).__name__})
         return lost
 

@@ -90,6 +90,9 @@ class EngineStats:
     recoveries: int = 0
     requests: int = 0
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    # the same split over steady decoding alone (steps whose every chunk is one token's
+    # decode): no prefill, and none of a batch's first step and last release
+    decode: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
 
 class EngineCore:
@@ -124,6 +127,7 @@ class EngineCore:
         self.world_size = world_size
         self._inflight: deque[InFlight] = deque()
         self._mark: float | None = None  # when the last step's bookkeeping ended
+        self._early = 0.0  # seconds a step's results came before its share (see _take)
         self.scheduler = Scheduler(
             world_size,
             layout,
@@ -415,6 +419,7 @@ class EngineCore:
                 "recoveries": s.recoveries,
                 "requests": s.requests,
                 "seconds": dict(s.seconds),
+                "decode": dict(s.decode),
                 "waiting": len(sched.waiting),
                 "running": [len(shard.running) for shard in sched.shards],
                 "free_blocks": [sched.free_blocks(r) for r in range(self.world_size)],
@@ -458,6 +463,7 @@ class EngineCore:
                 return
             if not self._inflight:
                 self._mark = t0  # the shards were idle: this step's time starts here
+                self._early = 0.0
             self._inflight.append(InFlight(plans, results, 0.0 if self._inflight else host))
         keep = 1 if self.overlap and self._inflight and self._inflight[-1].plans is plans else 0
         while len(self._inflight) > keep:
@@ -492,12 +498,23 @@ class EngineCore:
             # A step's time runs from the end of the last one's bookkeeping (or from its
             # planning, if the shards were idle) to the end of its own. Beyond the slowest
             # shard's work, the host's planning and bookkeeping that no running step hid
-            # are the coordinator's; the rest is the round trip (`rpc`).
+            # are the coordinator's; the rest is the round trip (`rpc`). Results that come
+            # late make one interval longer and the next shorter than the shard's step:
+            # what one step's interval falls short is taken from the next steps' round
+            # trips, so that their sum is not biased by the jitter.
             interval = now - (self._mark if self._mark is not None else t0)
             exposed = step.host_s + (0.0 if self._inflight else now - t0)
-            stats.seconds["coordinator"] += exposed
-            stats.seconds["rpc"] += max(0.0, interval - sum(slowest.seconds.values()) - exposed)
-            stats.seconds["step"] += interval
+            rest = interval - sum(slowest.seconds.values()) - exposed - self._early
+            rpc = max(0.0, rest)
+            self._early = rpc - rest
+            split = {"coordinator": exposed, "rpc": rpc, "step": interval}
+            for phase, sec in split.items():
+                stats.seconds[phase] += sec
+            works = [w for p in step.plans for w in p.work]
+            if works and all(w.sample and w.size == 1 for w in works):
+                stats.decode["steps"] += 1
+                for phase, sec in split.items():
+                    stats.decode[phase] += sec
             self._mark = now
             self._lock.notify_all()
 

@@ -155,6 +155,9 @@ class Shard:
         for seq_id, token in out.items():
             self.matchers.consume(seq_id, token)
         asked = {s: lp for s, lp in zip(drawers, logprobs, strict=True) if lp is not None}
+        # and freeing the step's logits, which is the step's own work, not the round trip's
+        # (on a CPU the unmapping of batch 64's 51 MB takes 4.5 ms here)
+        timer.lap("sampling")
         return StepResult(out, dict(timer.seconds), asked, prompt_logprobs)
 
     def _draws(

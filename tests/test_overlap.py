@@ -7,6 +7,9 @@ is emitted. And the null model: shards that do no model work, for the host loop 
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
 from gptoss_ray.cluster.engine_core import EngineCore
@@ -118,3 +121,68 @@ def test_the_null_model_keeps_the_plans_and_results_without_model_work():
     assert core.stats.preemptions > 0  # the same block tables, short of blocks: preempted
     assert shard.free_blocks() == (10, 64) and not shard.kv.tables
     assert core.stats.seconds["null"] >= 0 and "attention" not in core.stats.seconds
+
+
+def _null_plans(layout: KVLayout) -> tuple[list[StepPlan], list[dict[str, int]]]:
+    """The plans of overlapped steps (decodes of tokens the shard drew a step before) and
+    the tokens a null shard draws for each, in order."""
+    shard = NullShard("gpt-oss-tiny", rank=0, world_size=1, kv_layout=layout)
+    plans, tokens = [], []
+
+    def step(ps: list[StepPlan]):
+        plans.append(ps[0])
+        result = shard.step(ps[0])
+        tokens.append(result.tokens)
+        return [result]
+
+    core = EngineCore(shard.config, 1, layout, step, overlap=True, token_budget=32)
+    params = SamplingParams(max_tokens=6, temperature=0, seed=3, ignore_eos=True)
+    for p in prompts()[:3]:
+        core.submit(p, params)
+    core.run_until_done()
+    assert any(w.last_drawn for p in plans for w in p.work)
+    return plans, tokens
+
+
+def test_a_shard_worker_runs_steps_in_the_order_sent_on_one_thread_whatever_their_arrival():
+    # Steps sent as actor calls are received on threads of their own, the next while one
+    # runs; they must run in the order sent (a decode of the token drawn the step before),
+    # all on the worker's one shard thread (one OpenMP team).
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gptoss_ray.shards.worker import ShardWorker
+
+    layout = KVLayout(16, 64, 64)
+    plans, expected = _null_plans(layout)
+    worker = ShardWorker(0, 1)
+    worker.load("gpt-oss-tiny", "bfloat16", layout, null_model=True)
+    ran_on = []
+    step = worker.shard.step
+    worker.shard.step = lambda plan: ran_on.append(threading.get_ident()) or step(plan)
+    order = list(range(len(plans)))[::-1]  # the last sent arrives first
+    with ThreadPoolExecutor(len(plans)) as receivers:
+        results = {i: receivers.submit(worker.step, plans[i], i) for i in order}
+        got = [results[i].result(timeout=30).tokens for i in range(len(plans))]
+    assert got == expected
+    assert len(set(ran_on)) == 1 and ran_on[0] != threading.get_ident()
+    worker.shutdown()
+
+
+def test_a_reset_voids_the_steps_that_still_wait_for_their_turn():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gptoss_ray.shards.worker import ShardWorker
+
+    layout = KVLayout(16, 64, 64)
+    plans, expected = _null_plans(layout)
+    worker = ShardWorker(0, 1)
+    worker.load("gpt-oss-tiny", "bfloat16", layout, null_model=True)
+    with ThreadPoolExecutor(1) as receiver:
+        waiting = receiver.submit(worker.step, plans[1], 1)  # step 0 never comes
+        time.sleep(0.2)
+        assert not waiting.done()
+        worker.reset_kv(next_step=5)  # as after a lost shard: the steps sent before are void
+        with pytest.raises(RuntimeError, match="step 1 is void"):
+            waiting.result(timeout=30)
+    assert worker.step(plans[0], 5).tokens == expected[0]  # the sequences start again
+    worker.shutdown()
