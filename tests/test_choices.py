@@ -43,7 +43,9 @@ def test_n_choices_equal_n_seeded_requests_and_prefill_once(length, overlap):
     got = [(c.token_ids, [lp.logprob for lp in c.logprobs]) for c in out.choices]
     for (tokens, lps), (want_tokens, want_lps) in zip(got, want, strict=True):
         assert tokens == want_tokens
-        assert lps == pytest.approx(want_lps, abs=1e-5)
+        # float32 rounding of other batch shapes, which varies with the CPU's vector width
+        # (1.0e-5 seen on an AVX-512 EPYC)
+        assert lps == pytest.approx(want_lps, abs=5e-5)
     assert len({tuple(t) for t, _ in got}) > 1  # the choices differ
     assert core.stats.prefill_tokens == length  # the prompt was computed once
     assert core.scheduler.free_blocks(0)[0] == 64  # every block came back
