@@ -56,22 +56,22 @@ def ensure_ray(min_cpus: int) -> None:
     init_for_engine(None, min_cpus)
 
 
+def _per_step(before: dict, after: dict, steps: float, phases: tuple[str, ...]) -> dict:
+    """Milliseconds per step of each phase between two readings of seconds."""
+    return {p: (after.get(p, 0.0) - before.get(p, 0.0)) / max(1, steps) * 1e3 for p in phases}
+
+
 def _split(before: dict, after: dict) -> dict[str, float]:
     """Milliseconds per step of each phase between two stats snapshots."""
-    steps = max(1, after["steps"] - before["steps"])
-    return {
-        p: (after["seconds"].get(p, 0.0) - before["seconds"].get(p, 0.0)) / steps * 1e3
-        for p in (*PHASES, *OVERHEAD, "step")
-    }
+    steps = after["steps"] - before["steps"]
+    return _per_step(before["seconds"], after["seconds"], steps, (*PHASES, *OVERHEAD, "step"))
 
 
 def _decode_split(before: dict, after: dict) -> dict[str, float]:
-    """Milliseconds per steady decode step of the host's parts and the step."""
+    """The host's parts and the step, per steady decode step (and how many there were)."""
     b, a = before.get("decode", {}), after.get("decode", {})
     steps = a.get("steps", 0) - b.get("steps", 0)
-    return {
-        p: (a.get(p, 0.0) - b.get(p, 0.0)) / max(1, steps) * 1e3 for p in (*OVERHEAD, "step")
-    } | {"steps": steps}
+    return _per_step(b, a, steps, (*OVERHEAD, "step")) | {"steps": steps}
 
 
 def timed_generate(

@@ -271,16 +271,14 @@ class EngineCore:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             seqs = self._choices(request_id)
-            with self._watch(seqs) as news:
-                while (
-                    any(seq.status != Status.FINISHED for seq in seqs)
-                    and (after is None or len(seqs[0].output) <= after)
-                    and self.failure is None
-                ):
-                    left = None if deadline is None else deadline - time.monotonic()
-                    if left is not None and left <= 0:
-                        break
-                    news.wait(left)
+            self._wait_for(
+                seqs,
+                lambda: (
+                    all(seq.status == Status.FINISHED for seq in seqs)
+                    or (after is not None and len(seqs[0].output) > after)
+                ),
+                deadline,
+            )
             return self._outputs(request_id)
 
     def wait_reply(
@@ -331,17 +329,11 @@ class EngineCore:
                     len(s.reply.events) > a for s, a in zip(seqs, afters, strict=True)
                 )
 
-            with self._watch([s for seqs, _ in watched.values() for s in seqs]) as woken:
-                while (
-                    not out
-                    and not any(news(r) for r in watched)
-                    and self.failure is None
-                    and watcher not in self._nudged
-                ):
-                    left = None if deadline is None else deadline - time.monotonic()
-                    if left is not None and left <= 0:
-                        break
-                    woken.wait(left)
+            self._wait_for(
+                [s for seqs, _ in watched.values() for s in seqs],
+                lambda: bool(out) or any(news(r) for r in watched) or watcher in self._nudged,
+                deadline,
+            )
             self._nudged.discard(watcher)
             for rid in watched:
                 if news(rid) or self.failure is not None:
@@ -362,6 +354,18 @@ class EngineCore:
             for ev in s.reply.events[a:]
         ]
         return events, reply
+
+    def _wait_for(
+        self, seqs: Sequence[Seq], ready: Callable[[], bool], deadline: float | None
+    ) -> None:
+        """Waits (with the lock held) until `ready()`, a failure, or the deadline; woken by
+        news of `seqs` (or of everyone)."""
+        with self._watch(seqs) as news:
+            while not ready() and self.failure is None:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return
+                news.wait(left)
 
     @contextlib.contextmanager
     def _watch(self, seqs: Sequence[Seq]) -> Iterator[threading.Condition]:
