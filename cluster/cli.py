@@ -287,6 +287,12 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _captured(info: dict) -> str:
+    """The decode graphs' capture at load, where there was one."""
+    seconds = info.get("graph_capture_s", 0)
+    return f"; decode graphs captured in {seconds:.1f} s" if seconds else ""
+
+
 def _serve(args: argparse.Namespace) -> int:
     from gptoss_ray.cluster.serve import serve
 
@@ -313,7 +319,7 @@ def _serve(args: argparse.Namespace) -> int:
     print(
         f"engine(s) {', '.join(info['engines'])} ready in {time.perf_counter() - t0:.1f} s: "
         f"{info['model']} on {info['shards']} {args.device} shard(s) each, experts "
-        f"{info['expert_ranges']}. "
+        f"{info['expert_ranges']}{_captured(info)}. "
         f"Submit with `gptoss-ray batch submit FILE --output OUT`; stop with "
         f"`gptoss-ray stop --name {args.name}`."
     )
@@ -534,7 +540,9 @@ def _demo(args: argparse.Namespace) -> int:
         info = engine.info()
         started = time.perf_counter() - t0
         print(
-            f"started in {started:.1f} s; experts per shard: {info['expert_ranges']}\n", flush=True
+            f"started in {started:.1f} s; experts per shard: {info['expert_ranges']}"
+            f"{_captured(info)}\n",
+            flush=True,
         )
         t1 = time.perf_counter()
         replies = engine.chat(requests)

@@ -98,12 +98,17 @@ class Coordinator(EngineLoop):
         self.recovery_timeout = recovery_timeout
         self.workers = [self._spawn(r) for r in range(shards)]
         self._form_group(self.workers)
-        self.expert_ranges = ray.get(
+        # every shard loads at once: with decode graphs, their capture warm-ups run the
+        # expert exchange together
+        loaded = ray.get(
             [
                 w.load.remote(self.model_path, dtype, self.layout, **self._load_options)
                 for w in self.workers
             ]
         )
+        self.expert_ranges = [experts for experts, _ in loaded]
+        # the slowest shard's capture of every decode bucket (0 without graphs)
+        self.graph_capture_s = max(seconds for _, seconds in loaded)
         # Off by default on CPU shards: the channels' readers poll, and there every core
         # already runs the shards' torch threads (2 cores, batch 64: 86 -> 120 ms a step)
         self._compiled_steps = device == "cuda" if compiled_steps is None else compiled_steps
@@ -323,11 +328,13 @@ class Coordinator(EngineLoop):
         ray.get(
             [
                 self.workers[r].load.remote(
-                    self.model_path, self._dtype, self.layout, **self._load_options
+                    self.model_path, self._dtype, self.layout, capture=False, **self._load_options
                 )
                 for r in lost
             ]
         )
+        if self._device == "cuda":  # graphs hold the old group's communicator: all anew
+            ray.get([w.capture_graphs.remote() for w in self.workers])
         ray.get([w.reset_kv.remote(self._step_index) for w in self.workers])
         self.recoveries.append({"time": time.time(), "lost": lost, "cause": type(cause).__name__})
         return lost
@@ -354,7 +361,11 @@ class Coordinator(EngineLoop):
         }
 
     def info(self) -> dict[str, Any]:
-        return {**super().info(), "expert_ranges": self.expert_ranges}
+        return {
+            **super().info(),
+            "expert_ranges": self.expert_ranges,
+            "graph_capture_s": round(self.graph_capture_s, 2),
+        }
 
     def shutdown(self) -> None:
         super().shutdown()

@@ -27,6 +27,7 @@ from gptoss_ray.model.types import (
     StepPlan,
     StepResult,
     blocks_held,
+    with_buckets,
 )
 from gptoss_ray.shards.kv_blocks import KVBlocks, chain_hashes
 
@@ -254,7 +255,7 @@ class Scheduler:
             plans[rank].work.append(self._work(seq, n, grant, placed=True))
             self._fork(rank, seq, plans[rank].work[-1])
             budgets[rank] -= n
-        return plans
+        return with_buckets(plans)
 
     def _fork(self, rank: int, seq: Sequence, work: SeqWork) -> None:
         """The chunk that draws a sequence's first token draws its other choices' too:

@@ -16,6 +16,7 @@ from torch import nn
 
 from gptoss_ray.model import mxfp4
 from gptoss_ray.model.config import ModelConfig
+from gptoss_ray.model.expert_tiles import ExpertTiles
 from gptoss_ray.model.kv_cache import PagedBatch, SequenceBatch
 
 
@@ -177,14 +178,23 @@ def swiglu(u: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
 
 class ExpertExchange(Protocol):
     """Expert parallelism, plugged into each MoE block from outside (router/moe.py): sends
-    every (token, slot) pair to the shard that owns its expert, runs the pairs that come
-    here on this shard's `ExpertSlice`, and sends the results home."""
+    each token to the shards that own its experts, runs what comes here on this shard's
+    `ExpertSlice`, and sends each slot's output home."""
 
     def __call__(
-        self, experts: ExpertSlice, h: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+        self,
+        experts: ExpertSlice,
+        h: torch.Tensor,
+        expert_ids: torch.Tensor,
+        weights: torch.Tensor,
+        real: torch.Tensor | None,
     ) -> torch.Tensor:
         """-> this shard's tokens' MoE output [T, H], float32, as `ExpertSlice.forward`."""
         ...
+
+
+# dequantized expert weights one torch-path chunk of tiles may hold at once
+_TILE_WEIGHT_BYTES = 256 * 2**20
 
 
 class ExpertSlice(nn.Module):
@@ -225,26 +235,57 @@ class ExpertSlice(nn.Module):
         w2 = mxfp4.dequantize(self.mlp2_blocks[e], self.mlp2_scales[e], x.dtype)  # [H, I]
         return F.linear(a, w2, self.mlp2_bias[e].to(x.dtype))
 
-    def run_grouped(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """Rows x [m, H], each for global expert experts[m] (all in this slice) -> [m, H]."""
-        if x.shape[0] == 0:  # a shard with nothing to do still takes part in every layer
-            return x
+    def run_grouped(
+        self, x: torch.Tensor, experts: torch.Tensor, expected_rows: int | None = None
+    ) -> torch.Tensor:
+        """Rows x [m, H], each for global expert experts[m] of this slice, or -1 for a row
+        that none takes (padding: its output row is unspecified) -> [m, H]. The work is
+        decided by shapes alone: no host reads, nothing sized by the routing.
+        expected_rows: how many rows are not padding, about (the kernels' tile choice)."""
+        n = self.hi - self.lo
+        local = torch.where(experts < 0, n, experts - self.lo)  # n: no expert here
         if self.use_kernels:
             from gptoss_ray.model.kernels.mxfp4_matmul import moe_mxfp4
 
             return moe_mxfp4(
                 x,
-                experts - self.lo,
+                local,
                 (self.mlp1_blocks, self.mlp1_scales, self.mlp1_bias),
                 (self.mlp2_blocks, self.mlp2_scales, self.mlp2_bias),
                 alpha=self.alpha,
                 limit=self.limit,
+                expected_rows=expected_rows,
             )
-        out = torch.empty_like(x)
-        for expert in torch.unique(experts).tolist():
-            rows = (experts == expert).nonzero(as_tuple=True)[0]
-            out[rows] = self.run_expert(expert, x[rows])
-        return out
+        return self._run_tiles(x, local)
+
+    def _run_tiles(self, x: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        """The torch path: rows grouped by expert into tiles of a height set by shapes
+        (`ExpertTiles`), each tile one batched matmul against its expert's weights,
+        dequantized in x's dtype (the rest stay 4-bit) -> [m, H]."""
+        rows, hidden = x.shape
+        n = self.hi - self.lo
+        out = x.new_zeros(rows + 1, hidden)  # the last row takes the tiles' empty places
+        if rows == 0 or n == 0:
+            return out[:rows]
+        # tiles of about half an expert's share of the rows: at most 3n tiles, so about
+        # as many dequantized experts as there are experts and 1.5x the rows computed
+        height = 1 << max(0, (-(-rows // (2 * n)) - 1).bit_length())
+        tiles = ExpertTiles(local, n, min(height, 128))
+        source, taken = tiles.rows()  # [tiles, height]
+        expert = tiles.tile_expert.long().clamp(min=0)
+        w_bytes = 3 * self.mlp2_blocks.shape[1] * self.mlp2_blocks.shape[2] * 32 * x.element_size()
+        chunk = max(1, _TILE_WEIGHT_BYTES // w_bytes)
+        parts = []
+        for c in range(0, tiles.num_tiles, chunk):  # a shapes-only loop: memory, not data
+            e = expert[c : c + chunk]
+            w1 = mxfp4.dequantize(self.mlp1_blocks[e], self.mlp1_scales[e], x.dtype)  # [c, 2I, H]
+            u = torch.baddbmm(self.mlp1_bias[e, None].to(x.dtype), x[source[c : c + chunk]], w1.mT)
+            a = swiglu(u, self.alpha, self.limit)  # [c, height, I]
+            w2 = mxfp4.dequantize(self.mlp2_blocks[e], self.mlp2_scales[e], x.dtype)  # [c, H, I]
+            parts.append(torch.baddbmm(self.mlp2_bias[e, None].to(x.dtype), a, w2.mT))
+        y = torch.cat(parts) if len(parts) > 1 else parts[0]
+        out.index_copy_(0, torch.where(taken, source, rows).flatten(), y.flatten(0, 1))
+        return out[:rows]
 
     def count(self, experts: torch.Tensor, counted: torch.Tensor | None = None) -> None:
         """Adds the rows routed to each expert to `load` (`counted` [rows]: 1, or 0 for a
@@ -265,13 +306,15 @@ class ExpertSlice(nn.Module):
         token's k expert outputs, weighted and summed in slot order. `real` [T] marks the
         rows that are tokens (1) or padding (0), for the load count."""
         if self.exchange is not None:
-            return self.exchange(self, h, expert_ids, weights)
+            return self.exchange(self, h, expert_ids, weights, real)
         t, k = expert_ids.shape
         # every pair is local: no data-dependent shapes (nor host syncs), so a decode step
-        # can be graph-captured
+        # can be graph-captured; padding rows go to no expert
         rows = h[:, None, :].expand(t, k, h.shape[1]).reshape(t * k, h.shape[1])
         flat = expert_ids.reshape(-1)
-        self.count(flat, None if real is None else real[:, None].expand(t, k).reshape(-1))
+        if real is not None:
+            flat = torch.where(real[:, None].expand(t, k).reshape(-1) > 0, flat, -1)
+        self.count(flat.clamp(min=0), None if real is None else (flat >= 0))
         y = self.run_grouped(rows, flat).view(t, k, h.shape[1])
         return combine(y.float() * weights[..., None])
 

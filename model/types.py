@@ -255,6 +255,38 @@ class StepPlan:
     # KV blocks to copy before the step, (sliding, source, destination): a forked
     # choice's own copy of the block its prompt ends in
     copies: list[tuple[bool, int, int]] = field(default_factory=list)
+    # the rows every shard's expert exchange pads its tokens to in this step, the same in
+    # every shard's plan (`step_bucket` of the most tokens any shard runs); None: this
+    # shard's own tokens (one shard only)
+    bucket: int | None = None
+
+    @property
+    def tokens(self) -> int:
+        """Tokens this shard runs in the step."""
+        return sum(w.size for w in self.work)
+
+
+# The row counts a step's exchange buffers (and a decode step's CUDA graph) come in: a
+# decode step's shapes depend on its bucket only, so that one graph per bucket holds it.
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+
+
+def step_bucket(tokens: int) -> int:
+    """The smallest bucket that holds `tokens` rows (0 for none); past the largest, the
+    next multiple of 64."""
+    if tokens <= 0:
+        return 0
+    bucket = next((b for b in BUCKETS if b >= tokens), None)
+    return bucket if bucket is not None else cdiv(tokens, 64) * 64
+
+
+def with_buckets(plans: list[StepPlan]) -> list[StepPlan]:
+    """Gives every shard's plan the step's one bucket: all shards exchange buffers of the
+    same shape in every layer, a shard with nothing of its own too."""
+    bucket = step_bucket(max((p.tokens for p in plans), default=0))
+    for plan in plans:
+        plan.bucket = bucket
+    return plans
 
 
 @dataclass

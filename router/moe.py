@@ -1,8 +1,39 @@
 """Expert parallelism for the MoE layers: dispatch, the local experts, combine.
 
-The home shard keeps the routing weights; the owners return unweighted expert outputs,
-and the home multiplies and sums each token's k contributions in slot order in float32:
-the same arithmetic as the single-device `MLPBlock`, whatever the number of shards."""
+The exchange (`TokenExchange`) moves fixed-size buffers, the shape of the step's bucket:
+every shard pads its tokens to the plan's `bucket` rows B and, per MoE layer,
+
+- dispatch: one all-to-all of [W, B, H + k]: each token once to every shard, with the
+  ids of the experts of its k slots that the shard owns (-1 for the others) riding in the
+  row's last k columns (their bits in the hidden dtype), so rows and routing are one
+  collective;
+- the owner runs the (row, slot) pairs that name its experts, grouped by expert on the
+  device (`ExpertTiles`): pairs that are padding sort last and are in no tile;
+- combine: one all-to-all of [W, B, k, H]: each received row's k slot outputs go back
+  to its home, which takes slot j of token t from the owner of its expert and sums the
+  k weighted contributions in slot order, in float32: the arithmetic of the
+  single-device `MLPBlock` whatever the number of shards.
+
+Nothing in it reads the device from the host, and its shapes depend on (W, B) only: no
+counts are exchanged, a decode step can be one CUDA graph with the collectives inside,
+and all shards agree on the shapes because the coordinator's plan says B.
+
+Why this shape (DeepEP's low-latency mode and pplx-kernels have fixed buffers too, but
+write only the rows routed with their own one-sided kernels; SGLang and vLLM keep
+NCCL's all-to-all for the rest): with stock NCCL or gloo a fixed-size all-to-all sends
+the whole buffer, so each token goes to every shard, needed or not, and the combine
+carries k slots per token. That costs bandwidth at large batches and many shards (a
+remote W-1 of W parts of B(H + k) + B k H values per shard and layer, against
+2 B k H (W-1)/W values for the routed pairs) and buys: two collectives instead of four,
+no host round trip (two per layer before), no waiting on the slowest shard's counts, and
+graph capture. `gptoss-ray bench exchange` prints both paths' counts and the traffic
+table for 120b (benchmarks/RESULTS.md). A bounded-capacity buffer (DeepEP's
+`num_max_dispatch_tokens_per_rank` with a recompute on overflow) or device-side splits
+(NVSHMEM's all_to_all_vdev) would cut the bytes; both are later work.
+
+`PairExchange`, the path before: each (token, slot) pair to its owner in routing-sized
+parts, counts first (four collectives and two host waits per layer). It stays selectable
+(`Shard(exchange="pairs")`) for the benchmark's before/after until GPU figures are in."""
 
 from __future__ import annotations
 
@@ -29,7 +60,100 @@ class StepTimer:
         self._last = now
 
 
+def _slot_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The integer type whose bits an expert id takes in a row of `dtype`."""
+    return {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
+
+
 def dispatch(
+    h: torch.Tensor,
+    expert_ids: torch.Tensor,
+    owner: torch.Tensor,
+    real: torch.Tensor | None,
+    rows: int,
+    transport: Transport,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """h [T, H], expert_ids and their owners [T, k] -> every shard's tokens padded to
+    `rows`, as received here: their rows [W * rows, H] and the expert ids of their slots
+    that this shard owns [W * rows, k] (-1: another shard's, or a padding row)."""
+    world = transport.world_size
+    t, k = expert_ids.shape
+    hidden = h.shape[1]
+    shards = torch.arange(world, device=h.device)[:, None, None]
+    ids = torch.where(owner[None] == shards, expert_ids[None], -1)  # [W, T, k]
+    if real is not None:  # a static batch's padding rows go to no expert
+        ids = torch.where(real[None, :, None] > 0, ids, -1)
+    send = h.new_zeros(world, rows, hidden + k)
+    send[:, :t, :hidden] = h
+    slots = send[..., hidden:].view(_slot_dtype(h.dtype))
+    slots.fill_(-1)
+    slots[:, :t] = ids
+    recv = transport.all_to_all(send.view(world * rows, hidden + k))
+    return recv[:, :hidden], recv[:, hidden:].view(_slot_dtype(h.dtype)).long()
+
+
+def combine_home(
+    y: torch.Tensor,
+    owner: torch.Tensor,
+    weights: torch.Tensor,
+    rows: int,
+    transport: Transport,
+) -> torch.Tensor:
+    """y [W * rows * k, H]: this shard's output for each slot of each row it received
+    (unspecified where it owns none) -> home to their shards; each token takes slot j
+    from its expert's owner and sums its k weighted contributions in slot order, in
+    float32 -> [T, H]."""
+    t, k = owner.shape
+    back = transport.all_to_all(y).view(transport.world_size, rows, k, y.shape[-1])
+    token = torch.arange(t, device=owner.device)[:, None]
+    slot = torch.arange(k, device=owner.device)[None, :]
+    got = back[owner, token, slot]  # [T, k, H]: [owner of slot j of token t, t, j]
+    return combine(got.float() * weights[..., None])
+
+
+class TokenExchange:
+    """The expert exchange of one shard in fixed-size buffers (the module's docstring),
+    plugged into every MoE block of its model (`Transformer.distribute`). Every shard
+    calls it in every layer with the same `rows` (the plan's bucket), even with no
+    tokens of its own: the exchange is collective. `timer`, if set, times its phases."""
+
+    def __init__(self, owners: torch.Tensor, transport: Transport) -> None:
+        self.owners = owners  # [E] rank of each expert, on the rows' device
+        self.transport = transport
+        self.rows = 0  # tokens each shard pads to in this step (`StepPlan.bucket`)
+        self.timer: StepTimer | None = None
+
+    def __call__(
+        self,
+        experts: ExpertSlice,
+        h: torch.Tensor,
+        expert_ids: torch.Tensor,
+        weights: torch.Tensor,
+        real: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        lap = self.timer.lap if self.timer is not None else _no_lap
+        t, k = expert_ids.shape
+        if t > self.rows:
+            raise ValueError(
+                f"{t} tokens for an exchange of {self.rows} rows a shard (the step's bucket)"
+            )
+        owner = self.owners[expert_ids]  # [T, k]
+        lap("gate")
+        x, ids = dispatch(h, expert_ids, owner, real, self.rows, self.transport)
+        lap("dispatch")
+        flat = ids.reshape(-1)
+        experts.count(flat.clamp(min=0), flat >= 0)
+        pairs = x[:, None, :].expand(-1, k, -1).reshape(-1, x.shape[1])
+        # about a shard's share of the pairs is not padding
+        y = experts.run_grouped(pairs, flat, expected_rows=self.rows * k)
+        lap("experts")
+        out = combine_home(y, owner, weights, self.rows, self.transport)
+        lap("combine")
+        return out
+
+
+# -- the pair exchange, before: routing-sized parts, counts first ----------------------
+def pair_dispatch(
     h: torch.Tensor, plan: DispatchPlan, transport: Transport
 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Sends each pair's row and expert id to the expert's owner. Returns the rows and
@@ -40,7 +164,7 @@ def dispatch(
     return rows, experts, recv_counts
 
 
-def combine_back(
+def pair_combine(
     y: torch.Tensor,
     plan: DispatchPlan,
     recv_counts: list[int],
@@ -56,32 +180,41 @@ def combine_back(
     return combine(contributions)
 
 
-class ExpertParallel:
-    """The expert exchange of one shard, plugged into every MoE block of its model
-    (`Transformer.distribute`): each (token, slot) pair goes to its expert's owner, the
-    pairs that arrive here run on this shard's experts, and their outputs come home to be
-    weighted and summed in slot order. Every shard calls it in every layer, even with no
-    tokens of its own: the exchange is collective. `timer`, if set, times its phases."""
+class PairExchange:
+    """Each (token, slot) pair to its expert's owner, in parts sized by the routing:
+    counts, rows, expert ids and outputs are four collectives, and the host reads the
+    counts twice a layer. Eager steps only (no static batches, no graphs)."""
 
     def __init__(self, owners: torch.Tensor, transport: Transport) -> None:
-        self.owners = owners  # [E] rank of each expert, on the rows' device
+        self.owners = owners
         self.transport = transport
+        self.rows = 0  # unused: its sizes come from the routing
         self.timer: StepTimer | None = None
 
     def __call__(
-        self, experts: ExpertSlice, h: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+        self,
+        experts: ExpertSlice,
+        h: torch.Tensor,
+        expert_ids: torch.Tensor,
+        weights: torch.Tensor,
+        real: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if real is not None:
+            raise ValueError("the pair exchange runs eager steps only (no padding rows)")
         lap = self.timer.lap if self.timer is not None else _no_lap
         plan = DispatchPlan.build(expert_ids, self.owners, self.transport.world_size)
         lap("gate")
-        rows, received, recv_counts = dispatch(h, plan, self.transport)
+        rows, received, recv_counts = pair_dispatch(h, plan, self.transport)
         experts.count(received)
         lap("dispatch")
         y = experts.run_grouped(rows, received)
         lap("experts")
-        out = combine_back(y, plan, recv_counts, weights, self.transport)
+        out = pair_combine(y, plan, recv_counts, weights, self.transport)
         lap("combine")
         return out
+
+
+EXCHANGES = {"tokens": TokenExchange, "pairs": PairExchange}
 
 
 def _no_lap(phase: str) -> None:

@@ -1,8 +1,11 @@
 """The all-to-all exchange between shards, behind a small interface: in-process for one
 shard, torch.distributed for several (gloo on CPU, NCCL on GPU).
 
-On gloo the list form of all_to_all fails for uneven shapes, so rows travel with
-`all_to_all_single` and split sizes, after a first exchange of the counts."""
+`all_to_all` swaps equal, fixed-size parts of one buffer: one collective whose sizes the
+host knows without asking the device, so it waits for nothing and a CUDA graph can hold
+it. `exchange_counts` and `exchange` move routing-sized parts (the pair exchange, kept to
+compare with): the host must first learn the counts. On gloo the list form of all_to_all
+fails for uneven shapes, so those rows travel with `all_to_all_single` and split sizes."""
 
 from __future__ import annotations
 
@@ -14,6 +17,11 @@ import torch
 class Transport(Protocol):
     rank: int
     world_size: int
+
+    def all_to_all(self, send: torch.Tensor) -> torch.Tensor:
+        """send [W * n, ...]: part d (rows d*n .. d*n+n-1) for shard d -> the parts sent
+        here, [W * n, ...], part s from shard s."""
+        ...
 
     def exchange_counts(self, send_counts: list[int]) -> list[int]:
         """Each shard's send counts -> how many rows this shard receives from each."""
@@ -32,6 +40,9 @@ class LocalTransport:
 
     rank = 0
     world_size = 1
+
+    def all_to_all(self, send: torch.Tensor) -> torch.Tensor:
+        return send
 
     def exchange_counts(self, send_counts: list[int]) -> list[int]:
         return list(send_counts)
@@ -57,6 +68,12 @@ class DistributedTransport:
             if (dist.get_backend(group) == "nccl")
             else torch.device("cpu")
         )
+
+    def all_to_all(self, send: torch.Tensor) -> torch.Tensor:
+        send = send.contiguous()
+        out = torch.empty_like(send)
+        self._dist.all_to_all_single(out, send, group=self.group)
+        return out
 
     def exchange_counts(self, send_counts: list[int]) -> list[int]:
         send = torch.tensor(send_counts, dtype=torch.long, device=self.device)

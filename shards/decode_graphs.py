@@ -1,4 +1,4 @@
-"""Decode steps of a one-shard model replayed from CUDA graphs, one graph per batch bucket.
+"""Decode steps replayed from CUDA graphs, one graph per batch bucket.
 
 In a decode step every sequence brings one token, so for a given number of sequences the
 step has the same shapes every time: its dozen launches per layer can be recorded once
@@ -9,22 +9,24 @@ keys start, the slot its new key goes to, and its block table. S sequences run i
 smallest bucket B >= S; the B - S padding rows write to and read from the cache's scratch
 block, which no sequence owns, so they touch no sequence's keys.
 
-Only one shard: between shards the all-to-all's sizes depend on the routing. On a CPU
-(tests) the same static step runs eagerly: exactly what a graph would record."""
+With several shards the step's bucket is the plan's (the same on every shard, which
+pads its own sequences to it, none at all included), and the graph holds the expert
+exchange's collectives: their buffers' shapes depend on the bucket only (router/moe.py).
+Every bucket is captured at load, all shards together and in the same order, so that no
+request waits for a capture or a kernel's compile. On a CPU (tests) the same static step
+runs eagerly: exactly what a graph would record."""
 
 from __future__ import annotations
 
 import array
-import bisect
+import time
 
 import torch
 
 from gptoss_ray.model.kv_cache import AttentionTables
-from gptoss_ray.model.model import Transformer
-from gptoss_ray.model.types import cdiv
+from gptoss_ray.model.model import ExpertExchange, Transformer
+from gptoss_ray.model.types import BUCKETS, cdiv
 from gptoss_ray.shards.kv_cache import PagedKVCache, PagedSequence
-
-BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 
 # rows of DecodeBuffers.meta: token, position, 1 for a sequence (0 for padding), then for
 # full and for sliding layers the first position of the table's first block, and the new
@@ -158,56 +160,80 @@ class GraphCaptureError(RuntimeError):
 
 
 class DecodeGraphs:
-    """Runs decode steps of one shard's model from a graph per bucket, captured the first
-    time a bucket is used (on a CPU: the same static step, eagerly)."""
+    """Runs a shard's decode steps from a graph per bucket, all captured by `capture_all`
+    at load (on a CPU: the same static step, eagerly). `exchange`: the expert exchange of
+    a shard among several, which each step's bucket sizes."""
 
     def __init__(
         self,
         model: Transformer,
         cache: PagedKVCache,
         load: torch.Tensor | None = None,
+        exchange: ExpertExchange | None = None,
         buckets: tuple[int, ...] = BUCKETS,
     ) -> None:
-        if model.expert_range != (0, model.config.num_experts):
-            raise ValueError("decode graphs need every expert on one shard")
         if not model.block[0].attn.use_kernels:
             raise ValueError("decode graphs need the Triton kernels (paged attention)")
-        self.model, self.cache, self.load = model, cache, load
+        self.model, self.cache, self.load, self.exchange = model, cache, load, exchange
         self.buckets = tuple(sorted(buckets))
         self.buffers = DecodeBuffers(cache, self.buckets[-1])
         self.capture = cache.k[0].is_cuda
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
 
-    def fits(self, seqs: list[PagedSequence]) -> bool:
-        """Whether a decode step of these sequences can run from a graph."""
+    def fits(self, seqs: list[PagedSequence], rows: int) -> bool:
+        """Whether a decode step of these sequences in a bucket of `rows` (the step's) can
+        run from a graph. A shard among several may have none of its own."""
         longest = max((s.next_position for s in seqs), default=0)
-        return 0 < len(seqs) <= self.buckets[-1] and longest < self.buffers.max_length
+        alone = self.exchange is None
+        return (
+            rows in self.buckets
+            and (len(seqs) > 0 or not alone)
+            and len(seqs) <= rows
+            and longest < self.buffers.max_length
+        )
 
-    def bucket(self, sequences: int) -> int:
-        return self.buckets[bisect.bisect_left(self.buckets, sequences)]
+    def capture_all(self) -> float:
+        """Captures every bucket's step, smallest first (the kernels compile in the
+        warm-ups) -> the seconds it took. Nothing on a CPU, which runs steps eagerly."""
+        start = time.perf_counter()
+        if self.capture:
+            for rows in self.buckets:
+                self.buffers.fill([], [], rows)  # padding only: the scratch block
+                self._graph(rows)
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
 
-    def run(self, seqs: list[PagedSequence], tokens: list[int]) -> torch.Tensor:
-        """One new token for each sequence (blocks prepared) -> logits [S, V]. The keys are
-        written; committing them is the caller's."""
-        rows = self.bucket(len(seqs))
+    def run(self, seqs: list[PagedSequence], tokens: list[int], rows: int) -> torch.Tensor:
+        """One new token for each sequence (blocks prepared), in a bucket of `rows` ->
+        logits [S, V]. The keys are written; committing them is the caller's."""
         self.buffers.fill(seqs, tokens, rows)
-        batch = self.buffers.batch(rows)
         if not self.capture:
+            batch = self.buffers.batch(rows)
+            self._size_exchange(rows)
             return self.model(batch.tokens, batch)[: len(seqs)]
-        if rows not in self.graphs:
-            try:
-                self.graphs[rows] = self._capture(batch)
-            except Exception as exc:
-                raise GraphCaptureError(f"capturing the decode step of bucket {rows}") from exc
-        graph, logits = self.graphs[rows]
+        graph, logits = self._graph(rows)
         graph.replay()
         return logits[: len(seqs)]
+
+    def _graph(self, rows: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        if rows not in self.graphs:
+            try:
+                self.graphs[rows] = self._capture(self.buffers.batch(rows))
+            except Exception as exc:
+                raise GraphCaptureError(f"capturing the decode step of bucket {rows}") from exc
+        return self.graphs[rows]
+
+    def _size_exchange(self, rows: int) -> None:
+        if self.exchange is not None:
+            self.exchange.rows = rows  # type: ignore[attr-defined]
+            self.exchange.timer = None  # type: ignore[attr-defined]  # a replay runs no Python
 
     def _capture(self, batch: StaticDecodeBatch) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         # A warm-up on a side stream compiles the kernels and sets up cuBLAS (neither may
         # happen during capture). It writes the same keys the replay then writes again,
         # and counts no expert load, so that the step is counted once.
+        self._size_exchange(batch.num_tokens)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         self.model.count_expert_load(None)

@@ -24,8 +24,9 @@ from gptoss_ray.model.types import (
     StepPlan,
     StepResult,
     TokenLogprob,
+    step_bucket,
 )
-from gptoss_ray.router.moe import ExpertParallel, StepTimer
+from gptoss_ray.router.moe import EXCHANGES, StepTimer
 from gptoss_ray.router.plan import expert_ranges, owner_table
 from gptoss_ray.router.transport import Transport
 from gptoss_ray.shards.decode_graphs import DecodeGraphs, GraphCaptureError
@@ -47,11 +48,14 @@ class Shard:
         block_size: int = 16,
         kernels: bool | None = None,
         decode_graphs: bool | None = None,
+        exchange: str = "tokens",
     ) -> None:
         """kernels: run experts and attention through the Triton kernels (default: on a
         GPU), or the torch reference path. decode_graphs: replay decode steps from CUDA
-        graphs (default: on a GPU with the kernels and one shard; on a CPU, True runs
-        the same static decode step eagerly)."""
+        graphs, every bucket captured here (default: on a GPU with the kernels; on a CPU,
+        True runs the same static decode step eagerly). exchange: "tokens", the expert
+        exchange in fixed-size buffers, or "pairs", the routing-sized one it replaced
+        (router/moe.py; eager steps only)."""
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
         self.transport = transport
@@ -70,7 +74,9 @@ class Shard:
         self.experts = ranges[rank]
         self.config = self.model.config
         # the other shards' experts are reached through the exchange (one shard has all)
-        self.exchange = ExpertParallel(owner_table(ranges).to(self.device), transport)
+        if exchange not in EXCHANGES:
+            raise ValueError(f"exchange {exchange!r}: expected one of {sorted(EXCHANGES)}")
+        self.exchange = EXCHANGES[exchange](owner_table(ranges).to(self.device), transport)
         self.model.distribute(self.exchange if world_size > 1 else None)
         kernels = self.device.type == "cuda" if kernels is None else kernels
         self.model.use_kernels(kernels)
@@ -88,13 +94,19 @@ class Shard:
         )
         self.model.count_expert_load(self.expert_load)
         if decode_graphs is None:
-            decode_graphs = self.device.type == "cuda" and kernels and world_size == 1
-        if decode_graphs and world_size > 1:
+            decode_graphs = self.device.type == "cuda" and kernels and exchange == "tokens"
+        if decode_graphs and world_size > 1 and exchange != "tokens":
             raise ValueError(
-                f"decode graphs need one shard ({world_size} given): the all-to-all between "
-                "shards has routing-dependent sizes and is not captured"
+                f"decode graphs need the fixed-size exchange between {world_size} shards: "
+                f"the {exchange!r} exchange has routing-dependent sizes"
             )
-        self.graphs = DecodeGraphs(self.model, self.kv, self.expert_load) if decode_graphs else None
+        self.graphs = (
+            DecodeGraphs(
+                self.model, self.kv, self.expert_load, self.exchange if world_size > 1 else None
+            )
+            if decode_graphs
+            else None
+        )
         # each sequence's token drawn in the last step it sampled: overlapped steps decode
         # it before the scheduler has seen it (`SeqWork.last_drawn`)
         self.drawn: dict[str, int] = {}
@@ -105,6 +117,29 @@ class Shard:
         self.matchers = Matchers()
         self._mask_thread: ThreadPoolExecutor | None = None
         self.mask_seconds = 0.0  # building masks, off the critical path (benchmarks read it)
+
+    def capture_graphs(self) -> float:
+        """Captures every bucket's decode step (the kernels compile in the warm-ups), so
+        that no request waits for either -> the seconds it took. With several shards all
+        must call it together (the warm-ups run the exchange), and again after the process
+        group is formed anew (the graphs hold its communicator). A failed capture is
+        reported once and the shard decodes eagerly."""
+        if self.graphs is None:
+            return 0.0
+        self.graphs.graphs.clear()
+        try:
+            return self.graphs.capture_all()
+        except GraphCaptureError as exc:
+            self._without_graphs(exc)
+            return 0.0
+
+    def _without_graphs(self, exc: GraphCaptureError) -> None:
+        print(
+            f"shard {self.rank}: {exc} failed ({exc.__cause__!r}); decoding without CUDA "
+            "graphs from now on",
+            flush=True,
+        )
+        self.graphs = None
 
     def free_blocks(self) -> tuple[int, int]:
         return self.kv.free_blocks()
@@ -144,7 +179,15 @@ class Shard:
                 for fork_id, _ in w.forks:  # forked choices start with their parent's
                     self.history[fork_id] = list(self.history[w.seq_id])
         caches = [self.kv.place(w.seq_id, w.start, w.blocks) for w in work]
-        tokens, logprobs, prompt_logprobs = self._draw(work, ids, caches, timer)
+        bucket = plan.bucket
+        if bucket is None:
+            if self.world_size > 1:
+                raise ValueError(
+                    f"shard {self.rank} of {self.world_size}: a step's plan needs its bucket "
+                    "(StepPlan.bucket, the same on every shard)"
+                )
+            bucket = step_bucket(sum(len(t) for t in ids))
+        tokens, logprobs, prompt_logprobs = self._draw(work, ids, caches, timer, bucket)
         drawers = [s for w in work if w.sample for s in [w.seq_id, *(f for f, _ in w.forks)]]
         out = dict(zip(drawers, tokens, strict=True))
         self.drawn.update(out)
@@ -191,25 +234,24 @@ class Shard:
         ids: list[list[int]],
         caches: list[PagedSequence],
         timer: StepTimer,
+        bucket: int,
     ) -> tuple[list[int], list[TokenLogprob | None], dict[str, list[TokenLogprob]]]:
-        """Runs the step's tokens through the model -> the sampled sequences' draws, their
-        logprobs (where asked) and the scored chunks' prompt logprobs."""
+        """Runs the step's tokens through the model, every shard's padded to `bucket` rows
+        in the exchange -> the sampled sequences' draws, their logprobs (where asked) and
+        the scored chunks' prompt logprobs."""
+        if bucket == 0:  # no shard has tokens: no layer to run, no exchange to join
+            return [], [], {}
         sampled = [i for i, w in enumerate(work) if w.sample]
         masks = self._masks_while_the_step_runs([work[i] for i in sampled])
         decode = all(len(t) == 1 for t in ids) and not any(w.score is not None for w in work)
         logits = None
         prompt_logprobs: dict[str, list[TokenLogprob]] = {}
-        if self.graphs is not None and decode and self.graphs.fits(caches):
+        if self.graphs is not None and decode and self.graphs.fits(caches, bucket):
             try:
-                logits = self.graphs.run(caches, [t[0] for t in ids])
+                logits = self.graphs.run(caches, [t[0] for t in ids], bucket)
             except GraphCaptureError as exc:
                 # keys the warm-up wrote are the ones the eager step writes again
-                print(
-                    f"shard {self.rank}: {exc} failed ({exc.__cause__!r}); decoding "
-                    "without CUDA graphs from now on",
-                    flush=True,
-                )
-                self.graphs = None
+                self._without_graphs(exc)
         if logits is not None:
             if len(sampled) < len(work):
                 logits = logits[sampled]
@@ -222,7 +264,7 @@ class Shard:
             ends = list(itertools.accumulate(len(t) for t in ids))
             scored = self._scored(work, ids, ends)
             rows = [ends[i] - 1 for i in sampled] + [r for _, r, _, _ in scored]
-            logits = self._forward(ids, caches, rows, timer)
+            logits = self._forward(ids, caches, rows, timer, bucket)
             if scored:
                 prompt_logprobs = self._score(work, scored, logits[len(sampled) :])
                 logits = logits[: len(sampled)]
@@ -295,15 +337,17 @@ class Shard:
         caches: list[PagedSequence],
         rows: list[int],
         timer: StepTimer,
+        bucket: int,
     ) -> torch.Tensor:
         """The step through the layers, any mix of prefill chunks and decodes (or none: the
-        exchange needs every shard) -> logits of the given rows of the flat tokens."""
+        exchange needs every shard), the exchange padded to `bucket` rows -> logits of the
+        given rows of the flat tokens."""
         lengths = [len(t) for t in ids]
         batch = SequenceBatch(caches, lengths, PagedBatchView(caches, lengths) if ids else None)
         tokens = torch.tensor(
             [t for chunk in ids for t in chunk], dtype=torch.long, device=self.device
         )
-        self.exchange.timer = timer
+        self.exchange.timer, self.exchange.rows = timer, bucket
         return self.model(tokens, batch, rows=rows, timer=timer)
 
 
@@ -337,6 +381,7 @@ class NullShard(Shard):
         ids: list[list[int]],
         caches: list[PagedSequence],
         timer: StepTimer,
+        bucket: int,
     ) -> tuple[list[int], list[TokenLogprob | None], dict[str, list[TokenLogprob]]]:
         for w, cache in zip(work, caches, strict=True):
             cache.commit(w.size)

@@ -56,6 +56,7 @@ class ShardWorker:
         self._shard_thread_id: int | None = None
         self._turn = threading.Condition()
         self._next_step = 0
+        self.capture_seconds = 0.0
 
     def _mark_shard_thread(self) -> None:
         self._shard_thread_id = threading.get_ident()
@@ -134,6 +135,7 @@ class ShardWorker:
             "device": self.device,
             "pid": os.getpid(),
             "in_process_group": self.world_size > 1 and _in_group(),
+            "graph_capture_s": round(self.capture_seconds, 3),
         }
         if shard is not None:
             full, sliding = shard.kv.free_blocks()
@@ -162,13 +164,17 @@ class ShardWorker:
         kernels: bool | None = None,
         decode_graphs: bool | None = None,
         null_model: bool = False,
-    ) -> tuple[int, int]:
-        """null_model: a shard that does no model work (`NullShard`), for the benchmarks."""
+        capture: bool = True,
+    ) -> tuple[tuple[int, int], float]:
+        """-> this shard's experts and the seconds its decode graphs took to capture.
+        null_model: a shard that does no model work (`NullShard`), for the benchmarks.
+        capture: capture the decode graphs now (every shard loads at once); a replacement
+        shard leaves it to `capture_graphs`, which all shards then call together."""
         if null_model:
             self.shard = NullShard(
                 model, rank=self.rank, world_size=self.world_size, kv_layout=layout
             )
-            return self.shard.experts
+            return self.shard.experts, 0.0
         transport = DistributedTransport() if self.world_size > 1 else LocalTransport()
         self.shard = Shard(
             model,
@@ -181,7 +187,14 @@ class ShardWorker:
             kernels=kernels,
             decode_graphs=decode_graphs,
         )
-        return self.shard.experts
+        self.capture_seconds = self.shard.capture_graphs() if capture else 0.0
+        return self.shard.experts, self.capture_seconds
+
+    @_on_shard_thread
+    def capture_graphs(self) -> float:
+        """Captures the decode graphs again (after the process group was formed anew)."""
+        self.capture_seconds = self.shard.capture_graphs() if self.shard is not None else 0.0
+        return self.capture_seconds
 
     def step(self, plan: StepPlan, index: int | None = None) -> StepResult:
         """Runs a step. index: its place in the order the coordinator sent them (actor

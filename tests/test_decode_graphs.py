@@ -10,8 +10,8 @@ import torch
 from gptoss_ray.cluster.engine_core import EngineCore
 from gptoss_ray.model.model import ExpertSlice
 from gptoss_ray.model.sampling import Draw, draw_one, sample_rows
-from gptoss_ray.model.types import KVLayout, SamplingParams, SeqWork, StepPlan
-from gptoss_ray.router.moe import ExpertParallel, StepTimer
+from gptoss_ray.model.types import KVLayout, SamplingParams, SeqWork, StepPlan, step_bucket
+from gptoss_ray.router.moe import StepTimer, TokenExchange
 from gptoss_ray.router.transport import LocalTransport
 from gptoss_ray.shards.decode_graphs import DecodeGraphs
 from gptoss_ray.shards.kv_blocks import KVBlocks
@@ -50,7 +50,9 @@ def test_static_decode_gives_the_baseline_tokens(monkeypatch):
     buckets = []
     run = shard.graphs.run
     monkeypatch.setattr(
-        shard.graphs, "run", lambda seqs, tokens: buckets.append(len(seqs)) or run(seqs, tokens)
+        shard.graphs,
+        "run",
+        lambda seqs, tokens, rows: buckets.append(len(seqs)) or run(seqs, tokens, rows),
     )
     chosen = [0, 1, 6]  # 5, 40 and 33 prompt tokens
     short = GREEDY.model_copy(update={"max_tokens": 4})
@@ -94,10 +96,16 @@ def test_buckets_and_what_fits():
         layout = KVLayout(16, 8, 8)
         cache = PagedKVCache(model.config, layout, dtype=torch.float32, device=torch.device("cpu"))
         graphs = DecodeGraphs(model, cache, buckets=(1, 2, 4, 8))
-        assert [graphs.bucket(n) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
+        assert [step_bucket(n) for n in (0, 1, 2, 3, 5, 8, 250, 257, 300)] == [
+            *(0, 1, 2, 4, 8, 8, 256, 320, 320)
+        ]
         blocks = KVBlocks(layout, model.config.attention_window)
         seqs = [place(cache, blocks, str(i), 1) for i in range(8)]
-        assert graphs.fits(seqs) and not graphs.fits([]) and not graphs.fits(seqs + seqs[:1])
+        assert graphs.fits(seqs, 8) and not graphs.fits(seqs, 16) and not graphs.fits(seqs, 4)
+        # one shard alone runs no empty step; one among several replays its bucket padded
+        assert not graphs.fits([], 1) and not graphs.fits([], 0)
+        graphs.exchange = TokenExchange(torch.zeros(8, dtype=torch.long), LocalTransport())
+        assert graphs.fits([], 2) and not graphs.fits([], 3)
         assert graphs.buffers.max_length == 8 * 16  # the full pool's 8 blocks
         # one block past each pool's end is the padding rows' scratch
         assert cache.k[0].shape[0] == 9 and cache.scratch_block == {False: 8, True: 8}
@@ -116,7 +124,7 @@ def test_decode_graphs_are_refused_where_they_cannot_work():
             kernels=False,
             decode_graphs=True,
         )
-    with pytest.raises(ValueError, match="need one shard"):
+    with pytest.raises(ValueError, match="need the fixed-size exchange between 2 shards"):
         Shard(
             "gpt-oss-tiny",
             rank=0,
@@ -125,6 +133,7 @@ def test_decode_graphs_are_refused_where_they_cannot_work():
             dtype=torch.float32,
             kernels=True,
             decode_graphs=True,
+            exchange="pairs",
         )
 
 
@@ -136,9 +145,11 @@ def test_the_all_local_expert_path_is_the_general_path_bit_for_bit():
     ids = torch.stack([torch.randperm(config.num_experts, generator=g)[:4] for _ in range(7)])
     weights = torch.softmax(torch.randn(7, 4, generator=g), -1)
     fast = experts(h, ids, weights)
-    # the general path: the expert exchange, here with one shard that owns every expert
+    # the general path: the expert exchange, here with one shard that owns every expert,
+    # its 7 tokens padded to a bucket of 8
     owners = torch.zeros(config.num_experts, dtype=torch.long)
-    experts.exchange = ExpertParallel(owners, LocalTransport())
+    experts.exchange = exchange = TokenExchange(owners, LocalTransport())
+    exchange.rows = 8
     torch.testing.assert_close(experts(h, ids, weights), fast, rtol=0, atol=0)
 
 
@@ -194,8 +205,8 @@ def test_a_static_step_computes_the_eager_steps_logits(device, dtype, tol):
     caches = [place(shard.kv, blocks, str(i), 1) for i in range(3)]
     tokens = [11, 22, 33]
     with torch.inference_mode():  # as in Shard.step
-        static = shard.graphs.run(caches, tokens).clone()
-        eager = shard._forward([[t] for t in tokens], caches, [0, 1, 2], StepTimer())
+        static = shard.graphs.run(caches, tokens, 4).clone()
+        eager = shard._forward([[t] for t in tokens], caches, [0, 1, 2], StepTimer(), 4)
     if device == "cuda":
         assert 4 in shard.graphs.graphs  # captured and replayed
     torch.testing.assert_close(static, eager, rtol=tol, atol=tol)

@@ -9,9 +9,9 @@ import triton
 import triton.language as tl
 
 from gptoss_ray.model import mxfp4
+from gptoss_ray.model.expert_tiles import ExpertTiles
 from gptoss_ray.model.kernels.attention import paged_attention
 from gptoss_ray.model.kernels.mxfp4_matmul import (
-    ExpertTiles,
     _e2m1_bf16_bits,
     _e8m0_value,
     moe_mxfp4,

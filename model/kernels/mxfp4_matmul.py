@@ -38,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gptoss_ray.model.expert_tiles import ExpertTiles
+
 X_SCALE = 2.0**64  # inputs: far from overflow, products far from 2^-126
 _TO_TRUE = 2.0**126 / X_SCALE  # x 2^64 times weights x 2^-126 -> true products
 
@@ -261,34 +263,6 @@ def _moe_mxfp4_row_kernel(
         tl.store(out_ptr + out_row * stride_om + offs_n, acc * out_scale, mask=n_ok)
 
 
-class ExpertTiles:
-    """Rows sorted by expert and cut into tiles; every tensor stays on the device."""
-
-    def __init__(self, local_experts: torch.Tensor, num_experts: int, block_m: int) -> None:
-        """local_experts [R]: each row's expert, 0..num_experts-1 (the slice's numbering)."""
-        rows = local_experts.shape[0]
-        self.block_m = block_m
-        self.order = torch.argsort(local_experts, stable=True).to(torch.int32)  # sorted -> row
-        counts = torch.zeros(num_experts, dtype=torch.long, device=local_experts.device)
-        # index_add_, not bincount: bincount sizes its output from the data, so it waits
-        counts.index_add_(0, local_experts, torch.ones_like(local_experts, dtype=counts.dtype))
-        self.expert_end = torch.cumsum(counts, 0).to(torch.int32)  # [E], in sorted rows
-        starts = self.expert_end - counts
-        tiles = (counts + block_m - 1) // block_m
-        tile_end = torch.cumsum(tiles, 0)
-        # each expert wastes at most one partly filled tile, and a tile has a row at least
-        # (single-row tiles: exactly one per row; no spare programs for 128 idle experts)
-        self.num_tiles = min(rows, triton.cdiv(rows, block_m) + num_experts)
-        t = torch.arange(self.num_tiles, device=local_experts.device)
-        expert = torch.searchsorted(tile_end, t, right=True)
-        valid = expert < num_experts
-        expert = expert.clamp(max=num_experts - 1)
-        self.tile_row = (starts[expert] + (t - (tile_end - tiles)[expert]) * block_m).to(
-            torch.int32
-        )
-        self.tile_expert = torch.where(valid, expert, -1).to(torch.int32)
-
-
 def _launch(
     x,
     blocks,
@@ -381,17 +355,22 @@ def moe_mxfp4(
     one_row: bool | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
+    expected_rows: int | None = None,
     **launch: int,
 ) -> torch.Tensor:
     """Rows x [R, H], each for expert local_experts[R] of the given stacks
-    (blocks, scales, bias) -> expert(x) [R, H] in x's dtype, rows in x's order.
+    (blocks, scales, bias), or num_experts for a row left out -> expert(x) [R, H] in x's
+    dtype, rows in x's order (a row left out is not written).
 
     one_row: the single-row kernel (default: when there are at most half as many rows as
     experts, so that an expert rarely has two; decided from shapes, as graph capture
     needs). block_m: rows per tile of the other (default 16, or 32 once experts average
-    24 rows: each tile decodes its expert's weights anew). `launch` (num_warps,
-    num_stages) goes to both launches (`gptoss-ray bench kernels` tries them)."""
+    24 rows: each tile decodes its expert's weights anew). expected_rows: the rows these
+    choices count, where most rows are padding left out (a fixed-size exchange's).
+    `launch` (num_warps, num_stages) goes to both launches (`gptoss-ray bench kernels`
+    tries them)."""
     rows, num_experts = x.shape[0], mlp1[0].shape[0]
+    expected = rows if expected_rows is None else expected_rows
     inter = mlp1[0].shape[1] // 2
     _check(x.shape[1], mlp1[0], mlp1[1], "mlp1")
     _check(inter, mlp2[0], mlp2[1], "mlp2")
@@ -399,7 +378,7 @@ def moe_mxfp4(
     if rows == 0:  # a shard none of whose experts was picked
         return out
     if one_row is None:
-        one_row = 2 * rows <= num_experts
+        one_row = 2 * expected <= num_experts
     if one_row:
         tiles = ExpertTiles(local_experts, num_experts, 1)
         # sorted by expert, pre-scaled for mlp2, rounded to x's dtype as the torch path does
@@ -427,7 +406,7 @@ def moe_mxfp4(
         return out
     x = x.contiguous()
     if block_m is None:
-        block_m = 32 if rows >= 24 * num_experts else 16
+        block_m = 32 if expected >= 24 * num_experts else 16
     tiles = ExpertTiles(local_experts, num_experts, block_m)
     a = torch.empty(rows, inter, dtype=x.dtype, device=x.device)  # sorted by expert
     # two warps of 128 columns: 32 bytes per thread per step spread the step's fixed cost
