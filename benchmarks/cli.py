@@ -157,6 +157,17 @@ def build_parser() -> argparse.ArgumentParser:
     scaling.add_argument("--output-len", type=_count, default=32)
     scaling.add_argument("--no-replicas", action="store_true")
 
+    exchange = command(
+        "exchange", "exchange.run", "the expert exchange per MoE layer: pair exchange vs fixed"
+    )
+    exchange.add_argument("--model", default="gpt-oss-tiny")
+    exchange.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    exchange.add_argument("--shards", type=_ints, default=[2, 4])
+    exchange.add_argument("--batches", type=_ints, default=[1, 16, 64])
+    exchange.add_argument("--steps", type=_count, default=16, help="decode steps timed")
+    exchange.add_argument("--threads", type=int, default=None, help="torch threads a shard")
+    exchange.add_argument("--kv-budget-mb", type=float, default=64)
+
     model = command("model", "scaling_model.run", "calibrate on this device, predict 1..64 GPUs")
     model.add_argument(
         "--calibrate-on",

@@ -49,7 +49,15 @@ HOST_SYNC_OPS = frozenset(
 class Collective:
     name: str  # "c10d::alltoall_base_", ...
     shapes: list[tuple[int, ...]]  # of its tensor arguments, in order
-    bytes: int  # of its first tensor argument (the output buffer, for all-to-all)
+    row_bytes: int  # of one row (along dim 0) of its last tensor argument (what is sent)
+    # rows sent to each rank (all-to-all's input split sizes); empty: equal parts
+    splits: list[int] = field(default_factory=list)
+
+    def sent_elsewhere(self, rank: int, world_size: int) -> tuple[int, int]:
+        """-> (rows, bytes) this rank sent to the others."""
+        rows = self.shapes[-1][0] if self.shapes else 0
+        remote = rows - self.splits[rank] if self.splits else rows * (world_size - 1) // world_size
+        return remote, remote * self.row_bytes
 
 
 @dataclass
@@ -92,6 +100,10 @@ def _tensors(args, kwargs) -> list[torch.Tensor]:
     return found
 
 
+def _ints(values) -> bool:
+    return all(isinstance(v, int) for v in values)
+
+
 def _op_name(func) -> str:
     schema = getattr(func, "_schema", None)
     return schema.name if schema is not None else str(func)
@@ -118,9 +130,13 @@ class _Ops(TorchDispatchMode):
         name = _op_name(func)
         tensors = _tensors(args, kwargs)
         if name.startswith("c10d::"):
-            first = tensors[0] if tensors else None
-            size = first.numel() * first.element_size() if first is not None else 0
-            self.counter._collective(Collective(name, [tuple(t.shape) for t in tensors], size))
+            sent = tensors[-1] if tensors else None
+            rows = sent.shape[0] if sent is not None and sent.dim() else 0
+            row = sent.numel() // rows * sent.element_size() if rows else 0
+            int_lists = [a for a in args if isinstance(a, list | tuple) and a and _ints(a)]
+            splits = list(int_lists[-1]) if int_lists else []
+            shapes = [tuple(t.shape) for t in tensors]
+            self.counter._collective(Collective(name, shapes, row, splits))
         elif name in HOST_SYNC_OPS:
             self.counter._read(name)
         elif name in ("aten::index.Tensor", "aten::index_put_", "aten::index_put"):

@@ -201,8 +201,35 @@ class DecodeGraphs:
             for rows in self.buckets:
                 self.buffers.fill([], [], rows)  # padding only: the scratch block
                 self._graph(rows)
+            self.warm_prefill_attention()
             torch.cuda.synchronize()
         return time.perf_counter() - start
+
+    def warm_prefill_attention(self) -> None:
+        """Compiles the attention kernel's variant for prompt chunks (taller query tiles
+        than a decode step's), on the scratch blocks, which no sequence owns. The MoE
+        kernels' variants all compile in the buckets' warm-ups (single rows, tiles of 16
+        and of 32 rows)."""
+        from gptoss_ray.model.kernels.attention import paged_attention
+
+        cache, config = self.cache, self.cache.config
+        device = cache.k[0].device
+        q = torch.zeros(
+            2, config.num_attention_heads, config.head_dim, dtype=cache.k[0].dtype, device=device
+        )
+        kinds = {config.is_sliding(i): i for i in range(config.num_hidden_layers)}
+        for sliding, layer in kinds.items():
+            block = cache.scratch_block[sliding]
+            tables = AttentionTables(
+                torch.full((1, 1), block, dtype=torch.int32, device=device),
+                torch.zeros(1, dtype=torch.int32, device=device),
+                [0],
+                [2],
+            )
+            attn = self.model.block[layer].attn
+            paged_attention(
+                q, cache.k[layer], cache.v[layer], attn.sinks, tables, window=attn.window
+            )
 
     def run(self, seqs: list[PagedSequence], tokens: list[int], rows: int) -> torch.Tensor:
         """One new token for each sequence (blocks prepared), in a bucket of `rows` ->
@@ -218,6 +245,7 @@ class DecodeGraphs:
 
     def _graph(self, rows: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         if rows not in self.graphs:
+            self._size_exchange(rows)  # the exchange's buffers, as captured
             try:
                 self.graphs[rows] = self._capture(self.buffers.batch(rows))
             except Exception as exc:
@@ -233,7 +261,6 @@ class DecodeGraphs:
         # A warm-up on a side stream compiles the kernels and sets up cuBLAS (neither may
         # happen during capture). It writes the same keys the replay then writes again,
         # and counts no expert load, so that the step is counted once.
-        self._size_exchange(batch.num_tokens)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         self.model.count_expert_load(None)

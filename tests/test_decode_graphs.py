@@ -113,6 +113,36 @@ def test_buckets_and_what_fits():
         model.use_kernels(False)
 
 
+def test_capture_at_load_covers_every_bucket_in_order_and_the_prefill_attention(monkeypatch):
+    """What a GPU shard does at load, with the capture itself recorded instead: every
+    bucket, smallest first (all shards in the same order: their warm-ups run the
+    exchange), each with the exchange sized to it, then the prompt chunks' attention."""
+    _, shard = make_core("cpu", torch.float32, graphs=True)
+    graphs = shard.graphs
+    graphs.exchange = TokenExchange(torch.zeros(16, dtype=torch.long), LocalTransport())
+    graphs.capture = True
+    captured = []
+
+    def record(batch):
+        captured.append((batch.num_tokens, graphs.exchange.rows, int(batch.real.sum())))
+        return None, None
+
+    monkeypatch.setattr(graphs, "_capture", record)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    warmed = []
+    monkeypatch.setattr(graphs, "warm_prefill_attention", lambda: warmed.append(True))
+    assert shard.capture_graphs() >= 0
+    assert captured == [(b, b, 0) for b in graphs.buckets]  # padding rows only
+    assert warmed == [True]
+
+
+def test_the_prefill_attention_warm_up_touches_no_sequence():
+    _, shard = make_core("cpu", torch.float32, graphs=True)
+    before = [k.clone() for k in shard.kv.k]
+    shard.graphs.warm_prefill_attention()  # the interpreter runs it on CPU
+    assert all(torch.equal(a, b) for a, b in zip(before, shard.kv.k, strict=True))
+
+
 def test_decode_graphs_are_refused_where_they_cannot_work():
     with pytest.raises(ValueError, match="need the Triton kernels"):
         Shard(
