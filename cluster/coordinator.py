@@ -18,7 +18,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from gptoss_ray.cluster.engine_core import EngineCore, ShardsRestarted
 from gptoss_ray.cluster.engine_loop import EngineLoop
-from gptoss_ray.model.checkpoint import Checkpoint, resolve_model
+from gptoss_ray.model.model_folder import read_config, resolve_model
 from gptoss_ray.model.types import KVLayout, StepPlan, StepResult
 from gptoss_ray.shards.worker import STEP_THREADS, ShardWorker
 
@@ -53,7 +53,7 @@ class Coordinator(EngineLoop):
     ) -> None:
         path = resolve_model(model)  # writes a preset's built-in checkpoint once, here
         self.model_path = str(path)
-        self.config = Checkpoint(path).config
+        self.config = read_config(path)  # no torch here: only the shards load tensors
         self.shards = shards
         self.layout = KVLayout.from_budget(
             self.config,

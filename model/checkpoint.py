@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -27,8 +24,17 @@ from safetensors.torch import save_file
 from torch import nn
 
 from gptoss_ray.model import mxfp4
-from gptoss_ray.model.config import ConfigError, ModelConfig
+from gptoss_ray.model.config import ModelConfig
 from gptoss_ray.model.model import Transformer
+from gptoss_ray.model.model_folder import (  # noqa: F401  (re-exported: the names users import)
+    CheckpointError,
+    builtin_checkpoint,
+    cache_dir,
+    read_config,
+    resolve_model,
+    safetensors_files,
+    weights_folder,
+)
 from gptoss_ray.model.progress import Progress
 from gptoss_ray.model.types import DeviceUnavailable
 
@@ -37,10 +43,6 @@ Layout = Literal["hf", "original"]
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _FLOAT_DTYPES = {"BF16", "F16", "F32", "F64"}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read as a gpt-oss model; the message names what is wrong."""
 
 
 @dataclass(frozen=True)
@@ -143,22 +145,8 @@ class Checkpoint:
     """A checkpoint directory: its config, layout and tensor index (headers only)."""
 
     def __init__(self, path: str | Path) -> None:
-        root = Path(path)
-        if not root.is_dir():
-            raise CheckpointError(f"{root}: not a directory")
-        folder = root
-        if not _safetensors_files(root) and (root / "original").is_dir():
-            folder = root / "original"  # a repository whose weights are only in original/
-        self.path = folder
-        if not (folder / "config.json").is_file():
-            raise CheckpointError(
-                f"{folder}: no config.json (a gpt-oss checkpoint folder holds config.json and "
-                "*.safetensors)"
-            )
-        try:
-            self.config = ModelConfig.from_file(folder / "config.json")
-        except ConfigError as exc:
-            raise CheckpointError(str(exc)) from exc
+        self.path = weights_folder(path)
+        self.config = read_config(self.path)
         self.files = self._locate_tensors()
         self.layout = self._detect_layout()
 
@@ -174,7 +162,7 @@ class Checkpoint:
                 if not f.is_file():
                     raise CheckpointError(f"{index} lists {f.name}, which does not exist")
             return files
-        paths = _safetensors_files(self.path)
+        paths = safetensors_files(self.path)
         if not paths:
             raise CheckpointError(f"{self.path}: no *.safetensors files")
         files: dict[str, Path] = {}
@@ -304,15 +292,6 @@ def load_model(
     return Checkpoint(resolve_model(spec)).load(
         dtype=dtype, device=device, experts=experts, progress=progress
     )
-
-
-def resolve_model(spec: str | Path) -> Path:
-    """A checkpoint directory as given, or a small preset's built-in checkpoint (written
-    once, then cached)."""
-    path = Path(spec)
-    if not path.exists() and "/" not in str(spec):
-        path = builtin_checkpoint(str(spec))
-    return path
 
 
 # -- writing ---------------------------------------------------------------------------------
@@ -466,35 +445,6 @@ def write_random_checkpoint(
         layout=layout,
         max_shard_bytes=max_shard_bytes,
     )
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("GPTOSS_RAY_CACHE") or Path.home() / ".cache" / "gptoss-ray"
-    return Path(root)
-
-
-def builtin_checkpoint(preset: str, seed: int = 0) -> Path:
-    """The random model of a small preset, written once under the cache directory."""
-    config = ModelConfig.preset(preset)
-    target = cache_dir() / "models" / f"{preset}-seed{seed}"
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{preset}-", dir=target.parent))
-    try:
-        write_random_checkpoint(config, tmp, seed=seed)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process finished first
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def _safetensors_files(folder: Path) -> list[Path]:
-    return sorted(folder.glob("*.safetensors"))
 
 
 def _open(path: Path):

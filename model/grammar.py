@@ -25,15 +25,17 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import llguidance
+import llguidance.numpy
 import llguidance.tiktoken
-import llguidance.torch
 import numpy
-import torch
 
 from gptoss_ray.model import tokenizer as tok
+
+if TYPE_CHECKING:
+    import torch
 from gptoss_ray.model.types import RequestError
 
 # tokens of analysis at most, where a request does not say (max_reasoning_tokens); never
@@ -185,6 +187,8 @@ class Matchers:
         matcher (None) allows every token. Allocated by numpy: this runs on the shard's
         mask thread, where a torch op would start a second OpenMP team beside the
         forward's (on two cores it doubled the step)."""
+        import torch  # here, not at the top: the coordinator and the front import this module
+
         words = numpy.full((len(seq_ids), (tok.VOCAB_SIZE + 31) // 32), -1, numpy.int32)
         bitmask = torch.from_numpy(words)
         rows = [(self.by_seq[s], i) for i, s in enumerate(seq_ids) if s is not None]
@@ -192,7 +196,9 @@ class Matchers:
         if live:
             if self.executor is None:
                 self.executor = llguidance.LLExecutor()
-            llguidance.torch.fill_next_token_bitmask_par(self.executor, live, bitmask)
+            # the numpy twin of llguidance.torch's: that module imports torch's compiler
+            # (2 s in every process that loads this one, the coordinator's included)
+            llguidance.numpy.fill_next_token_bitmask_par(self.executor, live, words)
         for m, i in rows:
             if seq_ids[i] in self.failed or m.is_error():
                 if seq_ids[i] not in self.failed:

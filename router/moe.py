@@ -111,17 +111,22 @@ def combine_home(
     return combine(got.float() * weights[..., None])
 
 
-class TokenExchange:
-    """The expert exchange of one shard in fixed-size buffers (the module's docstring),
-    plugged into every MoE block of its model (`Transformer.distribute`). Every shard
-    calls it in every layer with the same `rows` (the plan's bucket), even with no
-    tokens of its own: the exchange is collective. `timer`, if set, times its phases."""
+class Exchange:
+    """What an expert exchange of one shard knows: who owns each expert, the transport,
+    the step's bucket and, if set, the timer of its phases. Plugged into every MoE block
+    of its model (`Transformer.distribute`); every shard calls it in every layer, even
+    with no tokens of its own: the exchange is collective."""
 
     def __init__(self, owners: torch.Tensor, transport: Transport) -> None:
         self.owners = owners  # [E] rank of each expert, on the rows' device
         self.transport = transport
         self.rows = 0  # tokens each shard pads to in this step (`StepPlan.bucket`)
         self.timer: StepTimer | None = None
+
+
+class TokenExchange(Exchange):
+    """The expert exchange in fixed-size buffers (the module's docstring), every shard
+    with the same `rows`."""
 
     def __call__(
         self,
@@ -180,16 +185,11 @@ def pair_combine(
     return combine(contributions)
 
 
-class PairExchange:
-    """Each (token, slot) pair to its expert's owner, in parts sized by the routing:
-    counts, rows, expert ids and outputs are four collectives, and the host reads the
-    counts twice a layer. Eager steps only (no static batches, no graphs)."""
-
-    def __init__(self, owners: torch.Tensor, transport: Transport) -> None:
-        self.owners = owners
-        self.transport = transport
-        self.rows = 0  # unused: its sizes come from the routing
-        self.timer: StepTimer | None = None
+class PairExchange(Exchange):
+    """Each (token, slot) pair to its expert's owner, in parts sized by the routing
+    (`rows` unused): counts, rows, expert ids and outputs are four collectives, and the
+    host reads the counts twice a layer. Eager steps only (no static batches, no
+    graphs)."""
 
     def __call__(
         self,

@@ -9,12 +9,12 @@ import os
 import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
-
-import torch
+from typing import TYPE_CHECKING
 
 from gptoss_ray.model.types import KVLayout, StepPlan, StepResult
-from gptoss_ray.router.transport import DistributedTransport, LocalTransport
-from gptoss_ray.shards.shard import NullShard, Shard
+
+if TYPE_CHECKING:  # the shard's process imports them (below); the coordinator never does
+    from gptoss_ray.shards.shard import Shard
 
 # threads that receive steps sent as actor calls (a Ray concurrency group of the actor)
 STEP_THREADS = 2
@@ -36,6 +36,8 @@ class ShardWorker:
     def __init__(
         self, rank: int, world_size: int, device: str = "cpu", threads: int | None = None
     ) -> None:
+        import torch
+
         self.rank, self.world_size = rank, world_size
         if device == "cuda":
             # Ray sets CUDA_VISIBLE_DEVICES to the GPU of this actor's bundle
@@ -152,6 +154,8 @@ class ShardWorker:
                 else 0,
             }
             if self.device.startswith("cuda"):
+                import torch
+
                 out["cuda_memory_allocated"] = torch.cuda.memory_allocated()
         return out
 
@@ -170,6 +174,11 @@ class ShardWorker:
         null_model: a shard that does no model work (`NullShard`), for the benchmarks.
         capture: capture the decode graphs now (every shard loads at once); a replacement
         shard leaves it to `capture_graphs`, which all shards then call together."""
+        import torch
+
+        from gptoss_ray.router.transport import DistributedTransport, LocalTransport
+        from gptoss_ray.shards.shard import NullShard, Shard
+
         if null_model:
             self.shard = NullShard(
                 model, rank=self.rank, world_size=self.world_size, kv_layout=layout

@@ -18,7 +18,7 @@ from gptoss_ray.shards.kv_blocks import KVBlocks
 from gptoss_ray.shards.kv_cache import PagedKVCache
 from gptoss_ray.shards.shard import Shard
 from tests.engine_cases import GREEDY, baseline, baseline_model, prompts
-from tests.test_kernels import random_experts
+from tests.test_kernels import random_experts, random_routing
 from tests.tiny import place, tiny_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
@@ -170,10 +170,7 @@ def test_decode_graphs_are_refused_where_they_cannot_work():
 def test_the_all_local_expert_path_is_the_general_path_bit_for_bit():
     config = tiny_config()
     experts = random_experts(config, 0, config.num_experts, seed=5)
-    g = torch.Generator().manual_seed(6)
-    h = torch.randn(7, config.hidden_size, generator=g)
-    ids = torch.stack([torch.randperm(config.num_experts, generator=g)[:4] for _ in range(7)])
-    weights = torch.softmax(torch.randn(7, 4, generator=g), -1)
+    h, ids, weights = random_routing(config, 7, seed=6)
     fast = experts(h, ids, weights)
     # the general path: the expert exchange, here with one shard that owns every expert,
     # its 7 tokens padded to a bucket of 8

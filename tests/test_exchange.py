@@ -18,7 +18,7 @@ from gptoss_ray.router.moe import TokenExchange, combine_home, dispatch
 from gptoss_ray.router.transport import LocalTransport
 from gptoss_ray.shards.local_group import LocalShardGroup
 from tests.engine_cases import GREEDY, baseline, prompts
-from tests.test_kernels import random_experts
+from tests.test_kernels import random_experts, random_routing
 from tests.tiny import tiny_config
 
 LAYOUT = KVLayout(16, 128, 128)
@@ -155,10 +155,7 @@ def test_dispatch_sends_each_token_once_per_shard_with_that_shards_slots():
 def test_combine_takes_each_slot_from_its_owner_and_sums_in_slot_order():
     config = tiny_config()
     experts = random_experts(config, 0, config.num_experts, seed=3)
-    g = torch.Generator().manual_seed(4)
-    h = torch.randn(5, config.hidden_size, generator=g)
-    ids = torch.stack([torch.randperm(config.num_experts, generator=g)[:4] for _ in range(5)])
-    weights = torch.softmax(torch.randn(5, 4, generator=g), -1)
+    h, ids, weights = random_routing(config, 5, seed=4)
     want = experts(h, ids, weights)
     # what two owners would send back: each fills only the slots of its own experts
     owners = (ids >= 4).long()

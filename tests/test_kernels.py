@@ -120,6 +120,14 @@ def random_experts(config, lo: int, hi: int, seed: int) -> ExpertSlice:
     return experts
 
 
+def random_routing(config, tokens: int, seed: int):
+    """-> h [tokens, H], distinct expert ids [tokens, 4] and their routing weights."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(tokens, config.hidden_size, generator=g)
+    ids = torch.stack([torch.randperm(config.num_experts, generator=g)[:4] for _ in range(tokens)])
+    return h, ids, torch.softmax(torch.randn(tokens, 4, generator=g), -1)
+
+
 def test_a_whole_expert_matches_the_torch_expert():
     config = tiny_config()
     experts = random_experts(config, 0, config.num_experts, seed=4)
