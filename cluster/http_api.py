@@ -239,13 +239,21 @@ class FrontState:
         ClientDisconnect when the client has gone (the caller's `submitted` releases)."""
         started, first = request.state.started, None
         queue = link.watcher.open(rid, n)
+        asked = time.monotonic()  # when the client was last looked for
         try:
             while True:
                 try:
                     item = await asyncio.wait_for(queue.get(), POLL_S)
                 except TimeoutError:
+                    item = None
+                # Also while tokens flow: a stream never waits out POLL_S then, and behind
+                # Serve the proxy's cancel of a replica's handler can be lost (a race seen
+                # in Ray's issues: the stream then ran to max_tokens for nobody).
+                if item is None or time.monotonic() - asked > POLL_S:
+                    asked = time.monotonic()
                     if await request.is_disconnected():
                         raise ClientDisconnect from None
+                if item is None:
                     continue
                 if isinstance(item, BaseException):
                     raise ApiError.of(item)
