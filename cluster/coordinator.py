@@ -23,6 +23,13 @@ from gptoss_ray.model.types import KVLayout, StepPlan, StepResult
 from gptoss_ray.shards.worker import STEP_THREADS, ShardWorker
 
 STEP_TIMEOUT_S = 3600.0  # a step this long means a hung shard
+# what a step's call or its compiled graph raises when a shard is gone: the actor's death,
+# its task's failure, or (compiled graph) a channel it closed, whichever comes first
+SHARD_LOST = (
+    ray.exceptions.RayActorError,
+    ray.exceptions.RayTaskError,
+    ray.exceptions.RayChannelError,
+)
 
 
 class Coordinator(EngineLoop):
@@ -264,7 +271,7 @@ class Coordinator(EngineLoop):
                     w.step.options(concurrency_group="steps").remote(p, index)
                     for w, p in zip(self.workers, plans, strict=True)
                 ]
-        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+        except SHARD_LOST as exc:
             self._restart(exc)
         self._outstanding.append(refs)
 
@@ -275,7 +282,7 @@ class Coordinator(EngineLoop):
                     # prefill or a first CUDA-graph capture; a lost shard fails it at once
                     return ray.get(refs[0], timeout=STEP_TIMEOUT_S)
                 return ray.get(refs)
-            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+            except SHARD_LOST as exc:
                 self._restart(exc)
             finally:
                 if refs in self._outstanding:
