@@ -98,6 +98,7 @@ def run_ours(
         kernels=model.block[0].attn.use_kernels,
         decode_graphs=graphs,
     )
+    capture_s = shard.capture_graphs()  # every bucket, as a shard does at load
     core = EngineCore(
         config,
         1,
@@ -129,6 +130,7 @@ def run_ours(
     return {
         "batch": batch,
         "decode_graphs": shard.graphs is not None,
+        "graph_capture_s": capture_s,
         "tokens_per_s": sum(len(o.token_ids) for o in outs) / wall,
         "decode_tokens_per_s": batch / itl,
         "itl_ms": itl * 1e3,
