@@ -168,6 +168,32 @@ def test_bench_fullsize_on_the_built_in_model(tmp_path, capsys):
     assert all(r["tokens_per_s"] > 0 for r in data["ours"] + data["transformers"])
 
 
+def test_bench_exchange_counts_both_paths_and_computes_the_traffic(tmp_path, capsys):
+    from gptoss_ray.benchmarks.cli import main
+
+    args = ["exchange", "--shards", "2", "--batches", "2", "--steps", "2", "--dtype", "float32"]
+    main(["--out", str(tmp_path), *args])
+    assert "dispatch+combine ms" in capsys.readouterr().out
+    (saved,) = tmp_path.glob("exchange-*.json")
+    data = json.loads(saved.read_text())
+    paths = {r["path"]: r for r in data["results"]}
+    assert (paths["pairs"]["collectives_per_layer"], paths["pairs"]["host_reads_per_layer"]) == (
+        4,
+        3,
+    )
+    assert (paths["tokens"]["collectives_per_layer"], paths["tokens"]["host_reads_per_layer"]) == (
+        2,
+        0,
+    )
+    # one token a shard: 1 row out and 4 slot outputs back; (1 - 1/2) x 4 pairs each way
+    assert paths["tokens"]["per_layer"]["rows_sent"] == 5
+    assert paths["pairs"]["per_layer"]["rows_sent"] <= 8
+    assert all(r["steps_timed"] == 2 and r["step_ms"] > 0 for r in data["results"])
+    big = {(t["model"], t["gpus"], t["tokens_per_gpu"]): t for t in data["traffic"]}
+    assert round(big["gpt-oss-120b", 8, 64]["ratio"], 1) == 5.0
+    assert round(big["gpt-oss-120b", 4, 256]["ratio"], 1) == 2.5
+
+
 def test_bench_grammar_measures_free_framed_and_json_steps(tmp_path, capsys):
     from gptoss_ray.benchmarks.cli import main
 
