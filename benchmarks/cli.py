@@ -19,7 +19,19 @@ MODELS = ("gpt-oss-20b", "gpt-oss-120b", "gpt-oss-tiny")
 
 
 def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
+    """'1,16,64' -> [1, 16, 64]: counts (shards, batches, tokens), each at least 1."""
+    return [_count(x) for x in text.split(",") if x]
+
+
+def _indices(text: str) -> list[int]:
+    """'0,2' -> [0, 2]: indices, each at least 0."""
+    out = []
+    for x in text.split(","):
+        if x and not x.isdigit():
+            raise argparse.ArgumentTypeError(f"{x!r}: expected an index (0, 1, ...)")
+        if x:
+            out.append(int(x))
+    return out
 
 
 def _count(text: str) -> int:
@@ -222,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     kern.add_argument("--contexts", type=_ints, default=[1024, 8192], help="tokens of context")
     kern.add_argument(
         "--variants",
-        type=_ints,
+        type=_indices,
         default=None,
         help="which MoE block-size variants (indices; default all)",
     )

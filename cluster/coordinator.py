@@ -20,6 +20,7 @@ from gptoss_ray.cluster.engine_core import EngineCore, ShardsRestarted
 from gptoss_ray.cluster.engine_loop import EngineLoop
 from gptoss_ray.model.model_folder import read_config, resolve_model
 from gptoss_ray.model.types import KVLayout, StepPlan, StepResult
+from gptoss_ray.router.plan import expert_ranges
 from gptoss_ray.shards.worker import STEP_THREADS, ShardWorker
 
 STEP_TIMEOUT_S = 3600.0  # a step this long means a hung shard
@@ -61,6 +62,7 @@ class Coordinator(EngineLoop):
         path = resolve_model(model)  # writes a preset's built-in checkpoint once, here
         self.model_path = str(path)
         self.config = read_config(path)  # no torch here: only the shards load tensors
+        expert_ranges(self.config.num_experts, shards)  # too many shards: said before any starts
         self.shards = shards
         self.layout = KVLayout.from_budget(
             self.config,

@@ -4,16 +4,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+from gptoss_ray.model.config import ConfigError
+
+if TYPE_CHECKING:  # the coordinator checks shard counts here without loading torch
+    import torch
 
 
 def expert_ranges(num_experts: int, world_size: int) -> list[tuple[int, int]]:
     """Experts split as evenly as possible: the first `E % W` shards hold one more."""
     if world_size < 1:
-        raise ValueError(f"world size {world_size} must be at least 1")
+        raise ConfigError(f"{world_size} shards: at least 1 is needed")
     if world_size > num_experts:
-        raise ValueError(f"{world_size} shards for {num_experts} experts: some would hold none")
+        raise ConfigError(
+            f"{world_size} shards for {num_experts} experts: some would hold none (at most "
+            f"{num_experts} shards for this model)"
+        )
     base, extra = divmod(num_experts, world_size)
     out, lo = [], 0
     for rank in range(world_size):
@@ -25,6 +32,8 @@ def expert_ranges(num_experts: int, world_size: int) -> list[tuple[int, int]]:
 
 def owner_table(ranges: list[tuple[int, int]]) -> torch.Tensor:
     """[E] long: the rank that owns each expert."""
+    import torch
+
     owners = [rank for rank, (lo, hi) in enumerate(ranges) for _ in range(lo, hi)]
     return torch.tensor(owners, dtype=torch.long)
 
@@ -42,6 +51,8 @@ class DispatchPlan:
     @classmethod
     def build(cls, expert_ids: torch.Tensor, owners: torch.Tensor, world_size: int) -> DispatchPlan:
         """expert_ids [T, k] -> the plan."""
+        import torch
+
         t, k = expert_ids.shape
         flat = expert_ids.reshape(-1)
         dest = owners[flat]  # owners lives on the rows' device
