@@ -144,12 +144,12 @@ def run(args: argparse.Namespace, data: dict[str, Any]) -> None:
 
     import torch
 
-    from gptoss_ray.model.checkpoint import Checkpoint, resolve_model
+    from gptoss_ray.model.model_folder import read_config, resolve_model
     from gptoss_ray.model.types import KVLayout
     from gptoss_ray.router.plan import expert_ranges
     from gptoss_ray.shards.local_group import LocalShardGroup
 
-    config = Checkpoint(resolve_model(args.model)).config
+    config = read_config(resolve_model(args.model))
     for world in args.shards:  # refused here, before any shard process starts
         expert_ranges(config.num_experts, world)
     dtype = getattr(torch, args.dtype)

@@ -125,7 +125,7 @@ class FileStore:
 
 def file_store() -> Any:
     """The cluster's file store actor, started on this node the first time."""
-    from gptoss_ray.model.checkpoint import cache_dir
+    from gptoss_ray.model.model_folder import cache_dir
 
     return (
         ray.remote(FileStore)

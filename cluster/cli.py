@@ -191,9 +191,9 @@ def _user_error(exc: Exception) -> str | None:
 
     from gptoss_ray.cluster.batch import BatchInputError
     from gptoss_ray.cluster.ray_instance import EngineNotFound
-    from gptoss_ray.model.checkpoint import CheckpointError
     from gptoss_ray.model.config import ConfigError
     from gptoss_ray.model.harmony import HarmonyError
+    from gptoss_ray.model.model_folder import CheckpointError
     from gptoss_ray.model.tokenizer import TokenizerError
     from gptoss_ray.model.types import DeviceUnavailable, RequestError
 

@@ -138,7 +138,7 @@ def _answers(host_port: str, timeout: float = 2.0) -> bool:
 
 # -- the local head that `serve` starts -----------------------------------------------
 def _head_file() -> Path:
-    from gptoss_ray.model.checkpoint import cache_dir
+    from gptoss_ray.model.model_folder import cache_dir
 
     return cache_dir() / "local-ray.json"
 

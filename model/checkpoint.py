@@ -26,10 +26,8 @@ from torch import nn
 from gptoss_ray.model import mxfp4
 from gptoss_ray.model.config import ModelConfig
 from gptoss_ray.model.model import Transformer
-from gptoss_ray.model.model_folder import (  # noqa: F401  (re-exported: the names users import)
+from gptoss_ray.model.model_folder import (
     CheckpointError,
-    builtin_checkpoint,
-    cache_dir,
     read_config,
     resolve_model,
     safetensors_files,

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Client, Listener
 from typing import Any
 
-from gptoss_ray.model.checkpoint import resolve_model
+from gptoss_ray.model.model_folder import resolve_model
 from gptoss_ray.model.op_counter import StepOps
 from gptoss_ray.model.types import StepPlan, StepResult
 

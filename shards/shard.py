@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 
-from gptoss_ray.model.checkpoint import Checkpoint, load_model, resolve_model
+from gptoss_ray.model.checkpoint import load_model
 from gptoss_ray.model.grammar import Matchers
 from gptoss_ray.model.kv_cache import SequenceBatch
 from gptoss_ray.model.model import Transformer
+from gptoss_ray.model.model_folder import read_config, resolve_model
 from gptoss_ray.model.sampling import Draw, sample_rows, step_seed, token_logprobs
 from gptoss_ray.model.types import (
     KVLayout,
@@ -69,7 +70,7 @@ class Shard:
             self.model = model
         else:
             model = resolve_model(model)
-            ranges = expert_ranges(Checkpoint(model).config.num_experts, world_size)
+            ranges = expert_ranges(read_config(model).num_experts, world_size)
             self.model = load_model(model, dtype=dtype, device=self.device, experts=ranges[rank])
         self.experts = ranges[rank]
         self.config = self.model.config
@@ -93,9 +94,11 @@ class Shard:
             device=self.device,
         )
         self.model.count_expert_load(self.expert_load)
+        # a graph holds the exchange only where its sizes do not follow the routing
+        graphable = world_size == 1 or exchange == "tokens"
         if decode_graphs is None:
-            decode_graphs = self.device.type == "cuda" and kernels and exchange == "tokens"
-        if decode_graphs and world_size > 1 and exchange != "tokens":
+            decode_graphs = self.device.type == "cuda" and kernels and graphable
+        if decode_graphs and not graphable:
             raise ValueError(
                 f"decode graphs need the fixed-size exchange between {world_size} shards: "
                 f"the {exchange!r} exchange has routing-dependent sizes"
@@ -362,7 +365,7 @@ class NullShard(Shard):
     ) -> None:
         self.rank, self.world_size = rank, world_size
         self.device = torch.device("meta")
-        self.config = Checkpoint(resolve_model(model)).config
+        self.config = read_config(resolve_model(model))
         self.experts = expert_ranges(self.config.num_experts, world_size)[rank]
         self.model = None
         self.kv = PagedKVCache(self.config, kv_layout, dtype=torch.bfloat16, device=self.device)

@@ -62,7 +62,7 @@ def transformers_model():
     """Hugging Face's GptOssForCausalLM on the built-in checkpoint (float32): the oracle."""
     from transformers import GptOssForCausalLM, Mxfp4Config
 
-    from gptoss_ray.model.checkpoint import resolve_model
+    from gptoss_ray.model.model_folder import resolve_model
 
     model = GptOssForCausalLM.from_pretrained(
         resolve_model("gpt-oss-tiny"),

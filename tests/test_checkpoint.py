@@ -9,7 +9,6 @@ from safetensors.torch import load_file, save_file
 
 from gptoss_ray.model.checkpoint import (
     Checkpoint,
-    CheckpointError,
     load_model,
     model_tensors,
     random_tensors,
@@ -17,6 +16,7 @@ from gptoss_ray.model.checkpoint import (
     tensor_specs,
 )
 from gptoss_ray.model.model import combine
+from gptoss_ray.model.model_folder import CheckpointError
 from tests.tiny import tiny_config
 
 CONFIG = tiny_config()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from gptoss_ray.cluster.engine_core import EngineCore
-from gptoss_ray.model.checkpoint import Checkpoint, resolve_model
+from gptoss_ray.model.model_folder import read_config, resolve_model
 from gptoss_ray.model.types import KVLayout, StepPlan
 from gptoss_ray.router.moe import TokenExchange, combine_home, dispatch
 from gptoss_ray.router.transport import LocalTransport
@@ -29,7 +29,7 @@ CHOSEN = ((0, 10), (1, 10), (3, 4), (5, 3), (6, 10), (8, 2))
 
 @functools.cache
 def tiny():
-    return Checkpoint(resolve_model("gpt-oss-tiny")).config
+    return read_config(resolve_model("gpt-oss-tiny"))
 
 
 def is_decode(plans: list[StepPlan]) -> bool:
