@@ -180,6 +180,22 @@ def build_parser() -> argparse.ArgumentParser:
     exchange.add_argument("--threads", type=int, default=None, help="torch threads a shard")
     exchange.add_argument("--kv-budget-mb", type=float, default=64)
 
+    sampling = command(
+        "sampling", "sampling.run", "drawing a step's tokens: alone, and its share of a step"
+    )
+    sampling.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    sampling.add_argument("--batches", type=_ints, default=[1, 16, 64, 256])
+    sampling.add_argument("--repeats", type=_count, default=7, help="calls timed")
+    sampling.add_argument("--threads", type=int, default=None, help="torch threads")
+    sampling.add_argument(
+        "--against", help="another model/sampling.py to time side by side (an earlier commit's)"
+    )
+    sampling.add_argument("--model", default="gpt-oss-tiny")
+    sampling.add_argument(
+        "--step-batch", type=int, default=64, help="sequences of the in-step run (0: none)"
+    )
+    sampling.add_argument("--step-steps", type=_count, default=8, help="decode steps timed")
+
     model = command("model", "scaling_model.run", "calibrate on this device, predict 1..64 GPUs")
     model.add_argument(
         "--calibrate-on",

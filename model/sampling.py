@@ -1,23 +1,29 @@
-"""Sampling a step's rows (each row's parameters, validated at the edge, are in `types`).
+"""Sampling a step's rows on the step's device (each row's parameters, validated at the
+edge, are in `types`).
 
-One pass over the step's logits [S, V], batched for any mix of settings: a grammar's mask
-(the tokens it forbids at -inf), logit bias, the stop ids masked until min_tokens (unless
-the grammar allows nothing else: the grammar wins), repetition / frequency / presence penalties (vLLM's
-definitions: repetition over prompt and output, the other two over the output); then the
-logprobs of those asking (of these processed logits, before temperature, as vLLM's
-default), then the draw: greedy rows an argmax, the others temperature, min_p, top_k,
-top_p and a seeded draw on the host, row by row.
+One batched pass over the step's logits [S, V] for any mix of settings, each row's
+parameters a column: a grammar's mask (the tokens it forbids at -inf), logit bias, the
+stop ids masked until min_tokens (unless the grammar allows nothing else: the grammar
+wins), repetition / frequency / presence penalties (vLLM's definitions: repetition over
+prompt and output, the other two over the output); then the logprobs of those asking (of
+these processed logits, before temperature, as vLLM's default); then the draw: greedy
+rows an argmax, the others temperature, min_p, top_k, top_p and an exponential race. No
+row is visited by a Python loop and no logits leave the device: only the drawn ids (and
+the logprobs asked for) are read back, once.
 
-The draw for a sequence's n-th token comes from random numbers seeded with (seed, n) alone:
-no state carries from one step to the next, so a sequence's tokens do not depend on which
-other sequences share its batch, on how many shards serve it, or on a preemption that
-recomputes it elsewhere.
+A sequence's n-th token is drawn with random numbers that are a hash of (seed, n, token)
+alone, computed on the device: no state carries from one step to the next, so a
+sequence's tokens do not depend on which other sequences share its batch, on how many
+shards serve it, or on a preemption that recomputes it elsewhere.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cache
 from math import inf
 
 import numpy
@@ -25,11 +31,36 @@ import torch
 
 from gptoss_ray.model.types import SamplingParams, TokenLogprob
 
-_MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads (seed, n) over the seed space
+
+def _signed(value: int) -> int:
+    """A 64-bit constant as the int64 that torch multiplies by (wrapping)."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads counters over the key space
+_MIX1, _MIX2 = _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)  # SplitMix64's
 
 
 def step_seed(seed: int, n: int) -> int:
-    return (seed * _MIX + (n + 1) * 0xBF58476D1CE4E5B9) % (1 << 63)
+    """The key of a sequence's n-th draw (63 bits, an int64 on the device)."""
+    return (seed * _GOLDEN + (n + 1) * 0xBF58476D1CE4E5B9) % (1 << 63)
+
+
+def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical shift of int64 (torch's >> keeps the sign)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def uniforms(keys: torch.Tensor, start: int, count: int) -> torch.Tensor:
+    """keys [S] int64 -> [S, count] float32 uniforms in (0, 1), number c of row r a
+    SplitMix64 hash of (keys[r], start + c): counter-based, so the same on any batch and
+    any device. 23 bits each: u + 1/2 needs 24, all a float32 holds, so no u is 0 or 1."""
+    counters = torch.arange(start, start + count, dtype=torch.long, device=keys.device)
+    z = keys[:, None] + counters * _signed(_GOLDEN)
+    z = (z ^ _shift_right(z, 30)) * _MIX1
+    z = (z ^ _shift_right(z, 27)) * _MIX2
+    z = z ^ _shift_right(z, 31)
+    return (_shift_right(z, 41).float() + 0.5) * 2.0**-23
 
 
 @dataclass
@@ -49,27 +80,33 @@ class Draw:
 
 
 def sample_rows(
-    logits: torch.Tensor, draws: Sequence[Draw], *, owned: bool = False
+    logits: torch.Tensor,
+    draws: Sequence[Draw],
+    *,
+    owned: bool = False,
+    scratch: Scratch | None = None,
 ) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits [S, V] (any device) and each row's draw -> the S tokens, and each row's
-    logprobs (None for rows that did not ask). Only the chosen and the top-k values leave
-    the device. owned: the caller is done with `logits`, which may be overwritten (a
-    step's logits are [64, 201088] floats: a copy costs more than the masks)."""
+    logprobs (None for rows that did not ask). owned: the caller is done with `logits`,
+    which may be overwritten (a step's logits are [64, 201088] floats: on a CPU a copy
+    costs more than the draw). scratch: buffers kept from the step before (a caller that
+    samples every step keeps one)."""
     if logits.shape[0] != len(draws):
         raise ValueError(f"{logits.shape[0]} rows of logits for {len(draws)} draws")
-    x = _process(logits, draws, owned)
-    tokens = [0] * len(draws)
-    greedy = [i for i, d in enumerate(draws) if d.params.temperature == 0]
-    rest = [i for i, d in enumerate(draws) if d.params.temperature != 0]
-    if greedy:
-        picked = x if len(greedy) == len(draws) else x[greedy]
-        for i, t in zip(greedy, torch.argmax(picked, dim=-1).tolist(), strict=True):
-            tokens[i] = t
-    if rest:
-        host = x[rest].float().cpu()
-        for row, i in enumerate(rest):
-            tokens[i] = _draw(host[row], draws[i])
-    return tokens, _logprobs(x, draws, tokens)
+    x, writable = _process(logits, draws, owned)
+    asking = [i for i, d in enumerate(draws) if d.params.logprobs is not None]
+    scores = torch.log_softmax(x[asking], dim=-1) if asking else None  # before the draw
+    keys = [step_seed(d.seed, d.n) for d in draws]
+    tokens = choose(x, [d.params for d in draws], keys, writable, scratch or Scratch())
+    host = tokens.tolist()  # the step's one read of the draw
+    out: list[TokenLogprob | None] = [None] * len(draws)
+    if scores is not None:
+        ks = [draws[i].params.logprobs or 0 for i in asking]
+        for i, lp in zip(
+            asking, _read_logprobs(scores, [host[i] for i in asking], ks), strict=True
+        ):
+            out[i] = lp
+    return host, out
 
 
 def draw_one(logits: torch.Tensor, draw: Draw) -> int:
@@ -77,18 +114,170 @@ def draw_one(logits: torch.Tensor, draw: Draw) -> int:
     return sample_rows(logits[None], [draw])[0][0]
 
 
-def _process(logits: torch.Tensor, draws: Sequence[Draw], owned: bool) -> torch.Tensor:
-    """Grammar masks, bias, min_tokens and penalties on float32 logits (a copy unless
-    `owned`; the logits untouched when no row has any)."""
+def choose(
+    x: torch.Tensor,
+    params: Sequence[SamplingParams],
+    keys: Sequence[int],
+    writable: bool,
+    scratch: Scratch,
+) -> torch.Tensor:
+    """Processed float32 logits [S, V] -> the S drawn tokens on their device: greedy rows
+    (temperature 0) the argmax, the others drawn under their temperature, min_p, top_k and
+    top_p with the row's key. writable: x may be overwritten."""
+    hot = [i for i, p in enumerate(params) if p.temperature > 0]
+    if not hot:
+        return _argmax(x)
+    greedy = _argmax(x) if len(hot) < len(params) else None
+    weights = x if greedy is None and writable else x[hot]
+    drawn = _race(
+        _truncate(weights, [params[i] for i in hot], scratch),
+        torch.tensor([keys[i] for i in hot], dtype=torch.long, device=x.device),
+    )
+    if greedy is None:
+        return drawn
+    return greedy.index_copy_(0, torch.tensor(hot, device=x.device), drawn)
+
+
+def _argmax(x: torch.Tensor) -> torch.Tensor:
+    """Each row's first largest: on a CPU max's indices, 5x faster there than argmax on
+    [64, 201088]; elsewhere argmax, whose first-of-ties is documented."""
+    return x.max(dim=-1).indices if x.device.type == "cpu" else x.argmax(dim=-1)
+
+
+def _truncate(y: torch.Tensor, params: Sequence[SamplingParams], scratch: Scratch) -> torch.Tensor:
+    """y [S, V] logits, overwritten -> each row's weights after temperature, zero where
+    min_p, top_k or top_p cut the token (in that order, each on what the one before kept:
+    vLLM's order). All three keep a row's weights from a floor up: the floors are found
+    first, then one pass zeroes what is under them."""
+    rows, vocab = y.shape
+
+    def column(values: list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=y.device)[:, None]
+
+    y.sub_(y.amax(dim=-1, keepdim=True)).div_(column([p.temperature for p in params])).exp_()
+    cut = False
+    floor = torch.zeros(rows, 1, device=y.device)  # each row's largest weight is 1
+    if any(p.min_p for p in params):
+        floor, cut = column([p.min_p for p in params]), True
+    ks = [p.top_k if p.top_k < vocab else 0 for p in params]
+    if any(ks):
+        k = column(ks, torch.long)
+        kth = y.topk(max(ks), dim=-1).values.gather(1, (k - 1).clamp_(min=0))
+        floor, cut = torch.maximum(floor, torch.where(k > 0, kth, 0.0)), True
+    if any(p.top_p < 1 for p in params):
+        floor, cut = _nucleus_floor(y, floor, column([p.top_p for p in params]), scratch), True
+    if cut:
+        # w / floor is 1 exactly at the floor and under 1 below it (IEEE division), and the
+        # race does not mind a row's scale: one pass each, where a mask costs an allocation.
+        # A row without a floor gets 2^-100: it loses weights under 1e-30 of its top one
+        # (below float32's resolution of its sum), and no sum of 201088 weights overflows.
+        floor = floor.clamp_(min=2.0**-100)
+        torch.nn.functional.threshold_(y.div_(floor), 1 - 2.0**-24, 0.0)
+    return y
+
+
+def _nucleus_floor(
+    y: torch.Tensor, floor: torch.Tensor, top_p: torch.Tensor, scratch: Scratch
+) -> torch.Tensor:
+    """y [S, V] weights, of which each row keeps those from floor [S, 1] up; top_p [S, 1]
+    -> [S, 1] the smallest weight each row keeps: the most likely of the kept tokens while
+    the mass before them is under top_p of theirs (the first always; tokens of equal
+    weight together)."""
+    ascending = scratch.get("ascending", y)
+    if y.device.type == "cpu":  # numpy's SIMD sort, 9x torch's there, in threads
+        out, rows = ascending.numpy(), y.numpy()
+
+        def sort(part: slice) -> None:
+            out[part] = rows[part]
+            out[part].sort(axis=1)
+
+        scratch.map(sort, y.shape[0])
+    else:
+        torch.sort(y, dim=1, out=(ascending, scratch.get("order", y, torch.long)))
+    mass = torch.cumsum(ascending, dim=1, out=scratch.get("mass", y))
+    # the mass under the floor is cut already; a kept token goes when the kept mass at
+    # and below it is within 1 - top_p of the kept total
+    under = torch.searchsorted(ascending, floor)  # the first kept
+    below = torch.where(under > 0, mass.gather(1, (under - 1).clamp_(min=0)), 0.0)
+    edge = below + (1 - top_p) * (mass[:, -1:] - below)
+    first = torch.searchsorted(mass, edge, right=True).clamp_(max=y.shape[1] - 1)
+    return torch.maximum(floor, ascending.gather(1, first))
+
+
+class Scratch:
+    """Buffers of a step's size that a caller keeps from one step to the next: on a CPU a
+    fresh [64, 201088] float32 costs 12 ms of page faults, more than the pass that fills
+    it. And the threads that sort rows on a CPU."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._threads: ThreadPoolExecutor | None = None
+
+    def get(self, name: str, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = dtype or like.dtype
+        held = self._buffers.get(name)
+        rows, vocab = like.shape
+        if (
+            held is None
+            or held.device != like.device
+            or held.dtype != dtype
+            or (held.shape[1] != vocab or held.shape[0] < rows)
+        ):
+            held = self._buffers[name] = torch.empty(rows, vocab, dtype=dtype, device=like.device)
+        return held[:rows]
+
+    def map(self, work: Callable[[slice], None], rows: int) -> None:
+        """work(rows part) over the rows, split among torch's threads (numpy's sort runs
+        outside the GIL)."""
+        parts = max(1, min(rows, torch.get_num_threads()))
+        edges = [rows * i // parts for i in range(parts + 1)]
+        if parts == 1:
+            work(slice(0, rows))
+            return
+        if self._threads is None:
+            self._threads = ThreadPoolExecutor(parts, thread_name_prefix="sampling")
+        list(self._threads.map(work, [slice(a, b) for a, b in itertools.pairwise(edges)]))
+
+
+@cache
+def _block(vocab: int) -> int:
+    """The race's block: the largest power of two up to 128 that divides the vocabulary
+    (o200k's 201088 = 128 x 1571)."""
+    return next(b for b in (128, 64, 32, 16, 8, 4, 2, 1) if vocab % b == 0)
+
+
+def _race(weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """weights [S, V] (not all zero in a row), keys [S] -> each row's token i with
+    probability weight_i / sum: the exponential race, argmax w_i / q_i with q_i ~ Exp(1).
+    Unlike an inverse CDF (where a change of 1e-7 anywhere moves every later boundary) it
+    flips only when two leaders tie to that precision, so seeded replies stay put under
+    float noise. Run in two rounds, blocks by their mass and then a token of the winning
+    block by its weight (the same distribution), it needs V/128 + 128 random numbers a
+    row instead of V."""
+    rows, vocab = weights.shape
+    size = _block(vocab)
+    blocks = weights.view(rows, vocab // size, size)
+    mass = blocks.sum(dim=-1)
+    block = (mass / -uniforms(keys, 0, vocab // size).log_()).argmax(dim=-1)
+    within = blocks.gather(1, block[:, None, None].expand(rows, 1, size))[:, 0]
+    token = (within / -uniforms(keys, vocab // size, size).log_()).argmax(dim=-1)
+    return block * size + token
+
+
+def _process(logits: torch.Tensor, draws: Sequence[Draw], owned: bool) -> tuple[torch.Tensor, bool]:
+    """Grammar masks, bias, min_tokens and penalties on float32 logits -> (them, whether
+    they may be overwritten). A copy unless `owned`; the logits themselves when no row
+    has any."""
     constrained = [i for i, d in enumerate(draws) if d.allowed is not None]
     biased = [i for i, d in enumerate(draws) if d.params.logit_bias]
     held = [i for i, d in enumerate(draws) if d.n < d.params.min_tokens and d.stop_ids]
     penalized = [i for i, d in enumerate(draws) if d.params.penalized]
-    if not (constrained or biased or held or penalized):
-        return logits
     x = logits.float()
-    if x is logits and not owned:
-        x = x.clone()
+    writable = owned or x is not logits
+    if not (constrained or biased or held or penalized):
+        return x, writable
+    if not writable:
+        x, writable = x.clone(), True
     device, vocab = x.device, x.shape[1]
     if constrained:
         masks = torch.stack([draws[i].allowed for i in constrained])  # type: ignore[misc]
@@ -99,30 +288,29 @@ def _process(logits: torch.Tensor, draws: Sequence[Draw], owned: bool) -> torch.
             apply_masks_(rows, masks)
             x[constrained] = rows
     if biased:
-        rows, cols, values = [], [], []
-        for i in biased:
-            for token, bias in draws[i].params.logit_bias.items():  # type: ignore[union-attr]
-                if token < vocab:
-                    rows.append(i), cols.append(token), values.append(bias)
+        cells = [
+            (i, token, bias)
+            for i in biased
+            for token, bias in draws[i].params.logit_bias.items()  # type: ignore[union-attr]
+            if token < vocab
+        ]
+        rows, cols, values = zip(*cells, strict=True) if cells else ((), (), ())
         x.index_put_(
             (torch.tensor(rows, device=device), torch.tensor(cols, device=device)),
-            torch.tensor(values, device=device),
+            torch.tensor(values, device=device, dtype=x.dtype),
             accumulate=True,
         )
-    cells = [(i, t) for i in held for t in sorted(draws[i].stop_ids) if t < vocab]
+    cells = [(h, i, t) for h, i in enumerate(held) for t in sorted(draws[i].stop_ids) if t < vocab]
     if cells:
-        at = tuple(torch.tensor(list(c), device=device) for c in zip(*cells, strict=True))
-        kept = x[at]
-        x[at] = float("-inf")
-        both = [i for i in held if draws[i].allowed is not None]
-        if both:  # a grammar that allows only a stop id now ends the reply regardless
-            alive = (x[both] > -inf).any(1).tolist()
-            dead = {i for i, a in zip(both, alive, strict=True) if not a}
-            back = torch.tensor([i in dead for i, _ in cells], device=device)
-            x[at[0][back], at[1][back]] = kept[back]
+        which, rows, cols = (torch.tensor(c, device=device) for c in zip(*cells, strict=True))
+        kept = x[rows, cols]
+        x[rows, cols] = -inf
+        # a row left with nothing (a grammar that allows only a stop id) draws it anyway
+        dead = ~(x[held] > -inf).any(dim=1)
+        x[rows, cols] = torch.where(dead[which], kept, -inf)
     if penalized:
-        x[penalized] = _penalize(x[penalized], [draws[i] for i in penalized])
-    return x
+        _penalize_(x, penalized, draws)
+    return x, writable
 
 
 def apply_masks_(x: torch.Tensor, bitmask: torch.Tensor) -> None:
@@ -143,81 +331,53 @@ def apply_masks_(x: torch.Tensor, bitmask: torch.Tensor) -> None:
     x.masked_fill_(forbidden, -inf)
 
 
-def _penalize(x: torch.Tensor, draws: list[Draw]) -> torch.Tensor:
-    """x [R, V] float32 -> with each row's penalties applied (vLLM's: a repeated token's
-    positive logit divided by repetition_penalty, a negative one multiplied; then
-    frequency x its count and presence x (count > 0) subtracted)."""
-    rows, vocab = len(draws), x.shape[1]
-    device = x.device
+def _penalize_(x: torch.Tensor, penalized: list[int], draws: Sequence[Draw]) -> None:
+    """x [S, V] float32, in place: rows `penalized` with their penalties applied (vLLM's: a
+    repeated token's positive logit divided by repetition_penalty, a negative one
+    multiplied; then frequency x its count and presence x (count > 0) subtracted). Only
+    the cells of the rows' histories are touched: no [S, V] pass, no host read."""
+    vocab, device = x.shape[1], x.device
+    rows = [draws[i] for i in penalized]
 
-    def counts(lists: list[Sequence[int]]) -> torch.Tensor:
-        """[R, V] how many times each token is in each row's list."""
-        width = max(1, max(len(t) for t in lists))
-        padded = torch.full((rows, width), vocab, dtype=torch.long)  # vocab: a spare column
-        for r, t in enumerate(lists):
-            padded[r, : len(t)] = torch.as_tensor(list(t), dtype=torch.long)
-        out = torch.zeros(rows, vocab + 1, device=device)
-        out.scatter_add_(1, padded.to(device), torch.ones(padded.shape, device=device))
-        return out[:, :vocab]
+    def occurrences(lists: list[list[int]], *values: list[float]) -> list[torch.Tensor]:
+        """Every token of each row's list under the vocabulary: [row, token, *values]."""
+        lengths = torch.tensor([len(t) for t in lists])
+        tokens = torch.tensor(list(itertools.chain.from_iterable(lists)), dtype=torch.long)
+        columns = [torch.tensor(penalized), *(torch.tensor(v) for v in values)]
+        kept = tokens < vocab
+        out = [c.repeat_interleave(lengths)[kept] for c in columns]
+        return [t.to(device) for t in (out[0], tokens[kept], *out[1:])]
 
-    output = counts([d.output for d in draws])
-
-    def column(values: list[float]) -> torch.Tensor:
-        return torch.tensor(values, device=device)[:, None]
-
-    rep = column([d.params.repetition_penalty for d in draws])
-    if (rep != 1).any():
-        seen = (output > 0) | (counts([d.prompt for d in draws]) > 0)
-        x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
-    x = x - column([d.params.frequency_penalty for d in draws]) * output
-    return x - column([d.params.presence_penalty for d in draws]) * (output > 0).float()
-
-
-def _draw(logits: torch.Tensor, draw: Draw) -> int:
-    """One row on the host (float32 [V]), temperature > 0."""
-    p = draw.params
-    logits = logits / p.temperature
-    if p.min_p > 0:
-        probs = torch.softmax(logits, dim=-1)
-        logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
-    if p.top_k and p.top_k < logits.shape[0]:
-        kth = torch.topk(logits, p.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if p.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # Keep the smallest prefix whose mass reaches top_p (the first token always).
-        drop = (torch.cumsum(probs, dim=-1) - probs) >= p.top_p
-        logits = logits.index_fill(0, order[drop], float("-inf"))
-    # The exponential race: argmax p_i / q_i, q_i ~ Exp(1), draws token i with
-    # probability p_i, never one without mass, and unlike an inverse CDF (where a change
-    # of 1e-7 anywhere moves every later boundary) it flips only when two leaders tie to
-    # that precision, so seeded replies stay put under float noise (chunking, shards).
-    # Uniforms from numpy's PCG64: 0.8 ms a row at 201k tokens where torch's generator
-    # takes 5 ms (torch.multinomial, the same race, 7 ms).
-    probs = torch.softmax(logits, dim=-1)
-    rng = numpy.random.Generator(numpy.random.PCG64(step_seed(draw.seed, draw.n)))
-    q = torch.from_numpy(rng.random(len(probs), dtype=numpy.float32)).log_().neg_()
-    return int(probs.div_(q).argmax())
-
-
-def _logprobs(
-    x: torch.Tensor, draws: Sequence[Draw], tokens: list[int]
-) -> list[TokenLogprob | None]:
-    asking = [i for i, d in enumerate(draws) if d.params.logprobs is not None]
-    out: list[TokenLogprob | None] = [None] * len(draws)
-    if asking:
-        ks = [draws[i].params.logprobs or 0 for i in asking]
-        scored = token_logprobs(x[asking], [tokens[i] for i in asking], ks)
-        for i, lp in zip(asking, scored, strict=True):
-            out[i] = lp
-    return out
+    if any(d.params.repetition_penalty != 1 for d in rows):
+        seen = [list(d.prompt) + list(d.output) for d in rows]
+        row, token, rep = occurrences(seen, [d.params.repetition_penalty for d in rows])
+        value = x[row, token]  # a token seen twice is written twice, with the same value
+        x[row, token] = torch.where(value > 0, value / rep, value * rep)
+    row, token, frequency, presence = occurrences(
+        [list(d.output) for d in rows],
+        [d.params.frequency_penalty for d in rows],
+        [d.params.presence_penalty for d in rows],
+    )
+    # each (row, token) once, at the first of its run in sorted order, with its count
+    cell, order = (row * vocab + token).sort()
+    first = torch.ones_like(cell, dtype=torch.bool)
+    first[1:] = cell[1:] != cell[:-1]
+    position = torch.arange(len(cell), device=device)
+    start = torch.where(first, position, 0).cummax(0).values
+    count = torch.zeros(len(cell), device=device).index_add_(
+        0, start, torch.ones(len(cell), device=device)
+    )
+    delta = torch.where(first, frequency[order] * count + presence[order], 0.0)
+    x.index_put_((row[order], token[order]), -delta, accumulate=True)  # adding 0 is exact
 
 
 def token_logprobs(x: torch.Tensor, tokens: list[int], ks: list[int]) -> list[TokenLogprob]:
     """logits [R, V] -> each row's logprob of its token and its top ks[r] alternatives
     (log_softmax in float32; one copy of what is asked to the host)."""
-    lp = torch.log_softmax(x.float(), dim=-1)
+    return _read_logprobs(torch.log_softmax(x.float(), dim=-1), tokens, ks)
+
+
+def _read_logprobs(lp: torch.Tensor, tokens: list[int], ks: list[int]) -> list[TokenLogprob]:
     chosen = lp.gather(1, torch.tensor(tokens, device=lp.device)[:, None])[:, 0].tolist()
     k = max(ks, default=0)
     values, indices = ([[]] * len(tokens), [[]] * len(tokens))

@@ -48,16 +48,38 @@ from gptoss_ray.router.transport import Transport
 
 
 class StepTimer:
-    """Seconds spent per phase (attention, dispatch, experts, combine, ...)."""
+    """Seconds spent per phase (attention, dispatch, experts, combine, ...). On a GPU each
+    lap first waits for the device, else a phase is booked the kernels queued before it:
+    a wait in every layer, so a shard there times phases only when asked (`Shard`'s
+    time_phases). Without phases nothing is timed inside the step (`inner` is None) and
+    the step is one phase, "step"."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | None = None, phases: bool = True) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
-        self._last = time.perf_counter()
+        self.device = device
+        self.phases = phases
+        self._cuda = device is not None and device.type == "cuda"
+        self._start = self._last = time.perf_counter()
+
+    @property
+    def inner(self) -> StepTimer | None:
+        """The timer for the layers and the exchange: None when phases are not timed."""
+        return self if self.phases else None
 
     def lap(self, phase: str) -> None:
+        if not self.phases:
+            return
+        if self._cuda:
+            torch.cuda.synchronize(self.device)
         now = time.perf_counter()
         self.seconds[phase] += now - self._last
         self._last = now
+
+    def done(self) -> dict[str, float]:
+        """The seconds by phase, once the step's results are on the host."""
+        if self.phases:
+            return dict(self.seconds)
+        return {"step": time.perf_counter() - self._start}
 
 
 def _slot_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -17,7 +17,7 @@ from gptoss_ray.model.grammar import Matchers
 from gptoss_ray.model.kv_cache import SequenceBatch
 from gptoss_ray.model.model import Transformer
 from gptoss_ray.model.model_folder import read_config, resolve_model
-from gptoss_ray.model.sampling import Draw, sample_rows, step_seed, token_logprobs
+from gptoss_ray.model.sampling import Draw, Scratch, sample_rows, step_seed, token_logprobs
 from gptoss_ray.model.types import (
     KVLayout,
     SamplingParams,
@@ -50,15 +50,19 @@ class Shard:
         kernels: bool | None = None,
         decode_graphs: bool | None = None,
         exchange: str = "tokens",
+        time_phases: bool | None = None,
     ) -> None:
         """kernels: run experts and attention through the Triton kernels (default: on a
         GPU), or the torch reference path. decode_graphs: replay decode steps from CUDA
         graphs, every bucket captured here (default: on a GPU with the kernels; on a CPU,
         True runs the same static decode step eagerly). exchange: "tokens", the expert
         exchange in fixed-size buffers, or "pairs", the routing-sized one it replaced
-        (router/moe.py; eager steps only)."""
+        (router/moe.py; eager steps only). time_phases: report each phase's seconds (the
+        default on a CPU; on a GPU it waits for the device at every phase), or only the
+        step's."""
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
+        self.time_phases = self.device.type != "cuda" if time_phases is None else time_phases
         self.transport = transport
         if isinstance(model, Transformer):  # built in memory (random full-size benchmarks)
             ranges = expert_ranges(model.config.num_experts, world_size)
@@ -120,6 +124,7 @@ class Shard:
         self.matchers = Matchers()
         self._mask_thread: ThreadPoolExecutor | None = None
         self.mask_seconds = 0.0  # building masks, off the critical path (benchmarks read it)
+        self.scratch = Scratch()  # the sampler's buffers, kept between steps
 
     def capture_graphs(self) -> float:
         """Captures every bucket's decode step (the kernels compile in the warm-ups), so
@@ -158,7 +163,7 @@ class Shard:
 
     @torch.inference_mode()
     def step(self, plan: StepPlan) -> StepResult:
-        timer = StepTimer()
+        timer = StepTimer(self.device, self.time_phases)
         for seq_id in plan.release:
             self.kv.release(seq_id)
             self.drawn.pop(seq_id, None)
@@ -204,7 +209,7 @@ class Shard:
         # and freeing the step's logits, which is the step's own work, not the round trip's
         # (on a CPU the unmapping of batch 64's 51 MB takes 4.5 ms here)
         timer.lap("sampling")
-        return StepResult(out, dict(timer.seconds), asked, prompt_logprobs)
+        return StepResult(out, timer.done(), asked, prompt_logprobs)
 
     def _draws(
         self, work: list[SeqWork], masks: tuple[list[int], torch.Tensor] | None
@@ -258,8 +263,6 @@ class Shard:
         if logits is not None:
             if len(sampled) < len(work):
                 logits = logits[sampled]
-            if logits.is_cuda:  # the replay's time goes to its own phase, not the head's
-                torch.cuda.current_stream().synchronize()
             for cache in caches:
                 cache.commit(1)
             timer.lap("decode graph")  # buffers, replay
@@ -279,7 +282,9 @@ class Shard:
         rows, draws = self._draws(work, ready)
         if rows != list(range(len(sampled))):  # a row drawn from more than once (forks)
             logits = logits[rows]
-        tokens, logprobs = sample_rows(logits, draws, owned=True) if sampled else ([], [])
+        tokens, logprobs = (
+            sample_rows(logits, draws, owned=True, scratch=self.scratch) if sampled else ([], [])
+        )
         timer.lap("sampling")  # grammar masks, bias, penalties, logprobs, draws
         return tokens, logprobs, prompt_logprobs
 
@@ -350,8 +355,8 @@ class Shard:
         tokens = torch.tensor(
             [t for chunk in ids for t in chunk], dtype=torch.long, device=self.device
         )
-        self.exchange.timer, self.exchange.rows = timer, bucket
-        return self.model(tokens, batch, rows=rows, timer=timer)
+        self.exchange.timer, self.exchange.rows = timer.inner, bucket
+        return self.model(tokens, batch, rows=rows, timer=timer.inner)
 
 
 class NullShard(Shard):
@@ -365,6 +370,7 @@ class NullShard(Shard):
     ) -> None:
         self.rank, self.world_size = rank, world_size
         self.device = torch.device("meta")
+        self.time_phases = True
         self.config = read_config(resolve_model(model))
         self.experts = expert_ranges(self.config.num_experts, world_size)[rank]
         self.model = None

@@ -4,6 +4,8 @@ used (after penalties and bias, before temperature)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from pydantic import ValidationError
@@ -212,3 +214,153 @@ def test_prompt_logprobs_match_transformers_across_chunks(full_blocks):
         scored = core.output(rid).prompt_logprobs
         assert scored[0] is None and len(scored) == len(prompt)
         assert_logprobs_match_transformers(prompt[:1], prompt[1:], scored[1:])
+
+
+# -- the draw's distribution and its independence from the batch -------------------------
+def exact_probabilities(x: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """What each setting's definition gives for logits x [V], in float64: temperature,
+    then min_p on those probabilities, top_k on what min_p kept, top_p on what top_k kept
+    (sorted, kept while the mass before a token is under top_p)."""
+    probs = torch.softmax(x.double() / p.temperature, dim=-1)
+    keep = probs >= p.min_p * probs.max()
+    if p.top_k:
+        keep &= probs >= probs.masked_fill(~keep, 0).topk(p.top_k).values[-1]
+    kept = probs.masked_fill(~keep, 0)
+    ordered, order = kept.sort(descending=True)
+    before = ordered.cumsum(0) - ordered
+    nucleus = torch.zeros_like(keep)
+    nucleus[order] = before < p.top_p * ordered.sum()
+    final = kept.masked_fill(~nucleus, 0)
+    return final / final.sum()
+
+
+def chi_square_bound(dof: int, z: float = 4.265) -> float:
+    """The chi-square quantile with `dof` degrees of freedom at the normal quantile z
+    (4.265: a false alarm once in 100 000 runs), by Wilson and Hilferty."""
+    return dof * (1 - 2 / (9 * dof) + z * (2 / (9 * dof)) ** 0.5) ** 3
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=1.0),
+        SamplingParams(temperature=0.6),
+        SamplingParams(temperature=1.3, top_p=0.7),
+        SamplingParams(temperature=1.0, top_k=9),
+        SamplingParams(temperature=0.9, min_p=0.05),
+        SamplingParams(temperature=1.1, min_p=0.02, top_k=20, top_p=0.8),
+    ],
+    ids=["t1", "t0.6", "top_p", "top_k", "min_p", "all"],
+)
+def test_draws_follow_the_exact_distribution(params):
+    """20 000 seeded draws from one row of 48 logits (three blocks of the race's two
+    rounds) against the definition's probabilities: never a token without mass, and a
+    chi-square test over the tokens expected at least 5 times."""
+    x = torch.randn(48, generator=torch.Generator().manual_seed(7)) * 1.5
+    want = exact_probabilities(x, params)
+    draws = [Draw(params, seed, 0) for seed in range(20_000)]
+    tokens, _ = sample_rows(x.expand(len(draws), -1).contiguous(), draws, owned=True)
+    counts = torch.bincount(torch.tensor(tokens), minlength=48).double()
+    assert counts[want == 0].sum() == 0
+    expected = want * len(draws)
+    big = expected >= 5
+    stat = float(((counts[big] - expected[big]) ** 2 / expected[big]).sum())
+    rest = counts[~big].sum() - expected[~big].sum()
+    if expected[~big].sum() > 0:
+        stat += float(rest**2 / expected[~big].sum())
+    dof = int(big.sum()) - (0 if expected[~big].sum() > 0 else 1)
+    assert stat < chi_square_bound(max(dof, 1)), (stat, dof)
+
+
+def test_the_random_numbers_are_the_hash_of_key_and_counter():
+    """SplitMix64 of key + counter x golden ratio, computed here with Python's integers:
+    the device's wrapping int64 arithmetic gives the same bits."""
+    from gptoss_ray.model.sampling import uniforms
+
+    def splitmix(z: int) -> int:
+        m = (1 << 64) - 1
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+        return z ^ (z >> 31)
+
+    keys = [0, 1, (1 << 63) - 1, 0x5DEECE66D]
+    got = uniforms(torch.tensor(keys), 5, 4)
+    for r, key in enumerate(keys):
+        for c in range(4):
+            bits = splitmix((key + (5 + c) * 0x9E3779B97F4A7C15) & ((1 << 64) - 1)) >> 41
+            assert float(got[r, c]) == (bits + 0.5) / 2**23
+
+
+def batch_invariance_failures(sample) -> list[str]:
+    """Rows drawn alone vs in batches of 16 in two orders (greedy and sampled rows, every
+    setting mixed): the failures, as text. `sample(logits, draws)` -> tokens."""
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(16, 300, generator=g) * 2
+    settings = [
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=1.0, top_p=0.9),
+        SamplingParams(temperature=0.7, top_k=40),
+        SamplingParams(temperature=1.2, min_p=0.05, presence_penalty=0.5),
+    ]
+    draws = [Draw(settings[i % 4], 100 + i, i, [1, 2, 3], [5, 5, 7], STOPS) for i in range(16)]
+    alone = [sample(logits[i : i + 1].clone(), [d])[0] for i, d in enumerate(draws)]
+    order = torch.randperm(16, generator=g).tolist()
+    failures = []
+    for name, rows in [("in order", list(range(16))), ("shuffled", order)]:
+        got = sample(logits[rows].clone(), [draws[i] for i in rows])
+        failures += [
+            f"{name}: row {i} drew {t}, alone {alone[i]}"
+            for i, t in zip(rows, got, strict=True)
+            if t != alone[i]
+        ]
+    return failures
+
+
+def test_a_row_draws_the_same_alone_and_in_any_batch():
+    assert batch_invariance_failures(lambda x, d: sample_rows(x, d)[0]) == []
+
+
+def test_the_batch_invariance_test_catches_rows_swapped_in_the_batch():
+    """The mutation: the sampler hands the draws' seeds to the wrong rows."""
+
+    def swapped(x, draws):
+        if len(draws) > 1:
+            a, b = draws[0], draws[1]
+            draws = [replace(a, seed=b.seed, n=b.n), replace(b, seed=a.seed, n=a.n), *draws[2:]]
+        return sample_rows(x, draws)[0]
+
+    assert batch_invariance_failures(swapped) != []
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_seeded_reply_is_the_same_alone_in_a_batch_of_16_and_after_preemption(world):
+    """float32, on `world` shard processes: a seeded, sampled request (temperature 1,
+    top-p 0.9) alone, then among 15 others, then among them with too few KV blocks (its
+    tokens recomputed after preemptions): the same tokens each time."""
+    from gptoss_ray.cluster.engine_core import EngineCore
+    from gptoss_ray.model.model_folder import read_config, resolve_model
+    from gptoss_ray.model.types import KVLayout
+    from gptoss_ray.shards.local_group import LocalShardGroup
+    from tests.engine_cases import prompts
+
+    mine = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=42, ignore_eos=True)
+    others = [mine.model_copy(update={"seed": s, "max_tokens": 20}) for s in range(15)]
+    config = read_config(resolve_model("gpt-oss-tiny"))
+
+    def run(layout: KVLayout, group, batch: bool) -> tuple[list[int], int]:
+        core = EngineCore(config, world, layout, launch_step=group.launch, token_budget=48)
+        rid = core.submit(prompts()[4], mine)
+        if batch:
+            for i, p in enumerate(others):
+                core.submit(prompts()[i % 10], p)
+        core.run_until_done()
+        return core.output(rid).token_ids, core.stats.preemptions
+
+    roomy, tight = KVLayout(16, 160, 160), KVLayout(16, 14, 40)
+    with LocalShardGroup("gpt-oss-tiny", world, dtype=torch.float32, kv_layout=roomy) as group:
+        alone, _ = run(roomy, group, False)
+        in_batch, _ = run(roomy, group, True)
+    with LocalShardGroup("gpt-oss-tiny", world, dtype=torch.float32, kv_layout=tight) as group:
+        preempted, preemptions = run(tight, group, True)
+    assert preemptions > 0
+    assert in_batch == alone and preempted == alone

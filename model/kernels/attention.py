@@ -95,7 +95,7 @@ def _paged_attention_kernel(
         if BF16_DOT:
             s = tl.dot(q.to(tl.bfloat16), tl.trans(k.to(tl.bfloat16)))
         else:
-            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
         s = s * scale
         k_pos = kv_start + b * BLOCK_SIZE + slots
         visible = k_pos[None, :] <= q_pos[:, None]
@@ -109,7 +109,7 @@ def _paged_attention_kernel(
         if BF16_DOT:
             acc = acc * rescale[:, None] + tl.dot(p.to(tl.bfloat16), v.to(tl.bfloat16))
         else:
-            acc = acc * rescale[:, None] + tl.dot(p, v.to(tl.float32))
+            acc = acc * rescale[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
         m = m_new
     sink = tl.load(sinks_ptr + head, mask=r_ok, other=0.0).to(tl.float32)
     m_new = tl.maximum(m, sink)
