@@ -192,9 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sampling.add_argument("--model", default="gpt-oss-tiny")
     sampling.add_argument(
-        "--step-batch", type=int, default=64, help="sequences of the in-step run (0: none)"
+        "--step-batch", type=int, default=32, help="requests of the in-batch run (0: none)"
     )
-    sampling.add_argument("--step-steps", type=_count, default=8, help="decode steps timed")
+    sampling.add_argument("--step-tokens", type=_count, default=48, help="tokens each")
 
     model = command("model", "scaling_model.run", "calibrate on this device, predict 1..64 GPUs")
     model.add_argument(

@@ -5,20 +5,23 @@ a decode step, side by side with another version of the sampler (`--against FILE
 Alone: ms per call of `sample_rows` on a step's logits ([batch, 201088] float32, owned as
 a shard owns them) at each batch size, for greedy rows, temperature 1 + top-p 0.9, the
 same with repetition / frequency / presence penalties over a 512-token history, and with a
-JSON schema's grammar mask; medians of `--repeats` calls. In a step: one in-process shard
-of the model decoding a batch at temperature 1 / top-p 0.9, the sampling phase's median
-share of the step."""
+JSON schema's grammar mask; medians of `--repeats` calls. In a batch: `--step-batch`
+requests submitted at once to one in-process shard of the model, greedy and then at
+temperature 1 / top-p 0.9: the batch's wall time, and the sampling phase's median share of
+a decode step."""
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import sys
 import time
 from types import ModuleType
 from typing import Any
 
 from gptoss_ray.benchmarks.common import describe, fmt, median, progress, save
+from gptoss_ray.model.types import cdiv
 
 MODES = ("greedy", "top_p", "penalties", "json")
 SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
@@ -86,9 +89,11 @@ def alone(args: argparse.Namespace, module: ModuleType, mode: str, batch: int) -
     return 1e3 * median(times)
 
 
-def in_a_step(args: argparse.Namespace, module: ModuleType) -> dict[str, float]:
-    """A batch decoding at temperature 1 / top-p 0.9 on one in-process shard: the
-    sampling phase's median ms and share of the step (`module`'s sampler)."""
+def in_a_batch(args: argparse.Namespace, module: ModuleType, temperature: float) -> dict:
+    """`--step-batch` requests of `--step-tokens` tokens each (32-token prompts) on one
+    in-process shard of the model, float32, all submitted at once and run to the end with
+    `module`'s sampler -> the batch's wall time, and the sampling phase's median ms and
+    share of a decode step."""
     import random
 
     import torch
@@ -98,8 +103,8 @@ def in_a_step(args: argparse.Namespace, module: ModuleType) -> dict[str, float]:
     from gptoss_ray.router.transport import LocalTransport
     from gptoss_ray.shards import shard as shard_module
 
-    batch, steps = args.step_batch, args.step_steps
-    layout = KVLayout(16, 8 * batch + 64, 256)
+    batch, tokens = args.step_batch, args.step_tokens
+    layout = KVLayout(16, batch * (cdiv(32 + tokens, 16) + 1) + 16, 256)
     shard = shard_module.Shard(
         args.model,
         rank=0,
@@ -116,30 +121,45 @@ def in_a_step(args: argparse.Namespace, module: ModuleType) -> dict[str, float]:
         t0 = time.perf_counter()
         result = shard.step(plans[0])
         walls.append(time.perf_counter() - t0)
-        phases.append(dict(result.seconds))
+        phases.append(dict(result.seconds) if plans[0].tokens == batch else {})
         return [result]
 
-    params = SamplingParams(max_tokens=steps + 8, temperature=1.0, top_p=0.9, ignore_eos=True)
-    core = EngineCore(shard.config, 1, layout, run_step, overlap=False, max_seqs=max(64, batch))
+    params = SamplingParams(
+        max_tokens=tokens, temperature=temperature, top_p=0.9, seed=1, ignore_eos=True
+    )
     rng = random.Random(0)
+    prompts = [[rng.randrange(1000, 100_000) for _ in range(32)] for _ in range(batch)]
     original = shard_module.sample_rows
-    shard_module.sample_rows = module.sample_rows
+    shard_module.sample_rows = _without_unknown_options(module.sample_rows)
     try:
-        for _ in range(batch):
-            core.submit([rng.randrange(1000, 100_000) for _ in range(16)], params)
-        for _ in range(3):  # prefill and warm-up
-            core.step()
-        phases.clear(), walls.clear()
-        for _ in range(steps):
-            core.step()
+        core = EngineCore(shard.config, 1, layout, run_step, overlap=False, max_seqs=batch)
+        core.submit(prompts[0], params.model_copy(update={"max_tokens": 2}))
+        core.run_until_done()  # warm: the first step's one-time costs
+        walls.clear(), phases.clear()
+        t0 = time.perf_counter()
+        for prompt in prompts:
+            core.submit(prompt, params)
+        core.run_until_done()
+        wall = time.perf_counter() - t0
     finally:
         shard_module.sample_rows = original
-    sampling = [p.get("sampling", 0.0) for p in phases]
+    decode = [(p["sampling"], w) for p, w in zip(phases, walls, strict=True) if p]
     return {
-        "step_ms": 1e3 * median(walls),
-        "sampling_ms": 1e3 * median(sampling),
-        "share": median([s / w for s, w in zip(sampling, walls, strict=True)]),
+        "batch_s": wall,
+        "decode_step_ms": 1e3 * median([w for _, w in decode]),
+        "sampling_ms": 1e3 * median([s for s, _ in decode]),
+        "share": median([s / w for s, w in decode]),
     }
+
+
+def _without_unknown_options(sample_rows: Any) -> Any:
+    """An earlier sampler, called as the shard calls this one (options it lacks dropped)."""
+    known = inspect.signature(sample_rows).parameters
+
+    def call(logits: Any, draws: Any, **options: Any) -> Any:
+        return sample_rows(logits, draws, **{k: v for k, v in options.items() if k in known})
+
+    return call
 
 
 def run(args: argparse.Namespace, data: dict[str, Any]) -> None:
@@ -161,11 +181,14 @@ def run(args: argparse.Namespace, data: dict[str, Any]) -> None:
             for mode in MODES:
                 progress(f"{name}: batch {batch}, {mode}")
                 data["alone"][f"{name}/{mode}@{batch}"] = alone(args, module, mode, batch)
-    data["in_a_step"] = {}
+    data["in_a_batch"] = {}
     if args.step_batch:
         for name, module in which.items():
-            progress(f"{name}: batch {args.step_batch} decoding on {args.model}")
-            data["in_a_step"][name] = in_a_step(args, module)
+            for temperature in (0.0, 1.0):
+                progress(f"{name}: {args.step_batch} requests at temperature {temperature:g}")
+                data["in_a_batch"][f"{name}@{temperature:g}"] = in_a_batch(
+                    args, module, temperature
+                )
     print(describe(data["machine"]))
     print(f"sample_rows on [batch, 201088] float32 logits, {args.device}; medians, ms per call")
     print(f"{'sampler':>8} {'batch':>5} " + " ".join(f"{m:>10}" for m in MODES))
@@ -173,12 +196,26 @@ def run(args: argparse.Namespace, data: dict[str, Any]) -> None:
         for batch in args.batches:
             cells = [data["alone"][f"{name}/{m}@{batch}"] for m in MODES]
             print(f"{name:>8} {batch:>5} " + " ".join(f"{fmt(c, '.2f'):>10}" for c in cells))
-    for name, r in data["in_a_step"].items():
+    if data["in_a_batch"]:
         print(
-            f"{name}: {args.model} float32 decoding {args.step_batch} sequences at temperature 1 "
-            f"/ top-p 0.9: step {r['step_ms']:.1f} ms, sampling {r['sampling_ms']:.1f} ms "
-            f"({100 * r['share']:.1f}% of the step)"
+            f"{args.step_batch} requests of {args.step_tokens} tokens at once, {args.model} "
+            "float32, one in-process shard: greedy vs temperature 1 / top-p 0.9"
         )
+        print(
+            f"{'sampler':>8} {'temp':>5} {'batch s':>8} {'vs greedy':>9} {'step ms':>8} "
+            f"{'sampling ms':>11} {'share':>6}"
+        )
+    for name in which:
+        for temperature in ("0", "1"):
+            r = data["in_a_batch"].get(f"{name}@{temperature}")
+            if r is None:
+                continue
+            r["vs_greedy"] = r["batch_s"] / data["in_a_batch"][f"{name}@0"]["batch_s"]
+            print(
+                f"{name:>8} {temperature:>5} {r['batch_s']:>8.2f} {r['vs_greedy']:>9.2f} "
+                f"{r['decode_step_ms']:>8.1f} {r['sampling_ms']:>11.2f} "
+                f"{100 * r['share']:>5.1f}%"
+            )
     save("sampling", data, args.out, plot)
 
 

@@ -12,7 +12,7 @@ import torch
 from gptoss_ray.model.grammar import Matchers
 from gptoss_ray.model.kv_cache import SequenceBatch, SequenceKV
 from gptoss_ray.model.model import Transformer
-from gptoss_ray.model.sampling import Draw, Scratch, sample_rows
+from gptoss_ray.model.sampling import Draw, sample_rows
 from gptoss_ray.model.types import RequestError, SamplingParams, TokenLogprob, check_prompt
 
 
@@ -57,7 +57,6 @@ def generate(
     finish: list[str | None] = [None] * len(prompts)
     feed = {i: list(prompt) for i, prompt in enumerate(prompts)}
     matchers = Matchers()  # of the prompts whose replies follow a grammar
-    scratch = Scratch()
     for i, p in enumerate(params):
         if p.grammar is not None:
             matchers.start(str(i), p.grammar, [])
@@ -81,7 +80,7 @@ def generate(
             )
             for row, i in enumerate(active)
         ]
-        drawn, drawn_logprobs = sample_rows(logits, draws, owned=True, scratch=scratch)
+        drawn, drawn_logprobs = sample_rows(logits, draws, owned=True)
         for i, token, lp in zip(active, drawn, drawn_logprobs, strict=True):
             matchers.consume(str(i), token)
             out[i].append(token)

@@ -20,8 +20,7 @@ shards serve it, or on a preemption that recomputes it elsewhere.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from math import inf
@@ -80,24 +79,19 @@ class Draw:
 
 
 def sample_rows(
-    logits: torch.Tensor,
-    draws: Sequence[Draw],
-    *,
-    owned: bool = False,
-    scratch: Scratch | None = None,
+    logits: torch.Tensor, draws: Sequence[Draw], *, owned: bool = False
 ) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits [S, V] (any device) and each row's draw -> the S tokens, and each row's
     logprobs (None for rows that did not ask). owned: the caller is done with `logits`,
     which may be overwritten (a step's logits are [64, 201088] floats: on a CPU a copy
-    costs more than the draw). scratch: buffers kept from the step before (a caller that
-    samples every step keeps one)."""
+    costs more than the draw)."""
     if logits.shape[0] != len(draws):
         raise ValueError(f"{logits.shape[0]} rows of logits for {len(draws)} draws")
     x, writable = _process(logits, draws, owned)
     asking = [i for i, d in enumerate(draws) if d.params.logprobs is not None]
     scores = torch.log_softmax(x[asking], dim=-1) if asking else None  # before the draw
     keys = [step_seed(d.seed, d.n) for d in draws]
-    tokens = choose(x, [d.params for d in draws], keys, writable, scratch or Scratch())
+    tokens = choose(x, [d.params for d in draws], keys, writable)
     host = tokens.tolist()  # the step's one read of the draw
     out: list[TokenLogprob | None] = [None] * len(draws)
     if scores is not None:
@@ -119,7 +113,6 @@ def choose(
     params: Sequence[SamplingParams],
     keys: Sequence[int],
     writable: bool,
-    scratch: Scratch,
 ) -> torch.Tensor:
     """Processed float32 logits [S, V] -> the S drawn tokens on their device: greedy rows
     (temperature 0) the argmax, the others drawn under their temperature, min_p, top_k and
@@ -129,9 +122,13 @@ def choose(
         return _argmax(x)
     greedy = _argmax(x) if len(hot) < len(params) else None
     weights = x if greedy is None and writable else x[hot]
-    drawn = _race(
-        _truncate(weights, [params[i] for i in hot], scratch),
+    chosen = [params[i] for i in hot]
+    drawn = _draw(
+        _truncate(weights, chosen),
         torch.tensor([keys[i] for i in hot], dtype=torch.long, device=x.device),
+        torch.tensor([[p.top_p] for p in chosen], device=x.device)
+        if any(p.top_p < 1 for p in chosen)
+        else None,
     )
     if greedy is None:
         return drawn
@@ -144,99 +141,41 @@ def _argmax(x: torch.Tensor) -> torch.Tensor:
     return x.max(dim=-1).indices if x.device.type == "cpu" else x.argmax(dim=-1)
 
 
-def _truncate(y: torch.Tensor, params: Sequence[SamplingParams], scratch: Scratch) -> torch.Tensor:
-    """y [S, V] logits, overwritten -> each row's weights after temperature, zero where
-    min_p, top_k or top_p cut the token (in that order, each on what the one before kept:
-    vLLM's order). All three keep a row's weights from a floor up: the floors are found
-    first, then one pass zeroes what is under them."""
-    rows, vocab = y.shape
+def _truncate(y: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """y [S, V] logits, overwritten -> each row's weights after temperature (in a scale of
+    its own), zero where min_p or top_k cut the token (vLLM's order: min_p, then top_k on
+    what it kept; top_p is the draw's). Both keep a row's weights from a floor up."""
+    vocab = y.shape[1]
 
     def column(values: list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=y.device)[:, None]
 
-    y.sub_(y.amax(dim=-1, keepdim=True)).div_(column([p.temperature for p in params])).exp_()
-    cut = False
-    floor = torch.zeros(rows, 1, device=y.device)  # each row's largest weight is 1
+    y.sub_(y.amax(dim=-1, keepdim=True))
+    temperatures = [p.temperature for p in params]
+    if any(t != 1 for t in temperatures):
+        y.div_(column(temperatures))
+    y.exp_()  # the largest weight of a row is 1
+    floor = None
     if any(p.min_p for p in params):
-        floor, cut = column([p.min_p for p in params]), True
+        floor = column([p.min_p for p in params])
     ks = [p.top_k if p.top_k < vocab else 0 for p in params]
     if any(ks):
         k = column(ks, torch.long)
         kth = y.topk(max(ks), dim=-1).values.gather(1, (k - 1).clamp_(min=0))
-        floor, cut = torch.maximum(floor, torch.where(k > 0, kth, 0.0)), True
-    if any(p.top_p < 1 for p in params):
-        floor, cut = _nucleus_floor(y, floor, column([p.top_p for p in params]), scratch), True
-    if cut:
-        # w / floor is 1 exactly at the floor and under 1 below it (IEEE division), and the
-        # race does not mind a row's scale: one pass each, where a mask costs an allocation.
-        # A row without a floor gets 2^-100: it loses weights under 1e-30 of its top one
-        # (below float32's resolution of its sum), and no sum of 201088 weights overflows.
-        floor = floor.clamp_(min=2.0**-100)
-        torch.nn.functional.threshold_(y.div_(floor), 1 - 2.0**-24, 0.0)
+        kth = torch.where(k > 0, kth, 0.0)
+        floor = kth if floor is None else torch.maximum(floor, kth)
+    if floor is not None:  # above the float just under the floor: from the floor up
+        _keep_above(y, torch.nextafter(floor, torch.zeros_like(floor)))
     return y
 
 
-def _nucleus_floor(
-    y: torch.Tensor, floor: torch.Tensor, top_p: torch.Tensor, scratch: Scratch
-) -> torch.Tensor:
-    """y [S, V] weights, of which each row keeps those from floor [S, 1] up; top_p [S, 1]
-    -> [S, 1] the smallest weight each row keeps: the most likely of the kept tokens while
-    the mass before them is under top_p of theirs (the first always; tokens of equal
-    weight together)."""
-    ascending = scratch.get("ascending", y)
-    if y.device.type == "cpu":  # numpy's SIMD sort, 9x torch's there, in threads
-        out, rows = ascending.numpy(), y.numpy()
-
-        def sort(part: slice) -> None:
-            out[part] = rows[part]
-            out[part].sort(axis=1)
-
-        scratch.map(sort, y.shape[0])
-    else:
-        torch.sort(y, dim=1, out=(ascending, scratch.get("order", y, torch.long)))
-    mass = torch.cumsum(ascending, dim=1, out=scratch.get("mass", y))
-    # the mass under the floor is cut already; a kept token goes when the kept mass at
-    # and below it is within 1 - top_p of the kept total
-    under = torch.searchsorted(ascending, floor)  # the first kept
-    below = torch.where(under > 0, mass.gather(1, (under - 1).clamp_(min=0)), 0.0)
-    edge = below + (1 - top_p) * (mass[:, -1:] - below)
-    first = torch.searchsorted(mass, edge, right=True).clamp_(max=y.shape[1] - 1)
-    return torch.maximum(floor, ascending.gather(1, first))
-
-
-class Scratch:
-    """Buffers of a step's size that a caller keeps from one step to the next: on a CPU a
-    fresh [64, 201088] float32 costs 12 ms of page faults, more than the pass that fills
-    it. And the threads that sort rows on a CPU."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[str, torch.Tensor] = {}
-        self._threads: ThreadPoolExecutor | None = None
-
-    def get(self, name: str, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        dtype = dtype or like.dtype
-        held = self._buffers.get(name)
-        rows, vocab = like.shape
-        if (
-            held is None
-            or held.device != like.device
-            or held.dtype != dtype
-            or (held.shape[1] != vocab or held.shape[0] < rows)
-        ):
-            held = self._buffers[name] = torch.empty(rows, vocab, dtype=dtype, device=like.device)
-        return held[:rows]
-
-    def map(self, work: Callable[[slice], None], rows: int) -> None:
-        """work(rows part) over the rows, split among torch's threads (numpy's sort runs
-        outside the GIL)."""
-        parts = max(1, min(rows, torch.get_num_threads()))
-        edges = [rows * i // parts for i in range(parts + 1)]
-        if parts == 1:
-            work(slice(0, rows))
-            return
-        if self._threads is None:
-            self._threads = ThreadPoolExecutor(parts, thread_name_prefix="sampling")
-        list(self._threads.map(work, [slice(a, b) for a, b in itertools.pairwise(edges)]))
+def _keep_above(y: torch.Tensor, level: torch.Tensor) -> None:
+    """Zeroes each row's weights at or under its level [S, 1], and scales the row by
+    1 / level: w / level > 1 exactly when w > level (IEEE division), and the race does not
+    mind a row's scale, so it is two passes, where a mask costs an allocation. A level
+    under 2^-100 is taken as 2^-100: the row loses weights under 1e-30 of its top one
+    (below float32's resolution of its sum), and no sum of 201088 weights overflows."""
+    torch.nn.functional.threshold_(y.div_(level.clamp(min=2.0**-100)), 1.0, 0.0)
 
 
 @cache
@@ -246,21 +185,56 @@ def _block(vocab: int) -> int:
     return next(b for b in (128, 64, 32, 16, 8, 4, 2, 1) if vocab % b == 0)
 
 
-def _race(weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """weights [S, V] (not all zero in a row), keys [S] -> each row's token i with
-    probability weight_i / sum: the exponential race, argmax w_i / q_i with q_i ~ Exp(1).
-    Unlike an inverse CDF (where a change of 1e-7 anywhere moves every later boundary) it
-    flips only when two leaders tie to that precision, so seeded replies stay put under
-    float noise. Run in two rounds, blocks by their mass and then a token of the winning
-    block by its weight (the same distribution), it needs V/128 + 128 random numbers a
-    row instead of V."""
+def _draw(weights: torch.Tensor, keys: torch.Tensor, top_p: torch.Tensor | None) -> torch.Tensor:
+    """weights [S, V] (overwritten), keys [S], top_p [S, 1] or None -> each row's token i
+    with probability weight_i / the kept mass: top_p keeps the most likely tokens while
+    the mass before them is under top_p of the row's (the first always; tokens of equal
+    weight together).
+
+    Without a sort: a token drawn from a set of the most likely tokens is kept when the
+    mass above it is under top_p; if not, neither is any token as light, and the next
+    round draws again from the heavier ones only. Each round's draw is in proportion to
+    weight within a set that holds the nucleus, so the token kept has the nucleus's
+    distribution; each round is two passes over the weights, and the top token always
+    ends its row's rounds."""
     rows, vocab = weights.shape
     size = _block(vocab)
     blocks = weights.view(rows, vocab // size, size)
     mass = blocks.sum(dim=-1)
-    block = (mass / -uniforms(keys, 0, vocab // size).log_()).argmax(dim=-1)
+    token = _race(blocks, mass, keys, 0)
+    if top_p is None:
+        return token
+    limit = top_p * mass.sum(dim=-1, keepdim=True)
+    chosen = token
+    done = torch.zeros(rows, dtype=torch.bool, device=weights.device)
+    for round in itertools.count(1):
+        level = weights.gather(1, token[:, None])
+        _keep_above(weights, level)  # what is heavier than the drawn token, in its units
+        limit.div_(level.clamp(min=2.0**-100))
+        mass = blocks.sum(dim=-1)
+        kept = mass.sum(dim=-1) < limit[:, 0]
+        chosen = torch.where(kept & ~done, token, chosen)
+        done |= kept
+        if bool(done.all()):  # a host read a round: the rounds a batch needs are its own
+            return chosen
+        token = _race(blocks, mass, keys, round)
+    raise AssertionError("unreachable")
+
+
+def _race(blocks: torch.Tensor, mass: torch.Tensor, keys: torch.Tensor, round: int) -> torch.Tensor:
+    """blocks [S, V / size, size] weights (not all zero in a row) and their sums [S, V /
+    size], keys [S] -> each row's token i with probability weight_i / sum: the exponential
+    race, argmax w_i / q_i with q_i ~ Exp(1). Unlike an inverse CDF (where a change of 1e-7
+    anywhere moves every later boundary) it flips only when two leaders tie to that
+    precision, so seeded replies stay put under float noise. Run in two steps, blocks by
+    their mass and then a token of the winning block by its weight (the same
+    distribution), it needs V/128 + 128 random numbers a row instead of V; each `round`
+    of a draw has numbers of its own."""
+    rows, count, size = blocks.shape
+    start = round * (count + size)
+    block = (mass / -uniforms(keys, start, count).log_()).argmax(dim=-1)
     within = blocks.gather(1, block[:, None, None].expand(rows, 1, size))[:, 0]
-    token = (within / -uniforms(keys, vocab // size, size).log_()).argmax(dim=-1)
+    token = (within / -uniforms(keys, start + count, size).log_()).argmax(dim=-1)
     return block * size + token
 
 

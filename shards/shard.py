@@ -17,7 +17,7 @@ from gptoss_ray.model.grammar import Matchers
 from gptoss_ray.model.kv_cache import SequenceBatch
 from gptoss_ray.model.model import Transformer
 from gptoss_ray.model.model_folder import read_config, resolve_model
-from gptoss_ray.model.sampling import Draw, Scratch, sample_rows, step_seed, token_logprobs
+from gptoss_ray.model.sampling import Draw, sample_rows, step_seed, token_logprobs
 from gptoss_ray.model.types import (
     KVLayout,
     SamplingParams,
@@ -124,7 +124,6 @@ class Shard:
         self.matchers = Matchers()
         self._mask_thread: ThreadPoolExecutor | None = None
         self.mask_seconds = 0.0  # building masks, off the critical path (benchmarks read it)
-        self.scratch = Scratch()  # the sampler's buffers, kept between steps
 
     def capture_graphs(self) -> float:
         """Captures every bucket's decode step (the kernels compile in the warm-ups), so
@@ -282,9 +281,7 @@ class Shard:
         rows, draws = self._draws(work, ready)
         if rows != list(range(len(sampled))):  # a row drawn from more than once (forks)
             logits = logits[rows]
-        tokens, logprobs = (
-            sample_rows(logits, draws, owned=True, scratch=self.scratch) if sampled else ([], [])
-        )
+        tokens, logprobs = sample_rows(logits, draws, owned=True) if sampled else ([], [])
         timer.lap("sampling")  # grammar masks, bias, penalties, logprobs, draws
         return tokens, logprobs, prompt_logprobs
 
