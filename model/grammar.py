@@ -15,8 +15,9 @@ message (free text, or JSON valid against a schema) ended by `<|return|>`, or on
 call (`to=functions.NAME` after the role or after the channel, as the model pleases, on
 `commentary`, `<|constrain|>json`, a JSON object as arguments: valid against the tool's
 parameters where the tool is strict) ended by `<|call|>`. Every reply under it parses in
-openai-harmony's strict mode. JSON is compact (no free whitespace between tokens), so a
-model cannot pad it forever."""
+openai-harmony's strict mode. JSON is compact (no free whitespace between tokens), and a
+number the schema leaves unbounded has at most 15 digits before the point and 8 after
+(`_bounded_numbers`), so a model cannot pad it forever."""
 
 from __future__ import annotations
 
@@ -108,7 +109,41 @@ def reply_grammar(
 
 
 def _compact(schema: dict[str, Any]) -> str:
-    return json.dumps({**schema, "x-guidance": _COMPACT})
+    return json.dumps({**_bounded_numbers(schema), "x-guidance": _COMPACT})
+
+
+# JSON numbers a schema leaves unbounded get at most this many digits before the point
+# and after it: a model that writes digits forever still ends its reply. 15: every such
+# integer is exact in a double, as JSON parsers (and llguidance's bounds) read numbers. A
+# schema's own minimum / maximum / multipleOf on a number take the place of these.
+INTEGER_DIGITS = 15
+FRACTION_DIGITS = 8
+_NUMBER_CAP = {
+    "minimum": -(10**INTEGER_DIGITS - 1),
+    "maximum": 10**INTEGER_DIGITS - 1,
+    "multipleOf": 10.0**-FRACTION_DIGITS,
+}
+
+
+def _bounded_numbers(node: Any) -> Any:
+    """The schema with every number and integer it leaves unbounded capped (`_NUMBER_CAP`:
+    a bound on a side it lacks, multipleOf on a number that has none); enums and consts
+    as they are."""
+    if isinstance(node, list):
+        return [_bounded_numbers(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _bounded_numbers(v) for k, v in node.items()}
+    types = node.get("type")
+    types = set(types) if isinstance(types, list) else {types}
+    if types & {"number", "integer"} and not {"enum", "const"} & node.keys():
+        if not {"minimum", "exclusiveMinimum"} & node.keys():
+            out["minimum"] = _NUMBER_CAP["minimum"]
+        if not {"maximum", "exclusiveMaximum"} & node.keys():
+            out["maximum"] = _NUMBER_CAP["maximum"]
+        if "number" in types and "multipleOf" not in node:
+            out["multipleOf"] = _NUMBER_CAP["multipleOf"]
+    return out
 
 
 def check_schema(schema: dict[str, Any], where: str) -> str:
