@@ -101,7 +101,19 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     serve.add_argument("--address", default=None, help="Ray cluster ('auto'); default: local")
     serve.add_argument("--name", default="gptoss-ray")
-    serve.add_argument("--kv-budget-mb", type=float, default=256)
+    serve.add_argument(
+        "--kv-budget-mb",
+        type=float,
+        default=None,
+        help="KV cache per shard (default: on cuda sized from free memory, on cpu 256)",
+    )
+    serve.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=None,
+        help="share of each shard's device memory for weights, activations and KV "
+        "(default 0.9 on cuda; on cpu, given, the host's memory is read)",
+    )
     serve.add_argument(
         "--max-prompt-tokens",
         type=int,
@@ -293,6 +305,16 @@ def _captured(info: dict) -> str:
     return f"; decode graphs captured in {seconds:.1f} s" if seconds else ""
 
 
+def _kv(info: dict) -> str:
+    """Each shard's KV capacity in tokens, and what sized it."""
+    kv = info["kv_capacity"]
+    how = {"memory": "from free memory", "budget": "--kv-budget-mb", "default": "default budget"}
+    return (
+        f"KV cache per shard {kv['full_tokens']} tokens of full attention, "
+        f"{kv['sliding_tokens']} of sliding window ({how[kv['sized_by']]})"
+    )
+
+
 def _serve(args: argparse.Namespace) -> int:
     from gptoss_ray.cluster.serve import serve
 
@@ -304,7 +326,8 @@ def _serve(args: argparse.Namespace) -> int:
         address=args.address,
         device=args.device,
         dtype=args.dtype,
-        kv_budget_bytes=int(args.kv_budget_mb * 2**20),
+        kv_budget_bytes=None if args.kv_budget_mb is None else int(args.kv_budget_mb * 2**20),
+        gpu_memory_utilization=args.gpu_memory_utilization,
         max_prompt_tokens=args.max_prompt_tokens,
         prefix_cache=args.prefix_cache,
         harmony_frame=args.harmony_frame,
@@ -319,7 +342,7 @@ def _serve(args: argparse.Namespace) -> int:
     print(
         f"engine(s) {', '.join(info['engines'])} ready in {time.perf_counter() - t0:.1f} s: "
         f"{info['model']} on {info['shards']} {args.device} shard(s) each, experts "
-        f"{info['expert_ranges']}{_captured(info)}. "
+        f"{info['expert_ranges']}{_captured(info)}; {_kv(info)}. "
         f"Submit with `gptoss-ray batch submit FILE --output OUT`; stop with "
         f"`gptoss-ray stop --name {args.name}`."
     )
@@ -373,7 +396,7 @@ def _status(args: argparse.Namespace) -> int:
     print(
         f"engine {args.name!r}: {status['model']}, {status['shards']} shard(s), {health}; "
         f"{status['waiting']} waiting, {sum(status['running'])} running, "
-        f"{len(status['recoveries'])} recoveries"
+        f"{len(status['recoveries'])} recoveries; {_kv(status)}"
     )
     load = status["expert_load"]
     per_expert = [sum(col) for col in zip(*load, strict=True)] if load else []
@@ -541,7 +564,7 @@ def _demo(args: argparse.Namespace) -> int:
         started = time.perf_counter() - t0
         print(
             f"started in {started:.1f} s; experts per shard: {info['expert_ranges']}"
-            f"{_captured(info)}\n",
+            f"{_captured(info)}; {_kv(info)}\n",
             flush=True,
         )
         t1 = time.perf_counter()

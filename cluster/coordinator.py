@@ -19,7 +19,14 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from gptoss_ray.cluster.engine_core import EngineCore, ShardsRestarted
 from gptoss_ray.cluster.engine_loop import EngineLoop
 from gptoss_ray.model.model_folder import read_config, resolve_model
-from gptoss_ray.model.types import KVLayout, StepPlan, StepResult
+from gptoss_ray.model.types import (
+    DEFAULT_GPU_MEMORY_UTILIZATION,
+    DEFAULT_KV_BUDGET_MB,
+    KVLayout,
+    StepPlan,
+    StepResult,
+    size_kv,
+)
 from gptoss_ray.router.plan import expert_ranges
 from gptoss_ray.shards.worker import STEP_THREADS, ShardWorker
 
@@ -33,6 +40,10 @@ SHARD_LOST = (
 )
 
 
+# the KV cache a GPU shard loads with, replaced once free memory is read (`size_kv`)
+PROVISIONAL_KV_MB = 64
+
+
 class Coordinator(EngineLoop):
     def __init__(
         self,
@@ -41,7 +52,8 @@ class Coordinator(EngineLoop):
         *,
         device: str = "cpu",
         dtype: str = "bfloat16",
-        kv_budget_bytes: int = 256 * 2**20,
+        kv_budget_bytes: int | None = None,
+        gpu_memory_utilization: float | None = None,
         block_size: int = 16,
         token_budget: int = 256,
         max_seqs: int = 64,
@@ -64,14 +76,19 @@ class Coordinator(EngineLoop):
         self.config = read_config(path)  # no torch here: only the shards load tensors
         expert_ranges(self.config.num_experts, shards)  # too many shards: said before any starts
         self.shards = shards
-        self.layout = KVLayout.from_budget(
-            self.config,
-            kv_budget_bytes,
-            bytes_per_value={"float32": 4, "bfloat16": 2}[dtype],
-            block_size=block_size,
-            max_seqs=max_seqs,
-            max_chunk=token_budget,
-        )
+        sizes = {
+            "bytes_per_value": {"float32": 4, "bfloat16": 2}[dtype],
+            "block_size": block_size,
+            "max_seqs": max_seqs,
+            "max_chunk": token_budget,
+        }
+        # GPU shards read their free memory after a warm-up (and check an explicit budget
+        # against it); CPU shards take a fixed budget unless a utilization is asked for
+        measured = device == "cuda" or gpu_memory_utilization is not None
+        budget = kv_budget_bytes
+        if budget is None:
+            budget = (PROVISIONAL_KV_MB if measured else DEFAULT_KV_BUDGET_MB) * 2**20
+        self.layout = KVLayout.from_budget(self.config, budget, **sizes)
         gpus = gpus_per_shard if gpus_per_shard is not None else (1 if device == "cuda" else 0)
         bundle = {"CPU": cpus_per_shard} | ({"GPU": gpus} if gpus else {})
         self.pg = placement_group([bundle] * shards, strategy="PACK")
@@ -111,13 +128,29 @@ class Coordinator(EngineLoop):
         # expert exchange together
         loaded = ray.get(
             [
-                w.load.remote(self.model_path, dtype, self.layout, **self._load_options)
+                w.load.remote(
+                    self.model_path, dtype, self.layout, capture=not measured, **self._load_options
+                )
                 for w in self.workers
             ]
         )
         self.expert_ranges = [experts for experts, _ in loaded]
         # the slowest shard's capture of every decode bucket (0 without graphs)
         self.graph_capture_s = max(seconds for _, seconds in loaded)
+        self.kv_source = "budget" if kv_budget_bytes is not None else "default"
+        if measured:  # the graphs hold the KV cache: captured once it has its size
+            self.memory = ray.get([w.measure_memory.remote() for w in self.workers])
+            self.layout = size_kv(
+                self.config,
+                self.memory,
+                utilization=gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION,
+                budget_bytes=kv_budget_bytes,
+                **sizes,
+            )
+            ray.get([w.resize_kv.remote(self.layout) for w in self.workers])
+            self.graph_capture_s = max(ray.get([w.capture_graphs.remote() for w in self.workers]))
+            if kv_budget_bytes is None:
+                self.kv_source = "memory"
         # Off by default on CPU shards: the channels' readers poll, and there every core
         # already runs the shards' torch threads (2 cores, batch 64: 86 -> 120 ms a step)
         self._compiled_steps = device == "cuda" if compiled_steps is None else compiled_steps
@@ -374,6 +407,7 @@ class Coordinator(EngineLoop):
             **super().info(),
             "expert_ranges": self.expert_ranges,
             "graph_capture_s": round(self.graph_capture_s, 2),
+            "kv_capacity": self.layout.capacity() | {"sized_by": self.kv_source},
         }
 
     def shutdown(self) -> None:

@@ -40,7 +40,8 @@ class Engine:
         dtype: str = "bfloat16",
         address: str | None = None,
         name: str | None = None,
-        kv_budget_mb: float = 256,
+        kv_budget_mb: float | None = None,
+        gpu_memory_utilization: float | None = None,
         block_size: int = 16,
         token_budget: int = 256,
         max_seqs: int = 64,
@@ -52,7 +53,10 @@ class Engine:
         local Ray instance is started for this engine and ended with it, whether or not
         another runs on this machine (cluster/ray_instance.py says why).
         The coordinator runs on this process's node unless `coordinator_node` (a Ray node
-        id) says otherwise. `options` go to the coordinator (cpus_per_shard,
+        id) says otherwise. The KV cache of each shard: `kv_budget_mb` if given (on a GPU
+        checked against its free memory); else on a GPU what `gpu_memory_utilization`
+        (default 0.9) of its memory leaves after the weights and the largest step, and on
+        a CPU 256 MiB (or, with a utilization, that share of the host's memory). `options` go to the coordinator (cpus_per_shard,
         gpus_per_shard, placement_timeout, recovery_timeout, kernels: Triton
         kernels on or off, default on for cuda; decode_graphs: decode steps replayed from
         CUDA graphs, default on for cuda with the kernels and one shard; threads_per_shard:
@@ -88,7 +92,8 @@ class Engine:
             shards,
             device=device,
             dtype=dtype,
-            kv_budget_bytes=int(kv_budget_mb * 2**20),
+            kv_budget_bytes=None if kv_budget_mb is None else int(kv_budget_mb * 2**20),
+            gpu_memory_utilization=gpu_memory_utilization,
             block_size=block_size,
             token_budget=token_budget,
             max_seqs=max_seqs,

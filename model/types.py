@@ -198,6 +198,101 @@ class KVLayout:
             )
         return cls(block_size, int(full), int(sliding))
 
+    def capacity(self) -> dict[str, int]:
+        """Tokens of keys the pools hold: full attention, and the sliding window's."""
+        return {
+            "full_tokens": self.full_blocks * self.block_size,
+            "sliding_tokens": self.sliding_blocks * self.block_size,
+        }
+
+    def nbytes(self, config: ModelConfig, bytes_per_value: int) -> int:
+        """The bytes of keys and values the pools take on a shard."""
+        per_token = 2 * config.num_key_value_heads * config.head_dim * bytes_per_value
+        n_sliding = sum(config.is_sliding(i) for i in range(config.num_hidden_layers))
+        n_full = config.num_hidden_layers - n_sliding
+        blocks = self.full_blocks * n_full + self.sliding_blocks * n_sliding
+        return blocks * self.block_size * per_token
+
+
+DEFAULT_KV_BUDGET_MB = 256  # per shard, where free memory is not read (CPU shards)
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9  # vLLM's
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    """A shard's device memory once its weights are loaded and its largest step has run
+    (its activations kept by the allocator): bytes free and in all."""
+
+    free: int
+    total: int
+
+
+def size_kv(
+    config: ModelConfig,
+    readings: Sequence[DeviceMemory],
+    *,
+    utilization: float,
+    budget_bytes: int | None,
+    bytes_per_value: int,
+    block_size: int = 16,
+    max_seqs: int = 64,
+    max_chunk: int = 256,
+) -> KVLayout:
+    """The KV layout of every shard from each one's memory reading: an explicit budget
+    (`--kv-budget-mb`) must fit in the least free memory; without one, each shard may use
+    `utilization` of its memory in all (vLLM's --gpu-memory-utilization), the KV what is
+    left of it after what is in use, the smallest across shards, and it must hold one
+    sequence of the model's whole context. Errors name the numbers (ConfigError)."""
+    from gptoss_ray.model.config import ConfigError
+
+    def gib(n: float) -> str:
+        return f"{n / 2**30:.2f} GiB"
+
+    def layout(budget: int) -> KVLayout:
+        return KVLayout.from_budget(
+            config,
+            budget,
+            bytes_per_value=bytes_per_value,
+            block_size=block_size,
+            max_seqs=max_seqs,
+            max_chunk=max_chunk,
+        )
+
+    if not 0 < utilization <= 1:
+        raise ConfigError(f"gpu_memory_utilization {utilization}: expected a fraction in (0, 1]")
+    if budget_bytes is not None:
+        rank, least = min(enumerate(readings), key=lambda r: r[1].free)
+        if budget_bytes > least.free:
+            raise ConfigError(
+                f"a KV budget of {gib(budget_bytes)} per shard exceeds the {gib(least.free)} "
+                f"free on shard {rank} (of {gib(least.total)}) after its weights and warm-up: "
+                "lower --kv-budget-mb, or leave it out to size the cache from free memory"
+            )
+        return layout(budget_bytes)
+    left = [int(utilization * r.total) - (r.total - r.free) for r in readings]
+    rank = min(range(len(readings)), key=lambda i: left[i])
+    reading = readings[rank]
+    whole = KVLayout(block_size, cdiv(config.max_context_length, block_size), 0)
+    needs = whole.nbytes(config, bytes_per_value)  # its full-attention layers' keys
+    where = (
+        f"gpu_memory_utilization {utilization:g} of shard {rank}'s {gib(reading.total)} "
+        f"leaves {gib(max(left[rank], 0))} for the KV cache with "
+        f"{gib(reading.total - reading.free)} in use after its weights and warm-up"
+    )
+    if left[rank] <= 0:
+        raise ConfigError(f"{where}: raise --gpu-memory-utilization, or use more shards")
+    try:
+        sized = layout(left[rank])
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    if sized.capacity()["full_tokens"] < config.max_context_length:
+        raise ConfigError(
+            f"{where}: under one {config.max_context_length}-token sequence (its "
+            f"full-attention keys alone take {gib(needs)}): raise --gpu-memory-utilization, "
+            "or use more shards"
+        )
+    return sized
+
 
 @dataclass
 class BlockGrant:

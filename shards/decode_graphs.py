@@ -205,6 +205,20 @@ class DecodeGraphs:
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
+    def warm(self, rows: int) -> None:
+        """A bucket's step run eagerly on padding rows (the scratch block), counting no
+        expert load: the activations of the largest step, for a reading of free memory."""
+        self.buffers.fill([], [], rows)
+        self._size_exchange(rows)
+        batch = self.buffers.batch(rows)
+        self.model.count_expert_load(None)
+        try:
+            self.model(batch.tokens, batch)
+        finally:
+            self.model.count_expert_load(self.load)
+        if self.capture:
+            torch.cuda.synchronize()
+
     def warm_prefill_attention(self) -> None:
         """Compiles the attention kernel's variant for prompt chunks (taller query tiles
         than a decode step's), on the scratch blocks, which no sequence owns. The MoE

@@ -45,6 +45,10 @@ class PagedKVCache:
             self.v.append(torch.zeros((n, *shape), dtype=dtype, device=device))
         self.tables: dict[str, PlacedTable] = {}
 
+    def nbytes(self) -> int:
+        """The bytes the pools take on the device."""
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
     @property
     def has_sliding(self) -> bool:
         return any(self.config.is_sliding(i) for i in range(self.config.num_hidden_layers))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from gptoss_ray.model.model import Transformer
 from gptoss_ray.model.model_folder import read_config, resolve_model
 from gptoss_ray.model.sampling import Draw, sample_rows, step_seed, token_logprobs
 from gptoss_ray.model.types import (
+    DeviceMemory,
     KVLayout,
     SamplingParams,
     SeqWork,
@@ -88,6 +90,7 @@ class Shard:
         layout = kv_layout or KVLayout.from_budget(
             self.config, kv_budget_bytes, bytes_per_value=dtype.itemsize, block_size=block_size
         )
+        self.dtype = dtype
         self.kv = PagedKVCache(self.config, layout, dtype=dtype, device=self.device)
         # rows each local expert has received, per layer, since the shard started; kept
         # on the device so that counting costs no synchronisation in the step
@@ -139,6 +142,35 @@ class Shard:
         except GraphCaptureError as exc:
             self._without_graphs(exc)
             return 0.0
+
+    def measure_memory(
+        self, measure: Callable[[torch.device], tuple[int, int]] | None = None
+    ) -> DeviceMemory:
+        """Runs the largest bucket's decode step (with decode graphs: their static step,
+        eagerly; its activations stay with the allocator), then reads the device's memory
+        (`measure`: device -> (free, total) bytes; `device_memory` by default). The KV
+        cache held now counts as free: `resize_kv` replaces it with the one sized from
+        the readings. With several shards all call it together (the step runs the
+        exchange)."""
+        if self.graphs is not None:
+            self.graphs.warm(self.graphs.buckets[-1])
+        free, total = (measure or device_memory)(self.device)
+        return DeviceMemory(free + self.kv.nbytes(), total)
+
+    def resize_kv(self, layout: KVLayout) -> None:
+        """Replaces the KV cache, before any sequence is placed, and the decode graphs'
+        buffers, which hold it (capture them after: `capture_graphs`)."""
+        if self.kv.tables:
+            raise RuntimeError(f"shard {self.rank}: the KV cache holds sequences")
+        self.kv = None  # type: ignore[assignment]  # its memory first goes back
+        self.kv = PagedKVCache(self.config, layout, dtype=self.dtype, device=self.device)
+        if self.graphs is not None:
+            self.graphs = DecodeGraphs(
+                self.model,
+                self.kv,
+                self.expert_load,
+                self.exchange if self.world_size > 1 else None,
+            )
 
     def _without_graphs(self, exc: GraphCaptureError) -> None:
         print(
@@ -354,6 +386,19 @@ class Shard:
         )
         self.exchange.timer, self.exchange.rows = timer.inner, bucket
         return self.model(tokens, batch, rows=rows, timer=timer.inner)
+
+
+def device_memory(device: torch.device) -> tuple[int, int]:
+    """(free, total) bytes: a GPU's from CUDA; a CPU shard's from the host's available
+    memory (Linux's /proc/meminfo)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)
+    fields = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            name, value = line.split(":", 1)
+            fields[name] = int(value.split()[0]) * 1024
+    return fields["MemAvailable"], fields["MemTotal"]
 
 
 class NullShard(Shard):

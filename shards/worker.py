@@ -11,7 +11,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from gptoss_ray.model.types import KVLayout, StepPlan, StepResult
+from gptoss_ray.model.types import DeviceMemory, KVLayout, StepPlan, StepResult
 
 if TYPE_CHECKING:  # the shard's process imports them (below); the coordinator never does
     from gptoss_ray.shards.shard import Shard
@@ -147,6 +147,8 @@ class ShardWorker:
                 "sequences": len(shard.kv.tables),
                 "kv_free_blocks": {"full": full, "sliding": sliding},
                 "kv_total_blocks": {"full": layout.full_blocks, "sliding": layout.sliding_blocks},
+                "kv_capacity": layout.capacity(),
+                "kv_bytes": shard.kv.nbytes(),
                 "weight_bytes": sum(
                     t.numel() * t.element_size() for t in shard.model.state_dict().values()
                 )
@@ -198,6 +200,18 @@ class ShardWorker:
         )
         self.capture_seconds = self.shard.capture_graphs() if capture else 0.0
         return self.shard.experts, self.capture_seconds
+
+    @_on_shard_thread
+    def measure_memory(self) -> DeviceMemory:
+        """The device's memory after the largest step (`Shard.measure_memory`); every
+        shard calls it at once."""
+        assert self.shard is not None, "load() first"
+        return self.shard.measure_memory()
+
+    @_on_shard_thread
+    def resize_kv(self, layout: KVLayout) -> None:
+        assert self.shard is not None, "load() first"
+        self.shard.resize_kv(layout)
 
     @_on_shard_thread
     def capture_graphs(self) -> float:

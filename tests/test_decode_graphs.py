@@ -255,3 +255,35 @@ def test_captured_graphs_give_the_eager_tokens():
             assert len(shard.graphs.graphs) >= 1
     pairs = [(a, b) for x, y in zip(*runs, strict=True) for a, b in zip(x, y, strict=True)]
     assert sum(a == b for a, b in pairs) >= 0.95 * len(pairs)
+
+
+def test_phase_timers_wait_for_a_gpu_and_a_shard_may_time_the_step_alone(monkeypatch):
+    """On a GPU a lap first waits for the device (else a phase is booked the kernels
+    queued before it); a shard that does not time phases (a GPU's default) reports one
+    phase, "step", and passes no timer to the layers."""
+    from gptoss_ray.cluster.engine_core import EngineCore
+    from tests.engine_cases import GREEDY, prompts, tiny_shard
+
+    waits = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waits.append(device))
+    gpu = torch.device("cuda", 0)
+    timer = StepTimer(gpu)
+    timer.lap("attention"), timer.lap("experts")
+    assert waits == [gpu, gpu] and set(timer.done()) == {"attention", "experts"}
+    assert StepTimer(gpu, phases=False).inner is None
+
+    for phases, want in [(True, {"attention", "experts", "sampling"}), (False, {"step"})]:
+        shard = tiny_shard(KVLayout(16, 64, 64))
+        shard.time_phases = phases
+        seconds = []
+
+        def run(plans, shard=shard, seconds=seconds):
+            result = shard.step(plans[0])
+            seconds.append(set(result.seconds))
+            return [result]
+
+        core = EngineCore(shard.config, 1, shard.kv.layout, run)
+        core.submit(prompts()[0], GREEDY.model_copy(update={"max_tokens": 2}))
+        core.run_until_done()
+        assert want <= set().union(*seconds)
+        assert phases or all(s == {"step"} for s in seconds)

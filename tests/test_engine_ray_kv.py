@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from gptoss_ray.cluster.engine import Engine
+from gptoss_ray.model.model_folder import read_config, resolve_model
+from gptoss_ray.model.types import KVLayout
 from tests.engine_cases import GREEDY, baseline, prompts
 
 
@@ -15,6 +19,10 @@ def test_out_of_kv_blocks_queues_and_preempts(ray_session):
         "gpt-oss-tiny", shards=2, dtype="float32", kv_budget_mb=0.25, token_budget=32
     )
     try:
+        want = KVLayout.from_budget(
+            read_config(resolve_model("gpt-oss-tiny")), 2**18, bytes_per_value=4, max_chunk=32
+        )
+        assert eng.info()["kv_capacity"] == want.capacity() | {"sized_by": "budget"}
         start = time.monotonic()
         outs = eng.generate(prompts(), GREEDY)
         assert tuple(tuple(o.token_ids) for o in outs) == baseline()
@@ -41,3 +49,12 @@ def test_prefix_cache_on_expert_parallel_shards(ray_session):
         assert len(caches) == 3 and sum(c["hit_tokens"] for c in caches) > 0
     finally:
         eng.shutdown()
+
+
+def test_a_memory_share_that_leaves_no_room_for_the_kv_fails_the_start_with_the_numbers(
+    ray_session,
+):
+    """On CPU shards a utilization reads the host's memory (as a GPU shard reads its
+    device's): a share smaller than what is in use leaves nothing for the KV cache."""
+    with pytest.raises(RuntimeError, match=r"gpu_memory_utilization 1e-06 of shard 0's .* in use"):
+        Engine.start("gpt-oss-tiny", shards=1, dtype="float32", gpu_memory_utilization=1e-6)
