@@ -221,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     full.add_argument("--prompt-len", type=_count, default=128)
     full.add_argument("--output-len", type=_count, default=64)
     full.add_argument("--no-peer", action="store_true", help="skip transformers")
+    full.add_argument("--repeats", type=_count, default=3, help="runs of each, medians shown")
     full.add_argument("--kernels", choices=("auto", "on", "off"), default="auto")
     full.add_argument(
         "--graphs",

@@ -177,28 +177,32 @@ def fullsize(
     peer: bool,
     kernels: bool | None = None,
     graphs: bool | None = None,
+    repeats: int = 3,
 ) -> dict[str, Any]:
     """graphs: decode steps from CUDA graphs (default: where the kernels run on a GPU);
-    with graphs, batch 1 also runs without them, to show what they save."""
+    with graphs, batch 1 also runs without them, to show what they save. Each figure is
+    the median of `repeats` runs."""
     progress(f"-- building {config_name} with random weights on {device}")
     model = build(config_name, device, kernels=kernels)
     bandwidth = copy_bandwidth(device)
     limit = bandwidth / decode_bytes(model.config, prompt_len + output_len // 2)
     progress(f"   copy bandwidth {bandwidth / 1e9:.0f} GB/s; batch-1 limit {limit:.0f} tok/s")
-    ours = []
-    runs = [(b, graphs) for b in batches]
-    while runs:
-        b, g = runs.pop(0)
-        r = run_ours(model, b, prompt_len, output_len, g)
-        if b == 1:
-            r["share_of_bandwidth_limit"] = r["decode_tokens_per_s"] / limit
-            if r["decode_graphs"] and g is not False:
-                runs.insert(0, (1, False))  # beside it, what the graphs save
-        ours.append(r)
-        progress(
-            f"   ours, batch {b}, graphs {'on' if r['decode_graphs'] else 'off'}: "
-            f"{r['tokens_per_s']:.1f} tok/s, decode {r['decode_tokens_per_s']:.1f} tok/s"
-        )
+    ours: dict[tuple[int, bool], list[dict[str, Any]]] = {}
+    for repeat in range(repeats):
+        runs = [(b, graphs) for b in batches]
+        while runs:
+            b, g = runs.pop(0)
+            r = run_ours(model, b, prompt_len, output_len, g)
+            if b == 1:
+                r["share_of_bandwidth_limit"] = r["decode_tokens_per_s"] / limit
+                if r["decode_graphs"] and g is not False:
+                    runs.insert(0, (1, False))  # beside it, what the graphs save
+            ours.setdefault((b, r["decode_graphs"]), []).append(r)
+            progress(
+                f"   ours, batch {b}, graphs {'on' if r['decode_graphs'] else 'off'}, run "
+                f"{repeat + 1}/{repeats}: {r['tokens_per_s']:.1f} tok/s, decode "
+                f"{r['decode_tokens_per_s']:.1f} tok/s"
+            )
     theirs: list[dict[str, Any]] | str = []
     if peer:
         try:
@@ -206,9 +210,15 @@ def fullsize(
 
             hf = to_transformers(model)
             for b in batches:
-                r = run_peer(hf, b, prompt_len, output_len)
-                theirs.append(r)
-                progress(f"   transformers, batch {b}: {r['tokens_per_s']:.1f} tok/s")
+                rs = []
+                for repeat in range(repeats):
+                    rs.append(run_peer(hf, b, prompt_len, output_len))
+                    progress(
+                        f"   transformers, batch {b}, run {repeat + 1}/{repeats}: "
+                        f"{rs[-1]['tokens_per_s']:.1f} tok/s, decode "
+                        f"{rs[-1]['decode_tokens_per_s']:.1f} tok/s"
+                    )
+                theirs.append(_medians(rs))
             del hf
         except torch.OutOfMemoryError as exc:
             theirs = f"transformers did not fit: {str(exc).splitlines()[0]}"
@@ -222,9 +232,19 @@ def fullsize(
         "copy_bandwidth_gb_s": bandwidth / 1e9,
         "decode_bytes_batch1": decode_bytes(model.config, prompt_len + output_len // 2),
         "bandwidth_limit_tokens_per_s": limit,
-        "ours": ours,
+        "repeats": repeats,
+        "ours": [_medians(rs) for rs in ours.values()],
         "transformers": theirs,
     }
+
+
+def _medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The runs of one configuration -> one, each number the median of the runs'."""
+    out = dict(runs[0])
+    for key, value in out.items():
+        if isinstance(value, float):
+            out[key] = statistics.median(r[key] for r in runs)
+    return out
 
 
 def run(args: argparse.Namespace, data: dict[str, Any]) -> None:
@@ -238,6 +258,7 @@ def run(args: argparse.Namespace, data: dict[str, Any]) -> None:
         peer=not args.no_peer,
         kernels=switch[args.kernels],
         graphs=switch[args.graphs],
+        repeats=args.repeats,
     )
     print_table(data)
     save("fullsize", data, args.out, None)
@@ -252,20 +273,25 @@ def print_table(data: dict) -> None:
         f"limit {r['bandwidth_limit_tokens_per_s']:.0f} tok/s"
     )
     peer = {p["batch"]: p for p in r["transformers"]} if isinstance(r["transformers"], list) else {}
+    print(f"medians of {r.get('repeats', 1)} runs; ratio: ours over transformers")
     print(
         f"{'batch':>5} {'graphs':>6} {'ours tok/s':>10} {'decode tok/s':>12} "
-        f"{'of limit':>8} {'coord.':>6} {'transformers':>12} {'ratio':>6}"
+        f"{'of limit':>8} {'coord.':>6} {'hf tok/s':>9} {'hf decode':>9} {'ratio':>6} "
+        f"{'decode ratio':>12}"
     )
     for o in r["ours"]:
         p = peer.get(o["batch"])
         ratio = o["tokens_per_s"] / p["tokens_per_s"] if p else None
+        decode = o["decode_tokens_per_s"] / p["decode_tokens_per_s"] if p else None
         share = o.get("share_of_bandwidth_limit")
         share = f"{100 * share:.0f}%" if share is not None else "-"
         print(
             f"{o['batch']:>5} {'on' if o['decode_graphs'] else 'off':>6} "
             f"{o['tokens_per_s']:>10.1f} {o['decode_tokens_per_s']:>12.1f} {share:>8} "
             f"{o['coordinator_pct']:>5.1f}% "
-            f"{fmt(p and p['tokens_per_s'], '.1f'):>12} {fmt(ratio, '.2f'):>6}"
+            f"{fmt(p and p['tokens_per_s'], '.1f'):>9} "
+            f"{fmt(p and p['decode_tokens_per_s'], '.1f'):>9} {fmt(ratio, '.2f'):>6} "
+            f"{fmt(decode, '.2f'):>12}"
         )
     if isinstance(r["transformers"], str):
         print(r["transformers"])

@@ -7,6 +7,7 @@ sequence up in its own KV cache. Parameter names follow the original checkpoint 
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Protocol
 
@@ -17,7 +18,7 @@ from torch import nn
 from gptoss_ray.model import mxfp4
 from gptoss_ray.model.config import ModelConfig
 from gptoss_ray.model.expert_tiles import ExpertTiles
-from gptoss_ray.model.kv_cache import PagedBatch, SequenceBatch
+from gptoss_ray.model.kv_cache import AttentionTables, PagedBatch, SequenceBatch
 
 
 class RMSNorm(nn.Module):
@@ -75,10 +76,11 @@ def attention_with_sinks(
     v: torch.Tensor,
     sinks: torch.Tensor,
     *,
-    q_offset: int,
+    q_offset: int | torch.Tensor,
     window: int | None,
 ) -> torch.Tensor:
-    """One sequence: q [n, Hq, d] at cache rows q_offset.., k and v [L, Hkv, d] -> [n, Hq, d].
+    """One sequence: q [n, Hq, d] at cache rows q_offset.. (an int, or one on the device),
+    k and v [L, Hkv, d] -> [n, Hq, d].
 
     Each head's sink is an extra logit with no value: it only enlarges the softmax
     denominator (it gets neither 1/sqrt(d) nor RoPE). With a window, query i sees keys
@@ -89,7 +91,7 @@ def attention_with_sinks(
     group = hq // hkv
     qg = q.float().view(n, hkv, group, d)
     scores = torch.einsum("nkgd,lkd->kgnl", qg, k.float()) / math.sqrt(d)  # [Hkv, g, n, L]
-    q_pos = torch.arange(q_offset, q_offset + n, device=q.device)[:, None]
+    q_pos = (q_offset + torch.arange(n, device=q.device))[:, None]
     k_pos = torch.arange(length, device=q.device)[None, :]
     visible = k_pos <= q_pos
     if window is not None:
@@ -99,6 +101,60 @@ def attention_with_sinks(
     probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]
     out = torch.einsum("kgnl,lkd->nkgd", probs, v.float())
     return out.reshape(n, hq, d).to(q.dtype)
+
+
+def paged_attention_torch(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    sinks: torch.Tensor,
+    tables: AttentionTables,
+    *,
+    window: int | None,
+) -> torch.Tensor:
+    """The torch path of `kernels.attention.paged_attention` (same arguments and result):
+    the step's single-token queries (decodes) in one gather of their keys and one
+    softmax; a chunk of several tokens by `attention_with_sinks` on its sequence's keys."""
+    hq, d = q.shape[1:]
+    hkv = k_pool.shape[2]
+    out = torch.empty_like(q)
+    # each sequence's first new token, its position among its table's keys
+    offsets = torch.tensor(tables.positions, device=q.device) - tables.kv_start
+    first = list(itertools.accumulate(tables.lengths, initial=0))
+    single = [s for s, n in enumerate(tables.lengths) if n == 1]
+    if single:
+        at = torch.tensor(single, device=q.device)
+        table = tables.block_table[at].long()  # [D, W]
+        keys = k_pool[table].flatten(1, 2).float()  # [D, L, Hkv, d]
+        values = v_pool[table].flatten(1, 2).float()
+        rows = torch.tensor([first[s] for s in single], device=q.device)
+        qg = q[rows].float().view(len(single), hkv, hq // hkv, d)
+        scores = torch.einsum("skgd,slkd->skgl", qg, keys) / math.sqrt(d)  # [D, Hkv, g, L]
+        # each query's position among its table's keys
+        q_pos = offsets[at][:, None]
+        k_pos = torch.arange(keys.shape[1], device=q.device)[None, :]
+        visible = k_pos <= q_pos
+        if window is not None:
+            visible &= k_pos > q_pos - window
+        scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+        sink = sinks.float().view(1, hkv, hq // hkv, 1).expand(len(single), -1, -1, 1)
+        probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]
+        out[rows] = torch.einsum("skgl,slkd->skgd", probs, values).reshape(-1, hq, d).to(q.dtype)
+    for s, n in enumerate(tables.lengths):
+        if n > 1:
+            table = tables.block_table[s].long()
+            keys = k_pool[table].flatten(0, 1)  # [L, Hkv, d]
+            values = v_pool[table].flatten(0, 1)
+            rows = slice(first[s], first[s] + n)
+            out[rows] = attention_with_sinks(
+                q[rows],
+                keys,
+                values,
+                sinks,
+                q_offset=offsets[s],
+                window=window,
+            )
+    return out
 
 
 class AttentionBlock(nn.Module):
@@ -134,12 +190,14 @@ class AttentionBlock(nn.Module):
         k = qkv[:, q_dim : q_dim + kv_dim].view(t, self.num_kv_heads, self.head_dim)
         v = qkv[:, q_dim + kv_dim :].view(t, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if self.use_kernels and paged is not None:
-            from gptoss_ray.model.kernels.attention import paged_attention
-
+        if paged is not None:
             paged.write(self.layer, k, v)
             k_pool, v_pool = paged.pools(self.layer)
             tables = paged.tables(self.window is not None)
+            if self.use_kernels:
+                from gptoss_ray.model.kernels.attention import paged_attention
+            else:
+                paged_attention = paged_attention_torch
             out = paged_attention(q, k_pool, v_pool, self.sinks, tables, window=self.window)
         else:
             out = torch.empty_like(q)
@@ -195,6 +253,9 @@ class ExpertExchange(Protocol):
 
 # dequantized expert weights one torch-path chunk of tiles may hold at once
 _TILE_WEIGHT_BYTES = 256 * 2**20
+# a slice on the torch path keeps its experts dequantized when they take at most this
+# (the built-in model's: 1 MB a layer; gpt-oss-20b's: 1.6 GB, dequantized tile by tile)
+_KEPT_DEQUANTIZED_BYTES = 256 * 2**20
 
 
 class ExpertSlice(nn.Module):
@@ -221,6 +282,9 @@ class ExpertSlice(nn.Module):
         self.mlp2_blocks = nn.Buffer(torch.zeros(n, h, g2, mxfp4.BYTES_PER_BLOCK, dtype=u8))
         self.mlp2_scales = nn.Buffer(torch.zeros(n, h, g2, dtype=u8))
         self.mlp2_bias = nn.Buffer(torch.zeros(n, h, dtype=b16))
+        # the torch path's dequantized weights (w1 [n, 2I, H], w2 [n, H, I]) by dtype,
+        # where they fit (`_weights`); dropped when the kernels take over
+        self.dequantized: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def holds_all(self) -> bool:
@@ -273,19 +337,41 @@ class ExpertSlice(nn.Module):
         tiles = ExpertTiles(local, n, min(height, 128))
         source, taken = tiles.rows()  # [tiles, height]
         expert = tiles.tile_expert.long().clamp(min=0)
-        w_bytes = 3 * self.mlp2_blocks.shape[1] * self.mlp2_blocks.shape[2] * 32 * x.element_size()
+        w_bytes = self._expert_bytes(x.dtype)
         chunk = max(1, _TILE_WEIGHT_BYTES // w_bytes)
+        kept = self._kept(x.dtype)
         parts = []
         for c in range(0, tiles.num_tiles, chunk):  # a shapes-only loop: memory, not data
             e = expert[c : c + chunk]
-            w1 = mxfp4.dequantize(self.mlp1_blocks[e], self.mlp1_scales[e], x.dtype)  # [c, 2I, H]
+            if kept is not None:
+                w1, w2 = kept[0][e], kept[1][e]  # [c, 2I, H], [c, H, I]
+            else:
+                w1 = mxfp4.dequantize(self.mlp1_blocks[e], self.mlp1_scales[e], x.dtype)
+                w2 = mxfp4.dequantize(self.mlp2_blocks[e], self.mlp2_scales[e], x.dtype)
             u = torch.baddbmm(self.mlp1_bias[e, None].to(x.dtype), x[source[c : c + chunk]], w1.mT)
             a = swiglu(u, self.alpha, self.limit)  # [c, height, I]
-            w2 = mxfp4.dequantize(self.mlp2_blocks[e], self.mlp2_scales[e], x.dtype)  # [c, H, I]
             parts.append(torch.baddbmm(self.mlp2_bias[e, None].to(x.dtype), a, w2.mT))
         y = torch.cat(parts) if len(parts) > 1 else parts[0]
         out.index_copy_(0, torch.where(taken, source, rows).flatten(), y.flatten(0, 1))
         return out[:rows]
+
+    def _expert_bytes(self, dtype: torch.dtype) -> int:
+        """One expert's weights dequantized in dtype (w1 is 2I x H, w2 H x I)."""
+        return 3 * self.mlp2_blocks.shape[1] * self.mlp2_blocks.shape[2] * 32 * dtype.itemsize
+
+    def _kept(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The slice's experts dequantized in dtype, made on the first call where they
+        fit in `_KEPT_DEQUANTIZED_BYTES` (the same values the tiles would dequantize each
+        step: on a CPU that dequantization was most of the layer's time); None where
+        they do not."""
+        if dtype not in self.dequantized:
+            if (self.hi - self.lo) * self._expert_bytes(dtype) > _KEPT_DEQUANTIZED_BYTES:
+                return None
+            self.dequantized[dtype] = (
+                mxfp4.dequantize(self.mlp1_blocks, self.mlp1_scales, dtype),
+                mxfp4.dequantize(self.mlp2_blocks, self.mlp2_scales, dtype),
+            )
+        return self.dequantized[dtype]
 
     def count(self, experts: torch.Tensor, counted: torch.Tensor | None = None) -> None:
         """Adds the rows routed to each expert to `load` (`counted` [rows]: 1, or 0 for a
@@ -394,6 +480,8 @@ class Transformer(nn.Module):
         for module in self.modules():
             if isinstance(module, AttentionBlock | ExpertSlice):
                 module.use_kernels = enabled
+            if isinstance(module, ExpertSlice):
+                module.dequantized.clear()  # the torch path's, made again if it runs
         return self
 
     def distribute(self, exchange: ExpertExchange | None) -> Transformer:

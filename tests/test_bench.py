@@ -156,10 +156,12 @@ def test_bench_fullsize_on_the_built_in_model(tmp_path, capsys):
             "on",
             "--graphs",
             "on",
+            "--repeats",
+            "1",
         ]
     )
     out = capsys.readouterr().out
-    assert "batch-1 limit" in out and "of limit" in out
+    assert "batch-1 limit" in out and "of limit" in out and "decode ratio" in out
     (saved,) = tmp_path.glob("fullsize-*.json")
     data = json.loads(saved.read_text())["results"]
     # batch 1 runs again without the static decode step, beside the one with it
@@ -498,3 +500,24 @@ def test_gpu_sh_check_stage_pytest_line_starts_here():
         text=True,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+def test_bench_sampling_times_two_samplers_alone_and_in_a_batch(tmp_path, capsys):
+    """Side by side with another sampler file (here this one's own), every mode at each
+    batch, and a whole batch greedy vs sampled on the model."""
+    from gptoss_ray.benchmarks.cli import main
+    from gptoss_ray.model import sampling
+
+    args = ["sampling", "--batches", "1,2", "--repeats", "1", "--against", sampling.__file__]
+    main(["--out", str(tmp_path), *args, "--step-batch", "2", "--step-tokens", "3"])
+    out = capsys.readouterr().out
+    assert "vs greedy" in out
+    (saved,) = tmp_path.glob("sampling-*.json")
+    data = json.loads(saved.read_text())
+    modes = ("greedy", "top_p", "penalties", "json")
+    assert set(data["alone"]) == {
+        f"{who}/{m}@{b}" for who in ("this", "against") for m in modes for b in (1, 2)
+    }
+    assert all(v > 0 for v in data["alone"].values())
+    assert set(data["in_a_batch"]) == {"this@0", "this@1", "against@0", "against@1"}
+    assert all(r["batch_s"] > 0 and 0 < r["share"] < 1 for r in data["in_a_batch"].values())
