@@ -92,15 +92,26 @@ def attention_with_sinks(
     qg = q.float().view(n, hkv, group, d)
     scores = torch.einsum("nkgd,lkd->kgnl", qg, k.float()) / math.sqrt(d)  # [Hkv, g, n, L]
     q_pos = (q_offset + torch.arange(n, device=q.device))[:, None]
-    k_pos = torch.arange(length, device=q.device)[None, :]
+    visible = _visible(q_pos, torch.arange(length, device=q.device)[None, :], window)
+    probs = _sink_softmax(scores, visible, sinks.float().view(hkv, group, 1, 1))
+    out = torch.einsum("kgnl,lkd->nkgd", probs, v.float())
+    return out.reshape(n, hq, d).to(q.dtype)
+
+
+def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Which keys each query sees: those at or before it, and within the window."""
     visible = k_pos <= q_pos
     if window is not None:
         visible &= k_pos > q_pos - window
+    return visible
+
+
+def _sink_softmax(scores: torch.Tensor, visible: torch.Tensor, sink: torch.Tensor) -> torch.Tensor:
+    """scores [..., L] -> the probabilities of the visible keys, the head's sink (shaped
+    to broadcast against scores[..., :1]) one more logit in the softmax, with no value."""
     scores = scores.masked_fill(~visible, float("-inf"))
-    sink = sinks.float().view(hkv, group, 1, 1).expand(hkv, group, n, 1)
-    probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]
-    out = torch.einsum("kgnl,lkd->nkgd", probs, v.float())
-    return out.reshape(n, hq, d).to(q.dtype)
+    sink = sink.expand(*scores.shape[:-1], 1)
+    return torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]
 
 
 def paged_attention_torch(
@@ -131,14 +142,9 @@ def paged_attention_torch(
         qg = q[rows].float().view(len(single), hkv, hq // hkv, d)
         scores = torch.einsum("skgd,slkd->skgl", qg, keys) / math.sqrt(d)  # [D, Hkv, g, L]
         # each query's position among its table's keys
-        q_pos = offsets[at][:, None]
         k_pos = torch.arange(keys.shape[1], device=q.device)[None, :]
-        visible = k_pos <= q_pos
-        if window is not None:
-            visible &= k_pos > q_pos - window
-        scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
-        sink = sinks.float().view(1, hkv, hq // hkv, 1).expand(len(single), -1, -1, 1)
-        probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]
+        visible = _visible(offsets[at][:, None], k_pos, window)[:, None, None, :]
+        probs = _sink_softmax(scores, visible, sinks.float().view(1, hkv, hq // hkv, 1))
         out[rows] = torch.einsum("skgl,slkd->skgd", probs, values).reshape(-1, hq, d).to(q.dtype)
     for s, n in enumerate(tables.lengths):
         if n > 1:
