@@ -153,7 +153,8 @@ class Shard:
         the readings. With several shards all call it together (the step runs the
         exchange)."""
         if self.graphs is not None:
-            self.graphs.warm(self.graphs.buckets[-1])
+            with torch.inference_mode():
+                self.graphs.warm(self.graphs.buckets[-1])
         free, total = (measure or device_memory)(self.device)
         return DeviceMemory(free + self.kv.nbytes(), total)
 
@@ -162,9 +163,10 @@ class Shard:
         buffers, which hold it (capture them after: `capture_graphs`)."""
         if self.kv.tables:
             raise RuntimeError(f"shard {self.rank}: the KV cache holds sequences")
-        self.kv = None  # type: ignore[assignment]  # its memory first goes back
+        graphs = self.graphs is not None
+        self.kv = self.graphs = None  # type: ignore[assignment]  # the old cache's memory first
         self.kv = PagedKVCache(self.config, layout, dtype=self.dtype, device=self.device)
-        if self.graphs is not None:
+        if graphs:
             self.graphs = DecodeGraphs(
                 self.model,
                 self.kv,
