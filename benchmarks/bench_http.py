@@ -386,6 +386,7 @@ def main() -> None:
     args = parse_args()
     import ray
 
+    from gptoss_ray.cluster.engine_config import EngineConfig
     from gptoss_ray.cluster.ray_instance import NAMESPACE, start_private
     from gptoss_ray.cluster.serve import serve, stop
 
@@ -394,15 +395,18 @@ def main() -> None:
         args.threads_per_shard, args.shards = 1, 1
     start_private(max(os.cpu_count() or 1, engines * args.shards + 1))
     name = "bench-http"
-    info = serve(
-        args.model,
-        args.shards,
-        engines=engines,
-        name=name,
+    config = EngineConfig(
+        model=args.model,
+        shards=args.shards,
         device=args.device,
         dtype=args.dtype,
         max_seqs=args.max_seqs,
         threads_per_shard=args.threads_per_shard,
+    )
+    info = serve(
+        config,
+        engines=engines,
+        name=name,
         http=("127.0.0.1", 0, None),
         front={"max_outstanding": max(1024, args.clients)},
     )

@@ -316,21 +316,25 @@ def _kv(info: dict) -> str:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from gptoss_ray.cluster.engine_config import EngineConfig
     from gptoss_ray.cluster.serve import serve
 
     t0 = time.perf_counter()
-    info = serve(
-        args.model,
-        args.shards,
-        name=args.name,
-        address=args.address,
+    config = EngineConfig(
+        model=args.model,
+        shards=args.shards,
         device=args.device,
         dtype=args.dtype,
-        kv_budget_bytes=None if args.kv_budget_mb is None else int(args.kv_budget_mb * 2**20),
+        kv_budget_mb=args.kv_budget_mb,
         gpu_memory_utilization=args.gpu_memory_utilization,
         max_prompt_tokens=args.max_prompt_tokens,
         prefix_cache=args.prefix_cache,
         harmony_frame=args.harmony_frame,
+    )
+    info = serve(
+        config,
+        name=args.name,
+        address=args.address,
         engines=args.engines,
         http=(args.host, args.port, args.api_key) if args.http else None,
         front={"max_outstanding": args.max_outstanding},
@@ -446,15 +450,16 @@ def _usage(message: str) -> Exception:
 
 def _engine(args: argparse.Namespace):
     from gptoss_ray.cluster.engine import Engine
+    from gptoss_ray.cluster.engine_config import EngineConfig
 
-    return Engine.start(
-        args.model,
+    config = EngineConfig(
+        model=args.model,
         shards=args.shards or 1,
         device=args.device,
         dtype=args.dtype,
-        address=args.address,
         harmony_frame=getattr(args, "harmony_frame", "strict"),
     )
+    return Engine.start(config=config, address=args.address)
 
 
 def _chat_requests(path: str) -> list[dict]:

@@ -16,6 +16,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from gptoss_ray.cluster.engine_config import EngineConfig
 from gptoss_ray.cluster.engine_core import EngineCore, ShardsRestarted
 from gptoss_ray.cluster.engine_loop import EngineLoop
 from gptoss_ray.model.model_folder import read_config, resolve_model
@@ -45,73 +46,53 @@ PROVISIONAL_KV_MB = 64
 
 
 class Coordinator(EngineLoop):
-    def __init__(
-        self,
-        model: str,
-        shards: int,
-        *,
-        device: str = "cpu",
-        dtype: str = "bfloat16",
-        kv_budget_bytes: int | None = None,
-        gpu_memory_utilization: float | None = None,
-        block_size: int = 16,
-        token_budget: int = 256,
-        max_seqs: int = 64,
-        max_prompt_tokens: int | None = None,
-        prefix_cache: bool = True,
-        cpus_per_shard: float = 1,
-        gpus_per_shard: float | None = None,
-        placement_timeout: float = 120,
-        recovery_timeout: float = 120,
-        kernels: bool | None = None,
-        decode_graphs: bool | None = None,
-        threads_per_shard: int | None = None,
-        compiled_steps: bool | None = None,
-        overlap: bool | None = None,
-        null_model: bool = False,
-        harmony_frame: str = "strict",
-    ) -> None:
-        path = resolve_model(model)  # writes a preset's built-in checkpoint once, here
+    def __init__(self, config: EngineConfig) -> None:
+        """Places the shards, loads them (sizing their KV cache, `config`'s fields say
+        how) and starts the engine loop."""
+        self.engine_config = config
+        shards, device, dtype = config.shards, config.device, config.dtype
+        path = resolve_model(config.model)  # writes a preset's built-in checkpoint once, here
         self.model_path = str(path)
         self.config = read_config(path)  # no torch here: only the shards load tensors
         expert_ranges(self.config.num_experts, shards)  # too many shards: said before any starts
         self.shards = shards
         sizes = {
             "bytes_per_value": {"float32": 4, "bfloat16": 2}[dtype],
-            "block_size": block_size,
-            "max_seqs": max_seqs,
-            "max_chunk": token_budget,
+            "block_size": config.block_size,
+            "max_seqs": config.max_seqs,
+            "max_chunk": config.token_budget,
         }
         # GPU shards read their free memory after a warm-up (and check an explicit budget
         # against it); CPU shards take a fixed budget unless a utilization is asked for
-        measured = device == "cuda" or gpu_memory_utilization is not None
-        budget = kv_budget_bytes
+        measured = device == "cuda" or config.gpu_memory_utilization is not None
+        budget = config.kv_budget_bytes
         if budget is None:
             budget = (PROVISIONAL_KV_MB if measured else DEFAULT_KV_BUDGET_MB) * 2**20
         self.layout = KVLayout.from_budget(self.config, budget, **sizes)
-        gpus = gpus_per_shard if gpus_per_shard is not None else (1 if device == "cuda" else 0)
-        bundle = {"CPU": cpus_per_shard} | ({"GPU": gpus} if gpus else {})
+        gpus = config.gpus_per_shard
+        if gpus is None:
+            gpus = 1 if device == "cuda" else 0
+        bundle = {"CPU": config.cpus_per_shard} | ({"GPU": gpus} if gpus else {})
         self.pg = placement_group([bundle] * shards, strategy="PACK")
         try:
-            ray.get(self.pg.ready(), timeout=placement_timeout)
+            ray.get(self.pg.ready(), timeout=config.placement_timeout)
         except ray.exceptions.GetTimeoutError:
             remove_placement_group(self.pg)
             raise RuntimeError(
-                f"could not place {shards} shards of {bundle} within {placement_timeout:.0f} s; "
+                f"could not place {shards} shards of {bundle} within "
+                f"{config.placement_timeout:.0f} s; "
                 f"the cluster has {ray.available_resources()} available"
             ) from None
         self._device, self._dtype = device, dtype
         self._load_options = {
-            "kernels": kernels,
-            "decode_graphs": decode_graphs,
-            "null_model": null_model,
+            "kernels": config.kernels,
+            "decode_graphs": config.decode_graphs,
+            "null_model": config.null_model,
         }
-        self._threads = threads_per_shard
+        self._threads = config.threads_per_shard
         self._shard_options = {
-            "num_cpus": cpus_per_shard,
-            "num_gpus": gpus_per_shard
-            if gpus_per_shard is not None
-            else (1 if device == "cuda" else 0),
+            "num_cpus": config.cpus_per_shard,
+            "num_gpus": gpus,
             # NCCL/gloo interface settings (NCCL_SOCKET_IFNAME, ...) reach every shard
             "runtime_env": {
                 "env_vars": {
@@ -121,7 +102,7 @@ class Coordinator(EngineLoop):
                 }
             },
         }
-        self.recovery_timeout = recovery_timeout
+        self.recovery_timeout = config.recovery_timeout
         self.workers = [self._spawn(r) for r in range(shards)]
         self._form_group(self.workers)
         # every shard loads at once: with decode graphs, their capture warm-ups run the
@@ -137,22 +118,23 @@ class Coordinator(EngineLoop):
         self.expert_ranges = [experts for experts, _ in loaded]
         # the slowest shard's capture of every decode bucket (0 without graphs)
         self.graph_capture_s = max(seconds for _, seconds in loaded)
-        self.kv_source = "budget" if kv_budget_bytes is not None else "default"
+        self.kv_source = "budget" if config.kv_budget_mb is not None else "default"
         if measured:  # the graphs hold the KV cache: captured once it has its size
             self.memory = ray.get([w.measure_memory.remote() for w in self.workers])
             self.layout = size_kv(
                 self.config,
                 self.memory,
-                utilization=gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION,
-                budget_bytes=kv_budget_bytes,
+                utilization=config.gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION,
+                budget_bytes=config.kv_budget_bytes,
                 **sizes,
             )
             ray.get([w.resize_kv.remote(self.layout) for w in self.workers])
             self.graph_capture_s = max(ray.get([w.capture_graphs.remote() for w in self.workers]))
-            if kv_budget_bytes is None:
+            if config.kv_budget_mb is None:
                 self.kv_source = "memory"
         # Off by default on CPU shards: the channels' readers poll, and there every core
         # already runs the shards' torch threads (2 cores, batch 64: 86 -> 120 ms a step)
+        compiled_steps = config.compiled_steps
         self._compiled_steps = device == "cuda" if compiled_steps is None else compiled_steps
         self._dag = self._compile_steps()
         self._outstanding: list[list[Any]] = []  # refs of the steps sent, not yet in
@@ -169,11 +151,11 @@ class Coordinator(EngineLoop):
             # Off by default on CPU shards: there the coordinator's planning competes for
             # the cores with the shards' own threads (2 cores, batch 1: 40 -> 30 tokens/s
             # with it on; RESULTS.md). A GPU shard's step leaves its host cores free.
-            overlap=device == "cuda" if overlap is None else overlap,
-            token_budget=token_budget,
-            max_seqs=max_seqs,
-            max_prompt_tokens=max_prompt_tokens,
-            prefix_cache=prefix_cache,
+            overlap=device == "cuda" if config.overlap is None else config.overlap,
+            token_budget=config.token_budget,
+            max_seqs=config.max_seqs,
+            max_prompt_tokens=config.max_prompt_tokens,
+            prefix_cache=config.prefix_cache,
             cache_salt=f"{self.model_path}:{dtype}",
         )
         self.recoveries: list[dict[str, Any]] = []
@@ -183,7 +165,7 @@ class Coordinator(EngineLoop):
             self.layout,
             core,
             expert_load=self._expert_load_of_shards,
-            harmony_frame=harmony_frame,
+            harmony_frame=config.harmony_frame,
         )
 
     def _spawn(self, rank: int):

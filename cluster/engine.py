@@ -19,6 +19,7 @@ import ray
 
 from gptoss_ray.cluster.chat import EventCursor, TextDelta
 from gptoss_ray.cluster.coordinator import Coordinator
+from gptoss_ray.cluster.engine_config import EngineConfig
 from gptoss_ray.cluster.engine_core import RequestOutput
 from gptoss_ray.cluster.ray_instance import init_for_engine
 from gptoss_ray.model import harmony
@@ -36,44 +37,26 @@ class Engine:
         model: str = "gpt-oss-tiny",
         shards: int = 2,
         *,
-        device: str = "cpu",
-        dtype: str = "bfloat16",
         address: str | None = None,
         name: str | None = None,
-        kv_budget_mb: float | None = None,
-        gpu_memory_utilization: float | None = None,
-        block_size: int = 16,
-        token_budget: int = 256,
-        max_seqs: int = 64,
         coordinator_node: str | None = None,
+        config: EngineConfig | None = None,
         **options: Any,
     ) -> Engine:
-        """Starts the coordinator and its shards. `address="auto"` joins a running Ray
-        cluster (`ray up`, `ray start`), as does RAY_ADDRESS; without either, a private
-        local Ray instance is started for this engine and ended with it, whether or not
-        another runs on this machine (cluster/ray_instance.py says why).
-        The coordinator runs on this process's node unless `coordinator_node` (a Ray node
-        id) says otherwise. The KV cache of each shard: `kv_budget_mb` if given (on a GPU
-        checked against its free memory); else on a GPU what `gpu_memory_utilization`
-        (default 0.9) of its memory leaves after the weights and the largest step, and on
-        a CPU 256 MiB (or, with a utilization, that share of the host's memory). `options` go to the coordinator (cpus_per_shard,
-        gpus_per_shard, placement_timeout, recovery_timeout, kernels: Triton
-        kernels on or off, default on for cuda; decode_graphs: decode steps replayed from
-        CUDA graphs, default on for cuda with the kernels and one shard; threads_per_shard:
-        torch threads of a CPU shard, default the node's cores over the shard count;
-        compiled_steps: steps through a Ray compiled graph, default on for cuda;
-        max_prompt_tokens: longer prompts are refused, default what the context allows;
-        prefix_cache: reuse the KV of prompts' cached prefixes, default on; overlap: plan
-        each step while the one before runs, default on for cuda; null_model: shards that do no
-        model work, to measure the host loop alone (benchmarks); harmony_frame: "strict"
-        (default) constrains every chat reply to a well-formed harmony frame, "off" only
-        those asking for a format or a tool call)."""
-        if device not in ("cpu", "cuda"):
-            raise ValueError(f"device {device!r}: expected cpu or cuda")
-        if dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype {dtype!r}: expected float32 or bfloat16")
-        if shards < 1:
-            raise ValueError(f"shards={shards}: at least one")
+        """Starts the coordinator and its shards. `config` (`EngineConfig`), or `model`,
+        `shards` and its other fields as keywords (device, dtype, kv_budget_mb,
+        gpu_memory_utilization, kernels, overlap, ...: each field's description says
+        what it does and its default), validated here, a bad one named.
+        `address="auto"` joins a running Ray cluster (`ray up`, `ray start`), as does
+        RAY_ADDRESS; without either, a private local Ray instance is started for this
+        engine and ended with it, whether or not another runs on this machine
+        (cluster/ray_instance.py says why). The coordinator runs on this process's node
+        unless `coordinator_node` (a Ray node id) says otherwise."""
+        if config is None:
+            config = EngineConfig(model=model, shards=shards, **options)
+        elif options:
+            raise ValueError(f"options {sorted(options)} beside a config: put them in it")
+        shards, device = config.shards, config.device
         owns_ray = init_for_engine(address, shards + 1)
         gpus = ray.cluster_resources().get("GPU", 0)
         if device == "cuda" and owns_ray and gpus < shards:  # a private Ray never grows
@@ -87,18 +70,7 @@ class Engine:
             num_cpus=0,
             scheduling_strategy=here(coordinator_node),
         )
-        coordinator = remote.remote(
-            model,
-            shards,
-            device=device,
-            dtype=dtype,
-            kv_budget_bytes=None if kv_budget_mb is None else int(kv_budget_mb * 2**20),
-            gpu_memory_utilization=gpu_memory_utilization,
-            block_size=block_size,
-            token_budget=token_budget,
-            max_seqs=max_seqs,
-            **options,
-        )
+        coordinator = remote.remote(config)
         try:
             ray.get(coordinator.info.remote())
         except ray.exceptions.RayActorError as exc:

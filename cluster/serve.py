@@ -13,6 +13,7 @@ import ray
 
 from gptoss_ray.cluster.coordinator import Coordinator
 from gptoss_ray.cluster.engine import here
+from gptoss_ray.cluster.engine_config import EngineConfig
 from gptoss_ray.cluster.http_api import FrontSettings
 from gptoss_ray.cluster.ray_instance import NAMESPACE, EngineNotFound, connect, ensure_cluster
 
@@ -24,7 +25,7 @@ def engine_names(name: str, engines: int) -> list[str]:
 
 
 def start_engines(
-    names: list[str], model: str, shards: int, *, exist_ok: bool = False, **options: Any
+    names: list[str], config: EngineConfig, *, exist_ok: bool = False
 ) -> list[dict[str, Any]]:
     """Starts a detached coordinator for each name, all at once, and returns their info
     once every one is ready. A name already running is refused, or with `exist_ok` used
@@ -48,7 +49,7 @@ def start_engines(
             num_cpus=0,
             scheduling_strategy=here(),
         )
-        actors.append(remote.remote(model, shards, **options))
+        actors.append(remote.remote(config))
     try:
         return ray.get([a.info.remote() for a in actors])
     except ray.exceptions.RayActorError as exc:
@@ -58,8 +59,7 @@ def start_engines(
 
 
 def serve(
-    model: str,
-    shards: int,
+    config: EngineConfig,
     *,
     engines: int = 1,
     name: str = "gptoss-ray",
@@ -67,16 +67,15 @@ def serve(
     http: tuple[str, int, str | None] | None = None,
     front: dict[str, Any] | None = None,
     ingress_replicas: int = 1,
-    **options: Any,
 ) -> dict[str, Any]:
-    """Starts `engines` engines of `shards` shards each as detached actors (`engine_names`)
+    """Starts `engines` engines of `config` each as detached actors (`engine_names`)
     and returns the first one's info once all are ready (their names in "engines"); with
     `http` (host, port, API key), the OpenAI-compatible API too, as the Ray Serve
     application `name` (its URL in "url"); `front`: the API's other limits
     (`FrontSettings`)."""
-    ensure_cluster(address, max(os.cpu_count() or 1, engines * shards + 1))
+    ensure_cluster(address, max(os.cpu_count() or 1, engines * config.shards + 1))
     names = engine_names(name, engines)
-    infos = start_engines(names, model, shards, **options)
+    infos = start_engines(names, config)
     info = {**infos[0], "engines": names}
     if http is not None:
         host, port, api_key = http

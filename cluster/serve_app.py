@@ -11,9 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 import ray
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
+from gptoss_ray.cluster.engine_config import EngineConfig
 from gptoss_ray.cluster.engine_link import EngineLink, EnginePool
 from gptoss_ray.cluster.http_api import FrontSettings, api_app
 from gptoss_ray.cluster.ray_instance import NAMESPACE
@@ -42,12 +43,13 @@ class ApiIngress:
 class AppArgs(BaseModel):
     """`args` of a `serve run` / `serve deploy` config (configs/serve/*.yaml)."""
 
-    model: str = "gpt-oss-tiny"
+    model_config = ConfigDict(extra="forbid")
+
     name: str = Field("gptoss-ray", description="the first engine's actor name")
     engines: int = Field(1, ge=1, description="expert-parallel groups, data parallel between")
-    shards: int = Field(2, ge=1, description="shards of each engine")
-    engine_options: dict[str, Any] = Field(
-        default_factory=dict, description="Coordinator options: device, dtype, kv_budget_mb, ..."
+    engine: EngineConfig = Field(
+        default_factory=EngineConfig,
+        description="each engine: model, shards, device, dtype, KV sizing, ... (EngineConfig)",
     )
     front: FrontSettings = Field(default_factory=FrontSettings)
 
@@ -59,10 +61,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
 
     spec = AppArgs(**args)
     names = engine_names(spec.name, spec.engines)
-    options = dict(spec.engine_options)
-    if "kv_budget_mb" in options:
-        options["kv_budget_bytes"] = int(options.pop("kv_budget_mb") * 2**20)
-    start_engines(names, spec.model, spec.shards, exist_ok=True, **options)
+    start_engines(names, spec.engine, exist_ok=True)
     return ingress(names, spec.front)
 
 

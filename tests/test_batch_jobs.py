@@ -15,6 +15,7 @@ import pytest
 
 from gptoss_ray.cluster.batch import BatchInputError, OutputBusy
 from gptoss_ray.cluster.client import Client
+from gptoss_ray.cluster.engine_config import EngineConfig
 from gptoss_ray.cluster.jobs import JOB_PREFIX
 from gptoss_ray.cluster.serve import serve
 from tests.engine_cases import expected_reply
@@ -24,7 +25,7 @@ ENGINE = "test-batch-engine"
 
 @pytest.fixture(scope="module")
 def engine(ray_session):
-    serve("gpt-oss-tiny", 2, name=ENGINE, dtype="float32")
+    serve(EngineConfig(model="gpt-oss-tiny", shards=2, dtype="float32"), name=ENGINE)
     yield ray_session.get_actor(ENGINE, namespace="gptoss-ray")
     from gptoss_ray.cluster.serve import stop
 
@@ -113,7 +114,7 @@ def test_killing_the_coordinator_mid_job_loses_nothing(engine, ray_session, tmp_
     import ray
 
     name = "test-batch-killed"
-    serve("gpt-oss-tiny", 2, name=name, dtype="float32")
+    serve(EngineConfig(model="gpt-oss-tiny", shards=2, dtype="float32"), name=name)
     items = [request_line(i, max_tokens=6) for i in range(80)]
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_jsonl(src, items)
@@ -126,7 +127,9 @@ def test_killing_the_coordinator_mid_job_loses_nothing(engine, ray_session, tmp_
     assert info["status"] == "failed" and info["done"] < 80, info
     written = len(out.read_text().splitlines())
     assert written >= 12
-    serve("gpt-oss-tiny", 2, name=name, dtype="float32")  # start it again
+    serve(
+        EngineConfig(model="gpt-oss-tiny", shards=2, dtype="float32"), name=name
+    )  # start it again
     again = Client(name=name).submit(src, out)
     info = again.wait(timeout=300)
     assert info["status"] == "completed" and info["skipped"] == written
@@ -145,7 +148,7 @@ def test_a_job_that_waits_for_its_engine_resumes_when_it_is_back(engine, ray_ses
     from gptoss_ray.cluster.serve import stop
 
     name = "test-batch-waits"
-    serve("gpt-oss-tiny", 2, name=name, dtype="float32")
+    serve(EngineConfig(model="gpt-oss-tiny", shards=2, dtype="float32"), name=name)
     items = [request_line(i, max_tokens=6) for i in range(60)]
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_jsonl(src, items)
@@ -155,7 +158,7 @@ def test_a_job_that_waits_for_its_engine_resumes_when_it_is_back(engine, ray_ses
     ray.kill(ray.get_actor(name, namespace="gptoss-ray"))
     time.sleep(2)
     assert job.status()["status"] == "running"  # waiting for an engine, not failed
-    serve("gpt-oss-tiny", 2, name=name, dtype="float32")
+    serve(EngineConfig(model="gpt-oss-tiny", shards=2, dtype="float32"), name=name)
     info = job.wait(timeout=300)
     assert info["status"] == "completed", info
     ids = [r["custom_id"] for r in job.results()]

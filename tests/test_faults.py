@@ -9,6 +9,7 @@ import threading
 import time
 
 from gptoss_ray.cluster.client import Client
+from gptoss_ray.cluster.engine_config import EngineConfig
 from gptoss_ray.cluster.serve import serve, stop
 from tests.engine_cases import expected_reply
 
@@ -18,7 +19,12 @@ NAME = "test-faults"
 def test_random_shard_kills_during_a_batch(ray_session, tmp_path):
     ray = ray_session
     # through the compiled step graph: torn down with the lost shard, rebuilt after
-    serve("gpt-oss-tiny", 3, name=NAME, dtype="float32", token_budget=16, compiled_steps=True)
+    serve(
+        EngineConfig(
+            model="gpt-oss-tiny", shards=3, dtype="float32", token_budget=16, compiled_steps=True
+        ),
+        name=NAME,
+    )
     coordinator = ray.get_actor(NAME, namespace="gptoss-ray")
     try:
         items = [

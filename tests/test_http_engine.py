@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
+from gptoss_ray.cluster.engine_config import EngineConfig
 from gptoss_ray.cluster.serve import serve, stop
 from tests.engine_cases import expected_reply
 
@@ -16,7 +17,11 @@ NAME = "test-http-engine"
 
 @pytest.fixture(scope="module")
 def url(ray_session):
-    info = serve("gpt-oss-tiny", 2, name=NAME, dtype="float32", http=("127.0.0.1", 0, None))
+    info = serve(
+        EngineConfig(model="gpt-oss-tiny", shards=2, dtype="float32"),
+        name=NAME,
+        http=("127.0.0.1", 0, None),
+    )
     yield info["url"]
     stop(NAME)
 
@@ -67,7 +72,11 @@ def test_stored_responses_outlive_the_engine(url):
     args = dict(model="gpt-oss-tiny", max_output_tokens=5, temperature=0)
     first = client.responses.create(input="Hi there", **args)
     stop(NAME)
-    again = serve("gpt-oss-tiny", 2, name=NAME, dtype="float32", http=("127.0.0.1", 0, None))
+    again = serve(
+        EngineConfig(model="gpt-oss-tiny", shards=2, dtype="float32"),
+        name=NAME,
+        http=("127.0.0.1", 0, None),
+    )
     client = openai.OpenAI(base_url=again["url"], api_key="unused", max_retries=0)
     assert client.responses.retrieve(first.id).id == first.id
     second = client.responses.create(input="And then?", previous_response_id=first.id, **args)

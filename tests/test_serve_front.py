@@ -37,8 +37,8 @@ def front(ray_session):
     from gptoss_ray.cluster.serve import start_front
 
     app = yaml.safe_load((CONFIGS[0].parent / "tiny-cpu.yaml").read_text())["applications"][0]
-    args = app["args"] | {"name": NAME, "shards": 1, "front": {"api_key": KEY}}
-    args["engine_options"] = {"dtype": "float32", "kv_budget_mb": 64}
+    engine = app["args"]["engine"] | {"shards": 1, "dtype": "float32", "kv_budget_mb": 64}
+    args = app["args"] | {"name": NAME, "engine": engine, "front": {"api_key": KEY}}
     build_app(args)  # starts the engines
     spec = AppArgs(**args)
     url = start_front(NAME, [NAME, f"{NAME}-1"], "127.0.0.1", 0, spec.front, replicas=1)

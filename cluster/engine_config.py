@@ -1,0 +1,62 @@
+"""One engine's configuration, validated once where it enters (the CLI, `Engine.start`,
+a Serve config's `engine`, `gptoss-ray serve`), with errors that name the field; the
+coordinator takes it whole. Importable without torch."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field("gpt-oss-tiny", min_length=1, description="checkpoint folder or preset")
+    shards: int = Field(2, ge=1, description="expert-parallel shards (a GPU each on cuda)")
+    device: Literal["cpu", "cuda"] = "cpu"
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    kv_budget_mb: float | None = Field(
+        None,
+        gt=0,
+        description="KV cache per shard; default: on cuda from free memory, on cpu 256",
+    )
+    gpu_memory_utilization: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="share of each shard's memory for weights, activations and KV (cuda "
+        "default 0.9; given on cpu, the host's memory is read)",
+    )
+    block_size: int = Field(16, ge=1, description="tokens per KV block")
+    token_budget: int = Field(256, ge=1, description="tokens per step, prefill chunks too")
+    max_seqs: int = Field(64, ge=1, description="sequences decoding at once, per shard")
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="longer prompts are refused (default: what the context allows)"
+    )
+    prefix_cache: bool = Field(True, description="reuse the KV of prompts' cached prefixes")
+    cpus_per_shard: float = Field(1, ge=0)
+    gpus_per_shard: float | None = Field(None, ge=0, description="default: 1 on cuda, 0 on cpu")
+    placement_timeout: float = Field(120, gt=0, description="seconds to place the shards")
+    recovery_timeout: float = Field(120, gt=0, description="seconds to replace a lost shard")
+    kernels: bool | None = Field(None, description="Triton kernels; default: on cuda")
+    decode_graphs: bool | None = Field(
+        None, description="decode steps from CUDA graphs; default: on cuda with the kernels"
+    )
+    threads_per_shard: int | None = Field(
+        None, ge=1, description="torch threads of a CPU shard; default: cores / shards"
+    )
+    compiled_steps: bool | None = Field(
+        None, description="steps through a Ray compiled graph; default: on cuda"
+    )
+    overlap: bool | None = Field(
+        None, description="plan each step while the one before runs; default: on cuda"
+    )
+    null_model: bool = Field(False, description="shards that do no model work (benchmarks)")
+    harmony_frame: Literal["strict", "off"] = Field(
+        "strict", description="constrain every chat reply to a well-formed harmony frame"
+    )
+
+    @property
+    def kv_budget_bytes(self) -> int | None:
+        return None if self.kv_budget_mb is None else int(self.kv_budget_mb * 2**20)
