@@ -176,7 +176,10 @@ def batch_line(i: int, **body) -> dict:
     return {"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}
 
 
-def run_batch(client: openai.OpenAI, tmp_path, lines: list, during=None) -> tuple:
+def run_batch(client: openai.OpenAI, tmp_path, lines: list, during=None, when=None) -> tuple:
+    """Runs the lines as a batch through the API -> (batch, output lines, error lines).
+    `during()` is called once while the batch runs, as soon as `when()` holds (default:
+    four lines are done)."""
     src = tmp_path / "input.jsonl"
     src.write_bytes(
         b"".join((x if isinstance(x, bytes) else json.dumps(x).encode()) + b"\n" for x in lines)
@@ -192,7 +195,9 @@ def run_batch(client: openai.OpenAI, tmp_path, lines: list, during=None) -> tupl
     assert batch.status == "in_progress" and batch.metadata == {"run": "test"}
     deadline = time.monotonic() + 300
     while batch.status in ("validating", "in_progress", "finalizing", "cancelling"):
-        if during is not None and batch.request_counts.completed >= 4:
+        if during is not None and (
+            when() if when is not None else batch.request_counts.completed >= 4
+        ):
             during()
             during = None
         assert time.monotonic() < deadline, batch
@@ -270,10 +275,14 @@ def test_an_engine_killed_mid_batch_loses_no_line_and_the_front_keeps_serving(fr
     client = openai.OpenAI(base_url=front, api_key=KEY, max_retries=0, timeout=120)
     lines = [batch_line(i, max_tokens=24) for i in range(64)]
 
-    def kill() -> None:
-        ray.kill(ray.get_actor(f"{NAME}-1", namespace=NAMESPACE))
+    victim = ray.get_actor(f"{NAME}-1", namespace=NAMESPACE)
 
-    batch, ok, failed = run_batch(client, tmp_path, lines, during=kill)
+    def decoding() -> bool:  # lines decode together: wait for some in flight on the victim
+        return sum(ray.get(victim.stats.remote())["running"]) > 0
+
+    batch, ok, failed = run_batch(
+        client, tmp_path, lines, during=lambda: ray.kill(victim), when=decoding
+    )
     assert batch.status == "completed" and not failed, batch
     ids = [r["custom_id"] for r in ok]
     assert sorted(ids) == sorted(f"q{i}" for i in range(64))  # every line exactly once
