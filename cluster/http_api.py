@@ -144,8 +144,14 @@ class FrontState:
         self._releases: set[asyncio.Task] = set()
 
     async def info(self) -> dict[str, Any]:
+        """The engines' model and context, asked once of those that answer: an engine
+        already lost when the front first asks must not take the front down with it."""
         if self._info is None:
-            infos = await asyncio.gather(*(link.call("info") for link in self.pool.links))
+            calls = (link.call("info") for link in self.pool.links)
+            answers = await asyncio.gather(*calls, return_exceptions=True)
+            infos = [a for a in answers if not isinstance(a, BaseException)]
+            if not infos:
+                raise next(a for a in answers if isinstance(a, BaseException))
             models = {i["model_id"] for i in infos}
             if len(models) > 1:
                 raise EngineUnavailable(f"the engines serve different models: {sorted(models)}")

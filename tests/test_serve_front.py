@@ -315,6 +315,27 @@ def test_routing_by_least_work_then_by_prefix_within_slack():
     assert prefix_keys(longer)[0] == prefix_keys(chat)[0]
 
 
+def test_a_front_whose_first_question_finds_an_engine_lost_asks_the_others():
+    """The model and context are asked of the engines once, on the first request: one
+    already gone then is left out, not the reason for a 503 (all gone: the error)."""
+    import asyncio
+
+    from gptoss_ray.cluster.http_api import FrontSettings, FrontState
+    from gptoss_ray.model.types import EngineUnavailable
+
+    async def lost(method, *args):
+        raise EngineUnavailable("the engine b is unreachable")
+
+    async def alive(method, *args):
+        return {"model_id": "gpt-oss-tiny", "max_context_length": 131072}
+
+    front = FrontState(EnginePool([EngineLink("b", lost), EngineLink("a", alive)]), FrontSettings())
+    assert asyncio.run(front.info())["model_id"] == "gpt-oss-tiny"
+    gone = FrontState(EnginePool([EngineLink("b", lost)]), FrontSettings())
+    with pytest.raises(EngineUnavailable, match="b is unreachable"):
+        asyncio.run(gone.info())
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_serve_configs_validate(path):
     from ray.serve.schema import ServeDeploySchema
