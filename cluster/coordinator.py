@@ -120,10 +120,10 @@ class Coordinator(EngineLoop):
         self.graph_capture_s = max(seconds for _, seconds in loaded)
         self.kv_source = "budget" if config.kv_budget_mb is not None else "default"
         if measured:  # the graphs hold the KV cache: captured once it has its size
-            self.memory = ray.get([w.measure_memory.remote() for w in self.workers])
+            readings = ray.get([w.measure_memory.remote() for w in self.workers])
             self.layout = size_kv(
                 self.config,
-                self.memory,
+                readings,
                 utilization=config.gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION,
                 budget_bytes=config.kv_budget_bytes,
                 **sizes,

@@ -7,6 +7,7 @@ block tables, sliding-window eviction) builds on the same attention math.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -89,6 +90,24 @@ class AttentionTables:
     # living on the device (updated in place between graph replays; `positions` unused)
     decode_tiles: tuple[torch.Tensor, ...] | None = None
     _tiles: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict, repr=False)
+    _queries: tuple[torch.Tensor, list[int], torch.Tensor, torch.Tensor] | None = field(
+        default=None, repr=False
+    )
+
+    def queries(self) -> tuple[torch.Tensor, list[int], torch.Tensor, torch.Tensor]:
+        """For the torch path, made once for every layer of this kind: each sequence's
+        first new token's position among its table's keys [S], and the sequences with one
+        new token (decodes): their indices (host), their indices and their tokens' rows
+        (device)."""
+        if self._queries is None:
+            device = self.block_table.device
+            offsets = torch.tensor(self.positions, device=device) - self.kv_start
+            single = [s for s, n in enumerate(self.lengths) if n == 1]
+            first = [0, *itertools.accumulate(self.lengths)]
+            rows = torch.tensor([[s, first[s]] for s in single], dtype=torch.long).T
+            at, row = rows.to(device) if single else (torch.zeros(0, dtype=torch.long),) * 2
+            self._queries = (offsets, single, at, row)
+        return self._queries
 
     def tiles(self, block_m: int) -> tuple[torch.Tensor, ...]:
         """Query tiles of at most block_m tokens of one sequence: (sequence, first row in

@@ -7,7 +7,6 @@ sequence up in its own KV cache. Parameter names follow the original checkpoint 
 
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Protocol
 
@@ -129,37 +128,33 @@ def paged_attention_torch(
     hq, d = q.shape[1:]
     hkv = k_pool.shape[2]
     out = torch.empty_like(q)
-    # each sequence's first new token, its position among its table's keys
-    offsets = torch.tensor(tables.positions, device=q.device) - tables.kv_start
-    first = list(itertools.accumulate(tables.lengths, initial=0))
-    single = [s for s, n in enumerate(tables.lengths) if n == 1]
+    offsets, single, at, rows = tables.queries()
     if single:
-        at = torch.tensor(single, device=q.device)
         table = tables.block_table[at].long()  # [D, W]
         keys = k_pool[table].flatten(1, 2).float()  # [D, L, Hkv, d]
         values = v_pool[table].flatten(1, 2).float()
-        rows = torch.tensor([first[s] for s in single], device=q.device)
         qg = q[rows].float().view(len(single), hkv, hq // hkv, d)
         scores = torch.einsum("skgd,slkd->skgl", qg, keys) / math.sqrt(d)  # [D, Hkv, g, L]
-        # each query's position among its table's keys
         k_pos = torch.arange(keys.shape[1], device=q.device)[None, :]
         visible = _visible(offsets[at][:, None], k_pos, window)[:, None, None, :]
         probs = _sink_softmax(scores, visible, sinks.float().view(1, hkv, hq // hkv, 1))
         out[rows] = torch.einsum("skgl,slkd->skgd", probs, values).reshape(-1, hq, d).to(q.dtype)
+    start = 0
     for s, n in enumerate(tables.lengths):
         if n > 1:
             table = tables.block_table[s].long()
             keys = k_pool[table].flatten(0, 1)  # [L, Hkv, d]
             values = v_pool[table].flatten(0, 1)
-            rows = slice(first[s], first[s] + n)
-            out[rows] = attention_with_sinks(
-                q[rows],
+            chunk = slice(start, start + n)
+            out[chunk] = attention_with_sinks(
+                q[chunk],
                 keys,
                 values,
                 sinks,
                 q_offset=offsets[s],
                 window=window,
             )
+        start += n
     return out
 
 

@@ -162,6 +162,14 @@ def blocks_held(length: int, new: int, block_size: int, window: int | None) -> t
     return full, (end - 1) // block_size - first_visible_block(length, window, block_size) + 1
 
 
+def _kv_geometry(config: ModelConfig, bytes_per_value: int) -> tuple[int, int, int]:
+    """(bytes of one token's keys and values in one layer, full-attention layers,
+    sliding-window layers)."""
+    per_token = 2 * config.num_key_value_heads * config.head_dim * bytes_per_value
+    n_sliding = sum(config.is_sliding(i) for i in range(config.num_hidden_layers))
+    return per_token, config.num_hidden_layers - n_sliding, n_sliding
+
+
 @dataclass
 class KVLayout:
     block_size: int
@@ -182,9 +190,7 @@ class KVLayout:
         """Split a memory budget (keys and values of `bytes_per_value` each: 2 for
         bfloat16): the sliding pool gets what max_seqs sequences can use at most (the
         window plus a chunk), the full pool the rest."""
-        per_token = 2 * config.num_key_value_heads * config.head_dim * bytes_per_value
-        n_sliding = sum(config.is_sliding(i) for i in range(config.num_hidden_layers))
-        n_full = config.num_hidden_layers - n_sliding
+        per_token, n_full, n_sliding = _kv_geometry(config, bytes_per_value)
         sliding_per_seq = cdiv(config.sliding_window + max_chunk, block_size) + 1
         sliding = max_seqs * sliding_per_seq if n_sliding else 0
         sliding_bytes = sliding * block_size * per_token * n_sliding
@@ -207,9 +213,7 @@ class KVLayout:
 
     def nbytes(self, config: ModelConfig, bytes_per_value: int) -> int:
         """The bytes of keys and values the pools take on a shard."""
-        per_token = 2 * config.num_key_value_heads * config.head_dim * bytes_per_value
-        n_sliding = sum(config.is_sliding(i) for i in range(config.num_hidden_layers))
-        n_full = config.num_hidden_layers - n_sliding
+        per_token, n_full, n_sliding = _kv_geometry(config, bytes_per_value)
         blocks = self.full_blocks * n_full + self.sliding_blocks * n_sliding
         return blocks * self.block_size * per_token
 
