@@ -104,8 +104,8 @@ class AttentionTables:
             offsets = torch.tensor(self.positions, device=device) - self.kv_start
             single = [s for s, n in enumerate(self.lengths) if n == 1]
             first = [0, *itertools.accumulate(self.lengths)]
-            rows = torch.tensor([[s, first[s]] for s in single], dtype=torch.long).T
-            at, row = rows.to(device) if single else (torch.zeros(0, dtype=torch.long),) * 2
+            rows = torch.tensor([single, [first[s] for s in single]], dtype=torch.long)
+            at, row = rows.to(device)  # one copy
             self._queries = (offsets, single, at, row)
         return self._queries
 
