@@ -14,7 +14,7 @@ saves JSON and a PNG (latency CDF) under benchmarks/out/.
 --isolation: one engine with --max-seqs running sequences; the decode step time (the
 engine's own step seconds over its steps, in windows of steady decoding: the batch full, no
 prompt prefilled) with N streaming HTTP clients attached, and with the same N requests
-submitted through the Python API (`Coordinator.submit_chat`); the two phases alternate
+submitted through the Python API's client (`engine_client.RayEngineClient`); the two phases alternate
 --rounds times in one run (HTTP, API, API, HTTP, ...), each measured once every request is
 in. The median of the rounds' ratios is what the clients cost the engine. On a virtual
 machine the host may steal CPU time: each window records the share stolen, and the ratio
@@ -36,6 +36,7 @@ from gptoss_ray.benchmarks.common import (
     median,
     percentile,
     proc_stat,
+    process_cpu_s,
     progress,
     save,
 )
@@ -256,13 +257,21 @@ def isolation(args: argparse.Namespace, url: str, engine: Any) -> dict[str, Any]
     def through_api(r: int) -> list[dict[str, float]]:
         import ray
 
+        from gptoss_ray.cluster.chat import chat_request
+        from gptoss_ray.cluster.engine_client import LoopThread, RayEngineClient
+
+        info = ray.get(engine.info.remote())
         chats = [
-            {key: v for key, v in body(long, k, r).items() if "stream" not in key}
+            chat_request(
+                {key: v for key, v in body(long, k, r).items() if "stream" not in key}, info
+            )
             for k in range(args.clients)
         ]
-        ids = [ray.get(engine.submit_chat.remote(chat))[0] for chat in chats]
+        loop, client = LoopThread(), RayEngineClient(engine, "bench")
+        streams = loop.run(client.submit([c[0] for c in chats], [c[1] for c in chats]))
         times = measure()
-        ray.get([engine.release.remote(rid) for rid in ids])
+        for stream in streams:
+            loop.loop.call_soon_threadsafe(stream.close)
         return times
 
     def of(windows: list[dict[str, float]], key: str) -> float:
@@ -416,7 +425,15 @@ def main() -> None:
             result = isolation(args, info["url"], ray.get_actor(name, namespace=NAMESPACE))
         else:
             host, port = info["url"].removeprefix("http://").removesuffix("/v1").split(":")
+            # the coordinators' processes: their CPU per token streamed is the engines'
+            # share of the front's work (none, when text is built in the front)
+            handles = [ray.get_actor(n, namespace=NAMESPACE) for n in info["engines"]]
+            pids = [ray.get(h.info.remote())["pid"] for h in handles]
+            steps0 = sum(s["steps"] for s in ray.get([h.stats.remote() for h in handles]))
+            cpu0 = sum(process_cpu_s(p) for p in pids)
             results, errors, wall = asyncio.run(run_clients(host, int(port), args))
+            coordinator_cpu_s = sum(process_cpu_s(p) for p in pids) - cpu0
+            steps = sum(s["steps"] for s in ray.get([h.stats.remote() for h in handles])) - steps0
     finally:
         stop(name, address=None)
         ray.shutdown()
@@ -448,6 +465,11 @@ def main() -> None:
         save("http-isolation", data, args.out, plot_isolation)
         return
     summary = summarize(results, errors, wall)
+    tokens = sum(r[2] for r in results)
+    summary["coordinator_cpu_s"] = coordinator_cpu_s
+    summary["coordinator_cpu_ms_per_token"] = 1000 * coordinator_cpu_s / max(1, tokens)
+    summary["coordinator_cpu_ms_per_step"] = 1000 * coordinator_cpu_s / max(1, steps)
+    summary["steps"] = steps
     print(
         f"model {args.model} ({args.dtype}, {args.device}), {args.engines} engine(s) x "
         f"{args.shards} shard(s), {args.clients} concurrent streaming clients x "
@@ -460,6 +482,11 @@ def main() -> None:
     lat, first = summary["latency_s"], summary["first_chunk_s"]
     print(f"latency s: p50 {lat['p50']:.2f}  p90 {lat['p90']:.2f}  p99 {lat['p99']:.2f}")
     print(f"first chunk s: p50 {first['p50']:.2f}  p90 {first['p90']:.2f}  p99 {first['p99']:.2f}")
+    print(
+        f"coordinator process CPU: {summary['coordinator_cpu_s']:.2f} s, "
+        f"{summary['coordinator_cpu_ms_per_token']:.3f} ms per streamed token, "
+        f"{summary['coordinator_cpu_ms_per_step']:.2f} ms per engine step ({steps} steps)"
+    )
     for e in summary["error_examples"]:
         print(f"error: {e}")
     raw = [{"first_chunk_s": f, "latency_s": t, "tokens": n} for f, t, n in results]

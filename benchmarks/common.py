@@ -104,6 +104,12 @@ def fmt(x: float | None, spec: str = ".0f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def process_cpu_s(pid: int) -> float:
+    """Seconds of CPU a process used so far, user and system, all threads (Linux)."""
+    fields = proc_stat(f"/proc/{pid}/stat")[1]
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def proc_stat(path: str) -> tuple[str, list[str]]:
     """A Linux /proc/<pid>/stat (or .../task/<tid>/stat) -> the command's name and the
     fields after it (the name may hold spaces and parentheses: it ends at the last ')').

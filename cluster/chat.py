@@ -5,19 +5,22 @@ sampling parameters and stop strings; the completion's ids become a reply.
 as a stream into typed events (reasoning and answer text, tool calls and their
 arguments, message ends), and when the sequence ends it gives the reply (an OpenAI
 assistant message, finish reason, usage, the parsed harmony messages). Chat completions
-(streamed and not), Responses, `Engine.chat`/`chat_stream` and batch jobs all read it.
-Stop strings end the answer where they begin: no event holds text at or past one (text
-that may be the start of one waits until the next tokens tell), and the engine stops
-the sequence on the step that completed it."""
+(streamed and not), Responses, `Engine.chat`/`chat_stream` and batch jobs all read it,
+each in its own process (the engine sees tokens only). Stop strings end the answer where
+they begin: no event holds text at or past one (text that may be the start of one waits
+until the next tokens tell), and the front aborts the sequence in the engine as soon as
+it sees one (`engine_client.RequestStream`)."""
 
 from __future__ import annotations
 
 import datetime
 import time
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from gptoss_ray.cluster.engine_io import EngineRequest
 from gptoss_ray.model import harmony
 from gptoss_ray.model import tokenizer as tok
 from gptoss_ray.model.harmony.openai_chat import (
@@ -27,7 +30,29 @@ from gptoss_ray.model.harmony.openai_chat import (
     new_call_id,
     to_harmony,
 )
-from gptoss_ray.model.types import SamplingParams, TokenLogprob
+from gptoss_ray.model.types import ModelNotFound, SamplingParams, TokenLogprob
+
+
+def chat_request(
+    body: Any, info: dict[str, Any], *, priority: int = 0
+) -> tuple[EngineRequest, list[ReplyBuilder]]:
+    """A chat request (see `chat_prompt`) for the engine `info` describes (`EngineLoop.info`)
+    -> the engine's token request, and the reply builder of each of its choices."""
+    prompt, params, stops = chat_prompt(
+        body, info["max_context_length"], frame=info["harmony_frame"] == "strict"
+    )
+    check_model(body.model if isinstance(body, ChatRequest) else body.get("model"), info)
+    replies = [ReplyBuilder(stops, logprobs=params.logprobs is not None) for _ in range(params.n)]
+    return EngineRequest(uuid.uuid4().hex, prompt, params, priority), replies
+
+
+def check_model(model: str | None, info: dict[str, Any]) -> None:
+    """A request that names a model must name the engine's (its id or its path)."""
+    if model is not None and model not in (info["model_id"], info["model"]):
+        raise ModelNotFound(
+            f"the model {model!r} does not exist; this engine serves {info['model_id']!r}",
+            param="model",
+        )
 
 
 def chat_prompt(
@@ -273,23 +298,6 @@ class ReplyBuilder:
             if isinstance(ev, TextDelta) and ev.kind == "content"
             for lp in ev.logprobs
         )
-
-
-class EventCursor:
-    """Where a reader is in a chat request's reply events (`EngineCore.wait_reply`): a
-    count, or one per choice when n > 1, whose events come as (choice, event)."""
-
-    def __init__(self, n: int = 1) -> None:
-        self.after: int | list[int] = 0 if n == 1 else [0] * n
-
-    def advance(self, events: list[Any]) -> list[tuple[int, Event]]:
-        """The events just read, each with its choice's index."""
-        if isinstance(self.after, int):
-            self.after += len(events)
-            return [(0, ev) for ev in events]
-        for i, _ in events:
-            self.after[i] += 1
-        return list(events)
 
 
 def chat_completion(reply: dict[str, Any], model: str, completion_id: str) -> dict[str, Any]:

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import codecs
 import time
+import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from pydantic import Field, model_validator
 
-from gptoss_ray.cluster.chat import StopScan, TextDelta, paired
+from gptoss_ray.cluster.chat import StopScan, TextDelta, check_model, paired
+from gptoss_ray.cluster.engine_io import EngineRequest
 from gptoss_ray.model import tokenizer as tok
 from gptoss_ray.model.harmony.openai_chat import SamplingFields
 from gptoss_ray.model.types import RequestError, SamplingParams, TokenLogprob
@@ -76,9 +78,31 @@ class CompletionRequest(SamplingFields):
         )
 
 
+def completion_requests(
+    body: dict[str, Any], info: dict[str, Any]
+) -> tuple[CompletionRequest, list[EngineRequest], list[list[TextReply]]]:
+    """A completions request for the engine `info` describes -> the parsed request, a
+    token request per prompt, and the reply of each choice of each."""
+    request = CompletionRequest.parse(body)
+    check_model(request.model, info)
+    params = request.params()
+    stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+    keep = 0 if request.max_tokens == 0 else -1
+    prompts = request.prompts()
+    requests = [EngineRequest(uuid.uuid4().hex, prompt, params) for prompt in prompts]
+    replies = [
+        [
+            TextReply(stops, logprobs=request.logprobs is not None, keep=keep)
+            for _ in range(params.n)
+        ]
+        for _ in prompts
+    ]
+    return request, requests, replies
+
+
 class TextReply:
-    """A raw completion's reply, fed token by token (the engine's `Reply`): text deltas
-    up to a stop string (the engine stops the sequence on the step that completed it)."""
+    """A raw completion's reply, fed token by token in the front (`engine_client.Reply`):
+    text deltas up to a stop string (the front then aborts the sequence in the engine)."""
 
     def __init__(self, stop: Sequence[str] = (), *, logprobs: bool = False, keep: int = -1) -> None:
         """keep: tokens to keep at most (-1: all; 0 for max_tokens 0: the one drawn is

@@ -43,6 +43,15 @@ SHARD_LOST = (
 
 # the KV cache a GPU shard loads with, replaced once free memory is read (`size_kv`)
 PROVISIONAL_KV_MB = 64
+# A coordinator actor's threads: each front's token stream holds one for as long as the
+# front lives (`EngineLoop.outputs`); every other call takes one briefly.
+CONCURRENCY = 64
+
+
+def coordinator_actor(**options: Any) -> Any:
+    """The coordinator as a Ray actor class with its options (a name, a lifetime, where
+    it runs): the one way `Engine.start` and `serve` make one."""
+    return ray.remote(Coordinator).options(max_concurrency=CONCURRENCY, num_cpus=0, **options)
 
 
 class Coordinator(EngineLoop):

@@ -17,10 +17,19 @@ from typing import Any
 
 import ray
 
-from gptoss_ray.cluster.chat import EventCursor, TextDelta
-from gptoss_ray.cluster.coordinator import Coordinator
+from gptoss_ray.cluster.chat import TextDelta, chat_request
+from gptoss_ray.cluster.coordinator import coordinator_actor
+from gptoss_ray.cluster.engine_client import (
+    Finished,
+    LoopThread,
+    RayEngineClient,
+    RequestStream,
+    TokenReply,
+    combined_reply,
+    token_output,
+)
 from gptoss_ray.cluster.engine_config import EngineConfig
-from gptoss_ray.cluster.engine_core import RequestOutput
+from gptoss_ray.cluster.engine_io import EngineRequest, RequestOutput
 from gptoss_ray.cluster.ray_instance import init_for_engine
 from gptoss_ray.model import harmony
 from gptoss_ray.model.types import DeviceUnavailable, RequestError, SamplingParams
@@ -30,6 +39,9 @@ class Engine:
     def __init__(self, coordinator: ray.actor.ActorHandle, *, owns_ray: bool) -> None:
         self.coordinator = coordinator
         self._owns_ray = owns_ray
+        self._loop = LoopThread()
+        self.client = RayEngineClient(coordinator, "engine")
+        self._info: dict[str, Any] | None = None
 
     @classmethod
     def start(
@@ -64,10 +76,8 @@ class Engine:
             raise DeviceUnavailable(
                 f"device cuda: {shards} shard(s) need a GPU each; this machine has {gpus:g}"
             )
-        remote = ray.remote(Coordinator).options(
+        remote = coordinator_actor(
             name=name or f"gptoss-ray-coordinator-{uuid.uuid4().hex[:8]}",
-            max_concurrency=64,
-            num_cpus=0,
             scheduling_strategy=here(coordinator_node),
         )
         coordinator = remote.remote(config)
@@ -83,13 +93,45 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         return ray.get(self.coordinator.stats.remote())
 
+    def _model(self) -> dict[str, Any]:
+        if self._info is None:
+            self._info = self.info()
+        return self._info
+
+    def _submit(self, requests, replies, combine=combined_reply) -> list[RequestStream]:
+        return self._loop.run(self.client.submit(requests, replies, combine))
+
+    def _items(self, stream: RequestStream) -> Iterator[Any]:
+        """A stream's items, read from this thread; the request is aborted if the
+        reader stops early."""
+        try:
+            while True:
+                item = self._loop.run(stream.queue.get())
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, Finished):
+                    return
+        finally:
+            self._loop.loop.call_soon_threadsafe(stream.close)
+
     # -- token ids ---------------------------------------------------------------------
-    def submit(self, prompt: Sequence[int], params: SamplingParams | None = None) -> str:
-        return _unwrap(
-            lambda: ray.get(
-                self.coordinator.submit.remote(list(prompt), params or SamplingParams())
-            )
-        )
+    def submit(self, prompt: Sequence[int], params: SamplingParams | None = None) -> RequestStream:
+        """Starts a request of token ids; read it with `tokens` (as they are drawn) or
+        `result`. A bad one raises its RequestError."""
+        (stream,) = self._submit(*_tokens(prompt, params or SamplingParams()), token_output)
+        return stream
+
+    def tokens(self, stream: RequestStream) -> Iterator[list[int]]:
+        """A request's new token ids as they are drawn, until it finishes."""
+        for item in self._items(stream):
+            if not isinstance(item, Finished):
+                yield item[1]
+
+    def result(self, stream: RequestStream, timeout: float | None = None) -> Any:
+        """A request's output (`RequestOutput`; a chat reply for `chat` requests) once it
+        finished."""
+        return self._loop.run(stream.result(), timeout)
 
     def generate(
         self,
@@ -102,101 +144,58 @@ class Engine:
         plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(plist)} parameter sets for {len(prompts)} prompts")
-        ids: list[str | RequestError] = []
+        streams: list[RequestStream | RequestError] = []
         for prompt, p in zip(prompts, plist, strict=True):
             try:
-                ids.append(self.submit(prompt, p))
+                streams.append(self.submit(prompt, p))
             except RequestError as exc:
-                ids.append(exc)
-        waits = {
-            i: self.coordinator.wait.remote(rid)
-            for i, rid in enumerate(ids)
-            if isinstance(rid, str)
-        }
-        results: list[RequestOutput | RequestError] = []
-        for i, rid in enumerate(ids):
-            results.append(
-                rid if isinstance(rid, RequestError) else _unwrap(lambda w=waits[i]: ray.get(w))
-            )
-        for rid in ids:
-            if isinstance(rid, str):
-                self.coordinator.forget.remote(rid)
-        return results
+                streams.append(exc)
+        return [s if isinstance(s, RequestError) else self.result(s) for s in streams]
 
     def stream(
         self, prompt: Sequence[int], params: SamplingParams | None = None
     ) -> Iterator[list[int]]:
         """Yields the new token ids as they are sampled, until the request finishes."""
-        rid = self.submit(prompt, params)
-        seen = 0
-        while True:
-            out: RequestOutput = _unwrap(
-                lambda seen=seen: ray.get(self.coordinator.wait.remote(rid, seen, 30.0))
-            )
-            if len(out.token_ids) > seen:
-                yield out.token_ids[seen:]
-                seen = len(out.token_ids)
-            if out.finished:
-                self.coordinator.forget.remote(rid)
-                return
+        yield from self.tokens(self.submit(prompt, params))
 
     # -- chat (harmony) ----------------------------------------------------------------
     def chat(self, requests: Sequence[dict[str, Any]]) -> list[dict[str, Any] | Exception]:
         """OpenAI chat requests (or {"conversation": harmony JSON, ...}) -> replies in
         input order: message (content, reasoning_content, tool_calls), finish_reason,
-        usage. A bad request comes back as its error in its place."""
-        submitted: list[str | Exception] = []
-        for request in requests:
+        usage. A bad request comes back as its error in its place. Rendered and parsed
+        here, in this process: the engine sees tokens only."""
+        submitted: list[RequestStream | Exception] = []
+        for body in requests:
             try:
-                rid, _ = _unwrap(lambda r=request: ray.get(self.coordinator.submit_chat.remote(r)))
-                submitted.append(rid)
+                request, replies = chat_request(body, self._model())
+                submitted += self._submit([request], [replies])
             except (RequestError, harmony.HarmonyError, ValueError) as exc:
                 submitted.append(exc)
-        pending = {
-            i: self.coordinator.wait_chat.remote(rid)
-            for i, rid in enumerate(submitted)
-            if isinstance(rid, str)
-        }
-        out: list[dict[str, Any] | Exception] = []
-        for i, rid in enumerate(submitted):
-            out.append(
-                rid if isinstance(rid, Exception) else _unwrap(lambda w=pending[i]: ray.get(w))
-            )
-            if isinstance(rid, str):
-                self.coordinator.forget.remote(rid)
-        return out
+        return [s if isinstance(s, Exception) else self.result(s) for s in submitted]
 
-    def chat_stream(self, request: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        """Yields {"channel", "recipient", "delta"} as the reply is sampled (reasoning, the
-        answer up to any stop string, tool-call arguments), then a last event with the
-        whole reply ({"done": True, ...})."""
-        rid, _ = _unwrap(lambda: ray.get(self.coordinator.submit_chat.remote(request)))
-        cursor = EventCursor(request.get("n") or 1)
-        try:
-            while True:
-                events, reply = _unwrap(
-                    lambda a=cursor.after: ray.get(
-                        self.coordinator.wait_events.remote(rid, a, 30.0)
-                    )
-                )
-                for choice, event in cursor.advance(events):
-                    if isinstance(event, TextDelta):
-                        yield {
-                            "choice": choice,
-                            "channel": event.channel,
-                            "recipient": event.recipient,
-                            "delta": event.text,
-                        }
-                if reply is not None:
-                    yield {"done": True, **reply}
-                    return
-        finally:
-            self.coordinator.forget.remote(rid)
+    def chat_stream(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Yields {"choice", "channel", "recipient", "delta"} as the reply is sampled
+        (reasoning, the answer up to any stop string, tool-call arguments), then a last
+        event with the whole reply ({"done": True, ...})."""
+        request, replies = chat_request(body, self._model())
+        (stream,) = self._submit([request], [replies])
+        for item in self._items(stream):
+            if isinstance(item, Finished):
+                yield {"done": True, **item.reply}
+            elif isinstance(item[1], TextDelta):
+                choice, event = item
+                yield {
+                    "choice": choice,
+                    "channel": event.channel,
+                    "recipient": event.recipient,
+                    "delta": event.text,
+                }
 
     def shutdown(self) -> None:
         try:
             ray.get(self.coordinator.shutdown.remote(), timeout=60)
         finally:
+            self._loop.stop()
             ray.kill(self.coordinator)
             if self._owns_ray:
                 ray.shutdown()
@@ -206,6 +205,11 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+def _tokens(prompt: Sequence[int], params: SamplingParams) -> tuple[list, list]:
+    request = EngineRequest(uuid.uuid4().hex, list(prompt), params)
+    return [request], [[TokenReply() for _ in range(params.n)]]
 
 
 def here(node_id: str | None = None):

@@ -1,9 +1,11 @@
-"""The engine loop without Ray: requests in, steps on the shards, tokens out.
+"""The engine loop without Ray: token requests in, steps on the shards, token deltas out.
 
-`EngineCore` validates and queues requests, asks the scheduler for each step's plans,
-sends them to every shard at once (`launch_step`: Ray actors in `cluster.coordinator`;
-in-process, any `run_step`), and records tokens, finish reasons and timings. It is
-thread-safe: one thread steps, others submit and wait.
+`EngineCore` validates and queues requests (`EngineRequest`), asks the scheduler for each
+step's plans, sends them to every shard at once (`launch_step`: Ray actors in
+`cluster.coordinator`; in-process, any `run_step`), and records tokens, finish reasons and
+timings. After each step it puts every front's new tokens in that front's outbox, in one
+batch (`cluster.engine_io`); text never comes here. It is thread-safe: one thread steps,
+others add, cancel and read.
 
 Steps overlap: step N+1 is planned and sent before step N's results come back, so that
 the shards never wait for the host's bookkeeping, streaming and stop checks. A sequence
@@ -14,17 +16,17 @@ costs nothing (the scheduler counts the tokens being drawn)."""
 
 from __future__ import annotations
 
-import contextlib
 import secrets
 import threading
 import time
 import uuid
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from gptoss_ray.cluster.scheduler import Reply, Scheduler, Status
+from gptoss_ray.cluster.engine_io import EngineRequest, Outbox, RequestOutput, TokenDelta
+from gptoss_ray.cluster.scheduler import Scheduler, Status
 from gptoss_ray.cluster.scheduler import Sequence as Seq
 from gptoss_ray.model.config import ModelConfig
 from gptoss_ray.model.types import (
@@ -36,7 +38,6 @@ from gptoss_ray.model.types import (
     SeqWork,
     StepPlan,
     StepResult,
-    TokenLogprob,
     UnknownRequest,
     check_prompt,
 )
@@ -54,23 +55,6 @@ class ShardsRestarted(Exception):
     def __init__(self, lost: Sequence[int] = ()) -> None:
         super().__init__(f"shards {list(lost)} were replaced")
         self.lost = list(lost)
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    prompt_tokens: int
-    token_ids: list[int]
-    finished: bool
-    finish_reason: str | None
-    preemptions: int = 0
-    error: str | None = None
-    time_to_first_token: float | None = None  # seconds from submission
-    inter_token_latency: float | None = None  # mean seconds between later tokens
-    logprobs: list[TokenLogprob] | None = None  # one per token, when asked
-    choices: list[RequestOutput] | None = None  # with n > 1: every choice, in order
-    # each prompt token's (None for the first), when asked
-    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -143,14 +127,11 @@ class EngineCore:
         self.stats = EngineStats()
         self._arrivals = 0
         self.failure: str | None = None  # set when a step failed: nothing can finish now
-        # One lock for everything; the loop waits on `_lock`, and each waiter for a
-        # request's tokens on a condition of its own (`_watch`), so that a step wakes only
-        # the waiters of sequences that advanced, not every waiter (256 `generate` waits
-        # woken every step took a fifth of the loop's time at batch 256).
+        # One lock for everything; the loop waits on `_lock` for work. Readers wait on
+        # their front's outbox (`Outbox`), never on this lock.
         self._mutex = threading.RLock()
         self._lock = threading.Condition(self._mutex)
-        self._watchers: dict[str, set[threading.Condition]] = {}  # sequence id -> waiters
-        self._nudged: set[str | None] = set()  # watchers whose next wait ends at once
+        self._outboxes: dict[str, Outbox] = {}  # front -> its deltas not taken yet
 
     # -- requests ----------------------------------------------------------------------
     def submit(
@@ -158,57 +139,70 @@ class EngineCore:
         prompt: Sequence[int],
         params: SamplingParams,
         request_id: str | None = None,
-        reply: Reply | Sequence[Reply] | None = None,
         priority: int = 0,
     ) -> str:
-        """Queues a request; a bad one raises RequestError and nothing else changes. With
-        `reply` (a chat request's ReplyBuilder, one per choice when params.n > 1), its
-        tokens are fed to it as they come, and a stop string it finds ends the sequence at
-        once. Choice i of n (`choice_ids`) draws with seed + i: what a request for one
-        choice with that seed draws. priority: 0 interactive, 1 batch work (waits behind
-        interactive requests, preempted first)."""
-        prompt = list(prompt)
+        """`add` for one prompt whose tokens are read with `output` (no front)."""
+        request = EngineRequest(request_id or uuid.uuid4().hex, list(prompt), params, priority)
+        self.add([request])
+        return request.request_id
+
+    def add(self, requests: Sequence[EngineRequest], front: str | None = None) -> None:
+        """Queues requests, all or none: a bad one raises RequestError (naming it "prompt
+        i" when there are several) and nothing else changes. With `front`, each step's new
+        tokens of every choice go to that front's outbox (`outbox`), and a request is
+        forgotten once its last delta went there. Choice i of n (`choice_ids`) draws with
+        seed + i: what a request for one choice with that seed draws."""
         if self.failure is not None:
             raise EngineUnavailable(f"the engine stopped after a failure: {self.failure}")
-        self.check(prompt, params, f"request {request_id}" if request_id else "request")
-        request_id = request_id or uuid.uuid4().hex
-        replies = list(reply) if isinstance(reply, Sequence) else [reply] * params.n
-        if len(replies) != params.n:
-            raise ValueError(f"{len(replies)} replies for n={params.n} choices")
-        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        for i, request in enumerate(requests):
+            self.check(
+                request.prompt, request.params, f"prompt {i}" if len(requests) > 1 else "request"
+            )
         now = time.monotonic()
-        seqs = [
+        queued = [self._sequences(request, front, now) for request in requests]
+        with self._lock:
+            ids = [seq.seq_id for seqs in queued for seq in seqs]
+            taken = [i for i in ids if i in self.requests]
+            if taken or len(set(ids)) < len(ids):
+                raise RequestError(f"request id {(taken or ids)[0]!r} is already in use")
+            if front is not None:
+                self.outbox(front)
+            for seqs in queued:
+                self._arrivals += 1
+                self.stats.requests += 1
+                for seq in seqs:
+                    seq.arrival = self._arrivals
+                    self.requests[seq.seq_id] = seq
+                if len(seqs) > 1:
+                    self._forks[seqs[0].seq_id] = [seq.seq_id for seq in seqs[1:]]
+                self.scheduler.add(seqs[0], seqs[1:])
+            self._lock.notify_all()
+
+    def _sequences(self, request: EngineRequest, front: str | None, now: float) -> list[Seq]:
+        params = request.params
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        return [
             Seq(
                 seq_id=choice,
-                prompt=prompt,
+                prompt=request.prompt,
                 params=params,
                 seed=(seed + i) % (1 << 63),
                 stop_ids=params.stop_ids(self.config.eos_token_ids),
-                arrival=self._arrivals,
-                priority=priority,
+                arrival=0,
+                priority=request.priority,
                 submitted_at=now,
-                reply=replies[i],
+                front=front,
+                request_id=request.request_id,
+                choice=i,
                 logprobs=[] if params.logprobs is not None else None,
                 # the prompt is scored once, by the choice that computes it
                 prompt_logprobs=[None] if params.prompt_logprobs is not None and i == 0 else None,
             )
-            for i, choice in enumerate(choice_ids(request_id, params.n))
+            for i, choice in enumerate(choice_ids(request.request_id, params.n))
         ]
-        with self._lock:
-            if any(seq.seq_id in self.requests for seq in seqs):
-                raise RequestError(f"request id {request_id!r} is already in use")
-            self._arrivals += 1
-            self.stats.requests += 1
-            for seq in seqs:
-                self.requests[seq.seq_id] = seq
-            if len(seqs) > 1:
-                self._forks[request_id] = [seq.seq_id for seq in seqs[1:]]
-            self.scheduler.add(seqs[0], seqs[1:])
-            self._lock.notify_all()
-        return request_id
 
     def check(self, prompt: list[int], params: SamplingParams, where: str = "request") -> None:
-        """Raises the RequestError `submit` would for this prompt; `where` names it."""
+        """Raises the RequestError `add` would for this prompt; `where` names it."""
         check_prompt(prompt, params.max_tokens, self.config, f"{where}: the prompt")
         if self.max_prompt_tokens is not None and len(prompt) > self.max_prompt_tokens:
             raise ContextLengthExceeded(
@@ -221,28 +215,23 @@ class EngineCore:
             raise RequestError(f"{where}: {problem}")
 
     def output(self, request_id: str) -> RequestOutput:
+        """What a request (added without a front) has so far: choice 0's output; with
+        n > 1, every choice's in `choices`."""
         with self._lock:
-            return self._outputs(request_id)
+            seqs = self._choices(request_id)
+            out = self._output(seqs[0])
+            if len(seqs) > 1:
+                out.choices = [self._output(seq) for seq in seqs]
+                out.finished = all(o.finished for o in out.choices)
+            return out
 
     def _choices(self, request_id: str) -> list[Seq]:
         """A request's sequences, one per choice (a choice's own id: that one alone)."""
-        seq = self._get(request_id)
-        return [seq] + [self.requests[c] for c in self._forks.get(request_id, ())]
-
-    def _outputs(self, request_id: str) -> RequestOutput:
-        """Choice 0's output; with n > 1, every choice's in `choices`."""
-        seqs = self._choices(request_id)
-        out = self._output(seqs[0])
-        if len(seqs) > 1:
-            out.choices = [self._output(seq) for seq in seqs]
-            out.finished = all(o.finished for o in out.choices)
-        return out
-
-    def _get(self, request_id: str) -> Seq:
         try:
-            return self.requests[request_id]
+            seq = self.requests[request_id]
         except KeyError:
             raise UnknownRequest(f"unknown request id {request_id!r}") from None
+        return [seq] + [self.requests[c] for c in self._forks.get(request_id, ())]
 
     def _output(self, seq: Seq) -> RequestOutput:
         ttft = itl = None
@@ -263,180 +252,97 @@ class EngineCore:
             prompt_logprobs=list(seq.prompt_logprobs) if seq.prompt_logprobs is not None else None,
         )
 
-    def wait(
-        self, request_id: str, *, after: int = -1, timeout: float | None = None
-    ) -> RequestOutput:
-        """Blocks until the request has more than `after` tokens (in choice 0) or every
-        choice finished."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+    # -- fronts ------------------------------------------------------------------------
+    def outbox(self, front: str) -> Outbox:
+        """The outbox of a front's deltas (made on first use: by its first request, or by
+        its reader, whichever comes first)."""
         with self._lock:
-            seqs = self._choices(request_id)
-            self._wait_for(
-                seqs,
-                lambda: (
-                    all(seq.status == Status.FINISHED for seq in seqs)
-                    or (after is not None and len(seqs[0].output) > after)
-                ),
-                deadline,
-            )
-            return self._outputs(request_id)
+            box = self._outboxes.get(front)
+            if box is None:
+                box = self._outboxes[front] = Outbox()
+            return box
 
-    def wait_reply(
-        self, request_id: str, *, after: int | Sequence[int] = 0, timeout: float | None = None
-    ) -> tuple[list[Any], dict[str, Any] | None]:
-        """A chat request's reply events past the first `after`, once there are some or
-        it finished (or the timeout passed), and its reply once it finished (else None).
-        With n > 1 choices, `after` counts each choice's events, the events come as
-        (choice, event) pairs, and the reply has every choice's in `choices` (usage
-        summed)."""
-        news = self.wait_replies({request_id: after}, timeout=timeout)
-        if request_id in news and news[request_id] is None:
-            raise UnknownRequest(f"unknown request id {request_id!r}")
-        return news.get(request_id) or ([], None)
-
-    def wait_replies(
-        self,
-        cursors: dict[str, int | Sequence[int]],
-        *,
-        timeout: float | None = None,
-        watcher: str | None = None,
-    ) -> dict[str, tuple[list[Any], dict[str, Any] | None] | None]:
-        """`wait_reply` for many requests at once (one call serves every stream of a
-        front): returns when any of them has events past its cursor or finished (or the
-        timeout passed, or `nudge(watcher)` was called), with (events, reply or None) for
-        each that has, and None for each id the engine does not know (forgotten, or never
-        submitted here)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+    def close_outbox(self, front: str) -> None:
+        """The front is gone: its requests are cancelled and forgotten."""
         with self._lock:
-            watched: dict[str, tuple[list[Seq], list[int]]] = {}
-            out: dict[str, tuple[list[Any], dict[str, Any] | None] | None] = {}
-            for rid, after in cursors.items():
-                if rid not in self.requests:
-                    out[rid] = None
-                    continue
-                seqs = self._choices(rid)
-                if seqs[0].reply is None:
-                    raise RequestError(f"request {rid!r} is not a chat request")
-                watched[rid] = (
-                    seqs,
-                    [after] * len(seqs) if isinstance(after, int) else list(after),
-                )
+            box = self._outboxes.pop(front, None)
+            if box is not None:
+                box.close()
+            for seq in [s for s in self.requests.values() if s.front == front]:
+                if seq.status != Status.FINISHED:
+                    self.scheduler.finish(seq, "cancelled")
+                del self.requests[seq.seq_id]
+                self._forks.pop(seq.seq_id, None)
 
-            def news(rid: str) -> bool:
-                seqs, afters = watched[rid]
-                done = all(s.status == Status.FINISHED for s in seqs)
-                return done or any(
-                    len(s.reply.events) > a for s, a in zip(seqs, afters, strict=True)
-                )
-
-            self._wait_for(
-                [s for seqs, _ in watched.values() for s in seqs],
-                lambda: bool(out) or any(news(r) for r in watched) or watcher in self._nudged,
-                deadline,
-            )
-            self._nudged.discard(watcher)
-            for rid in watched:
-                if news(rid) or self.failure is not None:
-                    out[rid] = self._events_past(*watched[rid])
-            return out
-
-    def _events_past(
-        self, seqs: list[Seq], afters: list[int]
-    ) -> tuple[list[Any], dict[str, Any] | None]:
-        # finishing a reply can add events (the text of a character its end cut)
-        done = all(s.status == Status.FINISHED for s in seqs)
-        reply = self._reply(seqs) if done else None
-        if len(seqs) == 1:
-            return list(seqs[0].reply.events[afters[0] :]), reply
-        events = [
-            (i, ev)
-            for i, (s, a) in enumerate(zip(seqs, afters, strict=True))
-            for ev in s.reply.events[a:]
-        ]
-        return events, reply
-
-    def _wait_for(
-        self, seqs: Sequence[Seq], ready: Callable[[], bool], deadline: float | None
-    ) -> None:
-        """Waits (with the lock held) until `ready()`, a failure, or the deadline; woken by
-        news of `seqs` (or of everyone)."""
-        with self._watch(seqs) as news:
-            while not ready() and self.failure is None:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return
-                news.wait(left)
-
-    @contextlib.contextmanager
-    def _watch(self, seqs: Sequence[Seq]) -> Iterator[threading.Condition]:
-        """A condition (with the lock held) that is notified when one of `seqs` gets a
-        token or finishes, or when every waiter is (`_notify()`)."""
-        news = threading.Condition(self._mutex)
+    def _publish(self, seqs: Iterable[Seq]) -> None:
+        """Sends what `seqs` drew since their last delta (and their end) to their fronts,
+        one put per front; a request whose every choice ended is forgotten here."""
+        batches: dict[str, list[TokenDelta]] = defaultdict(list)
+        ended = []
         for seq in seqs:
-            self._watchers.setdefault(seq.seq_id, set()).add(news)
-        try:
-            yield news
-        finally:
-            for seq in seqs:
-                waiters = self._watchers.get(seq.seq_id)
-                if waiters is not None:
-                    waiters.discard(news)
-                    if not waiters:
-                        del self._watchers[seq.seq_id]
-
-    def _notify(self, seqs: Sequence[Seq] | None = None) -> None:
-        """Wakes the waiters of `seqs`; None: every waiter, and the loop (with the lock)."""
-        if seqs is None:
-            self._lock.notify_all()
-            conditions = {c for waiters in self._watchers.values() for c in waiters}
-        else:
-            conditions = {c for seq in seqs for c in self._watchers.get(seq.seq_id, ())}
-        for condition in conditions:
-            condition.notify_all()
-
-    def nudge(self, watcher: str) -> None:
-        """Ends the `wait_replies` of `watcher` now, or its next one at once: its front
-        has a new reader, which the next call will cover."""
-        with self._lock:
-            self._nudged.add(watcher)
-            self._notify()
-
-    @staticmethod
-    def _reply(seqs: list[Seq]) -> dict[str, Any]:
-        replies = [
-            s.reply.finish(s.finish_reason, request_id=s.seq_id, prompt_tokens=len(s.prompt))
-            for s in seqs
-        ]
-        if seqs[0].prompt_logprobs is not None:
-            replies[0]["prompt_logprobs"] = list(seqs[0].prompt_logprobs)
-        if len(replies) == 1:
-            return replies[0]
-        completion = sum(r["usage"]["completion_tokens"] for r in replies)
-        prompt = replies[0]["usage"]["prompt_tokens"]
-        usage = {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-        }
-        return {**replies[0], "usage": usage, "choices": replies}
+            if seq.front is None or seq.ended:
+                continue
+            done = seq.status == Status.FINISHED
+            if seq.sent == len(seq.output) and not done:
+                continue
+            lps = seq.logprobs[seq.sent :] if seq.logprobs is not None else None
+            scored = seq.prompt_logprobs if seq.sent == 0 else None
+            delta = TokenDelta(
+                seq.request_id,
+                seq.choice,
+                seq.output[seq.sent :],
+                lps,
+                seq.finish_reason if done else None,
+                scored,
+                seq.preemptions,
+            )
+            batches[seq.front].append(delta)
+            seq.sent, seq.ended = len(seq.output), done
+            if done:
+                ended.append(seq.request_id)
+        for request_id in ended:
+            seqs = self._choices(request_id) if request_id in self.requests else []
+            if seqs and all(s.ended for s in seqs):
+                for s in seqs:
+                    del self.requests[s.seq_id]
+                self._forks.pop(request_id, None)
+        for front, deltas in batches.items():
+            box = self._outboxes.get(front)
+            if box is not None:
+                box.put(deltas)
 
     def fail(self, reason: str) -> None:
-        """A step failed (a shard died): wake every waiter; new requests are refused."""
+        """A step failed (a shard died): every front hears it for each request it holds;
+        new requests are refused."""
         with self._lock:
             self.failure = reason
-            self._notify()
+            for front, box in self._outboxes.items():
+                box.put(
+                    [
+                        TokenDelta(s.request_id, s.choice, [], error=reason)
+                        for s in self.requests.values()
+                        if s.front == front
+                    ]
+                )
+            self._lock.notify_all()
 
-    def cancel(self, request_id: str) -> None:
-        """Stops a request (every choice): it finishes now with finish_reason "cancelled"."""
+    def cancel(self, request_id: str, choice: int | None = None) -> None:
+        """Stops a request (every choice, or the one given): it finishes now with
+        finish_reason "cancelled"; its front gets that as its last delta."""
         with self._lock:
             if request_id not in self.requests:
                 return
-            for seq in self._choices(request_id):
+            seqs = self._choices(request_id)
+            if choice is not None:
+                seqs = [s for s in seqs if s.choice == choice]
+            for seq in seqs:
                 if seq.status != Status.FINISHED:
                     self.scheduler.finish(seq, "cancelled")
-            self._notify()
+            self._publish(seqs)
 
     def forget(self, request_id: str) -> None:
+        """Drops a finished request added without a front (one with a front is dropped
+        when its last delta is sent)."""
         with self._lock:
             if request_id not in self.requests:
                 return
@@ -486,7 +392,7 @@ class EngineCore:
     def wake(self) -> None:
         """Ends a `wait_for_work` now (the loop is told to stop)."""
         with self._lock:
-            self._notify()
+            self._lock.notify_all()
 
     def step(self) -> None:
         """Plans and sends the next step, then takes in the results of the one before it
@@ -518,13 +424,7 @@ class EngineCore:
         t0 = time.perf_counter()
         with self._lock:
             advanced = self.scheduler.update(step.plans, results)
-            for seq in advanced:
-                if seq.reply is not None:
-                    fed = len(seq.reply.tokens)
-                    lps = seq.logprobs[fed:] if seq.logprobs is not None else None
-                    seq.reply.feed(seq.output[fed:], lps)
-                    if seq.reply.stopped and seq.status != Status.FINISHED:
-                        self.scheduler.finish(seq, "stop")
+            self._publish(advanced)
             now = time.perf_counter()
             stats = self.stats
             stats.steps += 1
@@ -556,7 +456,6 @@ class EngineCore:
                 for phase, sec in split.items():
                     stats.decode[phase] += sec
             self._mark = now
-            self._notify(advanced)
 
     def _restarted(self, restart: ShardsRestarted) -> None:
         with self._lock:
@@ -566,7 +465,6 @@ class EngineCore:
             self.scheduler.requeue_all(restart.lost)
             self.stats.recoveries += 1
             self._mark = None
-            self._notify()
 
     def _prompt_tokens(self, work: SeqWork) -> int:
         """The prompt's tokens in a step's chunk (a decode step feeds none: its one token

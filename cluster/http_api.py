@@ -1,7 +1,9 @@
 """The OpenAI-compatible HTTP API as an ASGI app (Starlette), in front of one or more
-engines (`engine_link.EnginePool`). Ray Serve runs it in ingress replicas
-(`cluster.serve_app`); `serve_api` runs it with uvicorn in this process, over an engine
-loop of this process (tests, the Python API).
+engines (`engine_client.EnginePool`). Ray Serve runs it in ingress replicas
+(`cluster.serve_app`); tests run the same app over an engine of their own process
+(`engine_client.LocalEngineClient`). The front owns text: requests are rendered and
+tokenized here, the engines' token deltas become replies here, and a stop string found
+here aborts its sequence in the engine.
 
 /v1/chat/completions, /v1/completions, /v1/responses (stream: server-sent events),
 /v1/models, vLLM's /tokenize, /detokenize, /tokenizer_info, /health, /metrics
@@ -17,11 +19,10 @@ import asyncio
 import contextlib
 import json
 import os
-import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import BaseModel, Field
 from starlette.applications import Starlette
@@ -36,15 +37,16 @@ from gptoss_ray.cluster.chat import (
     ToolCallStart,
     chat_completion,
     chat_prompt,
+    chat_request,
     logprob_entries,
 )
 from gptoss_ray.cluster.completions import (
-    CompletionRequest,
     completion_choices,
     completion_object,
+    completion_requests,
     legacy_logprobs,
 )
-from gptoss_ray.cluster.engine_link import POLL_S, EngineLink, EnginePool, Finished
+from gptoss_ray.cluster.engine_client import EngineClient, EnginePool, Finished, RequestStream
 from gptoss_ray.cluster.metrics import FrontMetrics
 from gptoss_ray.cluster.response_store import ResponseStore
 from gptoss_ray.cluster.responses_api import (
@@ -56,11 +58,9 @@ from gptoss_ray.cluster.responses_api import (
 from gptoss_ray.model import tokenizer as tok
 from gptoss_ray.model.types import EngineUnavailable, RequestError
 
-if TYPE_CHECKING:
-    from gptoss_ray.cluster.engine_loop import EngineLoop
-
 MAX_BODY_BYTES = 8 << 20  # a 128k-token conversation is well under 1 MiB of JSON
 MAX_FILE_BYTES = 200 << 20  # a batch input file, as OpenAI takes
+POLL_S = 0.5  # how often a handler looks for its client gone (and so its request's end)
 
 
 class FrontSettings(BaseModel):
@@ -180,7 +180,7 @@ class FrontState:
             self._batches = Batches(names)
         return self._batches
 
-    def engine_for(self, body: dict[str, Any], tried: list[EngineLink]) -> EngineLink:
+    def engine_for(self, body: dict[str, Any], tried: list[EngineClient]) -> EngineClient:
         link = self.pool.pick(body, avoid=tried)
         if link.outstanding >= self.settings.max_outstanding:
             self.metrics.rejected.labels("at_capacity").inc()
@@ -207,19 +207,29 @@ class FrontState:
 
     @contextlib.asynccontextmanager
     async def submitted(
-        self, body: Any, method: str, request: Request
-    ) -> AsyncIterator[tuple[EngineLink, Any]]:
-        """Submits `body` with the engine's `method` (submit_chat: -> (id, prompt length);
-        submit_text: -> [(id, prompt)]); on the way out, whatever happened (a reply sent,
-        an error, a client gone), the engine is done with every request it made."""
+        self, body: Any, kind: str, request: Request
+    ) -> AsyncIterator[tuple[Any, list[RequestStream]]]:
+        """Renders `body` here (kind "chat": a chat request; "text": a completions request,
+        a stream per prompt) and adds it to an engine -> the parsed request (completions)
+        and the streams; on the way out, whatever happened (a reply sent, an error, a
+        client gone), every request still running is aborted."""
         if not isinstance(body, dict):
             raise ApiError(400, "the request body is a JSON object", "invalid_request")
         self.check_limits(body)
-        tried: list[EngineLink] = []
+        info = await self.info()
+        try:
+            if kind == "chat":
+                parsed, (one, replies) = None, chat_request(body, info)
+                requests, replies = [one], [replies]
+            else:
+                parsed, requests, replies = completion_requests(body, info)
+        except Exception as exc:
+            raise ApiError.of(exc) from None
+        tried: list[EngineClient] = []
         while True:  # an engine that cannot be reached: the next one, while there is one
             link = self.engine_for(body, tried)
             try:
-                out = await link.call(method, body)
+                streams = await link.submit(requests, replies)
                 break
             except EngineUnavailable as exc:
                 tried.append(link)
@@ -227,55 +237,44 @@ class FrontState:
                     raise ApiError.of(exc) from None
             except Exception as exc:
                 raise ApiError.of(exc) from None
-        ids = [out[0]] if method == "submit_chat" else [rid for rid, _ in out]
-        link.outstanding += len(ids)
         try:
-            yield link, out
+            yield parsed, streams
         finally:
-            link.outstanding -= len(ids)
-            for rid in ids:  # in a task of its own: a cancelled handler still releases
-                task = asyncio.ensure_future(link.release(rid))
-                self._releases.add(task)
-                task.add_done_callback(self._releases.discard)
+            for stream in streams:
+                stream.close()
 
-    async def events(
-        self, link: EngineLink, rid: str, request: Request, n: int = 1
-    ) -> AsyncIterator[Any]:
+    async def events(self, stream: RequestStream, request: Request) -> AsyncIterator[Any]:
         """The reply's (choice, event) pairs as they come, then `Finished`; raises
-        ClientDisconnect when the client has gone (the caller's `submitted` releases)."""
+        ClientDisconnect when the client has gone (the caller's `submitted` aborts)."""
         started, first = request.state.started, None
-        queue = link.watcher.open(rid, n)
         asked = time.monotonic()  # when the client was last looked for
-        try:
-            while True:
-                try:
-                    item = await asyncio.wait_for(queue.get(), POLL_S)
-                except TimeoutError:
-                    item = None
-                # Also while tokens flow: a stream never waits out POLL_S then, and behind
-                # Serve the proxy's cancel of a replica's handler can be lost (a race seen
-                # in Ray's issues: the stream then ran to max_tokens for nobody).
-                if item is None or time.monotonic() - asked > POLL_S:
-                    asked = time.monotonic()
-                    if await request.is_disconnected():
-                        raise ClientDisconnect from None
-                if item is None:
-                    continue
-                if isinstance(item, BaseException):
-                    raise ApiError.of(item)
-                if first is None:
-                    first = time.monotonic()
-                if isinstance(item, Finished):
-                    tokens = item.reply["usage"]["completion_tokens"]
-                    self.metrics.observe_reply(started, first, time.monotonic(), tokens)
-                yield item
-                if isinstance(item, Finished):
-                    return
-        finally:
-            link.watcher.close(rid)
+        while True:
+            try:
+                item = await asyncio.wait_for(stream.queue.get(), POLL_S)
+            except TimeoutError:
+                item = None
+            # Also while tokens flow: a stream never waits out POLL_S then, and behind
+            # Serve the proxy's cancel of a replica's handler can be lost (a race seen
+            # in Ray's issues: the stream then ran to max_tokens for nobody).
+            if item is None or time.monotonic() - asked > POLL_S:
+                asked = time.monotonic()
+                if await request.is_disconnected():
+                    raise ClientDisconnect from None
+            if item is None:
+                continue
+            if isinstance(item, BaseException):
+                raise ApiError.of(item)
+            if first is None:
+                first = time.monotonic()
+            if isinstance(item, Finished):
+                tokens = item.reply["usage"]["completion_tokens"]
+                self.metrics.observe_reply(started, first, time.monotonic(), tokens)
+            yield item
+            if isinstance(item, Finished):
+                return
 
-    async def reply(self, link: EngineLink, rid: str, request: Request, n: int = 1) -> dict:
-        async for item in self.events(link, rid, request, n):
+    async def reply(self, stream: RequestStream, request: Request) -> dict:
+        async for item in self.events(stream, request):
             if isinstance(item, Finished):
                 return item.reply
         raise AssertionError("a reply's events end with Finished")
@@ -459,7 +458,7 @@ async def models(front: FrontState, request: Request) -> Response:
 
 
 async def metrics(front: FrontState, request: Request) -> Response:
-    async def read(link: EngineLink) -> dict[str, Any]:
+    async def read(link: EngineClient) -> dict[str, Any]:
         stats, info, load = await asyncio.gather(
             link.call("stats"), link.call("info"), link.call("expert_load")
         )
@@ -478,18 +477,18 @@ async def chat_completions(front: FrontState, request: Request) -> Response:
     body = await _read_json(front, request)
     if isinstance(body, dict) and body.get("stream"):
         return await _event_stream(_stream_chat(front, body, request))
-    async with front.submitted(body, "submit_chat", request) as (link, (rid, _)):
-        reply = await front.reply(link, rid, request)
+    async with front.submitted(body, "chat", request) as (_, (stream,)):
+        reply = await front.reply(stream, request)
         model = (await front.info())["model_id"]
-        return JSONResponse(chat_completion(reply, model, f"chatcmpl-{rid[:24]}"))
+        return JSONResponse(chat_completion(reply, model, f"chatcmpl-{stream.request_id[:24]}"))
 
 
 async def _stream_chat(
     front: FrontState, body: dict[str, Any], request: Request
 ) -> AsyncIterator[str]:
-    async with front.submitted(body, "submit_chat", request) as (link, (rid, _)):
+    async with front.submitted(body, "chat", request) as (_, (stream,)):
         # (read once the engine took the request: it checked them)
-        n = body.get("n") or 1
+        n, rid = stream.request.params.n, stream.request_id
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         base = {
             "id": f"chatcmpl-{rid[:24]}",
@@ -503,7 +502,7 @@ async def _stream_chat(
             return _sse({**base, "choices": [choice]})
 
         yield "".join(chunk(i, {"role": "assistant", "content": ""}) for i in range(n))
-        async for item in front.events(link, rid, request, n):
+        async for item in front.events(stream, request):
             if isinstance(item, Finished):
                 reply = item.reply
                 break
@@ -551,41 +550,38 @@ async def completions(front: FrontState, request: Request) -> Response:
         raise ApiError(
             400, "echo with logprobs is not streamed: leave out stream", "invalid_request", "echo"
         )
-    try:
-        parsed = CompletionRequest.parse(body)
-    except Exception as exc:
-        raise ApiError.of(exc) from None
-    if parsed.stream:
-        return await _event_stream(_stream_completions(front, body, parsed, request))
-    async with front.submitted(body, "submit_text", request) as (link, submitted):
-        n, cid = parsed.n or 1, f"cmpl-{submitted[0][0][:24]}"
+    if body.get("stream"):
+        return await _event_stream(_stream_completions(front, body, request))
+    async with front.submitted(body, "text", request) as (parsed, streams):
+        n, cid = parsed.n or 1, f"cmpl-{streams[0].request_id[:24]}"
         choices, usage = [], Counter()
-        for i, (rid, prompt) in enumerate(submitted):
-            reply = await front.reply(link, rid, request, n)
-            choices += completion_choices(i * n, prompt, reply, parsed)
+        for i, stream in enumerate(streams):
+            reply = await front.reply(stream, request)
+            choices += completion_choices(i * n, stream.request.prompt, reply, parsed)
             usage.update(reply["usage"])
         model = (await front.info())["model_id"]
         return JSONResponse(completion_object(cid, model, choices, dict(usage)))
 
 
 async def _stream_completions(
-    front: FrontState, body: dict[str, Any], parsed: CompletionRequest, request: Request
+    front: FrontState, body: dict[str, Any], request: Request
 ) -> AsyncIterator[str]:
     """Prompt after prompt (all run at once), each choice's text as it comes."""
-    n, usage = parsed.n or 1, Counter()
-    async with front.submitted(body, "submit_text", request) as (link, submitted):
-        cid, model = f"cmpl-{submitted[0][0][:24]}", (await front.info())["model_id"]
+    async with front.submitted(body, "text", request) as (parsed, streams):
+        n, usage = parsed.n or 1, Counter()
+        cid, model = f"cmpl-{streams[0].request_id[:24]}", (await front.info())["model_id"]
 
         def chunk(index: int, text: str, finish: str | None = None, logprobs: Any = None) -> str:
             choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
             return _sse(completion_object(cid, model, [choice], {}) | {"usage": None})
 
         yield ""  # submitted: the answer's head goes now
-        for i, (rid, prompt) in enumerate(submitted):
+        for i, stream in enumerate(streams):
             offsets = [0] * n
             if parsed.echo:
-                yield "".join(chunk(i * n + j, tok.decode(prompt)) for j in range(n))
-            async for item in front.events(link, rid, request, n):
+                text = tok.decode(stream.request.prompt)
+                yield "".join(chunk(i * n + j, text) for j in range(n))
+            async for item in front.events(stream, request):
                 if isinstance(item, Finished):
                     reply = item.reply
                     break
@@ -614,9 +610,10 @@ async def responses(front: FrontState, request: Request) -> Response:
         raise ApiError.of(exc) from None
     if body.get("stream"):
         return await _event_stream(_stream_responses(front, body, items, chat, request))
-    async with front.submitted(chat, "submit_chat", request) as (link, (rid, _)):
-        reply = await front.reply(link, rid, request)
+    async with front.submitted(chat, "chat", request) as (_, (stream,)):
+        reply = await front.reply(stream, request)
         model = (await front.info())["model_id"]
+        rid = stream.request_id
         response = response_object(reply, model, response_id=f"resp_{rid}", request=body)
     await run_in_threadpool(remember, front.responses, body, items, response)
     return JSONResponse(response)
@@ -625,22 +622,22 @@ async def responses(front: FrontState, request: Request) -> Response:
 async def _stream_responses(
     front: FrontState, body: dict[str, Any], items: list, chat: dict[str, Any], request: Request
 ) -> AsyncIterator[str]:
-    async with front.submitted(chat, "submit_chat", request) as (link, (rid, _)):
-        out: list[str] = []
+    async with front.submitted(chat, "chat", request) as (_, (stream,)):
+        rid, out = stream.request_id, []
         seq = iter(range(1 << 62))
 
         def send(kind: str, **fields: Any) -> None:
             out.append(_sse({"type": kind, "sequence_number": next(seq), **fields}, event=kind))
 
         model = (await front.info())["model_id"]
-        stream = ResponseStream(send, f"resp_{rid}", model, bool(chat.get("logprobs")))
+        events = ResponseStream(send, f"resp_{rid}", model, bool(chat.get("logprobs")))
         yield "".join(out)  # response.created
         out.clear()
-        async for item in front.events(link, rid, request):
+        async for item in front.events(stream, request):
             if isinstance(item, Finished):
-                response = stream.complete(item.reply, body)
+                response = events.complete(item.reply, body)
             else:
-                stream.handle(item[1])
+                events.handle(item[1])
             yield "".join(out)
             out.clear()
     await run_in_threadpool(remember, front.responses, body, items, response)
@@ -827,54 +824,3 @@ ROUTES: list[tuple[str, list[str], Callable[[FrontState, Request], Awaitable[Res
     ("/v1/batches/{id}", ["GET"], get_batch),
     ("/v1/batches/{id}/cancel", ["POST"], cancel_batch),
 ]
-
-
-# -- in this process, with uvicorn --------------------------------------------------------
-def serve_api(
-    engine: EngineLoop, host: str, port: int, api_key: str | None, **limits: Any
-) -> ApiServer:
-    """Serves the API for an engine loop of this process (uvicorn on a thread of its own);
-    `limits`: FrontSettings' fields, and idle_timeout_s (keep-alive)."""
-    idle = limits.pop("idle_timeout_s", 5.0)
-    settings = FrontSettings(api_key=api_key, **limits)
-    return ApiServer(api_app(EnginePool([EngineLink.local(engine)]), settings), host, port, idle)
-
-
-class ApiServer:
-    """uvicorn serving an app from a thread of this process."""
-
-    def __init__(self, app: Any, host: str, port: int, idle_timeout_s: float = 5.0) -> None:
-        import uvicorn
-
-        config = uvicorn.Config(
-            app,
-            host=host,
-            port=port,
-            log_level="warning",
-            access_log=False,
-            timeout_keep_alive=idle_timeout_s,
-            timeout_graceful_shutdown=10,
-            lifespan="off",
-        )
-        self.server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self.server.run, name="http-api", daemon=True)
-        self._thread.start()
-        while not self.server.started:
-            if not self._thread.is_alive():
-                raise RuntimeError(f"the HTTP API could not start on {host}:{port}")
-            time.sleep(0.01)
-        sock = self.server.servers[0].sockets[0]
-        self.host, self.port = sock.getsockname()[:2]
-
-    @property
-    def url(self) -> str:
-        host = self.host
-        if host in ("0.0.0.0", "::"):  # every interface: name one the user can reach
-            import socket
-
-            host = socket.gethostbyname(socket.gethostname())
-        return f"http://{host}:{self.port}/v1"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self._thread.join(timeout=15)

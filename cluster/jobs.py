@@ -12,6 +12,7 @@ where it stopped. Either way each line is written exactly once."""
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
 import threading
@@ -29,7 +30,10 @@ from gptoss_ray.cluster.batch import (
     read_input,
     success_record,
 )
+from gptoss_ray.cluster.chat import chat_request
+from gptoss_ray.cluster.engine_client import RayEngineClient, RequestStream
 from gptoss_ray.cluster.ray_instance import NAMESPACE
+from gptoss_ray.model.types import EngineUnavailable
 
 JOB_PREFIX = "gptoss-ray-job-"
 RECORD_TTL_S = 7 * 24 * 3600  # a finished job's status is kept a week, or until deleted
@@ -148,7 +152,7 @@ class BatchJob:
     # -- the loop ------------------------------------------------------------------------
     def _run(self) -> None:
         try:
-            self._run_lines()
+            asyncio.run(self._run_lines())
             if self.status == "running":
                 self.status = "cancelled" if self._cancel.is_set() else "completed"
         except Exception as exc:
@@ -170,66 +174,65 @@ class BatchJob:
             return
         ray.get_runtime_context().current_actor.__ray_terminate__.remote()
 
-    def _run_lines(self) -> None:
+    async def _run_lines(self) -> None:
         engines = _Engines(self.engine_names, self.wait_for_engine_s)
-        model = engines.model_id()
+        info = engines.info()
         todo = deque(line for line in self.lines if not self.writer.is_done(line))
-        in_flight: dict[ray.ObjectRef, tuple[BatchLine, str, int]] = {}
+        in_flight: dict[asyncio.Future, tuple[BatchLine, int, RequestStream]] = {}
         while (todo or in_flight) and not self._cancel.is_set():
             while todo and len(in_flight) < self.max_in_flight:
                 line = todo.popleft()
                 if line.error is not None:
                     self._record(error_record(line.custom_id, line.error))
                     continue
-                busy = collections.Counter(e for _, _, e in in_flight.values())
-                e, coordinator = engines.pick(busy)
+                busy = collections.Counter(e for _, e, _ in in_flight.values())
+                e, client = engines.pick(busy)
                 try:
-                    # a batch request yields to interactive ones (priority 1 > 0)
-                    rid, _ = ray.get(coordinator.submit_chat.remote(line.body, None, 1))
-                except ray.exceptions.RayActorError:
+                    # rendered here; a batch request yields to interactive ones (priority 1)
+                    request, replies = chat_request(line.body, info, priority=1)
+                    (stream,) = await client.submit([request], [replies])
+                except EngineUnavailable:
                     todo.appendleft(line)
                     self._lost(e, engines, in_flight, todo)
                     continue
-                except ray.exceptions.RayTaskError as exc:
-                    cause = getattr(exc, "cause", None)
-                    if not isinstance(cause, ValueError):  # RequestError, HarmonyError, ...
-                        raise
+                except ValueError as exc:  # RequestError, HarmonyError, a bad field
                     error = {
-                        "code": getattr(cause, "code", "invalid_request"),
-                        "message": str(cause),
-                        "param": getattr(cause, "param", None),
+                        "code": getattr(exc, "code", "invalid_request"),
+                        "message": str(exc),
+                        "param": getattr(exc, "param", None),
                         "line": line.line,
                     }
-                    status = getattr(cause, "status", 400)
-                    self._record(error_record(line.custom_id, error, status))
+                    self._record(error_record(line.custom_id, error, getattr(exc, "status", 400)))
                     continue
-                in_flight[coordinator.wait_chat.remote(rid)] = (line, rid, e)
+                in_flight[asyncio.ensure_future(stream.result())] = (line, e, stream)
             if not in_flight:
                 continue
-            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
-            for ref in ready:
-                if ref not in in_flight:
+            ready, _ = await asyncio.wait(in_flight, timeout=1.0, return_when="FIRST_COMPLETED")
+            for task in ready:
+                if task not in in_flight:
                     continue  # its engine was lost while this one was read
-                line, rid, e = in_flight.pop(ref)
+                line, e, _ = in_flight.pop(task)
                 try:
-                    reply = ray.get(ref)
-                except ray.exceptions.RayActorError:
+                    reply = task.result()
+                except EngineUnavailable:
                     todo.appendleft(line)
                     self._lost(e, engines, in_flight, todo)
                     continue
-                self._record(success_record(line.custom_id or "", reply, model))
+                self._record(success_record(line.custom_id or "", reply, info["model_id"]))
                 self.tokens += reply["usage"]["completion_tokens"]
-                engines.handles[e].forget.remote(rid)
-        for _, rid, e in in_flight.values():  # cancelled: stop the engine's work too
-            engines.handles[e].cancel.remote(rid)
+        for task, (_, _, stream) in in_flight.items():  # cancelled: stop the engine's work too
+            stream.close()
+            task.cancel()
 
     @staticmethod
     def _lost(e: int, engines: _Engines, in_flight: dict, todo: deque) -> None:
         """Engine `e` died: its lines in flight go back to the queue (nothing of them was
         written), and the job goes on with the others or waits for one to be back."""
-        for ref, (line, _, owner) in list(in_flight.items()):
+        for task, (line, owner, stream) in list(in_flight.items()):
             if owner == e:
-                del in_flight[ref]
+                del in_flight[task]
+                stream.close()
+                task.cancel()
                 todo.appendleft(line)
         engines.lost(e)
 
@@ -247,33 +250,35 @@ class _Engines:
 
     def __init__(self, names: list[str], wait_s: float) -> None:
         self.names, self.wait_s = names, wait_s
-        self.handles: list[Any] = [None] * len(names)
+        self.clients: list[RayEngineClient | None] = [None] * len(names)
         for e in range(len(names)):
             self._find(e)
-        if not any(self.handles):
+        if not any(self.clients):
             self._wait()
 
     def _find(self, e: int) -> bool:
         try:
             handle = ray.get_actor(self.names[e], namespace=NAMESPACE)
-            ray.get(handle.info.remote(), timeout=60)
+            if not ray.get(handle.info.remote(), timeout=60)["healthy"]:
+                return False
         except (ValueError, ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
             return False
-        self.handles[e] = handle
+        self.clients[e] = RayEngineClient(handle, self.names[e])
         return True
 
-    def model_id(self) -> str:
-        e = next(i for i, h in enumerate(self.handles) if h is not None)
-        return ray.get(self.handles[e].info.remote())["model_id"]
+    def info(self) -> dict[str, Any]:
+        """The model's (the engines serve one model)."""
+        client = next(c for c in self.clients if c is not None)
+        return ray.get(client.handle.info.remote())
 
-    def pick(self, busy: collections.Counter) -> tuple[int, Any]:
-        up = [e for e, h in enumerate(self.handles) if h is not None]
+    def pick(self, busy: collections.Counter) -> tuple[int, RayEngineClient]:
+        up = [e for e, c in enumerate(self.clients) if c is not None]
         e = min(up, key=lambda i: busy[i])
-        return e, self.handles[e]
+        return e, self.clients[e]  # type: ignore[return-value]
 
     def lost(self, e: int) -> None:
-        self.handles[e] = None
-        if not any(self.handles):
+        self.clients[e] = None
+        if not any(self.clients):
             self._wait()
 
     def _wait(self) -> None:

@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any
 
 from gptoss_ray.model.types import (
     BlockGrant,
@@ -30,21 +30,6 @@ from gptoss_ray.model.types import (
     with_buckets,
 )
 from gptoss_ray.shards.kv_blocks import KVBlocks, chain_hashes
-
-
-class Reply(Protocol):
-    """What the engine feeds a sequence's tokens to (cluster.chat.ReplyBuilder): it may
-    end the sequence (a stop string); readers take its events and, at the end, the reply."""
-
-    stopped: bool
-    tokens: list[int]
-    events: list[Any]
-
-    def feed(self, tokens: Iterable[int]) -> None: ...
-
-    def finish(
-        self, finish_reason: str | None, *, request_id: str, prompt_tokens: int
-    ) -> dict[str, Any]: ...
 
 
 class Status(StrEnum):
@@ -79,7 +64,13 @@ class Sequence:
     submitted_at: float = 0.0
     first_token_at: float | None = None
     finished_at: float | None = None
-    reply: Reply | None = None  # a chat request's reply, built as its tokens come
+    # who reads its tokens (`EngineCore.add`): a front's id, its request and choice, the
+    # tokens sent so far, and whether its last delta went
+    front: str | None = None
+    request_id: str = ""
+    choice: int = 0
+    sent: int = 0
+    ended: bool = False
     block_hashes: list[bytes] = field(default_factory=list)  # of its whole blocks, so far
     # one per output token when its params ask for logprobs (`TokenLogprob`), else None
     logprobs: list[Any] | None = None

@@ -11,7 +11,7 @@ from typing import Any
 
 import ray
 
-from gptoss_ray.cluster.coordinator import Coordinator
+from gptoss_ray.cluster.coordinator import coordinator_actor
 from gptoss_ray.cluster.engine import here
 from gptoss_ray.cluster.engine_config import EngineConfig
 from gptoss_ray.cluster.http_api import FrontSettings
@@ -41,13 +41,8 @@ def start_engines(
             continue
         except ValueError:
             pass
-        remote = ray.remote(Coordinator).options(
-            name=name,
-            namespace=NAMESPACE,
-            lifetime="detached",
-            max_concurrency=256,
-            num_cpus=0,
-            scheduling_strategy=here(),
+        remote = coordinator_actor(
+            name=name, namespace=NAMESPACE, lifetime="detached", scheduling_strategy=here()
         )
         actors.append(remote.remote(config))
     try:

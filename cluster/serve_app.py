@@ -1,6 +1,7 @@
 """The HTTP front as a Ray Serve application: ingress replicas (`ApiIngress`) run the API
 app (`http_api.api_app`) and reach the engines, named coordinator actors, through Ray
-handles. HTTP parsing, JSON and streaming to clients happen in the replicas and Serve's
+handles. HTTP parsing, JSON, rendering and tokenizing prompts, building replies from the
+engines' token deltas, and streaming to clients happen in the replicas and Serve's
 proxies; a coordinator's process runs its engine only.
 
 `gptoss-ray serve --http` deploys it (`cluster.serve.serve`); so do `serve run` and
@@ -14,8 +15,8 @@ import ray
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
+from gptoss_ray.cluster.engine_client import EnginePool, RayEngineClient
 from gptoss_ray.cluster.engine_config import EngineConfig
-from gptoss_ray.cluster.engine_link import EngineLink, EnginePool
 from gptoss_ray.cluster.http_api import FrontSettings, api_app
 from gptoss_ray.cluster.ray_instance import NAMESPACE
 
@@ -32,7 +33,7 @@ MAX_ONGOING_REQUESTS = 4096
 class ApiIngress:
     def __init__(self, engines: list[str], settings: dict[str, Any]) -> None:
         self.links = [
-            EngineLink.actor(ray.get_actor(name, namespace=NAMESPACE), name) for name in engines
+            RayEngineClient(ray.get_actor(name, namespace=NAMESPACE), name) for name in engines
         ]
         self.settings = FrontSettings(**settings)
 

@@ -103,12 +103,13 @@ def tiny_core(layout: KVLayout, **options):
 def served_tiny_model(api_key: str, layout: KVLayout | None = None):
     """The HTTP API on the built-in model, one in-process shard (float32) -> its URL."""
     from gptoss_ray.cluster.engine_loop import EngineLoop
-    from gptoss_ray.cluster.http_api import serve_api
+    from tests.support import served
 
     layout = layout or KVLayout(16, 256, 128)
     core = tiny_core(layout)
     engine = EngineLoop("/models/gpt-oss-tiny", core.config, layout, core)
     try:
-        yield engine.attach(serve_api, "127.0.0.1", 0, api_key)
+        with served(engine, api_key) as url:
+            yield url
     finally:
         engine.shutdown()

@@ -32,6 +32,11 @@ def choose(prompt: str) -> str:
     return "slow" if "slowly" in prompt else "answer"
 
 
+# A step's time: a front's abort (a stop string it found) comes within one step, as it
+# does in front of a real model's steps, not after a dozen instant ones.
+STEP_S = 0.01
+
+
 class ScriptedShards:
     def __init__(self) -> None:
         self.prompts: dict[str, list[int]] = {}
@@ -73,8 +78,7 @@ class ScriptedShards:
                         )
         for seq_id in plan.release:
             self.released.add(seq_id)
-        if slow:
-            time.sleep(0.02)
+        time.sleep(0.02 if slow else STEP_S)
         return [StepResult(out, {"step": 0.0}, logprobs)]
 
 
@@ -85,10 +89,13 @@ def scripted_logprob(token: int, n: int, top: int) -> TokenLogprob:
     return TokenLogprob(token, logprob, [(token, logprob), *others][:top])
 
 
-def scripted_engine() -> tuple[EngineLoop, ScriptedShards]:
+def scripted_engine(overlap: bool = False) -> tuple[EngineLoop, ScriptedShards]:
     config = ModelConfig.preset("gpt-oss-tiny")
     layout = KVLayout(16, 1000, 1000)
     shards = ScriptedShards()
     # the script reads each prompt whole from the plans: no cached prefix may be skipped
-    core = EngineCore(config, 1, layout, shards, token_budget=4096, prefix_cache=False)
+    # by default one step at a time, as CPU shards run (`EngineConfig.overlap`)
+    core = EngineCore(
+        config, 1, layout, shards, token_budget=4096, prefix_cache=False, overlap=overlap
+    )
     return EngineLoop("/models/gpt-oss-tiny", config, layout, core), shards

@@ -3,12 +3,12 @@ prefill, paged KV with preemption, bad requests failing alone."""
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 
 import pytest
 
 from gptoss_ray.cluster.engine_core import EngineCore
+from gptoss_ray.cluster.engine_io import EngineRequest
 from gptoss_ray.model.types import (
     KVLayout,
     RequestError,
@@ -239,39 +239,36 @@ def test_batch_work_yields_to_interactive_requests():
     assert max(admitted[r] for r in interactive) <= min(admitted[r] for r in batch)
 
 
-def test_a_step_wakes_only_the_waiters_of_the_sequences_it_advanced():
-    # Every waiter woken every step (a `generate` call waits on each of its requests) cost
-    # the loop a fifth of its time at batch 256; a step wakes the waiters of what it
-    # advanced, a cancel or a failure every waiter.
-    import threading
-
-    core, _ = make_core(KVLayout(16, 256, 64))
-    long = GREEDY.model_copy(update={"max_tokens": 40})
-    quiet, busy = core.submit(prompts()[0], long), core.submit(prompts()[1], GREEDY)
-    for _ in range(3):
+def test_each_step_puts_one_batch_per_front_holding_only_its_requests():
+    """Token deltas are pushed: after a step, each front's outbox gets one batch with its
+    own requests' new tokens (and their ends); the tokens add up to the baseline, and a
+    request is forgotten once its last delta went. A front gone cancels its requests."""
+    core, _ = make_core(KVLayout(16, 256, 64), token_budget=256)
+    ps = prompts()
+    core.add([EngineRequest(f"a{i}", p, GREEDY) for i, p in enumerate(ps[:2])], front="A")
+    core.add([EngineRequest("b0", ps[2], GREEDY)], front="B")
+    puts: Counter = Counter()
+    for name in "AB":
+        box = core.outbox(name)
+        box.put = lambda deltas, name=name, put=box.put: (puts.update([name]), put(deltas))[1]
+    got: dict[str, list[int]] = {}
+    ends = {}
+    while core.has_work():
         core.step()
-    woken: Counter = Counter()
-    done = threading.Event()
+        for name in "AB":
+            for d in core.outbox(name).take(0) or []:
+                assert d.request_id.startswith(name.lower())  # only its own
+                got[d.request_id] = got.get(d.request_id, []) + d.token_ids
+                if d.finished:
+                    ends[d.request_id] = d.finish_reason
+    assert [got[r] for r in ("a0", "a1", "b0")] == [list(t) for t in baseline()[:3]]
+    assert ends == {"a0": "length", "a1": "length", "b0": "length"}
+    assert 0 < puts["A"] <= core.stats.steps and 0 < puts["B"] <= core.stats.steps
+    assert not core.requests  # forgotten once their last delta went
 
-    def wait_for_the_end(rid: str) -> None:
-        with core._lock, core._watch(core._choices(rid)) as news:
-            while not done.is_set():
-                news.wait()
-                woken[rid] += 1
-
-    waiters = [threading.Thread(target=wait_for_the_end, args=(r,)) for r in (quiet, busy)]
-    for t in waiters:
-        t.start()
-    while len(core._watchers) < 2:
-        time.sleep(0.01)
-    core.cancel(quiet)  # takes the quiet one out of the steps
+    core.add([EngineRequest("gone", ps[0], GREEDY.model_copy(update={"max_tokens": 40}))], "C")
+    core.step()
+    core.close_outbox("C")  # the front's stream ended: its request stops
+    assert (not core.requests and not core.has_work()) or core.scheduler.live == {}
     core.run_until_done()
-    time.sleep(0.2)
-    assert woken[quiet] == 1  # the cancel alone
-    assert woken[busy] >= GREEDY.max_tokens - 3  # every token it got
-    done.set()
-    with core._lock:
-        core._notify()
-    for t in waiters:
-        t.join(5)
-    assert not core._watchers  # each waiter took its watch away
+    assert core.outbox("C").take(0) == []  # a new, empty outbox: nothing was sent after

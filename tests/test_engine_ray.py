@@ -3,6 +3,8 @@ single-process baseline for any shard count."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from gptoss_ray.cluster.engine import Engine
@@ -36,12 +38,10 @@ def test_greedy_tokens_match_the_baseline_with_late_arrivals(engine):
     ps = prompts()
     early = [engine.submit(p, GREEDY) for p in ps[:5]]
     # wait until the first requests are decoding, then add the rest
-    coordinator = engine.coordinator
-    import ray
-
-    ray.get(coordinator.wait.remote(early[0], 1, 60.0))
+    while engine.stats()["generated_tokens"] == 0:
+        time.sleep(0.01)
     late = [engine.submit(p, GREEDY) for p in ps[5:]]
-    outs = [ray.get(coordinator.wait.remote(rid)) for rid in early + late]
+    outs = [engine.result(s) for s in early + late]
     assert tuple(tuple(o.token_ids) for o in outs) == baseline()
     assert all(o.finish_reason == "length" for o in outs)
 

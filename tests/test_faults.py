@@ -174,13 +174,13 @@ def test_bf16_recovery_keeps_what_was_emitted(ray_session):
         thread.start()
         ids = [engine.submit(p, params) for p in prompts()]
         thread.join(timeout=120)
-        outs = [ray.get(engine.coordinator.wait.remote(rid, None, 300)).token_ids for rid in ids]
+        outs = [engine.result(s, 300).token_ids for s in ids]
         assert engine.stats()["recoveries"] == 2
         assert all(len(o) == 24 for o in outs)
         assert any(seen[0].values())  # tokens were out before the first fault
         for snapshot in seen:
             for rid, before in snapshot.items():
-                final = outs[ids.index(rid)]
+                final = outs[[s.request_id for s in ids].index(rid)]
                 assert final[: len(before)] == before, rid  # kept, not recomputed anew
     finally:
         engine.shutdown()

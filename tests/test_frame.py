@@ -18,7 +18,7 @@ import openai_harmony as oh
 import pytest
 import torch
 
-from gptoss_ray.cluster.chat import ReplyBuilder, chat_prompt
+from gptoss_ray.cluster.chat import chat_prompt, chat_reply
 from gptoss_ray.model import harmony
 from gptoss_ray.model import tokenizer as tok
 from gptoss_ray.model.grammar import reply_grammar
@@ -97,14 +97,15 @@ def test_every_reply_parses_in_strict_mode(encoding):
     for body in bodies:
         prompt, params, stops = chat_prompt(body, 131072)
         assert params.grammar is not None
-        ids.append(core.submit(prompt, params, reply=ReplyBuilder(stops)))
+        assert not stops  # the reply below is built from the whole output
+        ids.append(core.submit(prompt, params))
     core.run_until_done()
     assert core.stats.preemptions > 0
     finishes = {"stop": 0, "length": 0, "cut in a header": 0}
     for rid, body in zip(ids, bodies, strict=True):
-        seq = core.requests[rid]
-        tokens = core.output(rid).token_ids
-        reply = seq.reply.finish(seq.finish_reason, request_id=rid, prompt_tokens=0)
+        seq = core.output(rid)
+        tokens = seq.token_ids
+        reply = chat_reply(tokens, seq.finish_reason, request_id=rid)
         try:
             messages = strictly_parsed(encoding, tokens)
         except oh.HarmonyError as exc:

@@ -3,7 +3,6 @@ API against an engine with scripted shards, and the batch input and output files
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import resource
@@ -17,8 +16,9 @@ import pytest
 
 from gptoss_ray.cluster import http_api
 from gptoss_ray.cluster.batch import OutputBusy, OutputWriter, error_record, read_input
-from gptoss_ray.cluster.http_api import MAX_BODY_BYTES, serve_api
+from gptoss_ray.cluster.http_api import MAX_BODY_BYTES
 from tests.scripted_engine import scripted_engine
+from tests.support import served
 
 KEY = "k"
 
@@ -26,8 +26,8 @@ KEY = "k"
 @pytest.fixture(scope="module")
 def server():
     engine, _ = scripted_engine()
-    url = engine.attach(serve_api, "127.0.0.1", 0, KEY)
-    yield url, engine
+    with served(engine, KEY) as url:
+        yield url, engine
     engine.shutdown()
 
 
@@ -111,83 +111,83 @@ def test_a_stream_works_on_descriptors_past_1024(server):
 
 def test_idle_connections_never_block_requests_and_are_closed_after_a_reply():
     engine, _ = scripted_engine()
-    url = engine.attach(functools.partial(serve_api, idle_timeout_s=1.0), "127.0.0.1", 0, KEY)
-    host, port = url.removeprefix("http://").removesuffix("/v1").split(":")
-    try:
-        idlers = [socket.create_connection((host, int(port))) for _ in range(300)]
-        status, body = post(url, chat())  # an event loop, not a thread per connection
-        assert status == 200 and body["choices"][0]["message"]["content"] == "Hello there, friend!"
-        for s in idlers:
-            s.close()
-        # a kept-alive connection idle past the timeout is closed by the server
-        data = json.dumps(chat()).encode()
-        head = (
-            f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
-        )
-        with socket.create_connection((host, int(port)), timeout=10) as sock:
-            sock.sendall(head.encode() + data)
-            got = b""
-            while b"Hello there, friend!" not in got:
-                got += sock.recv(65536)
-            time.sleep(1.5)
-            assert sock.recv(1) == b""
-    finally:
-        engine.shutdown()
+    with served(engine, KEY, idle_timeout_s=1.0) as url:
+        host, port = url.removeprefix("http://").removesuffix("/v1").split(":")
+        try:
+            idlers = [socket.create_connection((host, int(port))) for _ in range(300)]
+            status, body = post(url, chat())  # an event loop, not a thread per connection
+            assert (
+                status == 200 and body["choices"][0]["message"]["content"] == "Hello there, friend!"
+            )
+            for s in idlers:
+                s.close()
+            # a kept-alive connection idle past the timeout is closed by the server
+            data = json.dumps(chat()).encode()
+            head = (
+                f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+            )
+            with socket.create_connection((host, int(port)), timeout=10) as sock:
+                sock.sendall(head.encode() + data)
+                got = b""
+                while b"Hello there, friend!" not in got:
+                    got += sock.recv(65536)
+                time.sleep(1.5)
+                assert sock.recv(1) == b""
+        finally:
+            engine.shutdown()
 
 
 def test_past_its_limit_a_front_answers_429_with_retry_after():
     engine, _ = scripted_engine()
-    limited = functools.partial(serve_api, max_outstanding=1, retry_after_s=3)
-    url = engine.attach(limited, "127.0.0.1", 0, KEY)
-    client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0)
-    try:
-        slow = client.chat.completions.create(
-            **chat(stream=True, messages=[{"role": "user", "content": "slowly"}])
-        )
-        next(iter(slow))  # one request in the engine, still running
-        head = (
-            f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: %d\r\nConnection: close"
-        )
-        data = json.dumps(chat()).encode()
-        status, raw = raw_request(url, head % len(data), data)
-        assert status == 429 and json.loads(raw)["error"]["code"] == "server_busy"
-        with pytest.raises(openai.RateLimitError) as caught:
-            client.chat.completions.create(**chat())
-        assert caught.value.response.headers["retry-after"] == "3"
-        slow.close()  # the client leaves: its request is cancelled, and room is made
-        assert wait_idle(engine)
-        assert client.chat.completions.create(**chat()).choices[0].finish_reason == "stop"
-    finally:
-        engine.shutdown()
+    with served(engine, KEY, max_outstanding=1, retry_after_s=3) as url:
+        client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0)
+        try:
+            slow = client.chat.completions.create(
+                **chat(stream=True, messages=[{"role": "user", "content": "slowly"}])
+            )
+            next(iter(slow))  # one request in the engine, still running
+            head = (
+                f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: %d\r\nConnection: close"
+            )
+            data = json.dumps(chat()).encode()
+            status, raw = raw_request(url, head % len(data), data)
+            assert status == 429 and json.loads(raw)["error"]["code"] == "server_busy"
+            with pytest.raises(openai.RateLimitError) as caught:
+                client.chat.completions.create(**chat())
+            assert caught.value.response.headers["retry-after"] == "3"
+            slow.close()  # the client leaves: its request is cancelled, and room is made
+            assert wait_idle(engine)
+            assert client.chat.completions.create(**chat()).choices[0].finish_reason == "stop"
+        finally:
+            engine.shutdown()
 
 
 def test_requests_at_once_with_one_key_are_capped():
     engine, _ = scripted_engine()
-    limited = functools.partial(serve_api, max_concurrent_per_key=1)
-    url = engine.attach(limited, "127.0.0.1", 0, KEY)
-    client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0)
-    try:
-        slow = client.chat.completions.create(
-            **chat(stream=True, messages=[{"role": "user", "content": "slowly"}])
-        )
-        next(iter(slow))
-        with pytest.raises(openai.RateLimitError, match="its limit") as caught:
-            client.models.list()
-        assert caught.value.response.headers["retry-after"] == "1"
-        slow.close()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:  # the stream's end frees its slot
-            try:
-                assert client.models.list().data[0].id == "gpt-oss-tiny"
-                break
-            except openai.RateLimitError:
-                time.sleep(0.05)
-        else:
-            raise AssertionError("the slot was never freed")
-    finally:
-        engine.shutdown()
+    with served(engine, KEY, max_concurrent_per_key=1) as url:
+        client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0)
+        try:
+            slow = client.chat.completions.create(
+                **chat(stream=True, messages=[{"role": "user", "content": "slowly"}])
+            )
+            next(iter(slow))
+            with pytest.raises(openai.RateLimitError, match="its limit") as caught:
+                client.models.list()
+            assert caught.value.response.headers["retry-after"] == "1"
+            slow.close()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:  # the stream's end frees its slot
+                try:
+                    assert client.models.list().data[0].id == "gpt-oss-tiny"
+                    break
+                except openai.RateLimitError:
+                    time.sleep(0.05)
+            else:
+                raise AssertionError("the slot was never freed")
+        finally:
+            engine.shutdown()
 
 
 # -- 2: a failure after the request was queued ---------------------------------------------

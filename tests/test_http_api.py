@@ -12,9 +12,9 @@ import urllib.request
 import openai
 import pytest
 
-from gptoss_ray.cluster.http_api import serve_api
 from gptoss_ray.model import tokenizer as tok
 from tests.scripted_engine import REPLIES, scripted_engine
+from tests.support import served
 
 KEY = "test-key"
 WEATHER_TOOL = {
@@ -34,8 +34,8 @@ WEATHER_TOOL = {
 @pytest.fixture(scope="module")
 def server():
     engine, shards = scripted_engine()
-    url = engine.attach(serve_api, "127.0.0.1", 0, KEY)
-    yield url, engine, shards
+    with served(engine, KEY) as url:
+        yield url, engine, shards
     engine.shutdown()
 
 

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from gptoss_ray.cluster.engine_link import EngineLink, EnginePool, prefix_keys
+from gptoss_ray.cluster.engine_client import EngineClient, EnginePool, prefix_keys
 from gptoss_ray.cluster.ray_instance import NAMESPACE
 from gptoss_ray.cluster.serve import stop
 from gptoss_ray.cluster.serve_app import AppArgs, build_app
@@ -293,10 +293,14 @@ def test_an_engine_killed_mid_batch_loses_no_line_and_the_front_keeps_serving(fr
     assert status == 200 and f"{NAME}-1" in json.loads(raw)["degraded"][0]
 
 
-class FakeLink(EngineLink):
-    def __init__(self, name: str, outstanding: int = 0) -> None:
-        super().__init__(name, call=None)
+class FakeLink(EngineClient):
+    def __init__(self, name: str, outstanding: int = 0, answer=None) -> None:
+        super().__init__(name)
         self.outstanding = outstanding
+        self._answer = answer
+
+    async def _call(self, method, *args):
+        return await self._answer(method, *args)
 
 
 def test_routing_by_least_work_then_by_prefix_within_slack():
@@ -329,9 +333,11 @@ def test_a_front_whose_first_question_finds_an_engine_lost_asks_the_others():
     async def alive(method, *args):
         return {"model_id": "gpt-oss-tiny", "max_context_length": 131072}
 
-    front = FrontState(EnginePool([EngineLink("b", lost), EngineLink("a", alive)]), FrontSettings())
+    front = FrontState(
+        EnginePool([FakeLink("b", answer=lost), FakeLink("a", answer=alive)]), FrontSettings()
+    )
     assert asyncio.run(front.info())["model_id"] == "gpt-oss-tiny"
-    gone = FrontState(EnginePool([EngineLink("b", lost)]), FrontSettings())
+    gone = FrontState(EnginePool([FakeLink("b", answer=lost)]), FrontSettings())
     with pytest.raises(EngineUnavailable, match="b is unreachable"):
         asyncio.run(gone.info())
 

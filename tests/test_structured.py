@@ -16,7 +16,7 @@ import pydantic
 import pytest
 
 from gptoss_ray.benchmarks.grammar import random_schema
-from gptoss_ray.cluster.chat import ReplyBuilder, chat_prompt
+from gptoss_ray.cluster.chat import chat_prompt, chat_reply
 from gptoss_ray.model.types import KVLayout
 from tests.engine_cases import GREEDY, baseline, prompts, served_tiny_model, tiny_core
 
@@ -49,15 +49,16 @@ def test_every_reply_that_stops_validates_and_free_sequences_are_untouched():
     constrained = []
     for i, schema in enumerate(schemas):
         prompt, params, stops = chat_prompt(structured(schema, i), 131072)
-        constrained.append(core.submit(prompt, params, reply=ReplyBuilder(stops)))
+        assert not stops  # the reply below is built from the whole output
+        constrained.append(core.submit(prompt, params))
     free = [core.submit(p, GREEDY) for p in prompts()]
     core.run_until_done()
     assert tuple(tuple(core.output(i).token_ids) for i in free) == baseline()
     assert core.stats.preemptions > 0
     stopped = 0
     for rid, schema in zip(constrained, schemas, strict=True):
-        seq = core.requests[rid]
-        reply = seq.reply.finish(seq.finish_reason, request_id=rid, prompt_tokens=0)
+        seq = core.output(rid)
+        reply = chat_reply(seq.token_ids, seq.finish_reason, request_id=rid)
         assert reply["problems"] == []  # the frame always parses
         if reply["finish_reason"] == "stop":
             stopped += 1
