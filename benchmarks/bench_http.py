@@ -257,8 +257,8 @@ def isolation(args: argparse.Namespace, url: str, engine: Any) -> dict[str, Any]
     def through_api(r: int) -> list[dict[str, float]]:
         import ray
 
-        from gptoss_ray.cluster.chat import chat_request
-        from gptoss_ray.cluster.engine_client import LoopThread, RayEngineClient
+        from gptoss_ray.cluster.client.chat import chat_request
+        from gptoss_ray.cluster.client.engine_client import LoopThread, RayEngineClient
 
         info = ray.get(engine.info.remote())
         chats = [
@@ -395,9 +395,9 @@ def main() -> None:
     args = parse_args()
     import ray
 
-    from gptoss_ray.cluster.engine_config import EngineConfig
-    from gptoss_ray.cluster.ray_instance import NAMESPACE, start_private
-    from gptoss_ray.cluster.serve import serve, stop
+    from gptoss_ray.cluster.engine.config import EngineConfig
+    from gptoss_ray.cluster.front.serve import serve, stop
+    from gptoss_ray.cluster.runtime.ray_instance import NAMESPACE, start_private
 
     engines = 1 if args.isolation else args.engines
     if args.isolation and args.pin_shard:

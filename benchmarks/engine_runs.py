@@ -51,7 +51,7 @@ def random_prompts(n: int, length: int, seed: int, vocab: int = 200000) -> list[
 
 def ensure_ray(min_cpus: int) -> None:
     """One Ray instance for every engine of the run (each engine would start its own)."""
-    from gptoss_ray.cluster.ray_instance import init_for_engine
+    from gptoss_ray.cluster.runtime.ray_instance import init_for_engine
 
     init_for_engine(None, min_cpus)
 
@@ -102,7 +102,7 @@ def timed_generate(
 
 def _streamed(engine, prompts: list[list[int]], params) -> list[Any]:
     """Each request read token by token by its own consumer thread -> its output."""
-    from gptoss_ray.cluster.engine_core import RequestOutput
+    from gptoss_ray.cluster.engine.core import RequestOutput
 
     outs: list[Any] = [None] * len(prompts)
 
@@ -138,7 +138,7 @@ def sweep(
     null_model: bool = False,
     compiled_steps: bool = False,
 ) -> list[dict[str, Any]]:
-    from gptoss_ray.cluster.engine import Engine
+    from gptoss_ray.cluster.client.engine import Engine
 
     ensure_ray(shards + 1)
     engine = Engine.start(
@@ -231,7 +231,7 @@ def scaling(
     kv_budget_mb: float,
     replicas: bool = True,
 ) -> list[dict[str, Any]]:
-    from gptoss_ray.cluster.engine import Engine
+    from gptoss_ray.cluster.client.engine import Engine
 
     cores = os.cpu_count() or 1
     ensure_ray(2 * max(shard_counts) + 1)
@@ -267,7 +267,7 @@ def scaling(
 
 
 def _replicas(model, n, batch, prompt_len, output_len, repeats, common) -> dict[str, Any]:
-    from gptoss_ray.cluster.engine import Engine
+    from gptoss_ray.cluster.client.engine import Engine
 
     engines = [Engine.start(model, shards=1, **common) for _ in range(n)]
     try:

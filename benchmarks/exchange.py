@@ -46,7 +46,7 @@ def per_layer(ops, rank: int, world: int, hidden: int) -> dict[str, float]:
 def one_batch(group, config, layout, world: int, batch: int, steps: int) -> dict[str, Any]:
     import torch
 
-    from gptoss_ray.cluster.engine_core import EngineCore
+    from gptoss_ray.cluster.engine.core import EngineCore
     from gptoss_ray.model.types import SamplingParams
 
     decodes = {"n": 0}

@@ -77,7 +77,7 @@ def decode_bytes(config, context: int) -> int:
 def run_ours(
     model, batch: int, prompt_len: int, output_len: int, graphs: bool | None = None
 ) -> dict[str, Any]:
-    from gptoss_ray.cluster.engine_core import EngineCore
+    from gptoss_ray.cluster.engine.core import EngineCore
     from gptoss_ray.model.types import KVLayout, SamplingParams
     from gptoss_ray.router.transport import LocalTransport
     from gptoss_ray.shards.shard import Shard

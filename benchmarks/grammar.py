@@ -44,8 +44,8 @@ def request(mode: str, seed: int, max_tokens: int) -> dict[str, Any]:
 def measure(args: argparse.Namespace, mode: str, batch: int) -> dict[str, Any]:
     import torch
 
-    from gptoss_ray.cluster.chat import chat_prompt
-    from gptoss_ray.cluster.engine_core import EngineCore
+    from gptoss_ray.cluster.client.chat import chat_prompt
+    from gptoss_ray.cluster.engine.core import EngineCore
     from gptoss_ray.model.types import KVLayout
     from gptoss_ray.router.transport import LocalTransport
     from gptoss_ray.shards.shard import Shard

@@ -54,7 +54,7 @@ def one_mode(args: argparse.Namespace, compiled: bool) -> dict[str, Any]:
     import ray
 
     from gptoss_ray.benchmarks.engine_runs import random_prompts
-    from gptoss_ray.cluster.engine import Engine
+    from gptoss_ray.cluster.client.engine import Engine
     from gptoss_ray.model.types import SamplingParams
 
     engine = Engine.start(

@@ -118,7 +118,7 @@ def conversations(
 ) -> list[list[list[int]]]:
     """prompts[user][turn]: the rendered prompt of every turn (its history's answers are
     the stand-in texts). Another seed, other texts: nothing cached from a run before."""
-    from gptoss_ray.cluster.chat import chat_prompt
+    from gptoss_ray.cluster.client.chat import chat_prompt
 
     tools = _tools(8)
 
@@ -220,7 +220,7 @@ def run_workload(engine, prompts: list[list[list[int]]], output_len: int) -> dic
 
 def run(args: argparse.Namespace, data: dict[str, Any]) -> None:
     from gptoss_ray.benchmarks.engine_runs import ensure_ray
-    from gptoss_ray.cluster.engine import Engine
+    from gptoss_ray.cluster.client.engine import Engine
 
     progress(f"rendering {args.repeats} x {args.users} users x {args.turns} turns")
     # one workload per repeat, so that a repeat finds nothing of the one before cached

@@ -98,7 +98,7 @@ def in_a_batch(args: argparse.Namespace, module: ModuleType, temperature: float)
 
     import torch
 
-    from gptoss_ray.cluster.engine_core import EngineCore
+    from gptoss_ray.cluster.engine.core import EngineCore
     from gptoss_ray.model.types import KVLayout, SamplingParams
     from gptoss_ray.router.transport import LocalTransport
     from gptoss_ray.shards import shard as shard_module

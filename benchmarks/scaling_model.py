@@ -151,10 +151,10 @@ def calibrate(
 def _time_dense(layers, config, contexts, batches, repeats, dtype, g):
     """Attention and the router of each layer, for each batch and cached context ->
     (features [1, b, b * c_eff], seconds)."""
+    from gptoss_ray.cluster.engine.kv_blocks import KVBlocks
     from gptoss_ray.model.kv_cache import SequenceBatch
     from gptoss_ray.model.model import RotaryEmbedding
     from gptoss_ray.model.types import KVLayout
-    from gptoss_ray.shards.kv_blocks import KVBlocks
     from gptoss_ray.shards.kv_cache import PagedBatchView, PagedKVCache
 
     dev, h = g.device, config.hidden_size

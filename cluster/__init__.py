@@ -1,1 +1,3 @@
-"""Ray: placement, rendezvous, the coordinator and scheduler, clients, batch jobs, the CLI."""
+"""Everything above one device: one subpackage per layer, imports pointing down only:
+`cli` -> `front` (HTTP) -> `batch` -> `client` (text, in a front's process) -> `runtime`
+(Ray) -> `engine` (tokens, no Ray)."""

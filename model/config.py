@@ -42,6 +42,10 @@ class ConfigError(ValueError):
     """A model configuration that cannot describe a gpt-oss model."""
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read as a gpt-oss model; the message names what is wrong."""
+
+
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 

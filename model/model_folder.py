@@ -10,11 +10,17 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from gptoss_ray.model.config import ConfigError, ModelConfig
+from gptoss_ray.model.config import CheckpointError, ConfigError, ModelConfig
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read as a gpt-oss model; the message names what is wrong."""
+__all__ = [
+    "CheckpointError",
+    "builtin_checkpoint",
+    "cache_dir",
+    "read_config",
+    "resolve_model",
+    "safetensors_files",
+    "weights_folder",
+]
 
 
 def cache_dir() -> Path:
@@ -57,7 +63,7 @@ def builtin_checkpoint(preset: str, seed: int = 0) -> Path:
     target = cache_dir() / "models" / f"{preset}-seed{seed}"
     if (target / "config.json").is_file():
         return target
-    from gptoss_ray.model.checkpoint import write_random_checkpoint  # torch: only to write
+    from gptoss_ray.model.checkpoint_format import write_random_checkpoint  # torch: to write
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{preset}-", dir=target.parent))

@@ -146,6 +146,17 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@dataclass
+class BlockTable:
+    """A sequence's blocks on its shard: what the scheduler grants and a shard's cache
+    reads (`shards.kv_cache.PlacedTable`)."""
+
+    full: list[int] = field(default_factory=list)  # physical block of logical block i
+    sliding_first: int = 0  # the logical block of sliding[0]
+    sliding: list[int] = field(default_factory=list)  # the sliding blocks still visible
+    committed: int = 0  # leading blocks registered in the prefix cache
+
+
 def first_visible_block(length: int, window: int, block_size: int) -> int:
     """The first block a sliding layer still needs when the next query is at `length`:
     that query sees keys length-window+1 .. length."""

@@ -11,8 +11,7 @@ import torch
 
 from gptoss_ray.model.config import ModelConfig
 from gptoss_ray.model.kv_cache import AttentionTables
-from gptoss_ray.model.types import BlockGrant, KVLayout, cdiv, first_visible_block
-from gptoss_ray.shards.kv_blocks import BlockTable
+from gptoss_ray.model.types import BlockGrant, BlockTable, KVLayout, cdiv, first_visible_block
 
 
 class KVCacheError(RuntimeError):

@@ -1,4 +1,6 @@
-"""Shared fixtures: offline oracles, a private cache directory, the gpu marker."""
+"""Shared fixtures: offline oracles, a private cache directory, the gpu marker, one Ray
+instance, and the HTTP app (the production one, `cluster.front.app`) over the built-in
+model or over scripted shards, each started once for every test file that uses it."""
 
 from __future__ import annotations
 
@@ -66,9 +68,48 @@ def ray_session():
     """One local Ray instance for the whole session (starting Ray takes seconds)."""
     import ray
 
-    from gptoss_ray.cluster.ray_instance import start_private
+    from gptoss_ray.cluster.runtime.ray_instance import start_private
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     start_private(num_cpus=5)  # private: whatever Ray runs on this machine (or ran)
     yield ray
     ray.shutdown()
+
+
+API_KEY = "k"  # the key of the served apps below
+
+
+@pytest.fixture(scope="session")
+def tiny_url():
+    """The HTTP app over the built-in model, one in-process shard (float32) -> its URL."""
+    from tests.engine_cases import served_tiny_model
+
+    with served_tiny_model(API_KEY) as url:
+        yield url
+
+
+@pytest.fixture
+def tiny_client(tiny_url):
+    import openai
+
+    return openai.OpenAI(base_url=tiny_url, api_key=API_KEY, max_retries=0)
+
+
+@pytest.fixture(scope="session")
+def scripted_api():
+    """The HTTP app over an engine whose shards speak scripted harmony
+    (`tests.scripted_engine`) -> (its URL, the engine loop, the scripted shards)."""
+    from tests.scripted_engine import scripted_engine
+    from tests.support import served
+
+    engine, shards = scripted_engine()
+    with served(engine, API_KEY) as url:
+        yield url, engine, shards
+    engine.shutdown()
+
+
+@pytest.fixture
+def scripted_client(scripted_api):
+    import openai
+
+    return openai.OpenAI(base_url=scripted_api[0], api_key=API_KEY, max_retries=0)

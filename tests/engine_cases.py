@@ -50,7 +50,7 @@ def tiny_shard(layout: KVLayout, kernels: bool = False):
 
 def expected_reply(body: dict) -> dict:
     """What the single-process baseline replies to a chat request (greedy)."""
-    from gptoss_ray.cluster.chat import chat_prompt, chat_reply
+    from gptoss_ray.cluster.client.chat import chat_prompt, chat_reply
 
     prompt, params, stops = chat_prompt(body, 131072)
     (c,) = generate(baseline_model(), [prompt], params)
@@ -93,7 +93,7 @@ def assert_logprobs_match_transformers(prompt, token_ids, logprobs, tol: float =
 def tiny_core(layout: KVLayout, **options):
     """An engine core on one in-process shard of the built-in model (`tiny_shard`);
     options go to EngineCore (token_budget, overlap, ...)."""
-    from gptoss_ray.cluster.engine_core import EngineCore
+    from gptoss_ray.cluster.engine.core import EngineCore
 
     shard = tiny_shard(layout)
     return EngineCore(shard.config, 1, layout, lambda plans: [shard.step(plans[0])], **options)
@@ -102,7 +102,7 @@ def tiny_core(layout: KVLayout, **options):
 @contextlib.contextmanager
 def served_tiny_model(api_key: str, layout: KVLayout | None = None):
     """The HTTP API on the built-in model, one in-process shard (float32) -> its URL."""
-    from gptoss_ray.cluster.engine_loop import EngineLoop
+    from gptoss_ray.cluster.engine.loop import EngineLoop
     from tests.support import served
 
     layout = layout or KVLayout(16, 256, 128)

@@ -15,7 +15,7 @@ import time
 import ray
 from ray.cluster_utils import Cluster
 
-from gptoss_ray.cluster.engine import Engine
+from gptoss_ray.cluster.client.engine import Engine
 from gptoss_ray.model.types import EngineUnavailable
 from tests.engine_cases import GREEDY, baseline, prompts
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import time
 
-from gptoss_ray.cluster.engine_core import EngineCore
-from gptoss_ray.cluster.engine_loop import EngineLoop
+from gptoss_ray.cluster.engine.core import EngineCore
+from gptoss_ray.cluster.engine.loop import EngineLoop
 from gptoss_ray.model import tokenizer as tok
 from gptoss_ray.model.config import ModelConfig
 from gptoss_ray.model.types import KVLayout, SamplingParams, StepPlan, StepResult, TokenLogprob

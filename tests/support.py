@@ -5,13 +5,17 @@ process, through the same engine client as the Serve front (`LocalEngineClient`)
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
-from gptoss_ray.cluster.engine_client import EnginePool, LocalEngineClient
-from gptoss_ray.cluster.http_api import FrontSettings, api_app
+import openai_harmony as oh
+
+from gptoss_ray.cluster.client.engine_client import EnginePool, LocalEngineClient
+from gptoss_ray.cluster.front.app import FrontSettings, api_app
+from gptoss_ray.cluster.front.response_store import ResponseStore
 
 
 @contextlib.contextmanager
@@ -22,7 +26,11 @@ def served(
     (`http://127.0.0.1:PORT/v1`); `limits`: FrontSettings' fields."""
     import uvicorn
 
-    app = api_app(EnginePool([LocalEngineClient(engine)]), FrontSettings(api_key=api_key, **limits))
+    pool, settings = (
+        EnginePool([LocalEngineClient(engine)]),
+        FrontSettings(api_key=api_key, **limits),
+    )
+    app = api_app(pool, settings, ResponseStore(MemoryKeyValue()))
     config = uvicorn.Config(
         app,
         host="127.0.0.1",
@@ -45,3 +53,29 @@ def served(
     finally:
         server.should_exit = True
         thread.join(timeout=15)
+
+
+class MemoryKeyValue:
+    """A dict for the Ray cluster's key-value store (`response_store.KeyValue`)."""
+
+    def __init__(self) -> None:
+        self.data: dict[bytes, bytes] = {}
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self.data[key] = value
+
+    def get(self, key: bytes) -> bytes | None:
+        return self.data.get(key)
+
+    def delete(self, key: bytes) -> None:
+        self.data.pop(key, None)
+
+    def keys(self, prefix: bytes) -> list[bytes]:
+        return [k for k in self.data if k.startswith(prefix)]
+
+
+@functools.cache
+def harmony_oracle() -> oh.HarmonyEncoding:
+    """openai-harmony's encoding of gpt-oss (the chat format's oracle), offline: its
+    vocabulary comes from the copy conftest points it at."""
+    return oh.load_harmony_encoding(oh.HarmonyEncodingName.HARMONY_GPT_OSS)

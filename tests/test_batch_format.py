@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from gptoss_ray.cluster.batch import (
+from gptoss_ray.cluster.batch.format import (
     BatchInputError,
     OutputWriter,
     check_writable,

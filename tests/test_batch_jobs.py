@@ -13,11 +13,11 @@ import time
 
 import pytest
 
-from gptoss_ray.cluster.batch import BatchInputError, OutputBusy
-from gptoss_ray.cluster.client import Client
-from gptoss_ray.cluster.engine_config import EngineConfig
-from gptoss_ray.cluster.jobs import JOB_PREFIX
-from gptoss_ray.cluster.serve import serve
+from gptoss_ray.cluster.batch.client import Client
+from gptoss_ray.cluster.batch.format import BatchInputError, OutputBusy
+from gptoss_ray.cluster.batch.jobs import JOB_PREFIX
+from gptoss_ray.cluster.engine.config import EngineConfig
+from gptoss_ray.cluster.front.serve import serve
 from tests.engine_cases import expected_reply
 
 ENGINE = "test-batch-engine"
@@ -27,7 +27,7 @@ ENGINE = "test-batch-engine"
 def engine(ray_session):
     serve(EngineConfig(model="gpt-oss-tiny", shards=2, dtype="float32"), name=ENGINE)
     yield ray_session.get_actor(ENGINE, namespace="gptoss-ray")
-    from gptoss_ray.cluster.serve import stop
+    from gptoss_ray.cluster.front.serve import stop
 
     stop(ENGINE)
 
@@ -135,7 +135,7 @@ def test_killing_the_coordinator_mid_job_loses_nothing(engine, ray_session, tmp_
     assert info["status"] == "completed" and info["skipped"] == written
     ids = [r["custom_id"] for r in again.results()]
     assert sorted(ids) == sorted(f"req-{i}" for i in range(80))  # each exactly once
-    from gptoss_ray.cluster.serve import stop
+    from gptoss_ray.cluster.front.serve import stop
 
     stop(name)
 
@@ -145,7 +145,7 @@ def test_a_job_that_waits_for_its_engine_resumes_when_it_is_back(engine, ray_ses
     started again under its name, and the job ends completed with every line once."""
     import ray
 
-    from gptoss_ray.cluster.serve import stop
+    from gptoss_ray.cluster.front.serve import stop
 
     name = "test-batch-waits"
     serve(EngineConfig(model="gpt-oss-tiny", shards=2, dtype="float32"), name=name)
@@ -177,7 +177,7 @@ def test_two_clients_at_once(engine, ray_session, tmp_path):
                 [
                     sys.executable,
                     "-m",
-                    "gptoss_ray.cluster.cli",
+                    "gptoss_ray.cluster.cli.main",
                     "batch",
                     "submit",
                     str(src),
@@ -257,7 +257,7 @@ def test_an_ended_job_leaves_a_record_not_a_process(engine, ray_session, tmp_pat
         [
             sys.executable,
             "-m",
-            "gptoss_ray.cluster.cli",
+            "gptoss_ray.cluster.cli.main",
             "batch",
             "delete",
             job.job_id,
@@ -286,7 +286,7 @@ def test_status_command_shows_shards_load_and_jobs(engine, ray_session):
         [
             sys.executable,
             "-m",
-            "gptoss_ray.cluster.cli",
+            "gptoss_ray.cluster.cli.main",
             "status",
             "--json",
             "--address",

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from gptoss_ray.cluster.chat import MessageEnd, ReplyBuilder, TextDelta, ToolCallStart, chat_reply
+from gptoss_ray.cluster.client.chat import (
+    MessageEnd,
+    ReplyBuilder,
+    TextDelta,
+    ToolCallStart,
+    chat_reply,
+)
 from gptoss_ray.model import tokenizer as tok
 
 ANSWER = (

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from gptoss_ray.cluster.engine_core import EngineCore, choice_ids
+from gptoss_ray.cluster.engine.core import EngineCore, choice_ids
 from gptoss_ray.model.generate import generate
 from gptoss_ray.model.types import KVLayout, SamplingParams
 from tests.engine_cases import baseline_model, prompts, tiny_core

@@ -4,12 +4,12 @@ import sys
 
 import pytest
 
-from gptoss_ray.cluster.cli import main
+from gptoss_ray.cluster.cli.main import main
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "gptoss_ray.cluster.cli", *args],
+        [sys.executable, "-m", "gptoss_ray.cluster.cli.main", *args],
         capture_output=True,
         text=True,
         timeout=300,
@@ -127,7 +127,7 @@ def test_every_help_imports_no_torch():
     pydantic (seconds each, for nothing)."""
     script = """
 import argparse, contextlib, io, sys
-from gptoss_ray.cluster.cli import _parser, main
+from gptoss_ray.cluster.cli.main import _parser, main
 from gptoss_ray.benchmarks.cli import build_parser
 
 def paths(parser, prefix):
@@ -161,7 +161,7 @@ def test_the_types_that_cross_layers_load_without_torch():
     they share with the shards and the API, load without the model's math."""
     script = (
         "import sys\n"
-        "import gptoss_ray.model.types, gptoss_ray.cluster.scheduler, gptoss_ray.cluster.engine_core\n"
+        "import gptoss_ray.model.types, gptoss_ray.cluster.engine.scheduler, gptoss_ray.cluster.engine.core\n"
         "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)

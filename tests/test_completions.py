@@ -9,36 +9,25 @@ import json
 import urllib.error
 import urllib.request
 
-import openai
 import pytest
 import torch
 
 from gptoss_ray.model import tokenizer as tok
 from gptoss_ray.model.generate import generate
 from gptoss_ray.model.types import SamplingParams
-from tests.engine_cases import baseline_model, prompts, served_tiny_model, transformers_model
+from tests.conftest import API_KEY
+from tests.engine_cases import baseline_model, prompts, transformers_model
 
-KEY = "k"
-
-
-@pytest.fixture(scope="module")
-def url():
-    with served_tiny_model(KEY) as url:
-        yield url
-
-
-@pytest.fixture
-def client(url):
-    return openai.OpenAI(base_url=url, api_key=KEY, max_retries=0)
+KEY = API_KEY
 
 
 def text_of(ids: list[int]) -> str:
     return tok.decode([t for t in ids if t < tok.NUM_BASE_TOKENS])
 
 
-def test_greedy_completions_of_several_id_prompts_equal_the_baseline(client):
+def test_greedy_completions_of_several_id_prompts_equal_the_baseline(tiny_client):
     ps = [prompts()[0], prompts()[3]]
-    r = client.completions.create(model="gpt-oss-tiny", prompt=ps, max_tokens=7, temperature=0)
+    r = tiny_client.completions.create(model="gpt-oss-tiny", prompt=ps, max_tokens=7, temperature=0)
     want = generate(baseline_model(), ps, SamplingParams(max_tokens=7, temperature=0))
     assert [c.index for c in r.choices] == [0, 1]
     assert [c.text for c in r.choices] == [text_of(w.token_ids) for w in want]
@@ -47,11 +36,11 @@ def test_greedy_completions_of_several_id_prompts_equal_the_baseline(client):
     assert r.object == "text_completion"
 
 
-def test_echo_scores_the_prompt_as_transformers_does(client):
+def test_echo_scores_the_prompt_as_transformers_does(tiny_client):
     """lm-evaluation-harness's loglikelihood request: echo, logprobs 1, max_tokens 0 or 1."""
     prompt = prompts()[2]  # 70 tokens: longer than the window
     for max_tokens in (0, 1):
-        r = client.completions.create(
+        r = tiny_client.completions.create(
             model="gpt-oss-tiny",
             prompt=prompt,
             max_tokens=max_tokens,
@@ -77,16 +66,16 @@ def test_echo_scores_the_prompt_as_transformers_does(client):
         assert r.usage.completion_tokens == max_tokens
 
 
-def test_a_text_prompt_with_stop_strings_n_and_a_stream_equal_to_the_reply(client):
+def test_a_text_prompt_with_stop_strings_n_and_a_stream_equal_to_the_reply(tiny_client):
     args = dict(model="gpt-oss-tiny", prompt="The capital of France is", max_tokens=12, seed=3)
-    free = client.completions.create(**args, temperature=1.0)
+    free = tiny_client.completions.create(**args, temperature=1.0)
     stop = free.choices[0].text[4:7]
     assert stop.strip()
-    r = client.completions.create(**args, temperature=1.0, stop=[stop], n=2, logprobs=2)
+    r = tiny_client.completions.create(**args, temperature=1.0, stop=[stop], n=2, logprobs=2)
     assert r.choices[0].text == free.choices[0].text[: free.choices[0].text.index(stop)]
     assert r.choices[0].finish_reason == "stop"
     chunks = list(
-        client.completions.create(
+        tiny_client.completions.create(
             **args, temperature=1.0, stop=[stop], n=2, logprobs=2, stream=True
         )
     )
@@ -124,15 +113,15 @@ def post(url: str, body: dict) -> tuple[int, dict]:
         ({"prompt": "x", "model": "other"}, "model", ""),
     ],
 )
-def test_bad_completions_are_400s_that_say_what(url, body, param, says):
-    status, out = post(url, {"model": "gpt-oss-tiny", **body})
+def test_bad_completions_are_400s_that_say_what(tiny_url, body, param, says):
+    status, out = post(tiny_url, {"model": "gpt-oss-tiny", **body})
     assert status in (400, 404), out
     assert says in out["error"]["message"]
     if param:
         assert out["error"]["param"] == param
 
 
-def test_penalties_bias_and_vllm_extensions_through_the_client(client):
+def test_penalties_bias_and_vllm_extensions_through_the_client(tiny_client):
     """Every sampling field from the official client (vLLM's extensions in extra_body)
     draws what the single-process baseline draws with the same parameters."""
     prompt = prompts()[5]
@@ -145,7 +134,7 @@ def test_penalties_bias_and_vllm_extensions_through_the_client(client):
         logit_bias={"1000": 3.0, "2000": -100},
     )
     extra = dict(repetition_penalty=1.2, min_p=0.02, top_k=50, min_tokens=6, ignore_eos=True)
-    r = client.completions.create(
+    r = tiny_client.completions.create(
         model="gpt-oss-tiny", prompt=prompt, max_tokens=10, extra_body=extra, **fields
     )
     params = SamplingParams(
@@ -156,16 +145,16 @@ def test_penalties_bias_and_vllm_extensions_through_the_client(client):
     (want,) = generate(baseline_model(), [prompt], params)
     assert r.choices[0].text == text_of(want.token_ids)
     assert r.usage.completion_tokens == 10  # no stop token ends it (ignore_eos)
-    forced = client.completions.create(
+    forced = tiny_client.completions.create(
         model="gpt-oss-tiny", prompt=prompt, max_tokens=4, temperature=0, logit_bias={"1000": 100}
     )
     assert forced.choices[0].text == tok.decode([1000] * 4)
 
 
-def test_vllm_tokenizer_endpoints(url):
+def test_vllm_tokenizer_endpoints(tiny_url):
     """What lm-evaluation-harness's remote tokenizer reads (`/tokenizer_info`,
     `/tokenize`, `/detokenize`): the same ids /v1/completions computes for the text."""
-    root = url.removesuffix("/v1")
+    root = tiny_url.removesuffix("/v1")
 
     def call(path: str, body: dict | None = None) -> tuple[int, dict]:
         data = None if body is None else json.dumps(body).encode()

@@ -7,14 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptoss_ray.cluster.engine_core import EngineCore
+from gptoss_ray.cluster.engine.core import EngineCore
+from gptoss_ray.cluster.engine.kv_blocks import KVBlocks
 from gptoss_ray.model.model import ExpertSlice
 from gptoss_ray.model.sampling import Draw, draw_one, sample_rows
 from gptoss_ray.model.types import KVLayout, SamplingParams, SeqWork, StepPlan, step_bucket
 from gptoss_ray.router.moe import StepTimer, TokenExchange
 from gptoss_ray.router.transport import LocalTransport
 from gptoss_ray.shards.decode_graphs import DecodeGraphs
-from gptoss_ray.shards.kv_blocks import KVBlocks
 from gptoss_ray.shards.kv_cache import PagedKVCache
 from gptoss_ray.shards.shard import Shard
 from tests.engine_cases import GREEDY, baseline, baseline_model, prompts
@@ -261,7 +261,7 @@ def test_phase_timers_wait_for_a_gpu_and_a_shard_may_time_the_step_alone(monkeyp
     """On a GPU a lap first waits for the device (else a phase is booked the kernels
     queued before it); a shard that does not time phases (a GPU's default) reports one
     phase, "step", and passes no timer to the layers."""
-    from gptoss_ray.cluster.engine_core import EngineCore
+    from gptoss_ray.cluster.engine.core import EngineCore
     from tests.engine_cases import GREEDY, prompts, tiny_shard
 
     waits = []

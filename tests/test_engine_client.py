@@ -1,4 +1,4 @@
-"""The front's side of an engine (`cluster.engine_client`), over an engine loop of this
+"""The front's side of an engine (`cluster.client.engine_client`), over an engine loop of this
 process whose shards speak scripted harmony: replies built from pushed token deltas, stop
 strings that abort the sequence in the engine, n choices, a failed engine, a front gone."""
 
@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from gptoss_ray.cluster.chat import chat_request
-from gptoss_ray.cluster.engine_client import LocalEngineClient, LoopThread, RequestStream
+from gptoss_ray.cluster.client.chat import chat_request
+from gptoss_ray.cluster.client.engine_client import LocalEngineClient, LoopThread, RequestStream
 from gptoss_ray.model import tokenizer as tok
 from gptoss_ray.model.types import EngineUnavailable
 from tests.scripted_engine import REPLIES, scripted_engine

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from gptoss_ray.cluster.engine_config import EngineConfig
+from gptoss_ray.cluster.engine.config import EngineConfig
 
 
 @pytest.mark.parametrize(
@@ -30,8 +30,8 @@ def test_the_kv_budget_in_bytes():
 
 
 def test_engine_start_and_the_cli_refuse_a_bad_field_before_starting_anything(capsys):
-    from gptoss_ray.cluster.cli import main
-    from gptoss_ray.cluster.engine import Engine
+    from gptoss_ray.cluster.cli.main import main
+    from gptoss_ray.cluster.client.engine import Engine
 
     with pytest.raises(ValidationError, match="shards"):
         Engine.start("gpt-oss-tiny", shards=0)
@@ -42,7 +42,7 @@ def test_engine_start_and_the_cli_refuse_a_bad_field_before_starting_anything(ca
 
 
 def test_a_serve_config_holds_one_engine_config():
-    from gptoss_ray.cluster.serve_app import AppArgs
+    from gptoss_ray.cluster.front.serve_app import AppArgs
 
     spec = AppArgs(engine={"model": "gpt-oss-tiny", "shards": 3, "dtype": "float32"})
     assert spec.engine == EngineConfig(shards=3, dtype="float32")

@@ -7,8 +7,9 @@ from collections import Counter
 
 import pytest
 
-from gptoss_ray.cluster.engine_core import EngineCore
-from gptoss_ray.cluster.engine_io import EngineRequest
+from gptoss_ray.cluster.engine.core import EngineCore
+from gptoss_ray.cluster.engine.kv_blocks import KVBlocks
+from gptoss_ray.cluster.engine.messages import EngineRequest
 from gptoss_ray.model.types import (
     KVLayout,
     RequestError,
@@ -16,7 +17,6 @@ from gptoss_ray.model.types import (
     StepResult,
     blocks_held,
 )
-from gptoss_ray.shards.kv_blocks import KVBlocks
 from gptoss_ray.shards.shard import Shard
 from tests.engine_cases import GREEDY, baseline, baseline_model, prompts, tiny_shard
 
@@ -181,7 +181,7 @@ def test_a_long_prompt_is_chunked_around_the_other_sequences():
     and beside decodes its chunk shrinks as its context grows: requests arriving during its
     prefill start at once and decode every step, in steps that stay short (it once took the
     whole budget, step after step, and they waited for all of it)."""
-    from gptoss_ray.cluster.scheduler import REFERENCE_CONTEXT, Scheduler, Sequence
+    from gptoss_ray.cluster.engine.scheduler import REFERENCE_CONTEXT, Scheduler, Sequence
 
     sched = Scheduler(1, KVLayout(16, 4096, 4096), None, token_budget=256)
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from gptoss_ray.cluster.engine import Engine
+from gptoss_ray.cluster.client.engine import Engine
 from gptoss_ray.model.types import RequestError, SamplingParams
 from tests.engine_cases import GREEDY, baseline, prompts
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from gptoss_ray.cluster.engine import Engine
+from gptoss_ray.cluster.client.engine import Engine
 from gptoss_ray.model.model_folder import read_config, resolve_model
 from gptoss_ray.model.types import KVLayout
 from tests.engine_cases import GREEDY, baseline, prompts

@@ -11,7 +11,7 @@ import functools
 import pytest
 import torch
 
-from gptoss_ray.cluster.engine_core import EngineCore
+from gptoss_ray.cluster.engine.core import EngineCore
 from gptoss_ray.model.model_folder import read_config, resolve_model
 from gptoss_ray.model.types import KVLayout, StepPlan
 from gptoss_ray.router.moe import TokenExchange, combine_home, dispatch

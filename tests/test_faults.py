@@ -8,9 +8,9 @@ import random
 import threading
 import time
 
-from gptoss_ray.cluster.client import Client
-from gptoss_ray.cluster.engine_config import EngineConfig
-from gptoss_ray.cluster.serve import serve, stop
+from gptoss_ray.cluster.batch.client import Client
+from gptoss_ray.cluster.engine.config import EngineConfig
+from gptoss_ray.cluster.front.serve import serve, stop
 from tests.engine_cases import expected_reply
 
 NAME = "test-faults"
@@ -83,7 +83,7 @@ def test_seeded_tokens_survive_shard_kills(ray_session):
     batch test above compares messages; this one compares the drawn ids themselves, of
     seeded sampled requests (temperature 1, top-p 0.9): a recomputed sequence draws its
     tokens again from the same (seed, position) numbers."""
-    from gptoss_ray.cluster.engine import Engine
+    from gptoss_ray.cluster.client.engine import Engine
     from tests.engine_cases import GREEDY, baseline, prompts
 
     sampled = GREEDY.model_copy(update={"temperature": 1.0, "top_p": 0.9, "seed": 5})
@@ -118,7 +118,7 @@ def test_seeded_tokens_survive_shard_kills(ray_session):
 def test_a_shard_lost_while_the_engine_idles_is_replaced_by_the_next_request(ray_session):
     """Idle CPU shards leave their process group; a shard killed meanwhile is found when
     the next request forms the group again, replaced, and the request is exact."""
-    from gptoss_ray.cluster.engine import Engine
+    from gptoss_ray.cluster.client.engine import Engine
     from tests.engine_cases import GREEDY, baseline, prompts
 
     ray = ray_session
@@ -147,7 +147,7 @@ def test_bf16_recovery_keeps_what_was_emitted(ray_session):
     recomputes KV in other batches, greedy tokens may part from a fault-free run; what
     holds is the documented bound: every token emitted before a fault stays, none is
     emitted twice, and every request completes."""
-    from gptoss_ray.cluster.engine import Engine
+    from gptoss_ray.cluster.client.engine import Engine
     from gptoss_ray.model.types import SamplingParams
     from tests.engine_cases import prompts
 
@@ -184,3 +184,57 @@ def test_bf16_recovery_keeps_what_was_emitted(ray_session):
                 assert final[: len(before)] == before, rid  # kept, not recomputed anew
     finally:
         engine.shutdown()
+
+
+FRONT = """
+import time
+
+import ray
+
+from gptoss_ray.cluster.client.engine_client import (
+    LoopThread, RayEngineClient, TokenReply, token_output,
+)
+from gptoss_ray.cluster.engine.messages import EngineRequest
+from gptoss_ray.model.types import SamplingParams
+
+ray.init(address={address!r}, namespace="gptoss-ray")
+client = RayEngineClient(ray.get_actor({name!r}), {name!r})
+loop = LoopThread()
+params = SamplingParams(max_tokens=2000, temperature=0, ignore_eos=True)
+request = EngineRequest("doomed", [1, 2, 3], params)
+(stream,) = loop.run(client.submit([request], [[TokenReply()]], token_output))
+loop.run(stream.queue.get())  # its first tokens came
+print("streaming", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_front_that_dies_has_its_requests_cancelled_in_the_engine(ray_session):
+    """A front process (here a bare engine client) killed while its request streams: the
+    engine's next step's delta finds its stream gone, and the request stops there
+    instead of running to max_tokens for nobody."""
+    import subprocess
+    import sys
+
+    ray = ray_session
+    serve(EngineConfig(model="gpt-oss-tiny", shards=1, dtype="float32"), name=f"{NAME}-front")
+    coordinator = ray.get_actor(f"{NAME}-front", namespace="gptoss-ray")
+    address = ray.get_runtime_context().gcs_address
+    code = FRONT.format(address=address, name=f"{NAME}-front")
+    front = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert front.stdout.readline().strip() == "streaming"
+        front.kill()
+        front.wait(30)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            stats = ray.get(coordinator.stats.remote())
+            if stats["waiting"] + sum(stats["running"]) == 0:
+                break
+            time.sleep(0.1)
+        assert stats["waiting"] + sum(stats["running"]) == 0, stats
+        assert stats["generated_tokens"] < 1000  # stopped, not run to its 2000
+        assert not ray.get(coordinator.__ray_call__.remote(lambda c: list(c.core.requests)))
+    finally:
+        front.kill()
+        stop(f"{NAME}-front")

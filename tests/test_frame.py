@@ -18,14 +18,14 @@ import openai_harmony as oh
 import pytest
 import torch
 
-from gptoss_ray.cluster.chat import chat_prompt, chat_reply
+from gptoss_ray.cluster.client.chat import chat_prompt, chat_reply
 from gptoss_ray.model import harmony
 from gptoss_ray.model import tokenizer as tok
 from gptoss_ray.model.grammar import reply_grammar
 from gptoss_ray.model.harmony.messages import DeveloperContent, ToolDescription
 from gptoss_ray.model.sampling import Draw, apply_masks_, sample_rows
 from gptoss_ray.model.types import KVLayout, SamplingParams
-from tests.engine_cases import GREEDY, baseline, prompts, served_tiny_model, tiny_core
+from tests.engine_cases import GREEDY, baseline, prompts, tiny_core
 
 # replies per run; GPTOSS_TEST_FRAMES=1000 for the count (RESULTS.md)
 FRAMES = int(os.environ.get("GPTOSS_TEST_FRAMES", "80"))
@@ -258,13 +258,7 @@ def test_what_the_frame_covers():
     assert reply_grammar(reasoning=0).startswith("start: ending")
 
 
-@pytest.fixture(scope="module")
-def client():
-    with served_tiny_model("k") as url:
-        yield openai.OpenAI(base_url=url, api_key="k", max_retries=0)
-
-
-def test_tool_choice_and_strict_arguments_through_the_official_client(client):
+def test_tool_choice_and_strict_arguments_through_the_official_client(tiny_client):
     tools = [tool("get_weather", WEATHER, True), tool("now", TIME, False)]
     ask = dict(
         model="gpt-oss-tiny",
@@ -275,21 +269,23 @@ def test_tool_choice_and_strict_arguments_through_the_official_client(client):
         extra_body={"max_reasoning_tokens": 4},
     )
     for seed in range(6):
-        r = client.chat.completions.create(tool_choice="required", seed=seed, **ask).choices[0]
+        r = tiny_client.chat.completions.create(tool_choice="required", seed=seed, **ask).choices[0]
         assert r.finish_reason == "tool_calls" and len(r.message.tool_calls) == 1
         call = r.message.tool_calls[0].function
         if call.name == "get_weather":
             jsonschema.validate(json.loads(call.arguments), WEATHER)
     named = {"type": "function", "function": {"name": "get_weather"}}
-    r = client.chat.completions.create(tool_choice=named, seed=7, **ask).choices[0]
+    r = tiny_client.chat.completions.create(tool_choice=named, seed=7, **ask).choices[0]
     (call,) = r.message.tool_calls
     assert call.function.name == "get_weather"
     jsonschema.validate(json.loads(call.function.arguments), WEATHER)
-    r = client.chat.completions.create(tool_choice="none", seed=7, **ask).choices[0]
+    r = tiny_client.chat.completions.create(tool_choice="none", seed=7, **ask).choices[0]
     assert not r.message.tool_calls
     # streamed the same as whole
-    whole = client.chat.completions.create(tool_choice=named, seed=8, **ask).choices[0].message
-    chunks = list(client.chat.completions.create(tool_choice=named, seed=8, stream=True, **ask))
+    whole = tiny_client.chat.completions.create(tool_choice=named, seed=8, **ask).choices[0].message
+    chunks = list(
+        tiny_client.chat.completions.create(tool_choice=named, seed=8, stream=True, **ask)
+    )
     streamed = "".join(
         c.choices[0].delta.tool_calls[0].function.arguments or ""
         for c in chunks
@@ -297,7 +293,7 @@ def test_tool_choice_and_strict_arguments_through_the_official_client(client):
     )
     assert streamed == whole.tool_calls[0].function.arguments
     # Responses: function tools are strict by default there; tool_choice is flat
-    resp = client.responses.create(
+    resp = tiny_client.responses.create(
         model="gpt-oss-tiny",
         input="Weather?",
         tools=[{"type": "function", "name": "get_weather", "parameters": WEATHER}],
@@ -352,9 +348,9 @@ def test_tool_choice_and_strict_arguments_through_the_official_client(client):
         ),
     ],
 )
-def test_what_the_frame_cannot_do_is_a_400_naming_the_field(client, fields, param, says):
+def test_what_the_frame_cannot_do_is_a_400_naming_the_field(tiny_client, fields, param, says):
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(
+        tiny_client.chat.completions.create(
             model="gpt-oss-tiny", messages=[{"role": "user", "content": "x"}], extra_body=fields
         )
     assert info.value.body["param"] == param

@@ -14,21 +14,14 @@ import time
 import openai
 import pytest
 
-from gptoss_ray.cluster import http_api
-from gptoss_ray.cluster.batch import OutputBusy, OutputWriter, error_record, read_input
-from gptoss_ray.cluster.http_api import MAX_BODY_BYTES
+from gptoss_ray.cluster.batch.format import OutputBusy, OutputWriter, error_record, read_input
+from gptoss_ray.cluster.front.endpoints import chat_completions as chat_endpoint
+from gptoss_ray.cluster.front.state import MAX_BODY_BYTES
+from tests.conftest import API_KEY
 from tests.scripted_engine import scripted_engine
 from tests.support import served
 
-KEY = "k"
-
-
-@pytest.fixture(scope="module")
-def server():
-    engine, _ = scripted_engine()
-    with served(engine, KEY) as url:
-        yield url, engine
-    engine.shutdown()
+KEY = API_KEY
 
 
 def raw_request(url: str, head: str, body: bytes = b"", timeout: float = 10) -> tuple[int, bytes]:
@@ -90,8 +83,8 @@ def wait_idle(engine, timeout: float = 10) -> bool:
 
 
 # -- 1: descriptors past 1024, idle connections, a connection cap -------------------------
-def test_a_stream_works_on_descriptors_past_1024(server):
-    url, engine = server
+def test_a_stream_works_on_descriptors_past_1024(scripted_api):
+    url, engine, _ = scripted_api
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < 2400:
         pytest.skip(f"the descriptor limit ({hard}) is too low to reach 1024")
@@ -191,18 +184,18 @@ def test_requests_at_once_with_one_key_are_capped():
 
 
 # -- 2: a failure after the request was queued ---------------------------------------------
-def test_a_handler_failing_after_submit_cancels_and_forgets(server, monkeypatch):
-    url, engine = server
+def test_a_handler_failing_after_submit_cancels_and_forgets(scripted_api, monkeypatch):
+    url, engine, _ = scripted_api
 
     def broken(*args):
         raise AttributeError("a bug past submit")
 
-    monkeypatch.setattr(http_api, "chat_completion", broken)
+    monkeypatch.setattr(chat_endpoint, "chat_completion", broken)
     status, body = post(url, chat(messages=[{"role": "user", "content": "slowly"}]))
     assert status == 500 and "a bug past submit" in body["error"]["message"]
     assert wait_idle(engine, timeout=5)  # cancelled and forgotten
     # in a stream the error is its last event, in the same shape
-    monkeypatch.setattr(http_api, "_chat_delta", broken)
+    monkeypatch.setattr(chat_endpoint, "_chat_delta", broken)
     client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0)
     stream = client.chat.completions.create(
         **chat(stream=True, messages=[{"role": "user", "content": "slowly"}])
@@ -212,8 +205,8 @@ def test_a_handler_failing_after_submit_cancels_and_forgets(server, monkeypatch)
     assert wait_idle(engine, timeout=5)  # not running to max_tokens
 
 
-def test_bad_stream_options_are_a_400_and_queue_nothing(server):
-    url, engine = server
+def test_bad_stream_options_are_a_400_and_queue_nothing(scripted_api):
+    url, engine, _ = scripted_api
     status, body = post(url, chat(stream=True, stream_options="x"))
     assert status == 400 and body["error"]["param"] == "stream_options"
     assert idle(engine)
@@ -242,8 +235,8 @@ def test_bad_stream_options_are_a_400_and_queue_nothing(server):
         ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
     ],
 )
-def test_bad_fields_are_400s_that_name_the_field(server, fields, param):
-    status, body = post(server[0], chat(**fields))
+def test_bad_fields_are_400s_that_name_the_field(scripted_api, fields, param):
+    status, body = post(scripted_api[0], chat(**fields))
     assert status == 400, body
     assert body["error"]["param"] == param and body["error"]["type"] == "invalid_request_error"
 
@@ -255,25 +248,25 @@ def test_bad_fields_are_400s_that_name_the_field(server, fields, param):
         ({"min_tokens": 9, "max_tokens": 4}, "min_tokens 9 exceeds the max_tokens 4"),
     ],
 )
-def test_fields_that_disagree_are_400s_that_say_why(server, fields, says):
-    status, body = post(server[0], chat(**fields))
+def test_fields_that_disagree_are_400s_that_say_why(scripted_api, fields, says):
+    status, body = post(scripted_api[0], chat(**fields))
     assert status == 400 and says in body["error"]["message"], body
 
 
-def test_fields_at_their_defaults_are_accepted(server):
+def test_fields_at_their_defaults_are_accepted(scripted_api):
     fields = {"n": 1, "logprobs": False, "presence_penalty": 0, "frequency_penalty": 0.0}
-    status, body = post(server[0], chat(**fields, logit_bias={}, stream_options=None))
+    status, body = post(scripted_api[0], chat(**fields, logit_bias={}, stream_options=None))
     assert status == 200, body
 
 
-def test_an_unknown_model_is_a_404(server):
-    status, body = post(server[0], chat(model="gpt-4o"))
+def test_an_unknown_model_is_a_404(scripted_api):
+    status, body = post(scripted_api[0], chat(model="gpt-4o"))
     assert status == 404 and body["error"]["code"] == "model_not_found"
     assert body["error"]["param"] == "model"
 
 
-def test_bodies_too_large_badly_sized_or_too_deep(server):
-    url, engine = server
+def test_bodies_too_large_badly_sized_or_too_deep(scripted_api):
+    url, engine, _ = scripted_api
     head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
     status, body = raw_request(url, head + f"Content-Length: {MAX_BODY_BYTES + 1}")
     assert status == 413 and json.loads(body)["error"]["code"] == "request_too_large"
@@ -285,8 +278,8 @@ def test_bodies_too_large_badly_sized_or_too_deep(server):
 
 
 @pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"])
-def test_other_methods_need_the_key_and_get_json(server, method):
-    url = server[0]
+def test_other_methods_need_the_key_and_get_json(scripted_api, method):
+    url = scripted_api[0]
     status, body = raw_request(url, f"{method} /v1/chat/completions HTTP/1.1\r\nHost: x")
     assert status == 401
     head = f"{method} /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k"
@@ -297,8 +290,8 @@ def test_other_methods_need_the_key_and_get_json(server, method):
 
 
 # -- 9: replies keep their keys; counters count what they say ------------------------------
-def test_a_reply_has_every_message_key(server):
-    status, body = post(server[0], chat())
+def test_a_reply_has_every_message_key(scripted_api):
+    status, body = post(scripted_api[0], chat())
     assert status == 200
     message = body["choices"][0]["message"]
     assert message == {
@@ -309,8 +302,8 @@ def test_a_reply_has_every_message_key(server):
     }
 
 
-def test_prefill_tokens_count_the_prompt_only(server):
-    url, engine = server
+def test_prefill_tokens_count_the_prompt_only(scripted_api):
+    url, engine, _ = scripted_api
     before = engine.stats()
     status, body = post(url, chat())
     after = engine.stats()
@@ -325,7 +318,7 @@ def test_prefill_tokens_count_the_prompt_only(server):
 def test_harmony_parse_reads_a_file(tmp_path):
     ids = tmp_path / "ids.json"
     ids.write_text("[200005, 35644, 200008, 2500, 200007]")  # <|channel|>analysis<|message|>...
-    cmd = [sys.executable, "-m", "gptoss_ray.cluster.cli", "harmony", "parse", str(ids)]
+    cmd = [sys.executable, "-m", "gptoss_ray.cluster.cli.main", "harmony", "parse", str(ids)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)[0]["channel"] == "analysis"
@@ -336,7 +329,14 @@ def test_cuda_where_there_is_none_is_a_one_line_error(tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    cmd = [sys.executable, "-m", "gptoss_ray.cluster.cli", "generate", "--model", "gpt-oss-tiny"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "gptoss_ray.cluster.cli.main",
+        "generate",
+        "--model",
+        "gpt-oss-tiny",
+    ]
     cmd += ["--device", "cuda", "--prompt-ids", "1,2,3", "--max-tokens", "1"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 2
@@ -380,7 +380,7 @@ def test_one_writer_per_output_and_a_rerun_skips_every_error(tmp_path):
 
 
 def test_a_prompt_over_the_servers_limit_is_refused():
-    from gptoss_ray.cluster.engine_core import EngineCore
+    from gptoss_ray.cluster.engine.core import EngineCore
     from gptoss_ray.model.types import ContextLengthExceeded, SamplingParams
 
     engine, shards = scripted_engine()
@@ -392,14 +392,16 @@ def test_a_prompt_over_the_servers_limit_is_refused():
     engine.shutdown()
 
 
-def test_the_readmes_openai_snippet_runs(server, capsys):
+def test_the_readmes_openai_snippet_runs(scripted_api, capsys):
     from pathlib import Path
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     after = readme.split("Existing clients work unchanged:", 1)[1]
     snippet = after.split("```python\n", 1)[1].split("```", 1)[0]
     assert 'base_url="http://127.0.0.1:8000/v1", api_key="KEY"' in snippet
-    snippet = snippet.replace("http://127.0.0.1:8000/v1", server[0]).replace('"KEY"', f'"{KEY}"')
+    snippet = snippet.replace("http://127.0.0.1:8000/v1", scripted_api[0]).replace(
+        '"KEY"', f'"{KEY}"'
+    )
     exec(compile(snippet, "README.md", "exec"), {})
     assert capsys.readouterr().out == "Hello there, friend! Thinking about it.\n"
 
@@ -413,7 +415,7 @@ def test_the_readmes_openai_snippet_runs(server, capsys):
     ],
 )
 def test_a_message_keeps_its_keys_when_they_are_empty(completion, message):
-    from gptoss_ray.cluster.chat import chat_reply
+    from gptoss_ray.cluster.client.chat import chat_reply
     from gptoss_ray.model import tokenizer as tok
 
     reply = chat_reply(tok.encode(completion, allow_special=True), "length")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 import subprocess
@@ -14,6 +13,7 @@ import pytest
 from gptoss_ray.model import harmony as h
 from gptoss_ray.model import tokenizer as tok
 from gptoss_ray.model.harmony.openai_chat import ChatRequest, from_harmony, to_harmony
+from tests.support import harmony_oracle as oracle
 
 WEATHER = {
     "type": "function",
@@ -53,11 +53,6 @@ REQUEST = {
         {"role": "tool", "tool_call_id": "call_1", "content": '{"t": 20}'},
     ],
 }
-
-
-@functools.cache
-def oracle() -> oh.HarmonyEncoding:
-    return oh.load_harmony_encoding(oh.HarmonyEncodingName.HARMONY_GPT_OSS)
 
 
 def test_chat_request_renders_as_the_harmony_conversation_openai_describes():
@@ -255,7 +250,7 @@ def test_json_round_trips_through_openai_harmony():
 
 def cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "gptoss_ray.cluster.cli", "harmony", *args],
+        [sys.executable, "-m", "gptoss_ray.cluster.cli.main", "harmony", *args],
         input=stdin,
         capture_output=True,
         text=True,

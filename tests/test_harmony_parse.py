@@ -4,7 +4,6 @@ recovers the malformed output real models produce."""
 
 from __future__ import annotations
 
-import functools
 import json
 
 import openai_harmony as oh
@@ -16,11 +15,7 @@ from gptoss_ray.model import harmony as h
 from gptoss_ray.model import tokenizer as tok
 from gptoss_ray.model.harmony.messages import HarmonyError
 from tests import harmony_strategies as hs
-
-
-@functools.cache
-def oracle() -> oh.HarmonyEncoding:
-    return oh.load_harmony_encoding(oh.HarmonyEncodingName.HARMONY_GPT_OSS)
+from tests.support import harmony_oracle as oracle
 
 
 def ids(text: str) -> list[int]:

@@ -13,10 +13,10 @@ import openai
 import pytest
 
 from gptoss_ray.model import tokenizer as tok
-from tests.scripted_engine import REPLIES, scripted_engine
-from tests.support import served
+from tests.conftest import API_KEY
+from tests.scripted_engine import REPLIES
 
-KEY = "test-key"
+KEY = API_KEY
 WEATHER_TOOL = {
     "type": "function",
     "function": {
@@ -31,33 +31,20 @@ WEATHER_TOOL = {
 }
 
 
-@pytest.fixture(scope="module")
-def server():
-    engine, shards = scripted_engine()
-    with served(engine, KEY) as url:
-        yield url, engine, shards
-    engine.shutdown()
-
-
-@pytest.fixture
-def client(server):
-    return openai.OpenAI(base_url=server[0], api_key=KEY, max_retries=0)
-
-
 def user(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
 
 
-def test_models_and_health(server, client):
-    assert [m.id for m in client.models.list()] == ["gpt-oss-tiny"]
+def test_models_and_health(scripted_api, scripted_client):
+    assert [m.id for m in scripted_client.models.list()] == ["gpt-oss-tiny"]
     req = urllib.request.Request(
-        server[0].removesuffix("/v1") + "/health", headers={"Authorization": f"Bearer {KEY}"}
+        scripted_api[0].removesuffix("/v1") + "/health", headers={"Authorization": f"Bearer {KEY}"}
     )
     assert json.loads(urllib.request.urlopen(req).read()) == {"status": "ok"}
 
 
-def test_chat_returns_reasoning_separately_from_content(client):
-    r = client.chat.completions.create(
+def test_chat_returns_reasoning_separately_from_content(scripted_client):
+    r = scripted_client.chat.completions.create(
         model="gpt-oss-tiny", messages=user("Hi"), reasoning_effort="low"
     )
     msg = r.choices[0].message
@@ -67,9 +54,9 @@ def test_chat_returns_reasoning_separately_from_content(client):
     assert r.usage.completion_tokens > 0 and r.usage.prompt_tokens > 50
 
 
-def test_streaming_chat_adds_up_to_the_whole_reply(client):
+def test_streaming_chat_adds_up_to_the_whole_reply(scripted_client):
     chunks = list(
-        client.chat.completions.create(
+        scripted_client.chat.completions.create(
             model="gpt-oss-tiny",
             messages=user("Hi"),
             stream=True,
@@ -89,13 +76,15 @@ def test_streaming_chat_adds_up_to_the_whole_reply(client):
 
 
 @pytest.mark.parametrize("stop", ["friend", "o th"])  # in one token, across two
-def test_a_stop_string_ends_the_stream_and_the_sequence_at_once(server, client, stop):
+def test_a_stop_string_ends_the_stream_and_the_sequence_at_once(
+    scripted_api, scripted_client, stop
+):
     """No streamed delta holds text at or past the stop string, and at most one token is
     drawn after the one that completed it (by the step planned while it was found; the
     answer has 6 more tokens to go)."""
-    _, _, shards = server
+    _, _, shards = scripted_api
     chunks = list(
-        client.chat.completions.create(
+        scripted_client.chat.completions.create(
             model="gpt-oss-tiny",
             messages=user("Hi"),
             stop=[stop],
@@ -122,9 +111,9 @@ def test_a_stop_string_ends_the_stream_and_the_sequence_at_once(server, client, 
     assert seq_id in shards.released  # its cache was dropped
 
 
-def test_tool_call_round_trip(client):
+def test_tool_call_round_trip(scripted_client):
     messages = user("What is the weather in SF?")
-    r = client.chat.completions.create(
+    r = scripted_client.chat.completions.create(
         model="gpt-oss-tiny", messages=messages, tools=[WEATHER_TOOL]
     )
     choice = r.choices[0]
@@ -136,13 +125,13 @@ def test_tool_call_round_trip(client):
         choice.message.model_dump(exclude_none=True),
         {"role": "tool", "tool_call_id": call.id, "content": '{"temp_c": 20}'},
     ]
-    r2 = client.chat.completions.create(
+    r2 = scripted_client.chat.completions.create(
         model="gpt-oss-tiny", messages=messages, tools=[WEATHER_TOOL]
     )
     assert r2.choices[0].message.content == "It is 20C in SF."
     # streamed, the call arrives as a tool_calls delta with its arguments in pieces
     chunks = list(
-        client.chat.completions.create(
+        scripted_client.chat.completions.create(
             model="gpt-oss-tiny", messages=user("weather?"), tools=[WEATHER_TOOL], stream=True
         )
     )
@@ -152,20 +141,22 @@ def test_tool_call_round_trip(client):
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
-def test_responses_api(client):
-    r = client.responses.create(model="gpt-oss-tiny", input="Hi", reasoning={"effort": "high"})
+def test_responses_api(scripted_client):
+    r = scripted_client.responses.create(
+        model="gpt-oss-tiny", input="Hi", reasoning={"effort": "high"}
+    )
     kinds = [item.type for item in r.output]
     assert kinds == ["reasoning", "message"]
     assert r.output_text == "Hello there, friend!"
     assert r.status == "completed" and r.usage.output_tokens > 0
-    r = client.responses.create(
+    r = scripted_client.responses.create(
         model="gpt-oss-tiny",
         input="weather?",
         tools=[{"type": "function", **WEATHER_TOOL["function"]}],
     )
     call = next(item for item in r.output if item.type == "function_call")
     assert call.name == "get_weather" and json.loads(call.arguments) == {"loc": "SF"}
-    follow = client.responses.create(
+    follow = scripted_client.responses.create(
         model="gpt-oss-tiny",
         input=[
             {"role": "user", "content": "weather?"},
@@ -182,8 +173,8 @@ def test_responses_api(client):
     assert follow.output_text == "It is 20C in SF."
 
 
-def test_responses_streaming_events(client):
-    events = list(client.responses.create(model="gpt-oss-tiny", input="Hi", stream=True))
+def test_responses_streaming_events(scripted_client):
+    events = list(scripted_client.responses.create(model="gpt-oss-tiny", input="Hi", stream=True))
     types = [e.type for e in events]
     assert types[0] == "response.created" and types[-1] == "response.completed"
     text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
@@ -193,11 +184,11 @@ def test_responses_streaming_events(client):
     assert [e.sequence_number for e in events] == list(range(len(events)))
 
 
-def test_logprobs_of_the_answer_streamed_and_not(client):
+def test_logprobs_of_the_answer_streamed_and_not(scripted_client):
     """The answer's tokens with their logprobs and top alternatives, in OpenAI's shapes;
     the streamed chunks' logprobs add up to the whole reply's, reasoning tokens apart."""
     args = dict(model="gpt-oss-tiny", messages=user("Hi"), logprobs=True, top_logprobs=3)
-    r = client.chat.completions.create(**args)
+    r = scripted_client.chat.completions.create(**args)
     content = r.choices[0].logprobs.content
     assert "".join(e.token for e in content) == r.choices[0].message.content
     answer = tok.encode("Hello there, friend!")
@@ -205,7 +196,7 @@ def test_logprobs_of_the_answer_streamed_and_not(client):
     assert all(bytes(e.bytes).decode() == e.token for e in content)
     assert all(len(e.top_logprobs) == 3 and e.top_logprobs[0].token == e.token for e in content)
     assert all(e.top_logprobs[0].logprob == e.logprob for e in content)
-    chunks = list(client.chat.completions.create(**args, stream=True))
+    chunks = list(scripted_client.chat.completions.create(**args, stream=True))
     streamed = [
         e
         for c in chunks
@@ -213,22 +204,22 @@ def test_logprobs_of_the_answer_streamed_and_not(client):
         for e in c.choices[0].logprobs.content
     ]
     assert [e.model_dump() for e in streamed] == [e.model_dump() for e in content]
-    plain = client.chat.completions.create(model="gpt-oss-tiny", messages=user("Hi"))
+    plain = scripted_client.chat.completions.create(model="gpt-oss-tiny", messages=user("Hi"))
     assert plain.choices[0].logprobs is None
 
 
-def test_n_choices_streamed_and_not(client):
-    r = client.chat.completions.create(
+def test_n_choices_streamed_and_not(scripted_client):
+    r = scripted_client.chat.completions.create(
         model="gpt-oss-tiny", messages=user("Hi"), n=3, logprobs=True, seed=4
     )
     assert [c.index for c in r.choices] == [0, 1, 2]
     assert {c.message.content for c in r.choices} == {"Hello there, friend!"}
     assert all(len(c.logprobs.content) == len(r.choices[0].logprobs.content) for c in r.choices)
-    one = client.chat.completions.create(model="gpt-oss-tiny", messages=user("Hi"))
+    one = scripted_client.chat.completions.create(model="gpt-oss-tiny", messages=user("Hi"))
     assert r.usage.prompt_tokens == one.usage.prompt_tokens
     assert r.usage.completion_tokens == 3 * one.usage.completion_tokens
     chunks = list(
-        client.chat.completions.create(
+        scripted_client.chat.completions.create(
             model="gpt-oss-tiny",
             messages=user("Hi"),
             n=2,
@@ -243,18 +234,18 @@ def test_n_choices_streamed_and_not(client):
     assert chunks[-1].usage.completion_tokens == 2 * one.usage.completion_tokens
 
 
-def test_responses_logprobs_streamed_and_not(client):
+def test_responses_logprobs_streamed_and_not(scripted_client):
     args = dict(model="gpt-oss-tiny", input="Hi", include=["message.output_text.logprobs"])
-    r = client.responses.create(**args, top_logprobs=2)
+    r = scripted_client.responses.create(**args, top_logprobs=2)
     part = r.output[-1].content[0]
     assert "".join(e.token for e in part.logprobs) == part.text == "Hello there, friend!"
     assert all(len(e.top_logprobs) == 2 for e in part.logprobs)
-    events = list(client.responses.create(**args, top_logprobs=2, stream=True))
+    events = list(scripted_client.responses.create(**args, top_logprobs=2, stream=True))
     deltas = [e for ev in events if ev.type == "response.output_text.delta" for e in ev.logprobs]
     assert [e.model_dump() for e in deltas] == [e.model_dump() for e in part.logprobs]
     final = events[-1].response.output[-1].content[0]
     assert [e.model_dump() for e in final.logprobs] == [e.model_dump() for e in part.logprobs]
-    assert client.responses.create(model="gpt-oss-tiny", input="Hi").output[-1].content[
+    assert scripted_client.responses.create(model="gpt-oss-tiny", input="Hi").output[-1].content[
         0
     ].logprobs in (None, [])
 
@@ -269,10 +260,10 @@ def test_responses_logprobs_streamed_and_not(client):
         ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "invalid_request"),
     ],
 )
-def test_bad_requests_get_openai_style_errors(client, kwargs, status, code):
+def test_bad_requests_get_openai_style_errors(scripted_client, kwargs, status, code):
     args = {"model": "gpt-oss-tiny", "messages": user("Hi"), **kwargs}
     with pytest.raises(openai.APIStatusError) as info:
-        client.chat.completions.create(**args)
+        scripted_client.chat.completions.create(**args)
     assert info.value.status_code == status
     assert info.value.body["code"] == code and info.value.body["message"]
 
@@ -289,8 +280,8 @@ def raw(url: str, body: bytes | None, key: str | None = KEY) -> tuple[int, dict]
         return err.code, json.loads(err.read())
 
 
-def test_invalid_json_wrong_key_and_unknown_route(server):
-    url = server[0]
+def test_invalid_json_wrong_key_and_unknown_route(scripted_api):
+    url = scripted_api[0]
     status, body = raw(url + "/chat/completions", b"{not json")
     assert status == 400 and body["error"]["code"] == "invalid_json"
     status, body = raw(url + "/models", None, key="wrong")
@@ -299,10 +290,10 @@ def test_invalid_json_wrong_key_and_unknown_route(server):
     assert status == 404
 
 
-def test_metrics(server, client):
-    client.chat.completions.create(model="gpt-oss-tiny", messages=user("Hi"))
+def test_metrics(scripted_api, scripted_client):
+    scripted_client.chat.completions.create(model="gpt-oss-tiny", messages=user("Hi"))
     req = urllib.request.Request(
-        server[0].removesuffix("/v1") + "/metrics", headers={"Authorization": f"Bearer {KEY}"}
+        scripted_api[0].removesuffix("/v1") + "/metrics", headers={"Authorization": f"Bearer {KEY}"}
     )
     text = urllib.request.urlopen(req).read().decode()
     for name in (
@@ -319,8 +310,8 @@ def test_metrics(server, client):
         assert f"\n{name}" in "\n" + text or f"{name}{{" in text, name
 
 
-def test_a_client_that_leaves_mid_stream_frees_its_sequence(server):
-    url, engine, shards = server
+def test_a_client_that_leaves_mid_stream_frees_its_sequence(scripted_api):
+    url, engine, shards = scripted_api
     before = engine.core.stats.generated_tokens
     host, port = url.removeprefix("http://").removesuffix("/v1").split(":")
     body = json.dumps(
@@ -363,20 +354,24 @@ def test_a_client_that_leaves_mid_stream_frees_its_sequence(server):
     assert r.choices[0].message.content == "Hello there, friend!"  # the engine serves on
 
 
-def test_stored_responses_continue_a_conversation_as_if_it_were_resent(server, client):
+def test_stored_responses_continue_a_conversation_as_if_it_were_resent(
+    scripted_api, scripted_client
+):
     """previous_response_id sends the model the tokens of the whole conversation sent
     again by the client; GET, input_items and DELETE on the stored response."""
-    _, _, shards = server
+    _, _, shards = scripted_api
     tools = [{"type": "function", **WEATHER_TOOL["function"]}]
-    first = client.responses.create(model="gpt-oss-tiny", input="Hi", instructions="Be brief.")
+    first = scripted_client.responses.create(
+        model="gpt-oss-tiny", input="Hi", instructions="Be brief."
+    )
     assert first.store is True
-    second = client.responses.create(
+    second = scripted_client.responses.create(
         model="gpt-oss-tiny", input="weather?", tools=tools, previous_response_id=first.id
     )
     assert second.previous_response_id == first.id
     call = next(item for item in second.output if item.type == "function_call")
     output = {"type": "function_call_output", "call_id": call.call_id, "output": "20C"}
-    third = client.responses.create(
+    third = scripted_client.responses.create(
         model="gpt-oss-tiny", input=[output], tools=tools, previous_response_id=second.id
     )
     assert third.output_text == "It is 20C in SF."
@@ -385,24 +380,26 @@ def test_stored_responses_continue_a_conversation_as_if_it_were_resent(server, c
     history += [item.model_dump(exclude_none=True) for item in first.output]
     history += [{"role": "user", "content": "weather?"}]
     history += [item.model_dump(exclude_none=True) for item in second.output] + [output]
-    resent = client.responses.create(model="gpt-oss-tiny", input=history, tools=tools)
+    resent = scripted_client.responses.create(model="gpt-oss-tiny", input=history, tools=tools)
     seen = lambda r: shards.prompts[r.id.removeprefix("resp_")]  # noqa: E731
     assert seen(third) == seen(resent)
     assert "Be brief." not in tok.decode(seen(third))  # instructions are not carried over
 
-    assert client.responses.retrieve(third.id).output_text == third.output_text
-    items = client.responses.input_items.list(third.id, order="asc").data
+    assert scripted_client.responses.retrieve(third.id).output_text == third.output_text
+    items = scripted_client.responses.input_items.list(third.id, order="asc").data
     assert [i.type for i in items][-1] == "function_call_output"
     assert len(items) == len(history)
-    client.responses.delete(second.id)
+    scripted_client.responses.delete(second.id)
     with pytest.raises(openai.NotFoundError):
-        client.responses.retrieve(second.id)
+        scripted_client.responses.retrieve(second.id)
     with pytest.raises(openai.NotFoundError) as info:
-        client.responses.create(model="gpt-oss-tiny", input="x", previous_response_id=second.id)
+        scripted_client.responses.create(
+            model="gpt-oss-tiny", input="x", previous_response_id=second.id
+        )
     assert info.value.body["param"] == "previous_response_id"
-    unstored = client.responses.create(model="gpt-oss-tiny", input="Hi", store=False)
+    unstored = scripted_client.responses.create(model="gpt-oss-tiny", input="Hi", store=False)
     with pytest.raises(openai.NotFoundError):
-        client.responses.retrieve(unstored.id)
-    streamed = list(client.responses.create(model="gpt-oss-tiny", input="Hi", stream=True))
+        scripted_client.responses.retrieve(unstored.id)
+    streamed = list(scripted_client.responses.create(model="gpt-oss-tiny", input="Hi", stream=True))
     final = streamed[-1].response
-    assert client.responses.retrieve(final.id).output_text == final.output_text
+    assert scripted_client.responses.retrieve(final.id).output_text == final.output_text

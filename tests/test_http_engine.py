@@ -8,8 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from gptoss_ray.cluster.engine_config import EngineConfig
-from gptoss_ray.cluster.serve import serve, stop
+from gptoss_ray.cluster.engine.config import EngineConfig
+from gptoss_ray.cluster.front.serve import serve, stop
 from tests.engine_cases import expected_reply
 
 NAME = "test-http-engine"

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from gptoss_ray.cluster import ray_instance
-from gptoss_ray.cluster.cli import main
+from gptoss_ray.cluster.cli.main import main
+from gptoss_ray.cluster.runtime import ray_instance
 from tests.engine_cases import expected_reply
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +32,13 @@ SUBPACKAGES = (
     "router",
     "shards",
     "cluster",
+    "cluster/engine",
+    "cluster/runtime",
+    "cluster/client",
+    "cluster/batch",
+    "cluster/front",
+    "cluster/front/endpoints",
+    "cluster/cli",
     "configs",
     "benchmarks",
 )
@@ -71,7 +78,10 @@ def test_the_wheel_installs_one_package_and_its_metadata(tmp_path):
     assert "gptoss_ray/configs/models/gpt-oss-20b.json" in names
     assert not [n for n in names if n.startswith("gptoss_ray/tests")]
     entry = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "gptoss-ray = gptoss_ray.cluster.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
+    assert (
+        "gptoss-ray = gptoss_ray.cluster.cli.main:main"
+        in zipfile.ZipFile(wheel).read(entry).decode()
+    )
 
 
 def test_gpu_sh_lays_out_the_package_without_a_build(tmp_path):
@@ -237,7 +247,7 @@ def test_commands_from_a_user_folder_beside_a_running_ray(user_folder, capsys):
             sys.executable,
             "-c",
             (
-                "import json; from gptoss_ray.cluster.engine import Engine\n"
+                "import json; from gptoss_ray.cluster.client.engine import Engine\n"
                 "with Engine.start(model='gpt-oss-tiny', shards=2, dtype='float32') as e:\n"
                 f"    print(json.dumps(e.chat([{body!r}])[0]['token_ids']))"
             ),

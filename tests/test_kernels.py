@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+from gptoss_ray.cluster.engine.kv_blocks import KVBlocks
 from gptoss_ray.model import mxfp4
 from gptoss_ray.model.expert_tiles import ExpertTiles
 from gptoss_ray.model.kernels.attention import paged_attention
@@ -20,7 +21,6 @@ from gptoss_ray.model.kernels.mxfp4_matmul import (
 from gptoss_ray.model.kv_cache import SequenceBatch
 from gptoss_ray.model.model import AttentionBlock, ExpertSlice, RotaryEmbedding, swiglu
 from gptoss_ray.model.types import KVLayout
-from gptoss_ray.shards.kv_blocks import KVBlocks
 from gptoss_ray.shards.kv_cache import PagedBatchView, PagedKVCache
 from tests.tiny import place, tiny_config
 

@@ -57,7 +57,7 @@ def test_an_explicit_budget_within_free_memory_is_taken_as_it_is():
 
 
 def test_a_shard_reads_its_memory_with_its_kv_counted_free_and_takes_the_new_size():
-    from gptoss_ray.cluster.engine_core import EngineCore
+    from gptoss_ray.cluster.engine.core import EngineCore
     from tests.engine_cases import GREEDY, baseline, prompts, tiny_shard
 
     shard = tiny_shard(KVLayout(16, 8, 32))

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from gptoss_ray.cluster.engine_core import EngineCore
+from gptoss_ray.cluster.engine.core import EngineCore
 from gptoss_ray.model.sampling import step_seed
 from gptoss_ray.model.types import KVLayout, SamplingParams, StepPlan
 from gptoss_ray.shards.shard import NullShard, Shard

@@ -10,9 +10,9 @@ import functools
 import pytest
 import torch
 
-from gptoss_ray.cluster.engine_core import EngineCore
+from gptoss_ray.cluster.engine.core import EngineCore
+from gptoss_ray.cluster.engine.kv_blocks import KVBlocks, chain_hashes
 from gptoss_ray.model.types import KVLayout, SamplingParams, StepResult
-from gptoss_ray.shards.kv_blocks import KVBlocks, chain_hashes
 from gptoss_ray.shards.shard import Shard
 from tests.engine_cases import tiny_shard
 
@@ -278,8 +278,8 @@ def test_a_request_arriving_during_an_identical_prefill_reuses_only_computed_blo
 
 def test_a_lost_shard_loses_its_cache_and_the_others_keep_theirs():
     layout = KVLayout(16, 64, 64)
-    from gptoss_ray.cluster.scheduler import Scheduler
-    from gptoss_ray.cluster.scheduler import Sequence as Seq
+    from gptoss_ray.cluster.engine.scheduler import Scheduler
+    from gptoss_ray.cluster.engine.scheduler import Sequence as Seq
 
     sched = Scheduler(2, layout, 32, token_budget=256)
 

@@ -337,7 +337,7 @@ def test_a_seeded_reply_is_the_same_alone_in_a_batch_of_16_and_after_preemption(
     """float32, on `world` shard processes: a seeded, sampled request (temperature 1,
     top-p 0.9) alone, then among 15 others, then among them with too few KV blocks (its
     tokens recomputed after preemptions): the same tokens each time."""
-    from gptoss_ray.cluster.engine_core import EngineCore
+    from gptoss_ray.cluster.engine.core import EngineCore
     from gptoss_ray.model.model_folder import read_config, resolve_model
     from gptoss_ray.model.types import KVLayout
     from gptoss_ray.shards.local_group import LocalShardGroup

@@ -17,10 +17,10 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from gptoss_ray.cluster.engine_client import EngineClient, EnginePool, prefix_keys
-from gptoss_ray.cluster.ray_instance import NAMESPACE
-from gptoss_ray.cluster.serve import stop
-from gptoss_ray.cluster.serve_app import AppArgs, build_app
+from gptoss_ray.cluster.client.engine_client import EngineClient, EnginePool, prefix_keys
+from gptoss_ray.cluster.front.serve import stop
+from gptoss_ray.cluster.front.serve_app import AppArgs, build_app
+from gptoss_ray.cluster.runtime.ray_instance import NAMESPACE
 from tests.engine_cases import expected_reply
 
 NAME = "test-front"
@@ -34,7 +34,7 @@ def front(ray_session):
     on a free port, with smaller engines and an API key."""
     from ray import serve as ray_serve
 
-    from gptoss_ray.cluster.serve import start_front
+    from gptoss_ray.cluster.front.serve import start_front
 
     app = yaml.safe_load((CONFIGS[0].parent / "tiny-cpu.yaml").read_text())["applications"][0]
     engine = app["args"]["engine"] | {"shards": 1, "dtype": "float32", "kv_budget_mb": 64}
@@ -324,7 +324,7 @@ def test_a_front_whose_first_question_finds_an_engine_lost_asks_the_others():
     already gone then is left out, not the reason for a 503 (all gone: the error)."""
     import asyncio
 
-    from gptoss_ray.cluster.http_api import FrontSettings, FrontState
+    from gptoss_ray.cluster.front.app import FrontSettings, FrontState
     from gptoss_ray.model.types import EngineUnavailable
 
     async def lost(method, *args):
@@ -349,7 +349,7 @@ def test_serve_configs_validate(path):
     config = yaml.safe_load(path.read_text())
     ServeDeploySchema.model_validate(config)
     for app in config["applications"]:
-        assert app["import_path"] == "gptoss_ray.cluster.serve_app:build_app"
+        assert app["import_path"] == "gptoss_ray.cluster.front.serve_app:build_app"
         AppArgs(**app["args"])
 
 

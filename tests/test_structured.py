@@ -16,9 +16,9 @@ import pydantic
 import pytest
 
 from gptoss_ray.benchmarks.grammar import random_schema
-from gptoss_ray.cluster.chat import chat_prompt, chat_reply
+from gptoss_ray.cluster.client.chat import chat_prompt, chat_reply
 from gptoss_ray.model.types import KVLayout
-from tests.engine_cases import GREEDY, baseline, prompts, served_tiny_model, tiny_core
+from tests.engine_cases import GREEDY, baseline, prompts, tiny_core
 
 # generated schemas per run; GPTOSS_TEST_SCHEMAS=100 for the count (RESULTS.md)
 SCHEMAS = int(os.environ.get("GPTOSS_TEST_SCHEMAS", "20"))
@@ -100,13 +100,7 @@ class Person(pydantic.BaseModel):
     age: int = pydantic.Field(ge=0, le=120)
 
 
-@pytest.fixture(scope="module")
-def client():
-    with served_tiny_model("k") as url:
-        yield openai.OpenAI(base_url=url, api_key="k", max_retries=0)
-
-
-def test_the_official_client_parses_a_pydantic_model_and_streams_the_same(client):
+def test_the_official_client_parses_a_pydantic_model_and_streams_the_same(tiny_client):
     args = dict(
         model="gpt-oss-tiny",
         messages=[{"role": "user", "content": "Who?"}],
@@ -115,7 +109,7 @@ def test_the_official_client_parses_a_pydantic_model_and_streams_the_same(client
         max_tokens=200,
         extra_body={"max_reasoning_tokens": 8},
     )
-    r = client.chat.completions.parse(response_format=Person, **args)
+    r = tiny_client.chat.completions.parse(response_format=Person, **args)
     person = r.choices[0].message.parsed
     assert isinstance(person, Person) and r.choices[0].finish_reason == "stop"
     # the same request streamed and not (a schema without additionalProperties: false
@@ -124,8 +118,8 @@ def test_the_official_client_parses_a_pydantic_model_and_streams_the_same(client
         "type": "json_schema",
         "json_schema": {"name": "P", "schema": Person.model_json_schema()},
     }
-    whole = client.chat.completions.create(response_format=schema, **args).choices[0].message
-    chunks = list(client.chat.completions.create(response_format=schema, stream=True, **args))
+    whole = tiny_client.chat.completions.create(response_format=schema, **args).choices[0].message
+    chunks = list(tiny_client.chat.completions.create(response_format=schema, stream=True, **args))
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == whole.content and streamed.startswith('{"name":')
 
@@ -141,9 +135,9 @@ def test_the_official_client_parses_a_pydantic_model_and_streams_the_same(client
         ({"type": "xml"}, "response_format.type"),
     ],
 )
-def test_schemas_that_cannot_be_enforced_are_400s(client, response_format, says):
+def test_schemas_that_cannot_be_enforced_are_400s(tiny_client, response_format, says):
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(
+        tiny_client.chat.completions.create(
             model="gpt-oss-tiny",
             messages=[{"role": "user", "content": "x"}],
             response_format=response_format,
@@ -152,14 +146,14 @@ def test_schemas_that_cannot_be_enforced_are_400s(client, response_format, says)
     assert info.value.body["param"].startswith("response_format")
 
 
-def test_responses_text_format_constrains_the_answer(client):
+def test_responses_text_format_constrains_the_answer(tiny_client):
     schema = {
         "type": "object",
         "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
         "required": ["n"],
         "additionalProperties": False,
     }
-    r = client.responses.create(
+    r = tiny_client.responses.create(
         model="gpt-oss-tiny",
         input="A number?",
         temperature=1.0,

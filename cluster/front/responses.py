@@ -12,8 +12,14 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from gptoss_ray.cluster.chat import Event, MessageEnd, TextDelta, ToolCallStart, logprob_entries
-from gptoss_ray.cluster.response_store import ResponseStore
+from gptoss_ray.cluster.client.chat import (
+    Event,
+    MessageEnd,
+    TextDelta,
+    ToolCallStart,
+    logprob_entries,
+)
+from gptoss_ray.cluster.front.response_store import ResponseStore
 from gptoss_ray.model.harmony import HarmonyError
 from gptoss_ray.model.types import UnknownRequest
 

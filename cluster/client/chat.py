@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from gptoss_ray.cluster.engine_io import EngineRequest
+from gptoss_ray.cluster.engine.messages import EngineRequest
 from gptoss_ray.model import harmony
 from gptoss_ray.model import tokenizer as tok
 from gptoss_ray.model.harmony.openai_chat import (

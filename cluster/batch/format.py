@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gptoss_ray.cluster.chat import chat_completion
+from gptoss_ray.cluster.client.chat import chat_completion
 
 SUPPORTED_URLS = ("/v1/chat/completions",)
 

@@ -170,10 +170,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.set_defaults(run=_bench, takes_rest=True)
 
-    from gptoss_ray.cluster.cli_harmony import add_commands
+    from gptoss_ray.cluster.cli.harmony import add_commands
 
     add_commands(sub)
-    from gptoss_ray.cluster.cli_batch import add_commands as add_batch_commands
+    from gptoss_ray.cluster.cli.batch import add_commands as add_batch_commands
 
     add_batch_commands(sub)
     return parser
@@ -201,8 +201,8 @@ def _user_error(exc: Exception) -> str | None:
     a command's happy path (and --help) loads nothing it does not need."""
     from pydantic import ValidationError
 
-    from gptoss_ray.cluster.batch import BatchInputError
-    from gptoss_ray.cluster.ray_instance import EngineNotFound
+    from gptoss_ray.cluster.batch.format import BatchInputError
+    from gptoss_ray.cluster.runtime.ray_instance import EngineNotFound
     from gptoss_ray.model.config import ConfigError
     from gptoss_ray.model.harmony import HarmonyError
     from gptoss_ray.model.model_folder import CheckpointError
@@ -316,8 +316,8 @@ def _kv(info: dict) -> str:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from gptoss_ray.cluster.engine_config import EngineConfig
-    from gptoss_ray.cluster.serve import serve
+    from gptoss_ray.cluster.engine.config import EngineConfig
+    from gptoss_ray.cluster.front.serve import serve
 
     t0 = time.perf_counter()
     config = EngineConfig(
@@ -356,8 +356,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _stop(args: argparse.Namespace) -> int:
     import ray
 
-    from gptoss_ray.cluster.ray_instance import running_head, stop_head
-    from gptoss_ray.cluster.serve import stop
+    from gptoss_ray.cluster.front.serve import stop
+    from gptoss_ray.cluster.runtime.ray_instance import running_head, stop_head
 
     stopped = stop(args.name, args.address)
     print(f"stopped engine {args.name!r}" if stopped else f"no engine {args.name!r} running")
@@ -388,7 +388,7 @@ def _stop(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     import ray
 
-    from gptoss_ray.cluster.client import Client
+    from gptoss_ray.cluster.batch.client import Client
 
     client = Client(address=args.address, name=args.name)
     status = ray.get(client.coordinator.status.remote(), timeout=60)
@@ -425,7 +425,7 @@ def _status(args: argparse.Namespace) -> int:
             f"mean {mean:.1f}, max {max(per_expert)}"
         )
     for job in jobs:
-        from gptoss_ray.cluster.client import progress_line
+        from gptoss_ray.cluster.batch.client import progress_line
 
         print(f"  job {job['job_id']}: {progress_line(job)}")
     return 0
@@ -449,8 +449,8 @@ def _usage(message: str) -> Exception:
 
 
 def _engine(args: argparse.Namespace):
-    from gptoss_ray.cluster.engine import Engine
-    from gptoss_ray.cluster.engine_config import EngineConfig
+    from gptoss_ray.cluster.client.engine import Engine
+    from gptoss_ray.cluster.engine.config import EngineConfig
 
     config = EngineConfig(
         model=args.model,
@@ -483,7 +483,7 @@ def _chat_requests(path: str) -> list[dict]:
 
 
 def _generate_chat(args: argparse.Namespace, params) -> int:
-    from gptoss_ray.cluster.chat import chat_prompt, chat_reply
+    from gptoss_ray.cluster.client.chat import chat_prompt, chat_reply
 
     requests = _chat_requests(args.messages)
     sampling = {

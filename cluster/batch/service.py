@@ -1,5 +1,5 @@
 """The OpenAI Batch API over HTTP (/v1/files, /v1/batches), on the durable batch jobs of
-`cluster.jobs`: an uploaded file is kept by `FileStore`, a named actor that owns a folder
+`cluster.batch.jobs`: an uploaded file is kept by `FileStore`, a named actor that owns a folder
 on its node; a batch is a `BatchJob` on that node reading the file and writing its output
 beside it, over every engine of the front (a lost engine's lines go to the others, or wait
 for it to be back), at batch priority (interactive requests go first). A batch's output
@@ -19,8 +19,8 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from gptoss_ray.cluster.batch import SUPPORTED_URLS, errors_path
-from gptoss_ray.cluster.ray_instance import NAMESPACE
+from gptoss_ray.cluster.batch.format import SUPPORTED_URLS, errors_path
+from gptoss_ray.cluster.runtime.ray_instance import NAMESPACE
 from gptoss_ray.model.types import RequestError, UnknownRequest
 
 FILES_ACTOR = "gptoss-ray-files"
@@ -160,7 +160,7 @@ class Batches:
         return ray.get(self.files.put.remote(filename, purpose, data))
 
     def create(self, body: Any) -> dict[str, Any]:
-        from gptoss_ray.cluster.client import Client
+        from gptoss_ray.cluster.batch.client import Client
 
         if not isinstance(body, dict):
             raise RequestError("the request body is a JSON object")
@@ -223,7 +223,7 @@ class Batches:
         return batch_object(job.status())
 
     def _job(self, batch_id: str):
-        from gptoss_ray.cluster.client import Client
+        from gptoss_ray.cluster.batch.client import Client
 
         job_id = batch_id.removeprefix("batch_")
         try:
@@ -244,7 +244,7 @@ class Batches:
         return batch_object(job.status())
 
     def list(self, after: str | None, limit: int) -> dict[str, Any]:
-        from gptoss_ray.cluster.client import Client
+        from gptoss_ray.cluster.batch.client import Client
 
         infos = [job.status() for job in Client(address=None, name=self.engines[0]).jobs()]
         batches = sorted(

@@ -1,7 +1,7 @@
 """How a front's process reaches an engine: it adds typed token requests, reads the token
 deltas the engine pushes for all of its requests on one stream, and turns each request's
 deltas into its reply here, in the front's process (`RequestStream`: the reply builders of
-`cluster.chat` and `cluster.completions`, or bare tokens). A stop string found here aborts
+`cluster.client.chat` and `cluster.client.completions`, or bare tokens). A stop string found here aborts
 the choice in the engine; nothing drawn past it is shown.
 
 `EngineClient` speaks to a coordinator actor (`RayEngineClient`: one actor call per
@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
-from gptoss_ray.cluster.engine_io import EngineRequest, RequestOutput, TokenDelta
+from gptoss_ray.cluster.engine.messages import EngineRequest, RequestOutput, TokenDelta
 from gptoss_ray.model.types import EngineUnavailable, TokenLogprob
 
 RETRY_DOWN_S = 5.0  # an engine that could not be reached is tried again after this long
@@ -36,8 +36,8 @@ T = TypeVar("T")
 
 
 class Reply(Protocol):
-    """What a request's tokens are fed to in the front (`cluster.chat.ReplyBuilder`,
-    `cluster.completions.TextReply`, `TokenReply`): it may find a stop string; readers
+    """What a request's tokens are fed to in the front (`cluster.client.chat.ReplyBuilder`,
+    `cluster.client.completions.TextReply`, `TokenReply`): it may find a stop string; readers
     take its events and, at the end, the reply."""
 
     stopped: bool
@@ -306,7 +306,7 @@ class EngineClient:
 
 
 class RayEngineClient(EngineClient):
-    """A coordinator actor (`cluster.coordinator.Coordinator`)."""
+    """A coordinator actor (`cluster.runtime.coordinator.Coordinator`)."""
 
     def __init__(self, handle: Any, name: str) -> None:
         super().__init__(name, actor_name=name)
@@ -314,8 +314,6 @@ class RayEngineClient(EngineClient):
 
     async def _call(self, method: str, *args: Any) -> Any:
         import ray
-
-        from gptoss_ray.cluster.engine import actor_error
 
         try:
             return await getattr(self.handle, method).remote(*args)
@@ -341,7 +339,7 @@ class RayEngineClient(EngineClient):
 
 
 class LocalEngineClient(EngineClient):
-    """An engine loop in this process (`cluster.engine_loop.EngineLoop`): its calls run on
+    """An engine loop in this process (`cluster.engine.loop.EngineLoop`): its calls run on
     threads of their own, never on the event loop; its stream is read by a thread."""
 
     def __init__(self, engine: Any, name: str = "local") -> None:
@@ -451,3 +449,9 @@ class EnginePool:
         while len(self._homes) > self._max_keys:
             self._homes.popitem(last=False)
         return least
+
+
+def actor_error(exc: Any) -> Exception:
+    """The exception an actor's method raised, which Ray wrapped."""
+    original = getattr(exc, "cause", None)
+    return original if isinstance(original, Exception) else exc.as_instanceof_cause()

@@ -1,6 +1,6 @@
 """`gptoss-ray serve` / `stop`: named, detached engines (coordinator actors) that outlive
 the command, for clients and batch jobs to share, and with `--http` the OpenAI API in
-front of them as a Ray Serve application (`cluster.serve_app`)."""
+front of them as a Ray Serve application (`cluster.front.serve_app`)."""
 
 from __future__ import annotations
 
@@ -11,46 +11,15 @@ from typing import Any
 
 import ray
 
-from gptoss_ray.cluster.coordinator import coordinator_actor
-from gptoss_ray.cluster.engine import here
-from gptoss_ray.cluster.engine_config import EngineConfig
-from gptoss_ray.cluster.http_api import FrontSettings
-from gptoss_ray.cluster.ray_instance import NAMESPACE, EngineNotFound, connect, ensure_cluster
-
-
-def engine_names(name: str, engines: int) -> list[str]:
-    """The first engine keeps the name (batch jobs and clients find it by it); the others
-    are `name-1`, `name-2`, ..."""
-    return [name] + [f"{name}-{i}" for i in range(1, engines)]
-
-
-def start_engines(
-    names: list[str], config: EngineConfig, *, exist_ok: bool = False
-) -> list[dict[str, Any]]:
-    """Starts a detached coordinator for each name, all at once, and returns their info
-    once every one is ready. A name already running is refused, or with `exist_ok` used
-    as it is."""
-    actors = []
-    for name in names:
-        try:
-            actors.append(ray.get_actor(name, namespace=NAMESPACE))
-            if not exist_ok:
-                raise RuntimeError(
-                    f"an engine named {name!r} is already running (gptoss-ray stop --name {name})"
-                )
-            continue
-        except ValueError:
-            pass
-        remote = coordinator_actor(
-            name=name, namespace=NAMESPACE, lifetime="detached", scheduling_strategy=here()
-        )
-        actors.append(remote.remote(config))
-    try:
-        return ray.get([a.info.remote() for a in actors])
-    except ray.exceptions.RayActorError as exc:
-        for actor in actors:
-            ray.kill(actor)
-        raise RuntimeError(f"the engine failed to start: {exc}") from None
+from gptoss_ray.cluster.engine.config import EngineConfig
+from gptoss_ray.cluster.front.app import FrontSettings
+from gptoss_ray.cluster.runtime.coordinator import engine_names, start_engines
+from gptoss_ray.cluster.runtime.ray_instance import (
+    NAMESPACE,
+    EngineNotFound,
+    connect,
+    ensure_cluster,
+)
 
 
 def serve(
@@ -90,7 +59,7 @@ def start_front(
     host:port (port 0: a free one), and returns its URL."""
     from ray import serve as ray_serve
 
-    from gptoss_ray.cluster.serve_app import ingress
+    from gptoss_ray.cluster.front.serve_app import ingress
 
     if port == 0:
         with socket.socket() as sock:

@@ -42,7 +42,7 @@ class RayKeyValue:
     def __init__(self) -> None:
         from ray.experimental import internal_kv
 
-        from gptoss_ray.cluster.ray_instance import NAMESPACE
+        from gptoss_ray.cluster.runtime.ray_instance import NAMESPACE
 
         self.kv, self.ns = internal_kv, NAMESPACE
 
@@ -59,23 +59,6 @@ class RayKeyValue:
         return list(self.kv._internal_kv_list(prefix, namespace=self.ns))
 
 
-class MemoryKeyValue:
-    def __init__(self) -> None:
-        self.data: dict[bytes, bytes] = {}
-
-    def put(self, key: bytes, value: bytes) -> None:
-        self.data[key] = value
-
-    def get(self, key: bytes) -> bytes | None:
-        return self.data.get(key)
-
-    def delete(self, key: bytes) -> None:
-        self.data.pop(key, None)
-
-    def keys(self, prefix: bytes) -> list[bytes]:
-        return [k for k in self.data if k.startswith(prefix)]
-
-
 class ResponseStore:
     def __init__(
         self,
@@ -85,9 +68,7 @@ class ResponseStore:
         ttl_s: float = TTL_S,
     ) -> None:
         if kv is None:
-            import ray
-
-            kv = RayKeyValue() if ray.is_initialized() else MemoryKeyValue()
+            kv = RayKeyValue()
         self.kv, self.max_responses, self.ttl_s = kv, max_responses, ttl_s
         self._lock = threading.Lock()
         self._puts = 0

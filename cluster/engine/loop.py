@@ -1,6 +1,6 @@
 """The engine's API without Ray: a thread steps an `EngineCore` while token requests come
 and go. `Coordinator` runs it on Ray shards; tests drive it with any `run_step`. Fronts
-reach it from above (`cluster.engine_client`): they add typed requests (`add`), read each
+reach it from above (`cluster.client.engine_client`): they add typed requests (`add`), read each
 step's token deltas for their requests as one stream per front (`outputs`), and abort
 what they no longer want (`abort`). Text never comes here: the engine knows nothing of
 the layers that use it."""
@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from gptoss_ray.cluster.engine_core import EngineCore
-from gptoss_ray.cluster.engine_io import EngineRequest, TokenDelta
+from gptoss_ray.cluster.engine.core import EngineCore
+from gptoss_ray.cluster.engine.messages import EngineRequest, TokenDelta
 from gptoss_ray.model.config import ModelConfig
 from gptoss_ray.model.types import EngineUnavailable, KVLayout
 

@@ -4,7 +4,7 @@ handles. HTTP parsing, JSON, rendering and tokenizing prompts, building replies 
 engines' token deltas, and streaming to clients happen in the replicas and Serve's
 proxies; a coordinator's process runs its engine only.
 
-`gptoss-ray serve --http` deploys it (`cluster.serve.serve`); so do `serve run` and
+`gptoss-ray serve --http` deploys it (`cluster.front.serve.serve`); so do `serve run` and
 `serve deploy` with a config of `configs/serve/`, whose `import_path` is `build_app`."""
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ import ray
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-from gptoss_ray.cluster.engine_client import EnginePool, RayEngineClient
-from gptoss_ray.cluster.engine_config import EngineConfig
-from gptoss_ray.cluster.http_api import FrontSettings, api_app
-from gptoss_ray.cluster.ray_instance import NAMESPACE
+from gptoss_ray.cluster.client.engine_client import EnginePool, RayEngineClient
+from gptoss_ray.cluster.engine.config import EngineConfig
+from gptoss_ray.cluster.front.app import FrontSettings, api_app
+from gptoss_ray.cluster.runtime.coordinator import engine_names, start_engines
+from gptoss_ray.cluster.runtime.ray_instance import NAMESPACE
 
 # A stream is an ongoing request for as long as it runs: a replica must hold thousands.
 MAX_ONGOING_REQUESTS = 4096
@@ -58,8 +59,6 @@ class AppArgs(BaseModel):
 def build_app(args: dict[str, Any]) -> serve.Application:
     """The application of a config's `args` (`AppArgs`): its engines are started where
     they are not running yet (detached: they outlive a redeploy of the front)."""
-    from gptoss_ray.cluster.serve import engine_names, start_engines
-
     spec = AppArgs(**args)
     names = engine_names(spec.name, spec.engines)
     start_engines(names, spec.engine, exist_ok=True)

@@ -18,8 +18,8 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from gptoss_ray.cluster.chat import StopScan, TextDelta, check_model, paired
-from gptoss_ray.cluster.engine_io import EngineRequest
+from gptoss_ray.cluster.client.chat import StopScan, TextDelta, check_model, paired
+from gptoss_ray.cluster.engine.messages import EngineRequest
 from gptoss_ray.model import tokenizer as tok
 from gptoss_ray.model.harmony.openai_chat import SamplingFields
 from gptoss_ray.model.types import RequestError, SamplingParams, TokenLogprob

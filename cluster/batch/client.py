@@ -22,9 +22,9 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from gptoss_ray.cluster.batch import BatchInputError, OutputBusy, check_writable, read_input
-from gptoss_ray.cluster.jobs import JOB_PREFIX, BatchJob, JobRecords
-from gptoss_ray.cluster.ray_instance import NAMESPACE, EngineNotFound, connect
+from gptoss_ray.cluster.batch.format import BatchInputError, OutputBusy, check_writable, read_input
+from gptoss_ray.cluster.batch.jobs import JOB_PREFIX, BatchJob, JobRecords
+from gptoss_ray.cluster.runtime.ray_instance import NAMESPACE, EngineNotFound, connect
 
 DEFAULT_ENGINE = "gptoss-ray"
 

@@ -23,16 +23,16 @@ from typing import Any
 
 import ray
 
-from gptoss_ray.cluster.batch import (
+from gptoss_ray.cluster.batch.format import (
     BatchLine,
     OutputWriter,
     error_record,
     read_input,
     success_record,
 )
-from gptoss_ray.cluster.chat import chat_request
-from gptoss_ray.cluster.engine_client import RayEngineClient, RequestStream
-from gptoss_ray.cluster.ray_instance import NAMESPACE
+from gptoss_ray.cluster.client.chat import chat_request
+from gptoss_ray.cluster.client.engine_client import RayEngineClient, RequestStream
+from gptoss_ray.cluster.runtime.ray_instance import NAMESPACE
 from gptoss_ray.model.types import EngineUnavailable
 
 JOB_PREFIX = "gptoss-ray-job-"

@@ -30,7 +30,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _client(args: argparse.Namespace):
-    from gptoss_ray.cluster.client import Client
+    from gptoss_ray.cluster.batch.client import Client
 
     return Client(address=args.address, name=args.name)
 
@@ -49,7 +49,7 @@ def submit(args: argparse.Namespace) -> int:
 
 
 def list_jobs(args: argparse.Namespace) -> int:
-    from gptoss_ray.cluster.client import progress_line
+    from gptoss_ray.cluster.batch.client import progress_line
 
     for job in _client(args).jobs():
         info = job.status()
@@ -58,7 +58,7 @@ def list_jobs(args: argparse.Namespace) -> int:
 
 
 def status(args: argparse.Namespace) -> int:
-    from gptoss_ray.cluster.client import progress_line
+    from gptoss_ray.cluster.batch.client import progress_line
 
     info = _client(args).job(args.job).status()
     print(progress_line(info))
@@ -67,7 +67,7 @@ def status(args: argparse.Namespace) -> int:
 
 
 def results(args: argparse.Namespace) -> int:
-    from gptoss_ray.cluster.client import read_results
+    from gptoss_ray.cluster.batch.client import read_results
 
     for record in read_results(_client(args).job(args.job).status()["output"]):
         print(json.dumps(record, ensure_ascii=False))

@@ -17,20 +17,21 @@ from typing import Any
 
 import ray
 
-from gptoss_ray.cluster.chat import TextDelta, chat_request
-from gptoss_ray.cluster.coordinator import coordinator_actor
-from gptoss_ray.cluster.engine_client import (
+from gptoss_ray.cluster.client.chat import TextDelta, chat_request
+from gptoss_ray.cluster.client.engine_client import (
     Finished,
     LoopThread,
     RayEngineClient,
     RequestStream,
     TokenReply,
+    actor_error,
     combined_reply,
     token_output,
 )
-from gptoss_ray.cluster.engine_config import EngineConfig
-from gptoss_ray.cluster.engine_io import EngineRequest, RequestOutput
-from gptoss_ray.cluster.ray_instance import init_for_engine
+from gptoss_ray.cluster.engine.config import EngineConfig
+from gptoss_ray.cluster.engine.messages import EngineRequest, RequestOutput
+from gptoss_ray.cluster.runtime.coordinator import coordinator_actor, here
+from gptoss_ray.cluster.runtime.ray_instance import init_for_engine
 from gptoss_ray.model import harmony
 from gptoss_ray.model.types import DeviceUnavailable, RequestError, SamplingParams
 
@@ -62,7 +63,7 @@ class Engine:
         `address="auto"` joins a running Ray cluster (`ray up`, `ray start`), as does
         RAY_ADDRESS; without either, a private local Ray instance is started for this
         engine and ended with it, whether or not another runs on this machine
-        (cluster/ray_instance.py says why). The coordinator runs on this process's node
+        (cluster/runtime/ray_instance.py says why). The coordinator runs on this process's node
         unless `coordinator_node` (a Ray node id) says otherwise."""
         if config is None:
             config = EngineConfig(model=model, shards=shards, **options)
@@ -212,24 +213,9 @@ def _tokens(prompt: Sequence[int], params: SamplingParams) -> tuple[list, list]:
     return [request], [[TokenReply() for _ in range(params.n)]]
 
 
-def here(node_id: str | None = None):
-    """Keeps the coordinator on the caller's node (the head, usually): it must not die
-    with a worker node, and its loopback HTTP server must be where the user is."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    node_id = node_id or ray.get_runtime_context().get_node_id()
-    return NodeAffinitySchedulingStrategy(node_id, soft=False)
-
-
 def _unwrap(call):
     """Ray wraps an actor's exception; give back the original (RequestError, ...)."""
     try:
         return call()
     except ray.exceptions.RayTaskError as exc:
         raise actor_error(exc) from None
-
-
-def actor_error(exc: ray.exceptions.RayTaskError) -> Exception:
-    """The exception an actor's method raised, which Ray wrapped."""
-    original = getattr(exc, "cause", None)
-    return original if isinstance(original, Exception) else exc.as_instanceof_cause()

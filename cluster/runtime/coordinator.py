@@ -1,7 +1,7 @@
 """The coordinator, a named Ray actor: it places the shard actors (one placement-group
 bundle each, packed onto as few nodes as fit), joins them into a process group, runs the
 engine loop (`EngineLoop`) over them while requests come and go, and replaces shards
-that are lost. Ray only: the engine's API is `EngineLoop`'s, chat is `cluster.chat`."""
+that are lost. Ray only: the engine's API is `EngineLoop`'s, chat is `cluster.client.chat`."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from gptoss_ray.cluster.engine_config import EngineConfig
-from gptoss_ray.cluster.engine_core import EngineCore, ShardsRestarted
-from gptoss_ray.cluster.engine_loop import EngineLoop
+from gptoss_ray.cluster.engine.config import EngineConfig
+from gptoss_ray.cluster.engine.core import EngineCore, ShardsRestarted
+from gptoss_ray.cluster.engine.loop import EngineLoop
+from gptoss_ray.cluster.runtime.ray_instance import NAMESPACE
 from gptoss_ray.model.model_folder import read_config, resolve_model
 from gptoss_ray.model.types import (
     DEFAULT_GPU_MEMORY_UTILIZATION,
@@ -412,3 +413,47 @@ class Coordinator(EngineLoop):
         for w in self.workers:
             ray.kill(w)
         remove_placement_group(self.pg)
+
+
+def here(node_id: str | None = None):
+    """Keeps the coordinator on the caller's node (the head, usually): it must not die
+    with a worker node, and its loopback HTTP server must be where the user is."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node_id = node_id or ray.get_runtime_context().get_node_id()
+    return NodeAffinitySchedulingStrategy(node_id, soft=False)
+
+
+def engine_names(name: str, engines: int) -> list[str]:
+    """The first engine keeps the name (batch jobs and clients find it by it); the others
+    are `name-1`, `name-2`, ..."""
+    return [name] + [f"{name}-{i}" for i in range(1, engines)]
+
+
+def start_engines(
+    names: list[str], config: EngineConfig, *, exist_ok: bool = False
+) -> list[dict[str, Any]]:
+    """Starts a detached coordinator for each name, all at once, and returns their info
+    once every one is ready. A name already running is refused, or with `exist_ok` used
+    as it is."""
+    actors = []
+    for name in names:
+        try:
+            actors.append(ray.get_actor(name, namespace=NAMESPACE))
+            if not exist_ok:
+                raise RuntimeError(
+                    f"an engine named {name!r} is already running (gptoss-ray stop --name {name})"
+                )
+            continue
+        except ValueError:
+            pass
+        remote = coordinator_actor(
+            name=name, namespace=NAMESPACE, lifetime="detached", scheduling_strategy=here()
+        )
+        actors.append(remote.remote(config))
+    try:
+        return ray.get([a.info.remote() for a in actors])
+    except ray.exceptions.RayActorError as exc:
+        for actor in actors:
+            ray.kill(actor)
+        raise RuntimeError(f"the engine failed to start: {exc}") from None

@@ -5,7 +5,7 @@ decodes and prefill chunks under a per-step token budget; a new sequence is home
 shard that holds the longest cached prefix of it, among the shards whose free KV is
 within `PLACEMENT_MARGIN` of the freest. The scheduler owns every shard's KV blocks
 (which are free, which sequence holds which, which hold a reusable prefix:
-`shards.kv_blocks`) and puts in each plan the blocks it grants, so it only plans steps
+`cluster.engine.kv_blocks`) and puts in each plan the blocks it grants, so it only plans steps
 that fit: when blocks run out, new requests wait, and if a running sequence cannot grow,
 the newest running sequence of that shard is preempted (its blocks let go: cached, so
 that its recomputation from its tokens is mostly a cache hit)."""
@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from gptoss_ray.cluster.engine.kv_blocks import KVBlocks, chain_hashes
 from gptoss_ray.model.types import (
     BlockGrant,
     KVLayout,
@@ -29,7 +30,6 @@ from gptoss_ray.model.types import (
     blocks_held,
     with_buckets,
 )
-from gptoss_ray.shards.kv_blocks import KVBlocks, chain_hashes
 
 
 class Status(StrEnum):

@@ -3,7 +3,7 @@
 A front sends `EngineRequest`s (prompt ids, sampling parameters, an id); the engine pushes
 back, after each step, one batch of `TokenDelta`s per front for the requests that front
 holds (`Outbox`). No text, chat or harmony crosses: the front renders prompts and builds
-replies (`cluster.chat`, `cluster.completions`) in its own process."""
+replies (`cluster.client.chat`, `cluster.client.completions`) in its own process."""
 
 from __future__ import annotations
 

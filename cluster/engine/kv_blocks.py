@@ -38,9 +38,8 @@ import hashlib
 from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
-from gptoss_ray.model.types import BlockGrant, KVLayout, cdiv, first_visible_block
+from gptoss_ray.model.types import BlockGrant, BlockTable, KVLayout, cdiv, first_visible_block
 
 
 def chain_hashes(
@@ -128,14 +127,6 @@ class BlockPool:
         if key not in self.block_of and block not in self.hash_of:
             self.block_of[key] = block
             self.hash_of[block] = key
-
-
-@dataclass
-class BlockTable:
-    full: list[int] = field(default_factory=list)  # physical block of logical block i
-    sliding_first: int = 0  # the logical block of sliding[0]
-    sliding: list[int] = field(default_factory=list)  # the sliding blocks still visible
-    committed: int = 0  # leading blocks registered in the prefix cache
 
 
 class KVBlocks:

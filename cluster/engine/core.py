@@ -2,9 +2,9 @@
 
 `EngineCore` validates and queues requests (`EngineRequest`), asks the scheduler for each
 step's plans, sends them to every shard at once (`launch_step`: Ray actors in
-`cluster.coordinator`; in-process, any `run_step`), and records tokens, finish reasons and
+`cluster.runtime.coordinator`; in-process, any `run_step`), and records tokens, finish reasons and
 timings. After each step it puts every front's new tokens in that front's outbox, in one
-batch (`cluster.engine_io`); text never comes here. It is thread-safe: one thread steps,
+batch (`cluster.engine.messages`); text never comes here. It is thread-safe: one thread steps,
 others add, cancel and read.
 
 Steps overlap: step N+1 is planned and sent before step N's results come back, so that
@@ -25,9 +25,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from gptoss_ray.cluster.engine_io import EngineRequest, Outbox, RequestOutput, TokenDelta
-from gptoss_ray.cluster.scheduler import Scheduler, Status
-from gptoss_ray.cluster.scheduler import Sequence as Seq
+from gptoss_ray.cluster.engine.messages import EngineRequest, Outbox, RequestOutput, TokenDelta
+from gptoss_ray.cluster.engine.scheduler import Scheduler, Status
+from gptoss_ray.cluster.engine.scheduler import Sequence as Seq
 from gptoss_ray.model.config import ModelConfig
 from gptoss_ray.model.types import (
     ContextLengthExceeded,
@@ -98,7 +98,7 @@ class EngineCore:
     ) -> None:
         """max_prompt_tokens: the longest prompt taken (default: what the context allows),
         so that one request cannot hold the engine for minutes of prefill. prefix_cache:
-        reuse the KV of prompts' cached prefixes (`shards.kv_blocks`); cache_salt: what
+        reuse the KV of prompts' cached prefixes (`cluster.engine.kv_blocks`); cache_salt: what
         besides the tokens decides the keys (the model's path and dtype). run_step runs a
         step and returns its results; launch_step sends it and returns how to wait for them
         (one of the two). overlap: plan each step while the one before runs (False: one

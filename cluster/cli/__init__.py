@@ -1,0 +1,1 @@
+"""The `gptoss-ray` command (`main`) and its batch and harmony subcommands."""

@@ -1,0 +1,2 @@
+"""One module per endpoint of the OpenAI-compatible API (`cluster.front.app` routes to
+them)."""
