@@ -156,14 +156,18 @@ def cpu_ticks() -> tuple[int, int]:
 def step_times(engine: Any, windows: int, window_s: float, batch: int) -> list[dict[str, float]]:
     """Each window of steady decoding (`batch` sequences running at both ends and no
     prompt token prefilled in between): its mean step ms, the host part of it (beyond the
-    shard's own work: the coordinator and the round trip), and the share of the machine's
-    CPU time that the VM's host stole meanwhile."""
+    shard's own work: the coordinator and the round trip), the CPU ms its coordinator's
+    process spent per step, and the share of the machine's CPU time that the VM's host
+    stole meanwhile."""
+    import ray
+
     out = []
+    pid = ray.get(engine.info.remote())["pid"]  # the coordinator's process (this machine)
     deadline = time.monotonic() + windows * window_s * 6
     while len(out) < windows and time.monotonic() < deadline:
-        a, (t0, s0) = engine_stats(engine), cpu_ticks()
+        a, (t0, s0), c0 = engine_stats(engine), cpu_ticks(), process_cpu_s(pid)
         time.sleep(window_s)
-        b, (t1, s1) = engine_stats(engine), cpu_ticks()
+        b, (t1, s1), c1 = engine_stats(engine), cpu_ticks(), process_cpu_s(pid)
         steps = b["steps"] - a["steps"]
         full = sum(a["running"]) == batch and sum(b["running"]) == batch
         if steps > 0 and full and b["prefill_tokens"] == a["prefill_tokens"]:
@@ -173,6 +177,7 @@ def step_times(engine: Any, windows: int, window_s: float, batch: int) -> list[d
                 {
                     "step_ms": spent["step"] / steps * 1e3,
                     "host_ms": host / steps * 1e3,
+                    "coordinator_cpu_ms": (c1 - c0) / steps * 1e3,
                     "stolen": (s1 - s0) / max(1, t1 - t0),
                 }
             )
@@ -307,6 +312,8 @@ def isolation(args: argparse.Namespace, url: str, engine: Any) -> dict[str, Any]
         "api_median_ms": of(every["api"], "step_ms"),
         "http_host_median_ms": of(every["http"], "host_ms"),
         "api_host_median_ms": of(every["api"], "host_ms"),
+        "http_coordinator_cpu_ms": of(every["http"], "coordinator_cpu_ms"),
+        "api_coordinator_cpu_ms": of(every["api"], "coordinator_cpu_ms"),
         "pinned": pinned,
         "quiet_windows": {p: len(quiet[p]) for p in quiet},
         "quiet_ratio": of(quiet["http"], "step_ms") / of(quiet["api"], "step_ms"),
@@ -455,6 +462,10 @@ def main() -> None:
             f"host part of the step (coordinator + round trip), median ms: "
             f"{result['http_host_median_ms']:.2f} with HTTP clients, "
             f"{result['api_host_median_ms']:.2f} through the Python API"
+        )
+        print(
+            f"coordinator process CPU per step, median ms: {result['http_coordinator_cpu_ms']:.2f} "
+            f"with HTTP clients, {result['api_coordinator_cpu_ms']:.2f} through the Python API"
         )
         q = result["quiet_windows"]
         print(

@@ -38,8 +38,8 @@ bench() { python3 -m gptoss_ray.benchmarks.cli --out "$out" "$@" 2>&1 | tee -a "
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$log"
 case "$stage" in
   check)
-    python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py \
-      tests/test_decode_graphs.py 2>&1 | tee -a "$log"
+    python3 -m pytest -q -p no:cacheprovider -m gpu tests/model/test_kernels.py \
+      tests/shards/test_decode_graphs.py 2>&1 | tee -a "$log"
     bench sass --tokens 1,4,64
     bench kernels --model gpt-oss-20b ;;
   20b) bench fullsize --model gpt-oss-20b --batches 1,64,256 ;;

@@ -11,6 +11,7 @@ stream, chat, shut down.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -145,12 +146,19 @@ class Engine:
         plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(plist)} parameter sets for {len(prompts)} prompts")
-        streams: list[RequestStream | RequestError] = []
-        for prompt, p in zip(prompts, plist, strict=True):
-            try:
-                streams.append(self.submit(prompt, p))
-            except RequestError as exc:
-                streams.append(exc)
+
+        async def submit_all() -> list[Any]:  # at once: one call to the engine
+            submits = (
+                self.client.submit(*_tokens(prompt, p), token_output)
+                for prompt, p in zip(prompts, plist, strict=True)
+            )
+            return await asyncio.gather(*submits, return_exceptions=True)
+
+        streams = []
+        for got in self._loop.run(submit_all()):
+            if isinstance(got, BaseException) and not isinstance(got, RequestError):
+                raise got
+            streams.append(got if isinstance(got, RequestError) else got[0])
         return [s if isinstance(s, RequestError) else self.result(s) for s in streams]
 
     def stream(

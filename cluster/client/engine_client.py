@@ -228,7 +228,8 @@ class EngineClient:
         self._front = uuid.uuid4().hex
         self._streams: dict[str, RequestStream] = {}
         self._reader: asyncio.Task | None = None
-        self._aborts: set[asyncio.Task] = set()
+        self._sending: set[asyncio.Task] = set()  # calls sent without a waiter
+        self._adds: list[tuple[list[EngineRequest], asyncio.Future]] = []  # not sent yet
 
     async def _call(self, method: str, *args: Any) -> Any:
         raise NotImplementedError
@@ -258,16 +259,50 @@ class EngineClient:
         ]
         for s in streams:
             self._streams[s.request_id] = s
+        loop = asyncio.get_running_loop()
         if self._reader is None or self._reader.done():
-            self._reader = asyncio.get_running_loop().create_task(self._read(self._front))
+            self._reader = loop.create_task(self._read(self._front))
+        added = loop.create_future()
+        if not self._adds:  # the first of this turn of the event loop: it sends them all
+            loop.call_soon(self._send_adds)
+        self._adds.append((requests, added))
         try:
-            await self.call("add", requests, self._front)
+            await added
         except BaseException:
             for s in streams:
                 self._streams.pop(s.request_id, None)
             raise
         self.outstanding += len(streams)
         return streams
+
+    def _send_adds(self) -> None:
+        """What every handler submitted in this turn of the event loop goes in one call
+        (a burst of requests is one message to the engine, not one each); each group
+        is queued or refused apart from the others."""
+        adds, self._adds = self._adds, []
+
+        async def send() -> None:
+            try:
+                errors = await self.call("add", [requests for requests, _ in adds], self._front)
+            except BaseException as exc:
+                for _, added in adds:
+                    if not added.done():
+                        added.set_exception(exc)
+                return
+            for (requests, added), error in zip(adds, errors, strict=True):
+                if added.cancelled() and error is None:  # its handler left meanwhile
+                    for request in requests:
+                        self.abort(request.request_id)
+                if added.done():
+                    continue
+                if error is None:
+                    added.set_result(None)
+                else:
+                    added.set_exception(error)
+
+        task = asyncio.ensure_future(send())
+        self._sending.add(task)  # held until done
+        task.add_done_callback(self._sending.discard)
 
     def forget(self, stream: RequestStream) -> None:
         if self._streams.pop(stream.request_id, None) is not None:
@@ -276,8 +311,8 @@ class EngineClient:
     def abort(self, request_id: str, choice: int | None = None) -> None:
         """Stops a request in the engine, without waiting (an engine gone forgot it)."""
         task = asyncio.ensure_future(self.call("abort", request_id, choice))
-        self._aborts.add(task)
-        task.add_done_callback(self._aborts.discard)
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def _read(self, front: str) -> None:

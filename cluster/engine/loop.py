@@ -17,7 +17,7 @@ from typing import Any
 from gptoss_ray.cluster.engine.core import EngineCore
 from gptoss_ray.cluster.engine.messages import EngineRequest, TokenDelta
 from gptoss_ray.model.config import ModelConfig
-from gptoss_ray.model.types import EngineUnavailable, KVLayout
+from gptoss_ray.model.types import EngineUnavailable, KVLayout, RequestError
 
 IDLE_AFTER_S = 1.0
 # How often an idle front's stream says it is alive: a front that died is found at the
@@ -112,11 +112,20 @@ class EngineLoop:
         """[layer][expert] rows routed to each expert ([] where nobody counts them)."""
         return self._expert_load() if self._expert_load is not None else []
 
-    def add(self, requests: list[EngineRequest], front: str) -> None:
-        """Queues requests, all or none (`EngineCore.add`); their tokens go to `front`'s
-        stream (`outputs`)."""
+    def add(self, groups: list[list[EngineRequest]], front: str) -> list[RequestError | None]:
+        """Queues groups of requests, each all or none (`EngineCore.add`) and apart from
+        the others: a front sends what its handlers submitted at once in one call. ->
+        each group's error (None: queued). Their tokens go to `front`'s stream
+        (`outputs`)."""
         self._alive()
-        self.core.add(requests, front)
+        errors: list[RequestError | None] = []
+        for requests in groups:
+            try:
+                self.core.add(requests, front)
+                errors.append(None)
+            except RequestError as exc:
+                errors.append(exc)
+        return errors
 
     def abort(self, request_id: str, choice: int | None = None) -> None:
         """Stops a request (every choice, or one): a stop string found by its front, a

@@ -25,7 +25,7 @@ from tests.engine_cases import expected_reply
 
 NAME = "test-front"
 KEY = "front-key"
-CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "serve").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).parents[2] / "configs" / "serve").glob("*.yaml"))
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from gptoss_ray.router.moe import TokenExchange, combine_home, dispatch
 from gptoss_ray.router.transport import LocalTransport
 from gptoss_ray.shards.local_group import LocalShardGroup
 from tests.engine_cases import GREEDY, baseline, prompts
-from tests.test_kernels import random_experts, random_routing
+from tests.model.test_kernels import random_experts, random_routing
 from tests.tiny import tiny_config
 
 LAYOUT = KVLayout(16, 128, 128)

@@ -4,14 +4,22 @@ strings that abort the sequence in the engine, n choices, a failed engine, a fro
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
 
 from gptoss_ray.cluster.client.chat import chat_request
-from gptoss_ray.cluster.client.engine_client import LocalEngineClient, LoopThread, RequestStream
+from gptoss_ray.cluster.client.engine_client import (
+    LocalEngineClient,
+    LoopThread,
+    RequestStream,
+    TokenReply,
+    token_output,
+)
+from gptoss_ray.cluster.engine.messages import EngineRequest
 from gptoss_ray.model import tokenizer as tok
-from gptoss_ray.model.types import EngineUnavailable
+from gptoss_ray.model.types import EngineUnavailable, RequestError, SamplingParams
 from tests.scripted_engine import REPLIES, scripted_engine
 
 
@@ -100,5 +108,32 @@ def test_a_reader_that_leaves_or_a_front_that_ends_frees_the_engine(loop):
         engine.core.close_outbox(front)  # what the end of its stream does (a front gone)
         assert not engine.core.requests and not engine.core.scheduler.live
         assert shards.sampled[other.request_id] < 400
+    finally:
+        engine.shutdown()
+
+
+def test_requests_submitted_at_once_go_in_one_call_and_a_bad_one_fails_alone(loop):
+    """What a front's handlers submit in one turn of its event loop reaches the engine as
+    one call; each request is queued or refused apart from the others."""
+    engine, _ = scripted_engine()
+    client = LocalEngineClient(engine)
+    calls = []
+    add = engine.add
+    engine.add = lambda groups, front: calls.append(len(groups)) or add(groups, front)
+    try:
+        hi = {"messages": [{"role": "user", "content": "Hi"}]}
+        good = [chat_request(hi, engine.info()) for _ in range(3)]
+        bad = EngineRequest("bad", [1, 10**9], SamplingParams(max_tokens=4))
+
+        async def at_once() -> list:
+            submits = [client.submit([r], [rs]) for r, rs in good]
+            submits.append(client.submit([bad], [[TokenReply()]], token_output))
+            return await asyncio.gather(*submits, return_exceptions=True)
+
+        got = loop.run(at_once(), 30)
+        assert calls == [4]
+        assert isinstance(got[3], RequestError) and "position 1 is outside" in str(got[3])
+        for (stream,) in got[:3]:
+            assert loop.run(stream.result(), 30)["message"]["content"] == "Hello there, friend!"
     finally:
         engine.shutdown()

@@ -480,7 +480,7 @@ def test_gpu_sh_check_stage_pytest_line_starts_here():
     """benchmarks/gpu.sh runs the GPU tests without pytest's cache plugin (the device's
     copy of the repo is thrown away): the suite's set-up must not need it. Here the GPU
     tests are only collected and skipped."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     script = (root / "benchmarks" / "gpu.sh").read_text()
     assert "pytest -q -p no:cacheprovider -m gpu" in script
     done = subprocess.run(
@@ -493,7 +493,7 @@ def test_gpu_sh_check_stage_pytest_line_starts_here():
             "no:cacheprovider",
             "-m",
             "gpu",
-            "tests/test_decode_graphs.py",
+            "tests/shards/test_decode_graphs.py",
         ],
         cwd=root,
         capture_output=True,

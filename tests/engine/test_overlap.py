@@ -1,7 +1,7 @@
 """Overlapped steps: step N+1 is planned and sent before step N's results are in, each
 shard decoding the token it drew itself. Same tokens as one step at a time (greedy and
 seeded, late arrivals, stop tokens, cancels, preemption; stop strings in
-tests/test_http_api.py, a killed shard in tests/test_faults.py, both with overlapped steps,
+tests/front/test_http_api.py, a killed shard in tests/runtime/test_faults.py, both with overlapped steps,
 the default); a sequence that ends wastes one decode slot at most and nothing past its end
 is emitted. And the null model: shards that do no model work, for the host loop alone."""
 

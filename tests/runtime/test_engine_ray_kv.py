@@ -36,8 +36,8 @@ def test_prefix_cache_on_expert_parallel_shards(ray_session):
     """Three shards exchanging experts, a KV budget small enough to preempt: multi-turn
     conversations that share system prompts give the tokens they give without the cache
     (the in-process reference), and later turns reuse the earlier ones' KV."""
-    from tests.test_prefix_cache import GREEDY as SIX
-    from tests.test_prefix_cache import conversations, reference, replay
+    from tests.engine.test_prefix_cache import GREEDY as SIX
+    from tests.engine.test_prefix_cache import conversations, reference, replay
 
     eng = Engine.start(
         "gpt-oss-tiny", shards=3, dtype="float32", kv_budget_mb=0.25, token_budget=32

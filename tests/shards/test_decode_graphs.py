@@ -18,7 +18,7 @@ from gptoss_ray.shards.decode_graphs import DecodeGraphs
 from gptoss_ray.shards.kv_cache import PagedKVCache
 from gptoss_ray.shards.shard import Shard
 from tests.engine_cases import GREEDY, baseline, baseline_model, prompts
-from tests.test_kernels import random_experts, random_routing
+from tests.model.test_kernels import random_experts, random_routing
 from tests.tiny import place, tiny_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")

@@ -395,7 +395,7 @@ def test_a_prompt_over_the_servers_limit_is_refused():
 def test_the_readmes_openai_snippet_runs(scripted_api, capsys):
     from pathlib import Path
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
     after = readme.split("Existing clients work unchanged:", 1)[1]
     snippet = after.split("```python\n", 1)[1].split("```", 1)[0]
     assert 'base_url="http://127.0.0.1:8000/v1", api_key="KEY"' in snippet

@@ -1,0 +1,1 @@
+"""Tests of `front/`'s layer."""
