@@ -34,11 +34,19 @@ def _on_shard_thread(method):
 
 class ShardWorker:
     def __init__(
-        self, rank: int, world_size: int, device: str = "cpu", threads: int | None = None
+        self,
+        rank: int,
+        world_size: int,
+        device: str = "cpu",
+        threads: int | None = None,
+        env_names: tuple[str, ...] = (),
     ) -> None:
+        """env_names: the variables the engine's config set here (`EngineConfig.env`),
+        which `describe` reports as this process sees them."""
         import torch
 
         self.rank, self.world_size = rank, world_size
+        self.env_names = tuple(env_names)
         if device == "cuda":
             # Ray sets CUDA_VISIBLE_DEVICES to the GPU of this actor's bundle
             torch.cuda.set_device(0)
@@ -137,6 +145,14 @@ class ShardWorker:
             "device": self.device,
             "pid": os.getpid(),
             "in_process_group": self.world_size > 1 and _in_group(),
+            "collectives": "nccl" if self.device.startswith("cuda") else "gloo",
+            # what the engine's config set in this process, and the network settings the
+            # collectives read (set here or inherited)
+            "env": {
+                k: v
+                for k, v in os.environ.items()
+                if k in self.env_names or k.startswith(("NCCL_", "GLOO_", "FI_", "UCX_"))
+            },
             "graph_capture_s": round(self.capture_seconds, 3),
         }
         if shard is not None:
@@ -159,6 +175,9 @@ class ShardWorker:
                 import torch
 
                 out["cuda_memory_allocated"] = torch.cuda.memory_allocated()
+                out["gpu"] = torch.cuda.get_device_name(0)
+                out["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
+                out["nccl_version"] = ".".join(map(str, torch.cuda.nccl.version()))
         return out
 
     @_on_shard_thread

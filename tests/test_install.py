@@ -277,14 +277,14 @@ def test_commands_from_a_user_folder_beside_a_running_ray(user_folder, capsys):
         assert "keeps running; `gptoss-ray stop --ray` ends it" in stopped.stdout
         with pytest.raises(OSError):  # the API went with the engine
             urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=10)
-        assert ray_instance._is_head_process(head_pid)
+        assert ray_instance._is_head_process(head)
 
         ended = run(*gptoss, "stop", "--ray", "--name", "user-engine")
         assert f"stopped the local Ray instance at {head['address']}" in ended.stdout
-        assert not ray_instance._is_head_process(head_pid)
+        assert not ray_instance._is_head_process(head)
         head_pid = None
     finally:
-        if head_pid is not None and ray_instance._is_head_process(head_pid):
+        if head_pid is not None and ray_instance._is_head_process(head):
             os.kill(head_pid, signal.SIGTERM)
         shutil.rmtree(ray_tmp, ignore_errors=True)
 

@@ -133,6 +133,14 @@ def _parser() -> argparse.ArgumentParser:
         help="strict: every chat reply is constrained to a well-formed harmony frame (it "
         "always parses); off: only replies that ask for a format or a tool call",
     )
+    serve.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an environment variable of every shard (repeatable; NCCL_*, GLOO_*, FI_* and "
+        "UCX_* of this shell are passed unless given)",
+    )
     serve.add_argument("--http", action="store_true", help="serve the OpenAI-compatible API")
     serve.add_argument("--host", default="127.0.0.1", help="HTTP address (default loopback)")
     serve.add_argument("--port", type=int, default=8000)
@@ -202,6 +210,7 @@ def _user_error(exc: Exception) -> str | None:
     from pydantic import ValidationError
 
     from gptoss_ray.cluster.batch.format import BatchInputError
+    from gptoss_ray.cluster.front.state import ApiKeyError
     from gptoss_ray.cluster.runtime.ray_instance import EngineNotFound
     from gptoss_ray.model.config import ConfigError
     from gptoss_ray.model.harmony import HarmonyError
@@ -214,6 +223,7 @@ def _user_error(exc: Exception) -> str | None:
             f"{'.'.join(map(str, e['loc']))}={e.get('input')!r}: {e['msg']}" for e in exc.errors()
         )
     mine = (
+        ApiKeyError,
         CheckpointError,
         ConfigError,
         RequestError,
@@ -330,6 +340,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_prompt_tokens=args.max_prompt_tokens,
         prefix_cache=args.prefix_cache,
         harmony_frame=args.harmony_frame,
+        env=_env(args.env),
     )
     info = serve(
         config,
@@ -417,6 +428,12 @@ def _status(args: argparse.Namespace) -> int:
             f"{used.get('sliding', 0)}/{kv_total.get('sliding', 0)} sliding blocks, "
             f"{s.get('sequences', 0)} sequences, {routed} expert rows routed"
         )
+        gpu = (
+            f"{s['gpu']} (CUDA_VISIBLE_DEVICES={s['cuda_visible_devices']}), " if "gpu" in s else ""
+        )
+        nccl = f" {s['nccl_version']}" if "nccl_version" in s else ""
+        env = " ".join(f"{k}={v}" for k, v in sorted(s.get("env", {}).items())) or "none set"
+        print(f"    {gpu}collectives {s.get('collectives', '?')}{nccl}; env: {env}")
         print(f"    prefix cache: {cache_line(cache)}")
     if per_expert:
         mean = sum(per_expert) / len(per_expert)
@@ -446,6 +463,18 @@ def _usage(message: str) -> Exception:
     from gptoss_ray.model.types import RequestError
 
     return RequestError(message)
+
+
+def _env(pairs: list[str]) -> dict[str, str]:
+    from gptoss_ray.model.config import ConfigError
+
+    env = {}
+    for pair in pairs:
+        name, eq, value = pair.partition("=")
+        if not eq or not name:
+            raise ConfigError(f"--env {pair!r}: expected KEY=VALUE")
+        env[name] = value
+    return env
 
 
 def _engine(args: argparse.Namespace):

@@ -70,6 +70,7 @@ class Engine:
             config = EngineConfig(model=model, shards=shards, **options)
         elif options:
             raise ValueError(f"options {sorted(options)} beside a config: put them in it")
+        config = config.forwarding_env()  # this process's NCCL_*: the user's shell
         shards, device = config.shards, config.device
         owns_ray = init_for_engine(address, shards + 1)
         gpus = ray.cluster_resources().get("GPU", 0)

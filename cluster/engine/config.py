@@ -4,9 +4,14 @@ coordinator takes it whole. Importable without torch."""
 
 from __future__ import annotations
 
+import os
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# what a shard's collectives read, forwarded from the process that starts an engine
+FORWARDED_ENV = ("NCCL_", "GLOO_", "TP_SOCKET_IFNAME", "FI_", "UCX_")
 
 
 class EngineConfig(BaseModel):
@@ -56,6 +61,30 @@ class EngineConfig(BaseModel):
     harmony_frame: Literal["strict", "off"] = Field(
         "strict", description="constrain every chat reply to a well-formed harmony frame"
     )
+
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="environment variables of every shard (NCCL_*, ...), through Ray's "
+        "runtime_env; the starting process's NCCL_*, GLOO_*, FI_* and UCX_* are added "
+        "unless given (`forwarding_env`)",
+    )
+
+    @field_validator("env")
+    @classmethod
+    def _names(cls, env: dict[str, str]) -> dict[str, str]:
+        for name in env:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise ValueError(f"{name!r} is not an environment variable's name")
+        return env
+
+    def forwarding_env(self, environ: dict[str, str] | None = None) -> EngineConfig:
+        """This config with the collectives' settings of `environ` (this process's
+        environment: the shell that runs `serve`) in `env`, where `env` does not set
+        them: on a cluster, the coordinator's own environment is the raylet's, not the
+        user's."""
+        environ = dict(os.environ if environ is None else environ)
+        taken = {k: v for k, v in environ.items() if k.startswith(FORWARDED_ENV)}
+        return self.model_copy(update={"env": taken | self.env})
 
     @property
     def kv_budget_bytes(self) -> int | None:

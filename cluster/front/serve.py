@@ -37,13 +37,15 @@ def serve(
     `http` (host, port, API key), the OpenAI-compatible API too, as the Ray Serve
     application `name` (its URL in "url"); `front`: the API's other limits
     (`FrontSettings`)."""
-    ensure_cluster(address, max(os.cpu_count() or 1, engines * config.shards + 1))
-    names = engine_names(name, engines)
-    infos = start_engines(names, config)
-    info = {**infos[0], "engines": names}
-    if http is not None:
+    if http is not None:  # a bad key or a public port without one: refused before starting
         host, port, api_key = http
         settings = FrontSettings(api_key=api_key, **(front or {}))
+        settings.check_exposure(host)
+    ensure_cluster(address, max(os.cpu_count() or 1, engines * config.shards + 1))
+    names = engine_names(name, engines)
+    infos = start_engines(names, config.forwarding_env())  # the NCCL_* of this shell
+    info = {**infos[0], "engines": names}
+    if http is not None:
         try:
             info["url"] = start_front(name, names, host, port, settings, ingress_replicas)
         except BaseException:

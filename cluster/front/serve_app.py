@@ -60,6 +60,9 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     """The application of a config's `args` (`AppArgs`): its engines are started where
     they are not running yet (detached: they outlive a redeploy of the front)."""
     spec = AppArgs(**args)
+    host = _serve_host()
+    if host is not None:  # a public port with no key (or a weak one) is refused here
+        spec.front.check_exposure(host)
     names = engine_names(spec.name, spec.engines)
     start_engines(names, spec.engine, exist_ok=True)
     return ingress(names, spec.front)
@@ -67,3 +70,14 @@ def build_app(args: dict[str, Any]) -> serve.Application:
 
 def ingress(engines: list[str], settings: FrontSettings, **options: Any) -> serve.Application:
     return ApiIngress.options(**options).bind(engines, settings.model_dump())
+
+
+def _serve_host() -> str | None:
+    """The address Serve's proxies listen on (the config's http_options.host), where the
+    running Serve instance says; None where it cannot tell (a Serve of another version)."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        return _get_global_client().http_config.host
+    except Exception:
+        return None

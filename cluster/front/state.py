@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, StreamingResponse
 
@@ -34,6 +34,28 @@ MAX_FILE_BYTES = 200 << 20  # a batch input file, as OpenAI takes
 POLL_S = 0.5  # how often a handler looks for its client gone (and so its request's end)
 
 
+# Keys that docs and examples write: a front that takes one is open to whoever reads them
+PLACEHOLDER_KEYS = frozenset(
+    {"change-me", "changeme", "change_me", "your-api-key", "your-key", "your_api_key",
+     "api-key", "apikey", "key", "secret", "password", "token", "test", "none", "null",
+     "sk-xxx", "xxx", "placeholder", "example"}
+)  # fmt: skip
+MIN_PUBLIC_KEY = 16  # characters a key needs where the front listens beyond loopback
+
+
+class ApiKeyError(ValueError):
+    """An API key that protects nothing (a placeholder, none or a short one on a public
+    port, an environment variable that is not set): the front refuses to start."""
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def _placeholder(key: str) -> bool:
+    return not key.strip() or key.strip().lower() in PLACEHOLDER_KEYS
+
+
 class FrontSettings(BaseModel):
     """What a front allows: its API key and the limits that protect its engines."""
 
@@ -52,16 +74,48 @@ class FrontSettings(BaseModel):
     )
     retry_after_s: int = Field(1, ge=0)
 
+    @field_validator("api_key")
+    @classmethod
+    def _not_a_placeholder(cls, key: str | None) -> str | None:
+        if key is not None and _placeholder(key):
+            raise ValueError(
+                f"{key!r} is a placeholder, not a key: give a secret of your own (api_key_env "
+                "names an environment variable that holds it), or leave the key out on loopback"
+            )
+        return key
+
     def key(self) -> str | None:
         """The API key; one named by api_key_env is read where the front runs."""
         if self.api_key_env is None:
             return self.api_key
         key = os.environ.get(self.api_key_env)
         if not key:
-            raise RuntimeError(
+            raise ApiKeyError(
                 f"api_key_env: the environment variable {self.api_key_env} is not set here"
             )
+        if _placeholder(key):
+            raise ApiKeyError(
+                f"api_key_env: {self.api_key_env} holds a placeholder ({key!r}), not a key"
+            )
         return key
+
+    def check_exposure(self, host: str) -> None:
+        """A front that listens beyond loopback needs a real key (at least MIN_PUBLIC_KEY
+        characters): refused here, before anything starts, otherwise."""
+        if is_loopback(host):
+            return
+        key = self.key()
+        if key is None:
+            raise ApiKeyError(
+                f"host {host}: the API would be open to anyone who reaches it; give an API "
+                "key (front.api_key_env, --api-key) or bind 127.0.0.1 and put a proxy with "
+                "TLS and authentication in front (README: Exposing the API)"
+            )
+        if len(key) < MIN_PUBLIC_KEY:
+            raise ApiKeyError(
+                f"host {host}: an API key of {len(key)} characters is too short for a public "
+                f"port; use at least {MIN_PUBLIC_KEY} (e.g. `openssl rand -hex 24`)"
+            )
 
 
 class ApiError(Exception):

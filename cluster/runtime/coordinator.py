@@ -6,7 +6,6 @@ that are lost. Ray only: the engine's API is `EngineLoop`'s, chat is `cluster.cl
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -100,17 +99,13 @@ class Coordinator(EngineLoop):
             "null_model": config.null_model,
         }
         self._threads = config.threads_per_shard
+        self._env = config.env
         self._shard_options = {
             "num_cpus": config.cpus_per_shard,
             "num_gpus": gpus,
-            # NCCL/gloo interface settings (NCCL_SOCKET_IFNAME, ...) reach every shard
-            "runtime_env": {
-                "env_vars": {
-                    k: v
-                    for k, v in os.environ.items()
-                    if k.startswith(("NCCL_", "GLOO_", "TP_SOCKET_IFNAME"))
-                }
-            },
+            # the collectives' settings (NCCL_SOCKET_IFNAME, ...) and the user's --env,
+            # from the process that started the engine (`EngineConfig.forwarding_env`)
+            "runtime_env": {"env_vars": dict(config.env)},
         }
         self.recovery_timeout = config.recovery_timeout
         self.workers = [self._spawn(r) for r in range(shards)]
@@ -187,7 +182,7 @@ class Coordinator(EngineLoop):
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, rank),
                 **self._shard_options,
             )
-            .remote(rank, self.shards, self._device, self._threads)
+            .remote(rank, self.shards, self._device, self._threads, tuple(self._env))
         )
 
     def _form_group(self, workers: list) -> None:

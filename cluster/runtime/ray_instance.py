@@ -9,8 +9,8 @@
   whose logical CPUs may be taken (by a served engine, say), where the engine would wait
   for placement instead of running.
 - `gptoss-ray serve` needs an instance that outlives it, so it joins the one on this
-  machine, or starts a local head (`ray start --head --block` in the background, its pid
-  recorded under the cache folder). `gptoss-ray stop --ray` ends that head alone: `ray
+  machine, or starts a local head (`ray start --head --block` under our supervisor in the
+  background, `head_supervisor`; its pid and a token recorded under the cache folder). `gptoss-ray stop --ray` ends that head alone: `ray
   stop` would end every Ray instance on the machine, private ones included.
 """
 
@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -163,12 +164,16 @@ def ensure_cluster(address: str | None, num_cpus: int) -> None:
 
 
 def start_head(num_cpus: int) -> dict[str, Any]:
-    """`ray start --head --block` in its own session: the process holds the instance and
-    ends it, all of it and nothing else, on SIGTERM. Returns {"pid", "address", "log"}."""
+    """A local Ray head that outlives this process: `ray start --head --block` under our
+    supervisor (`head_supervisor`), in a session of its own, which ends the instance, all
+    of it and nothing else, on SIGTERM, and ends itself when the instance is ended under
+    it (`ray stop`). Only what serving needs is started: no dashboard, no usage stats.
+    Returns {"pid", "token", "address", "log"}."""
     port = _free_port()
     log = _head_file().with_suffix(".log")
     log.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [
+    token = uuid.uuid4().hex
+    ray_start = [
         sys.executable,
         "-m",
         "ray.scripts.scripts",
@@ -181,6 +186,8 @@ def start_head(num_cpus: int) -> dict[str, Any]:
         "--disable-usage-stats",
         f"--object-store-memory={OBJECT_STORE_BYTES}",
     ]
+    supervisor = [sys.executable, "-m", "gptoss_ray.cluster.runtime.head_supervisor"]
+    cmd = [*supervisor, "--token", token, "--port", str(port), "--", *ray_start]
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             cmd,
@@ -197,7 +204,7 @@ def start_head(num_cpus: int) -> dict[str, Any]:
             tail = log.read_text(errors="replace")[-2000:]
             raise RuntimeError(f"`ray start --head` did not come up ({log}):\n{tail}")
         time.sleep(0.2)
-    head = {"pid": proc.pid, "address": f"{_node_ip()}:{port}", "log": str(log)}
+    head = {"pid": proc.pid, "token": token, "address": f"{_node_ip()}:{port}", "log": str(log)}
     _head_file().write_text(json.dumps(head))
     return head
 
@@ -209,7 +216,7 @@ def running_head() -> dict[str, Any] | None:
         head = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if _is_head_process(head.get("pid")):
+    if _is_head_process(head):
         return head
     path.unlink(missing_ok=True)
     return None
@@ -223,17 +230,19 @@ def stop_head(timeout: float = 60) -> dict[str, Any] | None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(head["pid"], signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while _is_head_process(head["pid"]) and time.monotonic() < deadline:
+    while _is_head_process(head) and time.monotonic() < deadline:
         time.sleep(0.2)
-    if _is_head_process(head["pid"]):
+    if _is_head_process(head):
         raise RuntimeError(f"the local Ray instance (pid {head['pid']}) did not stop")
     _head_file().unlink(missing_ok=True)
     return head
 
 
-def _is_head_process(pid: Any) -> bool:
-    """Alive, and still our `ray start --block` (a pid can be reused)."""
-    if not isinstance(pid, int):
+def _is_head_process(head: dict[str, Any]) -> bool:
+    """Our supervisor, alive: the process with the recorded pid carries the recorded token
+    on its command line (a pid alone can be reused by any process)."""
+    pid, token = head.get("pid"), head.get("token")
+    if not isinstance(pid, int) or not isinstance(token, str):
         return False
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -246,7 +255,7 @@ def _is_head_process(pid: Any) -> bool:
             return False
         return True
     # a zombie (exited, not yet reaped by its parent) has an empty command line
-    return b"--block" in cmdline and b"ray.scripts.scripts" in cmdline
+    return token.encode() in cmdline and b"head_supervisor" in cmdline
 
 
 def _free_port() -> int:

@@ -1,0 +1,135 @@
+"""Holds the local Ray head that `gptoss-ray serve` starts, and ends with it.
+
+    python -m gptoss_ray.cluster.runtime.head_supervisor --token T --port P -- ray start ...
+
+It runs `ray start --head --block` as its child and stays until one of three things
+happens, then leaves no process of that instance behind:
+- SIGTERM or SIGINT (`gptoss-ray stop --ray`): the child is asked to stop, and whatever of
+  the instance is left after STOP_GRACE_S is killed;
+- the instance's GCS stops answering (`ray stop`, which ends every raylet and GCS on the
+  machine but can leave `ray start --block` behind, ignoring SIGTERM): the child and what
+  is left of the instance are killed;
+- the child ends: so does this process.
+The token on its command line tells our supervisor apart from whatever process later
+gets its pid (`ray_instance.running_head`)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+POLL_S = 0.5
+STOP_GRACE_S = 20.0
+GONE_AFTER = 4  # polls in a row without an answer from the GCS: it is gone
+
+
+def descendants(root: int) -> list[int]:
+    """Every process under `root` (Linux /proc), deepest last."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(name))
+    out, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def _become_subreaper() -> None:
+    """Orphans of the instance (its processes, once `ray start` is gone) become our
+    children, not init's: `descendants` still finds them, and we reap them."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):  # not Linux: orphans go to init, as they would
+        pass
+
+
+def _signal_all(sig: int) -> None:
+    for pid in descendants(os.getpid()):
+        with contextlib.suppress(OSError):  # gone meanwhile
+            os.kill(pid, sig)
+
+
+def _reap() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def supervise(cmd: list[str], port: int) -> int:
+    stopping = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    _become_subreaper()
+    child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+    seen, missing = False, 0
+    while child.poll() is None:
+        if stopping:
+            child.terminate()  # `ray start --block` ends its instance
+            deadline = time.monotonic() + STOP_GRACE_S
+            while child.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            break
+        if _answers(port):
+            seen, missing = True, 0
+        elif seen:
+            missing += 1
+            if missing >= GONE_AFTER:  # the GCS was ended under it (`ray stop`)
+                break
+        time.sleep(POLL_S)
+    deadline = time.monotonic() + STOP_GRACE_S
+    while descendants(os.getpid()) and time.monotonic() < deadline:
+        _signal_all(signal.SIGKILL)  # what is left of the instance, `ray start` included
+        time.sleep(0.1)
+        _reap()
+    child.wait()
+    _reap()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--token", required=True, help="tells this process apart from others")
+    parser.add_argument("--port", type=int, required=True, help="the head's GCS port")
+    parser.add_argument("cmd", nargs=argparse.REMAINDER, help="-- ray start --head --block ...")
+    args = parser.parse_args(argv)
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    return supervise(cmd, args.port)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
