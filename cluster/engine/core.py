@@ -8,11 +8,13 @@ batch (`cluster.engine.messages`); text never comes here. It is thread-safe: one
 others add, cancel and read.
 
 Steps overlap: step N+1 is planned and sent before step N's results come back, so that
-the shards never wait for the host's bookkeeping, streaming and stop checks. A sequence
-decoding in both steps decodes in N+1 the token its shard drew in N (`SeqWork.last_drawn`);
-the scheduler learns it a step late. A sequence that ends in N (a stop token or string, a
-cancel) has one decode slot of N+1 wasted, and what N+1 drew for it is dropped; max_tokens
-costs nothing (the scheduler counts the tokens being drawn)."""
+the shards never wait for the host's bookkeeping and streaming. A sequence decoding in
+both steps decodes in N+1 the token its shard drew in N (`SeqWork.last_drawn`); the
+scheduler learns it a step late. A sequence that ends in N (a stop token, a cancel) has
+one decode slot of N+1 wasted, and what N+1 drew for it is dropped; max_tokens costs
+nothing (the scheduler counts the tokens being drawn). A stop string is found by the
+front, which aborts the sequence: the steps planned before its abort arrives still draw
+for it, and the front drops what they drew."""
 
 from __future__ import annotations
 

@@ -6,9 +6,9 @@ It runs `ray start --head --block` as its child and stays until one of three thi
 happens, then leaves no process of that instance behind:
 - SIGTERM or SIGINT (`gptoss-ray stop --ray`): the child is asked to stop, and whatever of
   the instance is left after STOP_GRACE_S is killed;
-- the instance's GCS stops answering (`ray stop`, which ends every raylet and GCS on the
-  machine but can leave `ray start --block` behind, ignoring SIGTERM): the child and what
-  is left of the instance are killed;
+- the instance's GCS process ends (`ray stop`, which ends every raylet and GCS on the
+  machine but leaves `ray start --block` behind: it takes exits by SIGTERM as graceful
+  and blocks on for ever): the child and what is left of the instance are killed;
 - the child ends: so does this process.
 The token on its command line tells our supervisor apart from whatever process later
 gets its pid (`ray_instance.running_head`)."""
@@ -19,14 +19,12 @@ import argparse
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
-POLL_S = 0.5
+POLL_S = 1.0
 STOP_GRACE_S = 20.0
-GONE_AFTER = 4  # polls in a row without an answer from the GCS: it is gone
 
 
 def descendants(root: int) -> list[int]:
@@ -50,12 +48,26 @@ def descendants(root: int) -> list[int]:
     return out
 
 
-def _answers(port: int) -> bool:
+def _gcs(root: int) -> int | None:
+    """The instance's GCS server among root's descendants (None before it started)."""
+    for pid in descendants(root):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"gcs_server" in f.read().split(b"\0")[0]:
+                    return pid
+        except OSError:
+            continue
+    return None
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (which waits to be reaped: it runs no more)."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1.0):
-            return True
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
     except OSError:
         return False
+    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def _become_subreaper() -> None:
@@ -85,7 +97,7 @@ def _reap() -> None:
             return
 
 
-def supervise(cmd: list[str], port: int) -> int:
+def supervise(cmd: list[str]) -> int:
     stopping = False
 
     def stop(signum: int, frame: object) -> None:
@@ -96,7 +108,7 @@ def supervise(cmd: list[str], port: int) -> int:
     signal.signal(signal.SIGINT, stop)
     _become_subreaper()
     child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
-    seen, missing = False, 0
+    gcs = None
     while child.poll() is None:
         if stopping:
             child.terminate()  # `ray start --block` ends its instance
@@ -104,12 +116,10 @@ def supervise(cmd: list[str], port: int) -> int:
             while child.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.1)
             break
-        if _answers(port):
-            seen, missing = True, 0
-        elif seen:
-            missing += 1
-            if missing >= GONE_AFTER:  # the GCS was ended under it (`ray stop`)
-                break
+        if gcs is None:
+            gcs = _gcs(child.pid)
+        elif not _running(gcs):  # the GCS was ended under it (`ray stop`)
+            break
         time.sleep(POLL_S)
     deadline = time.monotonic() + STOP_GRACE_S
     while descendants(os.getpid()) and time.monotonic() < deadline:
@@ -124,11 +134,11 @@ def supervise(cmd: list[str], port: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--token", required=True, help="tells this process apart from others")
-    parser.add_argument("--port", type=int, required=True, help="the head's GCS port")
+    parser.add_argument("--port", type=int, required=True, help="the head's GCS port (a label)")
     parser.add_argument("cmd", nargs=argparse.REMAINDER, help="-- ray start --head --block ...")
     args = parser.parse_args(argv)
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
-    return supervise(cmd, args.port)
+    return supervise(cmd)
 
 
 if __name__ == "__main__":
