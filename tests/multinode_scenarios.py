@@ -139,7 +139,63 @@ def autoscaler() -> dict:
         ray.shutdown()
 
 
+def autoscaler_kill() -> dict:
+    """On the fake multi-node cluster (as `autoscaler`): a 4-shard engine over both GPU
+    nodes; mid-batch, one worker node's raylet is killed (the node is gone, as when a
+    machine dies); the coordinator replaces its shards on the node the autoscaler brings
+    up instead, and the greedy tokens equal the baseline."""
+    import os
+    import signal
+
+    ray.init(address="auto", log_to_driver=False)
+    head = next(
+        n["NodeID"]
+        for n in ray.nodes()
+        if n["Alive"] and "node:__internal_head__" in n["Resources"]
+    )
+    engine = Engine.start("gpt-oss-tiny", shards=4, coordinator_node=head, **OPTIONS)
+    try:
+        status = ray.get(engine.coordinator.status.remote())
+        before = [s["node"] for s in status["shards_detail"]]
+        shard_pid = status["shards_detail"][0]["pid"]
+        with open(f"/proc/{shard_pid}/stat") as f:
+            stat = f.read()
+        raylet = int(stat[stat.rindex(")") + 2 :].split()[1])  # a worker's parent
+        killed = {}
+
+        def kill_node() -> None:
+            while engine.stats()["steps"] < 3:
+                time.sleep(0.01)
+            killed["at"] = time.monotonic()
+            os.kill(raylet, signal.SIGKILL)
+
+        thread = threading.Thread(target=kill_node, daemon=True)
+        thread.start()
+        outs = engine.generate(prompts(), GREEDY)
+        done = time.monotonic()
+        thread.join(timeout=60)
+        stats = engine.stats()
+        return {
+            "nodes_before": before,
+            "nodes_after": shard_nodes(engine),
+            "killed_raylet_pid": raylet,
+            "same_tokens": tuple(tuple(o.token_ids) for o in outs) == baseline(),
+            "recoveries": stats["recoveries"],
+            "recovery": ray.get(engine.coordinator.__ray_call__.remote(lambda c: c.recoveries)),
+            "seconds_from_kill_to_batch_done": round(done - killed["at"], 1),
+        }
+    finally:
+        engine.shutdown()
+        ray.shutdown()
+
+
 if __name__ == "__main__":
-    scenarios = {"span": span, "remove": remove, "no_spare": no_spare, "autoscaler": autoscaler}
+    scenarios = {
+        "span": span,
+        "remove": remove,
+        "no_spare": no_spare,
+        "autoscaler": autoscaler,
+        "autoscaler_kill": autoscaler_kill,
+    }
     result = scenarios[sys.argv[1]]()
     print("RESULT " + json.dumps(result))

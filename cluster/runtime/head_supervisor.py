@@ -6,9 +6,10 @@ It runs `ray start --head --block` as its child and stays until one of three thi
 happens, then leaves no process of that instance behind:
 - SIGTERM or SIGINT (`gptoss-ray stop --ray`): the child is asked to stop, and whatever of
   the instance is left after STOP_GRACE_S is killed;
-- the instance's GCS process ends (`ray stop`, which ends every raylet and GCS on the
-  machine but leaves `ray start --block` behind: it takes exits by SIGTERM as graceful
-  and blocks on for ever): the child and what is left of the instance are killed;
+- the instance's raylet or GCS process ends (`ray stop`, which ends every raylet and GCS
+  on the machine but leaves `ray start --block` behind: it takes exits by SIGTERM as
+  graceful and blocks on for ever): the child and what is left of the instance are
+  killed;
 - the child ends: so does this process.
 The token on its command line tells our supervisor apart from whatever process later
 gets its pid (`ray_instance.running_head`)."""
@@ -48,16 +49,19 @@ def descendants(root: int) -> list[int]:
     return out
 
 
-def _gcs(root: int) -> int | None:
-    """The instance's GCS server among root's descendants (None before it started)."""
+def _core(root: int) -> list[int]:
+    """The instance's GCS server and raylet among root's descendants (until both run, [])."""
+    found = {}
     for pid in descendants(root):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"gcs_server" in f.read().split(b"\0")[0]:
-                    return pid
+                program = f.read().split(b"\0")[0]
         except OSError:
             continue
-    return None
+        for name in (b"gcs_server", b"raylet"):
+            if program.endswith(name):
+                found[name] = pid
+    return list(found.values()) if len(found) == 2 else []
 
 
 def _running(pid: int) -> bool:
@@ -108,7 +112,7 @@ def supervise(cmd: list[str]) -> int:
     signal.signal(signal.SIGINT, stop)
     _become_subreaper()
     child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
-    gcs = None
+    core: list[int] = []
     while child.poll() is None:
         if stopping:
             child.terminate()  # `ray start --block` ends its instance
@@ -116,9 +120,9 @@ def supervise(cmd: list[str]) -> int:
             while child.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.1)
             break
-        if gcs is None:
-            gcs = _gcs(child.pid)
-        elif not _running(gcs):  # the GCS was ended under it (`ray stop`)
+        if not core:
+            core = _core(child.pid)
+        elif not all(_running(pid) for pid in core):  # ended under it (`ray stop`)
             break
         time.sleep(POLL_S)
     deadline = time.monotonic() + STOP_GRACE_S

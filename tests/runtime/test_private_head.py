@@ -51,12 +51,18 @@ def test_the_head_ends_whole_when_its_gcs_and_raylet_are_killed_and_starts_again
         # SIGTERM as graceful and would block on for ever, nor to the reaper
         from ray.autoscaler._private.constants import RAY_PROCESSES
 
+        stopped = []
         for keyword, by_name in RAY_PROCESSES:
             for pid, cmd in names(pids).items():
                 with contextlib.suppress(OSError):  # gone meanwhile
                     comm = Path(f"/proc/{pid}/comm").read_text().strip() if by_name else ""
                     if pid != head["pid"] and keyword in (comm if by_name else cmd):
                         os.kill(pid, signal.SIGTERM)
+                        stopped.append(pid)
+        gone(stopped, 16)  # `ray stop`'s grace period, then SIGKILL to what is left
+        for pid in names(stopped):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
         assert gone(pids, 15), names(pids)  # the supervisor, `ray start` and every helper
         assert ray_instance.running_head() is None  # its record is dropped as stale
 
