@@ -141,8 +141,8 @@ def autoscaler() -> dict:
 
 def autoscaler_kill() -> dict:
     """On the fake multi-node cluster (as `autoscaler`): a 4-shard engine over both GPU
-    nodes; mid-batch, one worker node's raylet is killed (the node is gone, as when a
-    machine dies); the coordinator replaces its shards on the node the autoscaler brings
+    nodes; mid-batch, one worker node's raylet and every process under it are killed (the
+    node is gone, as when a machine dies); the coordinator replaces its shards on the node the autoscaler brings
     up instead, and the greedy tokens equal the baseline."""
     import os
     import signal
@@ -164,14 +164,18 @@ def autoscaler_kill() -> dict:
         killed = {}
 
         def kill_node() -> None:
+            from gptoss_ray.cluster.runtime.head_supervisor import descendants
+
             while engine.stats()["steps"] < 3:
                 time.sleep(0.01)
             killed["at"] = time.monotonic()
-            os.kill(raylet, signal.SIGKILL)
+            for pid in [raylet, *descendants(raylet)]:  # the node: its raylet and workers
+                os.kill(pid, signal.SIGKILL)
 
         thread = threading.Thread(target=kill_node, daemon=True)
         thread.start()
-        outs = engine.generate(prompts(), GREEDY)
+        long = GREEDY.model_copy(update={"max_tokens": 64})  # the kill lands mid-batch
+        outs = engine.generate(prompts(), long)
         done = time.monotonic()
         thread.join(timeout=60)
         stats = engine.stats()
@@ -179,7 +183,7 @@ def autoscaler_kill() -> dict:
             "nodes_before": before,
             "nodes_after": shard_nodes(engine),
             "killed_raylet_pid": raylet,
-            "same_tokens": tuple(tuple(o.token_ids) for o in outs) == baseline(),
+            "same_tokens": tuple(tuple(o.token_ids) for o in outs) == baseline(long),
             "recoveries": stats["recoveries"],
             "recovery": ray.get(engine.coordinator.__ray_call__.remote(lambda c: c.recoveries)),
             "seconds_from_kill_to_batch_done": round(done - killed["at"], 1),
