@@ -35,7 +35,6 @@ from gptoss_ray.benchmarks.common import (
     machine,
     median,
     percentile,
-    proc_stat,
     process_cpu_s,
     progress,
     save,
@@ -184,23 +183,6 @@ def step_times(engine: Any, windows: int, window_s: float, batch: int) -> list[d
     return out
 
 
-def descendants(root: int) -> set[int]:
-    """root and every process under it (Linux /proc)."""
-    children: dict[int, list[int]] = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            ppid = int(proc_stat(f"/proc/{pid}/stat")[1][1])
-        except OSError:  # gone meanwhile
-            continue
-        children.setdefault(ppid, []).append(int(pid))
-    out, todo = set(), [root]
-    while todo:
-        pid = todo.pop()
-        out.add(pid)
-        todo += children.get(pid, [])
-    return out
-
-
 def pin_shard(engine: Any) -> dict[str, Any]:
     """The shard's process alone on this machine's last core, every other thread of this
     run (this process, its private Ray, the front, the coordinator) on the others: as a
@@ -211,7 +193,9 @@ def pin_shard(engine: Any) -> dict[str, Any]:
     cores = sorted(os.sched_getaffinity(0))
     alone, rest = {cores[-1]}, set(cores[:-1])
     pinned = 0
-    for pid in descendants(os.getpid()):
+    from gptoss_ray.cluster.runtime.head_supervisor import descendants
+
+    for pid in [os.getpid(), *descendants(os.getpid())]:
         try:
             threads = os.listdir(f"/proc/{pid}/task")
         except OSError:

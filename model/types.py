@@ -141,6 +141,11 @@ def check_prompt(prompt: Sequence[int], max_tokens: int, config: ModelConfig, wh
         )
 
 
+# What a shard's collectives read from its environment (NCCL, gloo, libfabric/EFA, UCX):
+# forwarded to the shards from the process that starts an engine, and shown by `status`.
+COLLECTIVE_ENV = ("NCCL_", "GLOO_", "TP_SOCKET_IFNAME", "FI_", "UCX_")
+
+
 # -- the KV cache's blocks -----------------------------------------------------------------
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)

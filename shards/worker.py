@@ -11,7 +11,13 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from gptoss_ray.model.types import DeviceMemory, KVLayout, StepPlan, StepResult
+from gptoss_ray.model.types import (
+    COLLECTIVE_ENV,
+    DeviceMemory,
+    KVLayout,
+    StepPlan,
+    StepResult,
+)
 
 if TYPE_CHECKING:  # the shard's process imports them (below); the coordinator never does
     from gptoss_ray.shards.shard import Shard
@@ -151,7 +157,7 @@ class ShardWorker:
             "env": {
                 k: v
                 for k, v in os.environ.items()
-                if k in self.env_names or k.startswith(("NCCL_", "GLOO_", "FI_", "UCX_"))
+                if k in self.env_names or k.startswith(COLLECTIVE_ENV)
             },
             "graph_capture_s": round(self.capture_seconds, 3),
         }

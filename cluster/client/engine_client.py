@@ -75,7 +75,9 @@ class TokenReply:
             self.tokens += tokens
             self.events.append(list(tokens))
         if logprobs is not None:
-            self.logprobs = (self.logprobs or []) + list(logprobs)
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs += logprobs  # in place: a copy per delta would be quadratic
 
     def finish(
         self, finish_reason: str | None, *, request_id: str, prompt_tokens: int
@@ -179,14 +181,16 @@ class RequestStream:
             replies.append(reply.finish(self.ended[c], request_id=ids[c], prompt_tokens=prompt))
             for event in reply.events[before:]:  # finishing can add text (a cut character)
                 self.queue.put_nowait((c, event))
+        self._over()
+        self.queue.put_nowait(Finished(self.combine(replies, self._prompt_logprobs)))
+
+    def _over(self) -> None:
         self.finished = True
         self.client.forget(self)
-        self.queue.put_nowait(Finished(self.combine(replies, self._prompt_logprobs)))
 
     def fail(self, exc: Exception) -> None:
         if not self.finished:
-            self.finished = True
-            self.client.forget(self)
+            self._over()
             self.queue.put_nowait(exc)
 
     async def items(self) -> AsyncIterator[Any]:
@@ -208,8 +212,7 @@ class RequestStream:
     def close(self) -> None:
         """The reader is done: a request still running is aborted."""
         if not self.finished:
-            self.finished = True
-            self.client.forget(self)
+            self._over()
             self.client.abort(self.request_id)
 
 

@@ -10,8 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-# what a shard's collectives read, forwarded from the process that starts an engine
-FORWARDED_ENV = ("NCCL_", "GLOO_", "TP_SOCKET_IFNAME", "FI_", "UCX_")
+from gptoss_ray.model.types import COLLECTIVE_ENV
 
 
 class EngineConfig(BaseModel):
@@ -83,7 +82,7 @@ class EngineConfig(BaseModel):
         them: on a cluster, the coordinator's own environment is the raylet's, not the
         user's."""
         environ = dict(os.environ if environ is None else environ)
-        taken = {k: v for k, v in environ.items() if k.startswith(FORWARDED_ENV)}
+        taken = {k: v for k, v in environ.items() if k.startswith(COLLECTIVE_ENV)}
         return self.model_copy(update={"env": taken | self.env})
 
     @property

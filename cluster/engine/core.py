@@ -276,6 +276,11 @@ class EngineCore:
                 del self.requests[seq.seq_id]
                 self._forks.pop(seq.seq_id, None)
 
+    def close_outboxes(self) -> None:
+        """Every front's stream ends (the engine shuts down)."""
+        for front in list(self._outboxes):
+            self.close_outbox(front)
+
     def _publish(self, seqs: Iterable[Seq]) -> None:
         """Sends what `seqs` drew since their last delta (and their end) to their fronts,
         one put per front; a request whose every choice ended is forgotten here."""

@@ -149,7 +149,6 @@ class EngineLoop:
 
     def shutdown(self) -> None:
         self._stop.set()
-        for front in list(self.core._outboxes):  # their streams end now
-            self.core.close_outbox(front)
+        self.core.close_outboxes()  # the fronts' streams end now
         self.core.wake()
         self._loop.join(timeout=10)

@@ -14,18 +14,16 @@ from pathlib import Path
 import pytest
 
 from gptoss_ray.cluster.runtime import ray_instance
-from gptoss_ray.cluster.runtime.head_supervisor import descendants
+from gptoss_ray.cluster.runtime.head_supervisor import _running, descendants
 
 
 def names(pids: list[int]) -> dict[int, str]:
     """The command lines of those of `pids` that still run (a zombie waits for its parent
     to reap it: it runs no more)."""
     out = {}
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            if stat[stat.rindex(")") + 2] != "Z":
-                out[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    for pid in filter(_running, pids):
+        with contextlib.suppress(OSError):  # gone meanwhile
+            out[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     return out
 
 
