@@ -120,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     idle.add_argument("--settle-s", type=float, default=3.0, help="idle before measuring")
     idle.add_argument("--repeats", type=_count, default=3, help="wake-ups timed")
     idle.add_argument("--steps", choices=("actor-calls", "compiled-graph", "both"), default="both")
+    idle.add_argument(
+        "--served",
+        action="store_true",
+        help="the whole `gptoss-ray serve --http` stack on its own local head, Ray's "
+        "processes too: a plain head against the lean one serve starts",
+    )
+    idle.add_argument("--port", type=int, default=8765, help="--served: the API's port")
 
     prefix = command(
         "prefix", "prefix.run", "multi-turn conversations sharing a system prompt: cache on vs off"

@@ -31,7 +31,7 @@ from gptoss_ray.model.types import (
 )
 from gptoss_ray.router.moe import EXCHANGES, StepTimer
 from gptoss_ray.router.plan import expert_ranges, owner_table
-from gptoss_ray.router.transport import Transport
+from gptoss_ray.router.transport import LocalTransport, Transport
 from gptoss_ray.shards.decode_graphs import DecodeGraphs, GraphCaptureError
 from gptoss_ray.shards.kv_cache import PagedBatchView, PagedKVCache, PagedSequence
 
@@ -418,6 +418,7 @@ class NullShard(Shard):
         self.config = read_config(resolve_model(model))
         self.experts = expert_ranges(self.config.num_experts, world_size)[rank]
         self.model = None
+        self.transport = LocalTransport()  # no exchange: its results need none
         self.kv = PagedKVCache(self.config, kv_layout, dtype=torch.bfloat16, device=self.device)
         self.expert_load = torch.zeros(
             self.config.num_hidden_layers, self.config.num_experts, dtype=torch.long

@@ -7,7 +7,9 @@ import contextlib
 import functools
 import os
 import socket
+import subprocess
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -24,6 +26,10 @@ if TYPE_CHECKING:  # the shard's process imports them (below); the coordinator n
 
 # threads that receive steps sent as actor calls (a Ray concurrency group of the actor)
 STEP_THREADS = 2
+# the rendezvous of a process group and the collectives while shards load (a first
+# collective waits for the slowest shard's weights): `set_collective_timeout` then
+# shortens it for the steps
+GROUP_INIT_TIMEOUT_S = 600
 
 
 def _on_shard_thread(method):
@@ -73,6 +79,12 @@ class ShardWorker:
         self._turn = threading.Condition()
         self._next_step = 0
         self.capture_seconds = 0.0
+        self.generation = -1  # of the process group joined last (the coordinator counts)
+        self.collective_timeout_s: float | None = None  # of the steps, once loaded
+        self._group_sockets: set[int] = set()  # its connections, for `fail_in_collective`
+        # groups aborted here: a gloo group's threads may still wait on a vanished peer
+        # until its timeout, and destroying it would wait with them
+        self._aborted_groups: list = []
 
     def _mark_shard_thread(self) -> None:
         self._shard_thread_id = threading.get_ident()
@@ -90,8 +102,18 @@ class ShardWorker:
             return host, s.getsockname()[1]
 
     @_on_shard_thread
-    def init_process_group(self, host: str, port: int, timeout_s: float = 120) -> None:
-        """Joins (or, after a lost shard, re-joins) the shards' process group."""
+    def init_process_group(
+        self,
+        host: str,
+        port: int,
+        generation: int = 0,
+        timeout_s: float = GROUP_INIT_TIMEOUT_S,
+        collective_timeout_s: float | None = None,
+    ) -> None:
+        """Joins (or, after a lost shard, re-joins) the shards' process group; the
+        coordinator numbers each group it forms (`abort_group` names the one it means).
+        collective_timeout_s: at once the steps' timeout (a group re-formed around
+        loaded shards), else `GROUP_INIT_TIMEOUT_S` until `set_collective_timeout`."""
         import datetime
 
         import torch.distributed as dist
@@ -99,6 +121,7 @@ class ShardWorker:
         with contextlib.suppress(Exception):  # the old group lost a member
             self.leave_group()
         backend = "nccl" if self.device.startswith("cuda") else "gloo"
+        before = _sockets()
         dist.init_process_group(
             backend,
             init_method=f"tcp://{host}:{port}",
@@ -106,6 +129,76 @@ class ShardWorker:
             world_size=self.world_size,
             timeout=datetime.timedelta(seconds=timeout_s),
         )
+        self._group_sockets = _sockets() - before
+        self.generation = generation
+        if self.shard is not None:
+            self.shard.transport.reopen()
+        if collective_timeout_s is not None:
+            self.set_collective_timeout(collective_timeout_s)
+
+    @_on_shard_thread
+    def set_collective_timeout(self, seconds: float) -> None:
+        """A collective that waits longer fails (NCCL: its watchdog ends the process,
+        which Ray reports as a lost shard): for hangs that no death announces."""
+        import datetime
+
+        import torch.distributed as dist
+        from torch.distributed.distributed_c10d import _set_pg_timeout
+
+        if dist.is_initialized():
+            _set_pg_timeout(datetime.timedelta(seconds=seconds))
+            self.collective_timeout_s = seconds
+
+    def abort_group(self, generation: int, grace_s: float = 10.0) -> bool:
+        """Aborts process group `generation` (a peer was lost), from outside the shard
+        thread, which may be waiting in one of its collectives: NCCL's communicator is
+        aborted (its kernels end), a gloo collective stops being waited for; every
+        collective after fails until the group is formed again. -> whether the shard
+        thread is free within grace_s (if not, the coordinator replaces this shard)."""
+        import torch.distributed as dist
+        from torch.distributed.distributed_c10d import _abort_process_group
+
+        if generation == self.generation and dist.is_initialized():
+            self._aborted_groups.append(dist.group.WORLD)
+            if self.shard is not None:
+                self.shard.transport.abort()
+            _abort_process_group()
+        try:  # after the step (and any step already sent) that the abort ends
+            self._shard_thread.submit(lambda: None).result(timeout=grace_s)
+            return True
+        except TimeoutError:
+            return False
+
+    def fail_in_collective(
+        self, collectives: int, linger_s: float = 120.0, hang: bool = False
+    ) -> None:
+        """Tests: this shard's process ends in place of its collective `collectives`
+        from now (2 per transformer block in a step: dispatch, combine), while the others
+        wait in it, and the group's connections stay open for linger_s (in a process
+        that holds nothing else), as when a node vanishes without a reset: the peers are not
+        told by their sockets, only by the coordinator's abort. hang: the process stays,
+        its shard thread stuck there for linger_s (a hang no death announces: the
+        others' collective timeout ends it)."""
+        assert self.shard is not None, "load() first"
+        keep = set(self._group_sockets)
+
+        def die() -> None:
+            if hang:
+                time.sleep(linger_s)
+                return
+            # a fresh process (no fork of this one, whose other libraries' fork handlers
+            # could hang) holds the group's sockets, in a session of its own
+            subprocess.Popen(
+                ["sleep", str(linger_s)],
+                pass_fds=sorted(keep),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            os._exit(1)
+
+        self.shard.transport.fail_before(collectives, die)
 
     def park(self, woken: list) -> None:
         """Blocks until the call in `woken` (the coordinator's) returns: an idle shard
@@ -152,6 +245,8 @@ class ShardWorker:
             "pid": os.getpid(),
             "in_process_group": self.world_size > 1 and _in_group(),
             "collectives": "nccl" if self.device.startswith("cuda") else "gloo",
+            "collective_timeout_s": self.collective_timeout_s,
+            "group_generation": self.generation,
             # what the engine's config set in this process, and the network settings the
             # collectives read (set here or inherited)
             "env": {
@@ -250,7 +345,7 @@ class ShardWorker:
         graph's loop)."""
         assert self.shard is not None, "load() first"
         if index is None:
-            return self._shard_thread.submit(self.shard.step, plan).result()
+            return self._shard_thread.submit(self._step, plan).result()
         with self._turn:
             while self._next_step != index:
                 if index < self._next_step:
@@ -259,10 +354,19 @@ class ShardWorker:
                         f"the next step is {self._next_step})"
                     )
                 self._turn.wait()
-            running = self._shard_thread.submit(self.shard.step, plan)
+            running = self._shard_thread.submit(self._step, plan)
             self._next_step = index + 1
             self._turn.notify_all()
         return running.result()
+
+    def _step(self, plan: StepPlan) -> StepResult:
+        from gptoss_ray.router.transport import GroupAborted
+
+        result = self.shard.step(plan)
+        if self.world_size > 1 and self.shard.transport.aborted:
+            # NCCL: the aborted collectives left garbage in the step's buffers
+            raise GroupAborted(f"shard {self.rank}: the process group was aborted in the step")
+        return result
 
     @_on_shard_thread
     def leave_group(self) -> None:
@@ -277,6 +381,23 @@ class ShardWorker:
     def shutdown(self) -> None:
         self.leave_group()
         self._shard_thread.shutdown(wait=False)
+
+
+def _open_fds() -> set[int]:
+    try:
+        return {int(fd) for fd in os.listdir("/proc/self/fd")}
+    except OSError:  # no /proc: nothing to keep for a fault
+        return set()
+
+
+def _sockets() -> set[int]:
+    """This process's open sockets (Linux; empty elsewhere)."""
+    out = set()
+    for fd in _open_fds():
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                out.add(fd)
+    return out
 
 
 def _in_group() -> bool:

@@ -141,6 +141,14 @@ def _parser() -> argparse.ArgumentParser:
         help="an environment variable of every shard (repeatable; NCCL_*, GLOO_*, FI_* and "
         "UCX_* of this shell are passed unless given)",
     )
+    serve.add_argument(
+        "--collective-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="how long a step's collective waits for the other shards; a hang no lost "
+        "shard announces ends there and the group is formed again (default: 60)",
+    )
     serve.add_argument("--http", action="store_true", help="serve the OpenAI-compatible API")
     serve.add_argument("--host", default="127.0.0.1", help="HTTP address (default loopback)")
     serve.add_argument("--port", type=int, default=8000)
@@ -341,6 +349,11 @@ def _serve(args: argparse.Namespace) -> int:
         prefix_cache=args.prefix_cache,
         harmony_frame=args.harmony_frame,
         env=_env(args.env),
+        **(
+            {}
+            if args.collective_timeout is None
+            else {"collective_timeout": args.collective_timeout}
+        ),
     )
     info = serve(
         config,

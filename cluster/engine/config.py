@@ -43,6 +43,12 @@ class EngineConfig(BaseModel):
     gpus_per_shard: float | None = Field(None, ge=0, description="default: 1 on cuda, 0 on cpu")
     placement_timeout: float = Field(120, gt=0, description="seconds to place the shards")
     recovery_timeout: float = Field(120, gt=0, description="seconds to replace a lost shard")
+    collective_timeout: float = Field(
+        60,
+        gt=0,
+        description="seconds a step's collective may wait for the other shards; a hang "
+        "that no lost shard announces ends there (NCCL: the shard's process ends)",
+    )
     kernels: bool | None = Field(None, description="Triton kernels; default: on cuda")
     decode_graphs: bool | None = Field(
         None, description="decode steps from CUDA graphs; default: on cuda with the kernels"

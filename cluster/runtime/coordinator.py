@@ -32,6 +32,10 @@ from gptoss_ray.router.plan import expert_ranges
 from gptoss_ray.shards.worker import STEP_THREADS, ShardWorker
 
 STEP_TIMEOUT_S = 3600.0  # a step this long means a hung shard
+# how long an aborted shard may take to leave its step (`ShardWorker.abort_group`)
+ABORT_GRACE_S = 10.0
+# forming the group again around running shards: all join at once, so this is ample
+REFORM_RENDEZVOUS_S = 30.0
 # what a step's call or its compiled graph raises when a shard is gone: the actor's death,
 # its task's failure, or (compiled graph) a channel it closed, whichever comes first
 SHARD_LOST = (
@@ -108,8 +112,10 @@ class Coordinator(EngineLoop):
             "runtime_env": {"env_vars": dict(config.env)},
         }
         self.recovery_timeout = config.recovery_timeout
+        self.collective_timeout = config.collective_timeout
+        self._generation = 0  # of the process group formed last
         self.workers = [self._spawn(r) for r in range(shards)]
-        self._form_group(self.workers)
+        self._form_group(self.workers, loaded=False)
         # every shard loads at once: with decode graphs, their capture warm-ups run the
         # expert exchange together
         loaded = ray.get(
@@ -137,6 +143,10 @@ class Coordinator(EngineLoop):
             self.graph_capture_s = max(ray.get([w.capture_graphs.remote() for w in self.workers]))
             if config.kv_budget_mb is None:
                 self.kv_source = "memory"
+        if shards > 1:  # loaded: the steps' collectives wait no longer than this
+            ray.get(
+                [w.set_collective_timeout.remote(self.collective_timeout) for w in self.workers]
+            )
         # Off by default on CPU shards: the channels' readers poll, and there every core
         # already runs the shards' torch threads (2 cores, batch 64: 86 -> 120 ms a step)
         compiled_steps = config.compiled_steps
@@ -177,7 +187,8 @@ class Coordinator(EngineLoop):
         """A shard actor in its placement-group bundle (rescheduled by Ray onto another
         node if its node is gone)."""
         return (
-            ray.remote(concurrency_groups={"steps": STEP_THREADS})(ShardWorker)
+            # "abort" reaches a shard whose other threads wait on its shard thread
+            ray.remote(concurrency_groups={"steps": STEP_THREADS, "abort": 1})(ShardWorker)
             .options(
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, rank),
                 **self._shard_options,
@@ -185,10 +196,27 @@ class Coordinator(EngineLoop):
             .remote(rank, self.shards, self._device, self._threads, tuple(self._env))
         )
 
-    def _form_group(self, workers: list) -> None:
+    def _form_group(self, workers: list, loaded: bool = True) -> None:
+        """A new process group of the shards, numbered (an abort names the group it
+        ends). loaded: the shards are up and have their weights: the rendezvous takes
+        REFORM_RENDEZVOUS_S at most (a peer lost meanwhile fails it, not hangs it) and
+        the steps' collective timeout holds at once."""
         if len(workers) > 1:
-            host, port = ray.get(workers[0].address.remote())
-            ray.get([w.init_process_group.remote(host, port) for w in workers])
+            self._generation += 1
+            host, port = ray.get(workers[0].address.remote(), timeout=30)
+            options = {}
+            if loaded:
+                options = {
+                    "timeout_s": REFORM_RENDEZVOUS_S,
+                    "collective_timeout_s": self.collective_timeout,
+                }
+            ray.get(
+                [
+                    w.init_process_group.remote(host, port, self._generation, **options)
+                    for w in workers
+                ],
+                timeout=REFORM_RENDEZVOUS_S + 30 if loaded else None,
+            )
         self._grouped = True
 
     def _leave_group(self) -> None:
@@ -313,60 +341,131 @@ class Coordinator(EngineLoop):
         return results
 
     def _restart(self, cause: Exception) -> NoReturn:
-        """A step failed: lets the steps still running fail too, replaces the lost
-        shards, and raises ShardsRestarted (every step sent is void)."""
-        if self._dag is None:
-            pending = [r for refs in self._outstanding for r in refs]
-            if pending:  # the survivors fail their steps too before they are reset
-                ray.wait(pending, num_returns=len(pending), timeout=30)
+        """A step failed: frees the surviving shards from it (their group is aborted),
+        replaces the lost shards, and raises ShardsRestarted (every step sent is void)."""
+        stuck = self._abort_group()
         self._outstanding.clear()
         self._teardown_steps()
-        lost = self._recover(cause)
+        lost = self._recover(cause, stuck)
         self._dag = self._compile_steps()
         raise ShardsRestarted(lost) from cause
 
-    def _recover(self, cause: Exception) -> list[int]:
+    def _abort_group(self) -> list[int]:
+        """Aborts the process group on every shard at once, so that none waits in a
+        collective for a lost peer (NCCL would until its timeout; so would gloo, where a
+        peer's sockets stay open). -> the ranks not free of their step within
+        ABORT_GRACE_S: lost, or stuck where an abort cannot reach."""
+        refs = [
+            w.abort_group.options(concurrency_group="abort").remote(self._generation, ABORT_GRACE_S)
+            for w in self.workers
+        ]
+        ray.wait(refs, num_returns=len(refs), timeout=ABORT_GRACE_S + 10)
+        stuck = []
+        for rank, ref in enumerate(refs):
+            try:
+                if not ray.get(ref, timeout=0):
+                    stuck.append(rank)
+            except Exception:  # lost, or no answer in time
+                stuck.append(rank)
+        return stuck
+
+    def _recover(self, cause: Exception, suspects: list[int] = ()) -> list[int]:
         """Replaces lost shards (same or another node), re-forms the process group, and
         reloads the replacements' weights; the survivors keep theirs and their cached
-        prefixes but drop their sequences. Returns the ranks replaced; raises when no
-        replacement can be placed within recovery_timeout."""
-        deadline = time.monotonic() + self.recovery_timeout
-        lost = []
-        for rank, w in enumerate(self.workers):
-            try:
-                ray.get(w.ping.remote(), timeout=10)
-            except Exception:
-                lost.append(rank)
+        prefixes but drop their sequences. A shard lost meanwhile (a replacement too)
+        is replaced in turn. Returns the ranks replaced; raises when no replacement can
+        be placed, or the group formed, within recovery_timeout."""
+        began = time.monotonic()
+        deadline = began + self.recovery_timeout
+        replaced: list[int] = []
+        unloaded: set[int] = set()
+        lost = sorted(set(suspects) | set(self._unreachable(range(len(self.workers)))))
         print(f"coordinator: shard(s) {lost} lost ({type(cause).__name__}); recovering", flush=True)
-        for rank in lost:
-            with contextlib.suppress(Exception):
-                ray.kill(self.workers[rank])
-            self.workers[rank] = self._spawn(rank)
-        for rank in lost:
+        while True:
+            for rank in lost:
+                with contextlib.suppress(Exception):
+                    ray.kill(self.workers[rank])
+                self.workers[rank] = self._spawn(rank)
+                replaced.append(rank)
+                unloaded.add(rank)
             try:
+                self._await_placed(lost, deadline)
+                self._form_group(self.workers)
                 ray.get(
-                    self.workers[rank].ping.remote(), timeout=max(1, deadline - time.monotonic())
+                    [
+                        self.workers[r].load.remote(
+                            self.model_path,
+                            self._dtype,
+                            self.layout,
+                            capture=False,
+                            **self._load_options,
+                        )
+                        for r in sorted(unloaded)
+                    ]
                 )
-            except ray.exceptions.GetTimeoutError:
-                raise RuntimeError(
-                    f"shard {rank} was lost and no replacement could be placed within "
-                    f"{self.recovery_timeout:.0f} s (cluster resources available: "
-                    f"{ray.available_resources()}); the engine is unhealthy"
-                ) from None
-        self._form_group(self.workers)
-        ray.get(
-            [
-                self.workers[r].load.remote(
-                    self.model_path, self._dtype, self.layout, capture=False, **self._load_options
+                unloaded.clear()
+                if self._device == "cuda":  # graphs hold the old group's communicator
+                    ray.get([w.capture_graphs.remote() for w in self.workers])
+                ray.get([w.reset_kv.remote(self._step_index) for w in self.workers])
+                break
+            except (*SHARD_LOST, ray.exceptions.GetTimeoutError) as exc:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"the shards' process group could not be formed again within "
+                        f"{self.recovery_timeout:.0f} s ({exc!r}); the engine is unhealthy"
+                    ) from exc
+                # a shard lost while the group formed: free the others, replace it, again
+                lost = sorted(
+                    set(self._abort_group()) | set(self._unreachable(range(len(self.workers))))
                 )
-                for r in lost
-            ]
+                print(
+                    f"coordinator: forming the group again failed ({type(exc).__name__}); "
+                    f"replacing shard(s) {lost}",
+                    flush=True,
+                )
+        self.recoveries.append(
+            {
+                "time": time.time(),
+                "lost": sorted(set(replaced)),
+                "cause": type(cause).__name__,
+                "seconds": round(time.monotonic() - began, 2),
+            }
         )
-        if self._device == "cuda":  # graphs hold the old group's communicator: all anew
-            ray.get([w.capture_graphs.remote() for w in self.workers])
-        ray.get([w.reset_kv.remote(self._step_index) for w in self.workers])
-        self.recoveries.append({"time": time.time(), "lost": lost, "cause": type(cause).__name__})
-        return lost
+        return sorted(set(replaced))
+
+    def _unreachable(self, ranks: range) -> list[int]:
+        """The ranks whose shard does not answer (dead, or its node gone)."""
+        refs = {rank: self.workers[rank].ping.remote() for rank in ranks}
+        out = []
+        for rank, ref in refs.items():
+            try:
+                ray.get(ref, timeout=10)
+            except Exception:
+                out.append(rank)
+        return out
+
+    def _await_placed(self, ranks: list[int], deadline: float) -> None:
+        """Waits for replacement shards to start; a replacement that dies is started
+        again (its node was lost before Ray knew), until the deadline."""
+        for rank in ranks:
+            while True:
+                try:
+                    ray.get(
+                        self.workers[rank].ping.remote(),
+                        timeout=max(1, deadline - time.monotonic()),
+                    )
+                    break
+                except ray.exceptions.GetTimeoutError:
+                    raise RuntimeError(
+                        f"shard {rank} was lost and no replacement could be placed within "
+                        f"{self.recovery_timeout:.0f} s (cluster resources available: "
+                        f"{ray.available_resources()}); the engine is unhealthy"
+                    ) from None
+                except ray.exceptions.RayActorError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(1)
+                    self.workers[rank] = self._spawn(rank)
 
     def _expert_load_of_shards(self) -> list[list[int]]:
         # each shard counts the rows its own experts received: the sum is the whole load

@@ -163,12 +163,35 @@ def ensure_cluster(address: str | None, num_cpus: int) -> None:
     connect("auto")  # `ray start` registered it: 'auto' finds it
 
 
-def start_head(num_cpus: int) -> dict[str, Any]:
+# What the head that `serve` starts leaves out, each waking its process all the time for
+# nothing an engine uses (idle CPU of the whole served stack, RESULTS.md 2026-12-05
+# "idle served stack"): the dashboard UI, usage stats and the log monitor (which streams
+# workers' output to drivers; the serving processes' logs stay in the session's logs
+# folder). Kept: the dashboard's API server and agent (`ray job submit`, `ray list`,
+# `serve status`), the autoscaler monitor (`ray status`) and the Ray Client server
+# (`ray start` has no way to leave it out).
+LEAN_HEAD_FLAGS = (
+    "--include-dashboard=false",
+    "--disable-usage-stats",
+    "--include-log-monitor=false",
+)
+# Serve's controller runs its loop 10 times a second and the proxy and replicas export
+# their metrics as often: once a second is enough for an engine's front (our /metrics
+# are its own), and deploying or replacing a replica is noticed within that second.
+LEAN_HEAD_ENV = {
+    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "1",
+    "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
+}
+
+
+def start_head(num_cpus: int, lean: bool = True) -> dict[str, Any]:
     """A local Ray head that outlives this process: `ray start --head --block` under our
     supervisor (`head_supervisor`), in a session of its own, which ends the instance, all
     of it and nothing else, on SIGTERM, and ends itself when the instance is ended under
-    it (`ray stop`). Only what serving needs is started: no dashboard, no usage stats.
-    Returns {"pid", "token", "address", "log"}."""
+    it (`ray stop`). Only what serving needs is started (`LEAN_HEAD_FLAGS`,
+    `LEAN_HEAD_ENV`; lean=False: only no dashboard UI and no usage stats, which
+    `gptoss-ray bench idle --served` compares with). Returns {"pid", "token", "address",
+    "log"}."""
     port = _free_port()
     log = _head_file().with_suffix(".log")
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -182,15 +205,16 @@ def start_head(num_cpus: int) -> dict[str, Any]:
         "--block",
         f"--port={port}",
         f"--num-cpus={num_cpus}",
-        "--include-dashboard=false",
-        "--disable-usage-stats",
+        *(LEAN_HEAD_FLAGS if lean else LEAN_HEAD_FLAGS[:2]),
         f"--object-store-memory={OBJECT_STORE_BYTES}",
     ]
     supervisor = [sys.executable, "-m", "gptoss_ray.cluster.runtime.head_supervisor"]
     cmd = [*supervisor, "--token", token, "--port", str(port), "--", *ray_start]
+    env = (LEAN_HEAD_ENV if lean else {}) | os.environ  # the user's settings win
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             cmd,
+            env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -34,12 +34,19 @@ def test_env_reaches_every_shard(ray_session, monkeypatch):
     from gptoss_ray.cluster.client.engine import Engine
 
     monkeypatch.setenv("NCCL_SOCKET_IFNAME", "lo")  # the "shell" that starts the engine
-    engine = Engine.start("gpt-oss-tiny", shards=2, dtype="float32", env={"GPTOSS_MARK": "on"})
+    engine = Engine.start(
+        "gpt-oss-tiny",
+        shards=2,
+        dtype="float32",
+        env={"GPTOSS_MARK": "on"},
+        collective_timeout=45,
+    )
     try:
         status = ray_session.get(engine.coordinator.status.remote())
         for shard in status["shards_detail"]:
             assert shard["env"]["GPTOSS_MARK"] == "on"
             assert shard["env"]["NCCL_SOCKET_IFNAME"] == "lo"
             assert shard["collectives"] == "gloo"
+            assert shard["collective_timeout_s"] == 45  # the steps' timeout, set once loaded
     finally:
         engine.shutdown()
