@@ -217,16 +217,31 @@ class Matchers:
         self.by_seq.pop(seq_id, None)
         self.failed.discard(seq_id)
 
-    def masks(self, seq_ids: list[str | None]) -> torch.Tensor:
+    def masks(
+        self, seq_ids: list[str | None], ahead: list[list[int]] | None = None
+    ) -> torch.Tensor:
         """The allowed-token bitmasks [R, words] (int32) of rows; a row without a
-        matcher (None) allows every token. Allocated by numpy: this runs on the shard's
+        matcher (None) allows every token. ahead[i]: row i's mask is the one after these
+        tokens too (draft tokens before a draft's position, followed on a copy); where
+        the grammar refuses them the row allows every token (a draft it refuses is never
+        kept, so the row is never used). Allocated by numpy: this runs on the shard's
         mask thread, where a torch op would start a second OpenMP team beside the
         forward's (on two cores it doubled the step)."""
         import torch  # here, not at the top: the coordinator and the front import this module
 
         words = numpy.full((len(seq_ids), (tok.VOCAB_SIZE + 31) // 32), -1, numpy.int32)
         bitmask = torch.from_numpy(words)
-        rows = [(self.by_seq[s], i) for i, s in enumerate(seq_ids) if s is not None]
+        rows = []
+        for i, s in enumerate(seq_ids):
+            if s is None:
+                continue
+            matcher = self.by_seq[s]
+            tokens = ahead[i] if ahead is not None else ()
+            if tokens and s not in self.failed:
+                matcher = matcher.deep_copy()
+                if matcher.is_stopped() or not matcher.consume_tokens(list(tokens)):
+                    continue
+            rows.append((matcher, i))
         live = [(m, i) for m, i in rows if seq_ids[i] not in self.failed]
         if live:
             if self.executor is None:

@@ -92,6 +92,9 @@ class SamplingParams(BaseModel):
     grammar: str | None = Field(
         default=None, description="what the reply may be: a Lark grammar (model.grammar)"
     )
+    speculative: bool = Field(
+        default=True, description="False: no draft tokens for this request (the engine's on)"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> SamplingParams:
@@ -356,6 +359,10 @@ class SeqWork:
     # a chunk that does not draw says the token after it, which its last row scores
     score: int | None = None
     next_token: int | None = None
+    # speculative decoding: the last `drafts` of `tokens` are proposed tokens after the
+    # sequence's last known one; the shard draws at each of their positions and keeps the
+    # longest prefix its draws agree with (`StepResult.accepted`)
+    drafts: int = 0
 
     @property
     def size(self) -> int:
@@ -421,3 +428,7 @@ class StepResult:
     logprobs: dict[str, TokenLogprob] = field(default_factory=dict)  # of those asking
     # the logprobs of the tokens at positions start+1.. of a scored chunk (`SeqWork.score`)
     prompt_logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)
+    # a drafted sequence's accepted draft tokens, which come before its `tokens` entry,
+    # and their logprobs where asked
+    accepted: dict[str, list[int]] = field(default_factory=dict)
+    accepted_logprobs: dict[str, list[TokenLogprob | None]] = field(default_factory=dict)

@@ -69,6 +69,12 @@ class PagedKVCache:
                 self.k[layer][destination] = self.k[layer][source]
                 self.v[layer][destination] = self.v[layer][source]
 
+    def rollback(self, seq_id: str, n: int) -> None:
+        """Forgets a sequence's last n committed keys (rejected draft tokens): the next
+        step writes those positions again."""
+        if n:
+            self.tables[seq_id].length -= n
+
     def place(self, seq_id: str, start: int, blocks: BlockGrant) -> PagedSequence:
         """A sequence's blocks for the step: its table grows by what the plan granted. A
         sequence starting at 0, or after the cached prefix its grant reuses, begins a new

@@ -211,12 +211,20 @@ class Shard:
             for fork_id, _ in w.forks:  # forked choices share their parent's parameters
                 self.params[fork_id] = self.params[w.seq_id]
         work = [w for w in plan.work if w.size]
+        for w in work:
+            if w.drafts and not (
+                w.sample and 0 < w.drafts < len(w.tokens) and not w.forks and w.score is None
+            ):
+                raise ValueError(
+                    f"shard {self.rank}: sequence {w.seq_id}'s {w.drafts} draft tokens must "
+                    "follow a known token in a decode that draws (no forks, no scoring)"
+                )
         ids = [[self.drawn[w.seq_id]] if w.last_drawn else w.tokens for w in work]
         for w, chunk in zip(work, ids, strict=True):
             if w.context is not None:
                 self.history[w.seq_id] = list(w.context)
-            if w.seq_id in self.history:
-                self.history[w.seq_id].extend(chunk)
+            if w.seq_id in self.history:  # drafts join it once accepted
+                self.history[w.seq_id].extend(chunk[: len(chunk) - w.drafts])
                 for fork_id, _ in w.forks:  # forked choices start with their parent's
                     self.history[fork_id] = list(self.history[w.seq_id])
         caches = [self.kv.place(w.seq_id, w.start, w.blocks) for w in work]
@@ -229,20 +237,45 @@ class Shard:
                 )
             bucket = step_bucket(sum(len(t) for t in ids))
         tokens, logprobs, prompt_logprobs = self._draw(work, ids, caches, timer, bucket)
-        drawers = [s for w in work if w.sample for s in [w.seq_id, *(f for f, _ in w.forks)]]
-        out = dict(zip(drawers, tokens, strict=True))
+        out: dict[str, int] = {}
+        asked: dict[str, TokenLogprob] = {}
+        accepted: dict[str, list[int]] = {}
+        accepted_logprobs: dict[str, list[TokenLogprob | None]] = {}
+        draw = 0  # the draws come per sampled chunk: each draft position's, or each fork's
+        for w in work:
+            if not w.sample:
+                continue
+            if w.drafts:
+                got = tokens[draw : draw + w.drafts + 1]
+                lps = logprobs[draw : draw + w.drafts + 1]
+                draw += w.drafts + 1
+                proposed = w.tokens[len(w.tokens) - w.drafts :]
+                kept = accepted_prefix(got, proposed)
+                accepted[w.seq_id], out[w.seq_id] = proposed[:kept], got[kept]
+                if lps[kept] is not None:
+                    asked[w.seq_id], accepted_logprobs[w.seq_id] = lps[kept], lps[:kept]
+                self.kv.rollback(w.seq_id, w.drafts - kept)  # the rejected drafts' keys
+                if w.seq_id in self.history:
+                    self.history[w.seq_id].extend(proposed[:kept])
+                continue
+            for seq_id in [w.seq_id, *(f for f, _ in w.forks)]:
+                out[seq_id] = tokens[draw]
+                if logprobs[draw] is not None:
+                    asked[seq_id] = logprobs[draw]
+                draw += 1
         self.drawn.update(out)
         for w in work:  # a fork's grammar starts where its parent's is before the draw
             if w.sample and w.seq_id in self.matchers.by_seq:
                 for fork_id, _ in w.forks:
                     self.matchers.fork(w.seq_id, fork_id)
         for seq_id, token in out.items():
+            for draft in accepted.get(seq_id, ()):
+                self.matchers.consume(seq_id, draft)
             self.matchers.consume(seq_id, token)
-        asked = {s: lp for s, lp in zip(drawers, logprobs, strict=True) if lp is not None}
         # and freeing the step's logits, which is the step's own work, not the round trip's
         # (on a CPU the unmapping of batch 64's 51 MB takes 4.5 ms here)
         timer.lap("sampling")
-        return StepResult(out, timer.done(), asked, prompt_logprobs)
+        return StepResult(out, timer.done(), asked, prompt_logprobs, accepted, accepted_logprobs)
 
     def _draws(
         self, work: list[SeqWork], masks: tuple[list[int], torch.Tensor] | None
@@ -253,7 +286,8 @@ class Shard:
         the rows that have one, and the bitmasks by row) goes with each of its draws."""
         constrained, bitmask = (set(masks[0]), masks[1]) if masks is not None else (set(), None)
         rows, draws = [], []
-        for row, w in enumerate(w for w in work if w.sample):
+        row = 0  # a drafted chunk has a row per draft position and one after
+        for w in (w for w in work if w.sample):
             params = self.params[w.seq_id]
             prompt: list[int] | tuple = ()
             output: list[int] | tuple = ()
@@ -261,12 +295,18 @@ class Shard:
                 history = self.history[w.seq_id]
                 cut = len(history) - w.draw_index
                 prompt, output = history[:cut], history[cut:]
-            held = w.draw_index < params.min_tokens
-            stops = params.stop_ids(self.config.eos_token_ids) if held else frozenset()
-            allowed = bitmask[row] if row in constrained else None  # type: ignore[index]
-            for seed in _seeds(w):
-                rows.append(row)
-                draws.append(Draw(params, seed, w.draw_index, prompt, output, stops, allowed))
+            proposed = w.tokens[len(w.tokens) - w.drafts :]
+            for r in range(w.drafts + 1):
+                allowed = bitmask[row] if row in constrained else None  # type: ignore[index]
+                # at a draft's position the target draws as if the drafts before were its
+                # own: one more token drawn, those drafts in the history its penalties read
+                n = w.draw_index + r
+                stops = params.stop_ids(self.config.eos_token_ids) if n < params.min_tokens else ()
+                past = [*output, *proposed[:r]] if r and params.penalized else output
+                for seed in _seeds(w):
+                    rows.append(row)
+                    draws.append(Draw(params, seed, n, prompt, past, frozenset(stops), allowed))
+                row += 1
         return rows, draws
 
     def _draw(
@@ -283,6 +323,7 @@ class Shard:
         if bucket == 0:  # no shard has tokens: no layer to run, no exchange to join
             return [], [], {}
         sampled = [i for i, w in enumerate(work) if w.sample]
+        drawn_rows = sum(work[i].drafts + 1 for i in sampled)
         masks = self._masks_while_the_step_runs([work[i] for i in sampled])
         decode = all(len(t) == 1 for t in ids) and not any(w.score is not None for w in work)
         logits = None
@@ -302,43 +343,50 @@ class Shard:
         else:
             ends = list(itertools.accumulate(len(t) for t in ids))
             scored = self._scored(work, ids, ends)
-            rows = [ends[i] - 1 for i in sampled] + [r for _, r, _, _ in scored]
-            logits = self._forward(ids, caches, rows, timer, bucket)
+            # a sampled chunk's last row, or with drafts its last drafts + 1 rows
+            rows = [r for i in sampled for r in range(ends[i] - 1 - work[i].drafts, ends[i])]
+            logits = self._forward(ids, caches, rows + [r for _, r, _, _ in scored], timer, bucket)
             if scored:
-                prompt_logprobs = self._score(work, scored, logits[len(sampled) :])
-                logits = logits[: len(sampled)]
+                prompt_logprobs = self._score(work, scored, logits[drawn_rows:])
+                logits = logits[:drawn_rows]
             timer.lap("head")  # final norm, unembedding, prompt logprobs
         ready = None
         if masks is not None:
             ready = masks.result()
             timer.lap("grammar wait")  # what building the masks added to the step
         rows, draws = self._draws(work, ready)
-        if rows != list(range(len(sampled))):  # a row drawn from more than once (forks)
+        if rows != list(range(drawn_rows)):  # a row drawn from more than once (forks)
             logits = logits[rows]
         tokens, logprobs = sample_rows(logits, draws, owned=True) if sampled else ([], [])
         timer.lap("sampling")  # grammar masks, bias, penalties, logprobs, draws
         return tokens, logprobs, prompt_logprobs
 
     def _masks_while_the_step_runs(self, sampled: list[SeqWork]) -> Future | None:
-        """The grammar masks of the sampled rows, built in a thread while the model runs
-        (llguidance works outside the GIL) -> a future of (constrained rows, bitmask)."""
-        rows = [i for i, w in enumerate(sampled) if self.params[w.seq_id].grammar is not None]
-        if not rows:
+        """The grammar masks of the drawn rows (a sampled chunk's, or each of a drafted
+        chunk's: there the matcher as if the drafts before were drawn), built in a thread
+        while the model runs (llguidance works outside the GIL) -> a future of
+        (constrained rows, bitmask)."""
+        constrained = [i for i, w in enumerate(sampled) if self.params[w.seq_id].grammar]
+        if not constrained:
             return None
+        first = [0, *itertools.accumulate(w.drafts + 1 for w in sampled)]
 
         def build() -> tuple[list[int], torch.Tensor]:
             start = time.perf_counter()
-            ids: list[str | None] = [None] * len(sampled)
-            for i in rows:
+            ids: list[str | None] = [None] * first[-1]
+            ahead: list[list[int]] = [[] for _ in ids]
+            for i in constrained:
                 w = sampled[i]
                 if w.seq_id not in self.matchers.by_seq:  # placed here: its history replayed
                     history = self.history.get(w.seq_id, [])
                     drawn = history[len(history) - w.draw_index :] if w.draw_index else []
                     self.matchers.start(w.seq_id, self.params[w.seq_id].grammar, drawn)  # type: ignore[arg-type]
-                ids[i] = w.seq_id
-            bitmask = self.matchers.masks(ids)
+                proposed = w.tokens[len(w.tokens) - w.drafts :]
+                for r in range(w.drafts + 1):
+                    ids[first[i] + r], ahead[first[i] + r] = w.seq_id, proposed[:r]
+            bitmask = self.matchers.masks(ids, ahead)
             self.mask_seconds += time.perf_counter() - start
-            return rows, bitmask
+            return [row for row, s in enumerate(ids) if s is not None], bitmask
 
         if self._mask_thread is None:
             self._mask_thread = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
@@ -441,9 +489,28 @@ class NullShard(Shard):
             cache.commit(w.size)
         timer.lap("null")
         # ordinary tokens (ids below the special ones), never a stop token
-        draws = [(seed, w.draw_index) for w in work if w.sample for seed in _seeds(w)]
+        draws = [
+            (seed, w.draw_index + r)
+            for w in work
+            if w.sample
+            for r in range(w.drafts + 1)
+            for seed in _seeds(w)
+        ]
         tokens = [step_seed(seed, n) % 100_000 for seed, n in draws]
         return tokens, [None] * len(tokens), {}
+
+
+def accepted_prefix(drawn: list[int], proposed: list[int]) -> int:
+    """How many proposed tokens the target's own draws at their positions agree with, in
+    order. Drawing the target's token and comparing it with a proposed one is the
+    rejection rule for a draft that proposes one token for sure (n-gram, greedy drafts):
+    the draft is kept with the target's probability of it, and where it is not, the
+    target's token is drawn from the rest of its distribution. The reply is the one the
+    same seed gives without drafts."""
+    for r, token in enumerate(proposed):
+        if drawn[r] != token:
+            return r
+    return len(proposed)
 
 
 def _seeds(w: SeqWork) -> list[int]:

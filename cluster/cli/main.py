@@ -8,6 +8,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 DTYPES = ("float32", "bfloat16")
 
@@ -149,6 +150,18 @@ def _parser() -> argparse.ArgumentParser:
         help="how long a step's collective waits for the other shards; a hang no lost "
         "shard announces ends there and the group is formed again (default: 60)",
     )
+    serve.add_argument(
+        "--speculative",
+        choices=("ngram",),
+        default=None,
+        help="speculative decoding: ngram drafts each decode's next tokens by prompt lookup "
+        "(the reply is the same, in fewer steps where it repeats its context)",
+    )
+    serve.add_argument(
+        "--num-draft-tokens", type=int, default=None, help="draft tokens per decode (4)"
+    )
+    serve.add_argument("--ngram-min", type=int, default=None, help="shortest n-gram (2)")
+    serve.add_argument("--ngram-max", type=int, default=None, help="longest n-gram (4)")
     serve.add_argument("--http", action="store_true", help="serve the OpenAI-compatible API")
     serve.add_argument("--host", default="127.0.0.1", help="HTTP address (default loopback)")
     serve.add_argument("--port", type=int, default=8000)
@@ -349,10 +362,8 @@ def _serve(args: argparse.Namespace) -> int:
         prefix_cache=args.prefix_cache,
         harmony_frame=args.harmony_frame,
         env=_env(args.env),
-        **(
-            {}
-            if args.collective_timeout is None
-            else {"collective_timeout": args.collective_timeout}
+        **_given(
+            args, "collective_timeout", "speculative", "num_draft_tokens", "ngram_min", "ngram_max"
         ),
     )
     info = serve(
@@ -502,6 +513,12 @@ def _engine(args: argparse.Namespace):
         harmony_frame=getattr(args, "harmony_frame", "strict"),
     )
     return Engine.start(config=config, address=args.address)
+
+
+def _given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """The options among `names` given on the command line (the others: EngineConfig's
+    defaults, which its fields' descriptions give)."""
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
 def _chat_requests(path: str) -> list[dict]:

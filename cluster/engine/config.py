@@ -8,8 +8,9 @@ import os
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from gptoss_ray.cluster.engine.drafts import Drafter, NgramDrafter
 from gptoss_ray.model.types import COLLECTIVE_ENV
 
 
@@ -62,6 +63,14 @@ class EngineConfig(BaseModel):
     overlap: bool | None = Field(
         None, description="plan each step while the one before runs; default: on cuda"
     )
+    speculative: Literal["ngram"] | None = Field(
+        None,
+        description="speculative decoding: 'ngram' drafts each decode's next tokens by "
+        "prompt lookup, verified exactly in the same step",
+    )
+    num_draft_tokens: int = Field(4, ge=1, le=16, description="draft tokens per decode at most")
+    ngram_min: int = Field(2, ge=1, description="shortest n-gram looked up (ngram drafts)")
+    ngram_max: int = Field(4, ge=1, description="longest n-gram looked up (ngram drafts)")
     null_model: bool = Field(False, description="shards that do no model work (benchmarks)")
     harmony_frame: Literal["strict", "off"] = Field(
         "strict", description="constrain every chat reply to a well-formed harmony frame"
@@ -73,6 +82,18 @@ class EngineConfig(BaseModel):
         "runtime_env; the starting process's NCCL_*, GLOO_*, FI_* and UCX_* are added "
         "unless given (`forwarding_env`)",
     )
+
+    @model_validator(mode="after")
+    def _ngram_lengths(self) -> EngineConfig:
+        if self.ngram_min > self.ngram_max:
+            raise ValueError(f"ngram_min {self.ngram_min} exceeds ngram_max {self.ngram_max}")
+        return self
+
+    def drafter(self) -> tuple[Drafter | None, int]:
+        """The engine's drafter and its draft tokens per decode (None, 0: no speculation)."""
+        if self.speculative == "ngram":
+            return NgramDrafter(self.ngram_min, self.ngram_max), self.num_draft_tokens
+        return None, 0
 
     @field_validator("env")
     @classmethod

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from gptoss_ray.cluster.engine.drafts import Drafter
 from gptoss_ray.cluster.engine.messages import EngineRequest, Outbox, RequestOutput, TokenDelta
 from gptoss_ray.cluster.engine.scheduler import Scheduler, Status
 from gptoss_ray.cluster.engine.scheduler import Sequence as Seq
@@ -97,6 +98,8 @@ class EngineCore:
         max_prompt_tokens: int | None = None,
         prefix_cache: bool = True,
         cache_salt: str = "",
+        drafter: Drafter | None = None,
+        num_draft_tokens: int = 0,
     ) -> None:
         """max_prompt_tokens: the longest prompt taken (default: what the context allows),
         so that one request cannot hold the engine for minutes of prefill. prefix_cache:
@@ -104,11 +107,14 @@ class EngineCore:
         besides the tokens decides the keys (the model's path and dtype). run_step runs a
         step and returns its results; launch_step sends it and returns how to wait for them
         (one of the two). overlap: plan each step while the one before runs (False: one
-        step at a time, for comparison)."""
+        step at a time, for comparison). drafter: speculative decoding, up to
+        num_draft_tokens draft tokens verified with each decode (`cluster.engine.drafts`)."""
         if (run_step is None) == (launch_step is None):
             raise ValueError("give run_step or launch_step")
         self.launch_step = launch_step or _launch_from(run_step)
-        self.overlap = overlap
+        # Drafts follow a sequence's last token: with a step in flight it is not known
+        # yet, so with speculation each step is planned after the last one's results.
+        self.overlap = overlap and drafter is None
         self.config = config
         self.max_prompt_tokens = max_prompt_tokens
         self.world_size = world_size
@@ -123,6 +129,8 @@ class EngineCore:
             max_seqs=max_seqs,
             prefix_cache=prefix_cache,
             cache_salt=cache_salt.encode(),
+            drafter=drafter,
+            num_draft_tokens=num_draft_tokens,
         )
         self.requests: dict[str, Seq] = {}  # every choice's sequence, by its id
         self._forks: dict[str, list[str]] = {}  # request id -> its other choices' ids (n > 1)
@@ -377,6 +385,11 @@ class EngineCore:
                 "running": [len(shard.running) for shard in sched.shards],
                 "free_blocks": [sched.free_blocks(r) for r in range(self.world_size)],
                 "prefix_cache": [shard.blocks.cache_stats() for shard in sched.shards],
+                # speculative decoding: draft tokens proposed and accepted, and the
+                # decodes that verified drafts (each gave accepted + 1 tokens)
+                "drafts_proposed": sched.drafts_proposed,
+                "drafts_accepted": sched.drafts_accepted,
+                "drafted_steps": sched.drafted_steps,
                 "failure": self.failure,
             }
 
@@ -430,12 +443,13 @@ class EngineCore:
             return
         t0 = time.perf_counter()
         with self._lock:
+            generated = self.scheduler.generated
             advanced = self.scheduler.update(step.plans, results)
             self._publish(advanced)
             now = time.perf_counter()
             stats = self.stats
             stats.steps += 1
-            stats.generated_tokens += len(advanced)
+            stats.generated_tokens += self.scheduler.generated - generated
             stats.prefill_tokens += sum(self._prompt_tokens(w) for p in step.plans for w in p.work)
             stats.preemptions = self.scheduler.preempted
             # the slowest shard sets the pace; its split tells where the time went

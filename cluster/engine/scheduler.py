@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import partial
 from typing import Any
 
+from gptoss_ray.cluster.engine.drafts import Drafter
 from gptoss_ray.cluster.engine.kv_blocks import KVBlocks, chain_hashes
 from gptoss_ray.model.types import (
     BlockGrant,
@@ -81,6 +83,9 @@ class Sequence:
     forks: list[Sequence] = field(default_factory=list)
     parent: Sequence | None = None
     fork_grant: BlockGrant | None = None
+    # speculative decoding: draft tokens proposed for it, and accepted
+    drafts_proposed: int = 0
+    drafts_accepted: int = 0
 
     @property
     def length(self) -> int:
@@ -126,10 +131,19 @@ class Scheduler:
         max_seqs: int = 64,
         prefix_cache: bool = True,
         cache_salt: bytes = b"",
+        drafter: Drafter | None = None,
+        num_draft_tokens: int = 0,
     ) -> None:
         """cache_salt: what besides the tokens decides a block's keys (the model), mixed
-        into every prefix-cache hash."""
+        into every prefix-cache hash. drafter: proposes up to num_draft_tokens draft
+        tokens for each decode (speculative decoding; `cluster.engine.drafts`), which
+        count against the token budget."""
         self.layout = layout
+        self.drafter = drafter
+        self.num_draft_tokens = num_draft_tokens if drafter is not None else 0
+        # tokens emitted, and draft tokens proposed and accepted, since the start
+        self.generated = 0
+        self.drafts_proposed = self.drafts_accepted = self.drafted_steps = 0
         self.window = window
         self.token_budget = token_budget
         self.max_seqs = max_seqs
@@ -207,7 +221,11 @@ class Scheduler:
                     ):
                         i += 1
                         continue
-                    grant = shard.blocks.grow(seq.seq_id, seq.computed, n)
+                    drafts = self._drafts(seq, budgets[rank] - n) if decoding else []
+                    grant = shard.blocks.grow(seq.seq_id, seq.computed, n + len(drafts))
+                    if grant is None and drafts:  # no room for the drafts: the decode alone
+                        drafts = []
+                        grant = shard.blocks.grow(seq.seq_id, seq.computed, n)
                     if grant is None:
                         # the latest of the lowest priority (batch work before interactive)
                         j = max(
@@ -216,9 +234,9 @@ class Scheduler:
                         self._preempt(rank, shard.running[j], plans[rank])
                         i -= j < i  # retry seq (or move on if it was the victim)
                         continue
-                    plans[rank].work.append(self._work(seq, n, grant))
+                    plans[rank].work.append(self._work(seq, n, grant, drafts=drafts))
                     self._fork(rank, seq, plans[rank].work[-1])
-                    budgets[rank] -= n
+                    budgets[rank] -= n + len(drafts)
                     i += 1
         # admit waiting sequences, oldest first, where their prefix is cached
         while self.waiting:
@@ -287,6 +305,16 @@ class Scheduler:
         rank = max(hits, key=lambda r: (hits[r], free[r], -r))
         return rank, hits[rank]
 
+    def _drafts(self, seq: Sequence, room: int) -> list[int]:
+        """Draft tokens to verify with a decode whose last token is known (a token still
+        being drawn cannot be drafted after), within `room` tokens of the step's budget
+        and the sequence's max_tokens; none for a request that opted out."""
+        params = seq.params
+        k = min(self.num_draft_tokens, room, params.max_tokens - len(seq.output) - 1)
+        if k <= 0 or seq.pending or not params.speculative:
+            return []
+        return self.drafter.propose(seq, k)[:k]  # type: ignore[union-attr]
+
     @staticmethod
     def _drawn_enough(seq: Sequence) -> bool:
         """The tokens being drawn end the sequence at max_tokens: nothing more to plan."""
@@ -310,11 +338,20 @@ class Scheduler:
     def free_blocks(self, rank: int) -> tuple[int, int]:
         return self.shards[rank].blocks.free_blocks()
 
-    def _work(self, seq: Sequence, n: int, blocks: BlockGrant, placed: bool = False) -> SeqWork:
+    def _work(
+        self,
+        seq: Sequence,
+        n: int,
+        blocks: BlockGrant,
+        placed: bool = False,
+        drafts: list[int] | None = None,
+    ) -> SeqWork:
         """The sequence's next n tokens as a step's work, counted as planned: they are in
         the cache once the step ran, and the token it draws is pending until then. The
         first work after a sequence is `placed` on a shard tells it the tokens before the
-        chunk, when its draws need them."""
+        chunk, when its draws need them. drafts: proposed tokens after them, to verify
+        (counted as planned too, until the step says which were kept)."""
+        drafts = drafts or []
         sample = n == seq.todo
         # a token still being drawn is decoded by the shard that draws it
         last_drawn = seq.pending > 0 and sample
@@ -330,7 +367,7 @@ class Scheduler:
             )
         work = SeqWork(
             seq_id=seq.seq_id,
-            tokens=[] if last_drawn else seq.tokens(seq.computed, n),
+            tokens=[] if last_drawn else seq.tokens(seq.computed, n) + drafts,
             start=seq.computed,
             sample=sample,
             draw_index=len(seq.output) + seq.pending,
@@ -339,14 +376,19 @@ class Scheduler:
             blocks=blocks,
             last_drawn=last_drawn,
             context=seq.tokens(0, seq.computed) if placed and seq.params.needs_history else None,
+            drafts=len(drafts),
         )
         if seq.prompt_logprobs is not None and seq.computed < len(seq.prompt) and not last_drawn:
             work.score = seq.params.prompt_logprobs
             if not sample:
                 work.next_token = seq.tokens(seq.computed + n, 1)[0]
-        seq.computed += n
+        seq.computed += n + len(drafts)
         seq.inflight += 1
         seq.pending += sample
+        if drafts:
+            seq.drafts_proposed += len(drafts)
+            self.drafts_proposed += len(drafts)
+            self.drafted_steps += 1
         return work
 
     def _free(self, shard: ShardState, seq: Sequence) -> None:
@@ -419,6 +461,8 @@ class Scheduler:
             shard.release.append(seq.seq_id)
         seq.status, seq.finish_reason, seq.finished_at = Status.FINISHED, reason, time.monotonic()
         self.live.pop(seq.seq_id, None)
+        if self.drafter is not None:
+            self.drafter.forget(seq.seq_id)
 
     # -- results -----------------------------------------------------------------------
     def update(self, plans: list[StepPlan], results: list[StepResult]) -> list[Sequence]:
@@ -442,32 +486,67 @@ class Scheduler:
                     continue
                 seq.inflight -= 1
                 seq.pending -= w.sample
-                # its blocks that became whole are reusable (not a preempted sequence's:
-                # it let go of them, and cannot be homed again before this step is in)
-                if shard.blocks.prefix_cache and seq.status == Status.RUNNING:
-                    done = w.start + w.size
-                    whole = self._hashes(seq, done // self.layout.block_size)
-                    shard.blocks.commit(seq.seq_id, whole, done)
+                done = w.start + w.size
+                if w.drafts:  # the rejected drafts' keys are not in the cache
+                    kept = len(result.accepted.get(w.seq_id, ()))
+                    done -= w.drafts - kept
+                    if seq.status == Status.RUNNING:  # (a preempted one starts anew)
+                        seq.computed -= w.drafts - kept
+                    seq.drafts_accepted += kept
+                    self.drafts_accepted += kept
+                self._commit(shard, seq, done)
                 scored = result.prompt_logprobs.get(w.seq_id, ())
                 if seq.prompt_logprobs is not None:  # each prompt position once (recomputed)
                     for position, lp in enumerate(scored, w.start + 1):
                         if position == len(seq.prompt_logprobs) < len(seq.prompt):
                             seq.prompt_logprobs.append(lp)
                 if w.seq_id in tokens:
-                    self._advance(seq, w.seq_id, result, now, advanced)
+                    # accepted drafts' blocks are known once they are in its output
+                    after = partial(self._commit, shard, seq, done) if w.drafts else None
+                    self._advance(seq, w.seq_id, result, now, advanced, after)
         return advanced
 
+    def _commit(self, shard: ShardState, seq: Sequence, done: int) -> None:
+        """The sequence's blocks that became whole, as far as its tokens are known, are
+        reusable (not a preempted sequence's: it let go of them, and cannot be homed
+        again before this step is in)."""
+        if shard.blocks.prefix_cache and seq.status == Status.RUNNING:
+            done = min(done, seq.length)
+            whole = self._hashes(seq, done // self.layout.block_size)
+            shard.blocks.commit(seq.seq_id, whole, done)
+
     def _advance(
-        self, seq: Sequence, key: str, result: StepResult, now: float, advanced: list[Sequence]
+        self,
+        seq: Sequence,
+        key: str,
+        result: StepResult,
+        now: float,
+        advanced: list[Sequence],
+        known: Callable[[], None] | None = None,
     ) -> None:
-        token = result.tokens[key]
-        seq.output.append(token)
-        if seq.logprobs is not None:
-            seq.logprobs.append(result.logprobs[key])
+        """Appends what the step drew for the sequence (its accepted drafts first) up to
+        a stop or max_tokens; `known` is called once they are in its output, before it
+        ends."""
+        accepted = result.accepted.get(key, ())
+        tokens = [*accepted, result.tokens[key]]
+        logprobs = [None] * len(tokens)
+        if seq.logprobs is not None:  # asked: the shard sent one per token
+            logprobs = [*result.accepted_logprobs.get(key, ()), result.logprobs[key]]
         advanced.append(seq)
         if seq.first_token_at is None:
             seq.first_token_at = now
-        if token in seq.stop_ids:
-            self.finish(seq, "stop")
-        elif len(seq.output) >= seq.params.max_tokens:
-            self.finish(seq, "length")
+        for token, logprob in zip(tokens, logprobs, strict=True):
+            seq.output.append(token)
+            self.generated += 1
+            if seq.logprobs is not None:
+                seq.logprobs.append(logprob)
+            reason = "stop" if token in seq.stop_ids else None
+            if reason is None and len(seq.output) >= seq.params.max_tokens:
+                reason = "length"
+            if reason is not None:
+                if known is not None:
+                    known()
+                self.finish(seq, reason)
+                return
+        if known is not None:
+            known()

@@ -88,6 +88,9 @@ class _EngineCollector:
             "prefill_tokens": ("prefill_tokens", "Prompt tokens computed"),
             "preemptions": ("preemptions", "Sequences preempted for KV blocks"),
             "steps": ("steps", "Engine steps"),
+            "drafts_proposed": ("spec_decode_draft_tokens", "Draft tokens proposed"),
+            "drafts_accepted": ("spec_decode_accepted_tokens", "Draft tokens accepted"),
+            "drafted_steps": ("spec_decode_drafted_decodes", "Decodes that verified drafts"),
         }
         out = {k: family(CounterMetricFamily, n, d, []) for k, (n, d) in counters.items()}
         step_s = family(CounterMetricFamily, "step_seconds", "Seconds in steps", [])

@@ -158,6 +158,7 @@ class Coordinator(EngineLoop):
         self._idle = False
         self._wake = threading.Event()
         self._wake.set()  # not parked
+        drafter, num_draft_tokens = config.drafter()  # speculative decoding, if asked
         core = EngineCore(
             self.config,
             shards,
@@ -172,6 +173,8 @@ class Coordinator(EngineLoop):
             max_prompt_tokens=config.max_prompt_tokens,
             prefix_cache=config.prefix_cache,
             cache_salt=f"{self.model_path}:{dtype}",
+            drafter=drafter,
+            num_draft_tokens=num_draft_tokens,
         )
         self.recoveries: list[dict[str, Any]] = []
         super().__init__(

@@ -126,6 +126,8 @@ class SamplingFields(BaseModel):
     ignore_eos: bool | None = Field(default=None, strict=True)
     stop_token_ids: list[int] | None = Field(default=None, max_length=64)
     logit_bias: dict[str, float] | None = None
+    # ours: false keeps this request out of speculative decoding (no draft tokens)
+    speculative: bool | None = Field(default=None, strict=True)
 
     @field_validator("logit_bias")
     @classmethod
@@ -165,6 +167,7 @@ class SamplingFields(BaseModel):
             n=self.n or 1,
             ignore_eos=bool(self.ignore_eos),
             stop_token_ids=self.stop_token_ids,
+            speculative=self.speculative is not False,
         )
 
     @classmethod
