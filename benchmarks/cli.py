@@ -1,6 +1,6 @@
 """`gptoss-ray bench`: throughput and latency sweeps, shard scaling against replicas, the
 calibrated scaling model, full-size random-weight runs, the kernels alone and compiled,
-grammar masks against free decoding, the CPU of an idle engine.
+grammar masks against free decoding, the CPU of an idle engine, speculative decoding.
 Each benchmark's module runs it, prints its table under the machine's line, and saves
 JSON and a PNG under --out; this module only parses (no torch until a benchmark runs)."""
 
@@ -175,6 +175,21 @@ def build_parser() -> argparse.ArgumentParser:
     scaling.add_argument("--prompt-len", type=_count, default=64)
     scaling.add_argument("--output-len", type=_count, default=32)
     scaling.add_argument("--no-replicas", action="store_true")
+
+    speculative = command(
+        "speculative",
+        "speculative.run",
+        "speculative decoding: a step's cost against k drafts, tokens a step with drafts",
+    )
+    speculative.add_argument("--model", default="gpt-oss-tiny")
+    speculative.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    speculative.add_argument("--shards", type=_count, default=2)
+    speculative.add_argument("--batches", type=_ints, default=[1, 16, 64])
+    speculative.add_argument("--ks", type=_ints, default=[1, 2, 4, 8])
+    speculative.add_argument("--prompt-len", type=_count, default=64)
+    speculative.add_argument("--output-len", type=_count, default=33)
+    speculative.add_argument("--threads", type=_count, default=1, help="torch threads a shard")
+    speculative.add_argument("--kv-budget-mb", type=float, default=256)
 
     exchange = command(
         "exchange", "exchange.run", "the expert exchange per MoE layer: pair exchange vs fixed"

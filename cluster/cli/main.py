@@ -437,6 +437,14 @@ def _status(args: argparse.Namespace) -> int:
         f"{status['waiting']} waiting, {sum(status['running'])} running, "
         f"{len(status['recoveries'])} recoveries; {_kv(status)}"
     )
+    st = status["stats"]
+    if st.get("drafted_steps"):
+        rate = st["drafts_accepted"] / max(1, st["drafts_proposed"])
+        print(
+            f"  speculative: {st['drafts_accepted']} of {st['drafts_proposed']} draft tokens "
+            f"accepted ({rate:.1%}), {1 + st['drafts_accepted'] / st['drafted_steps']:.2f} "
+            "tokens per drafted decode"
+        )
     load = status["expert_load"]
     per_expert = [sum(col) for col in zip(*load, strict=True)] if load else []
     caches = status["stats"]["prefix_cache"]

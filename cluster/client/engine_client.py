@@ -105,6 +105,22 @@ def token_output(outs: list[RequestOutput], prompt_logprobs: list | None) -> Req
     return out
 
 
+def with_drafts(reply: Any, proposed: int, accepted: int) -> Any:
+    """A finished reply with its choice's speculative-decoding counts, where it had
+    drafts: a `RequestOutput`'s fields, or in a text reply's usage OpenAI's
+    `completion_tokens_details` (accepted and rejected prediction tokens)."""
+    if not proposed:
+        return reply
+    if isinstance(reply, RequestOutput):
+        reply.drafts_proposed, reply.drafts_accepted = proposed, accepted
+    else:
+        reply["usage"]["completion_tokens_details"] = {
+            "accepted_prediction_tokens": accepted,
+            "rejected_prediction_tokens": proposed - accepted,
+        }
+    return reply
+
+
 def combined_reply(replies: list[dict[str, Any]], prompt_logprobs: list | None) -> dict[str, Any]:
     """A chat or completion request's reply: choice 0's, with every choice's in `choices`
     and the usage summed when n > 1, and the prompt's logprobs when asked."""
@@ -114,11 +130,17 @@ def combined_reply(replies: list[dict[str, Any]], prompt_logprobs: list | None) 
         return replies[0]
     completion = sum(r["usage"]["completion_tokens"] for r in replies)
     prompt = replies[0]["usage"]["prompt_tokens"]
-    usage = {
+    usage: dict[str, Any] = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
     }
+    details = [r["usage"].get("completion_tokens_details") for r in replies]
+    if any(details):
+        usage["completion_tokens_details"] = {
+            key: sum((d or {}).get(key, 0) for d in details)
+            for key in ("accepted_prediction_tokens", "rejected_prediction_tokens")
+        }
     return {**replies[0], "usage": usage, "choices": replies}
 
 
@@ -138,6 +160,7 @@ class RequestStream:
         self.request_id = request.request_id
         self.replies = replies
         self.combine = combine
+        self.drafts = [(0, 0)] * len(replies)  # each choice's drafts proposed, kept
         self.queue: asyncio.Queue = asyncio.Queue()
         self.ended: list[str | None] = [None] * len(replies)  # each choice's finish reason
         self._shown = [0] * len(replies)  # events queued, per choice
@@ -157,6 +180,7 @@ class RequestStream:
             self._prompt_logprobs = delta.prompt_logprobs
         reply = self.replies[i]
         reply.feed(delta.token_ids, delta.logprobs)
+        self.drafts[i] = (delta.drafts_proposed, delta.drafts_accepted)
         if isinstance(reply, TokenReply):
             reply.preemptions = delta.preemptions
         events = reply.events
@@ -178,7 +202,12 @@ class RequestStream:
         replies = []
         for c, reply in enumerate(self.replies):
             before = len(reply.events)
-            replies.append(reply.finish(self.ended[c], request_id=ids[c], prompt_tokens=prompt))
+            replies.append(
+                with_drafts(
+                    reply.finish(self.ended[c], request_id=ids[c], prompt_tokens=prompt),
+                    *self.drafts[c],
+                )
+            )
             for event in reply.events[before:]:  # finishing can add text (a cut character)
                 self.queue.put_nowait((c, event))
         self._over()

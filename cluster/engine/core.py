@@ -310,6 +310,8 @@ class EngineCore:
                 seq.finish_reason if done else None,
                 scored,
                 seq.preemptions,
+                drafts_proposed=seq.drafts_proposed,
+                drafts_accepted=seq.drafts_accepted,
             )
             batches[seq.front].append(delta)
             seq.sent, seq.ended = len(seq.output), done

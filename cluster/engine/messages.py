@@ -39,6 +39,9 @@ class TokenDelta:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     preemptions: int = 0
     error: str | None = None
+    # speculative decoding, so far: draft tokens proposed for the choice, and kept
+    drafts_proposed: int = 0
+    drafts_accepted: int = 0
 
     @property
     def finished(self) -> bool:
@@ -54,6 +57,8 @@ class RequestOutput:
     finish_reason: str | None
     preemptions: int = 0
     error: str | None = None
+    drafts_proposed: int = 0  # speculative decoding: draft tokens proposed, and kept
+    drafts_accepted: int = 0
     time_to_first_token: float | None = None  # seconds from submission
     inter_token_latency: float | None = None  # mean seconds between later tokens
     logprobs: list[TokenLogprob] | None = None  # one per token, when asked

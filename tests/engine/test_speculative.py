@@ -331,3 +331,58 @@ def test_ngram_speculation_through_ray_gives_the_baseline(ray_session):
         assert {"drafts_proposed", "drafts_accepted", "drafted_steps"} <= stats.keys()
     finally:
         engine.shutdown()
+
+
+def test_a_chat_reply_counts_its_drafts_in_its_usage():
+    """Over HTTP, read with OpenAI's client: the same greedy chat request with drafts
+    and with `"speculative": false` gives the same message; the drafted one's usage has
+    OpenAI's completion_tokens_details (accepted and rejected prediction tokens), which add
+    up to the drafts the engine proposed."""
+    import openai
+
+    from gptoss_ray.cluster.engine.loop import EngineLoop
+    from tests.support import served
+
+    class Repeats:  # proposes the last token again: now and then right, mostly not
+        def propose(self, seq, k):
+            return [seq.tokens(seq.length - 1, 1)[0]] * k
+
+        def forget(self, seq_id):
+            pass
+
+    layout = KVLayout(16, 256, 128)
+    shard = tiny_shard(layout)
+    core = EngineCore(
+        shard.config,
+        1,
+        layout,
+        lambda plans: [shard.step(plans[0])],
+        drafter=Repeats(),
+        num_draft_tokens=3,
+    )
+    engine = EngineLoop("/models/gpt-oss-tiny", core.config, layout, core)
+    body = {
+        "model": "gpt-oss-tiny",
+        "messages": [{"role": "user", "content": "Say something."}],
+        "max_tokens": 24,
+        "temperature": 0,
+    }
+    try:
+        with served(engine, "k") as url:
+            client = openai.OpenAI(base_url=url, api_key="k")
+            plain = client.chat.completions.create(
+                **body, extra_body={"speculative": False}
+            ).model_dump()
+            assert core.scheduler.drafts_proposed == 0
+            drafted = client.chat.completions.create(**body).model_dump()
+    finally:
+        engine.shutdown()
+    assert drafted["choices"][0]["message"] == plain["choices"][0]["message"]
+    assert plain["usage"]["completion_tokens_details"] is None
+    details = drafted["usage"]["completion_tokens_details"]
+    s = core.scheduler
+    assert {k: v for k, v in details.items() if v is not None} == {
+        "accepted_prediction_tokens": s.drafts_accepted,
+        "rejected_prediction_tokens": s.drafts_proposed - s.drafts_accepted,
+    }
+    assert s.drafts_proposed > 0

@@ -1,0 +1,164 @@
+"""Speculative decoding on CPU shards: what verifying k draft tokens costs a decode step,
+and the tokens a step gives with a draft that is always right and with n-gram drafts:
+
+    gptoss-ray bench speculative [--shards 2] [--batches 1,16,64] [--ks 1,2,4,8]
+
+W shard processes of the model in one gloo group (`shards.local_group`, no Ray) and an
+engine core over them. Per batch: the replies without drafts first (greedy, --output-len
+tokens after a --prompt-len prompt; every step timed), then for each k with the replies
+themselves as the drafts ("self": every draft kept, k + 1 tokens a decode) and with
+wrong ones ("wrong": none kept, the cost alone), then n-gram drafts (prompt lookup) on
+the same prompts, repeated so that they can match. Decode steps only (not the prefill's):
+median seconds a step, tokens a step, and tokens a second of the whole decode. On the
+random built-in model the replies do not repeat their prompts, so n-gram drafts seldom
+match: its row says what the lookup costs, the "self" rows what a draft that matches is
+worth."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from gptoss_ray.benchmarks.common import median, progress, save
+
+
+class _Replies:
+    """Drafts from known replies: right ones, or each token off by one."""
+
+    def __init__(self, replies: dict[str, list[int]], right: bool) -> None:
+        self.replies, self.right = replies, right
+
+    def propose(self, seq, k: int) -> list[int]:
+        reply = self.replies[seq.request_id]
+        out = reply[len(seq.output) : len(seq.output) + k]
+        return out if self.right else [(t + 1) % 100_000 for t in out]
+
+    def forget(self, seq_id: str) -> None:
+        pass
+
+
+def one_run(group, config, layout, world, prompts, params, drafter=None, k=0) -> dict[str, Any]:
+    """Runs the prompts to the end, timing each step -> the decode steps' figures and the
+    replies."""
+    from gptoss_ray.cluster.engine.core import EngineCore
+
+    core = EngineCore(
+        config,
+        world,
+        layout,
+        launch_step=group.launch,
+        token_budget=max(256, len(prompts) * (k + 1)),
+        max_seqs=max(64, len(prompts)),
+        drafter=drafter,
+        num_draft_tokens=k,
+        overlap=False,
+    )
+    ids = [core.submit(p, params, request_id=f"r{i}") for i, p in enumerate(prompts)]
+    times, tokens = [], []
+    while core.has_work():
+        before = core.stats.generated_tokens
+        prefill = core.stats.prefill_tokens
+        t0 = time.perf_counter()
+        core.step()
+        wall = time.perf_counter() - t0
+        if core.stats.prefill_tokens == prefill and core.stats.generated_tokens > before:
+            times.append(wall)
+            tokens.append(core.stats.generated_tokens - before)
+    snap = core.snapshot()
+    return {
+        "replies": {rid: core.output(rid).token_ids for rid in ids},
+        "step_s": median(times),
+        "tokens_per_step": sum(tokens) / max(1, len(tokens)),
+        "tokens_per_s": sum(tokens) / max(1e-9, sum(times)),
+        "decode_steps": len(times),
+        "drafts_proposed": snap["drafts_proposed"],
+        "drafts_accepted": snap["drafts_accepted"],
+    }
+
+
+def run(args: argparse.Namespace, data: dict[str, Any]) -> None:
+    import torch
+
+    from gptoss_ray.benchmarks.engine_runs import random_prompts
+    from gptoss_ray.cluster.engine.drafts import NgramDrafter
+    from gptoss_ray.model.model_folder import read_config, resolve_model
+    from gptoss_ray.model.types import KVLayout, SamplingParams
+    from gptoss_ray.shards.local_group import LocalShardGroup
+
+    config = read_config(resolve_model(args.model))
+    dtype = getattr(torch, args.dtype)
+    layout = KVLayout.from_budget(
+        config, int(args.kv_budget_mb * 2**20), bytes_per_value=dtype.itemsize, block_size=16
+    )
+    params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
+    rows = []
+    with LocalShardGroup(
+        args.model, args.shards, threads=args.threads, dtype=dtype, kv_layout=layout
+    ) as group:
+        for batch in args.batches:
+            base = random_prompts(batch, args.prompt_len // 4, seed=batch)
+            prompts = [p * 4 for p in base]  # a prompt that repeats itself: n-grams match
+            progress(f"batch {batch}: no drafts ...")
+            plain = one_run(group, config, layout, args.shards, prompts, params)
+            rows.append({"batch": batch, "drafts": "none", "k": 0, **_figures(plain)})
+            for k in args.ks:
+                for mode in ("self", "wrong"):
+                    progress(f"batch {batch}: k {k}, {mode} drafts ...")
+                    drafter = _Replies(plain["replies"], mode == "self")
+                    out = one_run(group, config, layout, args.shards, prompts, params, drafter, k)
+                    assert out["replies"] == plain["replies"], "drafts changed a reply"
+                    rows.append({"batch": batch, "drafts": mode, "k": k, **_figures(out)})
+            k = max(args.ks)
+            progress(f"batch {batch}: k {k}, n-gram drafts ...")
+            out = one_run(
+                group, config, layout, args.shards, prompts, params, NgramDrafter(2, 4), k
+            )
+            assert out["replies"] == plain["replies"], "drafts changed a reply"
+            rows.append({"batch": batch, "drafts": "ngram", "k": k, **_figures(out)})
+    data["results"] = rows
+    print(
+        f"{args.model} ({args.dtype}), {args.shards} CPU shard(s), greedy, prompt "
+        f"{args.prompt_len} tokens (a quarter repeated 4 times), {args.output_len} out; decode "
+        "steps only (medians of each step's seconds)"
+    )
+    print("batch  drafts  k   step ms   x no drafts   tokens/step   tokens/s   kept/proposed")
+    plain_s = {r["batch"]: r["step_s"] for r in rows if r["drafts"] == "none"}
+    for r in rows:
+        print(
+            f"{r['batch']:5d}  {r['drafts']:6s} {r['k']:2d}  {r['step_s'] * 1e3:8.1f}   "
+            f"{r['step_s'] / plain_s[r['batch']]:11.2f}   {r['tokens_per_step']:11.2f}   "
+            f"{r['tokens_per_s']:8.1f}   {r['drafts_accepted']}/{r['drafts_proposed']}"
+        )
+    save("speculative", data, args.out, plot)
+
+
+def _figures(out: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in out.items() if k != "replies"}
+
+
+def plot(data: dict[str, Any], plt: Any) -> None:
+    rows = data["results"]
+    batches = sorted({r["batch"] for r in rows})
+    fig, (cost, gain) = plt.subplots(1, 2, figsize=(11, 4))
+    for b in batches:
+        plain = next(r for r in rows if r["batch"] == b and r["drafts"] == "none")
+        wrong = [r for r in rows if r["batch"] == b and r["drafts"] == "wrong"]
+        right = [r for r in rows if r["batch"] == b and r["drafts"] == "self"]
+        cost.plot(
+            [0] + [r["k"] for r in wrong],
+            [1.0] + [r["step_s"] / plain["step_s"] for r in wrong],
+            marker="o",
+            label=f"batch {b}",
+        )
+        gain.plot(
+            [0] + [r["k"] for r in right],
+            [plain["tokens_per_s"]] + [r["tokens_per_s"] for r in right],
+            marker="o",
+            label=f"batch {b}, self-draft",
+        )
+    cost.set(xlabel="draft tokens k", ylabel="decode step time / without drafts", title="cost")
+    gain.set(xlabel="draft tokens k", ylabel="tokens per second (decode)", title="with drafts kept")
+    cost.legend()
+    gain.legend()
+    fig.tight_layout()
