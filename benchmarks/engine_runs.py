@@ -113,7 +113,15 @@ def _streamed(engine, prompts: list[list[int]], params) -> list[Any]:
             ids += new
         wall = time.perf_counter() - t0
         itl = (wall - first) / (len(ids) - 1) if len(ids) > 1 else None
-        outs[i] = RequestOutput(str(i), len(prompts[i]), ids, True, "length", 0, None, first, itl)
+        outs[i] = RequestOutput(
+            str(i),
+            len(prompts[i]),
+            ids,
+            finished=True,
+            finish_reason="length",
+            time_to_first_token=first,
+            inter_token_latency=itl,
+        )
 
     threads = [threading.Thread(target=consume, args=(i,)) for i in range(len(prompts))]
     for t in threads:

@@ -57,14 +57,14 @@ class RequestOutput:
     finish_reason: str | None
     preemptions: int = 0
     error: str | None = None
-    drafts_proposed: int = 0  # speculative decoding: draft tokens proposed, and kept
-    drafts_accepted: int = 0
     time_to_first_token: float | None = None  # seconds from submission
     inter_token_latency: float | None = None  # mean seconds between later tokens
     logprobs: list[TokenLogprob] | None = None  # one per token, when asked
     choices: list[RequestOutput] | None = None  # with n > 1: every choice, in order
     # each prompt token's (None for the first), when asked
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    drafts_proposed: int = 0  # speculative decoding: draft tokens proposed, and kept
+    drafts_accepted: int = 0
 
 
 @dataclass

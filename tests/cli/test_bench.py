@@ -420,6 +420,23 @@ def test_bench_idle_reads_each_process_of_an_idle_engine(ray_session, tmp_path, 
     assert "first request after idle" in capsys.readouterr().out
 
 
+def test_bench_speculative_times_steps_against_k(tmp_path, capsys):
+    """The drafts never change a reply (the benchmark asserts it); a draft that is the
+    reply itself is kept whole, k + 1 tokens a decode; a wrong one never."""
+    from gptoss_ray.benchmarks.cli import main
+
+    main(
+        ["--out", str(tmp_path), "speculative", "--batches", "2", "--ks", "2", "--output-len", "7"]
+    )
+    (saved,) = tmp_path.glob("speculative-*.json")
+    rows = {r["drafts"]: r for r in json.loads(saved.read_text())["results"]}
+    assert set(rows) == {"none", "self", "wrong", "ngram"}
+    assert rows["self"]["drafts_accepted"] == rows["self"]["drafts_proposed"] > 0
+    assert rows["wrong"]["drafts_accepted"] == 0 < rows["wrong"]["drafts_proposed"]
+    assert rows["self"]["tokens_per_step"] > 2 * rows["none"]["tokens_per_step"]
+    assert "tokens/step" in capsys.readouterr().out
+
+
 def test_bad_bench_arguments_are_named(capsys):
     from gptoss_ray.benchmarks.cli import main
 
