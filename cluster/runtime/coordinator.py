@@ -33,7 +33,7 @@ from gptoss_ray.shards.worker import STEP_THREADS, ShardWorker
 
 STEP_TIMEOUT_S = 3600.0  # a step this long means a hung shard
 # how long an aborted shard may take to leave its step (`ShardWorker.abort_group`)
-ABORT_GRACE_S = 10.0
+ABORT_GRACE_S = 5.0
 # forming the group again around running shards: all join at once, so this is ample
 REFORM_RENDEZVOUS_S = 30.0
 # what a step's call or its compiled graph raises when a shard is gone: the actor's death,
