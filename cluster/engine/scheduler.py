@@ -404,6 +404,10 @@ class Scheduler:
             if w.seq_id == seq.seq_id:  # planned in this step: not any more
                 seq.inflight -= 1
                 seq.pending -= w.sample
+                if w.drafts:  # nor are its drafts proposed
+                    seq.drafts_proposed -= w.drafts
+                    self.drafts_proposed -= w.drafts
+                    self.drafted_steps -= 1
                 for fork_id, _ in w.forks:  # its choices fork again with its next draw
                     child = self.live[fork_id]
                     child.inflight = child.pending = 0
