@@ -178,6 +178,14 @@ def test_an_idle_engine_parks_its_shards_and_wakes_them(engine):
     assert not any(d["in_process_group"] for d in status["shards_detail"])
     assert coordinator(lambda c: c._wake.is_set()) is False  # parked again
     expected = baseline()[1]  # (computed once, in this process: it may take a while)
-    (out,) = engine.generate([prompts()[1]], GREEDY)
-    assert coordinator(lambda c: c._idle or (c._compiled_steps and c._dag is None)) is False
-    assert tuple(out.token_ids) == expected  # several shards: their group formed again
+    # long enough to be still running when the engine is asked whether it woke (asked
+    # after the reply, a loaded machine could let it go idle again first)
+    tokens = []
+    for new_ids in engine.stream(prompts()[1], GREEDY.model_copy(update={"max_tokens": 64})):
+        if not tokens:
+            awake = coordinator(
+                lambda c: not c._idle and not (c._compiled_steps and c._dag is None)
+            )
+        tokens += new_ids
+    assert awake
+    assert tuple(tokens[: len(expected)]) == expected  # several shards: group formed again
