@@ -369,6 +369,11 @@ class SeqWork:
         """Tokens of the chunk."""
         return len(self.tokens) + self.last_drawn
 
+    @property
+    def proposed(self) -> list[int]:
+        """The draft tokens to verify (the last `drafts` of `tokens`)."""
+        return self.tokens[len(self.tokens) - self.drafts :]
+
 
 @dataclass
 class StepPlan:

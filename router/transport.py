@@ -71,6 +71,9 @@ class LocalTransport:
 ABORT_POLL = datetime.timedelta(milliseconds=100)
 
 
+ABORTED = "the process group was aborted: a shard was lost"
+
+
 class GroupAborted(RuntimeError):
     """The shard's process group was aborted (a peer was lost) during or before a
     collective: the step is void."""
@@ -92,8 +95,6 @@ class DistributedTransport:
             torch.device("cuda", torch.cuda.current_device()) if self.nccl else torch.device("cpu")
         )
         self.aborted = False
-        # a test's fault: called before the collective this many collectives from now
-        self._fault: tuple[int, Callable[[], None]] | None = None
 
     def abort(self) -> None:
         """Voids the collective waited for now (from another thread) and every one after,
@@ -108,17 +109,23 @@ class DistributedTransport:
 
     def fail_before(self, collectives: int, fault: Callable[[], None]) -> None:
         """Tests: `fault()` runs in place of the collective `collectives` from now (0: the
-        next), while the other shards wait in it."""
-        self._fault = (collectives, fault)
+        next), while the other shards wait in it. (A wrapper of this transport's
+        collectives until then: the steps' path itself has no test hook.)"""
+        run, left = self._collective, collectives
+
+        def counted(out: torch.Tensor, send: torch.Tensor, **splits) -> None:
+            nonlocal left
+            if left == 0:
+                del self._collective  # the class's again
+                fault()
+            left -= 1
+            run(out, send, **splits)
+
+        self._collective = counted  # type: ignore[method-assign]
 
     def _collective(self, out: torch.Tensor, send: torch.Tensor, **splits) -> None:
-        if self._fault is not None:
-            left, fault = self._fault
-            self._fault = (left - 1, fault) if left else None
-            if not left:
-                fault()
         if self.aborted:
-            raise GroupAborted("the process group was aborted: a shard was lost")
+            raise GroupAborted(ABORTED)
         if self.nccl:  # enqueued on the stream; an aborted communicator frees it
             self._dist.all_to_all_single(out, send, group=self.group, **splits)
             return
@@ -136,7 +143,7 @@ class DistributedTransport:
                     work.wait()
                     return
                 if self.aborted:
-                    raise GroupAborted("the process group was aborted: a shard was lost") from None
+                    raise GroupAborted(ABORTED) from None
 
     def all_to_all(self, send: torch.Tensor) -> torch.Tensor:
         send = send.contiguous()

@@ -211,7 +211,8 @@ class Shard:
             for fork_id, _ in w.forks:  # forked choices share their parent's parameters
                 self.params[fork_id] = self.params[w.seq_id]
         work = [w for w in plan.work if w.size]
-        for w in work:
+        ids = [[self.drawn[w.seq_id]] if w.last_drawn else w.tokens for w in work]
+        for w, chunk in zip(work, ids, strict=True):
             if w.drafts and not (
                 w.sample and 0 < w.drafts < len(w.tokens) and not w.forks and w.score is None
             ):
@@ -219,8 +220,6 @@ class Shard:
                     f"shard {self.rank}: sequence {w.seq_id}'s {w.drafts} draft tokens must "
                     "follow a known token in a decode that draws (no forks, no scoring)"
                 )
-        ids = [[self.drawn[w.seq_id]] if w.last_drawn else w.tokens for w in work]
-        for w, chunk in zip(work, ids, strict=True):
             if w.context is not None:
                 self.history[w.seq_id] = list(w.context)
             if w.seq_id in self.history:  # drafts join it once accepted
@@ -249,7 +248,7 @@ class Shard:
                 got = tokens[draw : draw + w.drafts + 1]
                 lps = logprobs[draw : draw + w.drafts + 1]
                 draw += w.drafts + 1
-                proposed = w.tokens[len(w.tokens) - w.drafts :]
+                proposed = w.proposed
                 kept = accepted_prefix(got, proposed)
                 accepted[w.seq_id], out[w.seq_id] = proposed[:kept], got[kept]
                 if lps[kept] is not None:
@@ -295,7 +294,7 @@ class Shard:
                 history = self.history[w.seq_id]
                 cut = len(history) - w.draw_index
                 prompt, output = history[:cut], history[cut:]
-            proposed = w.tokens[len(w.tokens) - w.drafts :]
+            proposed = w.proposed
             for r in range(w.drafts + 1):
                 allowed = bitmask[row] if row in constrained else None  # type: ignore[index]
                 # at a draft's position the target draws as if the drafts before were its
@@ -381,7 +380,7 @@ class Shard:
                     history = self.history.get(w.seq_id, [])
                     drawn = history[len(history) - w.draw_index :] if w.draw_index else []
                     self.matchers.start(w.seq_id, self.params[w.seq_id].grammar, drawn)  # type: ignore[arg-type]
-                proposed = w.tokens[len(w.tokens) - w.drafts :]
+                proposed = w.proposed
                 for r in range(w.drafts + 1):
                     ids[first[i] + r], ahead[first[i] + r] = w.seq_id, proposed[:r]
             bitmask = self.matchers.masks(ids, ahead)

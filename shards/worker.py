@@ -149,7 +149,7 @@ class ShardWorker:
             _set_pg_timeout(datetime.timedelta(seconds=seconds))
             self.collective_timeout_s = seconds
 
-    def abort_group(self, generation: int, grace_s: float = 10.0) -> bool:
+    def abort_group(self, generation: int, grace_s: float) -> bool:
         """Aborts process group `generation` (a peer was lost), from outside the shard
         thread, which may be waiting in one of its collectives: NCCL's communicator is
         aborted (its kernels end), a gloo collective stops being waited for; every

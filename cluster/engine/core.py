@@ -445,13 +445,12 @@ class EngineCore:
             return
         t0 = time.perf_counter()
         with self._lock:
-            generated = self.scheduler.generated
             advanced = self.scheduler.update(step.plans, results)
             self._publish(advanced)
             now = time.perf_counter()
             stats = self.stats
             stats.steps += 1
-            stats.generated_tokens += self.scheduler.generated - generated
+            stats.generated_tokens = self.scheduler.generated  # drafts kept count too
             stats.prefill_tokens += sum(self._prompt_tokens(w) for p in step.plans for w in p.work)
             stats.preemptions = self.scheduler.preempted
             # the slowest shard sets the pace; its split tells where the time went

@@ -170,11 +170,8 @@ def ensure_cluster(address: str | None, num_cpus: int) -> None:
 # folder). Kept: the dashboard's API server and agent (`ray job submit`, `ray list`,
 # `serve status`), the autoscaler monitor (`ray status`) and the Ray Client server
 # (`ray start` has no way to leave it out).
-LEAN_HEAD_FLAGS = (
-    "--include-dashboard=false",
-    "--disable-usage-stats",
-    "--include-log-monitor=false",
-)
+PLAIN_HEAD_FLAGS = ("--include-dashboard=false", "--disable-usage-stats")
+LEAN_HEAD_FLAGS = (*PLAIN_HEAD_FLAGS, "--include-log-monitor=false")
 # Serve's controller runs its loop 10 times a second and the proxy and replicas export
 # their metrics as often: once a second is enough for an engine's front (our /metrics
 # are its own), and deploying or replacing a replica is noticed within that second.
@@ -189,7 +186,7 @@ def start_head(num_cpus: int, lean: bool = True) -> dict[str, Any]:
     supervisor (`head_supervisor`), in a session of its own, which ends the instance, all
     of it and nothing else, on SIGTERM, and ends itself when the instance is ended under
     it (`ray stop`). Only what serving needs is started (`LEAN_HEAD_FLAGS`,
-    `LEAN_HEAD_ENV`; lean=False: only no dashboard UI and no usage stats, which
+    `LEAN_HEAD_ENV`; lean=False: `PLAIN_HEAD_FLAGS` alone, which
     `gptoss-ray bench idle --served` compares with). Returns {"pid", "token", "address",
     "log"}."""
     port = _free_port()
@@ -205,7 +202,7 @@ def start_head(num_cpus: int, lean: bool = True) -> dict[str, Any]:
         "--block",
         f"--port={port}",
         f"--num-cpus={num_cpus}",
-        *(LEAN_HEAD_FLAGS if lean else LEAN_HEAD_FLAGS[:2]),
+        *(LEAN_HEAD_FLAGS if lean else PLAIN_HEAD_FLAGS),
         f"--object-store-memory={OBJECT_STORE_BYTES}",
     ]
     supervisor = [sys.executable, "-m", "gptoss_ray.cluster.runtime.head_supervisor"]
