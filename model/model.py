@@ -507,11 +507,15 @@ class Transformer(nn.Module):
         all_logits: bool = False,
         rows: list[int] | None = None,
         timer: StepTimer | None = None,
+        taps: tuple[int, ...] = (),
+        tapped: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """tokens [T] (the sequences' new tokens, concatenated) -> float32 logits of each
         sequence's last token [S, V], or of the given `rows` of the tokens, or of every
         token [T, V] with all_logits. Appends the tokens to their sequences' caches.
-        `timer.lap(phase)`, if given, is called as each phase ends."""
+        `timer.lap(phase)`, if given, is called as each phase ends. With `taps` (layers),
+        the residual stream entering each of them, side by side [T, len(taps) * H], is
+        appended to `tapped` (an EAGLE-3 draft's input)."""
         experts = self.block[0].mlp.experts
         if not experts.holds_all and experts.exchange is None:
             lo, hi = self.expert_range
@@ -525,12 +529,17 @@ class Transformer(nn.Module):
         cos, sin = self.rope.cos_sin(batch.positions(tokens.device))
         x = self.embedding(tokens)
         lap("prepare")
-        for block in self.block:
+        taken = {}
+        for layer, block in enumerate(self.block):
+            if layer in taps:
+                taken[layer] = x
             x = block.attn(x, batch, cos, sin)
             lap("attention")
             x = block.mlp(x, batch.real)
             lap("experts")
         batch.commit()
+        if taps and tapped is not None:
+            tapped.append(torch.cat([taken[layer] for layer in taps], dim=-1))
         if not all_logits:
             x = x[batch.last_rows() if rows is None else rows]
         return self.unembedding(self.norm(x)).float()

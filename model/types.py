@@ -437,3 +437,6 @@ class StepResult:
     # and their logprobs where asked
     accepted: dict[str, list[int]] = field(default_factory=dict)
     accepted_logprobs: dict[str, list[TokenLogprob | None]] = field(default_factory=dict)
+    # the shard's own drafts (EAGLE-3) for a drawing sequence's next decode: the tokens
+    # proposed to follow its tokens as this step leaves them
+    drafts: dict[str, list[int]] = field(default_factory=dict)

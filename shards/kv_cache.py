@@ -158,7 +158,8 @@ class PagedBatchView:
         self.seqs, self.lengths = seqs, lengths
         self._built: dict[bool, tuple[AttentionTables, torch.Tensor, torch.Tensor]] = {}
 
-    def _build(self, sliding: bool) -> tuple[AttentionTables, torch.Tensor, torch.Tensor]:
+    def layout(self, sliding: bool) -> tuple[AttentionTables, torch.Tensor, torch.Tensor]:
+        """The tables of one layer kind, and each new token's block and slot."""
         if sliding not in self._built:
             cache = self.seqs[0].cache
             device = cache.k[0].device
@@ -185,7 +186,7 @@ class PagedBatchView:
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         cache = self.seqs[0].cache
-        _, block, slot = self._build(cache.config.is_sliding(layer))
+        _, block, slot = self.layout(cache.config.is_sliding(layer))
         cache.k[layer][block, slot] = k
         cache.v[layer][block, slot] = v
 
@@ -194,4 +195,4 @@ class PagedBatchView:
         return cache.k[layer], cache.v[layer]
 
     def tables(self, sliding: bool) -> AttentionTables:
-        return self._build(sliding)[0]
+        return self.layout(sliding)[0]

@@ -33,6 +33,7 @@ from gptoss_ray.router.moe import EXCHANGES, StepTimer
 from gptoss_ray.router.plan import expert_ranges, owner_table
 from gptoss_ray.router.transport import LocalTransport, Transport
 from gptoss_ray.shards.decode_graphs import DecodeGraphs, GraphCaptureError
+from gptoss_ray.shards.drafting import DraftChunk, DraftProposer
 from gptoss_ray.shards.kv_cache import PagedBatchView, PagedKVCache, PagedSequence
 
 
@@ -53,6 +54,8 @@ class Shard:
         decode_graphs: bool | None = None,
         exchange: str = "tokens",
         time_phases: bool | None = None,
+        draft_model: str | Path | None = None,
+        num_draft_tokens: int = 4,
     ) -> None:
         """kernels: run experts and attention through the Triton kernels (default: on a
         GPU), or the torch reference path. decode_graphs: replay decode steps from CUDA
@@ -61,7 +64,9 @@ class Shard:
         exchange in fixed-size buffers, or "pairs", the routing-sized one it replaced
         (router/moe.py; eager steps only). time_phases: report each phase's seconds (the
         default on a CPU; on a GPU it waits for the device at every phase), or only the
-        step's."""
+        step's. draft_model: an EAGLE-3 draft's folder; the shard then proposes
+        num_draft_tokens drafts for each drawing sequence after every step
+        (`StepResult.drafts`; shards/drafting.py)."""
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
         self.time_phases = self.device.type != "cuda" if time_phases is None else time_phases
@@ -101,10 +106,21 @@ class Shard:
             device=self.device,
         )
         self.model.count_expert_load(self.expert_load)
+        self.proposer = (
+            DraftProposer(draft_model, self.model, layout, k=num_draft_tokens, device=self.device)
+            if draft_model is not None
+            else None
+        )
+        if self.proposer is not None:
+            self.proposer.use_kernels = kernels
         # a graph holds the exchange only where its sizes do not follow the routing
         graphable = world_size == 1 or exchange == "tokens"
+        if decode_graphs and self.proposer is not None:
+            raise ValueError("decode graphs do not return the taps an EAGLE-3 draft reads")
         if decode_graphs is None:
-            decode_graphs = self.device.type == "cuda" and kernels and graphable
+            decode_graphs = (
+                self.device.type == "cuda" and kernels and graphable and self.proposer is None
+            )
         if decode_graphs and not graphable:
             raise ValueError(
                 f"decode graphs need the fixed-size exchange between {world_size} shards: "
@@ -126,6 +142,7 @@ class Shard:
         # grammars of constrained sequences; their masks are built while the step runs
         self.matchers = Matchers()
         self._mask_thread: ThreadPoolExecutor | None = None
+        self._tapped: list[torch.Tensor] = []  # the step's taps, for the draft
         self.mask_seconds = 0.0  # building masks, off the critical path (benchmarks read it)
 
     def capture_graphs(self) -> float:
@@ -166,6 +183,8 @@ class Shard:
         graphs = self.graphs is not None
         self.kv = self.graphs = None  # type: ignore[assignment]  # the old cache's memory first
         self.kv = PagedKVCache(self.config, layout, dtype=self.dtype, device=self.device)
+        if self.proposer is not None:
+            self.proposer.resize(layout)
         if graphs:
             self.graphs = DecodeGraphs(
                 self.model,
@@ -197,6 +216,7 @@ class Shard:
     @torch.inference_mode()
     def step(self, plan: StepPlan) -> StepResult:
         timer = StepTimer(self.device, self.time_phases)
+        self._tapped.clear()  # (a failed step's)
         for seq_id in plan.release:
             self.kv.release(seq_id)
             self.drawn.pop(seq_id, None)
@@ -274,7 +294,36 @@ class Shard:
         # and freeing the step's logits, which is the step's own work, not the round trip's
         # (on a CPU the unmapping of batch 64's 51 MB takes 4.5 ms here)
         timer.lap("sampling")
-        return StepResult(out, timer.done(), asked, prompt_logprobs, accepted, accepted_logprobs)
+        drafts = self._propose(work, ids, caches, out, accepted) if self._tapped else {}
+        if drafts:
+            timer.lap("drafting")
+        return StepResult(
+            out, timer.done(), asked, prompt_logprobs, accepted, accepted_logprobs, drafts
+        )
+
+    def _propose(
+        self,
+        work: list[SeqWork],
+        ids: list[list[int]],
+        caches: list[PagedSequence],
+        out: dict[str, int],
+        accepted: dict[str, list[int]],
+    ) -> dict[str, list[int]]:
+        """The EAGLE-3 draft over the step's chunks (the target's taps of their rows),
+        proposing for each drawing sequence that speculates."""
+        taps = self._tapped.pop()
+        chunks = []
+        for w, chunk, cache in zip(work, ids, caches, strict=True):
+            if w.sample:  # a drafted decode's rows past its first rejected draft are void
+                after = out[w.seq_id]
+                valid = len(chunk) - w.drafts + len(accepted.get(w.seq_id, ()))
+            else:
+                after, valid = w.next_token, len(chunk)
+            if after is None:
+                raise ValueError(f"shard {self.rank}: {w.seq_id}'s chunk came without next_token")
+            speculates = w.sample and not w.forks and self.params[w.seq_id].speculative
+            chunks.append(DraftChunk(w.seq_id, cache, w.start, chunk, after, valid, speculates))
+        return self.proposer.propose(chunks, taps)  # type: ignore[union-attr]
 
     def _draws(
         self, work: list[SeqWork], masks: tuple[list[int], torch.Tensor] | None
@@ -434,7 +483,10 @@ class Shard:
             [t for chunk in ids for t in chunk], dtype=torch.long, device=self.device
         )
         self.exchange.timer, self.exchange.rows = timer.inner, bucket
-        return self.model(tokens, batch, rows=rows, timer=timer.inner)
+        taps = self.proposer.taps if self.proposer is not None else ()
+        return self.model(
+            tokens, batch, rows=rows, timer=timer.inner, taps=taps, tapped=self._tapped
+        )
 
 
 def device_memory(device: torch.device) -> tuple[int, int]:
@@ -471,6 +523,8 @@ class NullShard(Shard):
             self.config.num_hidden_layers, self.config.num_experts, dtype=torch.long
         )
         self.graphs = None
+        self.proposer = None
+        self._tapped = []
         self.drawn = {}
         self.history = {}
         self.params = {}

@@ -291,11 +291,14 @@ class ShardWorker:
         decode_graphs: bool | None = None,
         null_model: bool = False,
         capture: bool = True,
+        draft_model: str | None = None,
+        num_draft_tokens: int = 4,
     ) -> tuple[tuple[int, int], float]:
         """-> this shard's experts and the seconds its decode graphs took to capture.
         null_model: a shard that does no model work (`NullShard`), for the benchmarks.
         capture: capture the decode graphs now (every shard loads at once); a replacement
-        shard leaves it to `capture_graphs`, which all shards then call together."""
+        shard leaves it to `capture_graphs`, which all shards then call together.
+        draft_model: an EAGLE-3 draft beside the target (`Shard`)."""
         import torch
 
         from gptoss_ray.router.transport import DistributedTransport, LocalTransport
@@ -317,6 +320,8 @@ class ShardWorker:
             kv_layout=layout,
             kernels=kernels,
             decode_graphs=decode_graphs,
+            draft_model=draft_model,
+            num_draft_tokens=num_draft_tokens,
         )
         self.capture_seconds = self.shard.capture_graphs() if capture else 0.0
         return self.shard.experts, self.capture_seconds

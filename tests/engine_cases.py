@@ -32,8 +32,9 @@ def baseline(params: SamplingParams = GREEDY) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(c.token_ids) for c in out)
 
 
-def tiny_shard(layout: KVLayout, kernels: bool = False):
-    """The built-in model as one in-process shard with every expert, float32."""
+def tiny_shard(layout: KVLayout, kernels: bool = False, **options):
+    """The built-in model as one in-process shard with every expert, float32; options
+    go to the Shard."""
     from gptoss_ray.router.transport import LocalTransport
     from gptoss_ray.shards.shard import Shard
 
@@ -45,6 +46,7 @@ def tiny_shard(layout: KVLayout, kernels: bool = False):
         dtype=torch.float32,
         kv_layout=layout,
         kernels=kernels,
+        **options,
     )
 
 

@@ -152,10 +152,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--speculative",
-        choices=("ngram",),
+        choices=("ngram", "eagle3"),
         default=None,
-        help="speculative decoding: ngram drafts each decode's next tokens by prompt lookup "
-        "(the reply is the same, in fewer steps where it repeats its context)",
+        help="speculative decoding: ngram drafts each decode's next tokens by prompt lookup, "
+        "eagle3 by an EAGLE-3 draft model on each shard (--draft-model); the reply is the "
+        "same, in fewer steps where the drafts are right",
+    )
+    serve.add_argument(
+        "--draft-model",
+        default=None,
+        help="the EAGLE-3 draft's folder (config.json, safetensors), for --speculative eagle3",
     )
     serve.add_argument(
         "--num-draft-tokens", type=int, default=None, help="draft tokens per decode (4)"
@@ -363,7 +369,13 @@ def _serve(args: argparse.Namespace) -> int:
         harmony_frame=args.harmony_frame,
         env=_env(args.env),
         **_given(
-            args, "collective_timeout", "speculative", "num_draft_tokens", "ngram_min", "ngram_max"
+            args,
+            "collective_timeout",
+            "speculative",
+            "draft_model",
+            "num_draft_tokens",
+            "ngram_min",
+            "ngram_max",
         ),
     )
     info = serve(

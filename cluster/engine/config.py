@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from gptoss_ray.cluster.engine.drafts import Drafter, NgramDrafter
+from gptoss_ray.cluster.engine.drafts import Drafter, NgramDrafter, ShardDrafts
 from gptoss_ray.model.types import COLLECTIVE_ENV
 
 
@@ -63,10 +63,17 @@ class EngineConfig(BaseModel):
     overlap: bool | None = Field(
         None, description="plan each step while the one before runs; default: on cuda"
     )
-    speculative: Literal["ngram"] | None = Field(
+    speculative: Literal["ngram", "eagle3"] | None = Field(
         None,
         description="speculative decoding: 'ngram' drafts each decode's next tokens by "
-        "prompt lookup, verified exactly in the same step",
+        "prompt lookup, 'eagle3' by an EAGLE-3 draft model on each shard (`draft_model`); "
+        "either is verified exactly in the same step",
+    )
+    draft_model: str | None = Field(
+        None,
+        min_length=1,
+        description="the EAGLE-3 draft's folder (config.json and safetensors), for "
+        "speculative 'eagle3'; reachable at the same path on every node",
     )
     num_draft_tokens: int = Field(4, ge=1, le=16, description="draft tokens per decode at most")
     ngram_min: int = Field(2, ge=1, description="shortest n-gram looked up (ngram drafts)")
@@ -87,12 +94,19 @@ class EngineConfig(BaseModel):
     def _ngram_lengths(self) -> EngineConfig:
         if self.ngram_min > self.ngram_max:
             raise ValueError(f"ngram_min {self.ngram_min} exceeds ngram_max {self.ngram_max}")
+        if (self.speculative == "eagle3") != (self.draft_model is not None):
+            raise ValueError(
+                "speculative 'eagle3' needs draft_model (an EAGLE-3 draft's folder), and "
+                f"draft_model is for it only (speculative is {self.speculative!r})"
+            )
         return self
 
     def drafter(self) -> tuple[Drafter | None, int]:
         """The engine's drafter and its draft tokens per decode (None, 0: no speculation)."""
         if self.speculative == "ngram":
             return NgramDrafter(self.ngram_min, self.ngram_max), self.num_draft_tokens
+        if self.speculative == "eagle3":  # the shards draft (`draft_model`)
+            return ShardDrafts(), self.num_draft_tokens
         return None, 0
 
     @field_validator("env")

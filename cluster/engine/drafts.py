@@ -35,6 +35,30 @@ class Drafter(Protocol):
         """The sequence is over: drop what was kept for it."""
         ...
 
+    def receive(self, seq_id: str, length: int, tokens: list[int]) -> None:
+        """A shard's drafts for the sequence once it has `length` tokens (EAGLE-3)."""
+        ...
+
+
+class ShardDrafts:
+    """Drafts the shards make themselves (an EAGLE-3 draft beside the target: it reads
+    the target's hidden states, which never leave the shard), kept from the step that
+    made them to the decode that verifies them. A sequence whose tokens moved on since
+    (preempted, or more of them known) gets none until its shard drafts again."""
+
+    def __init__(self) -> None:
+        self._made: dict[str, tuple[int, list[int]]] = {}
+
+    def propose(self, seq: KnownTokens, k: int) -> list[int]:
+        length, tokens = self._made.pop(seq.seq_id, (-1, []))
+        return tokens[:k] if length == seq.length else []
+
+    def forget(self, seq_id: str) -> None:
+        self._made.pop(seq_id, None)
+
+    def receive(self, seq_id: str, length: int, tokens: list[int]) -> None:
+        self._made[seq_id] = (length, tokens)
+
 
 @dataclass
 class _Index:
@@ -72,3 +96,6 @@ class NgramDrafter:
 
     def forget(self, seq_id: str) -> None:
         self._index.pop(seq_id, None)
+
+    def receive(self, seq_id: str, length: int, tokens: list[int]) -> None:
+        pass  # proposes from the tokens alone

@@ -378,10 +378,10 @@ class Scheduler:
             context=seq.tokens(0, seq.computed) if placed and seq.params.needs_history else None,
             drafts=len(drafts),
         )
+        if not sample and not last_drawn:  # (scoring its last row; an EAGLE-3 draft's input)
+            work.next_token = seq.tokens(seq.computed + n, 1)[0]
         if seq.prompt_logprobs is not None and seq.computed < len(seq.prompt) and not last_drawn:
             work.score = seq.params.prompt_logprobs
-            if not sample:
-                work.next_token = seq.tokens(seq.computed + n, 1)[0]
         seq.computed += n + len(drafts)
         seq.inflight += 1
         seq.pending += sample
@@ -508,6 +508,9 @@ class Scheduler:
                     # accepted drafts' blocks are known once they are in its output
                     after = partial(self._commit, shard, seq, done) if w.drafts else None
                     self._advance(seq, w.seq_id, result, now, advanced, after)
+                    drafts = result.drafts.get(w.seq_id)
+                    if drafts and self.drafter is not None and seq.status == Status.RUNNING:
+                        self.drafter.receive(seq.seq_id, seq.length, drafts)  # type: ignore[union-attr]
         return advanced
 
     def _commit(self, shard: ShardState, seq: Sequence, done: int) -> None:

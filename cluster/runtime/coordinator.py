@@ -9,6 +9,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn
 
 import ray
@@ -102,6 +103,11 @@ class Coordinator(EngineLoop):
             "decode_graphs": config.decode_graphs,
             "null_model": config.null_model,
         }
+        if config.speculative == "eagle3":
+            self._load_options |= {
+                "draft_model": str(Path(config.draft_model).resolve()),  # type: ignore[arg-type]
+                "num_draft_tokens": config.num_draft_tokens,
+            }
         self._threads = config.threads_per_shard
         self._env = config.env
         self._shard_options = {

@@ -36,6 +36,9 @@ class Scripted:
     def forget(self, seq_id: str) -> None:
         pass
 
+    def receive(self, seq_id: str, length: int, tokens: list[int]) -> None:
+        pass  # (the shards' EAGLE-3 drafts, where they make them: not these)
+
 
 def requests() -> list[tuple[list[int], SamplingParams]]:
     greedy = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
@@ -81,11 +84,29 @@ def same(a: dict, b: dict) -> bool:
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
-def test_replies_with_drafts_equal_those_without(world):
+def test_replies_with_drafts_equal_those_without(world, tmp_path):
+    """The drafts of the target's own reply, of n-grams, of half-right scripts (in a
+    cache tight enough to preempt) and of a random EAGLE-3 draft on the shards, each
+    checkpoint-loaded beside the target (float32): every reply is the one without."""
+    from gptoss_ray.cluster.engine.drafts import ShardDrafts
+    from gptoss_ray.model.eagle3 import Eagle3Config, write_random_draft
     from gptoss_ray.model.model_folder import read_config, resolve_model
     from gptoss_ray.shards.local_group import LocalShardGroup
 
     config = read_config(resolve_model("gpt-oss-tiny"))
+    eagle = Eagle3Config(
+        hidden_size=128,
+        intermediate_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        vocab_size=config.vocab_size,
+        draft_vocab_size=4096,
+        aux_layers=(0, 1, 3),
+    )
+    # its 4096 ids: ordinary tokens, spread over the vocabulary
+    d2t = torch.arange(4096) * 48 - torch.arange(4096)
+    draft = write_random_draft(eagle, tmp_path / "eagle3", d2t=d2t)
     roomy, tight = KVLayout(16, 160, 160), KVLayout(16, 22 if world == 1 else 11, 40)
 
     def core(layout, group, drafter=None, k=0) -> EngineCore:
@@ -107,12 +128,17 @@ def test_replies_with_drafts_equal_those_without(world):
         assert drafted.scheduler.drafts_accepted == drafted.scheduler.drafts_proposed > 100
         ngram = core(roomy, group, NgramDrafter(1, 3), 3)
         assert same(run(ngram), plain)
-    with LocalShardGroup("gpt-oss-tiny", world, dtype=torch.float32, kv_layout=tight) as group:
+    with LocalShardGroup(
+        "gpt-oss-tiny", world, dtype=torch.float32, kv_layout=tight, draft_model=str(draft)
+    ) as group:
         half = core(tight, group, Scripted(replies, "half"), 4)
         assert same(run(half), plain)
         assert half.stats.preemptions > 0  # drafts' blocks too: recomputed, still exact
         s = half.scheduler
         assert 0 < s.drafts_accepted < s.drafts_proposed
+        eagle3 = core(tight, group, ShardDrafts(), 4)
+        assert same(run(eagle3), plain)
+        assert eagle3.stats.preemptions > 0 and eagle3.scheduler.drafts_proposed > 100
 
 
 def test_a_stop_id_inside_accepted_drafts_ends_the_reply_there():
