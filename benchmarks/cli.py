@@ -190,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     speculative.add_argument("--output-len", type=_count, default=33)
     speculative.add_argument("--threads", type=_count, default=1, help="torch threads a shard")
     speculative.add_argument("--kv-budget-mb", type=float, default=256)
+    speculative.add_argument(
+        "--eagle3-draft", default=None, help="an EAGLE-3 draft's folder (default: a random one)"
+    )
 
     exchange = command(
         "exchange", "exchange.run", "the expert exchange per MoE layer: pair exchange vs fixed"

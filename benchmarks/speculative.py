@@ -8,7 +8,9 @@ engine core over them. Per batch: the replies without drafts first (greedy, --ou
 tokens after a --prompt-len prompt; every step timed), then for each k with the replies
 themselves as the drafts ("self": every draft kept, k + 1 tokens a decode) and with
 wrong ones ("wrong": none kept, the cost alone), then n-gram drafts (prompt lookup) on
-the same prompts, repeated so that they can match. Decode steps only (not the prefill's):
+the same prompts, repeated so that they can match, and EAGLE-3 drafts made on the shards
+(--eagle3-draft, or a random draft of the published geometry: its drafts are seldom
+kept, so its row is what drafting costs). Decode steps only (not the prefill's):
 median seconds a step, tokens a step, and tokens a second of the whole decode. On the
 random built-in model the replies do not repeat their prompts, so n-gram drafts seldom
 match: its row says what the lookup costs, the "self" rows what a draft that matches is
@@ -81,7 +83,7 @@ def run(args: argparse.Namespace, data: dict[str, Any]) -> None:
     import torch
 
     from gptoss_ray.benchmarks.engine_runs import random_prompts
-    from gptoss_ray.cluster.engine.drafts import NgramDrafter
+    from gptoss_ray.cluster.engine.drafts import NgramDrafter, ShardDrafts
     from gptoss_ray.model.model_folder import read_config, resolve_model
     from gptoss_ray.model.types import KVLayout, SamplingParams
     from gptoss_ray.shards.local_group import LocalShardGroup
@@ -93,6 +95,7 @@ def run(args: argparse.Namespace, data: dict[str, Any]) -> None:
     )
     params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
     rows = []
+    plains = {}
     with LocalShardGroup(
         args.model, args.shards, threads=args.threads, dtype=dtype, kv_layout=layout
     ) as group:
@@ -116,6 +119,23 @@ def run(args: argparse.Namespace, data: dict[str, Any]) -> None:
             )
             assert out["replies"] == plain["replies"], "drafts changed a reply"
             rows.append({"batch": batch, "drafts": "ngram", "k": k, **_figures(out)})
+            plains[batch] = (prompts, plain["replies"])
+    k = max(args.ks)
+    draft = args.eagle3_draft or _random_draft(config)
+    with LocalShardGroup(
+        args.model,
+        args.shards,
+        threads=args.threads,
+        dtype=dtype,
+        kv_layout=layout,
+        draft_model=str(draft),
+        num_draft_tokens=k,
+    ) as group:
+        for batch, (prompts, replies) in plains.items():
+            progress(f"batch {batch}: k {k}, EAGLE-3 drafts ...")
+            out = one_run(group, config, layout, args.shards, prompts, params, ShardDrafts(), k)
+            assert out["replies"] == replies, "drafts changed a reply"
+            rows.append({"batch": batch, "drafts": "eagle3", "k": k, **_figures(out)})
     data["results"] = rows
     print(
         f"{args.model} ({args.dtype}), {args.shards} CPU shard(s), greedy, prompt "
@@ -131,6 +151,21 @@ def run(args: argparse.Namespace, data: dict[str, Any]) -> None:
             f"{r['tokens_per_s']:8.1f}   {r['drafts_accepted']}/{r['drafts_proposed']}"
         )
     save("speculative", data, args.out, plot)
+
+
+def _random_draft(config):
+    """A random EAGLE-3 draft for the target (in a temporary folder), its ids spread
+    over the vocabulary."""
+    import tempfile
+
+    import torch
+
+    from gptoss_ray.model.eagle3 import Eagle3Config, write_random_draft
+
+    eagle = Eagle3Config.for_target(config)
+    n = eagle.draft_vocab
+    spread = torch.arange(n) * (config.vocab_size // n) - torch.arange(n)
+    return write_random_draft(eagle, tempfile.mkdtemp(prefix="eagle3-draft-"), d2t=spread)
 
 
 def _figures(out: dict[str, Any]) -> dict[str, Any]:

@@ -21,115 +21,19 @@ import json
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from gptoss_ray.model.config import ConfigError
+from gptoss_ray.model.config import ModelConfig
+from gptoss_ray.model.eagle3_config import Eagle3Config
 from gptoss_ray.model.model import RMSNorm, apply_rotary
 from gptoss_ray.model.model_folder import CheckpointError, safetensors_files
 
-ARCHITECTURE = "LlamaForCausalLMEagle3"
-
-
-class Eagle3Config(BaseModel):
-    """The draft's config.json (Hugging Face's Llama fields, plus EAGLE-3's)."""
-
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-    hidden_size: int = Field(gt=0)
-    intermediate_size: int = Field(gt=0)
-    num_attention_heads: int = Field(gt=0)
-    num_key_value_heads: int = Field(gt=0)
-    head_dim: int | None = Field(None, gt=0)
-    num_hidden_layers: int = 1
-    rms_norm_eps: float = Field(1e-5, gt=0)
-    rope_theta: float = Field(10000.0, gt=0)
-    rope_scaling: dict[str, Any] | None = None
-    vocab_size: int = Field(gt=0)
-    draft_vocab_size: int | None = Field(None, gt=0)
-    target_hidden_size: int | None = Field(None, gt=0)
-    hidden_act: str = "silu"
-    # the target layers whose input the draft reads (vLLM's reading of the same field)
-    aux_layers: tuple[int, ...] | None = None
-
-    @model_validator(mode="after")
-    def _check(self) -> Eagle3Config:
-        if self.num_hidden_layers != 1:
-            raise ValueError(
-                f"num_hidden_layers {self.num_hidden_layers}: an EAGLE-3 draft has one layer"
-            )
-        if self.hidden_act != "silu":
-            raise ValueError(f"hidden_act {self.hidden_act!r}: only 'silu' drafts are known")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
-                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
-                f"num_key_value_heads {self.num_key_value_heads}"
-            )
-        kind = (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type"))
-        if kind not in (None, "default", "llama3"):
-            raise ValueError(f"rope_scaling type {kind!r}: known are none, default and llama3")
-        if self.aux_layers is not None and len(self.aux_layers) != 3:
-            raise ValueError(f"eagle_aux_hidden_state_layer_ids {list(self.aux_layers)}: need 3")
-        return self
-
-    @property
-    def dim(self) -> int:
-        return self.head_dim or self.hidden_size // self.num_attention_heads
-
-    @property
-    def draft_vocab(self) -> int:
-        return self.draft_vocab_size or self.vocab_size
-
-    @property
-    def target_hidden(self) -> int:
-        return self.target_hidden_size or self.hidden_size
-
-    def taps(self, target_layers: int) -> tuple[int, ...]:
-        """The target layers read, the config's or vLLM's default (2, L/2, L-3)."""
-        taps = self.aux_layers or (2, target_layers // 2, target_layers - 3)
-        if not all(0 <= t < target_layers for t in taps):
-            raise ConfigError(
-                f"eagle_aux_hidden_state_layer_ids {list(taps)}: the target has layers "
-                f"0..{target_layers - 1}"
-            )
-        return taps
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> Eagle3Config:
-        archs = raw.get("architectures") or [ARCHITECTURE]
-        if not any("Eagle3" in a or "Eagle" in a for a in archs):
-            raise ConfigError(f"{source}: architectures {archs}, expected {ARCHITECTURE}")
-        eagle = raw.get("eagle_config") or {}
-        taps = raw.get("eagle_aux_hidden_state_layer_ids") or eagle.get(
-            "eagle_aux_hidden_state_layer_ids"
-        )
-        try:
-            return cls.model_validate({**raw, "aux_layers": taps})
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "config"
-            raise ConfigError(f"{source}: {where}: {first['msg']}") from exc
-
-    @classmethod
-    def from_folder(cls, folder: str | Path) -> Eagle3Config:
-        path = Path(folder) / "config.json"
-        if not path.is_file():
-            raise ConfigError(f"{folder}: no config.json (an EAGLE-3 draft's folder has one)")
-        return cls.from_dict(json.loads(path.read_text()), str(path))
-
-    def to_hf_dict(self) -> dict[str, Any]:
-        out = self.model_dump(exclude={"aux_layers"}, exclude_none=True)
-        out["architectures"] = [ARCHITECTURE]
-        out["model_type"] = "llama"
-        if self.aux_layers is not None:
-            out["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": list(self.aux_layers)}
-        return out
+__all__ = ["Eagle3Config", "Eagle3Draft", "causal_attention", "load_draft", "write_random_draft"]
 
 
 class LlamaRotary:
@@ -308,25 +212,17 @@ def _stored_name(param: str) -> str:
 
 def load_draft(
     folder: str | Path,
+    target: ModelConfig,
     *,
-    target_hidden: int,
-    target_vocab: int,
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
 ) -> Eagle3Draft:
-    """Reads an EAGLE-3 draft from its folder (config.json and safetensors), checking
-    every tensor's name and shape against its config and the target's sizes."""
+    """Reads an EAGLE-3 draft for `target` from its folder (config.json and
+    safetensors), checking every tensor's name and shape against its config and the
+    target's sizes."""
     folder = Path(folder)
     config = Eagle3Config.from_folder(folder)
-    if config.target_hidden != target_hidden:
-        raise ConfigError(
-            f"{folder}: the draft reads hidden states of size {config.target_hidden} "
-            f"(target_hidden_size, else hidden_size); the target's are {target_hidden}"
-        )
-    if config.vocab_size != target_vocab:
-        raise ConfigError(
-            f"{folder}: vocab_size {config.vocab_size}, the target's is {target_vocab}"
-        )
+    config.check_target(target, str(folder))
     files = safetensors_files(folder)
     if not files:
         raise CheckpointError(f"{folder}: no .safetensors files")

@@ -79,10 +79,17 @@ def builtin_checkpoint(preset: str, seed: int = 0) -> Path:
     return target
 
 
+def _is_preset(spec: str | Path) -> bool:
+    return not Path(spec).exists() and "/" not in str(spec)
+
+
 def resolve_model(spec: str | Path) -> Path:
     """A checkpoint directory as given, or a small preset's built-in checkpoint (written
     once, then cached)."""
-    path = Path(spec)
-    if not path.exists() and "/" not in str(spec):
-        path = builtin_checkpoint(str(spec))
-    return path
+    return builtin_checkpoint(str(spec)) if _is_preset(spec) else Path(spec)
+
+
+def model_config(spec: str | Path) -> ModelConfig:
+    """The config of a checkpoint directory or a preset, without writing the preset's
+    checkpoint (no torch)."""
+    return ModelConfig.preset(str(spec)) if _is_preset(spec) else read_config(spec)

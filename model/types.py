@@ -205,17 +205,20 @@ class KVLayout:
         block_size: int = 16,
         max_seqs: int = 64,
         max_chunk: int = 256,
+        draft_bytes_per_token: int = 0,
     ) -> KVLayout:
         """Split a memory budget (keys and values of `bytes_per_value` each: 2 for
         bfloat16): the sliding pool gets what max_seqs sequences can use at most (the
-        window plus a chunk), the full pool the rest."""
+        window plus a chunk), the full pool the rest. An EAGLE-3 draft's keys
+        (`draft_bytes_per_token`) take a block beside each full-attention block."""
         per_token, n_full, n_sliding = _kv_geometry(config, bytes_per_value)
         sliding_per_seq = cdiv(config.sliding_window + max_chunk, block_size) + 1
         sliding = max_seqs * sliding_per_seq if n_sliding else 0
         sliding_bytes = sliding * block_size * per_token * n_sliding
         sliding_bytes = min(sliding_bytes, budget_bytes // 2)
         sliding = sliding_bytes // (block_size * per_token * max(n_sliding, 1)) if n_sliding else 0
-        full = (budget_bytes - sliding_bytes) // (block_size * per_token * max(n_full, 1))
+        full_block = block_size * (per_token * max(n_full, 1) + draft_bytes_per_token)
+        full = (budget_bytes - sliding_bytes) // full_block
         if full < 1 or (n_sliding and sliding < sliding_per_seq):
             raise ValueError(
                 f"a KV budget of {budget_bytes} bytes cannot hold even one sequence "
@@ -230,11 +233,15 @@ class KVLayout:
             "sliding_tokens": self.sliding_blocks * self.block_size,
         }
 
-    def nbytes(self, config: ModelConfig, bytes_per_value: int) -> int:
-        """The bytes of keys and values the pools take on a shard."""
+    def nbytes(
+        self, config: ModelConfig, bytes_per_value: int, draft_bytes_per_token: int = 0
+    ) -> int:
+        """The bytes of keys and values the pools take on a shard (an EAGLE-3 draft's
+        too, `from_budget`)."""
         per_token, n_full, n_sliding = _kv_geometry(config, bytes_per_value)
         blocks = self.full_blocks * n_full + self.sliding_blocks * n_sliding
-        return blocks * self.block_size * per_token
+        draft = self.full_blocks * self.block_size * draft_bytes_per_token
+        return blocks * self.block_size * per_token + draft
 
 
 DEFAULT_KV_BUDGET_MB = 256  # per shard, where free memory is not read (CPU shards)
@@ -260,6 +267,7 @@ def size_kv(
     block_size: int = 16,
     max_seqs: int = 64,
     max_chunk: int = 256,
+    draft_bytes_per_token: int = 0,
 ) -> KVLayout:
     """The KV layout of every shard from each one's memory reading: an explicit budget
     (`--kv-budget-mb`) must fit in the least free memory; without one, each shard may use
@@ -279,6 +287,7 @@ def size_kv(
             block_size=block_size,
             max_seqs=max_seqs,
             max_chunk=max_chunk,
+            draft_bytes_per_token=draft_bytes_per_token,
         )
 
     if not 0 < utilization <= 1:
@@ -296,7 +305,9 @@ def size_kv(
     rank = min(range(len(readings)), key=lambda i: left[i])
     reading = readings[rank]
     whole = KVLayout(block_size, cdiv(config.max_context_length, block_size), 0)
-    needs = whole.nbytes(config, bytes_per_value)  # its full-attention layers' keys
+    needs = whole.nbytes(
+        config, bytes_per_value, draft_bytes_per_token
+    )  # its full-attention layers' keys
     where = (
         f"gpu_memory_utilization {utilization:g} of shard {rank}'s {gib(reading.total)} "
         f"leaves {gib(max(left[rank], 0))} for the KV cache with "

@@ -52,8 +52,7 @@ class DraftProposer:
         config = target.config
         self.draft: Eagle3Draft = load_draft(
             folder,
-            target_hidden=config.hidden_size,
-            target_vocab=config.vocab_size,
+            config,
             dtype=target.dtype,
             device=device,
         )
@@ -76,6 +75,12 @@ class DraftProposer:
         self.keys = torch.zeros(shape, dtype=dtype, device=self.device)
         self.values = torch.zeros(shape, dtype=dtype, device=self.device)
         self.block_size = layout.block_size
+
+    def copy(self, source: int, destination: int) -> None:
+        """One full-attention block's draft keys (a forked choice's copy of its prompt's
+        last block)."""
+        self.keys[destination] = self.keys[source]
+        self.values[destination] = self.values[source]
 
     def nbytes(self) -> int:
         return 2 * self.keys.numel() * self.keys.element_size()

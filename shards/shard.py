@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from gptoss_ray.model.checkpoint import load_model
+from gptoss_ray.model.eagle3_config import Eagle3Config
 from gptoss_ray.model.grammar import Matchers
 from gptoss_ray.model.kv_cache import SequenceBatch
 from gptoss_ray.model.model import Transformer
@@ -92,8 +93,17 @@ class Shard:
         self.model.distribute(self.exchange if world_size > 1 else None)
         kernels = self.device.type == "cuda" if kernels is None else kernels
         self.model.use_kernels(kernels)
+        draft_bytes = (
+            Eagle3Config.from_folder(draft_model).kv_bytes_per_token(dtype.itemsize)
+            if draft_model is not None
+            else 0
+        )
         layout = kv_layout or KVLayout.from_budget(
-            self.config, kv_budget_bytes, bytes_per_value=dtype.itemsize, block_size=block_size
+            self.config,
+            kv_budget_bytes,
+            bytes_per_value=dtype.itemsize,
+            block_size=block_size,
+            draft_bytes_per_token=draft_bytes,
         )
         self.dtype = dtype
         self.kv = PagedKVCache(self.config, layout, dtype=dtype, device=self.device)
@@ -173,7 +183,8 @@ class Shard:
             with torch.inference_mode():
                 self.graphs.warm(self.graphs.buckets[-1])
         free, total = (measure or device_memory)(self.device)
-        return DeviceMemory(free + self.kv.nbytes(), total)
+        drafts = self.proposer.nbytes() if self.proposer is not None else 0  # replaced too
+        return DeviceMemory(free + self.kv.nbytes() + drafts, total)
 
     def resize_kv(self, layout: KVLayout) -> None:
         """Replaces the KV cache, before any sequence is placed, and the decode graphs'
@@ -225,6 +236,8 @@ class Shard:
             self.matchers.drop(seq_id)
         for sliding, source, destination in plan.copies:
             self.kv.copy(sliding, source, destination)
+            if self.proposer is not None and not sliding:  # the draft's keys go with them
+                self.proposer.copy(source, destination)
         for w in plan.work:
             if w.params is not None:
                 self.params[w.seq_id] = w.params
@@ -294,8 +307,9 @@ class Shard:
         # and freeing the step's logits, which is the step's own work, not the round trip's
         # (on a CPU the unmapping of batch 64's 51 MB takes 4.5 ms here)
         timer.lap("sampling")
-        drafts = self._propose(work, ids, caches, out, accepted) if self._tapped else {}
-        if drafts:
+        drafts = {}
+        if self._tapped:
+            drafts = self._propose(work, ids, caches, out, accepted)
             timer.lap("drafting")
         return StepResult(
             out, timer.done(), asked, prompt_logprobs, accepted, accepted_logprobs, drafts

@@ -245,9 +245,12 @@ def _user_error(exc: Exception) -> str | None:
     from gptoss_ray.model.tokenizer import TokenizerError
     from gptoss_ray.model.types import DeviceUnavailable, RequestError
 
-    if isinstance(exc, ValidationError):
+    if isinstance(exc, ValidationError):  # a field's: its name and value; the whole's: why
         return "; ".join(
-            f"{'.'.join(map(str, e['loc']))}={e.get('input')!r}: {e['msg']}" for e in exc.errors()
+            f"{'.'.join(map(str, e['loc']))}={e.get('input')!r}: {e['msg']}"
+            if e["loc"]
+            else e["msg"].removeprefix("Value error, ")
+            for e in exc.errors()
         )
     mine = (
         ApiKeyError,

@@ -31,7 +31,7 @@ from gptoss_ray.cluster.client.engine_client import (
 )
 from gptoss_ray.cluster.engine.config import EngineConfig
 from gptoss_ray.cluster.engine.messages import EngineRequest, RequestOutput
-from gptoss_ray.cluster.runtime.coordinator import coordinator_actor, here
+from gptoss_ray.cluster.runtime.coordinator import check_engine, coordinator_actor, here
 from gptoss_ray.cluster.runtime.ray_instance import init_for_engine
 from gptoss_ray.model import harmony
 from gptoss_ray.model.types import DeviceUnavailable, RequestError, SamplingParams
@@ -71,6 +71,8 @@ class Engine:
         elif options:
             raise ValueError(f"options {sorted(options)} beside a config: put them in it")
         config = config.forwarding_env()  # this process's NCCL_*: the user's shell
+        if coordinator_node is None:  # the paths read here as the coordinator will
+            check_engine(config)
         shards, device = config.shards, config.device
         owns_ray = init_for_engine(address, shards + 1)
         gpus = ray.cluster_resources().get("GPU", 0)

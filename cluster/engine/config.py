@@ -94,10 +94,11 @@ class EngineConfig(BaseModel):
     def _ngram_lengths(self) -> EngineConfig:
         if self.ngram_min > self.ngram_max:
             raise ValueError(f"ngram_min {self.ngram_min} exceeds ngram_max {self.ngram_max}")
-        if (self.speculative == "eagle3") != (self.draft_model is not None):
+        if self.speculative == "eagle3" and self.draft_model is None:
+            raise ValueError("speculative 'eagle3' needs draft_model, an EAGLE-3 draft's folder")
+        if self.speculative != "eagle3" and self.draft_model is not None:
             raise ValueError(
-                "speculative 'eagle3' needs draft_model (an EAGLE-3 draft's folder), and "
-                f"draft_model is for it only (speculative is {self.speculative!r})"
+                f"draft_model is for speculative 'eagle3' (speculative is {self.speculative!r})"
             )
         return self
 

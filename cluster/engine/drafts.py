@@ -7,7 +7,10 @@ agree with.
 to `min_n`) are looked up among its earlier tokens, prompt and reply, and the tokens that
 followed their latest earlier occurrence are proposed. It costs the coordinator a few
 dictionary lookups per sequence and step: every n-gram's latest end is indexed as the
-sequence grows. It pays where replies copy their prompt (code edits, quoting, RAG)."""
+sequence grows. It pays where replies copy their prompt (code edits, quoting, RAG).
+
+`ShardDrafts` holds the drafts an EAGLE-3 draft model made on the shards in the step
+before (shards/drafting.py), until the decode that verifies them."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import ray
 
 from gptoss_ray.cluster.engine.config import EngineConfig
 from gptoss_ray.cluster.front.app import FrontSettings
-from gptoss_ray.cluster.runtime.coordinator import engine_names, start_engines
+from gptoss_ray.cluster.runtime.coordinator import check_engine, engine_names, start_engines
 from gptoss_ray.cluster.runtime.ray_instance import (
     NAMESPACE,
     EngineNotFound,
@@ -41,6 +41,7 @@ def serve(
         host, port, api_key = http
         settings = FrontSettings(api_key=api_key, **(front or {}))
         settings.check_exposure(host)
+    check_engine(config)  # a bad model or draft is said before a Ray instance starts
     ensure_cluster(address, max(os.cpu_count() or 1, engines * config.shards + 1))
     names = engine_names(name, engines)
     infos = start_engines(names, config.forwarding_env())  # the NCCL_* of this shell

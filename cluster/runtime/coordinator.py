@@ -20,7 +20,9 @@ from gptoss_ray.cluster.engine.config import EngineConfig
 from gptoss_ray.cluster.engine.core import EngineCore, ShardsRestarted
 from gptoss_ray.cluster.engine.loop import EngineLoop
 from gptoss_ray.cluster.runtime.ray_instance import NAMESPACE
-from gptoss_ray.model.model_folder import read_config, resolve_model
+from gptoss_ray.model.config import ModelConfig
+from gptoss_ray.model.eagle3_config import Eagle3Config
+from gptoss_ray.model.model_folder import model_config, read_config, resolve_model
 from gptoss_ray.model.types import (
     DEFAULT_GPU_MEMORY_UTILIZATION,
     DEFAULT_KV_BUDGET_MB,
@@ -76,6 +78,9 @@ class Coordinator(EngineLoop):
             "max_seqs": config.max_seqs,
             "max_chunk": config.token_budget,
         }
+        if config.speculative == "eagle3":  # the draft's keys sit beside the target's
+            draft = check_draft(config, self.config)
+            sizes["draft_bytes_per_token"] = draft.kv_bytes_per_token(sizes["bytes_per_value"])
         # GPU shards read their free memory after a warm-up (and check an explicit budget
         # against it); CPU shards take a fixed budget unless a utilization is asked for
         measured = device == "cuda" or config.gpu_memory_utilization is not None
@@ -531,6 +536,23 @@ def engine_names(name: str, engines: int) -> list[str]:
     """The first engine keeps the name (batch jobs and clients find it by it); the others
     are `name-1`, `name-2`, ..."""
     return [name] + [f"{name}-{i}" for i in range(1, engines)]
+
+
+def check_draft(config: EngineConfig, model: ModelConfig) -> Eagle3Config:
+    """The EAGLE-3 draft's config, checked against the target's."""
+    draft = Eagle3Config.from_folder(config.draft_model)  # type: ignore[arg-type]
+    draft.check_target(model, config.draft_model)  # type: ignore[arg-type]
+    return draft
+
+
+def check_engine(config: EngineConfig) -> None:
+    """What a coordinator would refuse as it starts (the model, its shard count, the
+    draft), refused here first with the error's own words: a coordinator starts on this
+    node (`here()`), so the paths read the same; no torch."""
+    model = model_config(config.model)
+    expert_ranges(model.num_experts, config.shards)
+    if config.speculative == "eagle3":
+        check_draft(config, model)
 
 
 def start_engines(

@@ -422,7 +422,8 @@ def test_bench_idle_reads_each_process_of_an_idle_engine(ray_session, tmp_path, 
 
 def test_bench_speculative_times_steps_against_k(tmp_path, capsys):
     """The drafts never change a reply (the benchmark asserts it); a draft that is the
-    reply itself is kept whole, k + 1 tokens a decode; a wrong one never."""
+    reply itself is kept whole, k + 1 tokens a decode; a wrong one never; the shards'
+    EAGLE-3 drafts (a random draft) are proposed and verified."""
     from gptoss_ray.benchmarks.cli import main
 
     main(
@@ -430,7 +431,8 @@ def test_bench_speculative_times_steps_against_k(tmp_path, capsys):
     )
     (saved,) = tmp_path.glob("speculative-*.json")
     rows = {r["drafts"]: r for r in json.loads(saved.read_text())["results"]}
-    assert set(rows) == {"none", "self", "wrong", "ngram"}
+    assert set(rows) == {"none", "self", "wrong", "ngram", "eagle3"}
+    assert rows["eagle3"]["drafts_proposed"] > 0  # a random draft's, on the shards
     assert rows["self"]["drafts_accepted"] == rows["self"]["drafts_proposed"] > 0
     assert rows["wrong"]["drafts_accepted"] == 0 < rows["wrong"]["drafts_proposed"]
     assert rows["self"]["tokens_per_step"] > 2 * rows["none"]["tokens_per_step"]

@@ -68,6 +68,13 @@ def test_errors_are_one_clear_line(tmp_path):
     assert r.returncode == 2 and "top_p=0.0" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("checkpoint", "tiny", str(tmp_path / "big"), "--preset", "gpt-oss-20b")
     assert r.returncode == 2 and "real gpt-oss weights" in r.stderr
+    # serve: a bad model or draft is said before any Ray instance starts
+    r = run_cli("serve", "--speculative", "eagle3")
+    assert r.returncode == 2 and "needs draft_model" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("serve", "--speculative", "eagle3", "--draft-model", str(tmp_path))
+    assert r.returncode == 2 and "no config.json (an EAGLE-3 draft" in r.stderr
+    r = run_cli("serve", "--model", str(tmp_path / "none"))
+    assert r.returncode == 2 and "not a directory" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_generate_on_ray_shards_prints_the_same_json_as_one_process(tmp_path):

@@ -22,6 +22,7 @@ from gptoss_ray.model.eagle3 import (
 )
 from gptoss_ray.model.model_folder import CheckpointError
 from gptoss_ray.model.types import KVLayout, SamplingParams
+from tests.tiny import tiny_config
 
 LLAMA3 = {
     "rope_type": "llama3",
@@ -64,7 +65,7 @@ def test_the_draft_layer_is_llamas_pieces_composed_the_eagle3_way(tmp_path):
     folder = write_random_draft(
         config, tmp_path / "d", own_embedding=True, d2t=torch.arange(128) * 3
     )
-    draft = load_draft(folder, target_hidden=64, target_vocab=512, dtype=torch.float32)
+    draft = load_draft(folder, tiny_config(), dtype=torch.float32)
     hf = LlamaConfig(**{**config.to_hf_dict(), "attention_bias": False, "mlp_bias": False})
     hf._attn_implementation = "eager"
     n = 40  # past the llama3 scaling's original context
@@ -111,9 +112,9 @@ def test_a_bad_draft_checkpoint_names_the_tensor_and_the_shape(tmp_path):
     config = draft_config(64, 512, 128)
     folder = write_random_draft(config, tmp_path / "d", d2t=torch.zeros(128, dtype=torch.long))
     with pytest.raises(ConfigError, match=r"hidden states of size 64.*target.s are 32"):
-        load_draft(folder, target_hidden=32, target_vocab=512)
+        load_draft(folder, tiny_config(hidden_size=32))
     with pytest.raises(ConfigError, match="vocab_size 512, the target's is 1000"):
-        load_draft(folder, target_hidden=64, target_vocab=1000)
+        load_draft(folder, tiny_config(vocab_size=1000))
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(folder / "model.safetensors")
@@ -122,13 +123,13 @@ def test_a_bad_draft_checkpoint_names_the_tensor_and_the_shape(tmp_path):
     with pytest.raises(
         CheckpointError, match=r"fc.weight .*shape \[64, 100\], expected \[64, 192\]"
     ):
-        load_draft(folder, target_hidden=64, target_vocab=512)
+        load_draft(folder, tiny_config())
     del tensors["fc.weight"], tensors["d2t"]
     save_file(tensors, folder / "model.safetensors")
     with pytest.raises(
         CheckpointError, match=r"missing tensor fc.weight \(expected shape \[64, 192\]"
     ):
-        load_draft(folder, target_hidden=64, target_vocab=512)
+        load_draft(folder, tiny_config())
     with pytest.raises(ConfigError, match="rope_scaling type 'yarn'"):
         Eagle3Config.from_dict({**config.to_hf_dict(), "rope_scaling": {"rope_type": "yarn"}})
     with pytest.raises(ConfigError, match=r"the target has layers 0\.\.2"):
@@ -189,7 +190,6 @@ def test_the_shards_proposals_are_an_uncached_recomputations_and_replies_are_exa
     from gptoss_ray.model.checkpoint import Checkpoint, write_random_checkpoint
     from gptoss_ray.router.transport import LocalTransport
     from gptoss_ray.shards.shard import Shard
-    from tests.tiny import tiny_config
 
     config = tiny_config(vocab_size=16, num_hidden_layers=3)
     target_folder = write_random_checkpoint(config, tmp_path / "t", seed=5)
@@ -235,7 +235,7 @@ def test_the_shards_proposals_are_an_uncached_recomputations_and_replies_are_exa
     s = drafted.scheduler
     assert 0 < s.drafts_accepted < s.drafts_proposed
     target = Checkpoint(target_folder).load(dtype=torch.float32)
-    draft = load_draft(draft_folder, target_hidden=64, target_vocab=16, dtype=torch.float32)
+    draft = load_draft(draft_folder, config, dtype=torch.float32)
     draft.share_embedding(target.embedding)
     assert len(recording.log) >= 40
     for seq_id, length, proposed in recording.log:  # one choice each: the request's id
@@ -243,10 +243,14 @@ def test_the_shards_proposals_are_an_uncached_recomputations_and_replies_are_exa
         assert proposed == reference_proposals(target, draft, tokens, 3), (seq_id, length)
 
 
-def test_eagle3_through_ray_gives_the_baseline(ray_session, tmp_path):
+def test_eagle3_through_ray_gives_the_baseline_across_a_lost_shard(ray_session, tmp_path):
     """`Engine.start(speculative="eagle3", draft_model=...)` on 2 shards: each shard loads
-    the draft beside the target and drafts for its sequences; the greedy replies are the
-    single-process baseline's, and the drafts are counted."""
+    the draft beside the target and drafts for its sequences; one shard is killed at step
+    4 and replaced (loading the draft too). The greedy replies are the single-process
+    baseline's, and the drafts are counted."""
+    import threading
+    import time
+
     from gptoss_ray.cluster.client.engine import Engine
     from gptoss_ray.model.model_folder import read_config, resolve_model
     from tests.engine_cases import GREEDY, baseline, prompts
@@ -262,10 +266,23 @@ def test_eagle3_through_ray_gives_the_baseline(ray_session, tmp_path):
         draft_model=str(folder),
         num_draft_tokens=3,
     )
+    ray = ray_session
+    coordinator = engine.coordinator
+
+    def kill_at_step_4() -> None:
+        while ray.get(coordinator.stats.remote())["steps"] < 4:
+            time.sleep(0.01)
+        workers = ray.get(coordinator.__ray_call__.remote(lambda c: c.workers))
+        ray.kill(workers[1])
+
     try:
+        thread = threading.Thread(target=kill_at_step_4, daemon=True)
+        thread.start()
         outs = engine.generate(prompts(), GREEDY)
+        thread.join(timeout=60)
         assert tuple(tuple(o.token_ids) for o in outs) == baseline()
         assert engine.stats()["drafts_proposed"] > 0
+        assert len(ray.get(coordinator.status.remote())["recoveries"]) == 1
     finally:
         engine.shutdown()
 
@@ -277,7 +294,7 @@ def test_eagle3_settings_are_checked_where_they_enter():
 
     with pytest.raises(ValidationError, match="speculative 'eagle3' needs draft_model"):
         EngineConfig(speculative="eagle3")
-    with pytest.raises(ValidationError, match="draft_model is for it only"):
+    with pytest.raises(ValidationError, match="draft_model is for speculative 'eagle3'"):
         EngineConfig(speculative="ngram", draft_model="/d")
     drafter, k = EngineConfig(speculative="eagle3", draft_model="/d", num_draft_tokens=5).drafter()
     assert isinstance(drafter, ShardDrafts) and k == 5
@@ -309,3 +326,24 @@ def test_the_draft_layer_reads_nothing_on_the_host(tmp_path):
     core.run_until_done()
     assert core.scheduler.drafts_proposed > 0
     assert [s.host_reads_in_blocks() for s in counter.steps] == [0] * len(counter.steps)
+
+
+def test_the_drafts_keys_count_in_the_kv_budget(tmp_path):
+    """A shard with a draft sizes its cache for both: the target's pools and the draft's
+    (a block beside each full-attention block) fit the budget together, with fewer full
+    blocks than without the draft."""
+    from gptoss_ray.model.eagle3_config import Eagle3Config
+    from tests.engine_cases import tiny_shard
+
+    eagle = draft_config(128, 201088, 4096, taps=(0, 1, 3))
+    folder = write_random_draft(eagle, tmp_path / "eagle3", d2t=torch.arange(4096) * 47)
+    budget = 4 * 2**20
+    shard = tiny_shard(None, kv_budget_bytes=budget, draft_model=folder)
+    alone = KVLayout.from_budget(shard.config, budget, bytes_per_value=4)
+    layout = shard.kv.layout
+    draft_bytes = Eagle3Config.from_folder(folder).kv_bytes_per_token(4)
+    assert draft_bytes == 2 * 2 * 16 * 4
+    assert layout.full_blocks < alone.full_blocks
+    assert layout.nbytes(shard.config, 4, draft_bytes) <= budget
+    assert alone.nbytes(shard.config, 4) <= budget
+    assert shard.proposer.keys.shape[0] == layout.full_blocks + 1  # and its scratch block
