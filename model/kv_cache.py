@@ -148,6 +148,9 @@ class SequenceBatch:
     caches: list[SequenceCache]
     lengths: list[int]  # new tokens of each sequence
     paged: PagedBatch | None = None  # set when the caches are one paged pool
+    # each token's LoRA slot (`model.lora.LoraSlots`), -1 for the base model [T]; None:
+    # every token is the base model's
+    adapters: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if len(self.caches) != len(self.lengths):

@@ -18,6 +18,7 @@ from gptoss_ray.model import mxfp4
 from gptoss_ray.model.config import ModelConfig
 from gptoss_ray.model.expert_tiles import ExpertTiles
 from gptoss_ray.model.kv_cache import AttentionTables, PagedBatch, SequenceBatch
+from gptoss_ray.model.lora import LayerSlots, LoraSlots, lora_delta, lora_delta_tiles
 
 
 class RMSNorm(nn.Module):
@@ -173,6 +174,7 @@ class AttentionBlock(nn.Module):
             torch.zeros(config.num_attention_heads, dtype=torch.float32), requires_grad=False
         )
         self.out = nn.Linear(config.q_dim, config.hidden_size, dtype=dtype)
+        self.lora: LayerSlots | None = None  # the resident adapters' (Transformer.attach_lora)
 
     def forward(
         self,
@@ -180,12 +182,17 @@ class AttentionBlock(nn.Module):
         batch: SequenceBatch | PagedBatch,
         cos: torch.Tensor,
         sin: torch.Tensor,
+        masks: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """x [T, H] -> x + attention. A bare `PagedBatch` (a static decode batch, its
-        tables on the device) runs the kernel path only."""
+        tables on the device) runs the kernel path only. `masks`: the tokens' LoRA slots
+        (`LoraSlots.masks`)."""
         t = x.shape[0]
         paged = batch.paged if isinstance(batch, SequenceBatch) else batch
-        qkv = self.qkv(self.norm(x))
+        xn = self.norm(x)
+        qkv = self.qkv(xn)
+        if masks is not None:
+            qkv = qkv + lora_delta(xn, self.lora.qkv, masks[1]).to(qkv.dtype)  # type: ignore[union-attr]
         q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q = qkv[:, :q_dim].view(t, self.num_heads, self.head_dim)
         k = qkv[:, q_dim : q_dim + kv_dim].view(t, self.num_kv_heads, self.head_dim)
@@ -210,7 +217,11 @@ class AttentionBlock(nn.Module):
                     q[rows], k_all, v_all, self.sinks, q_offset=offset, window=self.window
                 )
                 start += n
-        return x + self.out(out.reshape(t, q_dim))
+        out = out.reshape(t, q_dim)
+        y = self.out(out)
+        if masks is not None:
+            y = y + lora_delta(out, self.lora.out, masks[0]).to(y.dtype)  # type: ignore[union-attr]
+        return x + y
 
 
 class Router(nn.Module):
@@ -274,6 +285,7 @@ class ExpertSlice(nn.Module):
         self.use_kernels = False  # the Triton path (Transformer.use_kernels)
         self.exchange: ExpertExchange | None = None  # expert parallelism (Transformer.distribute)
         self.load: torch.Tensor | None = None  # [E] rows received (Transformer.count_expert_load)
+        self.lora: LayerSlots | None = None  # the resident adapters' (Transformer.attach_lora)
         n, h, i = hi - lo, config.hidden_size, config.intermediate_size
         g1, g2 = h // mxfp4.BLOCK, i // mxfp4.BLOCK
         u8, b16 = torch.uint8, torch.bfloat16
@@ -301,15 +313,21 @@ class ExpertSlice(nn.Module):
         return F.linear(a, w2, self.mlp2_bias[e].to(x.dtype))
 
     def run_grouped(
-        self, x: torch.Tensor, experts: torch.Tensor, expected_rows: int | None = None
+        self,
+        x: torch.Tensor,
+        experts: torch.Tensor,
+        expected_rows: int | None = None,
+        lora: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Rows x [m, H], each for global expert experts[m] of this slice, or -1 for a row
         that none takes (padding: its output row is unspecified) -> [m, H]. The work is
         decided by shapes alone: no host reads, nothing sized by the routing.
-        expected_rows: how many rows are not padding, about (the kernels' tile choice)."""
+        expected_rows: how many rows are not padding, about (the kernels' tile choice).
+        lora: each row's LoRA band mask [m, S * R] (`LoraSlots.masks`), where adapters
+        with expert factors are resident: the torch path adds their products."""
         n = self.hi - self.lo
         local = torch.where(experts < 0, n, experts - self.lo)  # n: no expert here
-        if self.use_kernels:
+        if self.use_kernels and lora is None:
             from gptoss_ray.model.kernels.mxfp4_matmul import moe_mxfp4
 
             return moe_mxfp4(
@@ -321,9 +339,11 @@ class ExpertSlice(nn.Module):
                 limit=self.limit,
                 expected_rows=expected_rows,
             )
-        return self._run_tiles(x, local)
+        return self._run_tiles(x, local, lora)
 
-    def _run_tiles(self, x: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    def _run_tiles(
+        self, x: torch.Tensor, local: torch.Tensor, lora: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The torch path: rows grouped by expert into tiles of a height set by shapes
         (`ExpertTiles`), each tile one batched matmul against its expert's weights,
         dequantized in x's dtype (the rest stay 4-bit) -> [m, H]."""
@@ -349,9 +369,15 @@ class ExpertSlice(nn.Module):
             else:
                 w1 = mxfp4.dequantize(self.mlp1_blocks[e], self.mlp1_scales[e], x.dtype)
                 w2 = mxfp4.dequantize(self.mlp2_blocks[e], self.mlp2_scales[e], x.dtype)
-            u = torch.baddbmm(self.mlp1_bias[e, None].to(x.dtype), x[source[c : c + chunk]], w1.mT)
+            rows_c = source[c : c + chunk]
+            u = torch.baddbmm(self.mlp1_bias[e, None].to(x.dtype), x[rows_c], w1.mT)
+            if lora is not None:  # LoRA on the experts: W + B @ A, as a product of its own
+                u = u + lora_delta_tiles(x[rows_c], self.lora.mlp1, e, lora[rows_c]).to(u.dtype)  # type: ignore[union-attr]
             a = swiglu(u, self.alpha, self.limit)  # [c, height, I]
-            parts.append(torch.baddbmm(self.mlp2_bias[e, None].to(x.dtype), a, w2.mT))
+            y_c = torch.baddbmm(self.mlp2_bias[e, None].to(x.dtype), a, w2.mT)
+            if lora is not None:
+                y_c = y_c + lora_delta_tiles(a, self.lora.mlp2, e, lora[rows_c]).to(y_c.dtype)  # type: ignore[union-attr]
+            parts.append(y_c)
         y = torch.cat(parts) if len(parts) > 1 else parts[0]
         out.index_copy_(0, torch.where(taken, source, rows).flatten(), y.flatten(0, 1))
         return out[:rows]
@@ -388,11 +414,18 @@ class ExpertSlice(nn.Module):
         expert_ids: torch.Tensor,
         weights: torch.Tensor,
         real: torch.Tensor | None = None,
+        lora: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """h [T, H], expert_ids and weights [T, k] -> the MoE output [T, H] in float32: each
         token's k expert outputs, weighted and summed in slot order. `real` [T] marks the
-        rows that are tokens (1) or padding (0), for the load count."""
+        rows that are tokens (1) or padding (0), for the load count. `lora`: the tokens'
+        LoRA band masks [T, S * R], where adapters with expert factors are resident."""
         if self.exchange is not None:
+            if lora is not None:
+                raise NotImplementedError(
+                    "LoRA on the experts across shards: the exchange does not carry each "
+                    "row's adapter yet (attention-only adapters work on any shard count)"
+                )
             return self.exchange(self, h, expert_ids, weights, real)
         t, k = expert_ids.shape
         # every pair is local: no data-dependent shapes (nor host syncs), so a decode step
@@ -402,7 +435,9 @@ class ExpertSlice(nn.Module):
         if real is not None:
             flat = torch.where(real[:, None].expand(t, k).reshape(-1) > 0, flat, -1)
         self.count(flat.clamp(min=0), None if real is None else (flat >= 0))
-        y = self.run_grouped(rows, flat).view(t, k, h.shape[1])
+        if lora is not None:
+            lora = lora[:, None, :].expand(t, k, lora.shape[1]).reshape(t * k, -1)
+        y = self.run_grouped(rows, flat, lora=lora).view(t, k, h.shape[1])
         return combine(y.float() * weights[..., None])
 
 
@@ -422,11 +457,13 @@ class MLPBlock(nn.Module):
         self.router = Router(config, dtype)
         self.experts = ExpertSlice(config, *experts)
 
-    def forward(self, x: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, real: torch.Tensor | None = None, lora: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """x [T, H] -> x + MoE(x)."""
         h = self.norm(x)
         expert_ids, weights = self.router(h)
-        return (x.float() + self.experts(h, expert_ids, weights, real)).to(x.dtype)
+        return (x.float() + self.experts(h, expert_ids, weights, real, lora)).to(x.dtype)
 
 
 class TransformerBlock(nn.Module):
@@ -469,6 +506,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.unembedding = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
         self.rope = RotaryEmbedding(config)
+        self.lora: LoraSlots | None = None  # resident LoRA adapters (attach_lora)
         self.requires_grad_(False)
 
     @property
@@ -489,6 +527,16 @@ class Transformer(nn.Module):
         """Every MoE block reaches the experts it does not hold through `exchange`."""
         for block in self.block:
             block.mlp.experts.exchange = exchange
+        return self
+
+    def attach_lora(self, slots: LoraSlots | None) -> Transformer:
+        """Resident LoRA adapters (`model.lora`), which a batch's tokens name by slot
+        (`SequenceBatch.adapters`); their factors are read in place, so `LoraSlots.put`
+        and `clear` take effect from the next step."""
+        self.lora = slots
+        for i, block in enumerate(self.block):
+            layer = slots.layers[i] if slots is not None else None
+            block.attn.lora = block.mlp.experts.lora = layer
         return self
 
     def count_expert_load(self, load: torch.Tensor | None) -> Transformer:
@@ -530,12 +578,16 @@ class Transformer(nn.Module):
         x = self.embedding(tokens)
         lap("prepare")
         taken = {}
+        masks = expert_mask = None
+        if self.lora is not None and batch.adapters is not None:
+            masks = self.lora.masks(batch.adapters)
+            expert_mask = masks[0] if self.lora.with_experts else None
         for layer, block in enumerate(self.block):
             if layer in taps:
                 taken[layer] = x
-            x = block.attn(x, batch, cos, sin)
+            x = block.attn(x, batch, cos, sin, masks)
             lap("attention")
-            x = block.mlp(x, batch.real)
+            x = block.mlp(x, batch.real, expert_mask)
             lap("experts")
         batch.commit()
         if taps and tapped is not None:

@@ -1,0 +1,377 @@
+"""LoRA adapters for gpt-oss in PEFT's layout, many resident at once.
+
+An adapter folder holds `adapter_config.json` and `adapter_model.safetensors`, as PEFT
+saves them for a gpt-oss model: LoRA on the attention projections (`target_modules`:
+q_proj, k_proj, v_proj, o_proj) and on the experts' stacked parameters
+(`target_parameters`: mlp.experts.gate_up_proj, mlp.experts.down_proj). A LoRA on a
+weight W adds scaling * B @ A to it (scaling: alpha / r, or alpha / sqrt(r) with rsLoRA).
+
+`LoraSlots` holds up to `max_loras` adapters on a device, each in a slot, every layer's
+factors stacked across slots (ranks padded to `max_rank`, the scaling folded into B).
+A step's tokens each name a slot (or none: the base model), and every LoRA product is
+one masked pair of matmuls over all slots, `((x @ A.T) * mask) @ B.T`: no loop over
+requests or adapters, shapes fixed by the slots alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from safetensors import SafetensorError, safe_open
+
+from gptoss_ray.model.config import CheckpointError, ConfigError, ModelConfig
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
+
+
+class LoraConfig(BaseModel):
+    """The fields of PEFT's adapter_config.json that decide the math; the ones that would
+    change it in ways not served here are refused by name."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    peft_type: str = "LORA"
+    r: int = Field(gt=0)
+    lora_alpha: float = Field(gt=0)
+    use_rslora: bool = False
+    target_modules: list[str] | str | None = None
+    target_parameters: list[str] | None = None
+    bias: str = "none"
+    use_dora: bool = False
+    fan_in_fan_out: bool = False
+    modules_to_save: list[str] | None = None
+    layers_to_transform: list[int] | int | None = None
+    rank_pattern: dict[str, Any] = Field(default_factory=dict)
+    alpha_pattern: dict[str, Any] = Field(default_factory=dict)
+    lora_bias: bool = False
+
+    @field_validator("peft_type")
+    @classmethod
+    def _lora(cls, value: str) -> str:
+        if value.upper() != "LORA":
+            raise ValueError(f"peft_type {value!r}: only LORA adapters are served")
+        return value
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def check(self, source: str) -> None:
+        """Refuses, by field, what this loader would not apply exactly."""
+        unsupported = {
+            "bias": self.bias != "none",
+            "use_dora": self.use_dora,
+            "fan_in_fan_out": self.fan_in_fan_out,
+            "modules_to_save": bool(self.modules_to_save),
+            "layers_to_transform": self.layers_to_transform is not None,
+            "rank_pattern": bool(self.rank_pattern),
+            "alpha_pattern": bool(self.alpha_pattern),
+            "lora_bias": self.lora_bias,
+        }
+        for name, bad in unsupported.items():
+            if bad:
+                value = getattr(self, name)
+                raise ConfigError(f"{source}: {name}={value!r} is not supported (LoRA A/B only)")
+        for module in self._modules():
+            if module not in ATTENTION_MODULES:
+                raise ConfigError(
+                    f"{source}: target_modules names {module!r}; gpt-oss LoRA targets "
+                    f"{', '.join(ATTENTION_MODULES)} and target_parameters "
+                    f"{', '.join('mlp.experts.' + p for p in EXPERT_PARAMETERS)}"
+                )
+        for parameter in self.target_parameters or []:
+            if parameter.rsplit(".", 1)[-1] not in EXPERT_PARAMETERS:
+                raise ConfigError(
+                    f"{source}: target_parameters names {parameter!r}; expected "
+                    f"{', '.join('mlp.experts.' + p for p in EXPERT_PARAMETERS)}"
+                )
+
+    def expert_wrappers(self, experts: str) -> list[tuple[str, str]]:
+        """(module path, parameter) of each targeted expert parameter's factors. PEFT
+        wraps the experts' module once per target parameter, in the order the module
+        defines them (gate_up_proj, then down_proj; not the config's order), each
+        wrapper around the one before: the first sits deepest, a `base_layer` below the
+        next (saved names: `experts.base_layer.lora_A...` for gate_up_proj when both are
+        targeted, `experts.lora_A...` for down_proj)."""
+        targeted = {p.rsplit(".", 1)[-1] for p in self.target_parameters or []}
+        params = [p for p in EXPERT_PARAMETERS if p in targeted]
+        depth = len(params)
+        return [
+            (experts + ".base_layer" * (depth - 1 - j), param) for j, param in enumerate(params)
+        ]
+
+    def _modules(self) -> list[str]:
+        if self.target_modules is None:
+            return []
+        if isinstance(self.target_modules, str):  # PEFT: a regex over module names
+            return [m for m in ATTENTION_MODULES if re.search(self.target_modules, m)] or [
+                self.target_modules
+            ]
+        return list(self.target_modules)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> LoraConfig:
+        path = Path(folder) / CONFIG_FILE
+        if not path.is_file():
+            raise ConfigError(f"{folder}: no {CONFIG_FILE} (a PEFT adapter's folder has one)")
+        try:
+            config = cls.model_validate(json.loads(path.read_text()))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "config"
+            raise ConfigError(f"{path}: {where}: {first['msg']}") from exc
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: not JSON ({exc})") from exc
+        config.check(str(path))
+        return config
+
+
+@dataclass
+class LayerLora:
+    """One adapter's factors in one layer, in this model's orientation (y = x @ W.T), the
+    scaling in B. Experts: those of the shard's slice, expert-major."""
+
+    qkv: tuple[torch.Tensor, torch.Tensor] | None = None  # A [3r, H], B [qkv, 3r]
+    out: tuple[torch.Tensor, torch.Tensor] | None = None  # A [r, q], B [H, r]
+    mlp1: tuple[torch.Tensor, torch.Tensor] | None = None  # A [n, r, H], B [n, 2I, r]
+    mlp2: tuple[torch.Tensor, torch.Tensor] | None = None  # A [n, r, I], B [n, H, r]
+
+
+@dataclass
+class LoraAdapter:
+    name: str
+    config: LoraConfig
+    layers: list[LayerLora]
+
+    @classmethod
+    def load(
+        cls,
+        name: str,
+        folder: str | Path,
+        model: ModelConfig,
+        *,
+        experts: tuple[int, int] | None = None,
+    ) -> LoraAdapter:
+        """Reads a PEFT adapter for `model` (float32 factors), its experts' slices
+        [lo, hi) only; every tensor's shape checked against the model's."""
+        folder = Path(folder)
+        config = LoraConfig.from_folder(folder)
+        tensors = _read(folder)
+        r, scale = config.r, config.scaling
+        lo, hi = experts if experts is not None else (0, model.num_experts)
+        c = model
+        layers = []
+        for n in range(c.num_hidden_layers):
+            attn = f"model.layers.{n}.self_attn"
+            layer = LayerLora()
+            parts = {}
+            for proj, out_dim in (("q_proj", c.q_dim), ("k_proj", c.kv_dim), ("v_proj", c.kv_dim)):
+                parts[proj] = _pair(tensors, f"{attn}.{proj}", (r, c.hidden_size), (out_dim, r))
+            if any(p is not None for p in parts.values()):
+                a = torch.zeros(3 * r, c.hidden_size)
+                b = torch.zeros(c.qkv_dim, 3 * r)
+                row = 0
+                for i, (proj, dim) in enumerate(
+                    (("q_proj", c.q_dim), ("k_proj", c.kv_dim), ("v_proj", c.kv_dim))
+                ):
+                    if parts[proj] is not None:
+                        pa, pb = parts[proj]
+                        a[i * r : (i + 1) * r] = pa
+                        b[row : row + dim, i * r : (i + 1) * r] = pb * scale
+                    row += dim
+                layer.qkv = (a, b)
+            out = _pair(tensors, f"{attn}.o_proj", (r, c.q_dim), (c.hidden_size, r))
+            if out is not None:
+                layer.out = (out[0], out[1] * scale)
+            h, i2, i1 = c.hidden_size, 2 * c.intermediate_size, c.intermediate_size
+            sizes = {"gate_up_proj": ("mlp1", h, i2), "down_proj": ("mlp2", i1, h)}
+            for module, param in config.expert_wrappers(f"model.layers.{n}.mlp.experts"):
+                attr, fan_in, fan_out = sizes[param]
+                pair = _expert_pair(tensors, module, c.num_experts, r, fan_in, fan_out)
+                if pair is not None:
+                    a, b = pair  # [E, r, in], [E, out, r]
+                    setattr(layer, attr, (a[lo:hi].contiguous(), (b[lo:hi] * scale).contiguous()))
+            layers.append(layer)
+        unused = set(tensors) - _used
+        _used.clear()
+        if unused:
+            raise CheckpointError(
+                f"{folder / WEIGHTS_FILE}: tensors this model has no place for: "
+                f"{', '.join(sorted(unused)[:4])}"
+            )
+        if not any(
+            x is not None
+            for layer in layers
+            for x in (layer.qkv, layer.out, layer.mlp1, layer.mlp2)
+        ):
+            raise CheckpointError(f"{folder / WEIGHTS_FILE}: no LoRA tensor for this model")
+        return cls(name, config, layers)
+
+
+# the adapter's tensor names read while loading one (to name those left over)
+_used: set[str] = set()
+
+
+def _read(folder: Path) -> dict[str, torch.Tensor]:
+    """The adapter's tensors by their module path ("model.layers.0.self_attn.q_proj"
+    + ".lora_A.weight"), PEFT's "base_model.model." prefix taken off."""
+    path = folder / WEIGHTS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: no {WEIGHTS_FILE} (LoRA weights load from safetensors)")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k.removeprefix("base_model.model."): f.get_tensor(k).float() for k in f.keys()}  # noqa: SIM118
+    except SafetensorError as exc:
+        raise CheckpointError(f"{path}: cannot read: {exc}") from exc
+
+
+def _take(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    t = tensors[name]
+    if tuple(t.shape) != shape:
+        raise CheckpointError(f"{name}: shape {list(t.shape)}, expected {list(shape)}")
+    _used.add(name)
+    return t
+
+
+def _pair(tensors, module: str, a_shape, b_shape) -> tuple[torch.Tensor, torch.Tensor] | None:
+    a, b = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
+    if a not in tensors and b not in tensors:
+        return None
+    for name in (a, b):
+        if name not in tensors:
+            raise CheckpointError(f"{name}: missing (its pair is there)")
+    return _take(tensors, a, a_shape), _take(tensors, b, b_shape)
+
+
+def _expert_pair(
+    tensors, module: str, e: int, r: int, fan_in: int, fan_out: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """PEFT's factors of a stacked [E, in, out] parameter -> A [E, r, in], B [E, out, r]:
+    it keeps them as lora_A [E * r, in] (expert-major) and lora_B [out, r * E] (rank-
+    major)."""
+    pair = _pair(tensors, module, (e * r, fan_in), (fan_out, r * e))
+    if pair is None:
+        return None
+    return pair[0].reshape(e, r, fan_in), pair[1].reshape(fan_out, r, e).permute(2, 0, 1)
+
+
+class LayerSlots:
+    """One layer's factors of every slot, stacked: slot s owns a band of `width` rows of
+    each A and the same columns of each B (zeros where its rank is smaller, or it holds
+    nothing), so that one product serves every slot."""
+
+    def __init__(self, c: ModelConfig, n: int, slots: int, rank: int, dtype, device) -> None:
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        h, i = c.hidden_size, c.intermediate_size
+        self.qkv = (zeros(slots * 3 * rank, h), zeros(c.qkv_dim, slots * 3 * rank))
+        self.out = (zeros(slots * rank, c.q_dim), zeros(h, slots * rank))
+        self.mlp1 = (zeros(n, slots * rank, h), zeros(n, 2 * i, slots * rank))
+        self.mlp2 = (zeros(n, slots * rank, i), zeros(n, h, slots * rank))
+
+
+class LoraSlots:
+    """Up to `max_loras` adapters resident on a device (`put`, `clear`), every layer's
+    factors stacked across slots (`LayerSlots`), ranks up to `max_rank`."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        max_loras: int,
+        max_rank: int,
+        experts: tuple[int, int] | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        lo, hi = experts if experts is not None else (0, config.num_experts)
+        self.config, self.max_loras, self.max_rank = config, max_loras, max_rank
+        self.layers = [
+            LayerSlots(config, hi - lo, max_loras, max_rank, dtype, device)
+            for _ in range(config.num_hidden_layers)
+        ]
+        self.names: list[str | None] = [None] * max_loras
+        self.with_experts: set[int] = set()  # slots whose adapter has expert factors
+        # the slot that owns each band row: A's rows, B's columns (rank-wide bands, and
+        # the attention's q, k, v bands three to a slot)
+        self.owner = torch.arange(max_loras, device=device).repeat_interleave(max_rank)
+        self.owner3 = torch.arange(max_loras, device=device).repeat_interleave(3 * max_rank)
+
+    def put(self, slot: int, adapter: LoraAdapter) -> None:
+        """Places an adapter in a slot (what was there goes)."""
+        r, big = adapter.config.r, self.max_rank
+        if r > big:
+            raise ConfigError(f"adapter {adapter.name!r}: rank {r} exceeds max_lora_rank {big}")
+        self.clear(slot)
+        band = slice(slot * big, slot * big + r)
+        for layer, lora in zip(self.layers, adapter.layers, strict=True):
+            if lora.qkv is not None:
+                a, b = lora.qkv  # [3r, H], [qkv, 3r]: q, k, v bands of r
+                for j in range(3):
+                    rows = slice(slot * 3 * big + j * big, slot * 3 * big + j * big + r)
+                    layer.qkv[0][rows] = a[j * r : (j + 1) * r]
+                    layer.qkv[1][:, rows] = b[:, j * r : (j + 1) * r]
+            if lora.out is not None:
+                layer.out[0][band], layer.out[1][:, band] = lora.out
+            for kind in ("mlp1", "mlp2"):
+                pair = getattr(lora, kind)
+                if pair is not None:
+                    stacked = getattr(layer, kind)
+                    stacked[0][:, band], stacked[1][:, :, band] = pair
+                    self.with_experts.add(slot)
+        self.names[slot] = adapter.name
+
+    def clear(self, slot: int) -> None:
+        big = self.max_rank
+        band, band3 = (
+            slice(slot * big, (slot + 1) * big),
+            slice(slot * 3 * big, (slot + 1) * 3 * big),
+        )
+        for layer in self.layers:
+            layer.qkv[0][band3], layer.qkv[1][:, band3] = 0, 0
+            layer.out[0][band], layer.out[1][:, band] = 0, 0
+            for stacked in (layer.mlp1, layer.mlp2):
+                stacked[0][:, band], stacked[1][:, :, band] = 0, 0
+        self.names[slot] = None
+        self.with_experts.discard(slot)
+
+    def masks(self, adapters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's slot [T] (-1: the base model) -> its bands' masks, rank-wide
+        [T, S * R] and for q, k, v [T, S * 3R], in the factors' dtype."""
+        dtype = self.layers[0].out[0].dtype
+        return (
+            (adapters[:, None] == self.owner[None, :]).to(dtype),
+            (adapters[:, None] == self.owner3[None, :]).to(dtype),
+        )
+
+
+def lora_delta(
+    x: torch.Tensor, pair: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor
+) -> torch.Tensor:
+    """x [T, in] -> each row's own slot's LoRA product [T, out]: ((x @ A.T) * mask) @ B.T,
+    every slot in one pair of matmuls (a row's mask keeps its slot's band only)."""
+    a, b = pair
+    return ((x.to(a.dtype) @ a.T) * mask) @ b.T
+
+
+def lora_delta_tiles(
+    x: torch.Tensor,
+    pair: tuple[torch.Tensor, torch.Tensor],
+    experts: torch.Tensor,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """The same for tiles of rows of one expert each: x [c, h, in], experts [c] (local
+    index), mask [c, h, S * R] -> [c, h, out]."""
+    a, b = pair[0][experts], pair[1][experts]  # [c, S*R, in], [c, out, S*R]
+    return torch.bmm(torch.bmm(x.to(a.dtype), a.mT) * mask, b.mT)
