@@ -95,6 +95,12 @@ class SamplingParams(BaseModel):
     speculative: bool = Field(
         default=True, description="False: no draft tokens for this request (the engine's on)"
     )
+    lora: str | None = Field(
+        default=None,
+        min_length=1,
+        description="the LoRA adapter to run with, by the name it is served under; None: "
+        "the base model",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> SamplingParams:

@@ -36,6 +36,7 @@ from gptoss_ray.router.transport import LocalTransport, Transport
 from gptoss_ray.shards.decode_graphs import DecodeGraphs, GraphCaptureError
 from gptoss_ray.shards.drafting import DraftChunk, DraftProposer
 from gptoss_ray.shards.kv_cache import PagedBatchView, PagedKVCache, PagedSequence
+from gptoss_ray.shards.loras import ShardLoras
 
 
 class Shard:
@@ -57,6 +58,9 @@ class Shard:
         time_phases: bool | None = None,
         draft_model: str | Path | None = None,
         num_draft_tokens: int = 4,
+        loras: dict[str, str] | None = None,
+        max_loras: int = 4,
+        max_lora_rank: int = 16,
     ) -> None:
         """kernels: run experts and attention through the Triton kernels (default: on a
         GPU), or the torch reference path. decode_graphs: replay decode steps from CUDA
@@ -67,7 +71,9 @@ class Shard:
         default on a CPU; on a GPU it waits for the device at every phase), or only the
         step's. draft_model: an EAGLE-3 draft's folder; the shard then proposes
         num_draft_tokens drafts for each drawing sequence after every step
-        (`StepResult.drafts`; shards/drafting.py)."""
+        (`StepResult.drafts`; shards/drafting.py). loras: LoRA adapters by name (PEFT
+        folders), read when a step first needs one, up to max_loras of them resident
+        (the least recently used goes), ranks up to max_lora_rank (`model.lora`)."""
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
         self.time_phases = self.device.type != "cuda" if time_phases is None else time_phases
@@ -153,6 +159,7 @@ class Shard:
         self.matchers = Matchers()
         self._mask_thread: ThreadPoolExecutor | None = None
         self._tapped: list[torch.Tensor] = []  # the step's taps, for the draft
+        self.loras = ShardLoras(self, loras or {}, max_loras, max_lora_rank)
         self.mask_seconds = 0.0  # building masks, off the critical path (benchmarks read it)
 
     def capture_graphs(self) -> float:
@@ -390,7 +397,12 @@ class Shard:
         decode = all(len(t) == 1 for t in ids) and not any(w.score is not None for w in work)
         logits = None
         prompt_logprobs: dict[str, list[TokenLogprob]] = {}
-        if self.graphs is not None and decode and self.graphs.fits(caches, bucket):
+        if (
+            self.graphs is not None
+            and decode
+            and self.graphs.fits(caches, bucket)
+            and not self.loras.used_by(work)  # (a graph holds no adapters)
+        ):
             try:
                 logits = self.graphs.run(caches, [t[0] for t in ids], bucket)
             except GraphCaptureError as exc:
@@ -407,7 +419,9 @@ class Shard:
             scored = self._scored(work, ids, ends)
             # a sampled chunk's last row, or with drafts its last drafts + 1 rows
             rows = [r for i in sampled for r in range(ends[i] - 1 - work[i].drafts, ends[i])]
-            logits = self._forward(ids, caches, rows + [r for _, r, _, _ in scored], timer, bucket)
+            logits = self._forward(
+                work, ids, caches, rows + [r for _, r, _, _ in scored], timer, bucket
+            )
             if scored:
                 prompt_logprobs = self._score(work, scored, logits[drawn_rows:])
                 logits = logits[:drawn_rows]
@@ -482,6 +496,7 @@ class Shard:
 
     def _forward(
         self,
+        work: list[SeqWork],
         ids: list[list[int]],
         caches: list[PagedSequence],
         rows: list[int],
@@ -493,6 +508,7 @@ class Shard:
         given rows of the flat tokens."""
         lengths = [len(t) for t in ids]
         batch = SequenceBatch(caches, lengths, PagedBatchView(caches, lengths) if ids else None)
+        batch.adapters = self.loras.token_slots(work, lengths)
         tokens = torch.tensor(
             [t for chunk in ids for t in chunk], dtype=torch.long, device=self.device
         )
@@ -539,6 +555,7 @@ class NullShard(Shard):
         self.graphs = None
         self.proposer = None
         self._tapped = []
+        self.loras = ShardLoras(self, {}, 0, 0)
         self.drawn = {}
         self.history = {}
         self.params = {}

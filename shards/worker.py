@@ -293,12 +293,15 @@ class ShardWorker:
         capture: bool = True,
         draft_model: str | None = None,
         num_draft_tokens: int = 4,
+        loras: dict[str, str] | None = None,
+        max_loras: int = 4,
+        max_lora_rank: int = 16,
     ) -> tuple[tuple[int, int], float]:
         """-> this shard's experts and the seconds its decode graphs took to capture.
         null_model: a shard that does no model work (`NullShard`), for the benchmarks.
         capture: capture the decode graphs now (every shard loads at once); a replacement
         shard leaves it to `capture_graphs`, which all shards then call together.
-        draft_model: an EAGLE-3 draft beside the target (`Shard`)."""
+        draft_model: an EAGLE-3 draft beside the target; loras: LoRA adapters (`Shard`)."""
         import torch
 
         from gptoss_ray.router.transport import DistributedTransport, LocalTransport
@@ -322,6 +325,9 @@ class ShardWorker:
             decode_graphs=decode_graphs,
             draft_model=draft_model,
             num_draft_tokens=num_draft_tokens,
+            loras=loras,
+            max_loras=max_loras,
+            max_lora_rank=max_lora_rank,
         )
         self.capture_seconds = self.shard.capture_graphs() if capture else 0.0
         return self.shard.experts, self.capture_seconds

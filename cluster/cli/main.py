@@ -159,6 +159,20 @@ def _parser() -> argparse.ArgumentParser:
         "same, in fewer steps where the drafts are right",
     )
     serve.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="a LoRA adapter to serve, a PEFT folder (repeatable); requests name it as their "
+        "model (vLLM's --lora-modules)",
+    )
+    serve.add_argument(
+        "--max-loras", type=int, default=None, help="LoRA adapters resident on a shard (4)"
+    )
+    serve.add_argument(
+        "--max-lora-rank", type=int, default=None, help="the largest LoRA rank served (16)"
+    )
+    serve.add_argument(
         "--draft-model",
         default=None,
         help="the EAGLE-3 draft's folder (config.json, safetensors), for --speculative eagle3",
@@ -371,8 +385,11 @@ def _serve(args: argparse.Namespace) -> int:
         prefix_cache=args.prefix_cache,
         harmony_frame=args.harmony_frame,
         env=_env(args.env),
+        loras=_env(args.lora, "--lora"),
         **_given(
             args,
+            "max_loras",
+            "max_lora_rank",
             "collective_timeout",
             "speculative",
             "draft_model",
@@ -512,14 +529,15 @@ def _usage(message: str) -> Exception:
     return RequestError(message)
 
 
-def _env(pairs: list[str]) -> dict[str, str]:
+def _env(pairs: list[str], flag: str = "--env") -> dict[str, str]:
+    """NAME=VALUE pairs of a repeatable flag (--env, --lora) -> a dict."""
     from gptoss_ray.model.config import ConfigError
 
     env = {}
     for pair in pairs:
         name, eq, value = pair.partition("=")
-        if not eq or not name:
-            raise ConfigError(f"--env {pair!r}: expected KEY=VALUE")
+        if not eq or not name or not value:
+            raise ConfigError(f"{flag} {pair!r}: expected NAME=VALUE")
         env[name] = value
     return env
 

@@ -41,18 +41,26 @@ def chat_request(
     prompt, params, stops = chat_prompt(
         body, info["max_context_length"], frame=info["harmony_frame"] == "strict"
     )
-    check_model(body.model if isinstance(body, ChatRequest) else body.get("model"), info)
+    lora = check_model(body.model if isinstance(body, ChatRequest) else body.get("model"), info)
+    if lora is not None:
+        params = params.model_copy(update={"lora": lora})
     replies = [ReplyBuilder(stops, logprobs=params.logprobs is not None) for _ in range(params.n)]
     return EngineRequest(uuid.uuid4().hex, prompt, params, priority), replies
 
 
-def check_model(model: str | None, info: dict[str, Any]) -> None:
-    """A request that names a model must name the engine's (its id or its path)."""
-    if model is not None and model not in (info["model_id"], info["model"]):
-        raise ModelNotFound(
-            f"the model {model!r} does not exist; this engine serves {info['model_id']!r}",
-            param="model",
-        )
+def check_model(model: str | None, info: dict[str, Any]) -> str | None:
+    """A request that names a model must name the engine's (its id or its path) or one
+    of the LoRA adapters it serves (vLLM's --lora-modules) -> that adapter's name, or
+    None for the base model."""
+    loras = info.get("loras", [])
+    if model is None or model in (info["model_id"], info["model"]):
+        return None
+    if model in loras:
+        return model
+    served = ", ".join(repr(m) for m in [info["model_id"], *loras])
+    raise ModelNotFound(
+        f"the model {model!r} does not exist; this engine serves {served}", param="model"
+    )
 
 
 def chat_prompt(

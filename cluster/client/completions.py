@@ -84,8 +84,10 @@ def completion_requests(
     """A completions request for the engine `info` describes -> the parsed request, a
     token request per prompt, and the reply of each choice of each."""
     request = CompletionRequest.parse(body)
-    check_model(request.model, info)
+    lora = check_model(request.model, info)
     params = request.params()
+    if lora is not None:
+        params = params.model_copy(update={"lora": lora})
     stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
     keep = 0 if request.max_tokens == 0 else -1
     prompts = request.prompts()

@@ -78,6 +78,14 @@ class EngineConfig(BaseModel):
     num_draft_tokens: int = Field(4, ge=1, le=16, description="draft tokens per decode at most")
     ngram_min: int = Field(2, ge=1, description="shortest n-gram looked up (ngram drafts)")
     ngram_max: int = Field(4, ge=1, description="longest n-gram looked up (ngram drafts)")
+    loras: dict[str, str] = Field(
+        default_factory=dict,
+        description="LoRA adapters to serve: name -> PEFT folder (adapter_config.json and "
+        "adapter_model.safetensors, the same path on every node); a request names one as "
+        "its model",
+    )
+    max_loras: int = Field(4, ge=1, description="LoRA adapters resident on a shard at once")
+    max_lora_rank: int = Field(16, ge=1, description="the largest LoRA rank served")
     null_model: bool = Field(False, description="shards that do no model work (benchmarks)")
     harmony_frame: Literal["strict", "off"] = Field(
         "strict", description="constrain every chat reply to a well-formed harmony frame"

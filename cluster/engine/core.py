@@ -36,6 +36,7 @@ from gptoss_ray.model.types import (
     ContextLengthExceeded,
     EngineUnavailable,
     KVLayout,
+    ModelNotFound,
     RequestError,
     SamplingParams,
     SeqWork,
@@ -100,8 +101,11 @@ class EngineCore:
         cache_salt: str = "",
         drafter: Drafter | None = None,
         num_draft_tokens: int = 0,
+        loras: Sequence[str] = (),
+        max_loras: int = 4,
     ) -> None:
-        """max_prompt_tokens: the longest prompt taken (default: what the context allows),
+        """loras: the names of the LoRA adapters the shards serve (`SamplingParams.lora`),
+        at most max_loras of them resident on a shard at once. max_prompt_tokens: the longest prompt taken (default: what the context allows),
         so that one request cannot hold the engine for minutes of prefill. prefix_cache:
         reuse the KV of prompts' cached prefixes (`cluster.engine.kv_blocks`); cache_salt: what
         besides the tokens decides the keys (the model's path and dtype). run_step runs a
@@ -131,7 +135,9 @@ class EngineCore:
             cache_salt=cache_salt.encode(),
             drafter=drafter,
             num_draft_tokens=num_draft_tokens,
+            max_loras=max_loras,
         )
+        self.loras = list(loras)
         self.requests: dict[str, Seq] = {}  # every choice's sequence, by its id
         self._forks: dict[str, list[str]] = {}  # request id -> its other choices' ids (n > 1)
         self.stats = EngineStats()
@@ -223,6 +229,12 @@ class EngineCore:
         problem = self.scheduler.capacity_error(len(prompt), params.max_tokens)
         if problem:
             raise RequestError(f"{where}: {problem}")
+        if params.lora is not None and params.lora not in self.loras:
+            served = ", ".join(self.loras) or "none"
+            raise ModelNotFound(
+                f"{where}: no LoRA adapter {params.lora!r} is served (served: {served})",
+                param="model",
+            )
 
     def output(self, request_id: str) -> RequestOutput:
         """What a request (added without a front) has so far: choice 0's output; with

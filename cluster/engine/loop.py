@@ -100,6 +100,7 @@ class EngineLoop:
             "kv_layout": vars(self.layout),
             "harmony_frame": self.harmony_frame,
             "max_context_length": self.config.max_context_length,
+            "loras": list(self.core.loras),  # LoRA adapters served, by name
             "healthy": self.error is None,
             "error": self.error,
             "pid": os.getpid(),

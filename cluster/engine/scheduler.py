@@ -133,12 +133,15 @@ class Scheduler:
         cache_salt: bytes = b"",
         drafter: Drafter | None = None,
         num_draft_tokens: int = 0,
+        max_loras: int = 0,
     ) -> None:
         """cache_salt: what besides the tokens decides a block's keys (the model), mixed
-        into every prefix-cache hash. drafter: proposes up to num_draft_tokens draft
-        tokens for each decode (speculative decoding; `cluster.engine.drafts`), which
-        count against the token budget."""
+        into every prefix-cache hash, with a sequence's LoRA adapter. drafter: proposes
+        up to num_draft_tokens draft tokens for each decode (speculative decoding;
+        `cluster.engine.drafts`), which count against the token budget. max_loras: the
+        distinct LoRA adapters a shard's running sequences may use at once (its slots)."""
         self.layout = layout
+        self.max_loras = max_loras
         self.drafter = drafter
         self.num_draft_tokens = num_draft_tokens if drafter is not None else 0
         # tokens emitted, and draft tokens proposed and accepted, since the start
@@ -246,7 +249,7 @@ class Scheduler:
             candidates = [
                 r
                 for r, s in enumerate(self.shards)
-                if budgets[r] > 0 and len(s.running) < self.max_seqs
+                if budgets[r] > 0 and len(s.running) < self.max_seqs and self._lora_fits(s, seq)
             ]
             if not candidates:
                 break
@@ -305,6 +308,15 @@ class Scheduler:
         rank = max(hits, key=lambda r: (hits[r], free[r], -r))
         return rank, hits[rank]
 
+    def _lora_fits(self, shard: ShardState, seq: Sequence) -> bool:
+        """The sequence's adapter is one the shard's running sequences use, or a slot is
+        left for it: every step of a shard then needs at most max_loras adapters."""
+        lora = seq.params.lora
+        if lora is None:
+            return True
+        used = {s.params.lora for s in shard.running} - {None}
+        return lora in used or len(used) < self.max_loras
+
     def _drafts(self, seq: Sequence, room: int) -> list[int]:
         """Draft tokens to verify with a decode whose last token is known (a token still
         being drawn cannot be drafted after), within `room` tokens of the step's budget
@@ -332,7 +344,9 @@ class Scheduler:
         have, bs = len(seq.block_hashes), self.layout.block_size
         if blocks > have:
             tokens = seq.tokens(have * bs, (blocks - have) * bs)
-            chain_hashes(seq.block_hashes, tokens, bs, self.cache_salt)
+            lora = seq.params.lora
+            salt = self.cache_salt + (b"\0lora:" + lora.encode() if lora else b"")
+            chain_hashes(seq.block_hashes, tokens, bs, salt)
         return seq.block_hashes
 
     def free_blocks(self, rank: int) -> tuple[int, int]:

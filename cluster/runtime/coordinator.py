@@ -20,7 +20,7 @@ from gptoss_ray.cluster.engine.config import EngineConfig
 from gptoss_ray.cluster.engine.core import EngineCore, ShardsRestarted
 from gptoss_ray.cluster.engine.loop import EngineLoop
 from gptoss_ray.cluster.runtime.ray_instance import NAMESPACE
-from gptoss_ray.model.config import ModelConfig
+from gptoss_ray.model.config import ConfigError, ModelConfig
 from gptoss_ray.model.eagle3_config import Eagle3Config
 from gptoss_ray.model.model_folder import model_config, read_config, resolve_model
 from gptoss_ray.model.types import (
@@ -108,6 +108,12 @@ class Coordinator(EngineLoop):
             "decode_graphs": config.decode_graphs,
             "null_model": config.null_model,
         }
+        if config.loras:
+            self._load_options |= {
+                "loras": {n: str(Path(p).resolve()) for n, p in config.loras.items()},
+                "max_loras": config.max_loras,
+                "max_lora_rank": config.max_lora_rank,
+            }
         if config.speculative == "eagle3":
             self._load_options |= {
                 "draft_model": str(Path(config.draft_model).resolve()),  # type: ignore[arg-type]
@@ -186,6 +192,8 @@ class Coordinator(EngineLoop):
             cache_salt=f"{self.model_path}:{dtype}",
             drafter=drafter,
             num_draft_tokens=num_draft_tokens,
+            loras=list(config.loras),
+            max_loras=config.max_loras,
         )
         self.recoveries: list[dict[str, Any]] = []
         super().__init__(
@@ -553,6 +561,9 @@ def check_engine(config: EngineConfig) -> None:
     expert_ranges(model.num_experts, config.shards)
     if config.speculative == "eagle3":
         check_draft(config, model)
+    for name, path in config.loras.items():
+        if not (Path(path) / "adapter_config.json").is_file():
+            raise ConfigError(f"LoRA {name}: {path} has no adapter_config.json (a PEFT folder)")
 
 
 def start_engines(

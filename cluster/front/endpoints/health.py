@@ -32,8 +32,11 @@ async def health(front: FrontState, request: Request) -> Response:
 
 async def models(front: FrontState, request: Request) -> Response:
     info = await front.info()
-    model = {"id": info["model_id"], "object": "model", "created": front.started}
-    return JSONResponse({"object": "list", "data": [model | {"owned_by": "gptoss-ray"}]})
+    base = {"object": "model", "created": front.started, "owned_by": "gptoss-ray"}
+    data = [{"id": info["model_id"], **base}]
+    # each LoRA adapter as a model of its own, its base named (vLLM's `parent`)
+    data += [{"id": name, **base, "parent": info["model_id"]} for name in info.get("loras", [])]
+    return JSONResponse({"object": "list", "data": data})
 
 
 async def metrics(front: FrontState, request: Request) -> Response:

@@ -1,0 +1,172 @@
+"""LoRA adapters served by the engine (`EngineConfig.loras`, `SamplingParams.lora`): on
+the built-in model with adapters PEFT made on transformers' GptOssForCausalLM, greedy
+replies equal transformers + peft's; a batch of three adapters and the base model with
+two slots gives each request the tokens it gets alone; the prefix cache never serves one
+adapter's blocks to another; an unknown adapter is refused by name; attention-only
+adapters on 2 shards give the 1-shard replies."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gptoss_ray.cluster.engine.core import EngineCore
+from gptoss_ray.model.types import KVLayout, ModelNotFound, SamplingParams
+from tests.engine_cases import prompts, tiny_shard, transformers_model
+
+pytest.importorskip("peft")
+
+LAYOUT = KVLayout(16, 128, 128)
+GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    """Three PEFT adapters on the built-in model: attention only (rank 4), attention and
+    experts (rank 8), attention only (rank 2); -> name -> folder."""
+    from peft import LoraConfig, get_peft_model
+
+    root = tmp_path_factory.mktemp("loras")
+    out = {}
+    for name, r, experts, seed in (("a", 4, None, 1), ("b", 8, EXPERTS, 2), ("c", 2, None, 3)):
+        torch.manual_seed(seed)
+        config = LoraConfig(
+            r=r,
+            lora_alpha=r,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+            target_parameters=experts,
+            init_lora_weights=False,
+        )
+        model = get_peft_model(transformers_model(), config)
+        with torch.no_grad():
+            for p_name, p in model.named_parameters():
+                if "lora_" in p_name:
+                    p.mul_(0.3)
+        model.save_pretrained(root / name)
+        model.unload()
+        out[name] = str(root / name)
+    return out
+
+
+def core(loras: dict[str, str], max_loras: int = 2, **options) -> EngineCore:
+    shard = tiny_shard(LAYOUT, loras=loras, max_loras=max_loras)
+    c = EngineCore(
+        shard.config,
+        1,
+        LAYOUT,
+        lambda plans: [shard.step(plans[0])],
+        loras=list(loras),
+        max_loras=max_loras,
+        **options,
+    )
+    c.shard = shard  # (the tests look at its slots)
+    return c
+
+
+def replies(c: EngineCore, asks: list[tuple[list[int], str | None]]) -> list[list[int]]:
+    ids = [c.submit(p, GREEDY.model_copy(update={"lora": lora})) for p, lora in asks]
+    c.run_until_done()
+    return [c.output(i).token_ids for i in ids]
+
+
+def test_greedy_replies_equal_transformers_with_peft(adapters):
+    """Each adapter's greedy reply (experts too for "b") is transformers + peft's."""
+    from peft import PeftModel
+
+    prompt = prompts()[1]
+    got = replies(core(adapters), [(prompt, "a"), (prompt, "b"), (prompt, None)])
+    assert got[0] != got[2] and got[1] != got[2]  # the adapters change the reply
+    for name, tokens in zip(("a", "b"), got[:2], strict=True):
+        model = PeftModel.from_pretrained(transformers_model(), adapters[name])
+        with torch.no_grad():
+            want = model.generate(
+                torch.tensor([prompt]), max_new_tokens=8, do_sample=False, min_new_tokens=8
+            )[0, len(prompt) :].tolist()
+        model.unload()
+        assert tokens == want, name
+
+
+def test_a_batch_of_adapters_gives_each_request_what_it_gets_alone(adapters):
+    """Three adapters and the base model, two slots: the scheduler keeps each step to two
+    adapters (the third waits, then takes the least recently used slot), and every reply
+    is the one its request gets alone."""
+    ps = prompts()
+    asks = [(ps[0], "a"), (ps[1], "b"), (ps[2], None), (ps[3], "c"), (ps[4], "a"), (ps[5], "c")]
+    c = core(adapters)
+    together = replies(c, asks)
+    assert sorted(c.shard.loras.host) == ["a", "b", "c"]  # all three ran, in two slots
+    assert len(c.shard.loras.slots.names) == 2
+    for ask, got in zip(asks, together, strict=True):
+        assert got == replies(core(adapters), [ask])[0], ask[1]
+
+
+def test_the_prefix_cache_keeps_adapters_apart(adapters):
+    prompt = prompts()[4]  # 100 tokens: six whole blocks
+    c = core(adapters)
+    hits = []
+    for lora in ("a", None, "b", "a"):
+        replies(c, [(prompt, lora)])
+        hits.append(c.snapshot()["prefix_cache"][0]["hit_tokens"])
+    # only the second "a" finds cached blocks: its own from the first
+    assert hits[:3] == [0, 0, 0] and hits[3] >= 96
+
+
+def test_an_unknown_adapter_is_refused_by_name(adapters):
+    c = core(adapters)
+    with pytest.raises(ModelNotFound, match=r"no LoRA adapter 'z' is served \(served: a, b, c\)"):
+        c.submit(prompts()[0], GREEDY.model_copy(update={"lora": "z"}))
+
+
+def test_attention_adapters_on_two_shards_give_the_one_shard_replies(adapters):
+    from gptoss_ray.model.model_folder import read_config, resolve_model
+    from gptoss_ray.shards.local_group import LocalShardGroup
+
+    ps = prompts()
+    asks = [(ps[0], "a"), (ps[1], None), (ps[2], "c"), (ps[3], "a")]
+    alone = replies(core(adapters), asks)
+    config = read_config(resolve_model("gpt-oss-tiny"))
+    loras = {k: adapters[k] for k in ("a", "c")}
+    with LocalShardGroup(
+        "gpt-oss-tiny", 2, dtype=torch.float32, kv_layout=LAYOUT, loras=loras, max_loras=2
+    ) as group:
+        two = EngineCore(
+            config, 2, LAYOUT, launch_step=group.launch, loras=list(loras), max_loras=2
+        )
+        assert replies(two, asks) == alone
+
+
+def test_the_api_serves_each_adapter_as_a_model(adapters):
+    """Over HTTP, read with OpenAI's client: /v1/models lists the adapters beside the base
+    model; a chat request naming one runs with it (its reply differs from the base
+    model's, and equals the engine's own reply for that adapter); an unknown model is a
+    404 that names what is served."""
+    import openai
+
+    from gptoss_ray.cluster.client.chat import chat_prompt, chat_reply
+    from gptoss_ray.cluster.engine.loop import EngineLoop
+    from tests.support import served
+
+    c = core(adapters)
+    engine = EngineLoop("/models/gpt-oss-tiny", c.config, LAYOUT, c)
+    body = {"messages": [{"role": "user", "content": "Say something."}], "max_tokens": 12}
+    try:
+        with served(engine, "k") as url:
+            client = openai.OpenAI(base_url=url, api_key="k")
+            listed = client.models.list().data
+            assert [m.id for m in listed] == ["gpt-oss-tiny", "a", "b", "c"]
+            base = client.chat.completions.create(model="gpt-oss-tiny", temperature=0, **body)
+            tuned = client.chat.completions.create(model="b", temperature=0, **body)
+            with pytest.raises(openai.NotFoundError, match="serves 'gpt-oss-tiny', 'a', 'b'"):
+                client.chat.completions.create(model="z", **body)
+    finally:
+        engine.shutdown()
+    prompt, params, stops = chat_prompt({**body, "temperature": 0}, 131072)
+    alone = core(adapters)
+    rid = alone.submit(prompt, params.model_copy(update={"lora": "b"}))
+    alone.run_until_done()
+    out = alone.output(rid)
+    want = chat_reply(out.token_ids, out.finish_reason, stop=stops, prompt_tokens=len(prompt))
+    got = tuned.choices[0].message.model_dump()
+    assert {k: got.get(k) for k in want["message"]} == want["message"]
+    assert tuned.choices[0].message != base.choices[0].message
