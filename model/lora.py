@@ -270,9 +270,16 @@ class LayerSlots:
     each A and the same columns of each B (zeros where its rank is smaller, or it holds
     nothing), so that one product serves every slot."""
 
-    def __init__(self, c: ModelConfig, n: int, slots: int, rank: int, dtype, device) -> None:
+    def __init__(
+        self, c: ModelConfig, n: int, slots: int, rank: int, owner: torch.Tensor, dtype, device
+    ) -> None:
         def zeros(*shape: int) -> torch.Tensor:
             return torch.zeros(shape, dtype=dtype, device=device)
+
+        self.owner = owner  # [S * R]: the slot of each rank-wide band row
+        # whether any slot's adapter has expert factors (the same on every shard: their
+        # slot tables are the plan's)
+        self.experts_active = False
 
         h, i = c.hidden_size, c.intermediate_size
         self.qkv = (zeros(slots * 3 * rank, h), zeros(c.qkv_dim, slots * 3 * rank))
@@ -297,16 +304,16 @@ class LoraSlots:
     ) -> None:
         lo, hi = experts if experts is not None else (0, config.num_experts)
         self.config, self.max_loras, self.max_rank = config, max_loras, max_rank
-        self.layers = [
-            LayerSlots(config, hi - lo, max_loras, max_rank, dtype, device)
-            for _ in range(config.num_hidden_layers)
-        ]
-        self.names: list[str | None] = [None] * max_loras
-        self.with_experts: set[int] = set()  # slots whose adapter has expert factors
         # the slot that owns each band row: A's rows, B's columns (rank-wide bands, and
         # the attention's q, k, v bands three to a slot)
         self.owner = torch.arange(max_loras, device=device).repeat_interleave(max_rank)
         self.owner3 = torch.arange(max_loras, device=device).repeat_interleave(3 * max_rank)
+        self.layers = [
+            LayerSlots(config, hi - lo, max_loras, max_rank, self.owner, dtype, device)
+            for _ in range(config.num_hidden_layers)
+        ]
+        self.names: list[str | None] = [None] * max_loras
+        self.with_experts: set[int] = set()  # slots whose adapter has expert factors
 
     def put(self, slot: int, adapter: LoraAdapter) -> None:
         """Places an adapter in a slot (what was there goes)."""
@@ -331,6 +338,7 @@ class LoraSlots:
                     stacked[0][:, band], stacked[1][:, :, band] = pair
                     self.with_experts.add(slot)
         self.names[slot] = adapter.name
+        self._mark()
 
     def clear(self, slot: int) -> None:
         big = self.max_rank
@@ -345,6 +353,11 @@ class LoraSlots:
                 stacked[0][:, band], stacked[1][:, :, band] = 0, 0
         self.names[slot] = None
         self.with_experts.discard(slot)
+        self._mark()
+
+    def _mark(self) -> None:
+        for layer in self.layers:
+            layer.experts_active = bool(self.with_experts)
 
     def masks(self, adapters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each token's slot [T] (-1: the base model) -> its bands' masks, rank-wide
@@ -369,9 +382,11 @@ def lora_delta_tiles(
     x: torch.Tensor,
     pair: tuple[torch.Tensor, torch.Tensor],
     experts: torch.Tensor,
-    mask: torch.Tensor,
+    slots: torch.Tensor,
+    owner: torch.Tensor,
 ) -> torch.Tensor:
     """The same for tiles of rows of one expert each: x [c, h, in], experts [c] (local
-    index), mask [c, h, S * R] -> [c, h, out]."""
+    index), each row's slot [c, h] (-1: none), the bands' owners [S * R] -> [c, h, out]."""
     a, b = pair[0][experts], pair[1][experts]  # [c, S*R, in], [c, out, S*R]
+    mask = (slots[..., None] == owner).to(a.dtype)
     return torch.bmm(torch.bmm(x.to(a.dtype), a.mT) * mask, b.mT)

@@ -258,6 +258,7 @@ class ExpertExchange(Protocol):
         expert_ids: torch.Tensor,
         weights: torch.Tensor,
         real: torch.Tensor | None,
+        adapters: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """-> this shard's tokens' MoE output [T, H], float32, as `ExpertSlice.forward`."""
         ...
@@ -323,8 +324,8 @@ class ExpertSlice(nn.Module):
         that none takes (padding: its output row is unspecified) -> [m, H]. The work is
         decided by shapes alone: no host reads, nothing sized by the routing.
         expected_rows: how many rows are not padding, about (the kernels' tile choice).
-        lora: each row's LoRA band mask [m, S * R] (`LoraSlots.masks`), where adapters
-        with expert factors are resident: the torch path adds their products."""
+        lora: each row's LoRA slot [m] (-1: none), where adapters with expert factors
+        are resident: the torch path adds their products."""
         n = self.hi - self.lo
         local = torch.where(experts < 0, n, experts - self.lo)  # n: no expert here
         if self.use_kernels and lora is None:
@@ -372,11 +373,13 @@ class ExpertSlice(nn.Module):
             rows_c = source[c : c + chunk]
             u = torch.baddbmm(self.mlp1_bias[e, None].to(x.dtype), x[rows_c], w1.mT)
             if lora is not None:  # LoRA on the experts: W + B @ A, as a product of its own
-                u = u + lora_delta_tiles(x[rows_c], self.lora.mlp1, e, lora[rows_c]).to(u.dtype)  # type: ignore[union-attr]
+                d = lora_delta_tiles(x[rows_c], self.lora.mlp1, e, lora[rows_c], self.lora.owner)  # type: ignore[union-attr]
+                u = u + d.to(u.dtype)
             a = swiglu(u, self.alpha, self.limit)  # [c, height, I]
             y_c = torch.baddbmm(self.mlp2_bias[e, None].to(x.dtype), a, w2.mT)
             if lora is not None:
-                y_c = y_c + lora_delta_tiles(a, self.lora.mlp2, e, lora[rows_c]).to(y_c.dtype)  # type: ignore[union-attr]
+                d = lora_delta_tiles(a, self.lora.mlp2, e, lora[rows_c], self.lora.owner)  # type: ignore[union-attr]
+                y_c = y_c + d.to(y_c.dtype)
             parts.append(y_c)
         y = torch.cat(parts) if len(parts) > 1 else parts[0]
         out.index_copy_(0, torch.where(taken, source, rows).flatten(), y.flatten(0, 1))
@@ -400,6 +403,13 @@ class ExpertSlice(nn.Module):
             )
         return self.dequantized[dtype]
 
+    def lora_rows(self, adapters: torch.Tensor | None, k: int) -> torch.Tensor | None:
+        """Rows' LoRA slots [T] -> those of their k (row, slot) pairs [T * k], where a
+        resident adapter has expert factors (else None: nothing to add)."""
+        if adapters is None or self.lora is None or not self.lora.experts_active:
+            return None
+        return adapters[:, None].expand(-1, k).reshape(-1)
+
     def count(self, experts: torch.Tensor, counted: torch.Tensor | None = None) -> None:
         """Adds the rows routed to each expert to `load` (`counted` [rows]: 1, or 0 for a
         padding row), in place on the device: bincount would size its output from the
@@ -414,19 +424,15 @@ class ExpertSlice(nn.Module):
         expert_ids: torch.Tensor,
         weights: torch.Tensor,
         real: torch.Tensor | None = None,
-        lora: torch.Tensor | None = None,
+        adapters: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """h [T, H], expert_ids and weights [T, k] -> the MoE output [T, H] in float32: each
         token's k expert outputs, weighted and summed in slot order. `real` [T] marks the
-        rows that are tokens (1) or padding (0), for the load count. `lora`: the tokens'
-        LoRA band masks [T, S * R], where adapters with expert factors are resident."""
+        rows that are tokens (1) or padding (0), for the load count. `adapters`: the
+        tokens' LoRA slots [T] (-1: none), given wherever the model serves LoRA (the
+        exchange carries them to the experts' owners)."""
         if self.exchange is not None:
-            if lora is not None:
-                raise NotImplementedError(
-                    "LoRA on the experts across shards: the exchange does not carry each "
-                    "row's adapter yet (attention-only adapters work on any shard count)"
-                )
-            return self.exchange(self, h, expert_ids, weights, real)
+            return self.exchange(self, h, expert_ids, weights, real, adapters)
         t, k = expert_ids.shape
         # every pair is local: no data-dependent shapes (nor host syncs), so a decode step
         # can be graph-captured; padding rows go to no expert
@@ -435,8 +441,7 @@ class ExpertSlice(nn.Module):
         if real is not None:
             flat = torch.where(real[:, None].expand(t, k).reshape(-1) > 0, flat, -1)
         self.count(flat.clamp(min=0), None if real is None else (flat >= 0))
-        if lora is not None:
-            lora = lora[:, None, :].expand(t, k, lora.shape[1]).reshape(t * k, -1)
+        lora = self.lora_rows(adapters, k)
         y = self.run_grouped(rows, flat, lora=lora).view(t, k, h.shape[1])
         return combine(y.float() * weights[..., None])
 
@@ -458,12 +463,15 @@ class MLPBlock(nn.Module):
         self.experts = ExpertSlice(config, *experts)
 
     def forward(
-        self, x: torch.Tensor, real: torch.Tensor | None = None, lora: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        real: torch.Tensor | None = None,
+        adapters: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x [T, H] -> x + MoE(x)."""
         h = self.norm(x)
         expert_ids, weights = self.router(h)
-        return (x.float() + self.experts(h, expert_ids, weights, real, lora)).to(x.dtype)
+        return (x.float() + self.experts(h, expert_ids, weights, real, adapters)).to(x.dtype)
 
 
 class TransformerBlock(nn.Module):
@@ -578,16 +586,19 @@ class Transformer(nn.Module):
         x = self.embedding(tokens)
         lap("prepare")
         taken = {}
-        masks = expert_mask = None
-        if self.lora is not None and batch.adapters is not None:
-            masks = self.lora.masks(batch.adapters)
-            expert_mask = masks[0] if self.lora.with_experts else None
+        masks = adapters = None
+        if self.lora is not None:  # every shard gives the experts its tokens' slots
+            adapters = batch.adapters
+            if adapters is None:
+                adapters = torch.full((tokens.shape[0],), -1, device=tokens.device)
+            else:
+                masks = self.lora.masks(adapters)
         for layer, block in enumerate(self.block):
             if layer in taps:
                 taken[layer] = x
             x = block.attn(x, batch, cos, sin, masks)
             lap("attention")
-            x = block.mlp(x, batch.real, expert_mask)
+            x = block.mlp(x, batch.real, adapters)
             lap("experts")
         batch.commit()
         if taps and tapped is not None:

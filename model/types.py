@@ -403,6 +403,9 @@ class StepPlan:
     # every shard's plan (`step_bucket` of the most tokens any shard runs); None: this
     # shard's own tokens (one shard only)
     bucket: int | None = None
+    # the LoRA slots' adapters (slot -> name), the same on every shard: their experts run
+    # each other's rows, which name their adapter by slot; empty where none are served
+    loras: list[str | None] = field(default_factory=list)
 
     @property
     def tokens(self) -> int:

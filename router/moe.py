@@ -94,24 +94,31 @@ def dispatch(
     real: torch.Tensor | None,
     rows: int,
     transport: Transport,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    adapters: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """h [T, H], expert_ids and their owners [T, k] -> every shard's tokens padded to
-    `rows`, as received here: their rows [W * rows, H] and the expert ids of their slots
-    that this shard owns [W * rows, k] (-1: another shard's, or a padding row)."""
+    `rows`, as received here: their rows [W * rows, H], the expert ids of their slots
+    that this shard owns [W * rows, k] (-1: another shard's, or a padding row) and, with
+    `adapters` (each token's LoRA slot [T]; every shard gives them or none does), each
+    received row's [W * rows], riding in one more column."""
     world = transport.world_size
     t, k = expert_ids.shape
     hidden = h.shape[1]
+    extra = k + (adapters is not None)
     shards = torch.arange(world, device=h.device)[:, None, None]
     ids = torch.where(owner[None] == shards, expert_ids[None], -1)  # [W, T, k]
     if real is not None:  # a static batch's padding rows go to no expert
         ids = torch.where(real[None, :, None] > 0, ids, -1)
-    send = h.new_zeros(world, rows, hidden + k)
+    send = h.new_zeros(world, rows, hidden + extra)
     send[:, :t, :hidden] = h
     slots = send[..., hidden:].view(_slot_dtype(h.dtype))
     slots.fill_(-1)
-    slots[:, :t] = ids
-    recv = transport.all_to_all(send.view(world * rows, hidden + k))
-    return recv[:, :hidden], recv[:, hidden:].view(_slot_dtype(h.dtype)).long()
+    slots[:, :t, :k] = ids
+    if adapters is not None:
+        slots[:, :t, k] = adapters[None]
+    recv = transport.all_to_all(send.view(world * rows, hidden + extra))
+    got = recv[:, hidden:].view(_slot_dtype(h.dtype)).long()
+    return recv[:, :hidden], got[:, :k], got[:, k] if adapters is not None else None
 
 
 def combine_home(
@@ -157,6 +164,7 @@ class TokenExchange(Exchange):
         expert_ids: torch.Tensor,
         weights: torch.Tensor,
         real: torch.Tensor | None = None,
+        adapters: torch.Tensor | None = None,
     ) -> torch.Tensor:
         lap = self.timer.lap if self.timer is not None else _no_lap
         t, k = expert_ids.shape
@@ -166,13 +174,14 @@ class TokenExchange(Exchange):
             )
         owner = self.owners[expert_ids]  # [T, k]
         lap("gate")
-        x, ids = dispatch(h, expert_ids, owner, real, self.rows, self.transport)
+        x, ids, slots = dispatch(h, expert_ids, owner, real, self.rows, self.transport, adapters)
         lap("dispatch")
         flat = ids.reshape(-1)
         experts.count(flat.clamp(min=0), flat >= 0)
         pairs = x[:, None, :].expand(-1, k, -1).reshape(-1, x.shape[1])
         # about a shard's share of the pairs is not padding
-        y = experts.run_grouped(pairs, flat, expected_rows=self.rows * k)
+        lora = experts.lora_rows(slots, k)
+        y = experts.run_grouped(pairs, flat, expected_rows=self.rows * k, lora=lora)
         lap("experts")
         out = combine_home(y, owner, weights, self.rows, self.transport)
         lap("combine")
@@ -220,9 +229,12 @@ class PairExchange(Exchange):
         expert_ids: torch.Tensor,
         weights: torch.Tensor,
         real: torch.Tensor | None = None,
+        adapters: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if real is not None:
             raise ValueError("the pair exchange runs eager steps only (no padding rows)")
+        if experts.lora_rows(adapters, 1) is not None:
+            raise ValueError("the pair exchange does not carry LoRA adapters (use 'tokens')")
         lap = self.timer.lap if self.timer is not None else _no_lap
         plan = DispatchPlan.build(expert_ids, self.owners, self.transport.world_size)
         lap("gate")

@@ -1,9 +1,9 @@
-"""The LoRA adapters of one shard: which are served (by name, a PEFT folder each), which
-are resident in the model's slots (`model.lora.LoraSlots`), and each step's tokens'
-slots. An adapter is read from its folder when a step first needs it (its experts'
-slices only, as the shard holds them), kept on the host from then on, and placed in a
-slot; with every slot taken, the least recently used adapter that the step does not
-need leaves its slot (it stays on the host)."""
+"""The LoRA adapters of one shard: which are served (by name, a PEFT folder each), the
+slot table the plan gives (`StepPlan.loras`: the same on every shard, as the experts of
+one shard run rows from all of them, each naming its slot), and each step's tokens'
+slots. An adapter is read from its folder when the table first names it (the experts'
+slices this shard holds only) and kept on the host from then on: a slot that the
+scheduler gives to another adapter takes it back from there."""
 
 from __future__ import annotations
 
@@ -24,8 +24,6 @@ class ShardLoras:
         self.paths = dict(paths)
         self.host: dict[str, LoraAdapter] = {}  # read once, kept
         self.slots: LoraSlots | None = None
-        self._last_used: dict[int, int] = {}  # slot -> the step that last needed it
-        self._steps = 0
         if self.paths and max_loras > 0:
             self.slots = LoraSlots(
                 shard.config,
@@ -37,56 +35,47 @@ class ShardLoras:
             )
             shard.model.attach_lora(self.slots)
 
-    def used_by(self, work: list[SeqWork]) -> bool:
-        return self.slots is not None and any(self._name(w) for w in work)
-
-    def _name(self, w: SeqWork) -> str | None:
-        return self.shard.params[w.seq_id].lora
-
-    def token_slots(self, work: list[SeqWork], lengths: list[int]) -> torch.Tensor | None:
-        """Each of the step's tokens' slot (-1: the base model), its adapters made
-        resident first; None where no token has one."""
-        names = [self._name(w) for w in work]
-        if self.slots is None or not any(names):
-            if any(names):
+    def sync(self, table: list[str | None]) -> None:
+        """Makes the slots hold what the plan's table says (slot -> adapter name)."""
+        if self.slots is None:
+            if any(table):
                 raise ValueError(f"shard {self.shard.rank}: no LoRA adapters are served here")
-            return None
-        self._steps += 1
-        slot_of = self._resident({n for n in names if n})
-        per_token = [
-            slot_of[n] if n else -1 for n, k in zip(names, lengths, strict=True) for _ in range(k)
-        ]
-        return torch.tensor(per_token, dtype=torch.long).to(self.shard.device)
-
-    def _resident(self, names: set[str]) -> dict[str, int]:
-        """Places each adapter a step needs in a slot -> its slot, by name."""
-        slots = self.slots
-        assert slots is not None
-        if len(names) > slots.max_loras:
+            return
+        if len(table) != self.slots.max_loras:
             raise ValueError(
-                f"shard {self.shard.rank}: a step with {len(names)} LoRA adapters; "
-                f"{slots.max_loras} slots (the scheduler keeps to max_loras)"
+                f"shard {self.shard.rank}: a LoRA table of {len(table)} slots for "
+                f"{self.slots.max_loras}"
             )
-        where = {name: slots.names.index(name) for name in names if name in slots.names}
-        for name in sorted(names - where.keys()):
+        for slot, name in enumerate(table):
+            if self.slots.names[slot] == name:
+                continue
+            if name is None:
+                self.slots.clear(slot)
+                continue
             if name not in self.paths:
                 raise ValueError(f"shard {self.shard.rank}: no LoRA adapter {name!r} here")
             if name not in self.host:
                 self.host[name] = LoraAdapter.load(
                     name, self.paths[name], self.shard.config, experts=self.shard.experts
                 )
-            free = [s for s, n in enumerate(slots.names) if n is None]
-            taken = set(where.values())
-            slot = (
-                free[0]
-                if free
-                else min(
-                    (s for s in range(slots.max_loras) if s not in taken),
-                    key=lambda s: self._last_used.get(s, -1),
-                )
+            self.slots.put(slot, self.host[name])
+
+    def token_slots(self, work: list[SeqWork], lengths: list[int]) -> torch.Tensor | None:
+        """Each of the step's tokens' slot (-1: the base model), by the synced table;
+        None where no token has one."""
+        if self.slots is None:
+            return None
+        names = [self.shard.params[w.seq_id].lora for w in work]
+        if not any(names):
+            return None
+        slot_of = {name: slot for slot, name in enumerate(self.slots.names) if name}
+        missing = {n for n in names if n} - slot_of.keys()
+        if missing:
+            raise ValueError(
+                f"shard {self.shard.rank}: LoRA adapters {sorted(missing)} have no slot in "
+                "the plan's table"
             )
-            slots.put(slot, self.host[name])
-            where[name] = slot
-        for slot in where.values():
-            self._last_used[slot] = self._steps
-        return where
+        per_token = [
+            slot_of[n] if n else -1 for n, k in zip(names, lengths, strict=True) for _ in range(k)
+        ]
+        return torch.tensor(per_token, dtype=torch.long).to(self.shard.device)

@@ -131,11 +131,18 @@ class Shard:
             self.proposer.use_kernels = kernels
         # a graph holds the exchange only where its sizes do not follow the routing
         graphable = world_size == 1 or exchange == "tokens"
+        self.loras = ShardLoras(self, loras or {}, max_loras, max_lora_rank)
         if decode_graphs and self.proposer is not None:
             raise ValueError("decode graphs do not return the taps an EAGLE-3 draft reads")
+        if decode_graphs and self.loras.slots is not None:
+            raise ValueError("decode graphs do not hold LoRA adapters yet")
         if decode_graphs is None:
             decode_graphs = (
-                self.device.type == "cuda" and kernels and graphable and self.proposer is None
+                self.device.type == "cuda"
+                and kernels
+                and graphable
+                and self.proposer is None
+                and self.loras.slots is None
             )
         if decode_graphs and not graphable:
             raise ValueError(
@@ -159,7 +166,6 @@ class Shard:
         self.matchers = Matchers()
         self._mask_thread: ThreadPoolExecutor | None = None
         self._tapped: list[torch.Tensor] = []  # the step's taps, for the draft
-        self.loras = ShardLoras(self, loras or {}, max_loras, max_lora_rank)
         self.mask_seconds = 0.0  # building masks, off the critical path (benchmarks read it)
 
     def capture_graphs(self) -> float:
@@ -241,6 +247,7 @@ class Shard:
             self.history.pop(seq_id, None)
             self.params.pop(seq_id, None)
             self.matchers.drop(seq_id)
+        self.loras.sync(plan.loras)
         for sliding, source, destination in plan.copies:
             self.kv.copy(sliding, source, destination)
             if self.proposer is not None and not sliding:  # the draft's keys go with them
@@ -397,12 +404,7 @@ class Shard:
         decode = all(len(t) == 1 for t in ids) and not any(w.score is not None for w in work)
         logits = None
         prompt_logprobs: dict[str, list[TokenLogprob]] = {}
-        if (
-            self.graphs is not None
-            and decode
-            and self.graphs.fits(caches, bucket)
-            and not self.loras.used_by(work)  # (a graph holds no adapters)
-        ):
+        if self.graphs is not None and decode and self.graphs.fits(caches, bucket):
             try:
                 logits = self.graphs.run(caches, [t[0] for t in ids], bucket)
             except GraphCaptureError as exc:
@@ -419,8 +421,9 @@ class Shard:
             scored = self._scored(work, ids, ends)
             # a sampled chunk's last row, or with drafts its last drafts + 1 rows
             rows = [r for i in sampled for r in range(ends[i] - 1 - work[i].drafts, ends[i])]
+            adapters = self.loras.token_slots(work, [len(t) for t in ids])
             logits = self._forward(
-                work, ids, caches, rows + [r for _, r, _, _ in scored], timer, bucket
+                ids, caches, rows + [r for _, r, _, _ in scored], timer, bucket, adapters
             )
             if scored:
                 prompt_logprobs = self._score(work, scored, logits[drawn_rows:])
@@ -496,19 +499,20 @@ class Shard:
 
     def _forward(
         self,
-        work: list[SeqWork],
         ids: list[list[int]],
         caches: list[PagedSequence],
         rows: list[int],
         timer: StepTimer,
         bucket: int,
+        adapters: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The step through the layers, any mix of prefill chunks and decodes (or none: the
         exchange needs every shard), the exchange padded to `bucket` rows -> logits of the
-        given rows of the flat tokens."""
+        given rows of the flat tokens. adapters: each token's LoRA slot."""
         lengths = [len(t) for t in ids]
-        batch = SequenceBatch(caches, lengths, PagedBatchView(caches, lengths) if ids else None)
-        batch.adapters = self.loras.token_slots(work, lengths)
+        batch = SequenceBatch(
+            caches, lengths, PagedBatchView(caches, lengths) if ids else None, adapters
+        )
         tokens = torch.tensor(
             [t for chunk in ids for t in chunk], dtype=torch.long, device=self.device
         )

@@ -141,7 +141,11 @@ class Scheduler:
         `cluster.engine.drafts`), which count against the token budget. max_loras: the
         distinct LoRA adapters a shard's running sequences may use at once (its slots)."""
         self.layout = layout
-        self.max_loras = max_loras
+        # the LoRA slots every shard keeps (slot -> adapter), and the plan that last used
+        # each: a new adapter takes a slot no running sequence uses, the least recent
+        self.lora_slots: list[str | None] = [None] * max_loras
+        self._slot_used = [0] * max_loras
+        self._plans = 0
         self.drafter = drafter
         self.num_draft_tokens = num_draft_tokens if drafter is not None else 0
         # tokens emitted, and draft tokens proposed and accepted, since the start
@@ -246,10 +250,12 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.inflight:
                 break  # preempted while a step ran: it waits for that step's token
+            if not self._lora_slot(seq):
+                break  # every slot's adapter runs: it waits for one to finish
             candidates = [
                 r
                 for r, s in enumerate(self.shards)
-                if budgets[r] > 0 and len(s.running) < self.max_seqs and self._lora_fits(s, seq)
+                if budgets[r] > 0 and len(s.running) < self.max_seqs
             ]
             if not candidates:
                 break
@@ -267,6 +273,14 @@ class Scheduler:
             plans[rank].work.append(self._work(seq, n, grant, placed=True))
             self._fork(rank, seq, plans[rank].work[-1])
             budgets[rank] -= n
+        if self.lora_slots:  # every shard's table, the same
+            self._plans += 1
+            running = {s.params.lora for shard in self.shards for s in shard.running}
+            for i, name in enumerate(self.lora_slots):
+                if name in running:
+                    self._slot_used[i] = self._plans
+            for plan in plans:
+                plan.loras = list(self.lora_slots)
         return with_buckets(plans)
 
     def _fork(self, rank: int, seq: Sequence, work: SeqWork) -> None:
@@ -308,14 +322,20 @@ class Scheduler:
         rank = max(hits, key=lambda r: (hits[r], free[r], -r))
         return rank, hits[rank]
 
-    def _lora_fits(self, shard: ShardState, seq: Sequence) -> bool:
-        """The sequence's adapter is one the shard's running sequences use, or a slot is
-        left for it: every step of a shard then needs at most max_loras adapters."""
+    def _lora_slot(self, seq: Sequence) -> bool:
+        """The sequence's adapter has a slot, or gets one that no running sequence's
+        adapter holds (an empty one first, else the least recently used) -> whether it
+        has one. Every step then needs only the adapters of the slots."""
         lora = seq.params.lora
-        if lora is None:
+        if lora is None or lora in self.lora_slots:
             return True
-        used = {s.params.lora for s in shard.running} - {None}
-        return lora in used or len(used) < self.max_loras
+        running = {s.params.lora for shard in self.shards for s in shard.running}
+        free = [i for i, name in enumerate(self.lora_slots) if name not in running]
+        if not free:
+            return False
+        slot = min(free, key=lambda i: (self.lora_slots[i] is not None, self._slot_used[i]))
+        self.lora_slots[slot] = lora
+        return True
 
     def _drafts(self, seq: Sequence, room: int) -> list[int]:
         """Draft tokens to verify with a decode whose last token is known (a token still

@@ -118,22 +118,25 @@ def test_an_unknown_adapter_is_refused_by_name(adapters):
         c.submit(prompts()[0], GREEDY.model_copy(update={"lora": "z"}))
 
 
-def test_attention_adapters_on_two_shards_give_the_one_shard_replies(adapters):
+@pytest.mark.parametrize("world", [2, 3])
+def test_adapters_on_several_shards_give_the_one_shard_replies(adapters, world):
+    """Expert LoRA too ("b"): each row carries its adapter's slot through the exchange to
+    the shards that own its experts, which hold every slot's adapter (the plan's table);
+    two slots for three adapters."""
     from gptoss_ray.model.model_folder import read_config, resolve_model
     from gptoss_ray.shards.local_group import LocalShardGroup
 
     ps = prompts()
-    asks = [(ps[0], "a"), (ps[1], None), (ps[2], "c"), (ps[3], "a")]
+    asks = [(ps[0], "a"), (ps[1], None), (ps[2], "b"), (ps[3], "c"), (ps[5], "b")]
     alone = replies(core(adapters), asks)
     config = read_config(resolve_model("gpt-oss-tiny"))
-    loras = {k: adapters[k] for k in ("a", "c")}
     with LocalShardGroup(
-        "gpt-oss-tiny", 2, dtype=torch.float32, kv_layout=LAYOUT, loras=loras, max_loras=2
+        "gpt-oss-tiny", world, dtype=torch.float32, kv_layout=LAYOUT, loras=adapters, max_loras=2
     ) as group:
-        two = EngineCore(
-            config, 2, LAYOUT, launch_step=group.launch, loras=list(loras), max_loras=2
+        several = EngineCore(
+            config, world, LAYOUT, launch_step=group.launch, loras=list(adapters), max_loras=2
         )
-        assert replies(two, asks) == alone
+        assert replies(several, asks) == alone
 
 
 def test_the_api_serves_each_adapter_as_a_model(adapters):
@@ -170,3 +173,22 @@ def test_the_api_serves_each_adapter_as_a_model(adapters):
     got = tuned.choices[0].message.model_dump()
     assert {k: got.get(k) for k in want["message"]} == want["message"]
     assert tuned.choices[0].message != base.choices[0].message
+
+
+def test_adapters_through_ray(adapters, ray_session):
+    """`Engine.start(loras=...)` on 2 shards: each request's adapter by its params, the
+    replies of one in-process shard; `info()` names the adapters."""
+    from gptoss_ray.cluster.client.engine import Engine
+
+    ps = prompts()
+    asks = [(ps[0], "b"), (ps[1], None), (ps[2], "a")]
+    alone = replies(core(adapters), asks)
+    engine = Engine.start("gpt-oss-tiny", shards=2, dtype="float32", loras=adapters, max_loras=2)
+    try:
+        assert engine.info()["loras"] == ["a", "b", "c"]
+        outs = [
+            engine.generate([p], GREEDY.model_copy(update={"lora": lora}))[0] for p, lora in asks
+        ]
+        assert [list(o.token_ids) for o in outs] == alone
+    finally:
+        engine.shutdown()

@@ -139,7 +139,7 @@ def test_dispatch_sends_each_token_once_per_shard_with_that_shards_slots():
         class TwoParts(LocalTransport):
             world_size = 2
 
-        x, slots = dispatch(h, ids, owners[ids], real, 3, TwoParts())
+        x, slots, _ = dispatch(h, ids, owners[ids], real, 3, TwoParts())
         assert x.shape == (6, 8) and slots.shape == (6, 4)
         assert torch.equal(x[0], h[0]) and torch.equal(x[3], h[0])  # once to each shard
         assert slots.tolist() == [
