@@ -1,6 +1,7 @@
 """`gptoss-ray bench`: throughput and latency sweeps, shard scaling against replicas, the
 calibrated scaling model, full-size random-weight runs, the kernels alone and compiled,
-grammar masks against free decoding, the CPU of an idle engine, speculative decoding.
+grammar masks against free decoding, the CPU of an idle engine, speculative decoding,
+LoRA adapters.
 Each benchmark's module runs it, prints its table under the machine's line, and saves
 JSON and a PNG under --out; this module only parses (no torch until a benchmark runs)."""
 
@@ -193,6 +194,21 @@ def build_parser() -> argparse.ArgumentParser:
     speculative.add_argument(
         "--eagle3-draft", default=None, help="an EAGLE-3 draft's folder (default: a random one)"
     )
+
+    lora = command(
+        "lora", "lora.run", "LoRA adapters: a decode step's time by distinct adapters a batch"
+    )
+    lora.add_argument("--model", default="gpt-oss-tiny")
+    lora.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    lora.add_argument("--shards", type=_count, default=2)
+    lora.add_argument("--batches", type=_ints, default=[16, 64])
+    lora.add_argument("--adapters", type=_indices, default=[0, 1, 4], help="distinct per batch")
+    lora.add_argument("--rank", type=_count, default=16)
+    lora.add_argument("--max-loras", type=_count, default=4)
+    lora.add_argument("--prompt-len", type=_count, default=32)
+    lora.add_argument("--output-len", type=_count, default=17)
+    lora.add_argument("--threads", type=_count, default=1, help="torch threads a shard")
+    lora.add_argument("--kv-budget-mb", type=float, default=256)
 
     exchange = command(
         "exchange", "exchange.run", "the expert exchange per MoE layer: pair exchange vs fixed"

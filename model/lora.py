@@ -390,3 +390,57 @@ def lora_delta_tiles(
     a, b = pair[0][experts], pair[1][experts]  # [c, S*R, in], [c, out, S*R]
     mask = (slots[..., None] == owner).to(a.dtype)
     return torch.bmm(torch.bmm(x.to(a.dtype), a.mT) * mask, b.mT)
+
+
+def write_random_adapter(
+    config: ModelConfig,
+    folder: str | Path,
+    *,
+    r: int = 8,
+    experts: bool = False,
+    seed: int = 0,
+    scale: float = 0.05,
+) -> Path:
+    """A random LoRA adapter in PEFT's layout for `config` (benchmarks; tests make theirs
+    with PEFT itself): A and B on q, k, v and o, and with `experts` on the experts'
+    gate_up_proj and down_proj."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    c, e = config, config.num_experts
+
+    def normal(*shape: int) -> torch.Tensor:
+        return (torch.randn(shape, generator=g) * scale).contiguous()
+
+    tensors = {}
+    for n in range(c.num_hidden_layers):
+        attn = f"base_model.model.model.layers.{n}.self_attn"
+        for proj, fan_in, fan_out in (
+            ("q_proj", c.hidden_size, c.q_dim),
+            ("k_proj", c.hidden_size, c.kv_dim),
+            ("v_proj", c.hidden_size, c.kv_dim),
+            ("o_proj", c.q_dim, c.hidden_size),
+        ):
+            tensors[f"{attn}.{proj}.lora_A.weight"] = normal(r, fan_in)
+            tensors[f"{attn}.{proj}.lora_B.weight"] = normal(fan_out, r)
+        if experts:
+            base = f"base_model.model.model.layers.{n}.mlp.experts"
+            for module, fan_in, fan_out in (
+                (f"{base}.base_layer", c.hidden_size, 2 * c.intermediate_size),  # gate_up_proj
+                (base, c.intermediate_size, c.hidden_size),  # down_proj
+            ):
+                tensors[f"{module}.lora_A.weight"] = normal(e * r, fan_in)
+                tensors[f"{module}.lora_B.weight"] = normal(fan_out, r * e)
+    save_file(tensors, str(folder / WEIGHTS_FILE))
+    config_json = {
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": 2 * r,
+        "target_modules": list(ATTENTION_MODULES),
+        "target_parameters": [f"mlp.experts.{p}" for p in EXPERT_PARAMETERS] if experts else None,
+        "bias": "none",
+    }
+    (folder / CONFIG_FILE).write_text(json.dumps(config_json, indent=2))
+    return folder

@@ -439,6 +439,20 @@ def test_bench_speculative_times_steps_against_k(tmp_path, capsys):
     assert "tokens/step" in capsys.readouterr().out
 
 
+def test_bench_lora_times_steps_by_distinct_adapters(tmp_path, capsys):
+    """A batch with 0, 1 and 2 distinct random adapters (attention and experts) runs to
+    the end on 2 shards, a row each."""
+    from gptoss_ray.benchmarks.cli import main
+
+    args = "lora --batches 4 --adapters 0,1,2 --rank 4 --max-loras 2 --output-len 4"
+    main(["--out", str(tmp_path), *args.split(), "--prompt-len", "8"])
+    (saved,) = tmp_path.glob("lora-*.json")
+    rows = json.loads(saved.read_text())["results"]
+    assert [r["adapters"] for r in rows] == [0, 1, 2]
+    assert all(r["decode_steps"] == 3 for r in rows)
+    assert "x base" in capsys.readouterr().out
+
+
 def test_bad_bench_arguments_are_named(capsys):
     from gptoss_ray.benchmarks.cli import main
 
