@@ -22,7 +22,7 @@ from typing import Any
 from gptoss_ray.benchmarks.common import median, progress, save
 
 
-def one_run(group, config, layout, world, prompts, params, names, slots) -> dict[str, Any]:
+def one_run(group, config, layout, world, prompts, params, served, slots) -> dict[str, Any]:
     from gptoss_ray.cluster.engine.core import EngineCore
 
     core = EngineCore(
@@ -33,9 +33,10 @@ def one_run(group, config, layout, world, prompts, params, names, slots) -> dict
         token_budget=max(256, len(prompts)),
         max_seqs=max(64, len(prompts)),
         overlap=False,
-        loras=list(names),
+        loras=served,
         max_loras=slots,
     )
+    names = list(served)
     for i, p in enumerate(prompts):
         lora = names[i % len(names)] if names else None
         core.submit(p, params.model_copy(update={"lora": lora}), request_id=f"r{i}")
@@ -81,16 +82,16 @@ def run(args: argparse.Namespace, data: dict[str, Any]) -> None:
     rows = []
     for count in sorted(set(args.adapters)):
         served = adapters if count else {}
-        options = {"loras": served, "max_loras": args.max_loras} if served else {}
+        options = {"max_loras": args.max_loras} if served else {}
         with LocalShardGroup(
             args.model, args.shards, threads=args.threads, dtype=dtype, kv_layout=layout, **options
         ) as group:
-            names = list(served)[:count]
+            mix = {n: served[n] for n in list(served)[:count]}
             for batch in args.batches:
                 progress(f"batch {batch}, {count} distinct adapter(s) ...")
                 prompts = random_prompts(batch, args.prompt_len, seed=batch)
                 slots = args.max_loras if served else 0
-                out = one_run(group, config, layout, args.shards, prompts, params, names, slots)
+                out = one_run(group, config, layout, args.shards, prompts, params, mix, slots)
                 rows.append({"batch": batch, "adapters": count, **out})
     data["results"] = rows
     print(

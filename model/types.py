@@ -48,6 +48,13 @@ class ModelNotFound(RequestError):
     status = 404
 
 
+class LoraInUse(RequestError):
+    """An adapter unloaded while requests use it."""
+
+    code = "lora_in_use"
+    status = 409
+
+
 class EngineUnavailable(RuntimeError):
     """The engine cannot serve now (a lost shard was not replaced, or its loop stopped):
     not the request's fault."""
@@ -403,9 +410,10 @@ class StepPlan:
     # every shard's plan (`step_bucket` of the most tokens any shard runs); None: this
     # shard's own tokens (one shard only)
     bucket: int | None = None
-    # the LoRA slots' adapters (slot -> name), the same on every shard: their experts run
-    # each other's rows, which name their adapter by slot; empty where none are served
-    loras: list[str | None] = field(default_factory=list)
+    # the LoRA slots' adapters (slot -> (name, PEFT folder, load count)), the same on every shard:
+    # their experts run each other's rows, which name their adapter by slot; empty where
+    # LoRA is off
+    loras: list[tuple[str, str, int] | None] = field(default_factory=list)
 
     @property
     def tokens(self) -> int:

@@ -1,9 +1,9 @@
-"""The LoRA adapters of one shard: which are served (by name, a PEFT folder each), the
-slot table the plan gives (`StepPlan.loras`: the same on every shard, as the experts of
-one shard run rows from all of them, each naming its slot), and each step's tokens'
-slots. An adapter is read from its folder when the table first names it (the experts'
-slices this shard holds only) and kept on the host from then on: a slot that the
-scheduler gives to another adapter takes it back from there."""
+"""The LoRA adapters of one shard: the slot table the plan gives (`StepPlan.loras`: each
+slot's adapter, by name and PEFT folder; the same on every shard, as the experts of one
+shard run rows from all of them, each naming its slot), and each step's tokens' slots.
+An adapter is read from its folder when the table first names it (the experts' slices
+this shard holds only) and kept on the host from then on: a slot that the scheduler
+gives back to it later takes it from there."""
 
 from __future__ import annotations
 
@@ -19,12 +19,12 @@ if TYPE_CHECKING:
 
 
 class ShardLoras:
-    def __init__(self, shard: Shard, paths: dict[str, str], max_loras: int, max_rank: int) -> None:
+    def __init__(self, shard: Shard, max_loras: int, max_rank: int) -> None:
         self.shard = shard
-        self.paths = dict(paths)
-        self.host: dict[str, LoraAdapter] = {}  # read once, kept
+        # by (name, folder, load count): read once, dropped when reloaded under its name
+        self.host: dict[tuple[str, str, int], LoraAdapter] = {}
         self.slots: LoraSlots | None = None
-        if self.paths and max_loras > 0:
+        if max_loras > 0:
             self.slots = LoraSlots(
                 shard.config,
                 max_loras=max_loras,
@@ -34,9 +34,11 @@ class ShardLoras:
                 device=shard.device,
             )
             shard.model.attach_lora(self.slots)
+        self._folders: list[tuple[str, str, int] | None] = [None] * max(max_loras, 0)
 
-    def sync(self, table: list[str | None]) -> None:
-        """Makes the slots hold what the plan's table says (slot -> adapter name)."""
+    def sync(self, table: list[tuple[str, str, int] | None]) -> None:
+        """Makes the slots hold what the plan's table says (slot -> (name, folder, load
+        count))."""
         if self.slots is None:
             if any(table):
                 raise ValueError(f"shard {self.shard.rank}: no LoRA adapters are served here")
@@ -46,19 +48,21 @@ class ShardLoras:
                 f"shard {self.shard.rank}: a LoRA table of {len(table)} slots for "
                 f"{self.slots.max_loras}"
             )
-        for slot, name in enumerate(table):
-            if self.slots.names[slot] == name:
+        for slot, entry in enumerate(table):
+            name = entry[0] if entry is not None else None
+            if self.slots.names[slot] == name and self._folders[slot] == entry:
                 continue
-            if name is None:
+            self._folders[slot] = entry
+            if entry is None:
                 self.slots.clear(slot)
                 continue
-            if name not in self.paths:
-                raise ValueError(f"shard {self.shard.rank}: no LoRA adapter {name!r} here")
-            if name not in self.host:
-                self.host[name] = LoraAdapter.load(
-                    name, self.paths[name], self.shard.config, experts=self.shard.experts
+            if entry not in self.host:
+                for old in [k for k in self.host if k[0] == name]:  # an earlier load's
+                    del self.host[old]
+                self.host[entry] = LoraAdapter.load(
+                    name, entry[1], self.shard.config, experts=self.shard.experts
                 )
-            self.slots.put(slot, self.host[name])
+            self.slots.put(slot, self.host[entry])
 
     def token_slots(self, work: list[SeqWork], lengths: list[int]) -> torch.Tensor | None:
         """Each of the step's tokens' slot (-1: the base model), by the synced table;

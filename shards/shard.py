@@ -58,8 +58,7 @@ class Shard:
         time_phases: bool | None = None,
         draft_model: str | Path | None = None,
         num_draft_tokens: int = 4,
-        loras: dict[str, str] | None = None,
-        max_loras: int = 4,
+        max_loras: int = 0,
         max_lora_rank: int = 16,
     ) -> None:
         """kernels: run experts and attention through the Triton kernels (default: on a
@@ -71,9 +70,9 @@ class Shard:
         default on a CPU; on a GPU it waits for the device at every phase), or only the
         step's. draft_model: an EAGLE-3 draft's folder; the shard then proposes
         num_draft_tokens drafts for each drawing sequence after every step
-        (`StepResult.drafts`; shards/drafting.py). loras: LoRA adapters by name (PEFT
-        folders), read when a step first needs one, up to max_loras of them resident
-        (the least recently used goes), ranks up to max_lora_rank (`model.lora`)."""
+        (`StepResult.drafts`; shards/drafting.py). max_loras: LoRA slots (0: no LoRA),
+        holding what each plan's table says (`StepPlan.loras`), ranks up to
+        max_lora_rank (`model.lora`)."""
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
         self.time_phases = self.device.type != "cuda" if time_phases is None else time_phases
@@ -131,7 +130,7 @@ class Shard:
             self.proposer.use_kernels = kernels
         # a graph holds the exchange only where its sizes do not follow the routing
         graphable = world_size == 1 or exchange == "tokens"
-        self.loras = ShardLoras(self, loras or {}, max_loras, max_lora_rank)
+        self.loras = ShardLoras(self, max_loras, max_lora_rank)
         if decode_graphs and self.proposer is not None:
             raise ValueError("decode graphs do not return the taps an EAGLE-3 draft reads")
         if decode_graphs and self.loras.slots is not None:
@@ -559,7 +558,7 @@ class NullShard(Shard):
         self.graphs = None
         self.proposer = None
         self._tapped = []
-        self.loras = ShardLoras(self, {}, 0, 0)
+        self.loras = ShardLoras(self, 0, 0)
         self.drawn = {}
         self.history = {}
         self.params = {}

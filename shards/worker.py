@@ -293,15 +293,14 @@ class ShardWorker:
         capture: bool = True,
         draft_model: str | None = None,
         num_draft_tokens: int = 4,
-        loras: dict[str, str] | None = None,
-        max_loras: int = 4,
+        max_loras: int = 0,
         max_lora_rank: int = 16,
     ) -> tuple[tuple[int, int], float]:
         """-> this shard's experts and the seconds its decode graphs took to capture.
         null_model: a shard that does no model work (`NullShard`), for the benchmarks.
         capture: capture the decode graphs now (every shard loads at once); a replacement
         shard leaves it to `capture_graphs`, which all shards then call together.
-        draft_model: an EAGLE-3 draft beside the target; loras: LoRA adapters (`Shard`)."""
+        draft_model: an EAGLE-3 draft beside the target; max_loras: LoRA slots (`Shard`)."""
         import torch
 
         from gptoss_ray.router.transport import DistributedTransport, LocalTransport
@@ -325,7 +324,6 @@ class ShardWorker:
             decode_graphs=decode_graphs,
             draft_model=draft_model,
             num_draft_tokens=num_draft_tokens,
-            loras=loras,
             max_loras=max_loras,
             max_lora_rank=max_lora_rank,
         )

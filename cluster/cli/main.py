@@ -167,6 +167,11 @@ def _parser() -> argparse.ArgumentParser:
         "model (vLLM's --lora-modules)",
     )
     serve.add_argument(
+        "--enable-lora",
+        action="store_true",
+        help="LoRA slots with no adapter yet: load them with POST /v1/load_lora_adapter",
+    )
+    serve.add_argument(
         "--max-loras", type=int, default=None, help="LoRA adapters resident on a shard (4)"
     )
     serve.add_argument(
@@ -386,6 +391,7 @@ def _serve(args: argparse.Namespace) -> int:
         harmony_frame=args.harmony_frame,
         env=_env(args.env),
         loras=_env(args.lora, "--lora"),
+        enable_lora=args.enable_lora,
         **_given(
             args,
             "max_loras",

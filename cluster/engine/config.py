@@ -84,6 +84,9 @@ class EngineConfig(BaseModel):
         "adapter_model.safetensors, the same path on every node); a request names one as "
         "its model",
     )
+    enable_lora: bool = Field(
+        False, description="LoRA slots with no adapter yet (load them while serving)"
+    )
     max_loras: int = Field(4, ge=1, description="LoRA adapters resident on a shard at once")
     max_lora_rank: int = Field(16, ge=1, description="the largest LoRA rank served")
     null_model: bool = Field(False, description="shards that do no model work (benchmarks)")
@@ -134,6 +137,10 @@ class EngineConfig(BaseModel):
         environ = dict(os.environ if environ is None else environ)
         taken = {k: v for k, v in environ.items() if k.startswith(COLLECTIVE_ENV)}
         return self.model_copy(update={"env": taken | self.env})
+
+    @property
+    def lora_on(self) -> bool:
+        return self.enable_lora or bool(self.loras)
 
     @property
     def kv_budget_bytes(self) -> int | None:

@@ -31,11 +31,13 @@ from gptoss_ray.cluster.engine.drafts import Drafter
 from gptoss_ray.cluster.engine.messages import EngineRequest, Outbox, RequestOutput, TokenDelta
 from gptoss_ray.cluster.engine.scheduler import Scheduler, Status
 from gptoss_ray.cluster.engine.scheduler import Sequence as Seq
-from gptoss_ray.model.config import ModelConfig
+from gptoss_ray.model.config import ConfigError, ModelConfig
+from gptoss_ray.model.lora_config import read_adapter_config
 from gptoss_ray.model.types import (
     ContextLengthExceeded,
     EngineUnavailable,
     KVLayout,
+    LoraInUse,
     ModelNotFound,
     RequestError,
     SamplingParams,
@@ -101,11 +103,13 @@ class EngineCore:
         cache_salt: str = "",
         drafter: Drafter | None = None,
         num_draft_tokens: int = 0,
-        loras: Sequence[str] = (),
-        max_loras: int = 4,
+        loras: dict[str, str] | None = None,
+        max_loras: int = 0,
+        max_lora_rank: int = 16,
     ) -> None:
-        """loras: the names of the LoRA adapters the shards serve (`SamplingParams.lora`),
-        at most max_loras of them resident on a shard at once. max_prompt_tokens: the longest prompt taken (default: what the context allows),
+        """loras: the LoRA adapters served (`SamplingParams.lora`), name -> PEFT folder
+        (`add_lora`, `remove_lora` change them), in max_loras slots (0: LoRA off), ranks
+        up to max_lora_rank. max_prompt_tokens: the longest prompt taken (default: what the context allows),
         so that one request cannot hold the engine for minutes of prefill. prefix_cache:
         reuse the KV of prompts' cached prefixes (`cluster.engine.kv_blocks`); cache_salt: what
         besides the tokens decides the keys (the model's path and dtype). run_step runs a
@@ -116,6 +120,10 @@ class EngineCore:
         if (run_step is None) == (launch_step is None):
             raise ValueError("give run_step or launch_step")
         self.launch_step = launch_step or _launch_from(run_step)
+        # name -> (PEFT folder, load count): a reload under a name is read afresh
+        self.loras: dict[str, tuple[str, int]] = {n: (p, 0) for n, p in (loras or {}).items()}
+        self.max_loras, self.max_lora_rank = max_loras, max_lora_rank
+        self._loads = 0
         # Drafts follow a sequence's last token: with a step in flight it is not known
         # yet, so with speculation each step is planned after the last one's results.
         self.overlap = overlap and drafter is None
@@ -136,8 +144,8 @@ class EngineCore:
             drafter=drafter,
             num_draft_tokens=num_draft_tokens,
             max_loras=max_loras,
+            loras=self.loras,
         )
-        self.loras = list(loras)
         self.requests: dict[str, Seq] = {}  # every choice's sequence, by its id
         self._forks: dict[str, list[str]] = {}  # request id -> its other choices' ids (n > 1)
         self.stats = EngineStats()
@@ -229,12 +237,45 @@ class EngineCore:
         problem = self.scheduler.capacity_error(len(prompt), params.max_tokens)
         if problem:
             raise RequestError(f"{where}: {problem}")
-        if params.lora is not None and params.lora not in self.loras:
+        if params.lora is not None and params.lora not in self.loras:  # (read unlocked)
             served = ", ".join(self.loras) or "none"
             raise ModelNotFound(
                 f"{where}: no LoRA adapter {params.lora!r} is served (served: {served})",
                 param="model",
             )
+
+    def add_lora(self, name: str, path: str) -> None:
+        """Serves one more LoRA adapter under `name` (vLLM's /v1/load_lora_adapter): its
+        config is checked here; each shard reads its weights when a request first needs
+        them."""
+        if self.max_loras == 0:
+            raise RequestError(
+                "this engine serves no LoRA adapters: start it with --lora or --enable-lora"
+            )
+        try:
+            read_adapter_config(path, self.max_lora_rank, name)
+        except ConfigError as exc:
+            raise RequestError(str(exc), param="lora_path") from None
+        with self._lock:
+            if name in self.loras:
+                raise RequestError(f"a LoRA adapter {name!r} is loaded already", param="lora_name")
+            self._loads += 1
+            self.loras[name] = (path, self._loads)
+
+    def remove_lora(self, name: str) -> None:
+        """Stops serving an adapter; refused while a request that uses it runs or waits."""
+        with self._lock:
+            if name not in self.loras:
+                raise ModelNotFound(f"no LoRA adapter {name!r} is loaded", param="lora_name")
+            users = [s for s in self.scheduler.live.values() if s.params.lora == name]
+            if users:
+                raise LoraInUse(
+                    f"LoRA adapter {name!r} is in use by {len(users)} sequence(s); unload it "
+                    "once they finish",
+                    param="lora_name",
+                )
+            del self.loras[name]
+            self.scheduler.drop_lora(name)
 
     def output(self, request_id: str) -> RequestOutput:
         """What a request (added without a front) has so far: choice 0's output; with

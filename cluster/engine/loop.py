@@ -113,6 +113,14 @@ class EngineLoop:
         """[layer][expert] rows routed to each expert ([] where nobody counts them)."""
         return self._expert_load() if self._expert_load is not None else []
 
+    def load_lora(self, name: str, path: str) -> None:
+        """Serves one more LoRA adapter (`EngineCore.add_lora`)."""
+        self.core.add_lora(name, path)
+
+    def unload_lora(self, name: str) -> None:
+        """Stops serving one (`EngineCore.remove_lora`): refused while it is in use."""
+        self.core.remove_lora(name)
+
     def add(self, groups: list[list[EngineRequest]], front: str) -> list[RequestError | None]:
         """Queues groups of requests, each all or none (`EngineCore.add`) and apart from
         the others: a front sends what its handlers submitted at once in one call. ->

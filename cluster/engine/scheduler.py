@@ -134,15 +134,18 @@ class Scheduler:
         drafter: Drafter | None = None,
         num_draft_tokens: int = 0,
         max_loras: int = 0,
+        loras: dict[str, str] | None = None,
     ) -> None:
         """cache_salt: what besides the tokens decides a block's keys (the model), mixed
         into every prefix-cache hash, with a sequence's LoRA adapter. drafter: proposes
         up to num_draft_tokens draft tokens for each decode (speculative decoding;
         `cluster.engine.drafts`), which count against the token budget. max_loras: the
-        distinct LoRA adapters a shard's running sequences may use at once (its slots)."""
+        LoRA slots every shard keeps; loras: the adapters served, name -> PEFT folder
+        (the engine core's, changed in place as adapters load and unload)."""
         self.layout = layout
         # the LoRA slots every shard keeps (slot -> adapter), and the plan that last used
         # each: a new adapter takes a slot no running sequence uses, the least recent
+        self.loras = loras if loras is not None else {}
         self.lora_slots: list[str | None] = [None] * max_loras
         self._slot_used = [0] * max_loras
         self._plans = 0
@@ -279,8 +282,9 @@ class Scheduler:
             for i, name in enumerate(self.lora_slots):
                 if name in running:
                     self._slot_used[i] = self._plans
+            table = [(n, *self.loras[n]) if n is not None else None for n in self.lora_slots]
             for plan in plans:
-                plan.loras = list(self.lora_slots)
+                plan.loras = table
         return with_buckets(plans)
 
     def _fork(self, rank: int, seq: Sequence, work: SeqWork) -> None:
@@ -321,6 +325,19 @@ class Scheduler:
         }
         rank = max(hits, key=lambda r: (hits[r], free[r], -r))
         return rank, hits[rank]
+
+    def _lora_salt(self, seq: Sequence) -> bytes:
+        """What a sequence's adapter adds to its blocks' hashes: its name and which load
+        of it (a reload under the name may be other weights)."""
+        lora = seq.params.lora
+        if lora is None:
+            return b""
+        _, load = self.loras.get(lora, ("", -1))
+        return f"\0lora:{lora}:{load}".encode()
+
+    def drop_lora(self, name: str) -> None:
+        """An unloaded adapter leaves its slot (no sequence uses it: the core checks)."""
+        self.lora_slots = [None if n == name else n for n in self.lora_slots]
 
     def _lora_slot(self, seq: Sequence) -> bool:
         """The sequence's adapter has a slot, or gets one that no running sequence's
@@ -364,8 +381,7 @@ class Scheduler:
         have, bs = len(seq.block_hashes), self.layout.block_size
         if blocks > have:
             tokens = seq.tokens(have * bs, (blocks - have) * bs)
-            lora = seq.params.lora
-            salt = self.cache_salt + (b"\0lora:" + lora.encode() if lora else b"")
+            salt = self.cache_salt + self._lora_salt(seq)
             chain_hashes(seq.block_hashes, tokens, bs, salt)
         return seq.block_hashes
 

@@ -6,7 +6,8 @@ tokenized here, the engines' token deltas become replies here, and a stop string
 here aborts its sequence in the engine.
 
 /v1/chat/completions, /v1/completions, /v1/responses (stream: server-sent events),
-/v1/models, vLLM's /tokenize, /detokenize, /tokenizer_info, /health, /metrics
+/v1/models, vLLM's /tokenize, /detokenize, /tokenizer_info, /v1/load_lora_adapter and
+/v1/unload_lora_adapter, /health, /metrics
 (Prometheus). With an API key every request needs `Authorization: Bearer KEY`. Errors
 have OpenAI's shape: {"error": {"message", "type", "param", "code"}}. A client that goes
 away has its sequences cancelled at once. Limits (`FrontSettings`): the body's size (413),
@@ -32,6 +33,7 @@ from gptoss_ray.cluster.front.endpoints import (
     chat_completions,
     completions,
     health,
+    loras,
     responses,
     tokenizer,
 )
@@ -158,6 +160,8 @@ ROUTES: list[tuple[str, list[str], Callable[[FrontState, Request], Awaitable[Res
     ("/v1/responses/{id}", ["GET"], responses.get_response),
     ("/v1/responses/{id}", ["DELETE"], responses.delete_response),
     ("/v1/responses/{id}/input_items", ["GET"], responses.response_input_items),
+    ("/v1/load_lora_adapter", ["POST"], loras.load_lora_adapter),
+    ("/v1/unload_lora_adapter", ["POST"], loras.unload_lora_adapter),
     ("/tokenize", ["POST"], tokenizer.tokenize),
     ("/detokenize", ["POST"], tokenizer.detokenize),
     ("/tokenizer_info", ["GET"], tokenizer.tokenizer_info),

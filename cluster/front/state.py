@@ -170,9 +170,15 @@ class FrontState:
         self._batches: Any = None
         self._releases: set[asyncio.Task] = set()
 
-    async def info(self) -> dict[str, Any]:
+    async def info(self, model: str | None = None) -> dict[str, Any]:
         """The engines' model and context, asked once of those that answer: an engine
-        already lost when the front first asks must not take the front down with it."""
+        already lost when the front first asks must not take the front down with it.
+        A `model` it does not know yet (a LoRA adapter loaded since, through any front
+        replica) asks again."""
+        info = self._info
+        known = info and {info["model_id"], info["model"], *info.get("loras", ())}
+        if model is not None and known and model not in known:
+            self._info = None
         if self._info is None:
             calls = (link.call("info") for link in self.pool.links)
             answers = await asyncio.gather(*calls, return_exceptions=True)
@@ -184,6 +190,10 @@ class FrontState:
                 raise EngineUnavailable(f"the engines serve different models: {sorted(models)}")
             self._info = infos[0]
         return self._info
+
+    def forget_info(self) -> None:
+        """The engines' info is asked again when next needed (adapters changed)."""
+        self._info = None
 
     @property
     def responses(self) -> ResponseStore:
@@ -243,7 +253,8 @@ class FrontState:
         if not isinstance(body, dict):
             raise ApiError(400, "the request body is a JSON object", "invalid_request")
         self.check_limits(body)
-        info = await self.info()
+        model = body.get("model")
+        info = await self.info(model if isinstance(model, str) else None)
         try:
             if kind == "chat":
                 parsed, (one, replies) = None, chat_request(body, info)

@@ -20,8 +20,9 @@ from gptoss_ray.cluster.engine.config import EngineConfig
 from gptoss_ray.cluster.engine.core import EngineCore, ShardsRestarted
 from gptoss_ray.cluster.engine.loop import EngineLoop
 from gptoss_ray.cluster.runtime.ray_instance import NAMESPACE
-from gptoss_ray.model.config import ConfigError, ModelConfig
+from gptoss_ray.model.config import ModelConfig
 from gptoss_ray.model.eagle3_config import Eagle3Config
+from gptoss_ray.model.lora_config import read_adapter_config
 from gptoss_ray.model.model_folder import model_config, read_config, resolve_model
 from gptoss_ray.model.types import (
     DEFAULT_GPU_MEMORY_UTILIZATION,
@@ -108,9 +109,9 @@ class Coordinator(EngineLoop):
             "decode_graphs": config.decode_graphs,
             "null_model": config.null_model,
         }
-        if config.loras:
+        loras = {n: str(Path(p).resolve()) for n, p in config.loras.items()}
+        if config.lora_on:
             self._load_options |= {
-                "loras": {n: str(Path(p).resolve()) for n, p in config.loras.items()},
                 "max_loras": config.max_loras,
                 "max_lora_rank": config.max_lora_rank,
             }
@@ -192,8 +193,9 @@ class Coordinator(EngineLoop):
             cache_salt=f"{self.model_path}:{dtype}",
             drafter=drafter,
             num_draft_tokens=num_draft_tokens,
-            loras=list(config.loras),
-            max_loras=config.max_loras,
+            loras=loras,
+            max_loras=config.max_loras if config.lora_on else 0,
+            max_lora_rank=config.max_lora_rank,
         )
         self.recoveries: list[dict[str, Any]] = []
         super().__init__(
@@ -562,8 +564,7 @@ def check_engine(config: EngineConfig) -> None:
     if config.speculative == "eagle3":
         check_draft(config, model)
     for name, path in config.loras.items():
-        if not (Path(path) / "adapter_config.json").is_file():
-            raise ConfigError(f"LoRA {name}: {path} has no adapter_config.json (a PEFT folder)")
+        read_adapter_config(path, config.max_lora_rank, name)
 
 
 def start_engines(

@@ -49,15 +49,18 @@ def adapters(tmp_path_factory):
     return out
 
 
-def core(loras: dict[str, str], max_loras: int = 2, **options) -> EngineCore:
-    shard = tiny_shard(LAYOUT, loras=loras, max_loras=max_loras)
+def core(
+    loras: dict[str, str], max_loras: int = 2, max_lora_rank: int = 16, **options
+) -> EngineCore:
+    shard = tiny_shard(LAYOUT, max_loras=max_loras, max_lora_rank=max_lora_rank)
     c = EngineCore(
         shard.config,
         1,
         LAYOUT,
         lambda plans: [shard.step(plans[0])],
-        loras=list(loras),
+        loras=loras,
         max_loras=max_loras,
+        max_lora_rank=max_lora_rank,
         **options,
     )
     c.shard = shard  # (the tests look at its slots)
@@ -95,7 +98,7 @@ def test_a_batch_of_adapters_gives_each_request_what_it_gets_alone(adapters):
     asks = [(ps[0], "a"), (ps[1], "b"), (ps[2], None), (ps[3], "c"), (ps[4], "a"), (ps[5], "c")]
     c = core(adapters)
     together = replies(c, asks)
-    assert sorted(c.shard.loras.host) == ["a", "b", "c"]  # all three ran, in two slots
+    assert sorted(k[0] for k in c.shard.loras.host) == ["a", "b", "c"]  # all ran, in 2 slots
     assert len(c.shard.loras.slots.names) == 2
     for ask, got in zip(asks, together, strict=True):
         assert got == replies(core(adapters), [ask])[0], ask[1]
@@ -131,10 +134,10 @@ def test_adapters_on_several_shards_give_the_one_shard_replies(adapters, world):
     alone = replies(core(adapters), asks)
     config = read_config(resolve_model("gpt-oss-tiny"))
     with LocalShardGroup(
-        "gpt-oss-tiny", world, dtype=torch.float32, kv_layout=LAYOUT, loras=adapters, max_loras=2
+        "gpt-oss-tiny", world, dtype=torch.float32, kv_layout=LAYOUT, max_loras=2
     ) as group:
         several = EngineCore(
-            config, world, LAYOUT, launch_step=group.launch, loras=list(adapters), max_loras=2
+            config, world, LAYOUT, launch_step=group.launch, loras=adapters, max_loras=2
         )
         assert replies(several, asks) == alone
 
@@ -192,3 +195,102 @@ def test_adapters_through_ray(adapters, ray_session):
         assert [list(o.token_ids) for o in outs] == alone
     finally:
         engine.shutdown()
+
+
+def test_adapters_load_and_unload_while_serving(adapters, tmp_path):
+    """Over HTTP: an engine started with LoRA slots and no adapter loads one (then
+    /v1/models lists it and requests name it), refuses a rank above max_lora_rank and a
+    name taken, refuses to unload an adapter a running request uses (409), and unloads it
+    once idle (then it is a 404 again). A reload under the same name reads the new
+    folder."""
+    import threading
+
+    from gptoss_ray.cluster.engine.loop import EngineLoop
+    from tests.support import served
+
+    c = core({}, max_loras=2, max_lora_rank=4)
+    engine = EngineLoop("/models/gpt-oss-tiny", c.config, LAYOUT, c)
+    chat = {"messages": [{"role": "user", "content": "Hi."}], "max_tokens": 24, "temperature": 0}
+    try:
+        with served(engine, "k") as url:
+            http = Http(url)
+            assert http.post("/chat/completions", json={**chat, "model": "a"}).status == 404
+            load = {"lora_name": "a", "lora_path": adapters["a"]}
+            r = http.post("/load_lora_adapter", json=load)
+            assert r.status == 200, r.text
+            assert [m["id"] for m in http.get("/models").json()["data"]] == ["gpt-oss-tiny", "a"]
+            r = http.post("/load_lora_adapter", json=load)
+            assert r.status == 400 and "loaded already" in r.json()["error"]["message"]
+            r = http.post("/load_lora_adapter", json={"lora_name": "b", "lora_path": adapters["b"]})
+            assert r.status == 400 and "rank 8 exceeds max_lora_rank 4" in r.text
+            tuned = http.post("/chat/completions", json={**chat, "model": "a"}).json()
+            base = http.post("/chat/completions", json=chat).json()
+            assert tuned["choices"][0]["message"] != base["choices"][0]["message"]
+            # a long request with the adapter: unloading it waits for nothing, it is refused
+            long = {**chat, "model": "a", "max_tokens": 300, "min_tokens": 300}
+            reply = {}
+            worker = threading.Thread(
+                target=lambda: reply.update(r=http.post("/chat/completions", json=long))
+            )
+            worker.start()
+            while not c.scheduler.live:
+                pass
+            r = http.post("/unload_lora_adapter", json={"lora_name": "a"})
+            assert r.status == 409 and "in use by 1 sequence" in r.text
+            worker.join()
+            assert reply["r"].status == 200
+            assert http.post("/unload_lora_adapter", json={"lora_name": "a"}).status == 200
+            assert http.post("/chat/completions", json={**chat, "model": "a"}).status == 404
+            assert c.scheduler.lora_slots.count("a") == 0
+            # a reload under the name reads the folder it names now ("c", rank 2)
+            load = {"lora_name": "a", "lora_path": adapters["c"]}
+            assert http.post("/load_lora_adapter", json=load).status == 200
+            again = http.post("/chat/completions", json={**chat, "model": "a"}).json()
+    finally:
+        engine.shutdown()
+    from gptoss_ray.cluster.client.chat import chat_prompt, chat_reply
+
+    alone = core({"c": adapters["c"]})
+    prompt, params, stops = chat_prompt(chat, 131072)
+    rid = alone.submit(prompt, params.model_copy(update={"lora": "c"}))
+    alone.run_until_done()
+    out = alone.output(rid)
+    want = chat_reply(out.token_ids, out.finish_reason, stop=stops, prompt_tokens=len(prompt))
+    got = again["choices"][0]["message"]
+    assert {k: got.get(k) for k in want["message"]} == want["message"]
+    assert got != tuned["choices"][0]["message"]
+
+
+class Http:
+    """POST and GET JSON on the API with its key (urllib: no client library needed)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def post(self, path: str, json: dict) -> _Reply:
+        return self._send(path, __import__("json").dumps(json).encode())
+
+    def get(self, path: str) -> _Reply:
+        return self._send(path, None)
+
+    def _send(self, path: str, data: bytes | None) -> _Reply:
+        import urllib.error
+        import urllib.request
+
+        headers = {"Authorization": "Bearer k", "Content-Type": "application/json"}
+        req = urllib.request.Request(self.url + path, data=data, headers=headers)
+        try:
+            with urllib.request.urlopen(req) as r:
+                return _Reply(r.status, r.read().decode())
+        except urllib.error.HTTPError as err:
+            return _Reply(err.code, err.read().decode())
+
+
+class _Reply:
+    def __init__(self, status: int, text: str) -> None:
+        self.status, self.text = status, text
+
+    def json(self) -> dict:
+        import json
+
+        return json.loads(self.text)
