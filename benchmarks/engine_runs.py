@@ -49,6 +49,44 @@ def random_prompts(n: int, length: int, seed: int, vocab: int = 200000) -> list[
     return [torch.randint(0, vocab, (length,), generator=g).tolist() for _ in range(n)]
 
 
+def local_setup(args: argparse.Namespace):
+    """The model's config, dtype, a KV layout from --kv-budget-mb and greedy params of
+    --output-len tokens: what the benchmarks over in-process shard groups share."""
+    import torch
+
+    from gptoss_ray.model.model_folder import read_config, resolve_model
+    from gptoss_ray.model.types import KVLayout, SamplingParams
+
+    config = read_config(resolve_model(args.model))
+    dtype = getattr(torch, args.dtype)
+    layout = KVLayout.from_budget(
+        config, int(args.kv_budget_mb * 2**20), bytes_per_value=dtype.itemsize, block_size=16
+    )
+    params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
+    return config, dtype, layout, params
+
+
+def decode_steps(core) -> dict[str, Any]:
+    """Runs an engine core's requests to the end, timing each step -> the decode steps'
+    figures (steps that prefilled nothing and drew tokens): median seconds, tokens a step
+    and a second."""
+    times, tokens = [], []
+    while core.has_work():
+        before, prefill = core.stats.generated_tokens, core.stats.prefill_tokens
+        t0 = time.perf_counter()
+        core.step()
+        wall = time.perf_counter() - t0
+        if core.stats.prefill_tokens == prefill and core.stats.generated_tokens > before:
+            times.append(wall)
+            tokens.append(core.stats.generated_tokens - before)
+    return {
+        "step_s": median(times),
+        "tokens_per_step": sum(tokens) / max(1, len(tokens)),
+        "tokens_per_s": sum(tokens) / max(1e-9, sum(times)),
+        "decode_steps": len(times),
+    }
+
+
 def ensure_ray(min_cpus: int) -> None:
     """One Ray instance for every engine of the run (each engine would start its own)."""
     from gptoss_ray.cluster.runtime.ray_instance import init_for_engine

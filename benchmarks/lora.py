@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from gptoss_ray.benchmarks.common import median, progress, save
+from gptoss_ray.benchmarks.common import progress, save
+from gptoss_ray.benchmarks.engine_runs import decode_steps
 
 
 def one_run(group, config, layout, world, prompts, params, served, slots) -> dict[str, Any]:
@@ -40,37 +40,15 @@ def one_run(group, config, layout, world, prompts, params, served, slots) -> dic
     for i, p in enumerate(prompts):
         lora = names[i % len(names)] if names else None
         core.submit(p, params.model_copy(update={"lora": lora}), request_id=f"r{i}")
-    times, tokens = [], []
-    while core.has_work():
-        before, prefill = core.stats.generated_tokens, core.stats.prefill_tokens
-        t0 = time.perf_counter()
-        core.step()
-        wall = time.perf_counter() - t0
-        if core.stats.prefill_tokens == prefill and core.stats.generated_tokens > before:
-            times.append(wall)
-            tokens.append(core.stats.generated_tokens - before)
-    return {
-        "step_s": median(times),
-        "tokens_per_s": sum(tokens) / max(1e-9, sum(times)),
-        "decode_steps": len(times),
-    }
+    return decode_steps(core)
 
 
 def run(args: argparse.Namespace, data: dict[str, Any]) -> None:
-    import torch
-
-    from gptoss_ray.benchmarks.engine_runs import random_prompts
+    from gptoss_ray.benchmarks.engine_runs import local_setup, random_prompts
     from gptoss_ray.model.lora import write_random_adapter
-    from gptoss_ray.model.model_folder import read_config, resolve_model
-    from gptoss_ray.model.types import KVLayout, SamplingParams
     from gptoss_ray.shards.local_group import LocalShardGroup
 
-    config = read_config(resolve_model(args.model))
-    dtype = getattr(torch, args.dtype)
-    layout = KVLayout.from_budget(
-        config, int(args.kv_budget_mb * 2**20), bytes_per_value=dtype.itemsize, block_size=16
-    )
-    params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
+    config, dtype, layout, params = local_setup(args)
     most = max(args.adapters)
     root = Path(tempfile.mkdtemp(prefix="lora-bench-"))
     adapters = {

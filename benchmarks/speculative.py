@@ -19,10 +19,10 @@ worth."""
 from __future__ import annotations
 
 import argparse
-import time
 from typing import Any
 
-from gptoss_ray.benchmarks.common import median, progress, save
+from gptoss_ray.benchmarks.common import progress, save
+from gptoss_ray.benchmarks.engine_runs import decode_steps
 
 
 class _Replies:
@@ -57,43 +57,22 @@ def one_run(group, config, layout, world, prompts, params, drafter=None, k=0) ->
         overlap=False,
     )
     ids = [core.submit(p, params, request_id=f"r{i}") for i, p in enumerate(prompts)]
-    times, tokens = [], []
-    while core.has_work():
-        before = core.stats.generated_tokens
-        prefill = core.stats.prefill_tokens
-        t0 = time.perf_counter()
-        core.step()
-        wall = time.perf_counter() - t0
-        if core.stats.prefill_tokens == prefill and core.stats.generated_tokens > before:
-            times.append(wall)
-            tokens.append(core.stats.generated_tokens - before)
+    figures = decode_steps(core)
     snap = core.snapshot()
     return {
         "replies": {rid: core.output(rid).token_ids for rid in ids},
-        "step_s": median(times),
-        "tokens_per_step": sum(tokens) / max(1, len(tokens)),
-        "tokens_per_s": sum(tokens) / max(1e-9, sum(times)),
-        "decode_steps": len(times),
+        **figures,
         "drafts_proposed": snap["drafts_proposed"],
         "drafts_accepted": snap["drafts_accepted"],
     }
 
 
 def run(args: argparse.Namespace, data: dict[str, Any]) -> None:
-    import torch
-
-    from gptoss_ray.benchmarks.engine_runs import random_prompts
+    from gptoss_ray.benchmarks.engine_runs import local_setup, random_prompts
     from gptoss_ray.cluster.engine.drafts import NgramDrafter, ShardDrafts
-    from gptoss_ray.model.model_folder import read_config, resolve_model
-    from gptoss_ray.model.types import KVLayout, SamplingParams
     from gptoss_ray.shards.local_group import LocalShardGroup
 
-    config = read_config(resolve_model(args.model))
-    dtype = getattr(torch, args.dtype)
-    layout = KVLayout.from_budget(
-        config, int(args.kv_budget_mb * 2**20), bytes_per_value=dtype.itemsize, block_size=16
-    )
-    params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
+    config, dtype, layout, params = local_setup(args)
     rows = []
     plains = {}
     with LocalShardGroup(

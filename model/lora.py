@@ -98,12 +98,10 @@ class LoraAdapter:
                     a, b = pair  # [E, r, in], [E, out, r]
                     setattr(layer, attr, (a[lo:hi].contiguous(), (b[lo:hi] * scale).contiguous()))
             layers.append(layer)
-        unused = set(tensors) - _used
-        _used.clear()
-        if unused:
+        if tensors:  # what `_take` left: names this model has no place for
             raise CheckpointError(
                 f"{folder / WEIGHTS_FILE}: tensors this model has no place for: "
-                f"{', '.join(sorted(unused)[:4])}"
+                f"{', '.join(sorted(tensors)[:4])}"
             )
         if not any(
             x is not None
@@ -112,10 +110,6 @@ class LoraAdapter:
         ):
             raise CheckpointError(f"{folder / WEIGHTS_FILE}: no LoRA tensor for this model")
         return cls(name, config, layers)
-
-
-# the adapter's tensor names read while loading one (to name those left over)
-_used: set[str] = set()
 
 
 def _read(folder: Path) -> dict[str, torch.Tensor]:
@@ -132,10 +126,10 @@ def _read(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _take(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, ...]) -> torch.Tensor:
-    t = tensors[name]
+    """Takes a tensor out of `tensors` (those left at the end have no place)."""
+    t = tensors.pop(name)
     if tuple(t.shape) != shape:
         raise CheckpointError(f"{name}: shape {list(t.shape)}, expected {list(shape)}")
-    _used.add(name)
     return t
 
 

@@ -7,19 +7,17 @@ gives back to it later takes it from there."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
 from gptoss_ray.model.lora import LoraAdapter, LoraSlots
 from gptoss_ray.model.types import SeqWork
 
-if TYPE_CHECKING:
-    from gptoss_ray.shards.shard import Shard
-
 
 class ShardLoras:
-    def __init__(self, shard: Shard, max_loras: int, max_rank: int) -> None:
+    def __init__(self, shard: Any, max_loras: int, max_rank: int) -> None:
+        """shard: the `Shard` whose model, experts and sequences' params these are."""
         self.shard = shard
         # by (name, folder, load count): read once, dropped when reloaded under its name
         self.host: dict[tuple[str, str, int], LoraAdapter] = {}

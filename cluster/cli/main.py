@@ -169,7 +169,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--enable-lora",
         action="store_true",
-        help="LoRA slots with no adapter yet: load them with POST /v1/load_lora_adapter",
+        help="load and unload LoRA adapters while serving (POST /v1/load_lora_adapter, "
+        "/v1/unload_lora_adapter; their paths are read on the engines' machines)",
     )
     serve.add_argument(
         "--max-loras", type=int, default=None, help="LoRA adapters resident on a shard (4)"
@@ -536,14 +537,17 @@ def _usage(message: str) -> Exception:
 
 
 def _env(pairs: list[str], flag: str = "--env") -> dict[str, str]:
-    """NAME=VALUE pairs of a repeatable flag (--env, --lora) -> a dict."""
+    """NAME=VALUE pairs of a repeatable flag (--env, whose values may be empty; --lora,
+    whose paths may not) -> a dict."""
     from gptoss_ray.model.config import ConfigError
 
     env = {}
     for pair in pairs:
         name, eq, value = pair.partition("=")
-        if not eq or not name or not value:
-            raise ConfigError(f"{flag} {pair!r}: expected NAME=VALUE")
+        if not eq or not name or (flag != "--env" and not value):
+            raise ConfigError(
+                f"{flag} {pair!r}: expected {'KEY=VALUE' if flag == '--env' else 'NAME=PATH'}"
+            )
         env[name] = value
     return env
 

@@ -85,7 +85,9 @@ class EngineConfig(BaseModel):
         "its model",
     )
     enable_lora: bool = Field(
-        False, description="LoRA slots with no adapter yet (load them while serving)"
+        False,
+        description="LoRA adapters load and unload while serving (/v1/load_lora_adapter: "
+        "folders on the engines' machines), with `loras` or none at the start",
     )
     max_loras: int = Field(4, ge=1, description="LoRA adapters resident on a shard at once")
     max_lora_rank: int = Field(16, ge=1, description="the largest LoRA rank served")

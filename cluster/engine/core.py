@@ -106,10 +106,12 @@ class EngineCore:
         loras: dict[str, str] | None = None,
         max_loras: int = 0,
         max_lora_rank: int = 16,
+        lora_updates: bool = False,
     ) -> None:
-        """loras: the LoRA adapters served (`SamplingParams.lora`), name -> PEFT folder
-        (`add_lora`, `remove_lora` change them), in max_loras slots (0: LoRA off), ranks
-        up to max_lora_rank. max_prompt_tokens: the longest prompt taken (default: what the context allows),
+        """loras: the LoRA adapters served (`SamplingParams.lora`), name -> PEFT folder,
+        in max_loras slots (0: LoRA off), ranks up to max_lora_rank; with lora_updates,
+        `add_lora` and `remove_lora` change them while serving (their folders are read
+        on the engine's machines: an operator's choice, `--enable-lora`). max_prompt_tokens: the longest prompt taken (default: what the context allows),
         so that one request cannot hold the engine for minutes of prefill. prefix_cache:
         reuse the KV of prompts' cached prefixes (`cluster.engine.kv_blocks`); cache_salt: what
         besides the tokens decides the keys (the model's path and dtype). run_step runs a
@@ -123,6 +125,7 @@ class EngineCore:
         # name -> (PEFT folder, load count): a reload under a name is read afresh
         self.loras: dict[str, tuple[str, int]] = {n: (p, 0) for n, p in (loras or {}).items()}
         self.max_loras, self.max_lora_rank = max_loras, max_lora_rank
+        self.lora_updates = lora_updates
         self._loads = 0
         # Drafts follow a sequence's last token: with a step in flight it is not known
         # yet, so with speculation each step is planned after the last one's results.
@@ -248,10 +251,7 @@ class EngineCore:
         """Serves one more LoRA adapter under `name` (vLLM's /v1/load_lora_adapter): its
         config is checked here; each shard reads its weights when a request first needs
         them."""
-        if self.max_loras == 0:
-            raise RequestError(
-                "this engine serves no LoRA adapters: start it with --lora or --enable-lora"
-            )
+        self._lora_updates_on()
         try:
             read_adapter_config(path, self.max_lora_rank, name)
         except ConfigError as exc:
@@ -262,8 +262,16 @@ class EngineCore:
             self._loads += 1
             self.loras[name] = (path, self._loads)
 
+    def _lora_updates_on(self) -> None:
+        if not (self.lora_updates and self.max_loras):
+            raise RequestError(
+                "this engine does not load or unload LoRA adapters while serving: start it "
+                "with --enable-lora"
+            )
+
     def remove_lora(self, name: str) -> None:
         """Stops serving an adapter; refused while a request that uses it runs or waits."""
+        self._lora_updates_on()
         with self._lock:
             if name not in self.loras:
                 raise ModelNotFound(f"no LoRA adapter {name!r} is loaded", param="lora_name")

@@ -196,6 +196,7 @@ class Coordinator(EngineLoop):
             loras=loras,
             max_loras=config.max_loras if config.lora_on else 0,
             max_lora_rank=config.max_lora_rank,
+            lora_updates=config.enable_lora,
         )
         self.recoveries: list[dict[str, Any]] = []
         super().__init__(

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gptoss_ray.cluster.engine.core import EngineCore
-from gptoss_ray.model.types import KVLayout, ModelNotFound, SamplingParams
+from gptoss_ray.model.types import KVLayout, ModelNotFound, RequestError, SamplingParams
 from tests.engine_cases import prompts, tiny_shard, transformers_model
 
 pytest.importorskip("peft")
@@ -208,7 +208,10 @@ def test_adapters_load_and_unload_while_serving(adapters, tmp_path):
     from gptoss_ray.cluster.engine.loop import EngineLoop
     from tests.support import served
 
-    c = core({}, max_loras=2, max_lora_rank=4)
+    fixed = core(adapters)  # adapters given at the start only: no loading while serving
+    with pytest.raises(RequestError, match="start it with --enable-lora"):
+        fixed.add_lora("d", adapters["a"])
+    c = core({}, max_loras=2, max_lora_rank=4, lora_updates=True)
     engine = EngineLoop("/models/gpt-oss-tiny", c.config, LAYOUT, c)
     chat = {"messages": [{"role": "user", "content": "Hi."}], "max_tokens": 24, "temperature": 0}
     try:
