@@ -58,19 +58,27 @@ def run(args: argparse.Namespace, data: dict[str, Any]) -> None:
         for i in range(most)
     }
     rows = []
-    for count in sorted(set(args.adapters)):
-        served = adapters if count else {}
-        options = {"max_loras": args.max_loras} if served else {}
+    counts = sorted(set(args.adapters))
+    # shards that serve no LoRA for the base rows; one group with slots for the others
+    for slots, mine in ((0, [c for c in counts if c == 0]), (args.max_loras, counts)):
+        mine = [c for c in mine if (c > 0) == (slots > 0)]
+        if not mine:
+            continue
         with LocalShardGroup(
-            args.model, args.shards, threads=args.threads, dtype=dtype, kv_layout=layout, **options
+            args.model,
+            args.shards,
+            threads=args.threads,
+            dtype=dtype,
+            kv_layout=layout,
+            max_loras=slots,
         ) as group:
-            mix = {n: served[n] for n in list(served)[:count]}
-            for batch in args.batches:
-                progress(f"batch {batch}, {count} distinct adapter(s) ...")
-                prompts = random_prompts(batch, args.prompt_len, seed=batch)
-                slots = args.max_loras if served else 0
-                out = one_run(group, config, layout, args.shards, prompts, params, mix, slots)
-                rows.append({"batch": batch, "adapters": count, **out})
+            for count in mine:
+                mix = {n: adapters[n] for n in list(adapters)[:count]}
+                for batch in args.batches:
+                    progress(f"batch {batch}, {count} distinct adapter(s) ...")
+                    prompts = random_prompts(batch, args.prompt_len, seed=batch)
+                    out = one_run(group, config, layout, args.shards, prompts, params, mix, slots)
+                    rows.append({"batch": batch, "adapters": count, **out})
     data["results"] = rows
     print(
         f"{args.model} ({args.dtype}), {args.shards} CPU shard(s), greedy, prompt "

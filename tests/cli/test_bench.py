@@ -444,7 +444,7 @@ def test_bench_lora_times_steps_by_distinct_adapters(tmp_path, capsys):
     the end on 2 shards, a row each."""
     from gptoss_ray.benchmarks.cli import main
 
-    args = "lora --batches 4 --adapters 0,1,2 --rank 4 --max-loras 2 --output-len 4"
+    args = "lora --batches 2 --adapters 0,1,2 --rank 4 --max-loras 2 --output-len 4"
     main(["--out", str(tmp_path), *args.split(), "--prompt-len", "8"])
     (saved,) = tmp_path.glob("lora-*.json")
     rows = json.loads(saved.read_text())["results"]

@@ -230,7 +230,7 @@ def test_adapters_load_and_unload_while_serving(adapters, tmp_path):
             base = http.post("/chat/completions", json=chat).json()
             assert tuned["choices"][0]["message"] != base["choices"][0]["message"]
             # a long request with the adapter: unloading it waits for nothing, it is refused
-            long = {**chat, "model": "a", "max_tokens": 300, "min_tokens": 300}
+            long = {**chat, "model": "a", "max_tokens": 120, "min_tokens": 120}
             reply = {}
             worker = threading.Thread(
                 target=lambda: reply.update(r=http.post("/chat/completions", json=long))
