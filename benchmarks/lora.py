@@ -59,9 +59,9 @@ def run(args: argparse.Namespace, data: dict[str, Any]) -> None:
     }
     rows = []
     counts = sorted(set(args.adapters))
-    # shards that serve no LoRA for the base rows; one group with slots for the others
-    for slots, mine in ((0, [c for c in counts if c == 0]), (args.max_loras, counts)):
-        mine = [c for c in mine if (c > 0) == (slots > 0)]
+    # shards that serve no LoRA for the base model's row; one group with slots for the rest
+    groups = [(0, [c for c in counts if c == 0]), (args.max_loras, [c for c in counts if c])]
+    for slots, mine in groups:
         if not mine:
             continue
         with LocalShardGroup(
