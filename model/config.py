@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 LayerType = Literal["sliding_attention", "full_attention"]
 
@@ -142,16 +142,7 @@ class ModelConfig(BaseModel):
 
     @classmethod
     def from_file(cls, path: str | Path) -> ModelConfig:
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError as exc:
-            raise ConfigError(f"{path}: no such file") from exc
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a JSON object")
-        return cls.from_dict(raw, source=str(path))
+        return cls.from_dict(read_json_object(path), source=str(path))
 
     @classmethod
     def preset(cls, name: str) -> ModelConfig:
@@ -219,6 +210,28 @@ class ModelConfig(BaseModel):
                 ],
             },
         }
+
+
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """A config file's JSON object; a missing file, bad JSON or another value is a
+    ConfigError that names the file."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: no such file") from exc
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return raw
+
+
+def field_error(source: str, exc: ValidationError) -> ConfigError:
+    """pydantic's first complaint about a config, as one line naming the field."""
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "config"
+    return ConfigError(f"{source}: {where}: {first['msg']}")
 
 
 def preset_names() -> list[str]:

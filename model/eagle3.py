@@ -30,7 +30,7 @@ from torch import nn
 
 from gptoss_ray.model.config import ModelConfig
 from gptoss_ray.model.eagle3_config import Eagle3Config
-from gptoss_ray.model.model import RMSNorm, apply_rotary
+from gptoss_ray.model.model import RMSNorm, apply_rotary, attention_with_sinks
 from gptoss_ray.model.model_folder import CheckpointError, safetensors_files
 
 __all__ = ["Eagle3Config", "Eagle3Draft", "causal_attention", "load_draft", "write_random_draft"]
@@ -189,23 +189,14 @@ class Eagle3Draft(nn.Module):
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """One sequence's plain causal attention (no sinks, no window), q at the last rows
-    of k: q [n, Hq, d], k, v [L, Hkv, d] -> [n, Hq, d] in float32 math."""
-    n, hq, d = q.shape
-    length, hkv, _ = k.shape
-    qg = q.float().view(n, hkv, hq // hkv, d)
-    scores = torch.einsum("nkgd,lkd->kgnl", qg, k.float()) / math.sqrt(d)
-    q_pos = torch.arange(length - n, length, device=q.device)[:, None]
-    visible = torch.arange(length, device=q.device)[None, :] <= q_pos
-    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
-    return torch.einsum("kgnl,lkd->nkgd", probs, v.float()).reshape(n, hq, d).to(q.dtype)
+    """One sequence's plain causal attention, q at the last rows of k: q [n, Hq, d],
+    k, v [L, Hkv, d] -> [n, Hq, d]; the target's attention with sinks that take no share
+    (-inf) and no window."""
+    no_sinks = torch.full((q.shape[1],), float("-inf"), device=q.device)
+    return attention_with_sinks(q, k, v, no_sinks, q_offset=k.shape[0] - q.shape[0], window=None)
 
 
-# checkpoint name -> parameter name: the norms' weights are our RMSNorm's `scale`
-def _param_name(stored: str) -> str:
-    return stored[: -len("weight")] + "scale" if stored.endswith("norm.weight") else stored
-
-
+# the norms' weights are our RMSNorm's `scale`: parameter name -> checkpoint name
 def _stored_name(param: str) -> str:
     return param[: -len("scale")] + "weight" if param.endswith("norm.scale") else param
 

@@ -4,13 +4,12 @@ The model itself is model/eagle3.py."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from gptoss_ray.model.config import ConfigError, ModelConfig
+from gptoss_ray.model.config import ConfigError, ModelConfig, field_error, read_json_object
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 
@@ -104,9 +103,7 @@ class Eagle3Config(BaseModel):
         try:
             return cls.model_validate({**raw, "aux_layers": taps})
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "config"
-            raise ConfigError(f"{source}: {where}: {first['msg']}") from exc
+            raise field_error(source, exc) from exc
 
     @classmethod
     def for_target(cls, target: ModelConfig, draft_vocab: int = 32000) -> Eagle3Config:
@@ -128,7 +125,7 @@ class Eagle3Config(BaseModel):
         path = Path(folder) / "config.json"
         if not path.is_file():
             raise ConfigError(f"{folder}: no config.json (an EAGLE-3 draft's folder has one)")
-        return cls.from_dict(json.loads(path.read_text()), str(path))
+        return cls.from_dict(read_json_object(path), str(path))
 
     def to_hf_dict(self) -> dict[str, Any]:
         out = self.model_dump(exclude={"aux_layers"}, exclude_none=True)

@@ -253,10 +253,13 @@ class LoraSlots:
         """Each token's slot [T] (-1: the base model) -> its bands' masks, rank-wide
         [T, S * R] and for q, k, v [T, S * 3R], in the factors' dtype."""
         dtype = self.layers[0].out[0].dtype
-        return (
-            (adapters[:, None] == self.owner[None, :]).to(dtype),
-            (adapters[:, None] == self.owner3[None, :]).to(dtype),
-        )
+        return band_mask(adapters, self.owner, dtype), band_mask(adapters, self.owner3, dtype)
+
+
+def band_mask(slots: torch.Tensor, owner: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows' slots [...] (-1: none) -> 1 where a band row belongs to the row's slot, 0
+    elsewhere [..., len(owner)]."""
+    return (slots[..., None] == owner).to(dtype)
 
 
 def lora_delta(
@@ -272,13 +275,11 @@ def lora_delta_tiles(
     x: torch.Tensor,
     pair: tuple[torch.Tensor, torch.Tensor],
     experts: torch.Tensor,
-    slots: torch.Tensor,
-    owner: torch.Tensor,
+    mask: torch.Tensor,
 ) -> torch.Tensor:
     """The same for tiles of rows of one expert each: x [c, h, in], experts [c] (local
-    index), each row's slot [c, h] (-1: none), the bands' owners [S * R] -> [c, h, out]."""
+    index), the rows' band masks [c, h, S * R] (`band_mask`) -> [c, h, out]."""
     a, b = pair[0][experts], pair[1][experts]  # [c, S*R, in], [c, out, S*R]
-    mask = (slots[..., None] == owner).to(a.dtype)
     return torch.bmm(torch.bmm(x.to(a.dtype), a.mT) * mask, b.mT)
 
 

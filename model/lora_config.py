@@ -4,7 +4,6 @@ weights and their math are model/lora.py."""
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from gptoss_ray.model.config import ConfigError
+from gptoss_ray.model.config import ConfigError, field_error, read_json_object
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -111,13 +110,9 @@ class LoraConfig(BaseModel):
         if not path.is_file():
             raise ConfigError(f"{folder}: no {CONFIG_FILE} (a PEFT adapter's folder has one)")
         try:
-            config = cls.model_validate(json.loads(path.read_text()))
+            config = cls.model_validate(read_json_object(path))
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "config"
-            raise ConfigError(f"{path}: {where}: {first['msg']}") from exc
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: not JSON ({exc})") from exc
+            raise field_error(str(path), exc) from exc
         config.check(str(path))
         return config
 

@@ -18,7 +18,13 @@ from gptoss_ray.model import mxfp4
 from gptoss_ray.model.config import ModelConfig
 from gptoss_ray.model.expert_tiles import ExpertTiles
 from gptoss_ray.model.kv_cache import AttentionTables, PagedBatch, SequenceBatch
-from gptoss_ray.model.lora import LayerSlots, LoraSlots, lora_delta, lora_delta_tiles
+from gptoss_ray.model.lora import (
+    LayerSlots,
+    LoraSlots,
+    band_mask,
+    lora_delta,
+    lora_delta_tiles,
+)
 
 
 class RMSNorm(nn.Module):
@@ -373,12 +379,13 @@ class ExpertSlice(nn.Module):
             rows_c = source[c : c + chunk]
             u = torch.baddbmm(self.mlp1_bias[e, None].to(x.dtype), x[rows_c], w1.mT)
             if lora is not None:  # LoRA on the experts: W + B @ A, as a product of its own
-                d = lora_delta_tiles(x[rows_c], self.lora.mlp1, e, lora[rows_c], self.lora.owner)  # type: ignore[union-attr]
+                mask = band_mask(lora[rows_c], self.lora.owner, self.lora.out[0].dtype)  # type: ignore[union-attr]
+                d = lora_delta_tiles(x[rows_c], self.lora.mlp1, e, mask)  # type: ignore[union-attr]
                 u = u + d.to(u.dtype)
             a = swiglu(u, self.alpha, self.limit)  # [c, height, I]
             y_c = torch.baddbmm(self.mlp2_bias[e, None].to(x.dtype), a, w2.mT)
             if lora is not None:
-                d = lora_delta_tiles(a, self.lora.mlp2, e, lora[rows_c], self.lora.owner)  # type: ignore[union-attr]
+                d = lora_delta_tiles(a, self.lora.mlp2, e, mask)  # type: ignore[union-attr]
                 y_c = y_c + d.to(y_c.dtype)
             parts.append(y_c)
         y = torch.cat(parts) if len(parts) > 1 else parts[0]

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from gptoss_ray.model.eagle3 import Eagle3Draft, load_draft
-from gptoss_ray.model.model import Transformer, paged_attention_torch
+from gptoss_ray.model.model import Transformer, _sink_softmax, paged_attention_torch
 from gptoss_ray.model.types import KVLayout, cdiv
 from gptoss_ray.shards.kv_cache import PagedBatchView, PagedSequence
 
@@ -149,27 +149,35 @@ class DraftProposer:
             dtype=torch.long,
         ).to(device)
         base_t = torch.tensor(base, dtype=torch.long, device=device)
-        keys = self.keys[table].flatten(1, 2)  # [D, L, Hkv, d]
-        values = self.values[table].flatten(1, 2)
+        # the verified keys, gathered and widened once for every step
+        keys = self.keys[table].flatten(1, 2).float()  # [D, L, Hkv, d]
+        values = self.values[table].flatten(1, 2).float()
         seen = torch.arange(keys.shape[1], device=device)[None, :] < base_t[:, None]  # [D, L]
         steps = self.num_tokens - 1
         d_count, hkv, dim = len(asking), dc.num_key_value_heads, dc.dim
         scratch_k = keys.new_zeros(d_count, steps, hkv, dim)
         scratch_v = keys.new_zeros(d_count, steps, hkv, dim)
         group = dc.num_attention_heads // hkv
+        no_sink = self._no_sinks.view(1, hkv, group, 1)
+        order = torch.arange(steps, device=device)[None, :].expand(d_count, steps)
         out, token = [], first
         for j in range(steps):  # over draft positions, not rows
 
             def attend(q, k, v, j=j):
                 scratch_k[:, j], scratch_v[:, j] = k, v
-                mine = torch.arange(steps, device=device)[None, :].expand(d_count, steps) <= j
-                ks = torch.cat((keys, scratch_k), 1).float()  # [D, L + steps, Hkv, d]
-                vs = torch.cat((values, scratch_v), 1).float()
                 qg = q.float().view(d_count, hkv, group, dim)
-                scores = torch.einsum("skgd,slkd->skgl", qg, ks) / math.sqrt(dim)
-                visible = torch.cat((seen, mine), 1)[:, None, None, :]
-                probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
-                o = torch.einsum("skgl,slkd->skgd", probs, vs)
+                scores = torch.cat(  # [D, Hkv, g, L + steps]: the pool's keys, then the new
+                    (
+                        torch.einsum("skgd,slkd->skgl", qg, keys),
+                        torch.einsum("skgd,slkd->skgl", qg, scratch_k),
+                    ),
+                    dim=-1,
+                ) / math.sqrt(dim)
+                visible = torch.cat((seen, order <= j), 1)[:, None, None, :]
+                probs = _sink_softmax(scores, visible, no_sink)
+                length = keys.shape[1]
+                o = torch.einsum("skgl,slkd->skgd", probs[..., :length], values)
+                o = o + torch.einsum("skgl,slkd->skgd", probs[..., length:], scratch_v)
                 return o.reshape(d_count, -1, dim).to(q.dtype)
 
             hidden = draft(token, hidden, base_t + j, attend)

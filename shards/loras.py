@@ -47,13 +47,13 @@ class ShardLoras:
                 f"{self.slots.max_loras}"
             )
         for slot, entry in enumerate(table):
-            name = entry[0] if entry is not None else None
-            if self.slots.names[slot] == name and self._folders[slot] == entry:
+            if self._folders[slot] == entry:
                 continue
             self._folders[slot] = entry
             if entry is None:
                 self.slots.clear(slot)
                 continue
+            name = entry[0]
             if entry not in self.host:
                 for old in [k for k in self.host if k[0] == name]:  # an earlier load's
                     del self.host[old]
@@ -77,7 +77,5 @@ class ShardLoras:
                 f"shard {self.shard.rank}: LoRA adapters {sorted(missing)} have no slot in "
                 "the plan's table"
             )
-        per_token = [
-            slot_of[n] if n else -1 for n, k in zip(names, lengths, strict=True) for _ in range(k)
-        ]
-        return torch.tensor(per_token, dtype=torch.long).to(self.shard.device)
+        per_seq = torch.tensor([slot_of[n] if n else -1 for n in names], dtype=torch.long)
+        return per_seq.repeat_interleave(torch.tensor(lengths)).to(self.shard.device)

@@ -278,7 +278,7 @@ class Scheduler:
             budgets[rank] -= n
         if self.lora_slots:  # every shard's table, the same
             self._plans += 1
-            running = {s.params.lora for shard in self.shards for s in shard.running}
+            running = self._running_loras()
             for i, name in enumerate(self.lora_slots):
                 if name in running:
                     self._slot_used[i] = self._plans
@@ -335,6 +335,9 @@ class Scheduler:
         _, load = self.loras.get(lora, ("", -1))
         return f"\0lora:{lora}:{load}".encode()
 
+    def _running_loras(self) -> set[str | None]:
+        return {s.params.lora for shard in self.shards for s in shard.running}
+
     def drop_lora(self, name: str) -> None:
         """An unloaded adapter leaves its slot (no sequence uses it: the core checks)."""
         self.lora_slots = [None if n == name else n for n in self.lora_slots]
@@ -346,7 +349,7 @@ class Scheduler:
         lora = seq.params.lora
         if lora is None or lora in self.lora_slots:
             return True
-        running = {s.params.lora for shard in self.shards for s in shard.running}
+        running = self._running_loras()
         free = [i for i, name in enumerate(self.lora_slots) if name not in running]
         if not free:
             return False
