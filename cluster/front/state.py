@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel, Field, field_validator
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from gptoss_ray.cluster.client.chat import chat_request
 from gptoss_ray.cluster.client.completions import completion_requests
@@ -365,6 +366,19 @@ async def event_stream(chunks: AsyncIterator[str]) -> StreamingResponse:
         finally:
             await chunks.aclose()
 
-    return StreamingResponse(
+    return EventStream(
         events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
     )
+
+
+class EventStream(StreamingResponse):
+    """A streaming response that closes its chunks however it ends. Starlette leaves them
+    open when the response is cancelled during a `send` (the client gone, Serve's proxy
+    cancelling the handler): the chunks' generator, suspended at a `yield`, sees no cancel,
+    and its request would run on until a garbage collection happened to close it."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]

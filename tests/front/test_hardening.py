@@ -421,3 +421,53 @@ def test_a_message_keeps_its_keys_when_they_are_empty(completion, message):
     reply = chat_reply(tok.encode(completion, allow_special=True), "length")
     assert reply["message"] == {"role": "assistant", **message, "tool_calls": []}
     assert reply["message"]["reasoning_content"] == message["reasoning_content"]  # no KeyError
+
+
+@pytest.mark.parametrize("spec", ["2.0", "2.4"])  # Starlette's disconnect listener; a cancel
+def test_a_stream_cut_while_it_sends_closes_its_request_at_once(spec):
+    """Cut while a chunk is being sent (not while the handler waits for tokens), the
+    response's generator is suspended at a `yield` where no cancel reaches it: its request
+    is closed by the response, not at some later garbage collection (the race that left a
+    stream running to max_tokens for nobody behind Ray Serve)."""
+    import asyncio
+    import gc
+
+    from gptoss_ray.cluster.front.state import event_stream
+
+    closed = []
+
+    async def chunks():
+        try:
+            while True:
+                yield "data: x\n\n"
+        finally:
+            closed.append(True)  # where `submitted` aborts the engine's request
+
+    async def main():
+        sent, disconnect = 0, asyncio.Event()
+
+        async def send(message):
+            nonlocal sent
+            sent += message["type"] == "http.response.body"
+            if sent == 2:  # the client leaves while its second chunk is on the way
+                disconnect.set()
+                await asyncio.Event().wait()
+
+        async def receive():
+            await disconnect.wait()
+            return {"type": "http.disconnect"}
+
+        response = await event_stream(chunks())
+        scope = {"type": "http", "asgi": {"spec_version": spec}}
+        task = asyncio.ensure_future(response(scope, receive, send))
+        await disconnect.wait()
+        if spec == "2.4":  # no listener: Ray Serve's proxy cancels the handler
+            task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return closed[:]
+
+    gc.disable()  # a collection would close an abandoned generator by chance
+    try:
+        assert asyncio.run(main()) == [True]
+    finally:
+        gc.enable()
