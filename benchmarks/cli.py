@@ -1,7 +1,7 @@
 """`gptoss-ray bench`: throughput and latency sweeps, shard scaling against replicas, the
 calibrated scaling model, full-size random-weight runs, the kernels alone and compiled,
 grammar masks against free decoding, the CPU of an idle engine, speculative decoding,
-LoRA adapters.
+LoRA adapters, batch inference through Ray Data against batch files.
 Each benchmark's module runs it, prints its table under the machine's line, and saves
 JSON and a PNG under --out; this module only parses (no torch until a benchmark runs)."""
 
@@ -209,6 +209,19 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--output-len", type=_count, default=17)
     lora.add_argument("--threads", type=_count, default=1, help="torch threads a shard")
     lora.add_argument("--kv-budget-mb", type=float, default=256)
+
+    data = command(
+        "ray-data", "ray_data.run", "batch inference: a Ray Data processor vs a batch file job"
+    )
+    data.add_argument("--model", default="gpt-oss-tiny")
+    data.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    data.add_argument("--engines", type=_count, default=2)
+    data.add_argument("--shards", type=_count, default=2, help="per engine")
+    data.add_argument("--rows", type=_count, default=200)
+    data.add_argument("--output-len", type=_count, default=32)
+    data.add_argument("--in-flight", type=_count, default=64, help="requests in the engines")
+    data.add_argument("--repeats", type=_count, default=3)
+    data.add_argument("--kv-budget-mb", type=float, default=256)
 
     exchange = command(
         "exchange", "exchange.run", "the expert exchange per MoE layer: pair exchange vs fixed"

@@ -32,7 +32,7 @@ from gptoss_ray.cluster.client.engine_client import (
 from gptoss_ray.cluster.engine.config import EngineConfig
 from gptoss_ray.cluster.engine.messages import EngineRequest, RequestOutput
 from gptoss_ray.cluster.runtime.coordinator import check_engine, coordinator_actor, here
-from gptoss_ray.cluster.runtime.ray_instance import init_for_engine
+from gptoss_ray.cluster.runtime.ray_instance import NAMESPACE, init_for_engine
 from gptoss_ray.model import harmony
 from gptoss_ray.model.types import DeviceUnavailable, RequestError, SamplingParams
 
@@ -55,6 +55,7 @@ class Engine:
         name: str | None = None,
         coordinator_node: str | None = None,
         config: EngineConfig | None = None,
+        owner: Any = None,
         **options: Any,
     ) -> Engine:
         """Starts the coordinator and its shards. `config` (`EngineConfig`), or `model`,
@@ -65,7 +66,9 @@ class Engine:
         RAY_ADDRESS; without either, a private local Ray instance is started for this
         engine and ended with it, whether or not another runs on this machine
         (cluster/runtime/ray_instance.py says why). The coordinator runs on this process's node
-        unless `coordinator_node` (a Ray node id) says otherwise."""
+        unless `coordinator_node` (a Ray node id) says otherwise. `owner`: an actor (the
+        caller's, started from one) whose end ends the engine, shards and placement
+        group too, however it ends."""
         if config is None:
             config = EngineConfig(model=model, shards=shards, **options)
         elif options:
@@ -84,8 +87,9 @@ class Engine:
         remote = coordinator_actor(
             name=name or f"gptoss-ray-coordinator-{uuid.uuid4().hex[:8]}",
             scheduling_strategy=here(coordinator_node),
+            **({"lifetime": "detached", "namespace": NAMESPACE} if owner is not None else {}),
         )
-        coordinator = remote.remote(config)
+        coordinator = remote.remote(config, owner)
         try:
             ray.get(coordinator.info.remote())
         except ray.exceptions.RayActorError as exc:

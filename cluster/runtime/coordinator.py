@@ -36,6 +36,7 @@ from gptoss_ray.router.plan import expert_ranges
 from gptoss_ray.shards.worker import STEP_THREADS, ShardWorker
 
 STEP_TIMEOUT_S = 3600.0  # a step this long means a hung shard
+OWNER_POLL_S = 1.0  # how often an engine started for an actor looks for it (`_outlive`)
 # how long an aborted shard may take to leave its step (`ShardWorker.abort_group`)
 ABORT_GRACE_S = 5.0
 # forming the group again around running shards: all join at once, so this is ample
@@ -63,9 +64,10 @@ def coordinator_actor(**options: Any) -> Any:
 
 
 class Coordinator(EngineLoop):
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, owner: Any = None) -> None:
         """Places the shards, loads them (sizing their KV cache, `config`'s fields say
-        how) and starts the engine loop."""
+        how) and starts the engine loop. `owner`: the actor this engine serves (a Ray
+        Data stage's), whose end ends it (`_outlive`)."""
         self.engine_config = config
         shards, device, dtype = config.shards, config.device, config.dtype
         path = resolve_model(config.model)  # writes a preset's built-in checkpoint once, here
@@ -173,6 +175,8 @@ class Coordinator(EngineLoop):
         self._outstanding: list[list[Any]] = []  # refs of the steps sent, not yet in
         self._step_index = 0  # of the next step sent as actor calls (`ShardWorker.step`)
         self._park_lock = threading.Lock()
+        if owner is not None:
+            threading.Thread(target=self._outlive, args=(owner,), daemon=True).start()
         self._idle = False
         self._wake = threading.Event()
         self._wake.set()  # not parked
@@ -520,6 +524,24 @@ class Coordinator(EngineLoop):
             "graph_capture_s": round(self.graph_capture_s, 2),
             "kv_capacity": self.layout.capacity() | {"sized_by": self.kv_source},
         }
+
+    def _outlive(self, owner: Any) -> None:
+        """Ends this engine once `owner` is gone, however it went. Ray would end an owned
+        coordinator with its owner but keep its placement group (and the shards' CPUs
+        and GPUs) reserved until the job ends: so this coordinator is detached, notices,
+        and shuts down itself."""
+        while True:
+            try:
+                ray.get(owner.__ray_ready__.remote(), timeout=OWNER_POLL_S)
+            except ray.exceptions.GetTimeoutError:
+                continue  # busy, not gone
+            except ray.exceptions.RayActorError:
+                break
+            time.sleep(OWNER_POLL_S)
+        try:
+            self.shutdown()
+        finally:
+            ray.kill(ray.get_runtime_context().current_actor)
 
     def shutdown(self) -> None:
         super().shutdown()
