@@ -67,6 +67,7 @@ SAMPLING_KEYS = frozenset(SamplingFields.model_fields) - {
 }
 CHAT_ONLY = frozenset({"max_reasoning_tokens"})  # a chat's reasoning budget (ours)
 CHAT_COLUMNS = ("tools", "tool_choice", "response_format", "reasoning_effort", "model")
+REQUEST_COLUMNS = ("messages", "prompt", "sampling_params", *CHAT_COLUMNS)  # what a row asks
 
 
 class GptOssProcessorConfig(EngineConfig):
@@ -157,11 +158,11 @@ def _skipping_errors(postprocess: Callable[[dict[str, Any]], dict[str, Any]]):
 # -- the stage: one actor of Ray Data's pool -----------------------------------------------
 class EngineStage:
     def __init__(self, config: dict[str, Any]) -> None:
+        import ray
+
         self.config = GptOssProcessorConfig(**config)
         self.engine = None  # the engine this actor started, if it started one
         names = self.config.engine_names
-        import ray
-
         if names is None:
             from gptoss_ray.cluster.client.engine import Engine
 
@@ -183,36 +184,43 @@ class EngineStage:
         self.info: dict[str, Any] = {}
 
     async def __call__(self, batch: Any) -> AsyncIterator[Any]:
-        import pyarrow as pa
-
         async with self._connecting:  # the first batch connects; the others wait for it
             if self.engines is None:
                 self.engines = EnginePool([RayEngineClient(h, n) for h, n in self._handles])
                 self.info = await self.engines.links[0].call("info")
-        rows = batch.to_pylist()
-        outputs = await asyncio.gather(*(self._generate(row) for row in rows))
-        schema = output_schema()
-        for name, values in zip(schema.names, zip(*outputs, strict=True), strict=True):
-            if name == ERROR_COLUMN and not self.config.should_continue_on_error:
-                continue
-            column = pa.array(values, type=schema.field(name).type)
-            if name in batch.column_names:
-                batch = batch.set_column(batch.column_names.index(name), name, column)
-            else:
-                batch = batch.append_column(name, column)
-        yield batch
+        yield await generate_batch(
+            batch, self.engines, self.info, self.config.should_continue_on_error
+        )
 
-    async def _generate(self, row: dict[str, Any]) -> tuple:
+
+async def generate_batch(batch: Any, engines: EnginePool, info: dict[str, Any], keep_errors: bool):
+    """A pyarrow batch of rows -> the same with the output columns (`output_schema`), every
+    row's request in the engines at once; keep_errors: should_continue_on_error."""
+    import pyarrow as pa
+
+    async def generate(row: dict[str, Any]) -> tuple:
         try:
             body = row_body(row)
-            request, replies = row_request(body, self.info)
-            link = self.engines.pick(body)  # type: ignore[union-attr]
-            (stream,) = await link.submit([request], [replies])
+            request, replies = row_request(body, info)
+            (stream,) = await engines.pick(body).submit([request], [replies])
             return row_output(await _result(stream), len(request.prompt))
         except Exception as exc:
-            if not self.config.should_continue_on_error:
+            if not keep_errors:
                 raise RowError(f"the row {_describe(row)} failed: {exc}") from exc
             return (*([None] * (len(output_schema()) - 1)), f"{type(exc).__name__}: {exc}")
+
+    asks = batch.select([c for c in REQUEST_COLUMNS if c in batch.column_names])
+    outputs = await asyncio.gather(*(generate(row) for row in asks.to_pylist()))
+    schema = output_schema()
+    for k, name in enumerate(schema.names):
+        if name == ERROR_COLUMN and not keep_errors:
+            continue
+        column = pa.array([out[k] for out in outputs], type=schema.field(name).type)
+        if name in batch.column_names:
+            batch = batch.set_column(batch.column_names.index(name), name, column)
+        else:
+            batch = batch.append_column(name, column)
+    return batch
 
 
 async def _result(stream: RequestStream) -> dict[str, Any]:

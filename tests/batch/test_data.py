@@ -235,3 +235,67 @@ def test_arrow_nulls_are_absent_keys():
     assert body["messages"] == [{"role": "user", "content": "y"}]
     assert body["max_tokens"] == 3 and "seed" not in body and "tools" not in body
     assert body["response_format"]["json_schema"]["schema"] == {"default": None}
+
+
+def test_a_batch_over_scripted_harmony_fills_every_column():
+    """Without Ray: a pyarrow batch through `generate_batch` over an engine whose shards
+    speak harmony (`tests.scripted_engine`): a chat's reasoning and answer, a tool call,
+    a harmony prompt parsed as a chat, a raw prompt's text, an error row; and an empty
+    batch still gets every column, typed."""
+    import asyncio
+
+    import pyarrow as pa
+
+    from gptoss_ray.cluster.batch.data import generate_batch, output_schema
+    from gptoss_ray.cluster.client.engine_client import EnginePool, LocalEngineClient
+    from tests.scripted_engine import REPLIES, scripted_engine
+
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}}
+    raw = "<|start|>user<|message|>Hi<|end|>"  # no assistant turn: a raw completion
+    table = pa.Table.from_pylist(
+        [
+            {"k": "chat", "messages": [{"role": "user", "content": "Hi"}], "prompt": None},
+            {"k": "tool", "messages": [{"role": "user", "content": "Weather?"}], "prompt": None},
+            {"k": "harmony", "messages": None, "prompt": HARMONY_PROMPT},
+            {"k": "raw", "messages": None, "prompt": raw},
+            {"k": "bad", "messages": [{"role": "wizard", "content": "x"}], "prompt": None},
+        ]
+    ).append_column("tools", pa.array([None, json.dumps([tool]), None, None, None]))
+    # a completion's max_tokens is 16 unless asked (OpenAI's and vLLM's default)
+    asked = pa.array([None, None, {"max_tokens": 64}, {"max_tokens": 64}, None])
+    table = table.append_column("sampling_params", asked)
+    engine, _ = scripted_engine()
+
+    async def main(batch):
+        engines = EnginePool([LocalEngineClient(engine)])
+        return await generate_batch(batch, engines, engine.info(), keep_errors=True)
+
+    try:
+        out = {r["k"]: r for r in asyncio.run(main(table)).to_pylist()}
+        empty = asyncio.run(main(table.slice(0, 0)))
+    finally:
+        engine.shutdown()
+    chat = out["chat"]
+    assert (chat["generated_text"], chat["reasoning"]) == (
+        "Hello there, friend!",
+        "Thinking about it.",
+    )
+    assert chat["finish_reason"] == "stop" and chat[ERROR_COLUMN] == ""
+    assert chat["generated_tokens"] == tok.encode(REPLIES["answer"], allow_special=True)
+    assert chat["num_generated_tokens"] == len(chat["generated_tokens"])
+    (call,) = out["tool"]["tool_calls"]
+    assert call["function"] == {"name": "get_weather", "arguments": '{"loc": "SF"}'}
+    assert out["tool"]["finish_reason"] == "tool_calls" and out["tool"]["generated_text"] is None
+    harmony_row = out["harmony"]
+    assert (harmony_row["generated_text"], harmony_row["reasoning"]) == (
+        "Hello there, friend!",
+        "Thinking about it.",
+    )
+    assert harmony_row["finish_reason"] == "stop"
+    assert out["raw"]["reasoning"] is None and out["raw"]["finish_reason"] == "stop"
+    assert (
+        out["raw"]["generated_text"]
+        == "analysisThinking about it.assistantfinalHello there, friend!"
+    )
+    assert "messages[0].role" in out["bad"][ERROR_COLUMN] and out["bad"]["generated_text"] is None
+    assert empty.num_rows == 0 and empty.schema.names[-8:] == output_schema().names
