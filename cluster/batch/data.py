@@ -40,6 +40,7 @@ import asyncio
 import functools
 import json
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -112,6 +113,8 @@ class Processor:
         import ray.data
 
         config = self.config
+        if config.engine_names is None:
+            _check_room(config)
         if self.preprocess is not None:
             dataset = dataset.map(self.preprocess)
         dataset = dataset.map_batches(
@@ -144,6 +147,27 @@ def build_processor(
 
         check_engine(config.engine_config())
     return Processor(config, preprocess, postprocess)
+
+
+def _check_room(config: GptOssProcessorConfig) -> None:
+    """Warns where the cluster, as it is now, cannot hold the engines and still run Ray
+    Data's own tasks (a CPU each): the stage would wait for placement and retry. A
+    warning, not an error: an autoscaling cluster may grow."""
+    import ray
+
+    engines = config.concurrency * config.shards
+    need = {k: v * engines for k, v in config.engine_config().shard_bundle().items()}
+    have = ray.cluster_resources()
+    short = {k: n for k, n in need.items() if n > have.get(k, 0) - (k == "CPU")}
+    if short:
+        warnings.warn(
+            f"{config.concurrency} engine(s) of {config.shards} shard(s) hold "
+            f"{', '.join(f'{n:g} {k}' for k, n in need.items())}; this Ray cluster has "
+            f"{', '.join(f'{have.get(k, 0):g} {k}' for k in need)}, and Ray Data's own tasks "
+            "need a CPU: lower concurrency, shards or cpus_per_shard (a logical CPU on CPU "
+            "shards), or add nodes",
+            stacklevel=3,
+        )
 
 
 def _skipping_errors(postprocess: Callable[[dict[str, Any]], dict[str, Any]]):

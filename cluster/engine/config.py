@@ -140,6 +140,13 @@ class EngineConfig(BaseModel):
         taken = {k: v for k, v in environ.items() if k.startswith(COLLECTIVE_ENV)}
         return self.model_copy(update={"env": taken | self.env})
 
+    def shard_bundle(self) -> dict[str, float]:
+        """The Ray resources each shard holds (its placement group's bundle)."""
+        gpus = self.gpus_per_shard
+        if gpus is None:
+            gpus = 1 if self.device == "cuda" else 0
+        return {"CPU": self.cpus_per_shard} | ({"GPU": gpus} if gpus else {})
+
     @property
     def lora_on(self) -> bool:
         return self.enable_lora or bool(self.loras)

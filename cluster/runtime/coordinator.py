@@ -91,10 +91,8 @@ class Coordinator(EngineLoop):
         if budget is None:
             budget = (PROVISIONAL_KV_MB if measured else DEFAULT_KV_BUDGET_MB) * 2**20
         self.layout = KVLayout.from_budget(self.config, budget, **sizes)
-        gpus = config.gpus_per_shard
-        if gpus is None:
-            gpus = 1 if device == "cuda" else 0
-        bundle = {"CPU": config.cpus_per_shard} | ({"GPU": gpus} if gpus else {})
+        bundle = config.shard_bundle()
+        gpus = bundle.get("GPU", 0)
         self.pg = placement_group([bundle] * shards, strategy="PACK")
         try:
             ray.get(self.pg.ready(), timeout=config.placement_timeout)
@@ -530,9 +528,10 @@ class Coordinator(EngineLoop):
         coordinator with its owner but keep its placement group (and the shards' CPUs
         and GPUs) reserved until the job ends: so this coordinator is detached, notices,
         and shuts down itself."""
+        ping = owner.__ray_ready__.options(max_task_retries=0)  # gone is gone: no retry
         while True:
             try:
-                ray.get(owner.__ray_ready__.remote(), timeout=OWNER_POLL_S)
+                ray.get(ping.remote(), timeout=OWNER_POLL_S)
             except ray.exceptions.GetTimeoutError:
                 continue  # busy, not gone
             except ray.exceptions.RayActorError:

@@ -299,3 +299,16 @@ def test_a_batch_over_scripted_harmony_fills_every_column():
     )
     assert "messages[0].role" in out["bad"][ERROR_COLUMN] and out["bad"]["generated_text"] is None
     assert empty.num_rows == 0 and empty.schema.names[-8:] == output_schema().names
+
+
+def test_engines_that_leave_ray_data_no_cpu_are_warned_of(monkeypatch):
+    import ray
+
+    from gptoss_ray.cluster.batch.data import _check_room
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    _check_room(GptOssProcessorConfig(shards=2, concurrency=1))  # 2 of 4 CPUs: room
+    with pytest.warns(UserWarning, match=r"hold 4 CPU; this Ray cluster has 4 CPU"):
+        _check_room(GptOssProcessorConfig(shards=2, concurrency=2))
+    with pytest.warns(UserWarning, match=r"hold 2 CPU, 2 GPU; .* has 4 CPU, 0 GPU"):
+        _check_room(GptOssProcessorConfig(shards=2, device="cuda"))
