@@ -173,8 +173,6 @@ class Coordinator(EngineLoop):
         self._outstanding: list[list[Any]] = []  # refs of the steps sent, not yet in
         self._step_index = 0  # of the next step sent as actor calls (`ShardWorker.step`)
         self._park_lock = threading.Lock()
-        if owner is not None:
-            threading.Thread(target=self._outlive, args=(owner,), daemon=True).start()
         self._idle = False
         self._wake = threading.Event()
         self._wake.set()  # not parked
@@ -209,6 +207,8 @@ class Coordinator(EngineLoop):
             expert_load=self._expert_load_of_shards,
             harmony_frame=config.harmony_frame,
         )
+        if owner is not None:  # started whole: a shutdown finds everything it ends
+            threading.Thread(target=self._outlive, args=(owner,), daemon=True).start()
 
     def _spawn(self, rank: int):
         """A shard actor in its placement-group bundle (rescheduled by Ray onto another
@@ -529,14 +529,16 @@ class Coordinator(EngineLoop):
         and GPUs) reserved until the job ends: so this coordinator is detached, notices,
         and shuts down itself."""
         ping = owner.__ray_ready__.options(max_task_retries=0)  # gone is gone: no retry
+        ref = ping.remote()
         while True:
+            if not ray.wait([ref], timeout=OWNER_POLL_S)[0]:
+                continue  # busy, not gone: the same ping still waits
             try:
-                ray.get(ping.remote(), timeout=OWNER_POLL_S)
-            except ray.exceptions.GetTimeoutError:
-                continue  # busy, not gone
+                ray.get(ref)
             except ray.exceptions.RayActorError:
                 break
             time.sleep(OWNER_POLL_S)
+            ref = ping.remote()
         try:
             self.shutdown()
         finally:
