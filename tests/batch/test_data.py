@@ -270,8 +270,12 @@ def test_a_batch_over_scripted_harmony_fills_every_column():
         engines = EnginePool([LocalEngineClient(engine)])
         return await generate_batch(batch, engines, engine.info(), keep_errors=True)
 
+    ids = pa.Table.from_pylist(  # a prompt of token ids: a column of its own type
+        [{"prompt": tok.encode(HARMONY_PROMPT, allow_special=True), "sampling_params": None}]
+    )
     try:
         out = {r["k"]: r for r in asyncio.run(main(table)).to_pylist()}
+        (by_ids,) = asyncio.run(main(ids)).to_pylist()
         empty = asyncio.run(main(table.slice(0, 0)))
     finally:
         engine.shutdown()
@@ -292,6 +296,9 @@ def test_a_batch_over_scripted_harmony_fills_every_column():
         "Thinking about it.",
     )
     assert harmony_row["finish_reason"] == "stop"
+    # 16 tokens (a completion's default max_tokens) of the same reply, parsed the same way
+    assert by_ids["generated_tokens"] == harmony_row["generated_tokens"][:16]
+    assert by_ids["finish_reason"] == "length" and by_ids["reasoning"] == "Thinking about it."
     assert out["raw"]["reasoning"] is None and out["raw"]["finish_reason"] == "stop"
     assert (
         out["raw"]["generated_text"]
