@@ -211,14 +211,15 @@ class BatchJob:
             for task in ready:
                 if task not in in_flight:
                     continue  # its engine was lost while this one was read
-                line, e, _ = in_flight.pop(task)
+                line, e, stream = in_flight.pop(task)
                 try:
                     reply = task.result()
                 except EngineUnavailable:
                     todo.appendleft(line)
                     self._lost(e, engines, in_flight, todo)
                     continue
-                self._record(success_record(line.custom_id or "", reply, info["model_id"]))
+                model = stream.request.params.lora or info["model_id"]  # as the API names it
+                self._record(success_record(line.custom_id or "", reply, model))
                 self.tokens += reply["usage"]["completion_tokens"]
         for task, (_, _, stream) in in_flight.items():  # cancelled: stop the engine's work too
             stream.close()

@@ -282,6 +282,11 @@ class FrontState:
             for stream in streams:
                 stream.close()
 
+    async def model_name(self, stream: RequestStream) -> str:
+        """The model a reply names: the LoRA adapter it ran with, else the engine's model
+        (as vLLM answers for an adapter it serves)."""
+        return stream.request.params.lora or (await self.info())["model_id"]
+
     async def events(self, stream: RequestStream, request: Request) -> AsyncIterator[Any]:
         """The reply's (choice, event) pairs as they come, then `Finished`; raises
         ClientDisconnect when the client has gone (the caller's `submitted` aborts)."""

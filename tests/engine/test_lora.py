@@ -163,6 +163,10 @@ def test_the_api_serves_each_adapter_as_a_model(adapters):
             assert [m.id for m in listed] == ["gpt-oss-tiny", "a", "b", "c"]
             base = client.chat.completions.create(model="gpt-oss-tiny", temperature=0, **body)
             tuned = client.chat.completions.create(model="b", temperature=0, **body)
+            chunks = list(client.chat.completions.create(model="b", stream=True, **body))
+            text = client.completions.create(model="b", prompt="Hi", max_tokens=2)
+            answer = client.responses.create(model="b", input="Hi", max_output_tokens=4)
+            assert {c.model for c in chunks} == {text.model} == {answer.model} == {"b"}
             with pytest.raises(openai.NotFoundError, match="serves 'gpt-oss-tiny', 'a', 'b'"):
                 client.chat.completions.create(model="z", **body)
     finally:
@@ -176,23 +180,37 @@ def test_the_api_serves_each_adapter_as_a_model(adapters):
     got = tuned.choices[0].message.model_dump()
     assert {k: got.get(k) for k in want["message"]} == want["message"]
     assert tuned.choices[0].message != base.choices[0].message
+    assert (tuned.model, base.model) == ("b", "gpt-oss-tiny")  # each names what it ran
 
 
-def test_adapters_through_ray(adapters, ray_session):
+def test_adapters_through_ray(adapters, ray_session, tmp_path):
     """`Engine.start(loras=...)` on 2 shards: each request's adapter by its params, the
-    replies of one in-process shard; `info()` names the adapters."""
+    replies of one in-process shard; `info()` names the adapters; a batch file's records
+    name the model each line ran."""
+    from gptoss_ray.cluster.batch.client import Client
     from gptoss_ray.cluster.client.engine import Engine
 
     ps = prompts()
     asks = [(ps[0], "b"), (ps[1], None), (ps[2], "a")]
     alone = replies(core(adapters), asks)
-    engine = Engine.start("gpt-oss-tiny", shards=2, dtype="float32", loras=adapters, max_loras=2)
+    engine = Engine.start(
+        "gpt-oss-tiny", shards=2, dtype="float32", loras=adapters, max_loras=2, name="lora-ray"
+    )
     try:
         assert engine.info()["loras"] == ["a", "b", "c"]
         outs = [
             engine.generate([p], GREEDY.model_copy(update={"lora": lora}))[0] for p, lora in asks
         ]
         assert [list(o.token_ids) for o in outs] == alone
+        chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+        line = {"method": "POST", "url": "/v1/chat/completions"}
+        lines = [
+            line | {"custom_id": m, "body": chat | {"model": m}} for m in ("b", "gpt-oss-tiny")
+        ]
+        job = Client(address=None, name="lora-ray").submit(lines, tmp_path / "out.jsonl")
+        assert job.wait(timeout=120)["status"] == "completed"
+        named = {r["custom_id"]: r["response"]["body"]["model"] for r in job.results()}
+        assert named == {"b": "b", "gpt-oss-tiny": "gpt-oss-tiny"}
     finally:
         engine.shutdown()
 

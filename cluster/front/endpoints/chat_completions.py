@@ -30,7 +30,7 @@ async def chat_completions(front: FrontState, request: Request) -> Response:
         return await event_stream(_stream_chat(front, body, request))
     async with front.submitted(body, "chat", request) as (_, (stream,)):
         reply = await front.reply(stream, request)
-        model = (await front.info())["model_id"]
+        model = await front.model_name(stream)
         return JSONResponse(chat_completion(reply, model, f"chatcmpl-{stream.request_id[:24]}"))
 
 
@@ -45,7 +45,7 @@ async def _stream_chat(
             "id": f"chatcmpl-{rid[:24]}",
             "object": "chat.completion.chunk",
             "created": int(time.time()),
-            "model": (await front.info())["model_id"],
+            "model": await front.model_name(stream),
         }
 
         def chunk(index: int, delta: dict[str, Any], finish: str | None = None, logprobs=None):

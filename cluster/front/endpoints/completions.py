@@ -42,7 +42,7 @@ async def completions(front: FrontState, request: Request) -> Response:
             reply = await front.reply(stream, request)
             choices += completion_choices(i * n, stream.request.prompt, reply, parsed)
             usage.update(reply["usage"])
-        model = (await front.info())["model_id"]
+        model = await front.model_name(streams[0])
         return JSONResponse(completion_object(cid, model, choices, dict(usage)))
 
 
@@ -52,7 +52,7 @@ async def _stream_completions(
     """Prompt after prompt (all run at once), each choice's text as it comes."""
     async with front.submitted(body, "text", request) as (parsed, streams):
         n, usage = parsed.n or 1, Counter()
-        cid, model = f"cmpl-{streams[0].request_id[:24]}", (await front.info())["model_id"]
+        cid, model = f"cmpl-{streams[0].request_id[:24]}", await front.model_name(streams[0])
 
         def chunk(index: int, text: str, finish: str | None = None, logprobs: Any = None) -> str:
             choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}

@@ -36,7 +36,7 @@ async def responses(front: FrontState, request: Request) -> Response:
         return await event_stream(_stream_responses(front, body, items, chat, request))
     async with front.submitted(chat, "chat", request) as (_, (stream,)):
         reply = await front.reply(stream, request)
-        model = (await front.info())["model_id"]
+        model = await front.model_name(stream)
         rid = stream.request_id
         response = response_object(reply, model, response_id=f"resp_{rid}", request=body)
     await run_in_threadpool(remember, front.responses, body, items, response)
@@ -53,7 +53,7 @@ async def _stream_responses(
         def send(kind: str, **fields: Any) -> None:
             out.append(sse({"type": kind, "sequence_number": next(seq), **fields}, event=kind))
 
-        model = (await front.info())["model_id"]
+        model = await front.model_name(stream)
         events = ResponseStream(send, f"resp_{rid}", model, bool(chat.get("logprobs")))
         yield "".join(out)  # response.created
         out.clear()
