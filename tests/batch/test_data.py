@@ -11,6 +11,7 @@ import time
 
 import jsonschema
 import pytest
+import ray.data as ray_data
 
 from gptoss_ray.cluster.batch.data import (
     ENGINE_PREFIX,
@@ -24,8 +25,6 @@ from gptoss_ray.cluster.client.engine import Engine
 from gptoss_ray.model import harmony
 from gptoss_ray.model import tokenizer as tok
 from gptoss_ray.model.types import RequestError, SamplingParams
-
-ray_data = pytest.importorskip("ray.data")
 
 WEATHER = {
     "type": "object",
