@@ -554,3 +554,18 @@ def test_bench_sampling_times_two_samplers_alone_and_in_a_batch(tmp_path, capsys
     assert all(v > 0 for v in data["alone"].values())
     assert set(data["in_a_batch"]) == {"this@0", "this@1", "against@0", "against@1"}
     assert all(r["batch_s"] > 0 and 0 < r["share"] < 1 for r in data["in_a_batch"].values())
+
+
+def test_bench_ray_data_runs_both_paths_on_the_same_engines(ray_session, tmp_path, capsys):
+    from gptoss_ray.benchmarks.cli import main
+
+    args = ["ray-data", "--engines", "1", "--shards", "1", "--rows", "6", "--output-len", "2"]
+    main(["--out", str(tmp_path), *args, "--repeats", "1", "--kv-budget-mb", "32"])
+    out = capsys.readouterr().out
+    assert "batch file" in out and "ray data" in out and "output tok/s" in out
+    (saved,) = tmp_path.glob("ray_data-*.json")
+    rows = json.loads(saved.read_text())["results"]
+    assert [r["path"] for r in rows] == ["batch file", "ray data"]
+    assert all(run["tokens"] == 12 for r in rows for run in r["runs"])  # 6 rows x 2 tokens
+    names = [a["name"] for a in ray_session.util.list_named_actors(all_namespaces=True)]
+    assert not any(n.startswith("bench-data-") for n in names)  # its engines were stopped
