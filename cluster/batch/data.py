@@ -358,11 +358,9 @@ def row_request(body: dict[str, Any], info: dict[str, Any]) -> tuple[EngineReque
     """The engine's request and the reply builder for a row's body."""
     if "messages" in body:
         return chat_request(body, info)
-    _, (request,), (replies,) = completion_requests(body, info)
+    parsed, (request,), (replies,) = completion_requests(body, info)
     if request.prompt[-len(ASSISTANT_TURN) :] == ASSISTANT_TURN:
-        stops = body.get("stop")
-        stops = [stops] if isinstance(stops, str) else list(stops or [])
-        replies = [ReplyBuilder(stops)]
+        replies = [ReplyBuilder(parsed.stops())]
     return request, replies
 
 

@@ -82,7 +82,7 @@ def chat_prompt(
         messages = to_harmony(fields, conversation_start_date=datetime.date.today().isoformat())
         prompt = harmony.render_for_completion(messages)
         params = fields.sampling_params(max(1, min(4096, context - len(prompt))), frame=frame)
-    stops = [fields.stop] if isinstance(fields.stop, str) else list(fields.stop or [])
+    stops = fields.stops()
     return prompt, params, stops
 
 

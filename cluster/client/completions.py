@@ -88,7 +88,7 @@ def completion_requests(
     params = request.params()
     if lora is not None:
         params = params.model_copy(update={"lora": lora})
-    stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+    stops = request.stops()
     keep = 0 if request.max_tokens == 0 else -1
     prompts = request.prompts()
     requests = [EngineRequest(uuid.uuid4().hex, prompt, params) for prompt in prompts]

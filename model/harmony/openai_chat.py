@@ -148,6 +148,10 @@ class SamplingFields(BaseModel):
             raise ValueError(f"min_tokens {self.min_tokens} exceeds the max_tokens {most}")
         return self
 
+    def stops(self) -> list[str]:
+        """The stop strings, as a list (`stop` may be one string)."""
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
     def sampling_params(self, default_max_tokens: int) -> SamplingParams:
         """The engine's sampling parameters for these fields (OpenAI's defaults where
         left out)."""

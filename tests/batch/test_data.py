@@ -98,9 +98,8 @@ def expected(engine: Engine, data: list[dict]) -> dict[int, list[int]]:
                     body[column] = json.loads(value) if column != "tool_choice" else value
             chats[row["id"]] = body
         else:
-            prompts[row["id"]] = tok.encode(row["prompt"], allow_special=True)
-            params.pop("max_reasoning_tokens", None)
-            prompts[row["id"]] = (prompts[row["id"]], SamplingParams(**params))
+            ids = tok.encode(row["prompt"], allow_special=True)
+            prompts[row["id"]] = (ids, SamplingParams(**params))
     replies = engine.chat(list(chats.values()))
     out = {i: r["token_ids"] for i, r in zip(chats, replies, strict=True)}
     generated = engine.generate([p for p, _ in prompts.values()], [s for _, s in prompts.values()])
